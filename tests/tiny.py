@@ -1,0 +1,157 @@
+"""Tiny checkpoints for tests, and the independent reference: transformers on dequantized weights.
+
+`make_checkpoint` builds a random transformers model, quantizes its decoder linears round-to-nearest
+into real GPTQ tensors (v1 or v2 zeros, act-order permutations, any bits/group size) with tpserve's
+packer, and writes a safetensors checkpoint folder. GPTQModel-written fixtures (tests/fixtures)
+cover the peers' packing; these cover the shapes and settings the peers cannot write.
+
+`reference_model` never touches tpserve's unpacking: it dequantizes with numpy bit streams.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tpserve import gptq
+
+BASE = dict(hidden_size=96, intermediate_size=176, num_hidden_layers=2, num_attention_heads=12,
+            num_key_value_heads=4, head_dim=8, vocab_size=128, max_position_embeddings=128,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="float32")
+ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_model(config: dict):
+    import transformers
+    cfg = transformers.AutoConfig.for_model(**config)
+    return getattr(transformers, ARCH_CLASS[config["model_type"]])(cfg)
+
+
+def make_checkpoint(path: Path, arch: str = "llama", bits: int = 4, group_size: int = 32,
+                    sym: bool = True, desc_act: bool = False, fmt: str = "gptq",
+                    tie: bool = False, seed: int = 0, skip: tuple[str, ...] = (),
+                    **overrides) -> Path:
+    """Write a random GPTQ checkpoint; linears whose name ends with one of `skip` stay dense."""
+    config = {**BASE, "model_type": arch, "tie_word_embeddings": tie, **overrides}
+    if arch == "qwen2":
+        config.setdefault("use_sliding_window", False)
+    torch.manual_seed(seed)
+    model = hf_model(config).float()
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if tie and name == "lm_head.weight":
+            continue
+        t = p.detach().clone()
+        if name.endswith("norm.weight"):  # exercise the norms: weights around 1, not exactly 1
+            t = 1 + 0.2 * torch.randn(t.shape, generator=gen)
+        elif name.endswith(".bias"):
+            t = 0.05 * torch.randn(t.shape, generator=gen)
+        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            t = 0.5 * torch.randn(t.shape, generator=gen)
+        layer = name.rsplit(".", 2)
+        if name.endswith(".weight") and layer[-2] in LINEARS and not name.endswith(skip):
+            prefix = name[: -len(".weight")]
+            tensors.update(_gptq_tensors(prefix, t.T.contiguous(), bits, group_size, sym, desc_act,
+                                         fmt, gen))
+            continue
+        tensors[name] = t.to(torch.float16)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    config["dtype"] = "float16"
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits,
+                                     "group_size": group_size, "desc_act": desc_act, "sym": sym,
+                                     "checkpoint_format": fmt, "pack_dtype": "int32",
+                                     "lm_head": False}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
+def _gptq_tensors(prefix, w, bits, group_size, sym, desc_act, fmt, gen):
+    k = w.shape[0]
+    gs = k if group_size == -1 else group_size
+    perm = torch.randperm(k, generator=gen) if desc_act else torch.arange(k)
+    q_perm, zeros, scales = gptq.quantize(w[perm], bits, group_size, sym)
+    q = torch.empty_like(q_perm)
+    q[perm] = q_perm
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = torch.arange(k, dtype=torch.int32) // gs
+    qzeros = gptq.pack_cols(zeros, bits)
+    if fmt == "gptq":
+        qzeros = gptq.v2_to_v1_zeros(qzeros, bits)
+    return {f"{prefix}.qweight": gptq.pack_rows(q, bits), f"{prefix}.qzeros": qzeros,
+            f"{prefix}.scales": scales, f"{prefix}.g_idx": g_idx}
+
+
+# ---- the independent reference --------------------------------------------------------------
+
+def np_unpack(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Values packed along dim 0 of int32 words [W, N] as one little-endian bit stream per column."""
+    w, n = words.shape
+    b = np.unpackbits(words.astype("<u4").view(np.uint8).reshape(w, n, 4), axis=2,
+                      bitorder="little")  # (W, N, 32)
+    stream = b.transpose(1, 0, 2).reshape(n, w * 32)[:, : count * bits].reshape(n, count, bits)
+    return (stream.astype(np.int64) << np.arange(bits)).sum(-1).T  # (count, N)
+
+
+def np_dequantize(t: dict, prefix: str, bits: int, v1: bool, k: int, n: int,
+                  group_size: int) -> torch.Tensor:
+    q = np_unpack(t[f"{prefix}.qweight"].numpy(), bits, k)
+    zw = t[f"{prefix}.qzeros"].numpy().astype(np.uint32)
+    if v1:  # word-level +1 per field, the inverse of the writers' word-level -1
+        ones = np.zeros(zw.shape[1] * 32, np.uint8)
+        ones[:: bits][: (zw.shape[1] * 32) // bits] = 1
+        const = np.packbits(ones.reshape(-1, 32), axis=1, bitorder="little").view("<u4")[:, 0]
+        zw = zw + const[None, :]
+    z = np_unpack(zw.T.copy().view(np.int32), bits, n).T  # (G, N)
+    gs = k if group_size == -1 else group_size
+    g = t[f"{prefix}.g_idx"].numpy() if f"{prefix}.g_idx" in t else np.arange(k) // gs
+    s = t[f"{prefix}.scales"].float().numpy()
+    return torch.from_numpy((q - z[g]) * s[g]).float().T.contiguous()  # nn.Linear layout [N, K]
+
+
+def reference_model(path: Path):
+    """transformers' own model class, fp32, with the checkpoint's weights dequantized."""
+    config = json.loads((path / "config.json").read_text())
+    qc = config.pop("quantization_config", None)
+    for name in ("quantize_config.json", "quantization_config.json"):
+        if qc is None and (path / name).exists():
+            qc = json.loads((path / name).read_text())
+    config["dtype"] = "float32"
+    t = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name != "reference.safetensors":
+            t.update(load_file(str(f)))
+    model = hf_model(config).float().eval()
+    sd = {}
+    for name, p in model.state_dict().items():
+        prefix = name[: -len(".weight")]
+        if f"{prefix}.qweight" in t:
+            fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
+            sd[name] = np_dequantize(t, prefix, qc["bits"], fmt == "gptq", p.shape[1], p.shape[0],
+                                     qc["group_size"])
+        elif name in t:
+            sd[name] = t[name].float()
+        elif name == "lm_head.weight":
+            sd[name] = t["model.embed_tokens.weight"].float()
+    model.load_state_dict(sd)
+    return model
+
+
+@torch.inference_mode()
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+@torch.inference_mode()
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]

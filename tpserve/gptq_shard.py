@@ -1,0 +1,108 @@
+"""One rank's slice of a GPTQ linear layer, read with exact global-group offsets.
+
+A row-parallel rank holding input rows [k0, k1) keeps the scales/zeros of groups
+k0//gs .. (k1-1)//gs (a group straddling two ranks is kept by both), and its local row j belongs to
+local group (j + k0 % gs) // gs: the *group offset* k0 % gs travels with the shard into the kernel.
+With act-order, local g_idx = g_idx[k0:k1] (global ids, rebased to the first kept group).
+Shards that do not start on a pack boundary are unpacked from the covering words and repacked from
+local row 0. Only the covering words/groups/columns are read from disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpserve import gptq
+from tpserve.checkpoint import Checkpoint
+from tpserve.config import QuantConfig
+from tpserve.errors import CheckpointError
+
+
+@dataclass
+class GPTQWeight:
+    """Packed GPTQ shard of a [K, N] weight (K local input rows, N local output columns)."""
+
+    qweight: torch.Tensor  # int32 [ceil(K*bits/32), N], local row 0 at bit 0
+    qzeros: torch.Tensor  # int32 [G, ceil(N*bits/32)], true (v2) zeros
+    scales: torch.Tensor  # [G, N]
+    g_idx: torch.Tensor | None  # int32 [K] local group of each row (act-order), else None
+    group_offset: int  # k0 % group_size; local row j is in group (j + group_offset) // gs
+    bits: int
+    group_size: int  # already resolved: never -1
+    in_features: int
+    out_features: int
+
+    def groups(self) -> torch.Tensor:
+        """Local group index of every local row [K]."""
+        if self.g_idx is not None:
+            return self.g_idx
+        j = torch.arange(self.in_features, device=self.qweight.device)
+        return (j + self.group_offset) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W as [K, N] (the torch reference every kernel is checked against)."""
+        q = gptq.unpack_rows(self.qweight, self.bits, self.in_features)
+        z = gptq.unpack_cols(self.qzeros, self.bits, self.out_features)
+        return gptq.dequantize(q, z, self.scales, self.groups(), dtype)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.qweight, self.qzeros, self.scales] + ([self.g_idx] if self.g_idx is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_features: int,
+                    out_features: int, rows: tuple[int, int], cols: tuple[int, int],
+                    scale_dtype: torch.dtype | None = None) -> GPTQWeight:
+    """Read rows [k0, k1) x columns [n0, n1) of the GPTQ layer `prefix` from the checkpoint."""
+    bits, gs = quant.bits, quant.group_size_for(in_features)
+    (k0, k1), (n0, n1) = rows, cols
+    n_groups = -(-in_features // gs)
+    zero_words = gptq.packed_len(out_features, bits)
+    shapes = {"qweight": (gptq.packed_len(in_features, bits), out_features),
+              "qzeros": (n_groups, zero_words), "scales": (n_groups, out_features)}
+    for name, shape in shapes.items():
+        actual = ckpt.shape(f"{prefix}.{name}")
+        if actual != shape:
+            raise CheckpointError(
+                f"tensor '{prefix}.{name}' has shape {list(actual)} but bits={bits}, "
+                f"group_size={quant.group_size} and the layer's {in_features}x{out_features} "
+                f"imply {list(shape)}; the checkpoint and its quantization config do not match")
+
+    g_idx = None
+    if f"{prefix}.g_idx" in ckpt:
+        g_idx = ckpt.read(f"{prefix}.g_idx", rows=(k0, k1), shape=(in_features,)).long()
+        if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= n_groups):
+            raise CheckpointError(f"tensor '{prefix}.g_idx' holds group ids outside "
+                                  f"[0, {n_groups}); the checkpoint is corrupt")
+        # desc_act=False checkpoints still carry a trivial g_idx; use offset arithmetic for them.
+        if torch.equal(g_idx, torch.arange(k0, k1) // gs):
+            g_idx = None
+    if g_idx is None:
+        g_first, g_last = k0 // gs, (k1 - 1) // gs
+    else:
+        g_first, g_last = int(g_idx.min()), int(g_idx.max())
+
+    scales = ckpt.read(f"{prefix}.scales", rows=(g_first, g_last + 1), cols=(n0, n1))
+    if not torch.isfinite(scales).all():
+        raise CheckpointError(f"tensor '{prefix}.scales' holds NaN or inf values; the checkpoint "
+                              f"is corrupt, re-quantize or re-download it")
+
+    w0, w1 = n0 * bits // 32, gptq.packed_len(n1, bits)
+    zwords = ckpt.read(f"{prefix}.qzeros", rows=(g_first, g_last + 1), cols=(w0, w1))
+    if quant.v1:
+        zwords = gptq.v1_to_v2_zeros(zwords, bits, word_start=w0)
+    zeros = gptq.unpack_cols(zwords, bits, n1 - n0, bit_offset=n0 * bits - w0 * 32)
+
+    r0, r1 = k0 * bits // 32, gptq.packed_len(k1, bits)
+    qwords = ckpt.read(f"{prefix}.qweight", rows=(r0, r1), cols=(n0, n1))
+    q = gptq.unpack_rows(qwords, bits, k1 - k0, bit_offset=k0 * bits - r0 * 32)
+
+    return GPTQWeight(
+        qweight=gptq.pack_rows(q, bits), qzeros=gptq.pack_cols(zeros, bits),
+        scales=(scales if scale_dtype is None else scales.to(scale_dtype)).contiguous(),
+        g_idx=None if g_idx is None else (g_idx - g_first).to(torch.int32),
+        group_offset=k0 % gs if g_idx is None else 0, bits=bits, group_size=gs,
+        in_features=k1 - k0, out_features=n1 - n0)

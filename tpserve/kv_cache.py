@@ -1,0 +1,107 @@
+"""Per-rank KV cache in fixed slots, the step plan that addresses it, and attention over it.
+
+A step runs any mix of sequences: sequence i owns cache slot `slots[i]`, brings `lens[i]` new
+tokens starting at position `starts[i]` (a prefill has start 0 and many tokens, a decode step one
+token). The hidden states of a step are those tokens concatenated in plan order: [T, hidden].
+The plan is plain lists of ints so it travels in a msgpack header unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tpserve.errors import TpserveError
+
+
+@dataclass
+class StepPlan:
+    slots: list[int]
+    starts: list[int]
+    lens: list[int]
+    # Rows of the step's hidden states the coordinator needs back (for logits); None: every row.
+    out_rows: list[int] | None = None
+    _positions: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lens)
+
+    def positions(self, device="cpu") -> torch.Tensor:
+        if self._positions is None or self._positions.device != torch.device(device):
+            self._positions = torch.cat([torch.arange(s, s + n) for s, n in
+                                         zip(self.starts, self.lens)]).to(device)
+        return self._positions
+
+    def last_rows(self) -> list[int]:
+        """Row of each sequence's last token."""
+        ends, total = [], 0
+        for n in self.lens:
+            total += n
+            ends.append(total - 1)
+        return ends
+
+    def to_wire(self) -> dict:
+        return {"slots": self.slots, "starts": self.starts, "lens": self.lens,
+                "out_rows": self.out_rows}
+
+
+class KVCache:
+    """k/v of this rank's kv heads for every layer: [slots, max_len, kv_heads, head_dim] each."""
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device="cpu"):
+        shape = (num_slots, max_len, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots, self.max_len = num_slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def check(self, plan: StepPlan) -> None:
+        for slot, start, n in zip(plan.slots, plan.starts, plan.lens):
+            if not 0 <= slot < self.num_slots:
+                raise TpserveError(f"KV slot {slot} is outside [0, {self.num_slots}); the engine "
+                                   f"addressed a slot that does not exist")
+            if start < 0 or n < 1 or start + n > self.max_len:
+                raise TpserveError(f"positions {start}..{start + n} do not fit the KV cache of "
+                                   f"{self.max_len} positions; shorten the request or raise max_model_len")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+              plan: StepPlan, kv_map: torch.Tensor, scale: float, window: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:
+    """q (T, heads, hd), k/v (T, kv_heads, hd) of this step -> (T, heads, hd).
+
+    Writes k/v into the cache, then each sequence's queries attend to its cached keys (causal;
+    within `window` positions when set). kv_map gives each q head its kv head.
+    """
+    out = torch.empty_like(q)
+    offset = 0
+    for slot, start, n in zip(plan.slots, plan.starts, plan.lens):
+        end = start + n
+        cache.k[layer][slot, start:end] = k[offset:offset + n]
+        cache.v[layer][slot, start:end] = v[offset:offset + n]
+        keys = cache.k[layer][slot, :end].index_select(1, kv_map)  # (L, heads, hd)
+        vals = cache.v[layer][slot, :end].index_select(1, kv_map)
+        qpos = torch.arange(start, end, device=q.device)[:, None]
+        kpos = torch.arange(end, device=q.device)[None, :]
+        mask = kpos <= qpos  # (n, L)
+        if window is not None:
+            mask &= kpos > qpos - window
+        qs = q[offset:offset + n].transpose(0, 1)  # (heads, n, hd)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1),
+                                               attn_mask=mask, scale=scale)
+        else:
+            s = (qs @ keys.permute(1, 2, 0)).float() * scale  # (heads, n, L)
+            s = torch.tanh(s / softcap) * softcap
+            s = s.masked_fill(~mask, float("-inf"))
+            o = (s.softmax(-1).to(vals.dtype) @ vals.transpose(0, 1))
+        out[offset:offset + n] = o.transpose(0, 1)
+        offset += n
+    return out

@@ -1,0 +1,102 @@
+"""`tpserve.load(...)`: the public Python entry point shared by users, tests and benchmarks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tpserve.config import load_configs
+from tpserve.errors import TpserveError
+from tpserve.head import Head
+from tpserve.kv_cache import StepPlan
+from tpserve.sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger("tpserve")
+BACKENDS = ("local", "ray")
+
+
+class LLM:
+    """A loaded model: `logits(ids)` and `generate(ids, ...)` for one sequence at a time."""
+
+    def __init__(self, path: Path, cfg, quant, executor, head: Head, dtype: torch.dtype, tp: int):
+        self.path, self.cfg, self.quant = path, cfg, quant
+        self.executor, self.head, self.dtype, self.tp = executor, head, dtype, tp
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: list[int], start: int, out_rows) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        plan = StepPlan(slots=[0], starts=[start], lens=[len(token_ids)], out_rows=out_rows)
+        h = self.executor.step(self.head.embed(ids), plan)
+        return self.head.logits(h)
+
+    def _check(self, token_ids) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise TpserveError("token_ids is empty; pass at least one token id")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise TpserveError(f"token id {bad[0]} is outside the vocabulary [0, "
+                               f"{self.cfg.vocab_size})")
+        return ids
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """fp32 logits [len(token_ids), vocab] of one sequence."""
+        return self._forward(self._check(token_ids), 0, None)
+
+    def generate(self, token_ids, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_token_ids=(),
+                 ignore_eos: bool = False) -> list[int]:
+        """Continue one sequence; stops at max_tokens, a stop token or the model's eos."""
+        ids = self._check(token_ids)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids),
+                                ignore_eos=ignore_eos)
+        if len(ids) + max_tokens > self.executor.max_len:
+            raise TpserveError(f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds the "
+                               f"context of {self.executor.max_len}; shorten one of them")
+        stops = set(params.stop_token_ids) | (set() if ignore_eos else set(self.cfg.eos_token_ids))
+        gen = make_generator(params)
+        out: list[int] = []
+        logits = self._forward(ids, 0, [len(ids) - 1])
+        pos = len(ids)
+        while True:
+            tok = sample(logits[-1], params, gen)
+            out.append(tok)
+            if tok in stops or len(out) == max_tokens:
+                return out
+            logits = self._forward([tok], pos, None)
+            pos += 1
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | str | None = None,
+         device: str = "cpu", max_model_len: int | None = None, num_slots: int = 8) -> LLM:
+    """Load a GPTQ checkpoint folder sharded over `tp` ranks.
+
+    backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
+    the ZMQ coordinator (the `tpserve launch` path). dtype defaults to the config's dtype.
+    """
+    path = Path(model_path)
+    cfg, quant = load_configs(path)
+    if backend not in BACKENDS:
+        raise TpserveError(f"backend={backend!r} is not known; use one of {BACKENDS}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or cfg.dtype
+    if device == "cpu" and dtype == torch.float16:
+        log.info("float16 on CPU is slow and imprecise in places; consider dtype=float32")
+    max_len = min(max_model_len or cfg.max_position, cfg.max_position)
+    head = Head.load(path, cfg, quant, dtype, device)
+    if backend == "local":
+        from tpserve.local import LocalExecutor
+        executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
+    else:
+        from tpserve.cluster import RayExecutor
+        executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
+    log.info("loaded %s (%s, %d layers) at tp=%d on %s, backend=%s", path, cfg.arch,
+             cfg.num_layers, tp, device, backend)
+    return LLM(path, cfg, quant, executor, head, dtype, tp)

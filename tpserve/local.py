@@ -1,0 +1,48 @@
+"""In-process executor: tp ranks as threads of this process, all-reduce through `LocalComm`.
+
+Same `step(h, plan)` contract as the Ray executor, so `tpserve.load(..., backend="local")` and the
+tests run the exact per-rank math of the distributed system without processes or sockets.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+import torch
+
+from tpserve.comm import LocalGroup
+from tpserve.kv_cache import StepPlan
+from tpserve.model import RankModel
+from tpserve.shard_plan import ShardPlan
+
+
+class LocalExecutor:
+    def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device="cpu",
+                 num_slots: int = 8, max_len: int | None = None):
+        self.plan = ShardPlan.build(cfg, tp)
+        self.group = LocalGroup(tp)
+        self.ranks = [RankModel(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
+                                num_slots, max_len) for r in range(tp)]
+        self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
+        self.tp, self.num_slots = tp, num_slots
+        self.max_len = self.ranks[0].cache.max_len
+
+    def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Run one step on every rank; returns rank 0's final hidden rows `plan.out_rows`."""
+        futures = [self.pool.submit(rank, h, plan) for rank in self.ranks]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            # A failed rank never reaches the barrier: release the others, then re-arm it.
+            self.group.abort()
+            wait(futures)
+            self.group.reset()
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)),
+                       errors[0])
+        out = futures[0].result()
+        return out if plan.out_rows is None else out[plan.out_rows]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
