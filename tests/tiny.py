@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tpserve import gptq
 
-BASE = dict(hidden_size=96, intermediate_size=176, num_hidden_layers=2, num_attention_heads=12,
+BASE = dict(hidden_size=96, intermediate_size=168, num_hidden_layers=2, num_attention_heads=12,
             num_key_value_heads=4, head_dim=8, vocab_size=128, max_position_embeddings=128,
             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="float32")
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
