@@ -1,0 +1,67 @@
+"""Text in and out: the checkpoint's tokenizer.json (via `tokenizers`) and its chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from tpserve.errors import TpserveError
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _token_str(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+class TextCodec:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._template = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TextCodec | None":
+        """The codec of a checkpoint folder, or None when it has no tokenizer.json."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            return None
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise TpserveError(f"{path / 'tokenizer.json'} cannot be loaded ({e}); re-download "
+                               f"it") from None
+        cfg = {}
+        if (path / "tokenizer_config.json").is_file():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return cls(tok, template, _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token")))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TpserveError(f"the chat template refused the messages: {message}")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template or FALLBACK_TEMPLATE)
+        return self._template.render(messages=messages, add_generation_prompt=True,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # The template writes the special tokens itself (e.g. bos); do not add them twice.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
