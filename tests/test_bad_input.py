@@ -51,7 +51,7 @@ def test_broken_config_json(ckpt):
     (dict(q_quant_method="awq"), r"quant_method='awq' is not supported"),
     (dict(q_checkpoint_format="marlin"), r"checkpoint_format='marlin' is not supported"),
     (dict(q_pack_dtype="int16"), r"pack_dtype='int16' is not supported"),
-    (dict(q_dynamic={"-:.*down": {}}), r"'dynamic' overrides are not supported"),
+    (dict(q_dynamic={"+:.*down": {"iters": 3}}), r"dynamic override .* sets \['iters'\]"),
     (dict(model_type="gpt2"), r"model_type='gpt2' is not supported"),
     (dict(num_attention_heads=7), r"num_attention_heads=7 is not a multiple of num_key_value_heads=4"),
 ])

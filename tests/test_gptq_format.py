@@ -44,11 +44,13 @@ def test_v1_zeros_round_trip_including_zero_that_borrows(bits):
     z = torch.randint(0, 2**bits, (4, 64), dtype=torch.int32)
     z[:, ::3] = 0
     v1 = gptq.v2_to_v1_zeros(gptq.pack_cols(z, bits), bits)
-    assert torch.equal(gptq.unpack_cols(gptq.v1_to_v2_zeros(v1, bits), bits, 64), z)
-    # ...and the inverse applied to a word slice (as a column shard reads it) agrees.
-    w0 = 5
-    part = gptq.v1_to_v2_zeros(v1[:, w0:], bits, word_start=w0)
-    assert torch.equal(part, gptq.v1_to_v2_zeros(v1, bits)[:, w0:])
+    assert torch.equal(gptq.unpack_zeros(v1, bits, 64, v1=True), z)
+    # ...and a column slice starting mid-row (as a column shard reads it) agrees.
+    for n0 in (5, 11, 40):
+        w0 = n0 * bits // 32
+        part = gptq.unpack_zeros(v1[:, w0:], bits, 64 - n0, bit_offset=n0 * bits - 32 * w0,
+                                 v1=True, word_start=w0)
+        assert torch.equal(part, z[:, n0:])
 
 
 def test_quantize_dequantize_error_is_bounded_by_half_a_step():

@@ -11,6 +11,7 @@ cover the peers' packing; these cover the shapes and settings the peers cannot w
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,12 +105,14 @@ def np_dequantize(t: dict, prefix: str, bits: int, v1: bool, k: int, n: int,
                   group_size: int) -> torch.Tensor:
     q = np_unpack(t[f"{prefix}.qweight"].numpy(), bits, k)
     zw = t[f"{prefix}.qzeros"].numpy().astype(np.uint32)
-    if v1:  # word-level +1 per field, the inverse of the writers' word-level -1
+    if v1 and bits != 3:  # word-level +1 per field, the inverse of the writers' word-level -1
         ones = np.zeros(zw.shape[1] * 32, np.uint8)
         ones[:: bits][: (zw.shape[1] * 32) // bits] = 1
         const = np.packbits(ones.reshape(-1, 32), axis=1, bitorder="little").view("<u4")[:, 0]
         zw = zw + const[None, :]
     z = np_unpack(zw.T.copy().view(np.int32), bits, n).T  # (G, N)
+    if v1 and bits == 3:  # 3-bit fields straddle words: the v1 shift is per field
+        z = (z + 1) % 8
     gs = k if group_size == -1 else group_size
     g = t[f"{prefix}.g_idx"].numpy() if f"{prefix}.g_idx" in t else np.arange(k) // gs
     s = t[f"{prefix}.scales"].float().numpy()
@@ -134,8 +137,12 @@ def reference_model(path: Path):
         prefix = name[: -len(".weight")]
         if f"{prefix}.qweight" in t:
             fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
-            sd[name] = np_dequantize(t, prefix, qc["bits"], fmt == "gptq", p.shape[1], p.shape[0],
-                                     qc["group_size"])
+            bits, gs = qc["bits"], qc["group_size"]
+            for pattern, over in (qc.get("dynamic") or {}).items():  # GPTQModel's lm_head override
+                if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), prefix):
+                    bits, gs = over.get("bits", bits), over.get("group_size", gs)
+                    break
+            sd[name] = np_dequantize(t, prefix, bits, fmt == "gptq", p.shape[1], p.shape[0], gs)
         elif name in t:
             sd[name] = t[name].float()
         elif name == "lm_head.weight":

@@ -9,7 +9,8 @@ names the key, the value and what is supported.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from tpserve.errors import ConfigError
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_ROPE = ("default", "linear", "llama3")
+# per-module `dynamic` keys -> QuantConfig field (None: accepted, no effect on the packed format)
+DYNAMIC_KEYS = {"bits": "bits", "group_size": "group_size", "sym": "sym", "desc_act": "desc_act",
+                "mse": None, "damp_percent": None}
 QUANT_CONFIG_FILES = ("quantize_config.json", "quantization_config.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,6 +49,8 @@ class QuantConfig:
     v1: bool
     lm_head: bool
     source: str = "config.json"
+    # GPTQModel/AutoRound `dynamic`: regex -> overrides ({} or a "-:" prefix: not quantized).
+    dynamic: tuple[tuple[str, tuple], ...] = ()
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -54,9 +60,15 @@ class QuantConfig:
             raise ConfigError(f"{self.source}: group_size={self.group_size} is invalid; use a "
                               f"positive group size or -1 (one group per column)")
 
-    @property
-    def pack_factor(self) -> float:
-        return 32 / self.bits
+    def for_module(self, name: str) -> "QuantConfig | None":
+        """This module's settings after `dynamic` overrides; None when it is left unquantized."""
+        for pattern, overrides in self.dynamic:
+            negative = pattern.startswith("-:")
+            if re.match(pattern[2:] if pattern[:2] in ("-:", "+:") else pattern, name):
+                if negative:
+                    return None
+                return replace(self, dynamic=(), **dict(overrides)) if overrides else self
+        return self
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -82,16 +94,28 @@ class QuantConfig:
         if pack_dtype != "int32":
             raise ConfigError(f"{source}: pack_dtype={pack_dtype!r} is not supported; tpserve reads "
                               f"int32-packed GPTQ tensors")
-        if d.get("dynamic"):
-            raise ConfigError(f"{source}: per-module 'dynamic' overrides are not supported; "
-                              f"re-quantize with one setting for every module")
+        dynamic = []
+        for pattern, over in (d.get("dynamic") or {}).items():
+            unknown = set(over or {}) - set(DYNAMIC_KEYS)
+            if not isinstance(over, dict) or unknown:
+                raise ConfigError(f"{source}: dynamic override {pattern!r} sets {sorted(unknown)}; "
+                                  f"tpserve supports per-module {sorted(DYNAMIC_KEYS)}")
+            try:
+                re.compile(pattern[2:] if pattern[:2] in ("-:", "+:") else pattern)
+            except re.error:
+                raise ConfigError(f"{source}: dynamic pattern {pattern!r} is not a valid regular "
+                                  f"expression") from None
+            kept = {DYNAMIC_KEYS[k]: (int(v) if k in ("bits", "group_size") else bool(v))
+                    for k, v in over.items() if k in DYNAMIC_KEYS and DYNAMIC_KEYS[k]}
+            dynamic.append((pattern, tuple(sorted(kept.items()))))
         for key in ("bits", "group_size"):
             if key not in d:
                 raise ConfigError(f"{source}: the key {key!r} is missing; a GPTQ config needs "
                                   f"bits and group_size")
         return cls(bits=int(d["bits"]), group_size=int(d["group_size"]),
                    desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)),
-                   v1=fmt == "gptq", lm_head=bool(d.get("lm_head", False)), source=source)
+                   v1=fmt == "gptq", lm_head=bool(d.get("lm_head", False)), source=source,
+                   dynamic=tuple(dynamic))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ Packing is one little-endian bit stream per column (qweight) or per row (qzeros)
 bit i*bits. For 2/4/8 bits that is `bits`-wide fields inside each word; 3-bit values (32 per three
 words) can straddle two words, which the same arithmetic handles.
 
-Zeros: `gptq` (v1) stores zero - 1, `gptq_v2` stores the zero. GPTQModel writes v1 zeros with a
-word-level subtraction of the packed "all ones" constant, so a true zero of 0 (only asymmetric
-quantization produces one) borrows from its neighbour field. tpserve reads v1 with the inverse,
-a word-level addition of the same constant, which restores every field exactly, borrows included.
-A writer that instead clamps each field at 0 (AutoRound) loses that zero: it reads back as 1, which
-is what the file says.
+Zeros: `gptq` (v1) stores zero - 1, `gptq_v2` stores the zero. At 2/4/8 bits GPTQModel writes v1
+zeros with a word-level subtraction of the packed "all ones" constant, so a true zero of 0 (only
+asymmetric quantization produces one) borrows from its neighbour field. tpserve reads v1 with the
+inverse, a word-level addition of the same constant, which restores every field exactly, borrows
+included. 3-bit fields straddle words, so there the shift is per field, mod 8, both ways (as
+GPTQModel does). A writer that instead clamps each field at 0 (AutoRound) loses that zero: it
+reads back as 1, which is what the file says.
 """
 
 from __future__ import annotations
@@ -79,20 +80,38 @@ def v1_zero_constant(n: int, bits: int) -> torch.Tensor:
 
 
 def v1_to_v2_zeros(qzeros: torch.Tensor, bits: int, word_start: int = 0) -> torch.Tensor:
-    """Word-level +1 on every field of packed v1 zeros (see the module docstring).
+    """+1 on every field of packed v1 zeros (see the module docstring); 2, 4 and 8 bits.
 
-    `word_start` is the index of qzeros' first word in the full row, so a slice of words gets the
-    constant words that belong to it (3-bit constants repeat every three words).
+    `word_start` is the index of qzeros' first word in the full row (the constant is the same for
+    every word at these widths, so any slice of words converts alike).
     """
+    assert bits != 3, "3-bit v1 zeros are shifted per field after unpacking (unpack_zeros)"
     total = word_start + qzeros.shape[1]
     const = v1_zero_constant(math.ceil(total * 32 / bits), bits)[word_start:total]
     return _to_int32((qzeros.to(torch.int64) & _WORD) + (const.to(torch.int64) & _WORD))
 
 
 def v2_to_v1_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `v1_to_v2_zeros` (used to write v1 checkpoints)."""
+    """Inverse of the v1 reading (used to write v1 checkpoints): -1 on every packed field."""
+    if bits == 3:  # fields straddle words: shift each field, as GPTQModel does
+        n = qzeros.shape[1] * 32 // 3
+        return pack_cols((unpack_cols(qzeros, 3, n) - 1) & 7, 3)
     const = v1_zero_constant(math.ceil(qzeros.shape[1] * 32 / bits), bits)[: qzeros.shape[1]]
     return _to_int32((qzeros.to(torch.int64) & _WORD) - (const.to(torch.int64) & _WORD))
+
+
+def unpack_zeros(words: torch.Tensor, bits: int, count: int, bit_offset: int = 0,
+                 v1: bool = False, word_start: int = 0) -> torch.Tensor:
+    """True zeros [G, count] from packed qzeros words (a column slice starting at `word_start`).
+
+    v1 at 2/4/8 bits: word-level +1 before unpacking (restores GPTQModel's borrows exactly).
+    v1 at 3 bits: per-field +1 mod 8 after unpacking, since a word-level add would lose the carry
+    of the fields that straddle two words (GPTQModel shifts 3-bit zeros per field too).
+    """
+    if v1 and bits != 3:
+        words = v1_to_v2_zeros(words, bits, word_start)
+    zeros = unpack_cols(words, bits, count, bit_offset)
+    return (zeros + 1) & 7 if v1 and bits == 3 else zeros
 
 
 def dequantize(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

@@ -92,9 +92,8 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
 
     w0, w1 = n0 * bits // 32, gptq.packed_len(n1, bits)
     zwords = ckpt.read(f"{prefix}.qzeros", rows=(g_first, g_last + 1), cols=(w0, w1))
-    if quant.v1:
-        zwords = gptq.v1_to_v2_zeros(zwords, bits, word_start=w0)
-    zeros = gptq.unpack_cols(zwords, bits, n1 - n0, bit_offset=n0 * bits - w0 * 32)
+    zeros = gptq.unpack_zeros(zwords, bits, n1 - n0, bit_offset=n0 * bits - w0 * 32, v1=quant.v1,
+                              word_start=w0)
 
     r0, r1 = k0 * bits // 32, gptq.packed_len(k1, bits)
     qwords = ckpt.read(f"{prefix}.qweight", rows=(r0, r1), cols=(n0, n1))

@@ -11,7 +11,7 @@ import torch
 from tpserve.checkpoint import Checkpoint
 from tpserve.config import ModelConfig, QuantConfig
 from tpserve.errors import CheckpointError
-from tpserve.gptq_shard import read_gptq_shard
+from tpserve.linear import read_linear_weight
 from tpserve.model import RMSNorm
 
 EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head"
@@ -29,8 +29,8 @@ class Head:
         embed = ckpt.read(EMBED, shape=(v, h)).to(dtype)
         norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
         if f"{LM_HEAD}.qweight" in ckpt:
-            w = read_gptq_shard(ckpt, LM_HEAD, quant, h, v, (0, h), (0, v))
-            head, tied = w.dequantize(dtype).T.contiguous(), False
+            head = read_linear_weight(ckpt, LM_HEAD, quant, h, v, (0, h), (0, v), dtype)
+            head, tied = head.dequantize(dtype).T.contiguous(), False
         elif f"{LM_HEAD}.weight" in ckpt:
             head, tied = ckpt.read(f"{LM_HEAD}.weight", shape=(v, h)).to(dtype), False
         elif cfg.tie_word_embeddings:

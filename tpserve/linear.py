@@ -21,9 +21,10 @@ def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
                        cols: tuple[int, int], dtype: torch.dtype) -> GPTQWeight | torch.Tensor:
     """The [rows x cols] shard of linear `prefix`: GPTQ if the checkpoint has it, else dense."""
     if f"{prefix}.qweight" in ckpt:
+        quant = quant.for_module(prefix) if quant is not None else None
         if quant is None:
-            raise CheckpointError(f"tensor '{prefix}.qweight' is GPTQ-packed but the checkpoint has "
-                                  f"no quantization config; add quantize_config.json")
+            raise CheckpointError(f"tensor '{prefix}.qweight' is GPTQ-packed but the quantization "
+                                  f"config is missing or excludes it; fix quantize_config.json")
         return read_gptq_shard(ckpt, prefix, quant, in_features, out_features, rows, cols)
     if f"{prefix}.weight" in ckpt:
         w = ckpt.read(f"{prefix}.weight", rows=cols, cols=rows, shape=(out_features, in_features))

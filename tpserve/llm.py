@@ -74,11 +74,13 @@ class LLM:
 
 
 def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | str | None = None,
-         device: str = "cpu", max_model_len: int | None = None, num_slots: int = 8) -> LLM:
+         device: str = "cpu", max_model_len: int | None = None, num_slots: int = 8,
+         **ray_options) -> LLM:
     """Load a GPTQ checkpoint folder sharded over `tp` ranks.
 
     backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
-    the ZMQ coordinator (the `tpserve launch` path). dtype defaults to the config's dtype.
+    the ZMQ coordinator (the `tpserve launch` path); `ray_options` go to `RayExecutor` (address,
+    placement, timeout_s, curve, progress). dtype defaults to the config's dtype.
     """
     path = Path(model_path)
     cfg, quant = load_configs(path)
@@ -91,12 +93,15 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
         log.info("float16 on CPU is slow and imprecise in places; consider dtype=float32")
     max_len = min(max_model_len or cfg.max_position, cfg.max_position)
     head = Head.load(path, cfg, quant, dtype, device)
+    if ray_options and backend != "ray":
+        raise TpserveError(f"options {sorted(ray_options)} apply to backend='ray' only")
     if backend == "local":
         from tpserve.local import LocalExecutor
         executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
     else:
         from tpserve.cluster import RayExecutor
-        executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
+        executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
+                               **ray_options)
     log.info("loaded %s (%s, %d layers) at tp=%d on %s, backend=%s", path, cfg.arch,
              cfg.num_layers, tp, device, backend)
     return LLM(path, cfg, quant, executor, head, dtype, tp)

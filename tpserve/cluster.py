@@ -1,0 +1,163 @@
+"""Ray glue: start or join a cluster, place tp RankWorker actors, wire them to the coordinator.
+
+Ray does lifecycle only (start, place, monitor, kill); tensors go over ZMQ. Without an address
+tpserve starts a private local cluster (and stops it on close); with `address` (or RAY_ADDRESS, as
+inside a Ray Job) it joins that cluster. Ranks are ordered by node id so neighbours share a node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from tpserve.coordinator import Coordinator, RankFailure
+from tpserve.errors import TpserveError
+from tpserve.kv_cache import StepPlan
+from tpserve.rank_worker import RankWorker
+
+log = logging.getLogger("tpserve.cluster")
+PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
+
+
+def ensure_ray(address: str | None, tp: int, device: str) -> bool:
+    """Connect to or start Ray; True when this call started a private cluster."""
+    import ray
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TPSERVE_RANK_PROCESS": "1"}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    # A private cluster with one logical slot per rank; on a CPU box each "GPU" slot is logical.
+    num_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    ray.init(address="local", num_cpus=max(tp + 1, os.cpu_count() or 1), num_gpus=num_gpus,
+             include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return True
+
+
+class RayExecutor:
+    def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device: str = "cpu",
+                 num_slots: int = 8, max_len: int | None = None, address: str | None = None,
+                 placement: str = "strict_pack", timeout_s: float = 60.0,
+                 placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False):
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if placement not in PLACEMENTS:
+            raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
+        if device not in ("cpu", "cuda"):
+            raise TpserveError(f"device={device!r} is not supported; use cpu or cuda")
+        self.tp, self.num_slots, self.max_len = tp, num_slots, max_len or cfg.max_position
+        self.started_ray = ensure_ray(address, tp, device)
+        self.actors, self.pg, self.coord = [], None, None
+        try:
+            bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+            self.pg = placement_group([dict(bundle) for _ in range(tp)],
+                                      strategy=PLACEMENTS[placement], name=f"tpserve-{os.getpid()}")
+            ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
+            if not ready:
+                raise TpserveError(
+                    f"Ray could not place {tp} bundles of {bundle} with strategy "
+                    f"{PLACEMENTS[placement]} within {placement_timeout_s:.0f}s; check free "
+                    f"resources with `ray status`, lower --tp or use --placement pack")
+            nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+            order = sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
+            threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
+            remote = ray.remote(max_concurrency=2)(RankWorker)
+            for rank, b in enumerate(order):
+                self.actors.append(remote.options(
+                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, b),
+                    name=f"tpserve-rank{rank}-{os.getpid()}",
+                ).remote(rank, tp, str(path), str(dtype).replace("torch.", ""), device, num_slots,
+                         self.max_len, timeout_s, threads))
+            self.nodes = ray.get([a.node_info.remote() for a in self.actors])
+            for info in self.nodes:
+                if not info["path_ok"]:
+                    raise TpserveError(f"model path {path} is not readable on node {info['node_id']} "
+                                       f"({info['ip']}) holding rank {info['rank']}; put the "
+                                       f"checkpoint on every node's disk or shared storage")
+            driver_node = ray.get_runtime_context().get_node_id()
+            local = all(i["node_id"] == driver_node for i in self.nodes)
+            host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+            self.coord = Coordinator(tp, host, timeout_s, curve=curve)
+            self._load(progress)
+            self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
+                            for r, a in enumerate(self.actors)]
+            self.coord.wait_for_ranks()
+            log.info("%d ranks serving on %s via %s (curve=%s)", tp,
+                     sorted({i["ip"] for i in self.nodes}), self.coord.address, curve)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, progress: bool) -> None:
+        import ray
+        pending = {a.load.remote(): r for r, a in enumerate(self.actors)}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.tp, desc="loading ranks", unit="rank")
+        t0, self.load_info = time.perf_counter(), []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            r = pending.pop(done[0])
+            try:
+                self.load_info.append(ray.get(done[0]))
+            except ray.exceptions.RayTaskError as e:
+                raise TpserveError(f"rank {r} failed to load: {e.cause}") from None
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
+                 sum(i["bytes_read"] for i in self.load_info) / 1e6)
+
+    @property
+    def stats(self):
+        return self.coord.stats
+
+    def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        try:
+            return self.coord.step(h, plan)
+        except RankFailure as e:
+            raise RankFailure(f"{e} [{self.describe_dead()}]") from None
+
+    def describe_dead(self) -> str:
+        """Which actors Ray reports dead, by rank and node (for error messages)."""
+        import ray
+        dead = []
+        for r, ref in enumerate(getattr(self, "serving", [])):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    ray.get(ref)
+                    dead.append(f"rank {r} stopped")
+                except Exception as e:
+                    dead.append(f"rank {r} on node {self.nodes[r]['node_id'][:12]} died "
+                                f"({type(e).__name__})")
+        return "; ".join(dead) or "all rank actors alive"
+
+    def close(self) -> None:
+        import ray
+        if self.coord is not None:
+            self.coord.stop()
+            refs = getattr(self, "serving", [])
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=5)
+            self.coord.close()
+            self.coord = None
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
+            self.pg = None
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+            self.started_ray = False

@@ -1,0 +1,194 @@
+"""The coordinator: one ZMQ ROUTER in the driver that drives every step and runs every all-reduce.
+
+Per step it sends `{op: step, plan}` + h to each rank, then serves the step's all-reduces: it
+collects the tp partials of reduction `seq`, sums them (`comm.reduce_sum`) and sends the sum back
+to every rank, until rank 0 returns the final hidden rows (`op: result`). Every receive has a
+deadline: a rank that stops answering is a `RankFailure`, never a hang. Messages that fail
+validation, come from an unknown peer, or belong to another step are logged and dropped.
+
+CurveZMQ: the driver mints the server key pair and one client key pair per rank; the ZAP handler
+admits only those client keys, so no other process can join or inject partials.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from tpserve.comm import reduce_sum
+from tpserve.errors import TpserveError
+from tpserve.kv_cache import StepPlan
+from tpserve.wire import WireError, decode, encode
+
+log = logging.getLogger("tpserve.coordinator")
+
+
+class RankFailure(TpserveError):
+    """A rank died, timed out or reported an error; in-flight requests fail with this message."""
+
+
+@dataclass
+class CurveKeys:
+    server_public: bytes
+    server_secret: bytes
+    clients: list[tuple[bytes, bytes]]  # (public, secret) per rank
+
+    @classmethod
+    def mint(cls, tp: int) -> "CurveKeys":
+        return cls(*zmq.curve_keypair(), clients=[zmq.curve_keypair() for _ in range(tp)])
+
+
+class _AllowJobKeys:
+    def __init__(self, allowed: set[bytes]):
+        self.allowed = allowed
+
+    def callback(self, domain, key) -> bool:
+        ok = key in self.allowed  # pyzmq hands over the z85 form, as curve_keypair() mints it
+        if not ok:
+            log.warning("refused a CURVE client whose key is not one of this job's ranks")
+        return ok
+
+
+@dataclass
+class CommStats:
+    steps: int = 0
+    allreduce_count: int = 0
+    allreduce_seconds: float = 0.0  # first partial in -> sum sent, summed over reductions
+    dropped_messages: int = 0
+
+
+class Coordinator:
+    def __init__(self, tp: int, bind_host: str = "127.0.0.1", timeout_s: float = 60.0,
+                 curve: bool = True):
+        self.tp, self.timeout_s = tp, timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises
+        self.keys = CurveKeys.mint(tp) if curve else None
+        self.auth = None
+        if curve:
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback(
+                domain="*", credentials_provider=_AllowJobKeys({pub for pub, _ in self.keys.clients}))
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = self.keys.server_secret
+            self.sock.curve_publickey = self.keys.server_public
+        host = os.environ.get("TPSERVE_COORDINATOR_HOST", bind_host)
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self.identities: list[bytes | None] = [None] * tp
+        self.step_id = 0
+        self.stats = CommStats()
+
+    def client_keys(self, rank: int) -> dict | None:
+        """What rank `rank` needs to connect (handed over through Ray, never through ZMQ)."""
+        if self.keys is None:
+            return None
+        pub, sec = self.keys.clients[rank]
+        return {"server_public": self.keys.server_public, "public": pub, "secret": sec}
+
+    # ---- receiving -----------------------------------------------------------------------
+    def _recv(self, deadline: float, waiting_for: str):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    raise RankFailure(f"{waiting_for} did not arrive within {self.timeout_s:.0f}s; "
+                                      f"a rank is dead or stuck (see its log)")
+                continue
+            ident, *frames = self.sock.recv_multipart(copy=False)
+            ident = bytes(ident.bytes)
+            try:
+                header, tensors = decode(frames)
+            except WireError as e:
+                self.stats.dropped_messages += 1
+                log.error("dropped a malformed message from %r: %s", ident[:32], e)
+                continue
+            rank = header.get("rank", 0)
+            if rank >= self.tp or (self.identities[rank] not in (None, ident)):
+                self.stats.dropped_messages += 1
+                log.error("dropped a message claiming rank %s from peer %r", rank, ident[:32])
+                continue
+            return ident, header, tensors
+
+    def wait_for_ranks(self, timeout_s: float | None = None) -> None:
+        """Collect every rank's hello (its ZMQ identity)."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while None in self.identities:
+            missing = [r for r, i in enumerate(self.identities) if i is None]
+            ident, h, _ = self._recv(deadline, f"hello from ranks {missing}")
+            if h["op"] == "hello" and self.identities[h["rank"]] is None:
+                self.identities[h["rank"]] = ident
+            else:
+                log.error("dropped %r from rank %s while waiting for hellos", h["op"], h["rank"])
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        self.step_id += 1
+        step = self.step_id
+        msg = encode({"op": "step", "step": step, "plan": plan.to_wire()}, [h])
+        for ident in self.identities:
+            self.sock.send_multipart([ident, *msg], copy=False)
+        partials: dict[int, list] = {}
+        started: dict[int, float] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            ident, hdr, tensors = self._recv(deadline, f"step {step} traffic")
+            op, rank = hdr["op"], hdr["rank"]
+            if hdr["step"] != step:
+                self.stats.dropped_messages += 1
+                log.error("dropped %r for step %s from rank %s during step %s", op, hdr["step"],
+                          rank, step)
+                continue
+            if op == "error":
+                raise RankFailure(f"rank {rank} failed in step {step}: {hdr.get('message', '?')}")
+            if op == "result" and rank == 0 and len(tensors) == 1:
+                self.stats.steps += 1
+                return tensors[0]
+            if op != "reduce" or len(tensors) != 1:
+                self.stats.dropped_messages += 1
+                log.error("dropped unexpected %r from rank %s in step %s", op, rank, step)
+                continue
+            seq = hdr["seq"]
+            parts = partials.setdefault(seq, [None] * self.tp)
+            started.setdefault(seq, time.perf_counter())
+            if parts[rank] is not None:
+                self.stats.dropped_messages += 1
+                log.error("dropped a replayed partial %s of rank %s in step %s", seq, rank, step)
+                continue
+            if parts[0] is not None and tensors[0].shape != parts[0].shape:
+                raise RankFailure(f"rank {rank} sent a partial of shape {list(tensors[0].shape)} "
+                                  f"for reduction {seq}, rank 0 sent {list(parts[0].shape)}")
+            parts[rank] = tensors[0]
+            deadline = time.monotonic() + self.timeout_s  # progress: re-arm the deadline
+            if all(p is not None for p in parts):
+                out = encode({"op": "sum", "step": step, "seq": seq}, [reduce_sum(parts)])
+                for ident in self.identities:
+                    self.sock.send_multipart([ident, *out], copy=False)
+                del partials[seq]
+                self.stats.allreduce_count += 1
+                self.stats.allreduce_seconds += time.perf_counter() - started.pop(seq)
+
+    def stop(self) -> None:
+        msg = encode({"op": "stop", "step": self.step_id})
+        for ident in self.identities:
+            if ident is not None:
+                try:
+                    self.sock.send_multipart([ident, *msg])
+                except zmq.ZMQError:
+                    pass
+
+    def close(self) -> None:
+        self.stop()
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()

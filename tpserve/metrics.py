@@ -1,0 +1,99 @@
+"""Prometheus metrics of one engine, in a registry of their own.
+
+Engine counters are read at scrape time from `engine.stats` (nothing is pushed from the engine
+thread); the server adds request latencies and rejections as they happen. Each `Metrics` owns a
+`CollectorRegistry`, so several apps in one process (tests) never clash on metric names.
+"""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def weight_bytes(head) -> int:
+    """Bytes the coordinator holds for the model: the embedding and the lm_head, counted once
+    when they share storage (tied embeddings)."""
+    if hasattr(head, "nbytes"):
+        return int(head.nbytes)
+    total, seen = 0, set()
+    for t in (getattr(head, "embed_table", None), getattr(head, "lm_head", None)):
+        if t is None:
+            continue
+        key = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += int(t.nbytes)
+    return total
+
+
+class EngineCollector:
+    """Reads the engine's counters when Prometheus scrapes."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        e, s = self.engine, self.engine.stats
+        yield _counter("tpserve_generation_tokens", "Tokens generated.", s.tokens_generated)
+        yield _counter("tpserve_prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
+        yield _counter("tpserve_requests_finished", "Requests finished (stop or length).",
+                       s.requests_finished)
+        yield _counter("tpserve_requests_failed", "Requests failed by an engine error.",
+                       s.requests_failed)
+        yield _counter("tpserve_steps", "Engine steps run.", s.steps)
+        yield _counter("tpserve_step_seconds", "Seconds spent in engine steps.", s.step_seconds)
+        yield _gauge("tpserve_queue_depth", "Requests waiting for a KV slot.", e.queue_depth)
+        yield _gauge("tpserve_running_requests", "Requests holding a KV slot.", len(e.running))
+        yield _gauge("tpserve_step_seconds_last", "Duration of the last engine step.",
+                     s.last_step_seconds)
+        yield _gauge("tpserve_step_seconds_mean", "Mean engine step duration.",
+                     s.step_seconds / s.steps if s.steps else 0.0)
+        # Per second of step time, so idle time does not dilute it; for a windowed wall-clock
+        # rate use rate(tpserve_generation_tokens_total[1m]).
+        yield _gauge("tpserve_generation_tokens_per_second",
+                     "Tokens generated per second of step time over the engine's lifetime.",
+                     s.tokens_generated / s.step_seconds if s.step_seconds else 0.0)
+        ex = getattr(e.executor, "stats", None)
+        ar_s, ar_n = getattr(ex, "allreduce_seconds", 0.0), getattr(ex, "allreduce_count", 0)
+        yield _counter("tpserve_allreduce_seconds", "Seconds spent in all-reduces.", ar_s)
+        yield _counter("tpserve_allreduce", "All-reduces run.", ar_n)
+        yield _gauge("tpserve_allreduce_seconds_mean", "Mean all-reduce duration.",
+                     ar_s / ar_n if ar_n else 0.0)
+        yield _gauge("tpserve_coordinator_weight_bytes",
+                     "Bytes of weights held by the coordinator (embedding + lm_head).",
+                     weight_bytes(e.head))
+
+
+def _counter(name, doc, value):
+    m = CounterMetricFamily(name, doc)
+    m.add_metric([], float(value))
+    return m
+
+
+def _gauge(name, doc, value):
+    m = GaugeMetricFamily(name, doc)
+    m.add_metric([], float(value))
+    return m
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        self.time_to_first_token = Histogram(
+            "tpserve_time_to_first_token_seconds", "Time from request arrival to its first token.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.request_seconds = Histogram(
+            "tpserve_request_seconds", "Time from request arrival to its last token.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rejected = Counter(
+            "tpserve_http_rejected", "HTTP requests refused, by status code.", ["code"],
+            registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

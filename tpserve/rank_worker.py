@@ -1,0 +1,162 @@
+"""A TP rank: its own process (a Ray actor), its own shard, its own KV cache, a ZMQ DEALER.
+
+Ray starts, places, monitors and kills the actor; every tensor travels over ZMQ. `serve()` runs
+the step loop in one of the actor's two concurrency slots so `health()` is answered meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import zmq
+
+from tpserve.config import load_configs
+from tpserve.errors import TpserveError
+from tpserve.kv_cache import StepPlan
+from tpserve.model import RankModel
+from tpserve.shard_plan import ShardPlan
+from tpserve.wire import WireError, decode, encode
+
+log = logging.getLogger("tpserve.rank")
+
+
+class Stopped(Exception):
+    pass
+
+
+class ZmqComm:
+    """all_reduce through the coordinator: send this rank's partial, receive the sum."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.sock: zmq.Socket | None = None
+        self.step = self.seq = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        self.seq += 1
+        self.sock.send_multipart(encode({"op": "reduce", "step": self.step, "seq": self.seq,
+                                         "rank": self.rank}, [x]), copy=False)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise TpserveError(f"rank {self.rank}: the sum of reduction {self.seq} did not "
+                                   f"arrive within {self.timeout_s:.0f}s")
+            try:
+                h, ts = decode(self.sock.recv_multipart(copy=False))
+            except WireError as e:
+                log.error("rank %d dropped a malformed message: %s", self.rank, e)
+                continue
+            if h["op"] == "stop":
+                raise Stopped()
+            if h["op"] == "sum" and h["step"] == self.step and h["seq"] == self.seq and len(ts) == 1:
+                return ts[0].to(x.device, x.dtype)
+            log.error("rank %d dropped %r (step %s seq %s) while waiting for sum %s/%s", self.rank,
+                      h["op"], h["step"], h["seq"], self.step, self.seq)
+
+
+def _plan_from_wire(d, num_tokens: int) -> StepPlan:
+    if not isinstance(d, dict):
+        raise WireError("step header has no plan map")
+    lists = [d.get(k) for k in ("slots", "starts", "lens")]
+    if not all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists) or \
+            len({len(x) for x in lists}) != 1:
+        raise WireError("plan slots/starts/lens must be integer lists of one length")
+    plan = StepPlan(*lists, out_rows=d.get("out_rows"))
+    if plan.num_tokens != num_tokens:
+        raise WireError(f"plan covers {plan.num_tokens} tokens but h has {num_tokens} rows")
+    if plan.out_rows is not None and (not isinstance(plan.out_rows, list) or not all(
+            isinstance(i, int) and 0 <= i < num_tokens for i in plan.out_rows)):
+        raise WireError("plan out_rows must be row indices of h")
+    return plan
+
+
+class RankWorker:
+    def __init__(self, rank: int, tp: int, path: str, dtype: str, device: str, num_slots: int,
+                 max_len: int, timeout_s: float = 60.0, threads: int | None = None):
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+        self.rank, self.tp, self.path, self.device = rank, tp, path, device
+        self.dtype, self.num_slots, self.max_len = getattr(torch, dtype), num_slots, max_len
+        self.comm = ZmqComm(rank, tp, timeout_s)
+        self.model: RankModel | None = None
+        self.steps = 0
+        self.last_step = 0
+        if threads:
+            torch.set_num_threads(threads)
+
+    def node_info(self) -> dict:
+        import ray
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "pid": os.getpid(), "path_ok": (Path(self.path) / "config.json").is_file()}
+
+    def load(self) -> dict:
+        t0 = time.perf_counter()
+        cfg, quant = load_configs(self.path)
+        plan = ShardPlan.build(cfg, self.tp)
+        device = self.device
+        if device == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
+        self.model = RankModel(self.path, cfg, quant, plan, self.comm, self.dtype, device,
+                               self.num_slots, self.max_len)
+        return {"rank": self.rank, "seconds": time.perf_counter() - t0,
+                "bytes_read": self.model.ckpt.bytes_read, "kv_bytes": self.model.cache.nbytes}
+
+    def health(self) -> dict:
+        return {"rank": self.rank, "steps": self.steps, "pid": os.getpid()}
+
+    def serve(self, address: str, keys: dict | None) -> int:
+        """Connect to the coordinator and run steps until it says stop. Returns the step count."""
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{os.getpid()}".encode())
+        if keys is not None:
+            sock.curve_serverkey = keys["server_public"]
+            sock.curve_publickey = keys["public"]
+            sock.curve_secretkey = keys["secret"]
+        sock.connect(address)
+        self.comm.sock = sock
+        sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
+        try:
+            while True:
+                if not sock.poll(1000):
+                    continue
+                try:
+                    h, ts = decode(sock.recv_multipart(copy=False))
+                    if h["op"] == "stop":
+                        break
+                    if h["op"] != "step" or len(ts) != 1 or ts[0].dim() != 2:
+                        raise WireError(f"expected a step with one 2-D tensor, got {h['op']!r}")
+                    if h["step"] <= self.last_step:
+                        raise WireError(f"step {h['step']} is not after step {self.last_step}")
+                    plan = _plan_from_wire(h.get("plan"), ts[0].shape[0])
+                except WireError as e:
+                    log.error("rank %d dropped a message: %s", self.rank, e)
+                    continue
+                self.last_step = self.comm.step = h["step"]
+                self.comm.seq = 0
+                try:
+                    out = self.model(ts[0].to(self.device, self.dtype), plan)
+                    if self.rank == 0:
+                        rows = out if plan.out_rows is None else out[plan.out_rows]
+                        sock.send_multipart(encode({"op": "result", "step": h["step"], "rank": 0},
+                                                   [rows]), copy=False)
+                except Stopped:
+                    break
+                except Exception as e:  # report, keep serving: the coordinator decides
+                    log.exception("rank %d failed in step %d", self.rank, h["step"])
+                    sock.send_multipart(encode({"op": "error", "step": h["step"], "rank": self.rank,
+                                                "message": f"{type(e).__name__}: {e}"}))
+                self.steps += 1
+        finally:
+            sock.close(0)
+            ctx.term()
+        return self.steps
