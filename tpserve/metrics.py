@@ -91,8 +91,8 @@ class Metrics:
         self.request_seconds = Histogram(
             "tpserve_request_seconds", "Time from request arrival to its last token.",
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.rejected = Counter(
-            "tpserve_http_rejected", "HTTP requests refused, by status code.", ["code"],
+        self.http_errors = Counter(
+            "tpserve_http_errors", "HTTP requests answered with an error, by status code.", ["code"],
             registry=self.registry)
 
     def render(self) -> bytes:

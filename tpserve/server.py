@@ -25,7 +25,7 @@ import time
 import uuid
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, StrictInt
@@ -49,6 +49,7 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
+    message = " ".join(message.splitlines())  # one line, even for a multi-line exception
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
 
@@ -148,6 +149,8 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     path = ".".join(where)
     if err["type"] == "missing":
         return f"'{path}' is required", where[0]
+    if path == "prompt":  # a union: pydantic's first message names only one of its types
+        return "'prompt' must be a string or a list of token ids", "prompt"
     return f"'{path}' is invalid: {err['msg']}", where[0]
 
 
@@ -207,7 +210,7 @@ class _ApiKey:
         if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
-                self.metrics.rejected.labels("401").inc()
+                self.metrics.http_errors.labels("401").inc()
                 body = error_body(401, "the API key is missing or wrong; send the header "
                                        "'Authorization: Bearer <key>'", code="invalid_api_key")
                 await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(
@@ -227,7 +230,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     def error(status, message, param=None, code=None):
         if status != 500:
-            metrics.rejected.labels(str(status)).inc()
+            metrics.http_errors.labels(str(status)).inc()
         return JSONResponse(error_body(status, message, param, code), status)
 
     @app.exception_handler(ApiError)
