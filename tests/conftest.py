@@ -19,3 +19,22 @@ def ckpt_dir(tmp_path_factory):
             made[name] = tiny.make_checkpoint(tmp_path_factory.mktemp(name), **kwargs)
         return made[name]
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One private Ray cluster for the whole test session (ray.init costs ~5 s and ~0.7 GiB)."""
+    import ray
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The embedded demo checkpoint, built into a test-private cache."""
+    import os
+    cache = tmp_path_factory.mktemp("tpserve-cache")
+    os.environ["TPSERVE_CACHE"] = str(cache)
+    from tpserve import demo
+    return demo.demo_path()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -142,7 +143,21 @@ class RayExecutor:
                                 f"({type(e).__name__})")
         return "; ".join(dead) or "all rank actors alive"
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Stop the ranks, free the placement group, stop a private Ray cluster. Never hangs:
+        after Ctrl-C the signal also reached Ray's own processes, which may no longer answer."""
+        import ray
+        worker = threading.Thread(target=self._release, daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("Ray did not answer within %.0fs while releasing the ranks; forcing it "
+                        "down", timeout_s)
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+            self.started_ray = False
+
+    def _release(self) -> None:
         import ray
         if self.coord is not None:
             self.coord.stop()
@@ -158,6 +173,3 @@ class RayExecutor:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)
             self.pg = None
-        if self.started_ray and ray.is_initialized():
-            ray.shutdown()
-            self.started_ray = False

@@ -1,0 +1,82 @@
+"""Wire format validation and CurveZMQ admission (real ZMQ sockets, no Ray)."""
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from tpserve.coordinator import Coordinator, RankFailure
+from tpserve.kv_cache import StepPlan
+from tpserve.wire import WireError, decode, encode
+
+
+def frames(header, tensors=()):
+    return [bytes(f) for f in encode(header, list(tensors))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_round_trip(dtype):
+    t = (torch.randn(3, 5) * 10).to(dtype)
+    h, (back,) = decode(frames({"op": "sum", "step": 3, "seq": 2}, [t]))
+    assert h["op"] == "sum" and h["step"] == 3 and torch.equal(back, t)
+
+
+@pytest.mark.parametrize("mangle,match", [
+    (lambda f: [b"\xc1garbage"] + f[1:], "not valid msgpack"),
+    (lambda f: [msgpack.packb([1, 2])] + f[1:], "not a msgpack map"),
+    (lambda f: [msgpack.packb({"v": 9, "op": "sum"})], "protocol version 9"),
+    (lambda f: [msgpack.packb({"v": 1, "op": "rm -rf"})], "unknown op"),
+    (lambda f: [msgpack.packb({"v": 1, "op": "sum", "step": -1})], "'step'=-1"),
+    (lambda f: f[:1], "announces 1 tensors but 0 frames"),
+    (lambda f: [f[0], f[1][:-4]], "needs 60 bytes but its frame has 56"),
+    (lambda f: [msgpack.packb({"v": 1, "op": "sum", "tensors": [{"dtype": "object", "shape": [1]}]}),
+                b"x"], "no allowed dtype"),
+    (lambda f: [msgpack.packb({"v": 1, "op": "sum", "tensors": [{"dtype": "uint8",
+                                                                 "shape": [1, 1, 1, 1, 1]}]}), b"x"],
+     "at most 4"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(mangle, match):
+    good = frames({"op": "sum", "step": 1, "seq": 1}, [torch.zeros(3, 5)])
+    with pytest.raises(WireError, match=match):
+        decode(mangle(good))
+
+
+def test_oversize_frame_is_rejected():
+    with pytest.raises(WireError, match="exceeds the limit"):
+        decode(frames({"op": "sum"}, [torch.zeros(1000)]), max_frame=1024)
+
+
+def _dealer(ctx, addr, keys):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys
+    s.connect(addr)
+    return s
+
+
+def test_only_this_jobs_keys_can_join_the_coordinator():
+    coord = Coordinator(tp=1, timeout_s=2.0)
+    ctx = zmq.Context()
+    try:
+        rogue_pub, rogue_sec = zmq.curve_keypair()
+        rogue = _dealer(ctx, coord.address, (coord.keys.server_public, rogue_pub, rogue_sec))
+        rogue.send_multipart(frames({"op": "hello", "rank": 0}))
+        with pytest.raises(RankFailure, match="hello from ranks \\[0\\] did not arrive"):
+            coord.wait_for_ranks(timeout_s=1.5)
+        keys = coord.client_keys(0)
+        rank = _dealer(ctx, coord.address, (keys["server_public"], keys["public"], keys["secret"]))
+        rank.send_multipart(frames({"op": "hello", "rank": 0}))
+        coord.wait_for_ranks(timeout_s=5)
+        # a step round trip through the authenticated socket
+        plan = StepPlan([0], [0], [2], out_rows=[1])
+
+        import threading
+        def answer():
+            h, (x,) = decode(rank.recv_multipart())
+            rank.send_multipart(frames({"op": "result", "step": h["step"], "rank": 0}, [x[1:] * 2]))
+        threading.Thread(target=answer).start()
+        out = coord.step(torch.ones(2, 4), plan)
+        assert torch.equal(out, torch.full((1, 4), 2.0))
+    finally:
+        coord.close()
+        ctx.destroy(0)
