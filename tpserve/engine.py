@@ -70,6 +70,7 @@ class Stats:
     last_step_seconds: float = 0.0
     requests_finished: int = 0
     requests_failed: int = 0
+    requests_cancelled: int = 0
 
 
 class Engine:
@@ -86,6 +87,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self._cancelled: set[int] = set()
         self._thread: threading.Thread | None = None
 
     # ---- API -----------------------------------------------------------------------------
@@ -103,6 +105,16 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request (its client went away); its KV slot frees before the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+        self._wake.set()
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:
@@ -143,6 +155,15 @@ class Engine:
     def _admit(self) -> list[Request]:
         new = []
         with self._lock:
+            if self._cancelled:
+                kept = collections.deque(r for r in self.waiting if r.id not in self._cancelled)
+                self.stats.requests_cancelled += len(self.waiting) - len(kept)
+                self.waiting = kept
+                for req in [r for r in self.running if r.id in self._cancelled]:
+                    self.running.remove(req)
+                    self.free_slots.append(req.slot)
+                    self.stats.requests_cancelled += 1
+                self._cancelled.clear()
             while self.waiting and self.free_slots:
                 req = self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)

@@ -9,13 +9,14 @@ GET /health, GET /metrics. Errors have OpenAI's shape, `{"error": {message, type
 the engine failed or is not running.
 
 Engine events arrive on the engine thread; each request gets an asyncio.Queue fed through
-`loop.call_soon_threadsafe`. When a streaming client goes away the engine still runs its request
-to the end (the engine has no cancel yet) and the request's later events are dropped.
+`loop.call_soon_threadsafe`. When a streaming client goes away its request is cancelled: the
+engine frees its KV slot before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import re
@@ -156,8 +157,7 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
 
 # ---- engine bridge -------------------------------------------------------------------------
 def engine_alive(engine) -> bool:
-    thread = engine._thread  # Engine exposes no liveness flag of its own
-    return thread is not None and thread.is_alive()
+    return engine.alive
 
 
 class _Pending:
@@ -167,6 +167,7 @@ class _Pending:
         self.loop, self.metrics, self.queue = loop, metrics, asyncio.Queue()
         self.arrived, self.first = time.monotonic(), True
         self.closed = False
+        self.cancel = None  # set once the engine has accepted the request
 
     def on_event(self, ev: Event) -> None:  # engine thread: must never raise
         now = time.monotonic()
@@ -188,8 +189,11 @@ class _Pending:
                 ev = await self.queue.get()
                 yield ev
                 if ev.finished:
+                    self.cancel = None
                     return
         finally:  # finished, or the client went away (the generator is cancelled or closed)
+            if self.cancel is not None:
+                self.cancel()
             self.closed = True
 
 
@@ -259,7 +263,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(503, "the engine is not running; see the server log")
         pending = _Pending(asyncio.get_running_loop(), metrics)
         try:
-            engine.submit(prompt, params, pending.on_event)
+            pending.cancel = functools.partial(engine.cancel, engine.submit(prompt, params,
+                                                                             pending.on_event))
         except QueueFull as e:
             raise ApiError(429, str(e)) from None
         except TpserveError as e:  # empty or too long prompt, token id outside the vocab
