@@ -132,6 +132,16 @@ def main(argv=None) -> int:
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=cmd_generate)
 
+    for name, helptext in (("verify", "prove the TP deployment computes the unsharded model"),
+                           ("submit", "submit `tpserve launch ...` as a Ray Job and stream its logs")):
+        try:
+            module = __import__(f"tpserve.{name}", fromlist=["add_arguments", "run"])
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=helptext)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

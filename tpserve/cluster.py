@@ -69,11 +69,14 @@ class RayExecutor:
             order = sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
             threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
             remote = ray.remote(max_concurrency=2)(RankWorker)
+            # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
+            env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
             for rank, b in enumerate(order):
                 self.actors.append(remote.options(
                     num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, b),
                     name=f"tpserve-rank{rank}-{os.getpid()}",
+                    runtime_env={"env_vars": env} if env else None,
                 ).remote(rank, tp, str(path), str(dtype).replace("torch.", ""), device, num_slots,
                          self.max_len, timeout_s, threads))
             self.nodes = ray.get([a.node_info.remote() for a in self.actors])

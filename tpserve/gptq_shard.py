@@ -10,6 +10,8 @@ local row 0. Only the covering words/groups/columns are read from disk.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,11 @@ from tpserve import gptq
 from tpserve.checkpoint import Checkpoint
 from tpserve.config import QuantConfig
 from tpserve.errors import CheckpointError
+
+log = logging.getLogger("tpserve.gptq_shard")
+# Test hook: reproduce the bug of engines that assume a shard starts on a group boundary, so
+# `tpserve verify` can be shown to catch it. Never set this in production.
+BREAK_GROUP_OFFSET_ENV = "TPSERVE_DEBUG_FORCE_GROUP_OFFSET_ZERO"
 
 
 @dataclass
@@ -99,9 +106,14 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
     qwords = ckpt.read(f"{prefix}.qweight", rows=(r0, r1), cols=(n0, n1))
     q = gptq.unpack_rows(qwords, bits, k1 - k0, bit_offset=k0 * bits - r0 * 32)
 
+    offset = k0 % gs if g_idx is None else 0
+    if offset and os.environ.get(BREAK_GROUP_OFFSET_ENV) == "1":
+        log.warning("%s=1: dropping the group offset %d of %s (deliberately wrong)",
+                    BREAK_GROUP_OFFSET_ENV, offset, prefix)
+        offset = 0
     return GPTQWeight(
         qweight=gptq.pack_rows(q, bits), qzeros=gptq.pack_cols(zeros, bits),
         scales=(scales if scale_dtype is None else scales.to(scale_dtype)).contiguous(),
         g_idx=None if g_idx is None else (g_idx - g_first).to(torch.int32),
-        group_offset=k0 % gs if g_idx is None else 0, bits=bits, group_size=gs,
+        group_offset=offset, bits=bits, group_size=gs,
         in_features=k1 - k0, out_features=n1 - n0)

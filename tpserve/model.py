@@ -129,10 +129,15 @@ class RankModel(torch.nn.Module):
                              shard.num_kv_heads, cfg.head_dim, dtype, device)
 
     @torch.inference_mode()
-    def forward(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """h [T, hidden] -> the last layer's output [T, hidden] (before the final norm)."""
+    def forward(self, h: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
+        """h [T, hidden] -> the last layer's output [T, hidden] (before the final norm).
+
+        `capture`, when given, receives every layer's output (for `tpserve verify`).
+        """
         self.cache.check(plan)
         cos, sin = self.rotary.cos_sin(plan.positions(self.device), h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, self.cache, plan)
+            if capture is not None:
+                capture.append(h)
         return h
