@@ -46,10 +46,13 @@ def test_oversize_frame_is_rejected():
         decode(frames({"op": "sum"}, [torch.zeros(1000)]), max_frame=1024)
 
 
-def _dealer(ctx, addr, keys):
+def _dealer(ctx, addr, keys, identity=None):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
-    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys
+    if identity:
+        s.setsockopt(zmq.IDENTITY, identity)
+    if keys:
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys
     s.connect(addr)
     return s
 
@@ -63,8 +66,15 @@ def test_only_this_jobs_keys_can_join_the_coordinator():
         rogue.send_multipart(frames({"op": "hello", "rank": 0}))
         with pytest.raises(RankFailure, match="hello from ranks \\[0\\] did not arrive"):
             coord.wait_for_ranks(timeout_s=1.5)
+        # right identity but no client key pair of this job: still refused by CURVE
         keys = coord.client_keys(0)
-        rank = _dealer(ctx, coord.address, (keys["server_public"], keys["public"], keys["secret"]))
+        thief = _dealer(ctx, coord.address, (coord.keys.server_public, rogue_pub, rogue_sec),
+                        identity=keys["identity"])
+        thief.send_multipart(frames({"op": "hello", "rank": 0}))
+        with pytest.raises(RankFailure):
+            coord.wait_for_ranks(timeout_s=1.0)
+        rank = _dealer(ctx, coord.address, (keys["server_public"], keys["public"], keys["secret"]),
+                       identity=keys["identity"])
         rank.send_multipart(frames({"op": "hello", "rank": 0}))
         coord.wait_for_ranks(timeout_s=5)
         # a step round trip through the authenticated socket
@@ -77,6 +87,27 @@ def test_only_this_jobs_keys_can_join_the_coordinator():
         threading.Thread(target=answer).start()
         out = coord.step(torch.ones(2, 4), plan)
         assert torch.equal(out, torch.full((1, 4), 2.0))
+    finally:
+        coord.close()
+        ctx.destroy(0)
+
+
+def test_over_ipc_only_the_minted_identities_are_heard():
+    coord = Coordinator(tp=1, timeout_s=2.0, transport="ipc")
+    ctx = zmq.Context()
+    try:
+        assert coord.address.startswith("ipc://")
+        import os, stat
+        d = os.path.dirname(coord.address[len("ipc://"):])
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700  # other users cannot reach the socket
+        rogue = _dealer(ctx, coord.address, None, identity=b"rank0-guess")
+        rogue.send_multipart(frames({"op": "hello", "rank": 0}))
+        with pytest.raises(RankFailure):
+            coord.wait_for_ranks(timeout_s=1.0)
+        assert coord.stats.dropped_messages == 1
+        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
+        rank.send_multipart(frames({"op": "hello", "rank": 0}))
+        coord.wait_for_ranks(timeout_s=5)
     finally:
         coord.close()
         ctx.destroy(0)

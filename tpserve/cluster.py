@@ -88,7 +88,9 @@ class RayExecutor:
             driver_node = ray.get_runtime_context().get_node_id()
             local = all(i["node_id"] == driver_node for i in self.nodes)
             host = "127.0.0.1" if local else ray.util.get_node_ip_address()
-            self.coord = Coordinator(tp, host, timeout_s, curve=curve)
+            # Same host: unix-domain sockets, unless the user pinned the coordinator's address.
+            transport = "ipc" if local and "TPSERVE_COORDINATOR_HOST" not in os.environ else "tcp"
+            self.coord = Coordinator(tp, host, timeout_s, curve=curve, transport=transport)
             self._load(progress)
             self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
                             for r, a in enumerate(self.actors)]

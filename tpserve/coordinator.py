@@ -6,14 +6,20 @@ to every rank, until rank 0 returns the final hidden rows (`op: result`). Every 
 deadline: a rank that stops answering is a `RankFailure`, never a hang. Messages that fail
 validation, come from an unknown peer, or belong to another step are logged and dropped.
 
-CurveZMQ: the driver mints the server key pair and one client key pair per rank; the ZAP handler
-admits only those client keys, so no other process can join or inject partials.
+Admission: the driver mints, per rank, a secret ZMQ identity and (over TCP) a CurveZMQ client key
+pair, and hands them to the rank through Ray. Over TCP the ZAP handler admits only this job's
+client keys, and CURVE encrypts the traffic. Same-host ranks use a unix socket in a 0700 directory
+(CURVE's encryption would cost more than the reduction itself there). Either way the coordinator
+accepts traffic only from the minted identities, so no other process can join or inject partials.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -65,13 +71,15 @@ class CommStats:
 
 class Coordinator:
     def __init__(self, tp: int, bind_host: str = "127.0.0.1", timeout_s: float = 60.0,
-                 curve: bool = True):
+                 curve: bool = True, transport: str = "tcp"):
         self.tp, self.timeout_s = tp, timeout_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises
+        curve = curve and transport == "tcp"
         self.keys = CurveKeys.mint(tp) if curve else None
+        self.rank_ids = [b"rank%d-" % r + secrets.token_hex(16).encode() for r in range(tp)]
         self.auth = None
         if curve:
             self.auth = ThreadAuthenticator(self.ctx)
@@ -81,19 +89,26 @@ class Coordinator:
             self.sock.curve_server = True
             self.sock.curve_secretkey = self.keys.server_secret
             self.sock.curve_publickey = self.keys.server_public
-        host = os.environ.get("TPSERVE_COORDINATOR_HOST", bind_host)
-        port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        if transport == "ipc":  # every rank on this host: unix sockets skip the TCP stack
+            self._ipc_dir = tempfile.mkdtemp(prefix="tpserve-")  # mode 0700: this user only
+            self.address = f"ipc://{self._ipc_dir}/coordinator.sock"
+            self.sock.bind(self.address)
+        else:
+            self._ipc_dir = None
+            host = os.environ.get("TPSERVE_COORDINATOR_HOST", bind_host)
+            port = self.sock.bind_to_random_port(f"tcp://{host}")
+            self.address = f"tcp://{host}:{port}"
         self.identities: list[bytes | None] = [None] * tp
         self.step_id = 0
         self.stats = CommStats()
 
-    def client_keys(self, rank: int) -> dict | None:
+    def client_keys(self, rank: int) -> dict:
         """What rank `rank` needs to connect (handed over through Ray, never through ZMQ)."""
-        if self.keys is None:
-            return None
-        pub, sec = self.keys.clients[rank]
-        return {"server_public": self.keys.server_public, "public": pub, "secret": sec}
+        keys = {"identity": self.rank_ids[rank]}
+        if self.keys is not None:
+            pub, sec = self.keys.clients[rank]
+            keys.update(server_public=self.keys.server_public, public=pub, secret=sec)
+        return keys
 
     # ---- receiving -----------------------------------------------------------------------
     def _recv(self, deadline: float, waiting_for: str):
@@ -113,9 +128,9 @@ class Coordinator:
                 log.error("dropped a malformed message from %r: %s", ident[:32], e)
                 continue
             rank = header.get("rank", 0)
-            if rank >= self.tp or (self.identities[rank] not in (None, ident)):
+            if rank >= self.tp or ident != self.rank_ids[rank]:
                 self.stats.dropped_messages += 1
-                log.error("dropped a message claiming rank %s from peer %r", rank, ident[:32])
+                log.error("dropped a message claiming rank %s from an unknown peer", rank)
                 continue
             return ident, header, tensors
 
@@ -192,3 +207,5 @@ class Coordinator:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -112,13 +112,13 @@ class RankWorker:
     def health(self) -> dict:
         return {"rank": self.rank, "steps": self.steps, "pid": os.getpid()}
 
-    def serve(self, address: str, keys: dict | None) -> int:
+    def serve(self, address: str, keys: dict) -> int:
         """Connect to the coordinator and run steps until it says stop. Returns the step count."""
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"rank-{self.rank}-{os.getpid()}".encode())
-        if keys is not None:
+        sock.setsockopt(zmq.IDENTITY, keys["identity"])  # minted by the driver: secret
+        if "secret" in keys:
             sock.curve_serverkey = keys["server_public"]
             sock.curve_publickey = keys["public"]
             sock.curve_secretkey = keys["secret"]
