@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: the config's; float32 on CPU)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the config's)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots = concurrent sequences")
+    p.add_argument("--lm-head", choices=["auto", "dense", "int8", "q8_0", "gptq"], default="auto",
+                   help="lm_head format at the coordinator (auto: the checkpoint's GPTQ head, else "
+                        "int8 for tables of 64 MiB or more, else dense)")
     p.add_argument("--rank-timeout", type=float, default=60.0,
                    help="seconds without an answer before a rank counts as dead")
     p.add_argument("--log-level", default="info")
@@ -55,7 +58,8 @@ def _load(args):
                        progress=True)
     llm = tpserve.load(path, tp=args.tp, backend=args.backend, device=args.device,
                        dtype=getattr(torch, dtype) if dtype else None,
-                       max_model_len=args.max_model_len, num_slots=args.max_num_seqs, **options)
+                       max_model_len=args.max_model_len, num_slots=args.max_num_seqs,
+                       lm_head=args.lm_head, **options)
     return path, llm, TextCodec.load(path)
 
 

@@ -1,10 +1,16 @@
 """The coordinator's part of the model: the main embedding, the final norm and the lm_head.
 
-The main embedding is `model.embed_tokens.weight` [vocab_size, hidden_size]. Tied vs untied is
-decided by what the checkpoint holds: a real `lm_head.*` tensor wins over `tie_word_embeddings`.
+- Main embedding: the table with `num_embeddings == vocab_size` and `embedding_dim == hidden_size`.
+  Other tables of the same vocabulary but another width (Gemma's per-layer embeddings,
+  `embed_tokens_per_layer`) are never taken for it, and never made into a head.
+- Tied vs untied comes from what the checkpoint holds: a real `lm_head.*` tensor wins over
+  `tie_word_embeddings`. A tied table is held once (`tpserve.lm_head.Table`), in the head's format.
+- The compute dtype is the config's (or the caller's), never a weight's.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -12,37 +18,68 @@ from tpserve.checkpoint import Checkpoint
 from tpserve.config import ModelConfig, QuantConfig
 from tpserve.errors import CheckpointError
 from tpserve.linear import read_linear_weight
+from tpserve.lm_head import Table, resolve_mode
 from tpserve.model import RMSNorm
 
-EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head"
+log = logging.getLogger("tpserve.head")
+NORM, LM_HEAD = "model.norm.weight", "lm_head"
+PREFERRED_EMBEDDING = "model.embed_tokens.weight"
+
+
+def find_main_embedding(ckpt: Checkpoint, cfg: ModelConfig) -> str:
+    want = (cfg.vocab_size, cfg.hidden_size)
+    tables = {k: ckpt.shape(k) for k in ckpt.keys() if "embed" in k and k.endswith(".weight")}
+    main = [k for k, shape in tables.items() if shape == want]
+    if not main:
+        raise CheckpointError(f"no embedding table of shape {list(want)} (vocab_size x hidden_size) "
+                              f"in {ckpt.path}; found {tables or 'none'}")
+    return PREFERRED_EMBEDDING if PREFERRED_EMBEDDING in main else sorted(main)[0]
 
 
 class Head:
-    def __init__(self, embed: torch.Tensor, norm: RMSNorm, lm_head: torch.Tensor, tied: bool):
+    def __init__(self, embed: Table, norm: RMSNorm, lm_head: Table, tied: bool):
         self.embed_table, self.norm, self.lm_head, self.tied = embed, norm, lm_head, tied
 
     @classmethod
     def load(cls, path, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype,
-             device="cpu") -> "Head":
+             device="cpu", mode: str = "auto") -> "Head":
         ckpt = Checkpoint(path, device=device)
         v, h = cfg.vocab_size, cfg.hidden_size
-        embed = ckpt.read(EMBED, shape=(v, h)).to(dtype)
-        norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
-        if f"{LM_HEAD}.qweight" in ckpt:
-            head = read_linear_weight(ckpt, LM_HEAD, quant, h, v, (0, h), (0, v), dtype)
-            head, tied = head.dequantize(dtype).T.contiguous(), False
-        elif f"{LM_HEAD}.weight" in ckpt:
-            head, tied = ckpt.read(f"{LM_HEAD}.weight", shape=(v, h)).to(dtype), False
-        elif cfg.tie_word_embeddings:
-            head, tied = embed, True
-        else:
+        embed_name = find_main_embedding(ckpt, cfg)
+        stored_gptq = f"{LM_HEAD}.qweight" in ckpt
+        tied = not (stored_gptq or f"{LM_HEAD}.weight" in ckpt)
+        if tied and not cfg.tie_word_embeddings:
             raise CheckpointError(f"{path} has no lm_head.weight and config.json does not set "
                                   f"tie_word_embeddings; the checkpoint is incomplete")
-        return cls(embed, norm, head, tied)
+        mode = resolve_mode(mode, stored_gptq, v, h)
+        norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
+        if tied:
+            table = Table.from_dense(ckpt.read(embed_name, shape=(v, h)), mode, dtype)
+            head = cls(table, norm, table, tied=True)
+        else:
+            embed = Table("dense", dtype, weight=ckpt.read(embed_name, shape=(v, h)).to(dtype))
+            if stored_gptq:
+                packed = read_linear_weight(ckpt, LM_HEAD, quant, h, v, (0, h), (0, v), dtype)
+                lm = (Table("gptq", dtype, packed=packed) if mode == "gptq"
+                      else Table.from_dense(packed.dequantize(torch.float32).T, mode, dtype))
+            else:
+                lm = Table.from_dense(ckpt.read(f"{LM_HEAD}.weight", shape=(v, h)), mode, dtype)
+            head = cls(embed, norm, lm, tied=False)
+        log.info("coordinator holds embedding + lm_head: %.1f MB (lm_head=%s, %s, embedding %s)",
+                 head.nbytes / 1e6, mode, "tied: one table" if tied else "untied",
+                 embed_name)
+        return head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the embedding, head and final norm, a shared table counted once."""
+        tables = {id(t): t for t in (self.embed_table, self.lm_head)}
+        return sum(t.nbytes for t in tables.values()) + self.norm.weight.numel() * \
+            self.norm.weight.element_size()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_table[token_ids]
+        return self.embed_table.rows(token_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] -> fp32 logits [T, vocab]."""
-        return (self.norm(h) @ self.lm_head.T).float()
+        return self.lm_head.logits(self.norm(h))

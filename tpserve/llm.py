@@ -75,12 +75,13 @@ class LLM:
 
 def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | str | None = None,
          device: str = "cpu", max_model_len: int | None = None, num_slots: int = 8,
-         **ray_options) -> LLM:
+         lm_head: str = "auto", **ray_options) -> LLM:
     """Load a GPTQ checkpoint folder sharded over `tp` ranks.
 
     backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
     the ZMQ coordinator (the `tpserve launch` path); `ray_options` go to `RayExecutor` (address,
-    placement, timeout_s, curve, progress). dtype defaults to the config's dtype.
+    placement, timeout_s, curve, progress). dtype defaults to the config's dtype. lm_head picks the
+    head's format: auto, dense, int8, q8_0 or gptq (`tpserve.lm_head`).
     """
     path = Path(model_path)
     cfg, quant = load_configs(path)
@@ -92,7 +93,7 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     if device == "cpu" and dtype == torch.float16:
         log.info("float16 on CPU is slow and imprecise in places; consider dtype=float32")
     max_len = min(max_model_len or cfg.max_position, cfg.max_position)
-    head = Head.load(path, cfg, quant, dtype, device)
+    head = Head.load(path, cfg, quant, dtype, device, mode=lm_head)
     if ray_options and backend != "ray":
         raise TpserveError(f"options {sorted(ray_options)} apply to backend='ray' only")
     if backend == "local":

@@ -1,0 +1,101 @@
+"""Vocabulary tables at the coordinator: the lm_head, and the embedding when tied to it.
+
+A `Table` holds a [vocab, hidden] matrix in one format and serves both uses: `logits(x)` for the
+head and `rows(ids)` (dequantizing only the gathered rows) for the embedding. A tied checkpoint is
+therefore held once, quantized, never as two full copies.
+
+Formats (`--lm-head`):
+  dense  as stored (the config's compute dtype)
+  int8   per-output-channel symmetric int8, quantized at load: H + 4 bytes per row
+  q8_0   blocks of 32 weights along H with one fp16 scale: 34 bytes per 32 weights
+  gptq   the checkpoint's own GPTQ head (`lm_head: true`)
+  auto   gptq when the checkpoint's head is GPTQ; else int8 when the table is 64 MiB or more in
+         16-bit (real vocabularies: 128k x 4096 is 1 GiB), where the head is a large share of each
+         token's bytes; else dense (tiny models, where exactness is worth more than bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpserve import gptq
+from tpserve.errors import TpserveError
+from tpserve.gptq_shard import GPTQWeight
+from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul
+
+MODES = ("auto", "dense", "int8", "q8_0", "gptq")
+AUTO_INT8_BYTES = 64 << 20
+
+
+def resolve_mode(mode: str, stored_gptq: bool, vocab: int, hidden: int) -> str:
+    if mode not in MODES:
+        raise TpserveError(f"lm_head mode {mode!r} is not known; use one of {MODES}")
+    if mode == "auto":
+        if stored_gptq:
+            return "gptq"
+        return "int8" if vocab * hidden * 2 >= AUTO_INT8_BYTES else "dense"
+    if mode == "gptq" and not stored_gptq:
+        raise TpserveError("lm_head mode 'gptq' needs a checkpoint whose head is GPTQ-quantized "
+                           "(lm_head: true); use int8 or q8_0 to quantize it at load")
+    return mode
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class Table:
+    mode: str
+    dtype: torch.dtype  # compute dtype (from the config, never from a weight's dtype)
+    weight: torch.Tensor | None = None  # dense [V, H]
+    q: torch.Tensor | None = None  # int8 [V, H]
+    scales: torch.Tensor | None = None  # int8: [V]; q8_0: [V, H/32] fp16
+    packed: GPTQWeight | None = None  # gptq: [K=H, N=V]
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, mode: str, dtype: torch.dtype) -> "Table":
+        """w [V, H] as stored -> a table in `mode` (int8/q8_0 are quantized here, once)."""
+        from tpserve.kernels import quantize_int8, quantize_q8_0
+        if mode == "dense":
+            return cls(mode, dtype, weight=w.to(dtype))
+        if mode == "q8_0" and w.shape[1] % 32:
+            raise TpserveError(f"lm_head mode 'q8_0' needs hidden_size divisible by 32, not "
+                               f"{w.shape[1]}; use int8")
+        q, s = (quantize_int8 if mode == "int8" else quantize_q8_0)(w)
+        return cls(mode, dtype, q=q, scales=s)
+
+    @property
+    def nbytes(self) -> int:
+        if self.packed is not None:
+            return self.packed.nbytes
+        return _nbytes(self.weight, self.q, self.scales)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> fp32 logits [T, V]."""
+        if self.mode == "dense":
+            y = x @ self.weight.T
+        elif self.mode == "int8":
+            y = int8_matmul(x, self.q, self.scales)
+        elif self.mode == "q8_0":
+            y = q8_0_matmul(x, self.q, self.scales)
+        else:
+            y = gptq_matmul(x, self.packed)
+        return y.float()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: rows `ids` [T] -> [T, H] in the compute dtype."""
+        if self.mode == "dense":
+            return self.weight[ids]
+        if self.mode in ("int8", "q8_0"):
+            return dequant_rows(ids, self.q, self.scales, self.dtype)
+        return _gptq_columns(self.packed, ids).to(self.dtype)
+
+
+def _gptq_columns(w: GPTQWeight, cols: torch.Tensor) -> torch.Tensor:
+    """Columns `cols` of a GPTQ [K, N] weight, dequantized, as rows [len(cols), K]."""
+    q = gptq.unpack_rows(w.qweight[:, cols], w.bits, w.in_features)  # (K, n)
+    z = gptq.unpack_cols(w.qzeros, w.bits, w.out_features)[:, cols]  # (G, n)
+    return gptq.dequantize(q, z, w.scales[:, cols], w.groups()).T
