@@ -13,7 +13,7 @@ import torch
 
 from tpserve.comm import LocalGroup
 from tpserve.kv_cache import StepPlan
-from tpserve.model import RankModel
+from tpserve.model import build_rank_model
 from tpserve.shard_plan import ShardPlan
 
 
@@ -22,8 +22,8 @@ class LocalExecutor:
                  num_slots: int = 8, max_len: int | None = None):
         self.plan = ShardPlan.build(cfg, tp)
         self.group = LocalGroup(tp)
-        self.ranks = [RankModel(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
-                                num_slots, max_len) for r in range(tp)]
+        self.ranks = [build_rank_model(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
+                                       num_slots, max_len) for r in range(tp)]
         self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len

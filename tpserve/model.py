@@ -141,3 +141,10 @@ class RankModel(torch.nn.Module):
             if capture is not None:
                 capture.append(h)
         return h
+
+
+def build_rank_model(path, cfg: ModelConfig, quant: QuantConfig | None, plan: ShardPlan, comm,
+                     dtype: torch.dtype, device="cpu", num_slots: int = 8,
+                     max_len: int | None = None) -> RankModel:
+    """The rank-side model class for the checkpoint's architecture."""
+    return RankModel(path, cfg, quant, plan, comm, dtype, device, num_slots, max_len)

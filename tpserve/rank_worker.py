@@ -18,7 +18,7 @@ import zmq
 from tpserve.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.kv_cache import StepPlan
-from tpserve.model import RankModel
+from tpserve.model import RankModel, build_rank_model
 from tpserve.shard_plan import ShardPlan
 from tpserve.wire import WireError, decode, encode
 
@@ -104,7 +104,7 @@ class RankWorker:
         device = self.device
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
-        self.model = RankModel(self.path, cfg, quant, plan, self.comm, self.dtype, device,
+        self.model = build_rank_model(self.path, cfg, quant, plan, self.comm, self.dtype, device,
                                self.num_slots, self.max_len)
         return {"rank": self.rank, "seconds": time.perf_counter() - t0,
                 "bytes_read": self.model.ckpt.bytes_read, "kv_bytes": self.model.cache.nbytes}
