@@ -40,10 +40,13 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> float:
     return sum(len(d) for d in done) / (time.perf_counter() - t0)
 
 
-def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen) -> list[dict]:
+def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
+              bandwidth=None) -> list[dict]:
     opts = {"progress": False} if backend == "ray" else {}
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
-                       num_slots=max(batches), max_model_len=prompt_len + gen + 8, **opts)
+                       num_slots=max(batches), max_model_len=prompt_len + gen + 8,
+                       lm_head=lm_head, **opts)
+    floor = bandwidth / bytes_per_token(llm) if bandwidth else None
     vocab = llm.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
@@ -63,16 +66,115 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen) -> lis
         s0, steps0 = engine.stats.step_seconds, engine.stats.steps
         tps = run_batch(engine, prompts, gen)
         step_s = engine.stats.step_seconds - s0
-        row = {"tp": tp, "backend": backend, "device": device, "batch": b,
+        row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
                "ttft_ms": 1e3 * min(ttfts), "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
         if stats:
             ar_s = stats.allreduce_seconds - ar0[0]
             row["allreduce_share"] = ar_s / step_s if step_s else 0.0
             row["allreduce_us"] = 1e6 * ar_s / max(1, stats.allreduce_count - ar0[1])
+        if floor:
+            row["floor_tok_s"] = floor * b  # batch b reads the weights once per step
+            row["of_floor"] = tps / row["floor_tok_s"]
         rows.append(row)
     engine.stop()
     llm.close()
+    return rows
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy, bytes read + written per second (the floor's bandwidth)."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(10):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / min(times)
+
+
+def bytes_per_token(llm) -> int:
+    """Weight bytes one decode step must read: every rank's shards + the coordinator's head."""
+    from tpserve.gptq_shard import GPTQWeight
+    total = llm.head.lm_head.nbytes + llm.head.norm.weight.numel() * llm.head.norm.weight.element_size()
+    ranks = getattr(llm.executor, "ranks", None)
+    if ranks is None:  # Ray: the shards live in other processes; count from the checkpoint
+        from tpserve.checkpoint import Checkpoint
+        ck = Checkpoint(llm.path)
+        for k in ck.keys():
+            if k.startswith("model.layers."):
+                n = 1
+                for d in ck.shape(k):
+                    n *= d
+                total += n * (4 if ck.dtype(k) in ("I32", "F32") else 2)
+        return total
+    for rank in ranks:
+        for m in rank.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, GPTQWeight):
+                total += w.nbytes
+            elif isinstance(w, torch.Tensor):
+                total += w.numel() * w.element_size()
+    return total
+
+
+def bench_transformers(path, batches, prompt_len, gen, device) -> list[dict]:
+    """The peer: transformers' own model class on the same weights dequantized to bf16."""
+    import json as _json
+
+    import transformers
+
+    from tpserve.checkpoint import Checkpoint
+    from tpserve.config import load_configs
+    from tpserve.gptq_shard import read_gptq_shard
+    cfg_dict = _json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict["dtype"] = "bfloat16"
+    hf_cfg = transformers.AutoConfig.for_model(**cfg_dict)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    _, quant = load_configs(path)
+    ck = Checkpoint(path, device=device)
+    sd = {}
+    for name, p in model.state_dict().items():
+        prefix = name[: -len(".weight")]
+        if f"{prefix}.qweight" in ck:
+            k, n = p.shape[1], p.shape[0]
+            sd[name] = read_gptq_shard(ck, prefix, quant, k, n, (0, k), (0, n)).dequantize(
+                torch.bfloat16).T
+        elif name in ck:
+            sd[name] = ck.read(name).to(torch.bfloat16)
+        elif name == "lm_head.weight":
+            sd[name] = ck.read("model.embed_tokens.weight").to(torch.bfloat16)
+    model.load_state_dict(sd)
+    del sd
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b in batches:
+        ids = torch.randint(3, hf_cfg.vocab_size, (b, prompt_len), generator=g).to(device)
+        kw = dict(do_sample=False, pad_token_id=0)
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+
+        def timed(n):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        ttft = timed(1)
+        rows.append({"tp": 1, "backend": "transformers-bf16", "device": device, "batch": b,
+                     "ttft_ms": 1e3 * ttft, "decode_tok_s": b * gen / timed(gen)})
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -86,6 +188,8 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--lm-head", nargs="+", default=["auto"])
+    ap.add_argument("--peer", choices=["none", "transformers"], default="none")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.model:
@@ -95,18 +199,28 @@ def main() -> int:
         path = demo.demo_path()
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if args.device == "cpu" else torch.float16)
+    bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else None
     rows = []
+    if args.peer == "transformers":
+        rows += bench_transformers(path, args.batch, args.prompt_len, args.gen, args.device)
     for tp in args.tp:
-        rows += bench_one(path, tp, args.backend, args.device, dtype, args.batch, args.prompt_len,
-                          args.gen)
-    print(f"{'tp':>3} {'batch':>5} {'TTFT ms':>8} {'tok/s':>8} {'step ms':>8} {'all-reduce %':>12}")
+        for head in args.lm_head:
+            backend = "local" if tp == 1 and args.backend == "ray" and args.device == "cuda" \
+                else args.backend  # one GPU, one process: no sockets needed
+            rows += bench_one(path, tp, backend, args.device, dtype, args.batch, args.prompt_len,
+                              args.gen, head, bandwidth)
+    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'batch':>5} {'TTFT ms':>8} {'tok/s':>8} "
+          f"{'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else "-"
-        print(f"{r['tp']:>3} {r['batch']:>5} {r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} "
-              f"{r['step_ms']:>8.2f} {share:>12}")
+        fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
+        print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} {r['batch']:>5} "
+              f"{r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} {r.get('step_ms', 0):>8.2f} "
+              f"{share:>12} {fl:>8}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         meta = {"model": str(path), "device": args.device, "dtype": str(dtype),
+                "copy_bandwidth_Bps": bandwidth,
                 "prompt_len": args.prompt_len, "gen": args.gen, "cpus": os.cpu_count(),
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
         with open(args.out, "w") as f:

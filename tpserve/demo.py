@@ -66,35 +66,86 @@ def _tokenizer() -> tuple[str, dict]:
     return tok.to_str(), cfg
 
 
-def write_demo(path: Path, seed: int = 0) -> Path:
-    c = CONFIG
+LINEAR_SHAPES = {  # name -> (K, N) from the config
+    "self_attn.q_proj": lambda c, h, i, q, kv: (h, q), "self_attn.k_proj": lambda c, h, i, q, kv: (h, kv),
+    "self_attn.v_proj": lambda c, h, i, q, kv: (h, kv), "self_attn.o_proj": lambda c, h, i, q, kv: (q, h),
+    "mlp.gate_proj": lambda c, h, i, q, kv: (h, i), "mlp.up_proj": lambda c, h, i, q, kv: (h, i),
+    "mlp.down_proj": lambda c, h, i, q, kv: (i, h)}
+
+
+def _gptq_layer(w: torch.Tensor, quant: dict, gen: torch.Generator) -> dict:
+    """Round-to-nearest GPTQ tensors of W [K, N] (v1 zeros; act-order when quant says so)."""
+    k, bits, gs = w.shape[0], quant["bits"], quant["group_size"]
+    perm = (torch.randperm(k, generator=gen).to(w.device) if quant.get("desc_act")
+            else torch.arange(k, device=w.device))
+    q_perm, zeros, scales = gptq.quantize(w[perm], bits, gs, quant.get("sym", True))
+    q = torch.empty_like(q_perm)
+    q[perm] = q_perm
+    g_idx = torch.empty(k, dtype=torch.int32, device=w.device)
+    g_idx[perm] = torch.arange(k, dtype=torch.int32, device=w.device) // (k if gs == -1 else gs)
+    qzeros = gptq.pack_cols(zeros.to(w.device), bits)
+    if quant.get("checkpoint_format", "gptq") == "gptq":
+        qzeros = gptq.v2_to_v1_zeros(qzeros, bits)
+    return {"qweight": gptq.pack_rows(q, bits).cpu(), "qzeros": qzeros.cpu(),
+            "scales": scales.cpu(), "g_idx": g_idx.cpu()}
+
+
+def write_random_checkpoint(path: Path, config: dict, quant: dict, seed: int = 0, device="cpu",
+                            layers_per_file: int = 8, tokenizer: bool = True) -> Path:
+    """A Llama/Mistral/Qwen-shaped GPTQ checkpoint with random weights (demo, benchmarks).
+
+    Quantization runs on `device` (a GPU makes 8B shapes take seconds); files hold
+    `layers_per_file` layers each, with a model.safetensors.index.json when there are several.
+    """
+    c = config
     gen = torch.Generator().manual_seed(seed)
-    h, inter, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
     q_out, kv_out = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    shapes = {"self_attn.q_proj": (h, q_out), "self_attn.k_proj": (h, kv_out),
-              "self_attn.v_proj": (h, kv_out), "self_attn.o_proj": (q_out, h),
-              "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter), "mlp.down_proj": (inter, h)}
+    bias = c["model_type"] == "qwen2"
+    path.mkdir(parents=True, exist_ok=True)
+    files, weight_map = [], {}
+
+    def flush(t: dict):
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(t, str(path / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in t})
+
     t = {"model.embed_tokens.weight": torch.randn(c["vocab_size"], h, generator=gen).half(),
-         "lm_head.weight": (torch.randn(c["vocab_size"], h, generator=gen) / h**0.5).half(),
          "model.norm.weight": torch.ones(h).half()}
+    if not c.get("tie_word_embeddings"):
+        t["lm_head.weight"] = (torch.randn(c["vocab_size"], h, generator=gen) / h**0.5).half()
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
         t[f"{p}.input_layernorm.weight"] = torch.ones(h).half()
         t[f"{p}.post_attention_layernorm.weight"] = torch.ones(h).half()
-        for name, (k, n) in shapes.items():
-            w = torch.randn(k, n, generator=gen) / k**0.5  # [K, N], variance-preserving
-            q, zeros, scales = gptq.quantize(w, QUANT["bits"], QUANT["group_size"], sym=True)
-            t[f"{p}.{name}.qweight"] = gptq.pack_rows(q, QUANT["bits"])
-            t[f"{p}.{name}.qzeros"] = gptq.v2_to_v1_zeros(gptq.pack_cols(zeros, QUANT["bits"]),
-                                                          QUANT["bits"])
-            t[f"{p}.{name}.scales"] = scales
-            t[f"{p}.{name}.g_idx"] = (torch.arange(k) // QUANT["group_size"]).int()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({**c, "quantization_config": QUANT}, indent=1))
-    tok, tok_cfg = _tokenizer()
-    (path / "tokenizer.json").write_text(tok)
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+        for name, shape in LINEAR_SHAPES.items():
+            k, n = shape(c, h, inter, q_out, kv_out)
+            w = torch.randn(k, n, generator=gen).to(device) / k**0.5  # [K, N], variance-preserving
+            for key, v in _gptq_layer(w, quant, gen).items():
+                t[f"{p}.{name}.{key}"] = v
+            if bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                t[f"{p}.{name}.bias"] = (0.02 * torch.randn(n, generator=gen)).half()
+        if (i + 1) % layers_per_file == 0:
+            flush(t)
+            t = {}
+    if t:
+        flush(t)
+    if len(files) == 1:
+        (path / files[0]).rename(path / "model.safetensors")
+    else:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({**c, "quantization_config": quant}, indent=1))
+    if tokenizer:
+        tok, tok_cfg = _tokenizer()
+        (path / "tokenizer.json").write_text(tok)
+        (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+    return path
+
+
+def write_demo(path: Path, seed: int = 0) -> Path:
+    write_random_checkpoint(path, CONFIG, QUANT, seed)
     (path / "README.md").write_text(
         f"# {NAME}\n\nRandom weights in GPTQ format, built by tpserve as its embedded demo. "
         "Not trained: it produces gibberish. Serve a real GPTQ checkpoint with --model.\n")
