@@ -40,66 +40,119 @@ def ensure_ray(address: str | None, tp: int, device: str) -> bool:
 
 
 class RayExecutor:
+    """tp RankWorker actors in one placement group, driven by a `Coordinator`.
+
+    A monitor thread watches the actors: a dead one (actor killed, process killed, node gone)
+    turns the step in flight into a `RankFailure` within about a second, naming the rank and node;
+    a rank that stops answering (e.g. SIGSTOP) fails the step after `timeout_s`. `recover()` then
+    rebuilds the group: fresh placement, shards reloaded, new keys.
+    """
+
     def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device: str = "cpu",
                  num_slots: int = 8, max_len: int | None = None, address: str | None = None,
                  placement: str = "strict_pack", timeout_s: float = 60.0,
                  placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False):
-        import ray
-        from ray.util.placement_group import placement_group, placement_group_table
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         if placement not in PLACEMENTS:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
             raise TpserveError(f"device={device!r} is not supported; use cpu or cuda")
-        self.tp, self.num_slots, self.max_len = tp, num_slots, max_len or cfg.max_position
+        self.path, self.tp, self.num_slots = path, tp, num_slots
+        self.max_len = max_len or cfg.max_position
+        self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
+        self.placement_timeout_s, self.curve = placement_timeout_s, curve
         self.started_ray = ensure_ray(address, tp, device)
-        self.actors, self.pg, self.coord = [], None, None
+        self.actors, self.pg, self.coord, self.serving, self.nodes = [], None, None, [], []
+        self.failures = self.recoveries = 0
+        self._dead: str | None = None
+        self._monitor_stop = threading.Event()
         try:
-            bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
-            self.pg = placement_group([dict(bundle) for _ in range(tp)],
-                                      strategy=PLACEMENTS[placement], name=f"tpserve-{os.getpid()}")
-            ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
-            if not ready:
-                raise TpserveError(
-                    f"Ray could not place {tp} bundles of {bundle} with strategy "
-                    f"{PLACEMENTS[placement]} within {placement_timeout_s:.0f}s; check free "
-                    f"resources with `ray status`, lower --tp or use --placement pack")
-            nodes = placement_group_table(self.pg)["bundles_to_node_id"]
-            order = sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
-            threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
-            remote = ray.remote(max_concurrency=2)(RankWorker)
-            # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
-            env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
-            for rank, b in enumerate(order):
-                self.actors.append(remote.options(
-                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, b),
-                    name=f"tpserve-rank{rank}-{os.getpid()}",
-                    runtime_env={"env_vars": env} if env else None,
-                ).remote(rank, tp, str(path), str(dtype).replace("torch.", ""), device, num_slots,
-                         self.max_len, timeout_s, threads))
-            self.nodes = ray.get([a.node_info.remote() for a in self.actors])
-            for info in self.nodes:
-                if not info["path_ok"]:
-                    raise TpserveError(f"model path {path} is not readable on node {info['node_id']} "
-                                       f"({info['ip']}) holding rank {info['rank']}; put the "
-                                       f"checkpoint on every node's disk or shared storage")
-            driver_node = ray.get_runtime_context().get_node_id()
-            local = all(i["node_id"] == driver_node for i in self.nodes)
-            host = "127.0.0.1" if local else ray.util.get_node_ip_address()
-            # Same host: unix-domain sockets, unless the user pinned the coordinator's address.
-            transport = "ipc" if local and "TPSERVE_COORDINATOR_HOST" not in os.environ else "tcp"
-            self.coord = Coordinator(tp, host, timeout_s, curve=curve, transport=transport)
-            self._load(progress)
-            self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
-                            for r, a in enumerate(self.actors)]
-            self.coord.wait_for_ranks()
-            log.info("%d ranks serving on %s via %s (curve=%s)", tp,
-                     sorted({i["ip"] for i in self.nodes}), self.coord.address, curve)
+            self._start(progress)
         except BaseException:
             self.close()
             raise
+        self._monitor = threading.Thread(target=self._watch, name="tpserve-rank-monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _start(self, progress: bool) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        tp, device = self.tp, self.device
+        bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(tp)],
+                                  strategy=PLACEMENTS[self.placement],
+                                  name=f"tpserve-{os.getpid()}-{self.recoveries}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
+        if not ready:
+            raise TpserveError(
+                f"Ray could not place {tp} bundles of {bundle} with strategy "
+                f"{PLACEMENTS[self.placement]} within {self.placement_timeout_s:.0f}s; check free "
+                f"resources with `ray status`, lower --tp or use --placement pack")
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        order = sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
+        threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
+        remote = ray.remote(max_concurrency=2)(RankWorker)
+        # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
+        env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
+        for rank, b in enumerate(order):
+            self.actors.append(remote.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, b),
+                name=f"tpserve-rank{rank}-{os.getpid()}-{self.recoveries}",
+                runtime_env={"env_vars": env} if env else None,
+            ).remote(rank, tp, str(self.path), str(self.dtype).replace("torch.", ""), device,
+                     self.num_slots, self.max_len, self.timeout_s, threads))
+        self.nodes = ray.get([a.node_info.remote() for a in self.actors])
+        for info in self.nodes:
+            if not info["path_ok"]:
+                raise TpserveError(f"model path {self.path} is not readable on node "
+                                   f"{info['node_id']} ({info['ip']}) holding rank {info['rank']}; "
+                                   f"put the checkpoint on every node's disk or shared storage")
+        driver_node = ray.get_runtime_context().get_node_id()
+        local = all(i["node_id"] == driver_node for i in self.nodes)
+        host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+        # Same host: unix-domain sockets, unless the user pinned the coordinator's address.
+        transport = "ipc" if local and "TPSERVE_COORDINATOR_HOST" not in os.environ else "tcp"
+        self.coord = Coordinator(tp, host, self.timeout_s, curve=self.curve, transport=transport)
+        self.coord.health_check = self._raise_if_dead
+        self._load(progress)
+        self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
+                        for r, a in enumerate(self.actors)]
+        self.coord.wait_for_ranks()
+        self._dead = None
+        log.info("%d ranks serving on %s via %s", tp, sorted({i["ip"] for i in self.nodes}),
+                 self.coord.address)
+
+    # ---- failure detection and recovery --------------------------------------------------
+    def _watch(self) -> None:
+        import ray
+        while not self._monitor_stop.wait(0.5):
+            refs = list(self.serving)
+            if not refs or self._dead:
+                continue
+            try:
+                done, _ = ray.wait(refs, timeout=0)
+            except Exception:  # Ray itself is going away (shutdown)
+                continue
+            if done and refs == self.serving:
+                self._dead = self.describe_dead()
+                self.failures += 1
+                log.error("rank failure detected: %s", self._dead)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead:
+            raise RankFailure(f"a rank died: {self._dead}")
+
+    def recover(self) -> None:
+        """Replace the whole rank group: fresh placement, shards reloaded, new keys."""
+        t0 = time.perf_counter()
+        log.warning("rebuilding the rank group after: %s", self._dead or "a failed step")
+        self._release()
+        self.recoveries += 1
+        self._start(progress=False)
+        log.warning("rank group rebuilt in %.1fs; serving again", time.perf_counter() - t0)
 
     def _load(self, progress: bool) -> None:
         import ray
@@ -128,16 +181,20 @@ class RayExecutor:
         return self.coord.stats
 
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        self._raise_if_dead()
         try:
             return self.coord.step(h, plan)
         except RankFailure as e:
-            raise RankFailure(f"{e} [{self.describe_dead()}]") from None
+            if not self._dead:
+                self.failures += 1
+                self._dead = self.describe_dead()
+            raise RankFailure(f"{e} [{self._dead}]") from None
 
     def describe_dead(self) -> str:
         """Which actors Ray reports dead, by rank and node (for error messages)."""
         import ray
         dead = []
-        for r, ref in enumerate(getattr(self, "serving", [])):
+        for r, ref in enumerate(self.serving):
             done, _ = ray.wait([ref], timeout=0)
             if done:
                 try:
@@ -146,12 +203,13 @@ class RayExecutor:
                 except Exception as e:
                     dead.append(f"rank {r} on node {self.nodes[r]['node_id'][:12]} died "
                                 f"({type(e).__name__})")
-        return "; ".join(dead) or "all rank actors alive"
+        return "; ".join(dead) or "every rank actor is alive but one stopped answering"
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Stop the ranks, free the placement group, stop a private Ray cluster. Never hangs:
         after Ctrl-C the signal also reached Ray's own processes, which may no longer answer."""
         import ray
+        self._monitor_stop.set()
         worker = threading.Thread(target=self._release, daemon=True)
         worker.start()
         worker.join(timeout_s)
@@ -166,7 +224,7 @@ class RayExecutor:
         import ray
         if self.coord is not None:
             self.coord.stop()
-            refs = getattr(self, "serving", [])
+            refs, self.serving = self.serving, []
             if refs:
                 ray.wait(refs, num_returns=len(refs), timeout=5)
             self.coord.close()

@@ -101,6 +101,7 @@ class Coordinator:
         self.identities: list[bytes | None] = [None] * tp
         self.step_id = 0
         self.stats = CommStats()
+        self.health_check = None  # called while waiting; raises RankFailure for a dead rank
 
     def client_keys(self, rank: int) -> dict:
         """What rank `rank` needs to connect (handed over through Ray, never through ZMQ)."""
@@ -114,10 +115,13 @@ class Coordinator:
     def _recv(self, deadline: float, waiting_for: str):
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+            # Wait in short slices so a rank the monitor saw die fails the step at once.
+            if left <= 0 or not self.sock.poll(int(min(left, 0.25) * 1000) + 1):
                 if time.monotonic() >= deadline:
                     raise RankFailure(f"{waiting_for} did not arrive within {self.timeout_s:.0f}s; "
                                       f"a rank is dead or stuck (see its log)")
+                if self.health_check is not None:
+                    self.health_check()
                 continue
             ident, *frames = self.sock.recv_multipart(copy=False)
             ident = bytes(ident.bytes)

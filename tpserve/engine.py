@@ -71,6 +71,7 @@ class Stats:
     requests_finished: int = 0
     requests_failed: int = 0
     requests_cancelled: int = 0
+    recoveries: int = 0
 
 
 class Engine:
@@ -181,8 +182,9 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failed step fails every request in it, loudly
-                log.exception("step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                log.error("step failed: %s: %s", type(e).__name__, e)
+                self._fail_all(str(e) if isinstance(e, TpserveError) else f"{type(e).__name__}: {e}")
+                self._recover()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -240,6 +242,20 @@ class Engine:
         with self._lock:
             self.free_slots.append(req.slot)
         self.stats.requests_finished += 1
+
+    def _recover(self) -> None:
+        """Rebuild the ranks (Ray executor) so the server serves again without a restart."""
+        recover = getattr(self.executor, "recover", None)
+        if recover is None:
+            return
+        while not self._stop:
+            try:
+                recover()
+                self.stats.recoveries += 1
+                return
+            except Exception as e:
+                log.error("recovery failed (%s); retrying in 5s", e)
+                time.sleep(5)
 
     def _fail_all(self, message: str) -> None:
         for req in list(self.running):
