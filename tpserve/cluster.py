@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tpserve.coordinator import Coordinator, RankFailure
+from tpserve.coordinator import CommStats, Coordinator, RankFailure
 from tpserve.errors import TpserveError
 from tpserve.kv_cache import StepPlan
 from tpserve.rank_worker import RankWorker
@@ -63,6 +63,7 @@ class RayExecutor:
         self.started_ray = ensure_ray(address, tp, device)
         self.actors, self.pg, self.coord, self.serving, self.nodes = [], None, None, [], []
         self.failures = self.recoveries = 0
+        self._comm_stats = CommStats()
         self._dead: str | None = None
         self._monitor_stop = threading.Event()
         try:
@@ -116,6 +117,7 @@ class RayExecutor:
         # Same host: unix-domain sockets, unless the user pinned the coordinator's address.
         transport = "ipc" if local and "TPSERVE_COORDINATOR_HOST" not in os.environ else "tcp"
         self.coord = Coordinator(tp, host, self.timeout_s, curve=self.curve, transport=transport)
+        self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
         self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
@@ -177,14 +179,16 @@ class RayExecutor:
                  sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
     @property
-    def stats(self):
-        return self.coord.stats
+    def stats(self) -> CommStats:
+        return self._comm_stats
 
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         self._raise_if_dead()
         try:
             return self.coord.step(h, plan)
         except RankFailure as e:
+            if self._dead and self._dead in str(e):  # the monitor's own report: already named
+                raise
             if not self._dead:
                 self.failures += 1
                 self._dead = self.describe_dead()

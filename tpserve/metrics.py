@@ -64,6 +64,12 @@ class EngineCollector:
         yield _counter("tpserve_allreduce", "All-reduces run.", ar_n)
         yield _gauge("tpserve_allreduce_seconds_mean", "Mean all-reduce duration.",
                      ar_s / ar_n if ar_n else 0.0)
+        yield _counter("tpserve_rank_failures", "Rank deaths or stalls detected.",
+                       getattr(e.executor, "failures", 0))
+        yield _counter("tpserve_recoveries", "Rank groups rebuilt after a failure.",
+                       s.recoveries)
+        yield _counter("tpserve_requests_cancelled", "Requests whose client went away.",
+                       s.requests_cancelled)
         yield _gauge("tpserve_coordinator_weight_bytes",
                      "Bytes of weights held by the coordinator (embedding + lm_head).",
                      weight_bytes(e.head))
