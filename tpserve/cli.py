@@ -68,6 +68,14 @@ def cmd_launch(args) -> int:
     from tpserve.server import build_app, serve
 
     path, llm, codec = _load(args)
+    if args.verify:
+        from tpserve.verify import verify_llm
+        report = verify_llm(llm, path, codec=codec)
+        print(report.format(), file=sys.stderr)
+        if not report.passed:
+            log.error("--verify failed: not serving a deployment that differs from tp=1")
+            llm.close()
+            return 1
     if codec is None:
         log.warning("%s has no tokenizer.json: only token-id prompts will work", path)
     name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
@@ -121,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or TPSERVE_API_KEY)")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--verify", action="store_true",
+                   help="check the deployment against tp=1 (`tpserve verify`) before serving")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("generate", help="generate once and print the text")

@@ -88,7 +88,8 @@ def v1_to_v2_zeros(qzeros: torch.Tensor, bits: int, word_start: int = 0) -> torc
     assert bits != 3, "3-bit v1 zeros are shifted per field after unpacking (unpack_zeros)"
     total = word_start + qzeros.shape[1]
     const = v1_zero_constant(math.ceil(total * 32 / bits), bits)[word_start:total]
-    return _to_int32((qzeros.to(torch.int64) & _WORD) + (const.to(torch.int64) & _WORD))
+    const = const.to(qzeros.device, torch.int64) & _WORD
+    return _to_int32((qzeros.to(torch.int64) & _WORD) + const)
 
 
 def v2_to_v1_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,7 +98,8 @@ def v2_to_v1_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
         n = qzeros.shape[1] * 32 // 3
         return pack_cols((unpack_cols(qzeros, 3, n) - 1) & 7, 3)
     const = v1_zero_constant(math.ceil(qzeros.shape[1] * 32 / bits), bits)[: qzeros.shape[1]]
-    return _to_int32((qzeros.to(torch.int64) & _WORD) - (const.to(torch.int64) & _WORD))
+    const = const.to(qzeros.device, torch.int64) & _WORD
+    return _to_int32((qzeros.to(torch.int64) & _WORD) - const)
 
 
 def unpack_zeros(words: torch.Tensor, bits: int, count: int, bit_offset: int = 0,

@@ -85,7 +85,7 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
             raise CheckpointError(f"tensor '{prefix}.g_idx' holds group ids outside "
                                   f"[0, {n_groups}); the checkpoint is corrupt")
         # desc_act=False checkpoints still carry a trivial g_idx; use offset arithmetic for them.
-        if torch.equal(g_idx, torch.arange(k0, k1) // gs):
+        if torch.equal(g_idx, torch.arange(k0, k1, device=g_idx.device) // gs):
             g_idx = None
     if g_idx is None:
         g_first, g_last = k0 // gs, (k1 - 1) // gs

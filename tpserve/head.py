@@ -6,6 +6,10 @@
 - Tied vs untied comes from what the checkpoint holds: a real `lm_head.*` tensor wins over
   `tie_word_embeddings`. A tied table is held once (`tpserve.lm_head.Table`), in the head's format.
 - The compute dtype is the config's (or the caller's), never a weight's.
+- Gemma: the embedding is scaled by sqrt(hidden) (rounded to the compute dtype, as transformers
+  does), the final norm is Gemma's, and logits are soft-capped (final_logit_softcapping). Gemma 4's
+  per-layer embedding inputs (`tpserve.gemma.PerLayerInputs`) are computed here too and `embed`
+  returns them as extra columns of the step tensor, [h | ple]; their bytes count in `nbytes`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ PREFERRED_EMBEDDING = "model.embed_tokens.weight"
 
 def find_main_embedding(ckpt: Checkpoint, cfg: ModelConfig) -> str:
     want = (cfg.vocab_size, cfg.hidden_size)
-    tables = {k: ckpt.shape(k) for k in ckpt.keys() if "embed" in k and k.endswith(".weight")}
+    tables = {k: ckpt.shape(k) for k in ckpt.keys()
+              if "embed" in k and "per_layer" not in k and k.endswith(".weight")}
     main = [k for k, shape in tables.items() if shape == want]
     if not main:
         raise CheckpointError(f"no embedding table of shape {list(want)} (vocab_size x hidden_size) "
@@ -37,8 +42,11 @@ def find_main_embedding(ckpt: Checkpoint, cfg: ModelConfig) -> str:
 
 
 class Head:
-    def __init__(self, embed: Table, norm: RMSNorm, lm_head: Table, tied: bool):
+    def __init__(self, embed: Table, norm: RMSNorm, lm_head: Table, tied: bool,
+                 embed_scale: torch.Tensor | None = None, softcap: float | None = None,
+                 per_layer=None):
         self.embed_table, self.norm, self.lm_head, self.tied = embed, norm, lm_head, tied
+        self.embed_scale, self.softcap, self.per_layer = embed_scale, softcap, per_layer
 
     @classmethod
     def load(cls, path, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype,
@@ -52,10 +60,19 @@ class Head:
             raise CheckpointError(f"{path} has no lm_head.weight and config.json does not set "
                                   f"tie_word_embeddings; the checkpoint is incomplete")
         mode = resolve_mode(mode, stored_gptq, v, h)
-        norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
+        gemma = {}
+        if cfg.gemma is None:
+            norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
+        else:
+            from tpserve.gemma import GemmaRMSNorm, PerLayerInputs
+            norm = GemmaRMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype, cfg.gemma.norm_offset)
+            gemma = dict(embed_scale=torch.tensor(h ** 0.5, dtype=dtype),
+                         softcap=cfg.gemma.final_softcap,
+                         per_layer=PerLayerInputs.load(ckpt, cfg, quant, dtype)
+                         if cfg.gemma.ple_dim else None)
         if tied:
             table = Table.from_dense(ckpt.read(embed_name, shape=(v, h)), mode, dtype)
-            head = cls(table, norm, table, tied=True)
+            head = cls(table, norm, table, tied=True, **gemma)
         else:
             embed = Table("dense", dtype, weight=ckpt.read(embed_name, shape=(v, h)).to(dtype))
             if stored_gptq:
@@ -64,22 +81,34 @@ class Head:
                       else Table.from_dense(packed.dequantize(torch.float32).T, mode, dtype))
             else:
                 lm = Table.from_dense(ckpt.read(f"{LM_HEAD}.weight", shape=(v, h)), mode, dtype)
-            head = cls(embed, norm, lm, tied=False)
-        log.info("coordinator holds embedding + lm_head: %.1f MB (lm_head=%s, %s, embedding %s)",
+            head = cls(embed, norm, lm, tied=False, **gemma)
+        log.info("coordinator holds embedding + lm_head: %.1f MB (lm_head=%s, %s, embedding %s%s)",
                  head.nbytes / 1e6, mode, "tied: one table" if tied else "untied",
-                 embed_name)
+                 embed_name, "" if head.per_layer is None else
+                 f", per-layer embeddings {head.per_layer.nbytes / 1e6:.1f} MB")
         return head
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the embedding, head and final norm, a shared table counted once."""
+        """Bytes of the embedding, head, final norm and per-layer embeddings, a shared table
+        counted once."""
         tables = {id(t): t for t in (self.embed_table, self.lm_head)}
+        ple = 0 if self.per_layer is None else self.per_layer.nbytes
         return sum(t.nbytes for t in tables.values()) + self.norm.weight.numel() * \
-            self.norm.weight.element_size()
+            self.norm.weight.element_size() + ple
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_table.rows(token_ids)
+        """The step tensor for `token_ids` [T]: h [T, hidden], or [h | ple] for Gemma 4 PLE."""
+        h = self.embed_table.rows(token_ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        if self.per_layer is None:
+            return h
+        return torch.cat([h, self.per_layer(token_ids, h)], dim=-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [T, hidden] -> fp32 logits [T, vocab]."""
-        return self.lm_head.logits(self.norm(h))
+        logits = self.lm_head.logits(self.norm(h))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
