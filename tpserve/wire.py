@@ -69,9 +69,9 @@ def decode(frames: list, max_frame: int = MAX_FRAME) -> tuple[dict, list[torch.T
         raise WireError(f"header is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(h, dict):
         raise WireError("header is not a msgpack map")
-    if h.get("v") != VERSION:
+    if type(h.get("v")) is not int or h["v"] != VERSION:  # True == 1 in Python: check the type
         raise WireError(f"protocol version {h.get('v')!r} is not {VERSION}")
-    if h.get("op") not in OPS:
+    if not isinstance(h.get("op"), str) or h["op"] not in OPS:
         raise WireError(f"unknown op {h.get('op')!r}")
     for key in ("step", "seq", "rank"):
         _int(h, key)
@@ -82,7 +82,8 @@ def decode(frames: list, max_frame: int = MAX_FRAME) -> tuple[dict, list[torch.T
         raise WireError(f"header announces {len(specs)} tensors but {len(frames) - 1} frames came")
     tensors = []
     for spec, frame in zip(specs, frames[1:]):
-        if not isinstance(spec, dict) or spec.get("dtype") not in DTYPES:
+        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or \
+                spec["dtype"] not in DTYPES:
             raise WireError(f"tensor spec {spec!r} has no allowed dtype ({sorted(DTYPES)})")
         shape = spec.get("shape")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
