@@ -24,8 +24,17 @@ BASE = dict(hidden_size=96, intermediate_size=168, num_hidden_layers=2, num_atte
             num_key_value_heads=4, head_dim=8, vocab_size=128, max_position_embeddings=128,
             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="float32")
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+              "gemma4_text": "Gemma4ForCausalLM"}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+           "per_layer_input_gate", "per_layer_projection")  # the last two: Gemma 4 PLE
+OFFSET_NORM_ARCHS = ("gemma2", "gemma3_text")  # RMSNorm weight stored as w, applied as (1 + w)
+# Gemma 4 MoE experts as quantizers write them: one linear per expert, named
+#   "split":     experts.{e}.gate_proj / up_proj / down_proj  (vLLM, llm-compressor, GPTQModel)
+#   "autoround": experts.gate_up_proj.{e} (gate and up fused, [H -> 2I]) / experts.down_proj.{e}
+#   "dense":     transformers' own fused 3-D tensors, left unquantized
+EXPERT_LAYOUTS = ("split", "autoround", "dense")
 
 
 def hf_model(config: dict):
@@ -37,8 +46,13 @@ def hf_model(config: dict):
 def make_checkpoint(path: Path, arch: str = "llama", bits: int = 4, group_size: int = 32,
                     sym: bool = True, desc_act: bool = False, fmt: str = "gptq",
                     tie: bool = False, seed: int = 0, skip: tuple[str, ...] = (),
-                    **overrides) -> Path:
-    """Write a random GPTQ checkpoint; linears whose name ends with one of `skip` stay dense."""
+                    experts: str = "split", **overrides) -> Path:
+    """Write a random GPTQ checkpoint; linears whose name ends with one of `skip` stay dense.
+
+    Gemma 4 MoE routers (`router.proj`) are GPTQ-packed too, as AutoRound writes them; `experts`
+    picks the layout of the expert linears (EXPERT_LAYOUTS).
+    """
+    assert experts in EXPERT_LAYOUTS, experts
     config = {**BASE, "model_type": arch, "tie_word_embeddings": tie, **overrides}
     if arch == "qwen2":
         config.setdefault("use_sliding_window", False)
@@ -51,13 +65,21 @@ def make_checkpoint(path: Path, arch: str = "llama", bits: int = 4, group_size: 
             continue
         t = p.detach().clone()
         if name.endswith("norm.weight"):  # exercise the norms: weights around 1, not exactly 1
-            t = 1 + 0.2 * torch.randn(t.shape, generator=gen)
+            t = (0 if arch in OFFSET_NORM_ARCHS else 1) + 0.2 * torch.randn(t.shape, generator=gen)
         elif name.endswith(".bias"):
             t = 0.05 * torch.randn(t.shape, generator=gen)
-        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+        elif name.endswith(("embed_tokens.weight", "embed_tokens_per_layer.weight")) or \
+                name == "lm_head.weight":
             t = 0.5 * torch.randn(t.shape, generator=gen)
+        elif name.endswith(("layer_scalar", "router.scale", "router.per_expert_scale")):
+            t = 0.5 + torch.rand(t.shape, generator=gen)  # Gemma 4 scalars: exercise them too
         layer = name.rsplit(".", 2)
-        if name.endswith(".weight") and layer[-2] in LINEARS and not name.endswith(skip):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and experts != "dense":
+            tensors.update(_expert_tensors(name, t, experts, bits, group_size, sym, desc_act, fmt,
+                                           gen))
+            continue
+        quantized = layer[-2] in LINEARS or name.endswith("router.proj.weight")
+        if name.endswith(".weight") and quantized and not name.endswith(skip):
             prefix = name[: -len(".weight")]
             tensors.update(_gptq_tensors(prefix, t.T.contiguous(), bits, group_size, sym, desc_act,
                                          fmt, gen))
@@ -72,6 +94,23 @@ def make_checkpoint(path: Path, arch: str = "llama", bits: int = 4, group_size: 
                                      "lm_head": False}
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
+
+
+def _expert_tensors(name, t, layout, bits, group_size, sym, desc_act, fmt, gen):
+    """One fused 3-D expert tensor ([E, 2I, H] gate_up or [E, H, I] down) as per-expert GPTQ."""
+    prefix, kind = name.rsplit(".", 1)  # ...experts, gate_up_proj | down_proj
+    out = {}
+    for e, w in enumerate(t):  # w: nn.Linear layout [out, in]
+        if layout == "autoround":
+            parts = {f"{kind}.{e}": w}
+        elif kind == "gate_up_proj":
+            parts = {f"{e}.gate_proj": w[: w.shape[0] // 2], f"{e}.up_proj": w[w.shape[0] // 2:]}
+        else:
+            parts = {f"{e}.down_proj": w}
+        for sub, wi in parts.items():
+            out.update(_gptq_tensors(f"{prefix}.{sub}", wi.T.contiguous(), bits, group_size, sym,
+                                     desc_act, fmt, gen))
+    return out
 
 
 def _gptq_tensors(prefix, w, bits, group_size, sym, desc_act, fmt, gen):
@@ -132,23 +171,42 @@ def reference_model(path: Path):
         if f.name != "reference.safetensors":
             t.update(load_file(str(f)))
     model = hf_model(config).float().eval()
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq") if qc else "gptq"
+
+    def dequantize(prefix, k, n):
+        bits, gs = qc["bits"], qc["group_size"]
+        for pattern, over in (qc.get("dynamic") or {}).items():  # GPTQModel's lm_head override
+            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), prefix):
+                bits, gs = over.get("bits", bits), over.get("group_size", gs)
+                break
+        return np_dequantize(t, prefix, bits, fmt == "gptq", k, n, gs)
+
     sd = {}
     for name, p in model.state_dict().items():
         prefix = name[: -len(".weight")]
         if f"{prefix}.qweight" in t:
-            fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
-            bits, gs = qc["bits"], qc["group_size"]
-            for pattern, over in (qc.get("dynamic") or {}).items():  # GPTQModel's lm_head override
-                if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), prefix):
-                    bits, gs = over.get("bits", bits), over.get("group_size", gs)
-                    break
-            sd[name] = np_dequantize(t, prefix, bits, fmt == "gptq", p.shape[1], p.shape[0], gs)
+            sd[name] = dequantize(prefix, p.shape[1], p.shape[0])
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name not in t:
+            sd[name] = _dequantize_experts(name, p.shape, dequantize, t)
         elif name in t:
             sd[name] = t[name].float()
         elif name == "lm_head.weight":
             sd[name] = t["model.embed_tokens.weight"].float()
     model.load_state_dict(sd)
     return model
+
+
+def _dequantize_experts(name, shape, dequantize, t) -> torch.Tensor:
+    """A fused 3-D expert tensor rebuilt from its per-expert GPTQ linears (either layout)."""
+    prefix, kind = name.rsplit(".", 1)
+    num, n, k = shape  # nn.Linear layout per expert: [out, in]
+    if f"{prefix}.{kind}.0.qweight" in t:  # autoround
+        return torch.stack([dequantize(f"{prefix}.{kind}.{e}", k, n) for e in range(num)])
+    if kind == "down_proj":
+        return torch.stack([dequantize(f"{prefix}.{e}.down_proj", k, n) for e in range(num)])
+    return torch.stack([torch.cat([dequantize(f"{prefix}.{e}.gate_proj", k, n // 2),
+                                   dequantize(f"{prefix}.{e}.up_proj", k, n // 2)])
+                        for e in range(num)])
 
 
 @torch.inference_mode()

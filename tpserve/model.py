@@ -145,6 +145,9 @@ class RankModel(torch.nn.Module):
 
 def build_rank_model(path, cfg: ModelConfig, quant: QuantConfig | None, plan: ShardPlan, comm,
                      dtype: torch.dtype, device="cpu", num_slots: int = 8,
-                     max_len: int | None = None) -> RankModel:
+                     max_len: int | None = None) -> torch.nn.Module:
     """The rank-side model class for the checkpoint's architecture."""
+    if cfg.gemma is not None:
+        from tpserve.gemma import GemmaRankModel
+        return GemmaRankModel(path, cfg, quant, plan, comm, dtype, device, num_slots, max_len)
     return RankModel(path, cfg, quant, plan, comm, dtype, device, num_slots, max_len)
