@@ -90,12 +90,11 @@ class Head:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the embedding, head, final norm and per-layer embeddings, a shared table
-        counted once."""
+        """Bytes of the embedding, the head and the per-layer embeddings (the coordinator's
+        vocabulary tables), a shared (tied) table counted once."""
         tables = {id(t): t for t in (self.embed_table, self.lm_head)}
         ple = 0 if self.per_layer is None else self.per_layer.nbytes
-        return sum(t.nbytes for t in tables.values()) + self.norm.weight.numel() * \
-            self.norm.weight.element_size() + ple
+        return sum(t.nbytes for t in tables.values()) + ple
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The step tensor for `token_ids` [T]: h [T, hidden], or [h | ple] for Gemma 4 PLE."""
