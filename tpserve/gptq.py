@@ -141,7 +141,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = True):
     if sym:
         amax = wg.abs().amax(dim=1).clamp(min=1e-8)
         scales = 2 * amax / maxq
-        zeros = torch.full((g, n), (maxq + 1) // 2, dtype=torch.int32)
+        zeros = torch.full((g, n), (maxq + 1) // 2, dtype=torch.int32, device=w.device)
     else:
         lo, hi = wg.amin(dim=1).clamp(max=0), wg.amax(dim=1).clamp(min=0)
         scales = ((hi - lo) / maxq).clamp(min=1e-8)
