@@ -38,8 +38,11 @@ def main() -> int:
     ap.add_argument("--preset", choices=list(PRESETS), default="llama3-8b")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, help="override num_hidden_layers (quick runs)")
     args = ap.parse_args()
     config, quant = PRESETS[args.preset]
+    if args.layers:
+        config = {**config, "num_hidden_layers": args.layers}
     t0 = time.perf_counter()
     write_random_checkpoint(Path(args.out), config, quant, device=args.device)
     print(f"wrote {args.preset} to {args.out} in {time.perf_counter() - t0:.1f}s")
