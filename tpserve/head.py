@@ -96,8 +96,13 @@ class Head:
         ple = 0 if self.per_layer is None else self.per_layer.nbytes
         return sum(t.nbytes for t in tables.values()) + ple
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The step tensor for `token_ids` [T]: h [T, hidden], or [h | ple] for Gemma 4 PLE."""
+        token_ids = token_ids.to(self.device)
         h = self.embed_table.rows(token_ids)
         if self.embed_scale is not None:
             h = h * self.embed_scale
@@ -106,8 +111,8 @@ class Head:
         return torch.cat([h, self.per_layer(token_ids, h)], dim=-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [T, hidden] -> fp32 logits [T, vocab]."""
-        logits = self.lm_head.logits(self.norm(h))
+        """Final hidden states [T, hidden] (from any device) -> fp32 logits [T, vocab]."""
+        logits = self.lm_head.logits(self.norm(h.to(self.device, self.norm.weight.dtype)))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
