@@ -8,8 +8,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader; nproc
-python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda
-python3 bench/make_checkpoint.py --preset qwen-straddle --layers 8 --out /tmp/q8 --device cuda
+[ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda
+[ -e /tmp/q8/config.json ] || python3 bench/make_checkpoint.py --preset qwen-straddle --layers 8 --out /tmp/q8 --device cuda
 for m in l8 q8; do
   python3 -m tpserve.cli verify --model /tmp/$m --tp 4 --device cuda --dtype float16 --max-tokens 16 \
     > "$OUT/verify_$m.txt" 2> "$OUT/verify_$m.log"; echo "verify $m tp=4 exit $?"; head -12 "$OUT/verify_$m.txt"
