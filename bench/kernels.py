@@ -1,0 +1,303 @@
+"""Kernel benchmark: tpserve's GPTQ and lm_head kernels vs bf16 cuBLAS, tinygemm and copy bandwidth.
+
+    python bench/kernels.py --out bench/results/kernels_h100.json   # on a GPU, ~3-4 min on an H100
+    python bench/kernels.py --smoke                                 # CPU: tiny shapes, torch paths
+    python bench/kernels.py --check                                 # GPU parity of every kernel path
+
+Every shape's weights are rotated over enough copies (>= 2, >= 100 MB in all) that L2 (50 MB on an
+H100) never holds the next call's weights. Times are the median of CUDA-event pairs around single
+calls, enqueued behind a GPU sleep so that the host's launch cost is not timed (`eager_us` is the
+host-bound wall time per call instead). `%copy` is (compressed weight + activation bytes) / time,
+over the measured device-to-device copy bandwidth (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from tpserve.gptq_shard import GPTQWeight  # noqa: E402
+from tpserve.kernels import gptq_matmul, prepare_act_order  # noqa: E402
+from tpserve.kernels.gptq_matmul import gptq_matmul_reference, random_gptq  # noqa: E402
+
+GPTQ_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # K x N
+HEAD_SHAPES = [(4096, 128256), (2048, 262144)]  # H x V
+GPTQ_M, HEAD_M = (1, 4, 16), (1, 8)
+PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLAS
+VARIANTS = ["w4g128", "w4g128_off64", "w4_act", "w4_act_shard", "w8g128"]
+L2_BYTES = 50e6
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_time_us(fns, dev, iters):
+    """Median time of one call (us), fns rotated; the first calls (autotune, compile) untimed."""
+    for f in fns[:2]:
+        f()
+    sync(dev)
+    if dev.type != "cuda":
+        ts = []
+        for i in range(iters):
+            t = time.perf_counter()
+            fns[i % len(fns)]()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e6
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]
+    torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time while the host enqueues every call
+    for i, (a, b) in enumerate(events):
+        a.record()
+        fns[i % len(fns)]()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events) * 1e3
+
+
+def eager_us(fns, dev, iters=50):
+    """Wall time per call of a plain loop: the host's launch cost when it exceeds the GPU's."""
+    sync(dev)
+    t = time.perf_counter()
+    for i in range(iters):
+        fns[i % len(fns)]()
+    sync(dev)
+    return (time.perf_counter() - t) / iters * 1e6
+
+
+def copy_bandwidth(dev, nbytes):
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    t = device_time_us([lambda: dst.copy_(src)], dev, 20)
+    return 2 * nbytes / (t * 1e-6)
+
+
+def n_copies(nbytes, smoke):
+    return 2 if smoke else max(2, math.ceil(2 * L2_BYTES / nbytes))
+
+
+def random_packed(k, n, bits, gs, off, dev):
+    """A GPTQWeight of random words (timing only; values do not matter)."""
+    def words(*shape):
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32, device=dev)
+    g = math.ceil((k + off) / gs)
+    return GPTQWeight(qweight=words(math.ceil(k * bits / 32), n),
+                      qzeros=words(g, math.ceil(n * bits / 32)),
+                      scales=(torch.rand(g, n, device=dev) * 0.01 + 1e-3).half(), g_idx=None,
+                      group_offset=off, bits=bits, group_size=gs, in_features=k, out_features=n)
+
+
+def make_variant(name, k, n, dev):
+    """(GPTQWeight, perm) for one benchmark variant."""
+    bits = 8 if name.startswith("w8") else 4
+    w = random_packed(k, n, bits, 128, 64 if name.endswith("off64") else 0, dev)
+    if name == "w4_act":  # unsharded act-order: groups of 128 in a random row order
+        order = torch.randperm(k, device=dev)
+        w.g_idx = torch.empty(k, dtype=torch.int32, device=dev)
+        w.g_idx[order] = (torch.arange(k, device=dev) // 128).to(torch.int32)
+    elif name == "w4_act_shard":  # a row-parallel shard of one: ragged groups
+        w.g_idx = torch.randint(0, w.scales.shape[0], (k,), dtype=torch.int32, device=dev)
+    return prepare_act_order(w) if w.g_idx is not None else (w, None)
+
+
+def tinygemm(k, n, dev):
+    """torch._weight_int4pack_mm (g128) as a callable of x bf16 [M, K], and its weight bytes."""
+    w = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)
+    packed = torch.ops.aten._convert_weight_to_int4pack((w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8),
+                                                        8)
+    sz = torch.rand(k // 128, n, 2, device=dev).to(torch.bfloat16)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz),
+            packed.numel() * packed.element_size() + sz.numel() * 2)
+
+
+def bench_gptq(dev, smoke, iters, rows, copy_bw):
+    shapes = [(256, 384), (384, 256)] if smoke else GPTQ_SHAPES
+    ms = (1, 4) if smoke else GPTQ_M
+    for k, n in shapes:
+        base = {}
+        wb = [torch.randn(n, k, device=dev).to(torch.bfloat16)
+              for _ in range(n_copies(2 * n * k, smoke))]
+        for m in ms:
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            base[m] = device_time_us([lambda w=w: F.linear(x, w) for w in wb], dev, iters)
+            rows.append(_row("gemm", k, n, m, "bf16 F.linear", base[m], 2 * n * k, x, n, copy_bw,
+                             base[m], None))
+        del wb
+        tiny = {}
+        try:
+            made = [tinygemm(k, n, dev) for _ in range(n_copies(k * n // 2, smoke))]
+            for m in ms:
+                x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                tiny[m] = device_time_us([lambda f=f: f(x) for f, _ in made], dev, iters)
+                rows.append(_row("gemm", k, n, m, "tinygemm int4 g128", tiny[m], made[0][1], x, n,
+                                 copy_bw, base[m], None))
+            del made
+        except Exception as e:  # noqa: BLE001 - not built for this device/torch: report n/a
+            print(f"tinygemm {k}x{n}: n/a ({type(e).__name__}: {str(e)[:80]})")
+            for m in ms:
+                rows.append(dict(kind="gemm", K=k, N=n, M=m, variant="tinygemm int4 g128", us=None))
+        for v in VARIANTS:
+            first = make_variant(v, k, n, dev)
+            ws = [first] + [make_variant(v, k, n, dev) for _ in range(n_copies(first[0].nbytes, smoke) - 1)]
+            for m in ms:
+                x = torch.randn(m, k, device=dev).half()
+                fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
+                t = device_time_us(fns, dev, iters)
+                r = _row("gemm", k, n, m, v, t, first[0].nbytes, x, n, copy_bw, base[m], tiny.get(m))
+                if (k, n) == shapes[0]:  # the autotuned configs, against the reference
+                    w, p = first
+                    ref = gptq_matmul_reference(x.float() if p is None else x.float()[:, p], w)
+                    r["rel_err"] = ((fns[0]().float() - ref).abs().max() / ref.abs().max()).item()
+                if m == 1:
+                    r["eager_us"] = eager_us(fns, dev)
+                rows.append(r)
+            del ws, first
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    for (k, n), m in ([] if smoke else PREFILL):
+        wb = [torch.randn(n, k, device=dev).to(torch.bfloat16) for _ in range(2)]
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        tb = device_time_us([lambda w=w: F.linear(x, w) for w in wb], dev, iters)
+        rows.append(_row("prefill", k, n, m, "bf16 F.linear", tb, 2 * n * k, x, n, copy_bw, tb, None))
+        ws = [make_variant("w4g128", k, n, dev) for _ in range(2)]
+        xh = x.half()
+        t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
+        rows.append(_row("prefill", k, n, m, "w4g128", t, ws[0][0].nbytes, x, n, copy_bw, tb, None))
+        del wb, ws
+
+
+def bench_head(dev, smoke, iters, rows, copy_bw):
+    from tpserve.kernels import int8_matmul, q8_0_matmul
+    from tpserve.kernels.head_kernels import quantize_int8, quantize_q8_0
+    shapes = [(256, 1000)] if smoke else HEAD_SHAPES
+    for h, v in shapes:
+        wb = [torch.randn(v, h, device=dev).to(torch.bfloat16) for _ in range(n_copies(2 * v * h, smoke))]
+        base = {}
+        for m in HEAD_M:
+            x = torch.randn(m, h, device=dev).to(torch.bfloat16)
+            base[m] = device_time_us([lambda w=w: F.linear(x, w) for w in wb], dev, iters)
+            rows.append(_row("head", h, v, m, "bf16 F.linear", base[m], 2 * v * h, x, v, copy_bw,
+                             base[m], None))
+        for name, quant, fn in [("int8", quantize_int8, int8_matmul), ("q8_0", quantize_q8_0, q8_0_matmul)]:
+            qs = [quant(w) for w in wb[:1]]
+            qs += [(q.clone(), s.clone()) for q, s in qs * (n_copies(v * h, smoke) - 1)]
+            nbytes = sum(t.numel() * t.element_size() for t in qs[0])
+            for m in HEAD_M:
+                x = torch.randn(m, h, device=dev).half()
+                t = device_time_us([lambda q=q, s=s: fn(x, q, s) for q, s in qs], dev, iters)
+                rows.append(_row("head", h, v, m, name, t, nbytes, x, v, copy_bw, base[m], None))
+            del qs
+        del wb
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _row(kind, k, n, m, variant, us, wbytes, x, n_out, copy_bw, base_us, tiny_us):
+    moved = wbytes + x.numel() * x.element_size() + m * n_out * 2
+    r = dict(kind=kind, K=k, N=n, M=m, variant=variant, us=us, weight_bytes=wbytes,
+             tb_s=moved / (us * 1e-6) / 1e12, pct_copy=100 * moved / (us * 1e-6) / copy_bw,
+             vs_bf16=base_us / us, vs_tinygemm=None if tiny_us is None else tiny_us / us)
+    print(_fmt(r), flush=True)
+    return r
+
+
+def _fmt(r):
+    if r.get("us") is None:
+        return f"{r['kind']:>7} {r['K']:>6}x{r['N']:<6} M={r['M']:<3} {r['variant']:<20} n/a"
+    vt = "" if r["vs_tinygemm"] is None else f" {r['vs_tinygemm']:5.2f}x tinygemm"
+    ea = "" if "eager_us" not in r else f"  eager {r['eager_us']:6.1f} us"
+    return (f"{r['kind']:>7} {r['K']:>6}x{r['N']:<6} M={r['M']:<3} {r['variant']:<20} "
+            f"{r['us']:8.1f} us {r['tb_s']:5.2f} TB/s {r['pct_copy']:5.1f}% copy "
+            f"{r['vs_bf16']:5.2f}x bf16{vt}{ea}")
+
+
+def check(dev):
+    """Parity of every kernel path on this device, with fixed configs (one compile each)."""
+    from tpserve.kernels import gptq_triton, head_kernels
+    worst = 0.0
+
+    def report(what, y, ref):
+        nonlocal worst
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        worst = max(worst, err)
+        if not err < 1e-2:
+            print(f"FAIL {what}: relative error {err:.2e}")
+
+    # (bits, k, n, gs, k0, act, gemv BLOCK_K, mm BLOCK_K): ONE/ROW, ONE/TWO, TWO/ROW, TWO/TWO, ROW
+    cases = [(4, 200, 72, 64, 0, False, 32, 128), (4, 250, 40, 128, 64, False, 64, 128),
+             (4, 150, 72, 64, 40, False, 32, 128), (8, 150, 40, 64, 40, False, 32, 64),
+             (4, 130, 40, 32, 64, True, 32, 128), (4, 4096, 4096, 128, 0, False, 128, 128)]
+    for i, (bits, k, n, gs, k0, act, bk1, bk2) in enumerate(cases):
+        w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act, device=dev)
+        w, perm = prepare_act_order(w) if act else (w, None)
+        for dtype in (torch.float16, torch.bfloat16) + ((torch.float32,) if i < 2 else ()):
+            for m in (1, 5, 16, 300, 600):
+                cfg = (dict(BLOCK_N=32, BLOCK_K=bk1, SPLIT_K=3) if m == 1 else
+                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk2, SPLIT_K=3) if m <= 16 else
+                       dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk1, GROUP_M=4) if m < 600 else
+                       None)  # dequantize + cuBLAS
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                xk = x if perm is None else x[:, perm]
+                y = gptq_triton.gptq_matmul_triton(x, w, perm, config=cfg)
+                report(f"gptq bits={bits} K={k} N={n} gs={gs} k0={k0} act={act} M={m} {dtype}",
+                       y, gptq_matmul_reference(xk.float(), w))
+    for h, v in [(96, 1000), (4096, 5000)]:
+        wt = torch.randn(v, h, device=dev) / h ** 0.5
+        for q, s in (head_kernels.quantize_int8(wt), head_kernels.quantize_q8_0(wt)):
+            fn = head_kernels.int8_matmul_triton if s.dim() == 1 else head_kernels.q8_0_matmul_triton
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for m in (1, 3, 40):
+                    cfg = dict(BLOCK_V=32, BLOCK_H=256) if m == 1 else \
+                        dict(BLOCK_M=16, BLOCK_V=64, BLOCK_H=128)
+                    x = torch.randn(m, h, device=dev, dtype=dtype)
+                    report(f"head {'int8' if s.dim() == 1 else 'q8_0'} H={h} V={v} M={m} {dtype}",
+                           fn(x, q, s, config=cfg), head_kernels._chunked_matmul(x.float(), q, s))
+            ids = torch.randint(0, v, (33,), device=dev)
+            report("rows", head_kernels.dequant_rows_triton(ids, q, s, torch.float32),
+                   head_kernels.dequant_rows_reference(ids, q, s, torch.float32))
+    clean = all(not ws.any().item() and not cnt.any().item()
+                for ws, cnt in gptq_triton._workspaces.values())
+    print(f"check: worst relative error {worst:.2e}; split-K workspace left zeroed: {clean}")
+    return worst < 1e-2 and clean
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (torch paths)")
+    ap.add_argument("--check", action="store_true", help="only check parity on the GPU")
+    ap.add_argument("--iters", type=int, default=100)
+    args = ap.parse_args()
+    dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    smoke = args.smoke or dev.type == "cpu"
+    if args.check:
+        sys.exit(0 if check(dev) else 1)
+    t0 = time.time()
+    copy_bw = copy_bandwidth(dev, 2 ** 24 if smoke else 2 ** 30)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"{name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
+    rows = []
+    bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
+    bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
+    import triton
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                copy_tb_s=copy_bw / 1e12, smoke=smoke, seconds=time.time() - t0)
+    print(f"done in {meta['seconds']:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

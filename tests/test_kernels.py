@@ -1,0 +1,214 @@
+"""Triton kernels against their torch references, on the CPU through the Triton interpreter.
+
+Run: python -m pytest tests/test_kernels.py -q   (the module sets TRITON_INTERPRET=1 itself)
+Tiny shapes, because the interpreter is slow; fp32 and fp16 only (bf16 is wrong there). Every kernel
+writes into an output poisoned with NaN, so an element it fails to write fails the comparison.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules decorate their @triton.jit
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from tpserve import gptq  # noqa: E402
+from tpserve.checkpoint import Checkpoint  # noqa: E402
+from tpserve.config import QuantConfig  # noqa: E402
+from tpserve.gptq_shard import read_gptq_shard  # noqa: E402
+from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul  # noqa: E402
+from tpserve.kernels.gptq_matmul import prepare_act_order, random_gptq  # noqa: E402
+
+
+def _interpreted(name, kernel):
+    """The kernel module with interpreted kernels, re-imported if something imported it first."""
+    mod = importlib.import_module(name)
+    if not isinstance(getattr(mod, kernel), InterpretedFunction):
+        mod = importlib.reload(mod)
+    return mod
+
+
+gt = _interpreted("tpserve.kernels.gptq_triton", "_gemv_kernel")
+hk = _interpreted("tpserve.kernels.head_kernels", "_head_gemv_kernel")
+
+
+def _close(y, ref, dtype):
+    # fp32: only the summation order differs. fp16: the output is rounded (half an ulp, 2**-11
+    # relative) and the ROW/TWO dot paths round the dequantized weight to fp16 as the reference does.
+    scale = ref.abs().max().item()
+    tol = 2e-5 * scale if dtype == torch.float32 else 3e-3 * scale
+    err = (y.float() - ref).abs().max().item()
+    assert err <= tol, f"max |err| {err:.3g} > {tol:.3g} (max |ref| {scale:.3g})"
+
+
+def _poisoned(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype)
+
+
+# (bits, k, n, group_size, k0, act_order, gemv BLOCK_K, mm BLOCK_K): group modes, per kernel
+GPTQ_CASES = {
+    "w4-partial-group": (4, 200, 72, 64, 0, False, 32, 128),  # ONE / ROW (gs < BLOCK_K)
+    "w4-g128": (4, 300, 40, 128, 0, False, 128, 128),  # ONE / ONE, K % BLOCK_K != 0
+    "w4-straddle": (4, 150, 72, 64, 40, False, 32, 128),  # TWO / ROW, K % 8 != 0
+    "w4-straddle64": (4, 250, 40, 128, 64, False, 64, 128),  # ONE / TWO
+    "w8-aligned": (8, 200, 72, 64, 0, False, 64, 64),  # ONE / ONE
+    "w8-straddle": (8, 150, 40, 64, 40, False, 32, 64),  # TWO / TWO, K % 4 != 0
+    "w8-small-groups": (8, 136, 40, 32, 16, False, 32, 64),  # TWO / ROW
+    "w4-even": (4, 256, 40, 64, 0, False, 64, 128),  # ONE / ROW, tiles divide K (no row masks)
+    "w4-act-shard": (4, 130, 40, 32, 64, True, 32, 128),  # g_idx (sorted): two-group or per-row
+    "w4-act-even": (4, 256, 40, 64, 64, True, 32, 128),  # g_idx, tiles divide K
+    "w8-act-shard": (8, 130, 72, 32, 64, True, 32, 64),  # ROW
+}
+
+
+def _config(m, bk_gemv, bk_mm):
+    if m == 1:
+        return dict(BLOCK_N=32, BLOCK_K=bk_gemv, SPLIT_K=2)
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk_mm, SPLIT_K=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk_mm, GROUP_M=2)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("case", GPTQ_CASES)
+def test_gptq_triton_matches_reference(case, m):
+    bits, k, n, gs, k0, act, bk_gemv, bk_mm = GPTQ_CASES[case]
+    w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
+    perm = None
+    if act:
+        w, perm = prepare_act_order(w)
+        assert w.g_idx is not None  # a shard's groups are ragged: the per-row path
+    assert (w.group_offset != 0) == ("straddle" in case or "small" in case)
+    for dtype in (torch.float32, torch.float16) if m in (1, 16) else (torch.float32,):
+        x = torch.randn(m, k, dtype=dtype)
+        xk = x if perm is None else x[:, perm]
+        ref = gptq.dequantize(gptq.unpack_rows(w.qweight, bits, k),
+                              gptq.unpack_cols(w.qzeros, bits, n), w.scales, w.groups())
+        ref = xk.float() @ ref
+        out = gt.gptq_matmul_triton(x, w, perm, out=_poisoned(m, n, dtype),
+                                    config=_config(m, bk_gemv, bk_mm))
+        _close(out, ref, dtype)
+        if m <= 16:  # split-K leaves its workspace zeroed for the next call
+            ws, cnt = gt._workspaces[x.device]
+            assert not ws.any() and not cnt.any()
+
+
+def test_gptq_large_m_dequantizes_then_matmuls():
+    w = random_gptq(130, 40, 4, 32, k0=64, k_total=260, act_order=True)
+    w, perm = prepare_act_order(w)
+    x = torch.randn(gt.DEQUANT_MIN_M, 130)
+    y = gt.gptq_matmul_triton(x, w, perm, out=_poisoned(x.shape[0], 40, torch.float32))
+    _close(y, x[:, perm] @ w.dequantize(), torch.float32)
+
+
+def test_gptq_unsorted_act_order_runs_per_row():
+    w = random_gptq(96, 40, 4, 32, act_order=True)
+    x = torch.randn(1, 96)
+    y = gt.gptq_matmul_triton(x, w, out=_poisoned(1, 40, torch.float32),
+                              config=_config(1, 32, 128))
+    _close(y, x @ w.dequantize(), torch.float32)
+
+
+def test_prepare_act_order_unsharded_collapses_to_contiguous_groups():
+    w = random_gptq(200, 24, 4, 64, act_order=True)
+    ws, perm = prepare_act_order(w)
+    assert ws.g_idx is None and ws.group_offset == 0 and perm is not None
+    torch.testing.assert_close(ws.dequantize(), w.dequantize()[perm])
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(gptq_matmul(x, ws, perm), x @ w.dequantize(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_gptq_triton_on_checkpoint_shard(tmp_path, act):
+    """A row-parallel shard read by read_gptq_shard from a checkpoint (rows 37..100 of 100)."""
+    k, n, gs, bits = 100, 40, 32, 4
+    wt = torch.randn(k, n)
+    g_idx = torch.arange(k) // gs
+    if act:
+        order = torch.randperm(k)
+        g_idx = torch.empty_like(g_idx)
+        g_idx[order] = torch.arange(k) // gs
+        q_sorted, zeros, scales = gptq.quantize(wt[order], bits, gs, sym=False)
+        q = torch.empty_like(q_sorted)
+        q[order] = q_sorted
+    else:
+        q, zeros, scales = gptq.quantize(wt, bits, gs, sym=False)
+    save_file({"l.qweight": gptq.pack_rows(q, bits), "l.qzeros": gptq.pack_cols(zeros, bits),
+               "l.scales": scales, "l.g_idx": g_idx.to(torch.int32)}, tmp_path / "m.safetensors")
+    quant = QuantConfig(bits=bits, group_size=gs, desc_act=act, sym=False, v1=False, lm_head=False)
+    w = read_gptq_shard(Checkpoint(tmp_path), "l", quant, k, n, rows=(37, 100), cols=(0, n))
+    assert (w.g_idx is not None) == act and w.group_offset == (0 if act else 37 % gs)
+    full = gptq.dequantize(q, zeros, scales, g_idx)
+    ws, perm = prepare_act_order(w)
+    for m in (1, 3, 20):
+        x = torch.randn(m, 63)
+        y = gt.gptq_matmul_triton(x, ws, perm, out=_poisoned(m, n, torch.float32),
+                                  config=_config(m, 32, 128))
+        _close(y, x @ full[37:], torch.float32)
+
+
+def test_gptq_dispatch_on_cpu_uses_reference():
+    w = random_gptq(64, 16, 3, 32, k0=10)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(gptq_matmul(x, w), x @ w.dequantize())
+
+
+# ---- lm_head / embedding formats ----
+
+def _naive_w(q, scales):
+    return q.float() * (scales.float()[:, None] if scales.dim() == 1
+                        else scales.float().repeat_interleave(32, dim=1))
+
+
+def _naive(x, q, scales):
+    return x.float() @ _naive_w(q, scales).T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+def test_head_matmul_matches_reference(fmt, m, dtype):
+    v, h = 100, 96  # neither a multiple of the test blocks (16 x 64)
+    w = torch.randn(v, h) / h ** 0.5
+    q, s = hk.quantize_int8(w) if fmt == "int8" else hk.quantize_q8_0(w)
+    x = torch.randn(m, h, dtype=dtype)
+    ref = _naive(x, q, s)
+    fn = hk.int8_matmul_triton if fmt == "int8" else hk.q8_0_matmul_triton
+    _close(fn(x, q, s, out=_poisoned(m, v, dtype)), ref, dtype)
+    ref_fn = hk.int8_matmul_reference if fmt == "int8" else hk.q8_0_matmul_reference
+    _close(ref_fn(x, q, s), ref, dtype)
+    public = int8_matmul if fmt == "int8" else q8_0_matmul
+    assert public(x.view(1, m, h), q, s).shape == (1, m, v)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+def test_dequant_rows(fmt):
+    v, h = 50, 160
+    w = torch.randn(v, h)
+    q, s = hk.quantize_int8(w) if fmt == "int8" else hk.quantize_q8_0(w)
+    ids = torch.tensor([3, 0, 49, 3, 17])
+    ref = hk.dequant_rows_reference(ids, q, s, torch.float32)
+    torch.testing.assert_close(ref, _naive_w(q, s)[ids])
+    for dtype in (torch.float32, torch.float16):
+        out = torch.full((5, h), float("nan"), dtype=dtype)
+        y = hk.dequant_rows_triton(ids, q, s, dtype, out=out, block_h=64)
+        torch.testing.assert_close(y, ref.to(dtype), rtol=0, atol=0)
+    assert dequant_rows(ids.view(1, 5), q, s, torch.float16).shape == (1, 5, h)
+
+
+def test_quantize_helpers():
+    w = torch.randn(64, 128)
+    q, s = hk.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    q, s = hk.quantize_q8_0(w)
+    assert s.dtype == torch.float16 and s.shape == (64, 4)
+    assert q.numel() + 2 * s.numel() == 34 * w.numel() // 32  # 34 bytes per block of 32
+    step = s.float().repeat_interleave(32, dim=1)
+    assert ((q.float() * step - w).abs() <= step / 2 + 1e-3 * step).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        hk.quantize_q8_0(torch.randn(4, 40))
