@@ -87,3 +87,97 @@ def test_a_lost_rank_fails_in_flight_requests_then_the_group_is_rebuilt(served, 
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_bad_checkpoint_fails_at_load_and_leaves_no_rank_running(ray_cluster, tmp_path):
+    import shutil
+
+    import ray
+    from ray.util.placement_group import placement_group_table
+    from safetensors.torch import load_file, save_file
+
+    from tpserve.errors import TpserveError
+    dst = tmp_path / "nan"
+    shutil.copytree(PATH, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    t["model.layers.1.mlp.down_proj.scales"][0, 3] = float("inf")
+    save_file(t, str(dst / "model.safetensors"))
+
+    def alive_ranks():  # rank actors are named tpserve-rank{r}-{driver pid}-{generation}
+        return [n for n in ray.util.list_named_actors() if n.startswith("tpserve-rank")]
+    before = len(alive_ranks())
+    with pytest.raises(TpserveError, match=r"rank \d failed to load: .*down_proj.scales' holds NaN or inf"):
+        tpserve.load(dst, tp=2, backend="ray", dtype=torch.float32)
+    deadline = time.monotonic() + 15
+    while len(alive_ranks()) > before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(alive_ranks()) == before
+    assert not [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"
+                and pg["name"].startswith("tpserve-")]
+
+
+NODE_LOSS_CHILD = """
+import json, sys, threading, time, torch, tpserve
+from ray.cluster_utils import Cluster
+from tpserve.engine import Engine
+from tpserve.sampling import SamplingParams
+# three one-slot nodes: tp=2 spread over two of them, the third takes over after a node is lost
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+try:
+    llm = tpserve.load(sys.argv[1], tp=2, backend="ray", dtype=torch.float32, placement="spread",
+                       address=cluster.address, timeout_s=10.0)
+    engine = Engine(llm).start()
+    ids = json.loads(sys.argv[2])
+    done, events = threading.Event(), []
+    def on_event(ev):
+        events.append(ev)
+        if ev.finished:
+            done.set()
+    engine.submit(ids, SamplingParams(max_tokens=200, ignore_eos=True), on_event)
+    while len(events) < 2:
+        time.sleep(0.05)
+    # spread over three nodes: at least one worker node holds a rank; take that node away
+    node = next(n for n in workers if n.node_id in {i["node_id"] for i in llm.executor.nodes})
+    t0 = time.monotonic()
+    cluster.remove_node(node)
+    done.wait(60)
+    detected = time.monotonic() - t0
+    again = engine.generate(ids, SamplingParams(max_tokens=8, ignore_eos=True))
+    print(json.dumps({"error": events[-1].error, "reason": events[-1].finish_reason,
+                      "detected": detected, "again": again, "recoveries": engine.stats.recoveries,
+                      "removed": node.node_id, "nodes_after": [i["node_id"] for i in llm.executor.nodes]}))
+    engine.stop()
+    llm.close()
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_lost_node_fails_in_flight_requests_then_ranks_move_to_the_other_nodes(reference):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from test_cluster import clean_env, end_session
+    temp = tempfile.mkdtemp(prefix="tpray")
+    proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS_CHILD, str(PATH), json.dumps(PROMPT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(RAY_TMPDIR=temp), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        left = end_session(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, err[-3000:]
+    assert not left, f"processes left behind: {left}"
+    got = json.loads(out.strip().splitlines()[-1])
+    print(f"node loss: detected in {got['detected']:.1f}s")
+    assert got["reason"] == "error" and "rank" in got["error"] and "node" in got["error"], got
+    assert got["detected"] < 15
+    assert got["again"] == reference and got["recoveries"] == 1
+    assert got["removed"] not in got["nodes_after"]
