@@ -13,7 +13,7 @@ from tpserve.checkpoint import Checkpoint
 from tpserve.config import QuantConfig
 from tpserve.errors import CheckpointError
 from tpserve.gptq_shard import GPTQWeight, read_gptq_shard
-from tpserve.kernels import gptq_matmul
+from tpserve.kernels import gptq_matmul, prepare_act_order
 
 
 def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
@@ -33,9 +33,16 @@ def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
                           f"the checkpoint does not match config.json")
 
 
-def _matmul(x: torch.Tensor, weight: GPTQWeight | torch.Tensor) -> torch.Tensor:
+def _prepare(weight: GPTQWeight | torch.Tensor):
+    """(weight, perm): act-order rows sorted by group once, at load (the kernels' fast path)."""
+    if isinstance(weight, GPTQWeight) and weight.g_idx is not None:
+        return prepare_act_order(weight)
+    return weight, None
+
+
+def _matmul(x: torch.Tensor, weight: GPTQWeight | torch.Tensor, perm) -> torch.Tensor:
     if isinstance(weight, GPTQWeight):
-        return gptq_matmul(x, weight)
+        return gptq_matmul(x, weight, perm)
     return F.linear(x, weight)
 
 
@@ -44,7 +51,7 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        (self.weight, self.perm), self.bias = _prepare(weight), bias
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
@@ -55,7 +62,7 @@ class ColumnParallelLinear(torch.nn.Module):
         return cls(w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(x, self.weight)
+        y = _matmul(x, self.weight, self.perm)
         return y if self.bias is None else y + self.bias
 
 
@@ -64,7 +71,7 @@ class RowParallelLinear(torch.nn.Module):
 
     def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None, comm):
         super().__init__()
-        self.weight, self.bias, self.comm = weight, bias, comm
+        (self.weight, self.perm), self.bias, self.comm = _prepare(weight), bias, comm
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
@@ -78,7 +85,7 @@ class RowParallelLinear(torch.nn.Module):
         return cls(w, b, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(x, self.weight)
+        y = _matmul(x, self.weight, self.perm)
         if self.bias is not None:
             y = y + self.bias
         return self.comm.all_reduce(y)

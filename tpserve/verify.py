@@ -278,11 +278,18 @@ def _layer_outputs(executor, h: torch.Tensor) -> list[torch.Tensor]:
     return captures[0]  # after each layer's all-reduce every rank holds the same h
 
 
-def _dense(weight) -> torch.Tensor:
-    """A linear's weight as fp32 [K, N]."""
-    if isinstance(weight, GPTQWeight):
-        return weight.dequantize(torch.float32)
-    return weight.float().T  # dense layers are stored [N, K]
+def _dense(linear) -> torch.Tensor:
+    """A linear layer's weight as fp32 [K, N], rows in checkpoint order."""
+    weight = linear.weight
+    if not isinstance(weight, GPTQWeight):
+        return weight.float().T  # dense layers are stored [N, K]
+    w = weight.dequantize(torch.float32)
+    perm = getattr(linear, "perm", None)
+    if perm is None:
+        return w
+    out = torch.empty_like(w)  # act-order rows were sorted by group at load: x[:, perm] @ w
+    out[perm] = w
+    return out
 
 
 def localise(local, ref1, ids: list[int], tol: Tolerance) -> Localisation:
@@ -311,11 +318,12 @@ def localise(local, ref1, ids: list[int], tol: Tolerance) -> Localisation:
     full_layer, plan = ref1.executor.ranks[0].layers[bad], local.executor.plan
     for r, rank in enumerate(local.executor.ranks):
         for name in LINEAR_PLAN:
-            w_full = _dense(functools.reduce(getattr, name.split("."), full_layer).weight)
-            w = functools.reduce(getattr, name.split("."), rank.layers[bad]).weight
+            w_full = _dense(functools.reduce(getattr, name.split("."), full_layer))
+            linear = functools.reduce(getattr, name.split("."), rank.layers[bad])
+            w = linear.weight
             (k0, k1), (n0, n1) = plan.linear_spans(r, name, *w_full.shape)
             x = inputs[(bad, name)][:, k0:k1]  # the unsharded layer's input, this rank's rows
-            rel = _rel(x @ _dense(w), x @ w_full[k0:k1, n0:n1])
+            rel = _rel(x @ _dense(linear), x @ w_full[k0:k1, n0:n1])
             if rel > SHARD_RTOL:
                 gptq = isinstance(w, GPTQWeight)
                 shards.append(dict(
