@@ -126,38 +126,12 @@ def bytes_per_token(llm) -> int:
 
 def bench_transformers(path, batches, prompt_len, gen, device) -> list[dict]:
     """The peer: transformers' own model class on the same weights dequantized to bf16."""
-    import json as _json
-
-    import transformers
-
-    from tpserve.checkpoint import Checkpoint
-    from tpserve.config import load_configs
-    from tpserve.gptq_shard import read_gptq_shard
-    cfg_dict = _json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
-    cfg_dict.pop("quantization_config", None)
-    cfg_dict["dtype"] = "bfloat16"
-    hf_cfg = transformers.AutoConfig.for_model(**cfg_dict)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    _, quant = load_configs(path)
-    ck = Checkpoint(path, device=device)
-    sd = {}
-    for name, p in model.state_dict().items():
-        prefix = name[: -len(".weight")]
-        if f"{prefix}.qweight" in ck:
-            k, n = p.shape[1], p.shape[0]
-            sd[name] = read_gptq_shard(ck, prefix, quant, k, n, (0, k), (0, n)).dequantize(
-                torch.bfloat16).T
-        elif name in ck:
-            sd[name] = ck.read(name).to(torch.bfloat16)
-        elif name == "lm_head.weight":
-            sd[name] = ck.read("model.embed_tokens.weight").to(torch.bfloat16)
-    model.load_state_dict(sd)
-    del sd
+    from tpserve.hf_reference import load_hf_model
+    model = load_hf_model(path, torch.bfloat16, device)
     g = torch.Generator().manual_seed(0)
     rows = []
     for b in batches:
-        ids = torch.randint(3, hf_cfg.vocab_size, (b, prompt_len), generator=g).to(device)
+        ids = torch.randint(3, model.config.vocab_size, (b, prompt_len), generator=g).to(device)
         kw = dict(do_sample=False, pad_token_id=0)
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
 
@@ -172,10 +146,7 @@ def bench_transformers(path, batches, prompt_len, gen, device) -> list[dict]:
         ttft = timed(1)
         rows.append({"tp": 1, "backend": "transformers-bf16", "device": device, "batch": b,
                      "ttft_ms": 1e3 * ttft, "decode_tok_s": b * gen / timed(gen)})
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    return rows  # the model goes with this frame; the caller empties the CUDA cache
 
 
 def main() -> int:
@@ -203,6 +174,8 @@ def main() -> int:
     rows = []
     if args.peer == "transformers":
         rows += bench_transformers(path, args.batch, args.prompt_len, args.gen, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     for tp in args.tp:
         for head in args.lm_head:
             backend = "local" if tp == 1 and args.backend == "ray" and args.device == "cuda" \

@@ -25,6 +25,7 @@ import torch
 
 from tpserve.errors import TpserveError
 from tpserve.gptq_shard import GPTQWeight
+from tpserve.hf_reference import TransformersReference
 from tpserve.kv_cache import StepPlan
 from tpserve.shard_plan import LINEAR_PLAN
 
@@ -189,58 +190,6 @@ def read_prompts(path, codec) -> list[list[int]]:
         raise TpserveError(f"{path} holds no prompt; write one prompt per line")
     return prompts
 
-
-# ---- the transformers reference -------------------------------------------------------------
-
-class TransformersReference:
-    """transformers' own model class in float32, on weights dequantized by tpserve's reader."""
-
-    def __init__(self, path):
-        try:
-            import transformers
-        except ImportError:
-            raise TpserveError("--reference transformers needs the transformers package; "
-                               "pip install transformers, or use --reference tp1") from None
-        from tpserve.checkpoint import Checkpoint
-        from tpserve.config import load_configs
-        from tpserve.linear import read_linear_weight
-
-        path = Path(path)
-        _, quant = load_configs(path)
-        config = json.loads((path / "config.json").read_text())
-        config.pop("quantization_config", None)
-        config["dtype"] = "float32"
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(**config)).float().eval()
-        ckpt, sd = Checkpoint(path), {}
-        for name, p in model.state_dict().items():
-            prefix = name.removesuffix(".weight")
-            if f"{prefix}.qweight" in ckpt:
-                n, k = p.shape  # nn.Linear layout [out, in]
-                w = read_linear_weight(ckpt, prefix, quant, k, n, (0, k), (0, n), torch.float32)
-                sd[name] = w.dequantize(torch.float32).T
-            elif name == "lm_head.weight" and name not in ckpt:  # tied
-                sd[name] = ckpt.read("model.embed_tokens.weight", shape=tuple(p.shape)).float()
-            else:
-                sd[name] = ckpt.read(name, shape=tuple(p.shape)).float()
-        model.load_state_dict(sd)
-        self.model = model
-
-    @torch.inference_mode()
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        return self.model(torch.tensor([ids])).logits[0].float()
-
-    def generate(self, ids: list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:
-        out = list(ids)
-        for _ in range(max_tokens):
-            out.append(int(self.logits(out)[-1].argmax()))
-        return out[len(ids):]
-
-    def close(self) -> None:
-        pass
-
-
-# ---- comparison ------------------------------------------------------------------------------
 
 def compare(llm, ref, ids: list[int], tol: Tolerance, max_tokens: int) -> PromptResult:
     got, want = llm.logits(ids).cpu(), ref.logits(ids).cpu()  # fp32 [T, vocab]
