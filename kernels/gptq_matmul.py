@@ -107,30 +107,29 @@ def random_gptq(k: int, n: int, bits: int, group_size: int, k0: int = 0, k_total
 
 # lm_head and embedding formats (head_kernels.py): int8 per output channel and Q8_0.
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., H] @ (q int8 [V, H] * scale [V, 1]).T -> [..., V] in x.dtype."""
-    from tpserve.kernels import head_kernels
+def _head_matmul(fmt: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., H] @ W.T for a quantized head weight W [V, H] -> [..., V] in x.dtype."""
+    from tpserve.kernels import head_kernels as hk
+    triton_fn, reference_fn = {"int8": (hk.int8_matmul_triton, hk.int8_matmul_reference),
+                               "Q8_0": (hk.q8_0_matmul_triton, hk.q8_0_matmul_reference)}[fmt]
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
-        _announce("int8 head", "Triton")
-        y = head_kernels.int8_matmul_triton(x2, q, scale)
+        _announce(f"{fmt} head", "Triton")
+        y = triton_fn(x2, q, scales)
     else:
-        _announce("int8 head", f"torch reference on {x.device.type}")
-        y = head_kernels.int8_matmul_reference(x2, q, scale)
+        _announce(f"{fmt} head", f"torch reference on {x.device.type}")
+        y = reference_fn(x2, q, scales)
     return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., H] @ (q int8 [V, H] * scale [V, 1]).T -> [..., V] in x.dtype."""
+    return _head_matmul("int8", x, q, scale)
 
 
 def q8_0_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., H] @ Q8_0 weight (q int8 [V, H], scales fp16 [V, H / 32]).T -> [..., V]."""
-    from tpserve.kernels import head_kernels
-    x2 = x.reshape(-1, x.shape[-1])
-    if x.is_cuda:
-        _announce("Q8_0 head", "Triton")
-        y = head_kernels.q8_0_matmul_triton(x2, q, scales)
-    else:
-        _announce("Q8_0 head", f"torch reference on {x.device.type}")
-        y = head_kernels.q8_0_matmul_reference(x2, q, scales)
-    return y.view(*x.shape[:-1], q.shape[0])
+    return _head_matmul("Q8_0", x, q, scales)
 
 
 def dequant_rows(ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
