@@ -28,9 +28,14 @@ class LocalExecutor:
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len
 
-    def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """Run one step on every rank; returns rank 0's final hidden rows `plan.out_rows`."""
-        futures = [self.pool.submit(rank, h, plan) for rank in self.ranks]
+    def step(self, h: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
+        """Run one step on every rank; returns rank 0's final hidden rows `plan.out_rows`.
+
+        `capture`, when given, receives rank 0's output of every layer (after each layer's
+        all-reduce every rank holds the same h).
+        """
+        futures = [self.pool.submit(rank, h, plan, capture if r == 0 else None)
+                   for r, rank in enumerate(self.ranks)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
             # A failed rank never reaches the barrier: release the others, then re-arm it.

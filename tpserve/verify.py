@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,16 +214,9 @@ def compare(llm, ref, ids: list[int], tol: Tolerance, max_tokens: int) -> Prompt
 
 def _layer_outputs(executor, h: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's output [T, hidden] of one prefill on an in-process executor."""
-    plan = StepPlan(slots=[0], starts=[0], lens=[h.shape[0]])
-    captures = [[] for _ in executor.ranks]
-    futures = [executor.pool.submit(rank, h, plan, cap) for rank, cap in zip(executor.ranks, captures)]
-    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-    if any(f.exception() is not None for f in done):
-        executor.group.abort()  # release the ranks waiting in an all-reduce
-        wait(futures)
-        executor.group.reset()
-        raise next(f.exception() for f in done if f.exception() is not None)
-    return captures[0]  # after each layer's all-reduce every rank holds the same h
+    captured: list[torch.Tensor] = []
+    executor.step(h, StepPlan(slots=[0], starts=[0], lens=[h.shape[0]]), capture=captured)
+    return captured
 
 
 def _dense(linear) -> torch.Tensor:
