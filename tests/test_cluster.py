@@ -95,20 +95,26 @@ finally:
 """
 
 
-def test_tp4_over_two_simulated_nodes_matches_the_in_process_reference():
-    path, ids = FIXTURES / "llama_g128_sym", [1, 17, 42, 99, 3, 250]
+def run_ray_child(script: str, *args: str, timeout: float) -> dict:
+    """Run `script` (which builds its own simulated Ray cluster) in a child process with its own
+    RAY_TMPDIR; check it succeeded and left nothing running; return the JSON of its last line."""
     temp = tempfile.mkdtemp(prefix="tpray")  # its own /tmp/ray: `address="auto"` elsewhere unmoved
-    proc = subprocess.Popen([sys.executable, "-c", NODES_CHILD, str(path), json.dumps(ids)],
+    proc = subprocess.Popen([sys.executable, "-c", script, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(RAY_TMPDIR=temp), start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         left = end_session(proc)
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, err[-3000:]
     assert not left, f"processes left behind: {left}"
-    got = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_tp4_over_two_simulated_nodes_matches_the_in_process_reference():
+    path, ids = FIXTURES / "llama_g128_sym", [1, 17, 42, 99, 3, 250]
+    got = run_ray_child(NODES_CHILD, str(path), json.dumps(ids), timeout=120)
     want = tpserve.load(path, tp=1, dtype=torch.float32).generate(ids, max_tokens=8,
                                                                   ignore_eos=True)
     # fp32 and rank-order fp32 sums: greedy tokens equal the unsharded model's exactly.

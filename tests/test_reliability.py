@@ -158,24 +158,9 @@ finally:
 
 def test_a_lost_node_fails_in_flight_requests_then_ranks_move_to_the_other_nodes(reference):
     import json
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
 
-    from test_cluster import clean_env, end_session
-    temp = tempfile.mkdtemp(prefix="tpray")
-    proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS_CHILD, str(PATH), json.dumps(PROMPT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env(RAY_TMPDIR=temp), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        left = end_session(proc)
-        shutil.rmtree(temp, ignore_errors=True)
-    assert proc.returncode == 0, err[-3000:]
-    assert not left, f"processes left behind: {left}"
-    got = json.loads(out.strip().splitlines()[-1])
+    from test_cluster import run_ray_child
+    got = run_ray_child(NODE_LOSS_CHILD, str(PATH), json.dumps(PROMPT), timeout=240)
     print(f"node loss: detected in {got['detected']:.1f}s")
     assert got["reason"] == "error" and "rank" in got["error"] and "node" in got["error"], got
     assert got["detected"] < 15
