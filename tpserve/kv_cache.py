@@ -24,6 +24,7 @@ class StepPlan:
     # Rows of the step's hidden states the coordinator needs back (for logits); None: every row.
     out_rows: list[int] | None = None
     _positions: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -34,6 +35,24 @@ class StepPlan:
             self._positions = torch.cat([torch.arange(s, s + n) for s, n in
                                          zip(self.starts, self.lens)]).to(device)
         return self._positions
+
+    def mask(self, i: int, device, window: int | None) -> torch.Tensor | None:
+        """Sequence i's attention mask (n, start + n): causal, within `window` when set. Built once
+        per step and shared by every layer; None when every key is visible (a decode token with no
+        window in reach)."""
+        key = (i, str(device), window)
+        if key not in self._masks:
+            start, n = self.starts[i], self.lens[i]
+            if n == 1 and (window is None or start < window):
+                self._masks[key] = None
+            else:
+                qpos = torch.arange(start, start + n, device=device)[:, None]
+                kpos = torch.arange(start + n, device=device)[None, :]
+                mask = kpos <= qpos
+                if window is not None:
+                    mask &= kpos > qpos - window
+                self._masks[key] = mask
+        return self._masks[key]
 
     def last_rows(self) -> list[int]:
         """Row of each sequence's last token."""
@@ -82,17 +101,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
     """
     out = torch.empty_like(q)
     offset = 0
-    for slot, start, n in zip(plan.slots, plan.starts, plan.lens):
+    for i, (slot, start, n) in enumerate(zip(plan.slots, plan.starts, plan.lens)):
         end = start + n
         cache.k[layer][slot, start:end] = k[offset:offset + n]
         cache.v[layer][slot, start:end] = v[offset:offset + n]
         keys = cache.k[layer][slot, :end].index_select(1, kv_map)  # (L, heads, hd)
         vals = cache.v[layer][slot, :end].index_select(1, kv_map)
-        qpos = torch.arange(start, end, device=q.device)[:, None]
-        kpos = torch.arange(end, device=q.device)[None, :]
-        mask = kpos <= qpos  # (n, L)
-        if window is not None:
-            mask &= kpos > qpos - window
+        mask = plan.mask(i, q.device, window)  # (n, L) or None: all visible
         qs = q[offset:offset + n].transpose(0, 1)  # (heads, n, hd)
         if softcap is None:
             o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1),
@@ -100,7 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
         else:
             s = (qs @ keys.permute(1, 2, 0)).float() * scale  # (heads, n, L)
             s = torch.tanh(s / softcap) * softcap
-            s = s.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
             o = (s.softmax(-1).to(vals.dtype) @ vals.transpose(0, 1))
         out[offset:offset + n] = o.transpose(0, 1)
         offset += n
