@@ -36,8 +36,8 @@ def iters_for(nbytes: int) -> int:
 def _zmq_rank(rank, tp, address, keys, sizes, out_q):
     import zmq
 
-    from tpserve.rank_worker import ZmqComm
-    from tpserve.wire import decode, encode
+    from tpserve.runtime.rank_worker import ZmqComm
+    from tpserve.runtime.wire import decode, encode
     torch.set_num_threads(1)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -69,8 +69,8 @@ def _zmq_rank(rank, tp, address, keys, sizes, out_q):
 
 
 def bench_tpserve(tp: int, sizes: list[int], transport: str) -> dict[int, float]:
-    from tpserve.coordinator import Coordinator
-    from tpserve.kv_cache import StepPlan
+    from tpserve.runtime.coordinator import Coordinator
+    from tpserve.model.kv_cache import StepPlan
     coord = Coordinator(tp, transport=transport)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

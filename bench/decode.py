@@ -22,8 +22,8 @@ import time
 import torch
 
 import tpserve
-from tpserve.engine import Engine
-from tpserve.sampling import SamplingParams
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
 
 
 def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> float:
@@ -101,11 +101,11 @@ def copy_bandwidth(device: str) -> float:
 
 def bytes_per_token(llm) -> int:
     """Weight bytes one decode step must read: every rank's shards + the coordinator's head."""
-    from tpserve.gptq_shard import GPTQWeight
+    from tpserve.model.gptq_shard import GPTQWeight
     total = llm.head.lm_head.nbytes + llm.head.norm.weight.numel() * llm.head.norm.weight.element_size()
     ranks = getattr(llm.executor, "ranks", None)
     if ranks is None:  # Ray: the shards live in other processes; count from the checkpoint
-        from tpserve.checkpoint import Checkpoint
+        from tpserve.model.checkpoint import Checkpoint
         ck = Checkpoint(llm.path)
         for k in ck.keys():
             if k.startswith("model.layers."):
@@ -126,7 +126,7 @@ def bytes_per_token(llm) -> int:
 
 def bench_transformers(path, batches, prompt_len, gen, device) -> list[dict]:
     """The peer: transformers' own model class on the same weights dequantized to bf16."""
-    from tpserve.hf_reference import load_hf_model
+    from tpserve.model.hf_reference import load_hf_model
     model = load_hf_model(path, torch.bfloat16, device)
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from tpserve.gptq_shard import GPTQWeight  # noqa: E402
+from tpserve.model.gptq_shard import GPTQWeight  # noqa: E402
 from tpserve.kernels import gptq_matmul, prepare_act_order  # noqa: E402
 from tpserve.kernels.gptq_matmul import gptq_matmul_reference, random_gptq  # noqa: E402
 

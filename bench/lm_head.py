@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tpserve.lm_head import Table
+from tpserve.model.lm_head import Table
 
 SHAPES = [(128256, 4096), (151936, 2560), (262144, 2048)]
 

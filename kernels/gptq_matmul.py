@@ -17,10 +17,10 @@ import logging
 
 import torch
 
-from tpserve import gptq
-from tpserve.gptq_shard import GPTQWeight
+from tpserve.model import gptq
+from tpserve.model.gptq_shard import GPTQWeight
 
-log = logging.getLogger("tpserve.kernels")
+log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
 
 

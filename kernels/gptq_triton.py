@@ -4,7 +4,7 @@ Run `python -m tpserve.kernels.gptq_triton` to print the error against the torch
 machine without CUDA it sets TRITON_INTERPRET=1 and runs the kernels on the CPU). 2- and 3-bit shards
 are not handled here: `gptq_matmul` sends them to the torch reference (3-bit fields straddle words).
 
-Packing (tpserve/gptq.py): one int32 word of qweight holds P = 32 / bits consecutive input rows of a
+Packing (tpserve/model/gptq.py): one int32 word of qweight holds P = 32 / bits consecutive input rows of a
 column, row k at bits (k % P) * bits of word k // P, so a [BLOCK_K / P, BLOCK_N] tile of words is
 BLOCK_K rows, read with coalesced 16-byte loads along N. Field p is turned into a float by one
 AND-OR (`_lane`: bits(2**23 + q * 2**(bits*j)) from the word's low or high half), with no shift per
@@ -607,7 +607,7 @@ def gptq_matmul_triton(x: torch.Tensor, w, perm: torch.Tensor | None = None,
 
 
 def _main():
-    from tpserve.gptq_shard import GPTQWeight
+    from tpserve.model.gptq_shard import GPTQWeight
     from tpserve.kernels.gptq_matmul import gptq_matmul_reference, prepare_act_order, random_gptq
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,10 +13,10 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tpserve.coordinator import Coordinator
-from tpserve.kv_cache import StepPlan
-from tpserve.rank_worker import RankWorker
-from tpserve.wire import WireError, decode, encode
+from tpserve.runtime.coordinator import Coordinator
+from tpserve.model.kv_cache import StepPlan
+from tpserve.runtime.rank_worker import RankWorker
+from tpserve.runtime.wire import WireError, decode, encode
 
 from test_peer_fixtures import FIXTURES
 

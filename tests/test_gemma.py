@@ -20,9 +20,9 @@ import torch
 
 import tiny
 import tpserve
-from tpserve.config import ModelConfig
+from tpserve.model.config import ModelConfig
 from tpserve.errors import ConfigError
-from tpserve.head import find_main_embedding
+from tpserve.model.head import find_main_embedding
 
 ATOL = 1e-4
 PROMPT = [1, 5, 9, 33, 70, 2, 100, 7, 64, 3, 11]
@@ -118,7 +118,7 @@ def test_tied_head_quantized_ple_untouched(refs):
     want_logits = dense.logits(PROMPT)
     want = dense.generate(PROMPT, max_tokens=STEPS, ignore_eos=True)
     ple_table = dense.head.per_layer.table
-    from tpserve.checkpoint import Checkpoint
+    from tpserve.model.checkpoint import Checkpoint
     # the per-layer table [128, 4 x 24] has the main embedding's shape; it is never taken for it
     assert find_main_embedding(Checkpoint(path), dense.cfg) == "model.embed_tokens.weight"
     for mode in ("int8", "q8_0"):

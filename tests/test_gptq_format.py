@@ -10,10 +10,10 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
 import tiny
-from tpserve import gptq
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import QuantConfig
-from tpserve.gptq_shard import read_gptq_shard
+from tpserve.model import gptq
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import QuantConfig
+from tpserve.model.gptq_shard import read_gptq_shard
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

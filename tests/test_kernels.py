@@ -16,10 +16,10 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from tpserve import gptq  # noqa: E402
-from tpserve.checkpoint import Checkpoint  # noqa: E402
-from tpserve.config import QuantConfig  # noqa: E402
-from tpserve.gptq_shard import read_gptq_shard  # noqa: E402
+from tpserve.model import gptq  # noqa: E402
+from tpserve.model.checkpoint import Checkpoint  # noqa: E402
+from tpserve.model.config import QuantConfig  # noqa: E402
+from tpserve.model.gptq_shard import read_gptq_shard  # noqa: E402
 from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul  # noqa: E402
 from tpserve.kernels.gptq_matmul import prepare_act_order, random_gptq  # noqa: E402
 

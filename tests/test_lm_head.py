@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import tpserve
 from tpserve.errors import TpserveError
-from tpserve.lm_head import Table
+from tpserve.model.lm_head import Table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

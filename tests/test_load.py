@@ -60,7 +60,7 @@ async def client(base, i, want, outcomes, stop_at):
 
 
 def test_load_with_a_rank_killed_midway(demo_checkpoint, tmp_path):
-    from tpserve.text import TextCodec
+    from tpserve.serve.text import TextCodec
     codec = TextCodec.load(demo_checkpoint)
     ref = tpserve.load(demo_checkpoint, tp=1, dtype=torch.float32)
     want = {p: codec.decode(ref.generate(codec.encode(p), max_tokens=8, ignore_eos=True))

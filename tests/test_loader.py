@@ -6,11 +6,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tpserve
-from tpserve.checkpoint import Checkpoint
-from tpserve.comm import LocalGroup
-from tpserve.config import load_configs
-from tpserve.model import RankModel
-from tpserve.shard_plan import ShardPlan
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.runtime.comm import LocalGroup
+from tpserve.model.config import load_configs
+from tpserve.model.llama import RankModel
+from tpserve.model.shard_plan import ShardPlan
 
 
 def layer_bytes(path):

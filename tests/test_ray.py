@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tpserve
-from tpserve.engine import Engine
-from tpserve.sampling import SamplingParams
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
 
 from test_peer_fixtures import FIXTURES
 

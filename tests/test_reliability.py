@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tpserve
-from tpserve.engine import Engine
-from tpserve.sampling import SamplingParams
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
 
 from test_peer_fixtures import FIXTURES
 
@@ -119,8 +119,8 @@ def test_a_bad_checkpoint_fails_at_load_and_leaves_no_rank_running(ray_cluster, 
 NODE_LOSS_CHILD = """
 import json, sys, threading, time, torch, tpserve
 from ray.cluster_utils import Cluster
-from tpserve.engine import Engine
-from tpserve.sampling import SamplingParams
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
 # three one-slot nodes: tp=2 spread over two of them, the third takes over after a node is lost
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]

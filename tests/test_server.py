@@ -19,9 +19,9 @@ import uvicorn
 
 import tpserve
 from tpserve.demo import demo_path
-from tpserve.engine import Engine
-from tpserve.server import build_app
-from tpserve.text import TextCodec
+from tpserve.serve.engine import Engine
+from tpserve.serve.server import build_app
+from tpserve.serve.text import TextCodec
 
 MODEL = "tpserve-demo"
 PROMPT = "The quick brown fox"

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tpserve.config import ModelConfig, RopeConfig
+from tpserve.model.config import ModelConfig, RopeConfig
 from tpserve.errors import ConfigError
-from tpserve.shard_plan import COLUMN, LINEAR_PLAN, MLP_UNIT, ShardPlan
+from tpserve.model.shard_plan import COLUMN, LINEAR_PLAN, MLP_UNIT, ShardPlan
 import torch
 
 

@@ -13,7 +13,7 @@ import torch
 
 import tpserve
 from tpserve.cli import main
-from tpserve.gptq_shard import BREAK_GROUP_OFFSET_ENV
+from tpserve.model.gptq_shard import BREAK_GROUP_OFFSET_ENV
 from tpserve.verify import verify_llm
 
 from test_peer_fixtures import FIXTURES

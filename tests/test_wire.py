@@ -5,9 +5,9 @@ import pytest
 import torch
 import zmq
 
-from tpserve.coordinator import Coordinator, RankFailure
-from tpserve.kv_cache import StepPlan
-from tpserve.wire import WireError, decode, encode
+from tpserve.runtime.coordinator import Coordinator, RankFailure
+from tpserve.model.kv_cache import StepPlan
+from tpserve.runtime.wire import WireError, decode, encode
 
 
 def frames(header, tensors=()):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tpserve import gptq
+from tpserve.model import gptq
 
 BASE = dict(hidden_size=96, intermediate_size=168, num_hidden_layers=2, num_attention_heads=12,
             num_key_value_heads=4, head_dim=8, vocab_size=128, max_position_embeddings=128,

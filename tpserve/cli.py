@@ -43,7 +43,7 @@ def _load(args):
 
     import tpserve
     from tpserve import demo
-    from tpserve.text import TextCodec
+    from tpserve.serve.text import TextCodec
 
     if args.model:
         path = args.model
@@ -64,8 +64,8 @@ def _load(args):
 
 
 def cmd_launch(args) -> int:
-    from tpserve.engine import Engine
-    from tpserve.server import build_app, serve
+    from tpserve.serve.engine import Engine
+    from tpserve.serve.server import build_app, serve
 
     path, llm, codec = _load(args)
     if args.verify:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tpserve import gptq
+from tpserve.model import gptq
 
-log = logging.getLogger("tpserve.demo")
+log = logging.getLogger(__name__)
 
 NAME = "tpserve-demo-llama-gptq4"
 VERSION = 1

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from tpserve.config import load_configs
+from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
-from tpserve.head import Head
-from tpserve.kv_cache import StepPlan
-from tpserve.sampling import SamplingParams, make_generator, sample
+from tpserve.model.head import Head
+from tpserve.model.kv_cache import StepPlan
+from tpserve.serve.sampling import SamplingParams, make_generator, sample
 
 log = logging.getLogger("tpserve")
 BACKENDS = ("local", "ray")
@@ -81,7 +81,7 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
     the ZMQ coordinator (the `tpserve launch` path); `ray_options` go to `RayExecutor` (address,
     placement, timeout_s, curve, progress). dtype defaults to the config's dtype. lm_head picks the
-    head's format: auto, dense, int8, q8_0 or gptq (`tpserve.lm_head`).
+    head's format: auto, dense, int8, q8_0 or gptq (`tpserve.model.lm_head`).
     """
     path = Path(model_path)
     cfg, quant = load_configs(path)
@@ -97,10 +97,10 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     if ray_options and backend != "ray":
         raise TpserveError(f"options {sorted(ray_options)} apply to backend='ray' only")
     if backend == "local":
-        from tpserve.local import LocalExecutor
+        from tpserve.runtime.local_executor import LocalExecutor
         executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
     else:
-        from tpserve.cluster import RayExecutor
+        from tpserve.runtime.ray_executor import RayExecutor
         executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
                                **ray_options)
     log.info("loaded %s (%s, %d layers) at tp=%d on %s, backend=%s", path, cfg.arch,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tpserve.errors import TpserveError
 
-log = logging.getLogger("tpserve.submit")
+log = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUBCOMMANDS = ("launch", "generate", "verify")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from tpserve.errors import TpserveError
-from tpserve.gptq_shard import GPTQWeight
-from tpserve.hf_reference import TransformersReference
-from tpserve.kv_cache import StepPlan
-from tpserve.shard_plan import LINEAR_PLAN
+from tpserve.model.gptq_shard import GPTQWeight
+from tpserve.model.hf_reference import TransformersReference
+from tpserve.model.kv_cache import StepPlan
+from tpserve.model.shard_plan import LINEAR_PLAN
 
 REFERENCES = ("tp1", "transformers")
 DEFAULT_TEXTS = ("The capital of France is", "def fibonacci(n):\n    return",
@@ -288,7 +288,7 @@ def verify_llm(llm, path, reference: str = "tp1", prompts: list[list[int]] | Non
     fixed token ids.
     """
     import tpserve
-    from tpserve.local import LocalExecutor
+    from tpserve.runtime.local_executor import LocalExecutor
 
     if reference not in REFERENCES:
         raise TpserveError(f"reference={reference!r} is not known; use one of {REFERENCES}")
@@ -336,7 +336,7 @@ def verify(model_path, tp: int, backend: str = "ray", reference: str = "tp1",
            lm_head: str = "auto", **ray_options) -> Report:
     """Load the deployment, verify it, close it."""
     import tpserve
-    from tpserve.text import TextCodec
+    from tpserve.serve.text import TextCodec
 
     llm = tpserve.load(model_path, tp=tp, backend=backend, dtype=dtype, device=device,
                        lm_head=lm_head, **ray_options)

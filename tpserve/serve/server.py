@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpserve.engine import Event, QueueFull
+from tpserve.serve.engine import Event, QueueFull
 from tpserve.errors import TpserveError
-from tpserve.metrics import CONTENT_TYPE, Metrics
-from tpserve.sampling import SamplingParams
+from tpserve.serve.metrics import CONTENT_TYPE, Metrics
+from tpserve.serve.sampling import SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",

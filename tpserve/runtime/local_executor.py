@@ -11,10 +11,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
 
-from tpserve.comm import LocalGroup
-from tpserve.kv_cache import StepPlan
-from tpserve.model import build_rank_model
-from tpserve.shard_plan import ShardPlan
+from tpserve.runtime.comm import LocalGroup
+from tpserve.model.kv_cache import StepPlan
+from tpserve.model.llama import build_rank_model
+from tpserve.model.shard_plan import ShardPlan
 
 
 class LocalExecutor:

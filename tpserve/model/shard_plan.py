@@ -12,7 +12,7 @@ the attention heads:
   differ by at most one unit), so tp=3 runs intermediate_size=688.
 
 Row-parallel spans need not start on a quantization group or a pack boundary; the loader keeps the
-global group offset (`tpserve.gptq_shard`). Norms are replicated; a row-parallel bias is added once,
+global group offset (`tpserve.model.gptq_shard`). Norms are replicated; a row-parallel bias is added once,
 by rank 0.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tpserve.config import ModelConfig
+from tpserve.model.config import ModelConfig
 from tpserve.errors import ConfigError
 
 COLUMN, ROW = "column", "row"

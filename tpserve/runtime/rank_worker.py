@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import zmq
 
-from tpserve.config import load_configs
+from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
-from tpserve.kv_cache import StepPlan
-from tpserve.model import RankModel, build_rank_model
-from tpserve.shard_plan import ShardPlan
-from tpserve.wire import WireError, decode, encode
+from tpserve.model.kv_cache import StepPlan
+from tpserve.model.llama import RankModel, build_rank_model
+from tpserve.model.shard_plan import ShardPlan
+from tpserve.runtime.wire import WireError, decode, encode
 
-log = logging.getLogger("tpserve.rank")
+log = logging.getLogger(__name__)
 
 
 class Stopped(Exception):

@@ -345,7 +345,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    gemma: GemmaConfig | None = None  # Gemma 2/3/4 (`tpserve.gemma`); rope is the full layers'
+    gemma: GemmaConfig | None = None  # Gemma 2/3/4 (`tpserve.model.gemma`); rope is the full layers'
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):

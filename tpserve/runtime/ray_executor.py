@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from tpserve.coordinator import CommStats, Coordinator, RankFailure
+from tpserve.runtime.coordinator import CommStats, Coordinator, RankFailure
 from tpserve.errors import TpserveError
-from tpserve.kv_cache import StepPlan
-from tpserve.rank_worker import RankWorker
+from tpserve.model.kv_cache import StepPlan
+from tpserve.runtime.rank_worker import RankWorker
 
-log = logging.getLogger("tpserve.cluster")
+log = logging.getLogger(__name__)
 PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
 
 

@@ -4,11 +4,11 @@
   Other tables of the same vocabulary but another width (Gemma's per-layer embeddings,
   `embed_tokens_per_layer`) are never taken for it, and never made into a head.
 - Tied vs untied comes from what the checkpoint holds: a real `lm_head.*` tensor wins over
-  `tie_word_embeddings`. A tied table is held once (`tpserve.lm_head.Table`), in the head's format.
+  `tie_word_embeddings`. A tied table is held once (`tpserve.model.lm_head.Table`), in the head's format.
 - The compute dtype is the config's (or the caller's), never a weight's.
 - Gemma: the embedding is scaled by sqrt(hidden) (rounded to the compute dtype, as transformers
   does), the final norm is Gemma's, and logits are soft-capped (final_logit_softcapping). Gemma 4's
-  per-layer embedding inputs (`tpserve.gemma.PerLayerInputs`) are computed here too and `embed`
+  per-layer embedding inputs (`tpserve.model.gemma.PerLayerInputs`) are computed here too and `embed`
   returns them as extra columns of the step tensor, [h | ple]; their bytes count in `nbytes`.
 """
 
@@ -18,14 +18,14 @@ import logging
 
 import torch
 
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import ModelConfig, QuantConfig
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import ModelConfig, QuantConfig
 from tpserve.errors import CheckpointError
-from tpserve.linear import read_linear_weight
-from tpserve.lm_head import Table, resolve_mode
-from tpserve.model import RMSNorm
+from tpserve.model.linear import read_linear_weight
+from tpserve.model.lm_head import Table, resolve_mode
+from tpserve.model.llama import RMSNorm
 
-log = logging.getLogger("tpserve.head")
+log = logging.getLogger(__name__)
 NORM, LM_HEAD = "model.norm.weight", "lm_head"
 PREFERRED_EMBEDDING = "model.embed_tokens.weight"
 
@@ -64,7 +64,7 @@ class Head:
         if cfg.gemma is None:
             norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
         else:
-            from tpserve.gemma import GemmaRMSNorm, PerLayerInputs
+            from tpserve.model.gemma import GemmaRMSNorm, PerLayerInputs
             norm = GemmaRMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype, cfg.gemma.norm_offset)
             gemma = dict(embed_scale=torch.tensor(h ** 0.5, dtype=dtype),
                          softcap=cfg.gemma.final_softcap,

@@ -21,9 +21,9 @@ def load_hf_model(path, dtype: torch.dtype = torch.float32, device="cpu"):
     except ImportError:
         raise TpserveError("the transformers reference needs the transformers package; pip "
                            "install transformers, or use --reference tp1") from None
-    from tpserve.checkpoint import Checkpoint
-    from tpserve.config import load_configs
-    from tpserve.linear import read_linear_weight
+    from tpserve.model.checkpoint import Checkpoint
+    from tpserve.model.config import load_configs
+    from tpserve.model.linear import read_linear_weight
 
     path = Path(path)
     _, quant = load_configs(path)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import QuantConfig
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import QuantConfig
 from tpserve.errors import CheckpointError
-from tpserve.gptq_shard import GPTQWeight, read_gptq_shard
+from tpserve.model.gptq_shard import GPTQWeight, read_gptq_shard
 from tpserve.kernels import gptq_matmul, prepare_act_order
 
 

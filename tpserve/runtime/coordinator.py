@@ -27,12 +27,12 @@ import torch
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from tpserve.comm import reduce_sum
+from tpserve.runtime.comm import reduce_sum
 from tpserve.errors import TpserveError
-from tpserve.kv_cache import StepPlan
-from tpserve.wire import WireError, decode, encode
+from tpserve.model.kv_cache import StepPlan
+from tpserve.runtime.wire import WireError, decode, encode
 
-log = logging.getLogger("tpserve.coordinator")
+log = logging.getLogger(__name__)
 
 
 class RankFailure(TpserveError):

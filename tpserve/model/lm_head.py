@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tpserve import gptq
+from tpserve.model import gptq
 from tpserve.errors import TpserveError
-from tpserve.gptq_shard import GPTQWeight
+from tpserve.model.gptq_shard import GPTQWeight
 from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul
 
 MODES = ("auto", "dense", "int8", "q8_0", "gptq")

@@ -5,7 +5,7 @@ prompts are prefilled together in the next step, beside the running sequences' d
 finished requests leave and free their slots. Each step is one `executor.step` (every rank, every
 layer, every all-reduce) followed by the head and the sampler at the coordinator.
 
-Callers get events through a callback invoked on the engine thread; `tpserve.server` turns them
+Callers get events through a callback invoked on the engine thread; `tpserve.serve.server` turns them
 into asyncio queues.
 """
 
@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 
 from tpserve.errors import TpserveError
-from tpserve.kv_cache import StepPlan
-from tpserve.sampling import SamplingParams, make_generator, sample
+from tpserve.model.kv_cache import StepPlan
+from tpserve.serve.sampling import SamplingParams, make_generator, sample
 
-log = logging.getLogger("tpserve.engine")
+log = logging.getLogger(__name__)
 
 
 class QueueFull(TpserveError):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tpserve.config import RopeConfig
+from tpserve.model.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tpserve import gptq
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import QuantConfig
+from tpserve.model import gptq
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import QuantConfig
 from tpserve.errors import CheckpointError
 
-log = logging.getLogger("tpserve.gptq_shard")
+log = logging.getLogger(__name__)
 # Test hook: reproduce the bug of engines that assume a shard starts on a group boundary, so
 # `tpserve verify` can be shown to catch it. Never set this in production.
 BREAK_GROUP_OFFSET_ENV = "TPSERVE_DEBUG_FORCE_GROUP_OFFSET_ZERO"

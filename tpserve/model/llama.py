@@ -2,7 +2,7 @@
 
 The residual stream h [T, hidden] is replicated on every rank; each row-parallel layer ends in an
 all-reduce, so after it every rank holds the same h again. The embedding, the final norm and the
-lm_head live at the coordinator (`tpserve.head`).
+lm_head live at the coordinator (`tpserve.model.head`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import ModelConfig, QuantConfig
-from tpserve.kv_cache import KVCache, StepPlan, attention
-from tpserve.linear import ColumnParallelLinear, RowParallelLinear
-from tpserve.rope import Rotary
-from tpserve.shard_plan import ShardPlan
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import ModelConfig, QuantConfig
+from tpserve.model.kv_cache import KVCache, StepPlan, attention
+from tpserve.model.linear import ColumnParallelLinear, RowParallelLinear
+from tpserve.model.rope import Rotary
+from tpserve.model.shard_plan import ShardPlan
 
 
 class RMSNorm(torch.nn.Module):
@@ -148,6 +148,6 @@ def build_rank_model(path, cfg: ModelConfig, quant: QuantConfig | None, plan: Sh
                      max_len: int | None = None) -> torch.nn.Module:
     """The rank-side model class for the checkpoint's architecture."""
     if cfg.gemma is not None:
-        from tpserve.gemma import GemmaRankModel
+        from tpserve.model.gemma import GemmaRankModel
         return GemmaRankModel(path, cfg, quant, plan, comm, dtype, device, num_slots, max_len)
     return RankModel(path, cfg, quant, plan, comm, dtype, device, num_slots, max_len)

@@ -1,7 +1,7 @@
 """Gemma 2, 3 and 4 text decoders (transformers 5.23 semantics), one rank's part, plus Gemma 4's
 per-layer embedding inputs (PLE), which the coordinator computes.
 
-What differs from the llama-family `tpserve.model`, checked against transformers' modeling files:
+What differs from the llama-family `tpserve.model.llama`, checked against transformers' modeling files:
 - RMSNorm in fp32; Gemma 2/3 store the weight as an offset (x * (1 + w)), Gemma 4 as is (x * w).
 - Sandwich norms: each of attention and MLP output is normed before its residual add.
 - gelu-tanh MLP; scores scaled by query_pre_attn_scalar ** -0.5 (Gemma 2/3) or 1 (Gemma 4, whose
@@ -37,14 +37,14 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tpserve.checkpoint import Checkpoint
-from tpserve.config import ModelConfig, QuantConfig, RopeConfig
-from tpserve.gptq_shard import GPTQWeight
+from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.config import ModelConfig, QuantConfig, RopeConfig
+from tpserve.model.gptq_shard import GPTQWeight
 from tpserve.kernels import gptq_matmul
-from tpserve.kv_cache import KVCache, StepPlan, attention
-from tpserve.linear import ColumnParallelLinear, RowParallelLinear, read_linear_weight
-from tpserve.rope import Rotary, inv_frequencies
-from tpserve.shard_plan import ShardPlan
+from tpserve.model.kv_cache import KVCache, StepPlan, attention
+from tpserve.model.linear import ColumnParallelLinear, RowParallelLinear, read_linear_weight
+from tpserve.model.rope import Rotary, inv_frequencies
+from tpserve.model.shard_plan import ShardPlan
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 

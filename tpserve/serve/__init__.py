@@ -1,0 +1,2 @@
+"""Serving: the engine (continuous batching), the OpenAI-compatible HTTP API, metrics, sampling
+and text."""
