@@ -288,7 +288,6 @@ def verify_llm(llm, path, reference: str = "tp1", prompts: list[list[int]] | Non
     fixed token ids.
     """
     import tpserve
-    from tpserve.runtime.local_executor import LocalExecutor
 
     if reference not in REFERENCES:
         raise TpserveError(f"reference={reference!r} is not known; use one of {REFERENCES}")
@@ -308,8 +307,7 @@ def verify_llm(llm, path, reference: str = "tp1", prompts: list[list[int]] | Non
             ref = ref1 = tpserve.load(path, tp=1, dtype=llm.dtype, device=device, lm_head=head_mode)
         results = [compare(llm, ref, ids, tol, max_tokens) for ids in prompts]
         passed = all(p.max_rel <= tol.rel and (p.greedy_equal or p.near_tie) for p in results)
-        backend = "local" if isinstance(llm.executor, LocalExecutor) else "ray"
-        report = Report(passed, str(path), llm.tp, backend,
+        report = Report(passed, str(path), llm.tp, llm.executor.backend,
                         "tp=1 in-process" if reference == "tp1" else
                         "transformers (float32, tpserve-dequantized weights)",
                         str(llm.dtype).replace("torch.", ""), asdict(tol), prompts_from, results)
@@ -318,7 +316,7 @@ def verify_llm(llm, path, reference: str = "tp1", prompts: list[list[int]] | Non
             ref1 = ref1 or tpserve.load(path, tp=1, dtype=llm.dtype, device=device,
                                         lm_head=head_mode)
             # The in-process re-run reads the same TPSERVE_* settings the ranks got at load.
-            local = llm if isinstance(llm.executor, LocalExecutor) else tpserve.load(
+            local = llm if llm.executor.backend == "local" else tpserve.load(
                 path, tp=llm.tp, dtype=llm.dtype, device=device, lm_head=head_mode)
             try:
                 report.localisation = localise(local, ref1, prompts[worst], tol)

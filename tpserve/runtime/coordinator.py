@@ -30,6 +30,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from tpserve.runtime.comm import reduce_sum
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
+from tpserve.runtime.executor import CommStats
 from tpserve.runtime.wire import WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,6 @@ class _AllowJobKeys:
         if not ok:
             log.warning("refused a CURVE client whose key is not one of this job's ranks")
         return ok
-
-
-@dataclass
-class CommStats:
-    steps: int = 0
-    allreduce_count: int = 0
-    allreduce_seconds: float = 0.0  # first partial in -> sum sent, summed over reductions
-    dropped_messages: int = 0
 
 
 class Coordinator:

@@ -12,12 +12,18 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import torch
 
 from tpserve.runtime.comm import LocalGroup
+from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.llama import build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 
 
 class LocalExecutor:
+    """An `Executor` whose ranks are threads of this process (they fail together, never alone)."""
+
+    backend = "local"
+    failures = 0
+
     def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device="cpu",
                  num_slots: int = 8, max_len: int | None = None):
         self.plan = ShardPlan.build(cfg, tp)
@@ -47,6 +53,19 @@ class LocalExecutor:
                        errors[0])
         out = futures[0].result()
         return out if plan.out_rows is None else out[plan.out_rows]
+
+    @property
+    def stats(self) -> CommStats:
+        return CommStats(allreduce_count=self.group.reductions)
+
+    def health(self) -> str | None:
+        return None
+
+    def placement(self) -> list[RankPlacement]:
+        return [RankPlacement(r, "local", str(m.device)) for r, m in enumerate(self.ranks)]
+
+    def recover(self) -> None:
+        pass
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

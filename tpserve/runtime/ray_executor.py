@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from tpserve.runtime.coordinator import CommStats, Coordinator, RankFailure
+from tpserve.runtime.coordinator import Coordinator, RankFailure
+from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.runtime.rank_worker import RankWorker
@@ -40,7 +41,7 @@ def ensure_ray(address: str | None, tp: int, device: str) -> bool:
 
 
 class RayExecutor:
-    """tp RankWorker actors in one placement group, driven by a `Coordinator`.
+    """An `Executor`: tp RankWorker actors in one placement group, driven by a `Coordinator`.
 
     A monitor thread watches the actors: a dead one (actor killed, process killed, node gone)
     turns the step in flight into a `RankFailure` within about a second, naming the rank and node;
@@ -56,7 +57,7 @@ class RayExecutor:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
             raise TpserveError(f"device={device!r} is not supported; use cpu or cuda")
-        self.path, self.tp, self.num_slots = path, tp, num_slots
+        self.backend, self.path, self.tp, self.num_slots = "ray", path, tp, num_slots
         self.max_len = max_len or cfg.max_position
         self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
         self.placement_timeout_s, self.curve = placement_timeout_s, curve
@@ -181,6 +182,12 @@ class RayExecutor:
     @property
     def stats(self) -> CommStats:
         return self._comm_stats
+
+    def health(self) -> str | None:
+        return self._dead
+
+    def placement(self) -> list[RankPlacement]:
+        return [RankPlacement(i["rank"], i["node_id"], self.device) for i in self.nodes]
 
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         self._raise_if_dead()

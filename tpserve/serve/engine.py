@@ -245,12 +245,9 @@ class Engine:
 
     def _recover(self) -> None:
         """Rebuild the ranks (Ray executor) so the server serves again without a restart."""
-        recover = getattr(self.executor, "recover", None)
-        if recover is None:
-            return
         while not self._stop:
             try:
-                recover()
+                self.executor.recover()
                 self.stats.recoveries += 1
                 return
             except Exception as e:

@@ -58,14 +58,14 @@ class EngineCollector:
         yield _gauge("tpserve_generation_tokens_per_second",
                      "Tokens generated per second of step time over the engine's lifetime.",
                      s.tokens_generated / s.step_seconds if s.step_seconds else 0.0)
-        ex = getattr(e.executor, "stats", None)
-        ar_s, ar_n = getattr(ex, "allreduce_seconds", 0.0), getattr(ex, "allreduce_count", 0)
+        ex = e.executor.stats
+        ar_s, ar_n = ex.allreduce_seconds, ex.allreduce_count
         yield _counter("tpserve_allreduce_seconds", "Seconds spent in all-reduces.", ar_s)
         yield _counter("tpserve_allreduce", "All-reduces run.", ar_n)
         yield _gauge("tpserve_allreduce_seconds_mean", "Mean all-reduce duration.",
                      ar_s / ar_n if ar_n else 0.0)
         yield _counter("tpserve_rank_failures", "Rank deaths or stalls detected.",
-                       getattr(e.executor, "failures", 0))
+                       e.executor.failures)
         yield _counter("tpserve_recoveries", "Rank groups rebuilt after a failure.",
                        s.recoveries)
         yield _counter("tpserve_requests_cancelled", "Requests whose client went away.",

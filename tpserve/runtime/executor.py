@@ -1,0 +1,55 @@
+"""The executor contract: what the engine, metrics, `LLM` and `tpserve verify` may ask of the ranks.
+
+Two implementations: `LocalExecutor` (tp ranks as threads of this process, tests and
+`backend="local"`) and `RayExecutor` (one Ray actor per rank, a ZMQ coordinator). Callers use only
+what is declared here, never `isinstance` or `getattr` probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tpserve.model.kv_cache import StepPlan
+
+
+@dataclass
+class CommStats:
+    """Counters of a rank group's all-reduces; they survive a rebuilt group."""
+    steps: int = 0
+    allreduce_count: int = 0
+    allreduce_seconds: float = 0.0  # first partial in -> sum sent, summed over reductions
+    dropped_messages: int = 0
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    rank: int
+    node: str  # Ray node id, or "local"
+    device: str  # e.g. "cpu", "cuda:0"
+
+
+class Executor(Protocol):
+    backend: str  # "local" | "ray"
+    tp: int
+    num_slots: int
+    max_len: int
+    failures: int  # rank deaths or stalls detected
+    stats: CommStats
+
+    def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Run one step on every rank: h [T, hidden] -> the final hidden rows `plan.out_rows`."""
+
+    def health(self) -> str | None:
+        """None while every rank serves; else a sentence naming the dead or stuck ranks."""
+
+    def placement(self) -> list[RankPlacement]:
+        """Where each rank runs."""
+
+    def recover(self) -> None:
+        """Rebuild the rank group after a failure (a no-op where ranks cannot die alone)."""
+
+    def close(self) -> None:
+        """Stop the ranks and free what they hold. Never hangs."""
