@@ -1,0 +1,290 @@
+"""Attention over the slot KV cache: one decode kernel for every sequence of a step, batched prefill.
+
+Run `python -m tpserve.kernels.attention` to print the decode kernel's error against the torch
+reference (without CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+
+Decode (flash-decoding): program (b, kv head, split) loads the kv_group query heads that share one
+kv head as a [16, D] tile (padded for tl.dot; the kv tile is read once for the whole group) and
+runs an online softmax over its share of the sequence's key blocks. The share is computed in the
+kernel from lens[b] (and the window), so the grid depends only on B, the kv heads and the cache's
+max length: no host synchronisation, safe to capture in a CUDA graph, and the work is that of the
+actual lengths. With more than one split a second kernel merges the splits' (max, sum, acc).
+Prefill is torch: the packed sequences padded to [B, maxlen] and one scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit below
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+_GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to this
+_MAX_SPLITS = 32
+
+
+# ---- torch references ----
+
+def _masked_scores(s: torch.Tensor, valid: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Soft-cap then mask fp32 scores [..., keys]; valid broadcasts against them."""
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s.masked_fill(~valid, float("-inf"))
+
+
+def decode_attention_reference(q, k_cache, v_cache, slots, lens, kv_group, scale, window=None,
+                               softcap=None):
+    """Same contract as decode_attention, in torch (not capturable: it reads max(lens) on the host).
+
+    Gathers each sequence's slot up to the longest length, zeroes the keys/values outside
+    [lens - window, lens) so that whatever the cache holds there cannot reach the output, and
+    softmaxes in fp32. A row with lens == 0 gives zeros.
+    """
+    b, h, d = q.shape
+    kvh = k_cache.shape[2]
+    assert h == kvh * kv_group, f"{h} query heads vs {kvh} kv heads x kv_group {kv_group}"
+    n = int(lens.max()) if b else 0
+    pos = torch.arange(n, device=q.device)
+    lens = lens.to(q.device).long()
+    valid = pos[None, :] < lens[:, None]  # (B, n)
+    if window is not None:
+        valid &= pos[None, :] >= lens[:, None] - window
+    keep = valid[:, :, None, None]
+    k = k_cache[slots.long(), :n].float().where(keep, 0.0)  # (B, n, KVH, D)
+    v = v_cache[slots.long(), :n].float().where(keep, 0.0)
+    qg = q.float().view(b, kvh, kv_group, d)
+    s = torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale
+    s = _masked_scores(s, valid[:, None, None, :], softcap)
+    p = s.softmax(-1).where(valid[:, None, None, :], 0.0)  # a row with no key: NaN -> 0
+    return torch.einsum("bkgn,bnkd->bkgd", p, v).reshape(b, h, d).to(q.dtype)
+
+
+def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_group=1):
+    """Causal attention of fresh sequences packed back to back (each starts at position 0).
+
+    q [T, H, D], k/v [T, KVH, D] with H = KVH * kv_group (q head h reads kv head h // kv_group),
+    cu_seqlens int [B + 1] (sequence i is rows cu[i]:cu[i+1]) -> [T, H, D] in q's dtype.
+    Padded to [B, maxlen] for one scaled_dot_product_attention call. Padding needs no mask of its
+    own: causality already hides padded keys from every real query, and padded query rows are
+    dropped. window: keys at positions > pos - window; softcap: scores = tanh(s / cap) * cap, which
+    SDPA cannot do, so that path computes the fp32 scores explicitly ([B, H, maxlen, maxlen]).
+    """
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    assert h == kvh * kv_group, f"{h} query heads vs {kvh} kv heads x kv_group {kv_group}"
+    cu = [int(c) for c in cu_seqlens.tolist()]  # prefill runs eagerly: host values are fine
+    lens = [e - s for s, e in zip(cu, cu[1:])]
+    b, maxlen = len(lens), max(lens, default=0)
+    if t == 0:
+        return torch.empty_like(q)
+    seq = torch.repeat_interleave(torch.arange(b, device=q.device),
+                                  torch.tensor(lens, device=q.device))
+    starts = torch.tensor(cu[:-1], device=q.device)
+    rows = seq * maxlen + torch.arange(t, device=q.device) - starts[seq]  # packed -> padded row
+
+    def pad(x):  # (T, heads, D) -> (B, heads, maxlen, D)
+        out = x.new_zeros(b * maxlen, x.shape[1], d).index_copy_(0, rows, x)
+        return out.view(b, maxlen, x.shape[1], d).transpose(1, 2)
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    qpos = torch.arange(maxlen, device=q.device)
+    mask = qpos[None, :] <= qpos[:, None]  # (maxlen, maxlen): query row, key column
+    if window is not None:
+        mask &= qpos[None, :] > qpos[:, None] - window
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=None if window is None else mask,
+                                           is_causal=window is None, scale=scale,
+                                           enable_gqa=kv_group > 1)
+    else:
+        qg = qp.reshape(b, kvh, kv_group * maxlen, d)  # kv_group heads of one kv head stacked
+        s = (qg.float() @ kp.float().transpose(-1, -2)).view(b, kvh, kv_group, maxlen, maxlen)
+        p = _masked_scores(s * scale, mask, softcap).softmax(-1)
+        o = (p.view(b, kvh, kv_group * maxlen, maxlen) @ vp.float()).view(b, h, maxlen, d)
+    return o.transpose(1, 2).reshape(b * maxlen, h, d)[rows].to(q.dtype)
+
+
+# ---- Triton decode kernel ----
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
+                   sq_b, sq_h, sk_s, sk_l, sk_h, sv_s, sv_l, sv_h, so_b, so_h,
+                   scale, softcap, window, num_heads,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    n = tl.load(lens_ptr + b).to(tl.int32)
+    lo = n * 0  # first visible key position
+    if HAS_WINDOW:
+        lo = tl.maximum(n - window, 0)
+    first, last = lo // BLOCK_N, tl.cdiv(n, BLOCK_N)
+    per = tl.cdiv(last - first, NUM_SPLITS)  # this split's contiguous share of the key blocks
+    start = first + split * per
+    end = tl.minimum(start + per, last)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + g
+    gmask, dmask = g < GROUP, d < HEAD_DIM
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    k_base = k_ptr + slot * sk_s + kvh * sk_h
+    v_base = v_ptr + slot * sv_s + kvh * sv_h
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for blk in range(start, end):
+        pos = blk * BLOCK_N + j
+        valid = (pos >= lo) & (pos < n)  # every block in range holds at least one valid key
+        kv_mask = valid[:, None] & dmask[None, :]  # masked loads: poison beyond lens never enters
+        k = tl.load(k_base + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G, N) fp32
+        if HAS_SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # tanh(s/cap) * cap
+        s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # lens == 0: acc is 0, so is the output
+        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        row = (b * num_heads + heads) * NUM_SPLITS + split  # part [B, H, S, D], ml [2, B, H, S]
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask)
+        tl.store(ml_ptr + row, m_i, mask=gmask)
+        tl.store(ml_ptr + tl.num_programs(0) * num_heads * NUM_SPLITS + row, l_i, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, out_ptr, so_b, so_h, rows,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask, dmask = s < NUM_SPLITS, d < HEAD_DIM
+    m = tl.load(ml_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+    l = tl.load(ml_ptr + rows * NUM_SPLITS + row * NUM_SPLITS + s, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty split: exp2(-inf) = 0
+    total = tl.sum(w * l, 0)
+    acc = tl.load(part_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0)
+    o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so that tests reach the merge kernel
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, window=None,
+                            softcap=None, num_splits=None, block_n=None, num_warps=4):
+    """decode_attention's Triton path; num_splits / block_n override the heuristics (tests, bench).
+
+    Splits are chosen from static sizes only: enough (b, kv head, split) programs for about two
+    waves of the GPU, at most one per key block of the max length.
+    """
+    b, h, d = q.shape
+    s_, max_len, kvh, d_k = k_cache.shape
+    assert h == kvh * kv_group, f"{h} query heads vs {kvh} kv heads x kv_group {kv_group}"
+    assert d_k == d and v_cache.shape == k_cache.shape and k_cache.dtype == q.dtype
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert kv_group <= _GROUP_TILE, f"kv_group {kv_group} > {_GROUP_TILE} is not supported"
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = block_n or (64 if block_d <= 128 else 32)
+    blocks = triton.cdiv(max_len, block_n)
+    if num_splits is None:
+        num_splits = triton.cdiv(2 * _sm_count(q.device), b * kvh)
+    num_splits = max(1, min(num_splits, blocks, _MAX_SPLITS))
+    if num_splits > 1:
+        part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(2, b, h, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out  # unused
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; fp16/bf16 MMA
+    _decode_kernel[(b, kvh, num_splits)](
+        q, k_cache, v_cache, slots, lens, out, part, ml,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
+        GROUP=kv_group, HEAD_DIM=d, BLOCK_G=_GROUP_TILE, BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISION=precision, num_warps=num_warps)
+    if num_splits > 1:
+        _merge_kernel[(b, h)](part, ml, out, out.stride(0), out.stride(1), b * h, HEAD_DIM=d,
+                              BLOCK_D=block_d, NUM_SPLITS=num_splits,
+                              BLOCK_S=triton.next_power_of_2(num_splits))
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, slots, lens, kv_group, scale, window=None, softcap=None):
+    """One decode token per sequence attends to its slot of the KV cache.
+
+    q        [B, H, D] this step's queries, fp16/bf16/fp32
+    k_cache  [S, L, KVH, D], v_cache the same: one layer's cache; this step's k/v are already
+             written at position lens[b] - 1 of slot slots[b]
+    slots    int32/int64 [B] device tensor: each sequence's cache slot
+    lens     int32 [B] device tensor: valid positions of each sequence, this token included;
+             lens == 0 (a padding row of a batch bucket) gives zeros
+    kv_group query heads per kv head (q head h reads kv head h // kv_group)
+    scale    score scale; window: None or keys at positions > lens - 1 - window;
+             softcap: None or scores = tanh(s / cap) * cap
+    returns  [B, H, D] in q's dtype (softmax in fp32)
+    CUDA tensors run the Triton kernel (CUDA-graph capturable); CPU tensors the torch reference,
+    or the Triton kernel when TRITON_INTERPRET=1.
+    """
+    if q.device.type == "cpu" and not _INTERPRET:
+        return decode_attention_reference(q, k_cache, v_cache, slots, lens, kv_group, scale,
+                                          window, softcap)
+    return decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, window,
+                                   softcap)
+
+
+def _main():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {dev}{' (TRITON_INTERPRET=1)' if _INTERPRET else ''}")
+    print(f"{'dtype':>8} {'H/KVH':>6} {'D':>4} {'window':>6} {'softcap':>7} {'max|err|':>9}")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.float32):
+        for h, kvh, d, window, softcap in [(8, 2, 64, None, None), (4, 4, 32, 5, 30.0)]:
+            slots_n, max_len, b = 4, 40, 3
+            q = torch.randn(b, h, d, generator=gen).to(dev, dtype)
+            kc = torch.randn(slots_n, max_len, kvh, d, generator=gen).to(dev, dtype)
+            vc = torch.randn(slots_n, max_len, kvh, d, generator=gen).to(dev, dtype)
+            slots = torch.tensor([2, 0, 3], device=dev)
+            lens = torch.tensor([17, 1, max_len], dtype=torch.int32, device=dev)
+            args = (q, kc, vc, slots, lens, h // kvh, d ** -0.5, window, softcap)
+            err = (decode_attention_triton(*args).float()
+                   - decode_attention_reference(*args).float()).abs().max().item()
+            print(f"{str(dtype)[6:]:>8} {f'{h}/{kvh}':>6} {d:>4} {str(window):>6} "
+                  f"{str(softcap):>7} {err:>9.2e}")
+
+
+if __name__ == "__main__":
+    _main()
