@@ -1,13 +1,18 @@
-"""All-reduce latency: tpserve's coordinator (ZMQ star, msgpack + raw frames) vs torch.distributed gloo.
+"""All-reduce latency: tpserve's data paths against torch.distributed (gloo always, NCCL on GPUs).
 
-    python bench/allreduce.py [--tp 2 4] [--sizes 8K 64K 1M 16M] [--transport tcp ipc] \
-        [--out bench/results/allreduce.json]
+    python bench/allreduce.py [--tp 2 4] [--sizes 8K 64K 1M 16M] [--paths zmq shm] \
+        [--gpu] [--out bench/results/allreduce.json]
 
-Both run tp rank processes on this host. tpserve: the real `Coordinator` in this process and the
-real `ZmqComm` in each rank (CurveZMQ on TCP, a 0700 unix socket for ipc, as in production); each rank times a loop of
-all_reduce calls inside one coordinator step. gloo: `dist.all_reduce` in the same processes'
-shape. Reported: median microseconds per all-reduce of an fp32 tensor of the given size, and
-gloo / tpserve (higher is better for tpserve).
+Every number comes from tp rank processes on this host, each timing a loop of all-reduces of an
+fp32 tensor of the given size (median, warm-up dropped; the slowest rank is reported, since it
+bounds a step). tpserve: the real `Coordinator` in this process and the real `RankWorker` serve
+loop in each rank (setup message, data path, `RankComm`), the timing loop standing in for the
+model inside one coordinator step. Paths: `zmq` (the coordinator's star over a 0700 unix socket,
+as for same-host ranks), `zmq-tcp` (CurveZMQ over TCP, as across hosts), `shm` (shared memory).
+With `--gpu` (needs tp GPUs): raw NCCL, tpserve's `nccl` path, and `nccl-graph` (tpserve's path
+captured in a CUDA graph of 16 all-reduces on a static buffer, replayed; time per all-reduce).
+GPU loops synchronise after every all-reduce (graph: after every replay). Ratios printed:
+gloo / path (higher is better for the path) and, on GPUs, path / NCCL (lower is better).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import time
 
 import torch
 
+GRAPH_CALLS = 16
+
 
 def parse_size(s: str) -> int:
     mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1].upper(), 1)
@@ -29,99 +36,119 @@ def parse_size(s: str) -> int:
 
 
 def iters_for(nbytes: int) -> int:
-    return max(10, min(400, int(2e8 // max(nbytes, 1) // 8)))
+    return max(20, min(2000, int(4e8 // max(nbytes, 1) // 8)))
 
 
-# ---- tpserve -------------------------------------------------------------------------------
-def _zmq_rank(rank, tp, address, keys, sizes, out_q):
-    import zmq
-
-    from tpserve.runtime.rank_worker import ZmqComm
-    from tpserve.runtime.wire import decode, encode
-    torch.set_num_threads(1)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, keys["identity"])
-    if "secret" in keys:
-        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-            keys["server_public"], keys["public"], keys["secret"])
-    sock.connect(address)
-    comm = ZmqComm(rank, tp, timeout_s=60)
-    comm.sock = sock
-    sock.send_multipart(encode({"op": "hello", "rank": rank}))
-    results = {}
-    for nbytes in sizes:
-        h, _ = decode(sock.recv_multipart())
-        comm.step, comm.seq = h["step"], 0
-        x = torch.randn(nbytes // 4)
-        times = []
-        for _ in range(iters_for(nbytes)):
-            t0 = time.perf_counter()
-            comm.all_reduce(x)
-            times.append(time.perf_counter() - t0)
-        results[nbytes] = statistics.median(times[len(times) // 5:])  # drop warm-up
-        if rank == 0:
-            sock.send_multipart(encode({"op": "result", "step": h["step"], "rank": 0},
-                                       [torch.zeros(1, 1)]))
-    out_q.put((rank, results))
-    sock.close(0)
-    ctx.term()
+def threads_for(tp: int) -> int:
+    return max(1, (os.cpu_count() or 1) // tp)  # what RayExecutor gives each CPU rank
 
 
-def bench_tpserve(tp: int, sizes: list[int], transport: str) -> dict[int, float]:
-    from tpserve.runtime.coordinator import Coordinator
+def time_loop(fn, nbytes: int, sync) -> float:
+    times = []
+    for _ in range(iters_for(nbytes)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[len(times) // 5:])  # drop warm-up
+
+
+def _nosync():
+    pass
+
+
+class _Timer:
+    """Stands in for the rank's model: times comm.all_reduce at each size inside one step."""
+
+    def __init__(self, comm, sizes, device, graph, out_q):
+        self.comm, self.sizes, self.device, self.graph, self.q = comm, sizes, device, graph, out_q
+
+    def __call__(self, h, plan):
+        sync = torch.cuda.synchronize if self.device == "cuda" else _nosync
+        results = {}
+        for nbytes in self.sizes:
+            x = torch.randn(nbytes // 4, device=self.device)
+            if self.graph:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(GRAPH_CALLS):
+                        x = self.comm.all_reduce(x)
+                results[nbytes] = time_loop(g.replay, nbytes, sync) / GRAPH_CALLS
+            else:
+                results[nbytes] = time_loop(lambda: self.comm.all_reduce(x), nbytes, sync)
+        self.q.put((self.comm.rank, results))
+        return h
+
+
+def _tpserve_rank(rank, tp, address, keys, sizes, device, graph, out_q):
+    from tpserve.runtime.rank_worker import RankWorker
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    worker = RankWorker(rank, tp, ".", "float32", device, 1, 1, timeout_s=300,
+                        threads=threads_for(tp))
+    worker.model = _Timer(worker.comm, sizes, device, graph, out_q)
+    worker.serve(address, keys)
+
+
+def _gather(procs, q, tp: int, sizes: list[int]) -> dict[int, float]:
+    res = dict(q.get(timeout=600) for _ in range(tp))
+    for p in procs:
+        p.join(30)
+    return {n: max(res[r][n] for r in range(tp)) for n in sizes}
+
+
+def bench_tpserve(tp: int, sizes: list[int], path: str) -> dict[int, float]:
     from tpserve.model.kv_cache import StepPlan
-    coord = Coordinator(tp, transport=transport)
+    from tpserve.runtime.coordinator import Coordinator
+    tcp, gpu = path == "zmq-tcp", path.startswith("nccl")
+    coord = Coordinator(tp, timeout_s=300, transport="tcp" if tcp else "ipc",
+                        allreduce="nccl" if gpu else path.split("-")[0])
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_zmq_rank, args=(r, tp, coord.address, coord.client_keys(r), sizes, q))
+    procs = [ctx.Process(target=_tpserve_rank, args=(r, tp, coord.address, coord.client_keys(r),
+                                                     sizes, "cuda" if gpu else "cpu",
+                                                     path == "nccl-graph", q))
              for r in range(tp)]
     for p in procs:
         p.start()
-    coord.wait_for_ranks(timeout_s=60)
-    for _ in sizes:  # one coordinator step per size; the ranks run their loops inside it
+    try:
+        coord.wait_for_ranks(timeout_s=120)
         coord.step(torch.zeros(1, 1), StepPlan([0], [0], [1]))
-    res = dict(q.get(timeout=60) for _ in range(tp))
-    for p in procs:
-        p.join(10)
-    coord.close()
-    return {n: max(res[r][n] for r in range(tp)) for n in sizes}  # the slowest rank bounds a step
+        return _gather(procs, q, tp, sizes)
+    finally:
+        coord.close()
 
 
-# ---- gloo ----------------------------------------------------------------------------------
-def _gloo_rank(rank, tp, port, sizes, out_q):
+def _dist_rank(rank, tp, backend, port, sizes, out_q):
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    torch.set_num_threads(threads_for(tp))
+    device = "cuda" if backend == "nccl" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=tp)
+    sync = torch.cuda.synchronize if device == "cuda" else _nosync
     results = {}
     for nbytes in sizes:
-        x = torch.randn(nbytes // 4)
+        x = torch.randn(nbytes // 4, device=device)
         dist.barrier()
-        times = []
-        for _ in range(iters_for(nbytes)):
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            times.append(time.perf_counter() - t0)
-        results[nbytes] = statistics.median(times[len(times) // 5:])
+        results[nbytes] = time_loop(lambda: dist.all_reduce(x), nbytes, sync)
     out_q.put((rank, results))
     dist.destroy_process_group()
 
 
-def bench_gloo(tp: int, sizes: list[int]) -> dict[int, float]:
+def bench_dist(tp: int, sizes: list[int], backend: str) -> dict[int, float]:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(r, tp, port, sizes, q)) for r in range(tp)]
+    procs = [ctx.Process(target=_dist_rank, args=(r, tp, backend, port, sizes, q))
+             for r in range(tp)]
     for p in procs:
         p.start()
-    res = dict(q.get(timeout=120) for _ in range(tp))
-    for p in procs:
-        p.join(10)
-    return {n: max(res[r][n] for r in range(tp)) for n in sizes}
+    return _gather(procs, q, tp, sizes)
 
 
 def fmt(n: int) -> str:
@@ -132,26 +159,39 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--sizes", nargs="+", default=["8K", "64K", "1M", "16M"])
-    ap.add_argument("--transport", nargs="+", default=["tcp", "ipc"])
+    ap.add_argument("--paths", nargs="+", default=["zmq", "shm"],
+                    choices=["zmq", "zmq-tcp", "shm"])
+    ap.add_argument("--gpu", action="store_true", help="also NCCL, tpserve nccl and nccl-graph")
     ap.add_argument("--out")
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes]
     rows = []
     for tp in args.tp:
-        gloo = bench_gloo(tp, sizes)
-        for transport in args.transport:
-            ours = bench_tpserve(tp, sizes, transport)
-            for n in sizes:
-                rows.append({"tp": tp, "bytes": n, "transport": transport,
-                             "tpserve_us": ours[n] * 1e6, "gloo_us": gloo[n] * 1e6,
-                             "gloo_over_tpserve": gloo[n] / ours[n]})
-    print(f"{'tp':>3} {'size':>5} {'transport':>9} {'tpserve us':>11} {'gloo us':>9} {'gloo/tpserve':>12}")
+        times = {"gloo": bench_dist(tp, sizes, "gloo")}
+        for path in args.paths:
+            times[path] = bench_tpserve(tp, sizes, path)
+        if args.gpu:
+            times["NCCL"] = bench_dist(tp, sizes, "nccl")
+            for path in ("nccl", "nccl-graph"):
+                times[path] = bench_tpserve(tp, sizes, path)
+        for n in sizes:
+            row = {"tp": tp, "bytes": n, **{f"{k}_us": v[n] * 1e6 for k, v in times.items()}}
+            for k, v in times.items():
+                if k not in ("gloo", "NCCL"):
+                    ref = "NCCL" if k.startswith("nccl") else "gloo"
+                    row[f"{k}_vs_{ref}"] = (v[n] / times[ref][n] if ref == "NCCL"
+                                            else times[ref][n] / v[n])
+            rows.append(row)
+    keys = [k for k in rows[0] if k not in ("tp", "bytes")]
+    print(f"{'tp':>3} {'size':>5} " + " ".join(f"{k:>16}" for k in keys))
     for r in rows:
-        print(f"{r['tp']:>3} {fmt(r['bytes']):>5} {r['transport']:>9} {r['tpserve_us']:>11.1f} "
-              f"{r['gloo_us']:>9.1f} {r['gloo_over_tpserve']:>12.2f}")
+        print(f"{r['tp']:>3} {fmt(r['bytes']):>5} " + " ".join(f"{r[k]:>16.2f}" for k in keys))
+    print("(_us: median microseconds; *_vs_gloo: gloo time / path time; *_vs_NCCL: path / NCCL)")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {"host_cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+        meta = {"host_cpus": os.cpu_count(), "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0

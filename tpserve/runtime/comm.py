@@ -1,19 +1,32 @@
-"""The communication interface the TP math talks to, and its in-process implementation.
+"""The communication interface the TP math talks to: a rank half and a driver half.
 
-Model code only ever calls `comm.all_reduce(x)` and reads `comm.rank` / `comm.world_size`. The
-production implementation (`tpserve.rank_comm.ZmqComm`) sends partials to the coordinator; the
-in-process one below runs tp ranks as threads of one process for tests and `backend="local"`.
+Rank half (`Comm`): what model code holds. It only ever calls `comm.all_reduce(x)` and reads
+`comm.rank` / `comm.world_size`. `all_reduce` may reduce `x` in place and return it (the GPU path
+does, so a captured CUDA graph reuses one static buffer); callers must use the return value.
 
-Both sum the partials in rank order in fp32 and cast back, so every rank gets bit-identical
-results and tp ranks of fp16 partials lose no more precision than one rounding.
+Driver half (`CommDriver`): what an executor holds for the whole group. It sets the group up,
+chooses the data path, counts and times reductions into `CommStats`, turns a dead rank into a
+failure, and tears everything down. Two implementations: the ZMQ `Coordinator` (ranks are
+processes; it carries the bytes itself on the `zmq` path, hands out a shared-memory segment on
+`shm` or a torch.distributed rendezvous on `nccl`/`gloo`) and `LocalGroup` below (ranks are threads
+of one process, for tests and `backend="local"`).
+
+Every CPU path sums the partials in rank order in fp32 (`reduce_sum`) and casts back, so every rank
+gets bit-identical results and tp ranks of fp16 partials lose no more than one rounding.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol
 
 import torch
+
+from tpserve.errors import TpserveError
+from tpserve.runtime.executor import CommStats
+
+ALLREDUCE = ("auto", "zmq", "shm", "nccl", "gloo")
 
 
 class Comm(Protocol):
@@ -21,6 +34,47 @@ class Comm(Protocol):
     world_size: int
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class CommDriver(Protocol):
+    path: str  # the data path that carries the bytes: local | zmq | shm | nccl | gloo
+    stats: CommStats
+
+    def abort(self) -> None:
+        """Release every rank blocked inside an all-reduce (after one of them failed)."""
+
+    def close(self) -> None:
+        """Tear the group's communication down; frees sockets and segments. Never hangs."""
+
+
+class Aborted(TpserveError):
+    """The driver released this rank from an all-reduce: the step fails, the group is rebuilt."""
+
+
+def choose_path(requested: str, tp: int, device: str, local: bool, shm_unsupported: str | None
+                ) -> tuple[str, str]:
+    """(data path, why) for `--allreduce requested`, given where the ranks are."""
+    if requested not in ALLREDUCE:
+        raise TpserveError(f"allreduce={requested!r} is not known; use one of {list(ALLREDUCE)}")
+    if tp == 1:
+        return "zmq", "a single rank never reduces"
+    where = "every rank is on the driver's host" if local else "ranks span several hosts"
+    if requested == "shm" and (device != "cpu" or not local or shm_unsupported):
+        raise TpserveError(f"allreduce='shm' needs CPU ranks on the driver's host and x86-64 "
+                           f"/dev/shm, but {shm_unsupported or where} (device={device}); use "
+                           f"allreduce='auto'")
+    if requested == "nccl" and device != "cuda":
+        raise TpserveError("allreduce='nccl' needs device='cuda'; use allreduce='auto'")
+    if requested == "gloo" and device != "cpu":
+        raise TpserveError("allreduce='gloo' carries CPU tensors only; use allreduce='nccl'")
+    if requested != "auto":
+        return requested, "requested"
+    if local and device == "cpu" and not shm_unsupported:
+        return "shm", f"{where} with CPU tensors"
+    if local and device == "cuda":
+        return "nccl", f"{where} with GPU tensors"
+    why = shm_unsupported if local and device == "cpu" else where
+    return "zmq", f"{why}: the coordinator carries the bytes (CurveZMQ over TCP across hosts)"
 
 
 def reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -31,14 +85,50 @@ def reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return acc.to(parts[0].dtype)
 
 
+class RankComm:
+    """The rank half in a rank process: counts and times every all-reduce of its data path.
+
+    `path` is set by the coordinator's setup message (`reduce(x, step, seq)`); `step` and `seq`
+    name the reduction so every path can tell a stale or replayed partial from the awaited one.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.path = None
+        self.step = self.seq = 0
+        self.count, self.seconds = 0, 0.0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        self.seq += 1
+        t0 = time.perf_counter()
+        out = self.path.reduce(x, self.step, self.seq)
+        self.seconds += time.perf_counter() - t0  # host time: a GPU path only launches
+        self.count += 1
+        return out
+
+    def take_counts(self) -> dict:
+        """Reductions since the last call, for the step's result header."""
+        out = {"reductions": self.count, "reduce_ns": int(self.seconds * 1e9)}
+        self.count, self.seconds = 0, 0.0
+        return out
+
+
 class LocalGroup:
-    """Shared state of tp in-process ranks: one slot per rank and a barrier."""
+    """Driver half for tp in-process ranks: one slot per rank and a barrier."""
+
+    path = "local"
 
     def __init__(self, world_size: int, timeout: float = 120.0):
         self.world_size = world_size
         self.slots: list[torch.Tensor | None] = [None] * world_size
         self.barrier = threading.Barrier(world_size, timeout=timeout)
         self.reductions = 0
+
+    @property
+    def stats(self) -> CommStats:
+        return CommStats(allreduce_count=self.reductions)
 
     def comm(self, rank: int) -> "LocalComm":
         return LocalComm(self, rank)
@@ -49,6 +139,9 @@ class LocalGroup:
 
     def reset(self) -> None:
         self.barrier.reset()
+
+    def close(self) -> None:
+        self.abort()
 
 
 class LocalComm:

@@ -1,10 +1,16 @@
-"""The coordinator: one ZMQ ROUTER in the driver that drives every step and runs every all-reduce.
+"""The coordinator: one ZMQ ROUTER in the driver that drives every step and owns every all-reduce.
 
-Per step it sends `{op: step, plan}` + h to each rank, then serves the step's all-reduces: it
-collects the tp partials of reduction `seq`, sums them (`comm.reduce_sum`) and sends the sum back
-to every rank, until rank 0 returns the final hidden rows (`op: result`). Every receive has a
-deadline: a rank that stops answering is a `RankFailure`, never a hang. Messages that fail
-validation, come from an unknown peer, or belong to another step are logged and dropped.
+It is the driver half of the comm interface (`comm.CommDriver`) for rank processes. After the
+ranks' hellos it sets up the chosen data path (`setup` -> `ready`): `zmq`, where it carries the
+bytes itself; `shm`, a shared-memory segment it creates (`shm.ShmDriver`); `nccl`/`gloo`, a
+torch.distributed rendezvous it hosts (`torch_dist.DistDriver`). Per step it sends
+`{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`); on
+the zmq path it meanwhile collects the tp partials of reduction `seq`, sums them
+(`comm.reduce_sum`) and sends the sum back to every rank. On the other paths the result header
+carries the step's reduction count and time. Every receive has a deadline (re-armed while the
+ranks make progress): a rank that stops answering is a `RankFailure`, never a hang, and a failed
+step aborts the data path so no rank stays blocked in it. Messages that fail validation, come
+from an unknown peer, or belong to another step are logged, dropped and counted.
 
 Admission: the driver mints, per rank, a secret ZMQ identity and (over TCP) a CurveZMQ client key
 pair, and hands them to the rank through Ray. Over TCP the ZAP handler admits only this job's
@@ -31,7 +37,7 @@ from tpserve.runtime.comm import reduce_sum
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.runtime.executor import CommStats
-from tpserve.runtime.wire import WireError, decode, encode
+from tpserve.runtime.wire import WireError, decode, encode, uint
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,8 @@ class _AllowJobKeys:
 
 class Coordinator:
     def __init__(self, tp: int, bind_host: str = "127.0.0.1", timeout_s: float = 60.0,
-                 curve: bool = True, transport: str = "tcp"):
-        self.tp, self.timeout_s = tp, timeout_s
+                 curve: bool = True, transport: str = "tcp", allreduce: str = "zmq"):
+        self.tp, self.timeout_s, self.path = tp, timeout_s, allreduce
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -95,6 +101,8 @@ class Coordinator:
         self.step_id = 0
         self.stats = CommStats()
         self.health_check = None  # called while waiting; raises RankFailure for a dead rank
+        self._deadline = self._progress = 0
+        self.data = _data_driver(allreduce, tp, bind_host, timeout_s)  # None: the zmq star
 
     def client_keys(self, rank: int) -> dict:
         """What rank `rank` needs to connect (handed over through Ray, never through ZMQ)."""
@@ -105,12 +113,15 @@ class Coordinator:
         return keys
 
     # ---- receiving -----------------------------------------------------------------------
-    def _recv(self, deadline: float, waiting_for: str):
+    def _recv(self, waiting_for: str):
         while True:
-            left = deadline - time.monotonic()
+            left = self._deadline - time.monotonic()
             # Wait in short slices so a rank the monitor saw die fails the step at once.
             if left <= 0 or not self.sock.poll(int(min(left, 0.25) * 1000) + 1):
-                if time.monotonic() >= deadline:
+                if self.data is not None and self.data.progress() != self._progress:
+                    self._progress = self.data.progress()  # reductions advance without us
+                    self._deadline = time.monotonic() + self.timeout_s
+                if time.monotonic() >= self._deadline:
                     raise RankFailure(f"{waiting_for} did not arrive within {self.timeout_s:.0f}s; "
                                       f"a rank is dead or stuck (see its log)")
                 if self.health_check is not None:
@@ -132,15 +143,30 @@ class Coordinator:
             return ident, header, tensors
 
     def wait_for_ranks(self, timeout_s: float | None = None) -> None:
-        """Collect every rank's hello (its ZMQ identity)."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        """Collect every rank's hello (its ZMQ identity), then set up the all-reduce data path."""
+        self._deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while None in self.identities:
             missing = [r for r, i in enumerate(self.identities) if i is None]
-            ident, h, _ = self._recv(deadline, f"hello from ranks {missing}")
+            ident, h, _ = self._recv(f"hello from ranks {missing}")
             if h["op"] == "hello" and self.identities[h["rank"]] is None:
                 self.identities[h["rank"]] = ident
             else:
                 log.error("dropped %r from rank %s while waiting for hellos", h["op"], h["rank"])
+        if self.data is None:
+            return  # the zmq star is every rank's default path
+        for r, ident in enumerate(self.identities):
+            self.sock.send_multipart([ident, *encode({"op": "setup", "path": self.path,
+                                                      "comm": self.data.setup(r)})])
+        ready = [False] * self.tp
+        while not all(ready):
+            _, h, _ = self._recv(f"{self.path} all-reduce setup of ranks "
+                                 f"{[r for r in range(self.tp) if not ready[r]]}")
+            if h["op"] == "error" and h["step"] == 0:
+                raise RankFailure(f"rank {h['rank']} could not join the {self.path} all-reduce: "
+                                  f"{h.get('message', '?')}")
+            if h["op"] == "ready":
+                ready[h["rank"]] = True
+        self.data.joined()
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
@@ -149,11 +175,20 @@ class Coordinator:
         msg = encode({"op": "step", "step": step, "plan": plan.to_wire()}, [h])
         for ident in self.identities:
             self.sock.send_multipart([ident, *msg], copy=False)
+        try:
+            return self._serve(step)
+        except RankFailure:
+            if self.data is not None:
+                self.data.abort()  # no rank stays blocked in the path; recover() rebuilds it
+            raise
+
+    def _serve(self, step: int) -> torch.Tensor:
+        """Wait for step `step`'s result; on the zmq path, serve its reductions meanwhile."""
         partials: dict[int, list] = {}
         started: dict[int, float] = {}
-        deadline = time.monotonic() + self.timeout_s
+        self._deadline = time.monotonic() + self.timeout_s
         while True:
-            ident, hdr, tensors = self._recv(deadline, f"step {step} traffic")
+            ident, hdr, tensors = self._recv(f"step {step} traffic")
             op, rank = hdr["op"], hdr["rank"]
             if hdr["step"] != step:
                 self.stats.dropped_messages += 1
@@ -164,8 +199,11 @@ class Coordinator:
                 raise RankFailure(f"rank {rank} failed in step {step}: {hdr.get('message', '?')}")
             if op == "result" and rank == 0 and len(tensors) == 1:
                 self.stats.steps += 1
+                if self.data is not None:  # reductions the ranks ran among themselves
+                    self.stats.allreduce_count += uint(hdr, "reductions")
+                    self.stats.allreduce_seconds += uint(hdr, "reduce_ns") * 1e-9
                 return tensors[0]
-            if op != "reduce" or len(tensors) != 1:
+            if op != "reduce" or len(tensors) != 1 or self.data is not None:
                 self.stats.dropped_messages += 1
                 log.error("dropped unexpected %r from rank %s in step %s", op, rank, step)
                 continue
@@ -180,7 +218,7 @@ class Coordinator:
                 raise RankFailure(f"rank {rank} sent a partial of shape {list(tensors[0].shape)} "
                                   f"for reduction {seq}, rank 0 sent {list(parts[0].shape)}")
             parts[rank] = tensors[0]
-            deadline = time.monotonic() + self.timeout_s  # progress: re-arm the deadline
+            self._deadline = time.monotonic() + self.timeout_s  # progress: re-arm the deadline
             if all(p is not None for p in parts):
                 out = encode({"op": "sum", "step": step, "seq": seq}, [reduce_sum(parts)])
                 for ident in self.identities:
@@ -189,7 +227,12 @@ class Coordinator:
                 self.stats.allreduce_count += 1
                 self.stats.allreduce_seconds += time.perf_counter() - started.pop(seq)
 
+    def abort(self) -> None:
+        if self.data is not None:
+            self.data.abort()
+
     def stop(self) -> None:
+        self.abort()  # ranks blocked in a shared-memory wait see it at once
         msg = encode({"op": "stop", "step": self.step_id})
         for ident in self.identities:
             if ident is not None:
@@ -204,5 +247,19 @@ class Coordinator:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        if self.data is not None:
+            self.data.close()
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def _data_driver(path: str, tp: int, host: str, timeout_s: float):
+    """The driver half of a data path the ranks run among themselves; None for the zmq star."""
+    if path == "shm":
+        from tpserve.runtime.shm import ShmDriver
+        return ShmDriver(tp)
+    if path in ("nccl", "gloo"):
+        from tpserve.runtime.torch_dist import DistDriver
+        return DistDriver(path, host, timeout_s)
+    assert path == "zmq", path
+    return None

@@ -1,7 +1,9 @@
 """A TP rank: its own process (a Ray actor), its own shard, its own KV cache, a ZMQ DEALER.
 
-Ray starts, places, monitors and kills the actor; every tensor travels over ZMQ. `serve()` runs
+Ray starts, places, monitors and kills the actor; steps and setup travel over ZMQ. `serve()` runs
 the step loop in one of the actor's two concurrency slots so `health()` is answered meanwhile.
+The model holds a `RankComm` whose data path is the ZMQ star until the coordinator's `setup`
+message names another one (shared memory, NCCL, gloo).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import zmq
 from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
-from tpserve.model.llama import RankModel, build_rank_model
+from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
+from tpserve.runtime.comm import RankComm
 from tpserve.runtime.wire import WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -29,25 +32,20 @@ class Stopped(Exception):
     pass
 
 
-class ZmqComm:
-    """all_reduce through the coordinator: send this rank's partial, receive the sum."""
+class ZmqPath:
+    """The zmq path's rank half: send this rank's partial to the coordinator, receive the sum."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float):
-        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.sock: zmq.Socket | None = None
-        self.step = self.seq = 0
+    def __init__(self, sock: zmq.Socket, rank: int, timeout_s: float):
+        self.sock, self.rank, self.timeout_s = sock, rank, timeout_s
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        self.seq += 1
-        self.sock.send_multipart(encode({"op": "reduce", "step": self.step, "seq": self.seq,
+    def reduce(self, x: torch.Tensor, step: int, seq: int) -> torch.Tensor:
+        self.sock.send_multipart(encode({"op": "reduce", "step": step, "seq": seq,
                                          "rank": self.rank}, [x]), copy=False)
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
-                raise TpserveError(f"rank {self.rank}: the sum of reduction {self.seq} did not "
+                raise TpserveError(f"rank {self.rank}: the sum of reduction {seq} did not "
                                    f"arrive within {self.timeout_s:.0f}s")
             try:
                 h, ts = decode(self.sock.recv_multipart(copy=False))
@@ -56,10 +54,25 @@ class ZmqComm:
                 continue
             if h["op"] == "stop":
                 raise Stopped()
-            if h["op"] == "sum" and h["step"] == self.step and h["seq"] == self.seq and len(ts) == 1:
+            if h["op"] == "sum" and h["step"] == step and h["seq"] == seq and len(ts) == 1:
                 return ts[0].to(x.device, x.dtype)
             log.error("rank %d dropped %r (step %s seq %s) while waiting for sum %s/%s", self.rank,
-                      h["op"], h["step"], h["seq"], self.step, self.seq)
+                      h["op"], h["step"], h["seq"], step, seq)
+
+
+def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: float):
+    """The rank half of the data path the coordinator's setup message names."""
+    if not isinstance(setup, dict):
+        raise WireError("setup header has no comm map")
+    if name == "zmq":
+        return ZmqPath(sock, rank, timeout_s)
+    if name == "shm":
+        from tpserve.runtime.shm import ShmPath
+        return ShmPath(setup, rank, tp, timeout_s)
+    if name in ("nccl", "gloo"):
+        from tpserve.runtime.torch_dist import DistPath
+        return DistPath(setup, rank, tp, timeout_s)
+    raise WireError(f"setup names an unknown all-reduce path {name!r}")
 
 
 def _plan_from_wire(d, num_tokens: int) -> StepPlan:
@@ -84,7 +97,8 @@ class RankWorker:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
         self.rank, self.tp, self.path, self.device = rank, tp, path, device
         self.dtype, self.num_slots, self.max_len = getattr(torch, dtype), num_slots, max_len
-        self.comm = ZmqComm(rank, tp, timeout_s)
+        self.comm, self.timeout_s = RankComm(rank, tp), timeout_s
+        self.gpu = 0  # Ray exposes only this rank's GPU unless `see_gpus` widened the view
         self.model: RankModel | None = None
         self.steps = 0
         self.last_step = 0
@@ -95,7 +109,15 @@ class RankWorker:
         import ray
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "pid": os.getpid(), "path_ok": (Path(self.path) / "config.json").is_file()}
+                "pid": os.getpid(), "path_ok": (Path(self.path) / "config.json").is_file(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def see_gpus(self, visible: list[str]) -> None:
+        """See every GPU of this node's ranks (before CUDA starts) so NCCL can use P2P/NVLink
+        between them; this rank's own GPU becomes device `self.gpu` of that list."""
+        import ray
+        self.gpu = visible.index(str(ray.get_gpu_ids()[0]))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
 
     def load(self) -> dict:
         t0 = time.perf_counter()
@@ -103,7 +125,7 @@ class RankWorker:
         plan = ShardPlan.build(cfg, self.tp)
         device = self.device
         if device == "cuda":
-            torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
+            torch.cuda.set_device(self.gpu)
         self.model = build_rank_model(self.path, cfg, quant, plan, self.comm, self.dtype, device,
                                self.num_slots, self.max_len)
         return {"rank": self.rank, "seconds": time.perf_counter() - t0,
@@ -123,7 +145,7 @@ class RankWorker:
             sock.curve_publickey = keys["public"]
             sock.curve_secretkey = keys["secret"]
         sock.connect(address)
-        self.comm.sock = sock
+        self.comm.path = ZmqPath(sock, self.rank, self.timeout_s)
         sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
         try:
             while True:
@@ -133,6 +155,9 @@ class RankWorker:
                     h, ts = decode(sock.recv_multipart(copy=False))
                     if h["op"] == "stop":
                         break
+                    if h["op"] == "setup":
+                        self._join(sock, h)
+                        continue
                     if h["op"] != "step" or len(ts) != 1 or ts[0].dim() != 2:
                         raise WireError(f"expected a step with one 2-D tensor, got {h['op']!r}")
                     if h["step"] <= self.last_step:
@@ -145,10 +170,11 @@ class RankWorker:
                 self.comm.seq = 0
                 try:
                     out = self.model(ts[0].to(self.device, self.dtype), plan)
+                    counts = self.comm.take_counts()
                     if self.rank == 0:
                         rows = out if plan.out_rows is None else out[plan.out_rows]
-                        sock.send_multipart(encode({"op": "result", "step": h["step"], "rank": 0},
-                                                   [rows]), copy=False)
+                        sock.send_multipart(encode({"op": "result", "step": h["step"], "rank": 0,
+                                                    **counts}, [rows]), copy=False)
                 except Stopped:
                     break
                 except Exception as e:  # report, keep serving: the coordinator decides
@@ -160,3 +186,18 @@ class RankWorker:
             sock.close(0)
             ctx.term()
         return self.steps
+
+    def _join(self, sock: zmq.Socket, h: dict) -> None:
+        """Switch to the data path the coordinator set up; answer ready, or why not."""
+        old, self.comm.path = self.comm.path, ZmqPath(sock, self.rank, self.timeout_s)
+        if hasattr(old, "close"):  # a segment or process group of an earlier setup
+            old.close()
+        try:
+            self.comm.path = data_path(h.get("path"), h.get("comm"), sock, self.rank, self.tp,
+                                       self.timeout_s)
+        except Exception as e:  # the coordinator turns it into a clear failure
+            log.error("rank %d could not join the %r all-reduce: %s", self.rank, h.get("path"), e)
+            sock.send_multipart(encode({"op": "error", "rank": self.rank,
+                                        "message": f"{type(e).__name__}: {e}"}))
+            return
+        sock.send_multipart(encode({"op": "ready", "rank": self.rank}))

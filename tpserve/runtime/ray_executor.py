@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from tpserve.runtime.comm import ALLREDUCE, choose_path
 from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.errors import TpserveError
@@ -52,7 +53,10 @@ class RayExecutor:
     def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device: str = "cpu",
                  num_slots: int = 8, max_len: int | None = None, address: str | None = None,
                  placement: str = "strict_pack", timeout_s: float = 60.0,
-                 placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False):
+                 placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False,
+                 allreduce: str = "auto"):
+        if allreduce not in ALLREDUCE:
+            raise TpserveError(f"allreduce={allreduce!r} is not known; use one of {list(ALLREDUCE)}")
         if placement not in PLACEMENTS:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
@@ -60,7 +64,7 @@ class RayExecutor:
         self.backend, self.path, self.tp, self.num_slots = "ray", path, tp, num_slots
         self.max_len = max_len or cfg.max_position
         self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
-        self.placement_timeout_s, self.curve = placement_timeout_s, curve
+        self.placement_timeout_s, self.curve, self.allreduce = placement_timeout_s, curve, allreduce
         self.started_ray = ensure_ray(address, tp, device)
         self.actors, self.pg, self.coord, self.serving, self.nodes = [], None, None, [], []
         self.failures = self.recoveries = 0
@@ -112,12 +116,22 @@ class RayExecutor:
                 raise TpserveError(f"model path {self.path} is not readable on node "
                                    f"{info['node_id']} ({info['ip']}) holding rank {info['rank']}; "
                                    f"put the checkpoint on every node's disk or shared storage")
+        if device == "cuda":  # each rank sees its node's ranks' GPUs, as NCCL's P2P needs
+            gpus: dict[str, set] = {}
+            for i in self.nodes:
+                gpus.setdefault(i["node_id"], set()).update(i["gpu_ids"])
+            ray.get([a.see_gpus.remote(sorted(gpus[i["node_id"]], key=lambda g: (len(g), g)))
+                     for a, i in zip(self.actors, self.nodes)])
         driver_node = ray.get_runtime_context().get_node_id()
         local = all(i["node_id"] == driver_node for i in self.nodes)
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()
         # Same host: unix-domain sockets, unless the user pinned the coordinator's address.
         transport = "ipc" if local and "TPSERVE_COORDINATOR_HOST" not in os.environ else "tcp"
-        self.coord = Coordinator(tp, host, self.timeout_s, curve=self.curve, transport=transport)
+        from tpserve.runtime.shm import supported
+        path, why = choose_path(self.allreduce, tp, device, local, supported())
+        log.info("all-reduce path %s (--allreduce %s): %s", path, self.allreduce, why)
+        self.coord = Coordinator(tp, host, self.timeout_s, curve=self.curve, transport=transport,
+                                 allreduce=path)
         self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
@@ -125,8 +139,8 @@ class RayExecutor:
                         for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()
         self._dead = None
-        log.info("%d ranks serving on %s via %s", tp, sorted({i["ip"] for i in self.nodes}),
-                 self.coord.address)
+        log.info("%d ranks serving on %s via %s, all-reduce %s", tp,
+                 sorted({i["ip"] for i in self.nodes}), self.coord.address, path)
 
     # ---- failure detection and recovery --------------------------------------------------
     def _watch(self) -> None:

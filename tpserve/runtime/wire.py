@@ -20,7 +20,7 @@ import torch
 from tpserve.errors import TpserveError
 
 VERSION = 1
-OPS = {"hello", "step", "reduce", "sum", "result", "error", "stop"}
+OPS = {"hello", "setup", "ready", "step", "reduce", "sum", "result", "error", "stop"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -48,7 +48,8 @@ def encode(header: dict, tensors: list[torch.Tensor] = ()) -> list:
     return [head, *frames]
 
 
-def _int(h: dict, key: str) -> int:
+def uint(h: dict, key: str) -> int:
+    """h[key] (0 when absent) if it is a non-negative integer, else WireError."""
     v = h.get(key, 0)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise WireError(f"header key {key!r}={v!r} must be a non-negative integer")
@@ -74,7 +75,7 @@ def decode(frames: list, max_frame: int = MAX_FRAME) -> tuple[dict, list[torch.T
     if not isinstance(h.get("op"), str) or h["op"] not in OPS:
         raise WireError(f"unknown op {h.get('op')!r}")
     for key in ("step", "seq", "rank"):
-        _int(h, key)
+        uint(h, key)
     specs = h.get("tensors", [])
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise WireError(f"'tensors' must be a list of at most {MAX_TENSORS} specs")

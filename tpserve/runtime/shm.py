@@ -1,0 +1,254 @@
+"""The shared-memory all-reduce for ranks on the coordinator's host with CPU tensors.
+
+The coordinator (`ShmDriver`) creates one segment per rank group in /dev/shm: mode 0600, an
+unguessable name, handed to the ranks over its authenticated ZMQ channel and unlinked as soon as
+every rank has mapped it (and again at close). A driver killed before that leaves a file whose name
+carries its pid; the next `ShmDriver` or `cleanup_stale()` removes such files of dead processes.
+
+Layout: a header (magic, tp, slot capacity, abort word, then one 128-byte line per rank) and two
+slots per rank (reduction n uses slot n % 2, so no second barrier is needed: a rank can only
+overwrite slot n % 2 at reduction n + 2, after every rank has published n + 1 and so finished n).
+A rank line holds `[flag1, flag2, n, key, spec]` per slot: flag1 = n once the partial is written,
+flag2 = n once this rank's chunk of a two-shot sum is written back; key = step << 24 | seq and
+spec = numel << 8 | dtype code let every rank check that all partials belong to the same reduction.
+Stores are ordered by x86-64's memory model (data, then meta, then flag), which is why `auto`
+picks this path on x86-64 only.
+
+Sums are `reduce_sum` (rank order, fp32 accumulation): bit-identical to the ZMQ star and to the
+in-process ranks. Small tensors: every rank sums all slots (one-shot). Large ones: rank r sums
+chunk r of every slot into its own slot, then every rank gathers the chunks (two-shot).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import re
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tpserve.errors import TpserveError
+from tpserve.runtime.comm import Aborted, reduce_sum
+from tpserve.runtime.wire import DTYPES
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "tpserve-ar-"
+NAME = re.compile(r"^tpserve-ar-(\d+)-[0-9a-f]{32}$")
+MAGIC = 0x7470736572766531  # "tpserve1"
+LINE = 16  # int64 words per rank line (128 bytes: no false sharing between ranks' flags)
+CAPACITY = 4 << 20  # bytes per slot; larger partials go through in pieces
+TWO_SHOT_BYTES = 256 << 10
+SPIN, YIELD = 200, 2000  # polls before yielding the CPU, and before sleeping
+_CODES = {dt: i + 1 for i, dt in enumerate(DTYPES.values())}
+
+
+def supported() -> str | None:
+    """None when this host can run the shm path, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"its flag protocol relies on x86-64 store ordering, this host is {platform.machine()}"
+    if not SHM_DIR.is_dir():
+        return f"{SHM_DIR} does not exist"
+    return None
+
+
+def _header_bytes(tp: int) -> int:
+    return -(-(16 + tp * LINE) * 8 // 4096) * 4096
+
+
+def cleanup_stale() -> list[str]:
+    """Unlink segments of this user whose creating process is gone (a SIGKILLed driver)."""
+    removed = []
+    for f in SHM_DIR.glob(PREFIX + "*") if SHM_DIR.is_dir() else ():
+        m = NAME.match(f.name)
+        try:
+            if not m or f.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+        except (PermissionError, FileNotFoundError):  # alive under another user, or just gone
+            pass
+    return removed
+
+
+class _Segment:
+    """An mmap of the segment with int64 views of its header: `words` and `lines` [tp, LINE]."""
+
+    def __init__(self, fd: int, tp: int, capacity: int):
+        self.tp, self.capacity, self.header = tp, capacity, _header_bytes(tp)
+        self.size = self.header + 2 * tp * capacity
+        self.mm = mmap.mmap(fd, self.size)
+        self.words = np.frombuffer(self.mm, np.int64, self.header // 8)
+        self.lines = self.words[16:16 + tp * LINE].reshape(tp, LINE)
+        self.data = torch.frombuffer(self.mm, dtype=torch.uint8)
+
+    def slot(self, rank: int, b: int) -> torch.Tensor:
+        start = self.header + (2 * rank + b) * self.capacity
+        return self.data[start:start + self.capacity]
+
+    def close(self) -> None:
+        self.words = self.lines = self.data = None
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with the process
+            pass
+
+
+class ShmDriver:
+    """Driver half of the shm path: creates, hands out, watches and removes the segment."""
+
+    name = "shm"
+
+    def __init__(self, tp: int, capacity: int = CAPACITY):
+        cleanup_stale()
+        capacity = -(-capacity // 4096) * 4096
+        self.seg_name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
+        self.path = SHM_DIR / self.seg_name
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask: this user only
+            os.ftruncate(fd, _header_bytes(tp) + 2 * tp * capacity)
+            self.seg = _Segment(fd, tp, capacity)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        self.seg.words[:4] = (MAGIC, tp, capacity, 0)
+
+    def setup(self, rank: int) -> dict:
+        return {"name": self.seg_name, "capacity": self.seg.capacity}
+
+    def joined(self) -> None:
+        """Every rank has mapped the segment: unlink its name, so a crash can leave nothing."""
+        self.path.unlink(missing_ok=True)
+
+    def progress(self) -> int:
+        """Grows while the ranks complete reductions (the coordinator re-arms its deadline)."""
+        return int(self.seg.lines[:, :2].sum())
+
+    def abort(self) -> None:
+        """Release every rank waiting inside an all-reduce; they raise `Aborted`."""
+        if self.seg.words is not None:
+            self.seg.words[3] = 1
+
+    def close(self) -> None:
+        if self.seg.words is not None:
+            self.abort()
+        self.path.unlink(missing_ok=True)
+        self.seg.close()
+
+
+class ShmPath:
+    """Rank half of the shm path: `reduce(x, step, seq)` through the segment."""
+
+    def __init__(self, setup: dict, rank: int, tp: int, timeout_s: float):
+        name, capacity = setup.get("name"), setup.get("capacity")
+        if not isinstance(name, str) or not NAME.match(name) or not isinstance(capacity, int):
+            raise TpserveError(f"shm setup {setup!r} does not name a tpserve segment")
+        self.rank, self.tp, self.timeout_s = rank, tp, timeout_s
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:
+            raise TpserveError(f"rank {rank} cannot open the all-reduce segment {name} ({e}); it "
+                               f"must run on the coordinator's host, else use allreduce='zmq'") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise TpserveError(f"segment {name} is not private to this user; refusing it")
+            self.seg = _Segment(fd, tp, capacity)
+        finally:
+            os.close(fd)
+        if tuple(self.seg.words[:3]) != (MAGIC, tp, capacity):
+            raise TpserveError(f"segment {name} is not a tp={tp} tpserve all-reduce segment")
+        self.line = self.seg.lines[rank]
+        self.others = [j for j in range(tp) if j != rank]
+        self.n = 0  # reductions done by this rank; the group agrees on it while healthy
+        self.mismatches = 0
+        self._views: dict = {}
+
+    def views(self, dtype: torch.dtype, numel: int, b: int) -> list[torch.Tensor]:
+        key = (dtype, numel, b)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            nbytes = numel * dtype.itemsize
+            v = self._views[key] = [self.seg.slot(r, b)[:nbytes].view(dtype) for r in range(self.tp)]
+        return v
+
+    def reduce(self, x: torch.Tensor, step: int, seq: int) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise TpserveError(f"allreduce='shm' carries CPU tensors only, got one on {x.device}; "
+                               f"use allreduce='nccl' for GPU ranks")
+        flat = x.reshape(-1)
+        piece = self.seg.capacity // x.element_size()
+        if flat.numel() <= piece:
+            return self._round(flat, step << 24 | seq).view(x.shape)
+        return torch.cat([self._round(p, step << 24 | seq) for p in flat.split(piece)]).view(x.shape)
+
+    def _round(self, flat: torch.Tensor, key: int) -> torch.Tensor:
+        self.n += 1
+        n, b, line = self.n, self.n & 1, self.line
+        numel = flat.numel()
+        spec = numel << 8 | _CODES[flat.dtype]
+        views = self.views(flat.dtype, numel, b)
+        views[self.rank].copy_(flat)
+        line[2 + 3 * b:5 + 3 * b] = (n, key, spec)
+        line[0] = n  # publish: the partial and its meta are in
+        self._wait_all(0, n)
+        meta = self.seg.lines[:, 2 + 3 * b:5 + 3 * b]
+        if not (meta == (n, key, spec)).all():
+            self._mismatch(meta, (n, key, spec))
+        if numel * flat.element_size() <= TWO_SHOT_BYTES or numel < 64 * self.tp:
+            return reduce_sum(views)
+        chunk = -(-numel // self.tp)
+        lo, hi = self.rank * chunk, min(numel, (self.rank + 1) * chunk)
+        views[self.rank][lo:hi].copy_(reduce_sum([v[lo:hi] for v in views]))
+        line[1] = n  # publish: this rank's chunk of the sum is in its slot
+        self._wait_all(1, n)
+        return torch.cat([v[r * chunk:(r + 1) * chunk] for r, v in enumerate(views)])
+
+    def _mismatch(self, meta: np.ndarray, want: tuple) -> None:
+        self.mismatches += 1
+        bad = [j for j in range(self.tp) if tuple(meta[j]) != want]
+        raise TpserveError(f"rank {self.rank}: ranks {bad} published partials of another reduction "
+                           f"or shape (n, step<<24|seq, numel<<8|dtype: {[tuple(meta[j]) for j in bad]} "
+                           f"vs {want}); the rank group is out of step and must be rebuilt")
+
+    def _wait_all(self, word: int, n: int) -> None:
+        lines = self.seg.lines
+        for j in self.others:
+            if lines[j, word] < n:
+                self._wait(j, word, n)
+
+    def _wait(self, j: int, word: int, n: int) -> None:
+        """Spin briefly, then yield the CPU, then sleep with backoff; honour abort and timeout."""
+        lines, words = self.seg.lines, self.seg.words
+        polls, nap, deadline = 0, 20e-6, time.monotonic() + self.timeout_s
+        while lines[j, word] < n:
+            polls += 1
+            if polls < SPIN:
+                continue
+            if words[3]:
+                raise Aborted(f"rank {self.rank}: the coordinator aborted the rank group's "
+                              f"all-reduces (a rank failed or the group is stopping)")
+            if polls < YIELD:
+                os.sched_yield()
+                continue
+            if time.monotonic() > deadline:
+                raise TpserveError(f"rank {self.rank}: the partial of rank {j} for reduction "
+                                   f"{n} did not arrive within {self.timeout_s:.0f}s")
+            time.sleep(nap)
+            nap = min(nap * 2, 1e-3)
+
+    def close(self) -> None:
+        self._views.clear()
+        self.line = None
+        self.seg.close()
