@@ -189,3 +189,37 @@ def test_ple_travels_with_h_over_ray(refs, ray_cluster):
     _check(llm, ref_logits, ref_tokens, "ray tp=2")
     assert llm.executor.stats.dropped_messages == 0
     llm.close()
+
+
+# rope_parameters of a gemma3_text config.json as GPTQModel 7.6.0 saves it (transformers 5.23): the
+# per-layer-type settings, plus a flat rope_type and a {global, local} rope_theta beside them that
+# transformers ignores. The full layers here use linear scaling, so ignoring the flat keys shows.
+GPTQMODEL_GEMMA3_ROPE = {
+    "full_attention": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 8.0},
+    "rope_theta": {"global": 1000000.0, "local": 10000.0},
+    "rope_type": "default",
+    "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+}
+
+
+def test_gemma3_rope_as_gptqmodel_saves_it_turns_like_transformers():
+    import transformers
+    from tpserve.model.rope import inv_frequencies
+
+    raw = dict(model_type="gemma3_text", layer_types=[S, F] * 3,
+               rope_parameters=GPTQMODEL_GEMMA3_ROPE, **SHAPE)
+    cfg = ModelConfig.from_dict(raw)
+    assert (cfg.rope.kind, cfg.rope.theta, cfg.rope.factor) == ("linear", 1e6, 8.0)
+    assert (cfg.gemma.rope_sliding.kind, cfg.gemma.rope_sliding.theta) == ("default", 1e4)
+    hf = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding(
+        transformers.AutoConfig.for_model(**raw))
+    for kind, rope in ((F, cfg.rope), (S, cfg.gemma.rope_sliding)):
+        assert torch.equal(inv_frequencies(rope, cfg.head_dim), getattr(hf, f"{kind}_inv_freq")), kind
+
+
+def test_generic_rope_keys_stay_strict_outside_gemma():
+    # The {global, local} theta is Gemma's; on a Llama it is a wrong value, named as such.
+    raw = dict(model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": {
+        "global": 1e6, "local": 1e4}}, **SHAPE)
+    with pytest.raises(ConfigError, match="wrong type"):
+        ModelConfig.from_dict(raw)
