@@ -11,7 +11,8 @@ from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.model.head import Head
 from tpserve.model.kv_cache import StepPlan
-from tpserve.serve.sampling import SamplingParams, make_generator, sample
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
 
 log = logging.getLogger("tpserve")
 BACKENDS = ("local", "ray")
@@ -23,6 +24,7 @@ class LLM:
     def __init__(self, path: Path, cfg, quant, executor, head: Head, dtype: torch.dtype, tp: int):
         self.path, self.cfg, self.quant = path, cfg, quant
         self.executor, self.head, self.dtype, self.tp = executor, head, dtype, tp
+        self._engine: Engine | None = None
 
     @torch.inference_mode()
     def _forward(self, token_ids: list[int], start: int, out_rows) -> torch.Tensor:
@@ -47,27 +49,15 @@ class LLM:
 
     def generate(self, token_ids, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids=(),
-                 ignore_eos: bool = False) -> list[int]:
-        """Continue one sequence; stops at max_tokens, a stop token or the model's eos."""
-        ids = self._check(token_ids)
+                 ignore_eos: bool = False, **sampling) -> list[int]:
+        """Continue one sequence; stops at max_tokens, a stop token or the model's eos. Further
+        keywords are `SamplingParams` fields (min_p, repetition_penalty, logit_bias, ...)."""
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids),
-                                ignore_eos=ignore_eos)
-        if len(ids) + max_tokens > self.executor.max_len:
-            raise TpserveError(f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds the "
-                               f"context of {self.executor.max_len}; shorten one of them")
-        stops = set(params.stop_token_ids) | (set() if ignore_eos else set(self.cfg.eos_token_ids))
-        gen = make_generator(params)
-        out: list[int] = []
-        logits = self._forward(ids, 0, [len(ids) - 1])
-        pos = len(ids)
-        while True:
-            tok = sample(logits[-1], params, gen)
-            out.append(tok)
-            if tok in stops or len(out) == max_tokens:
-                return out
-            logits = self._forward([tok], pos, None)
-            pos += 1
+                                ignore_eos=ignore_eos, **sampling)
+        if self._engine is None:  # not started: it steps in this thread, one request at a time
+            self._engine = Engine(self)
+        return self._engine.generate(self._check(token_ids), params)
 
     def close(self) -> None:
         self.executor.close()

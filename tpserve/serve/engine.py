@@ -3,10 +3,11 @@
 One thread runs the step loop. Between steps, waiting requests take free KV slots (their whole
 prompts are prefilled together in the next step, beside the running sequences' decode tokens);
 finished requests leave and free their slots. Each step is one `executor.step` (every rank, every
-layer, every all-reduce) followed by the head and the sampler at the coordinator.
+layer, every all-reduce) followed by the head and the batched sampler at the coordinator.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.server` turns them
-into asyncio queues.
+into asyncio queues. Without the thread (`start()` not called), `generate()` drives the same steps
+in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
 """
 
 from __future__ import annotations
@@ -23,23 +24,36 @@ import torch
 
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
-from tpserve.serve.sampling import SamplingParams, make_generator, sample
+from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, prompt_logprobs,
+                                    sample)
+from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
+FINISH_REASONS = ("stop", "length", "error")
 
 
 class QueueFull(TpserveError):
     """The request queue is at its bound: the caller should retry later (HTTP 429)."""
 
 
+class RequestError(TpserveError):
+    """A request this engine cannot run (HTTP 400); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str = "prompt"):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class Event:
     request_id: int
     token_ids: list[int]  # new tokens in this event
-    text: str  # new text in this event (stop strings already cut)
+    text: str  # new text in this event (stop strings cut, possible stop-string starts held back)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, when asked
 
 
 @dataclass
@@ -48,12 +62,10 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     on_event: Callable[[Event], None]
+    stop_text: StopText | None = None
     slot: int = -1
     output: list[int] = field(default_factory=list)
-    text_sent: str = ""
-    generator: torch.Generator | None = None
-    arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
+    row: SampleRow | None = None
 
     @property
     def position(self) -> int:
@@ -72,6 +84,8 @@ class Stats:
     requests_failed: int = 0
     requests_cancelled: int = 0
     recoveries: int = 0
+    finish_reasons: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
 
 
 class Engine:
@@ -80,7 +94,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_len = self.executor.max_len
-        self.free_slots = list(range(self.executor.num_slots))
+        self.num_slots = self.executor.num_slots
+        self.free_slots = list(range(self.num_slots))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stats = Stats()
@@ -117,27 +132,40 @@ class Engine:
             self._cancelled.add(request_id)
         self._wake.set()
 
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400)."""
+        vocab = self.cfg.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty; send at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt) + 1 > self.max_len:
+            raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds "
+                               f"{self.max_len}; shorten the prompt")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
+                               f"exceeds the context of {self.max_len}; shorten one of them",
+                               "max_tokens")
+        if params.max_token_id() >= vocab:
+            raise RequestError(f"token id {params.max_token_id()} in logit_bias or stop_token_ids"
+                               f" is outside the vocabulary [0, {vocab})", "logit_bias")
+
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:
-        if not prompt:
-            raise TpserveError("the prompt is empty; send at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise TpserveError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        if len(prompt) + 1 > self.max_len:
-            raise TpserveError(f"the prompt has {len(prompt)} tokens but the context holds "
-                               f"{self.max_len}; shorten the prompt")
+        self.check(prompt, params)
+        stop_text = StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            req = Request(next(self._ids), list(prompt), params, on_event,
-                          generator=make_generator(params))
+            req = Request(next(self._ids), list(prompt), params, on_event, stop_text)
+            req.row = SampleRow(params, req.prompt, req.output, tuple(self.cfg.eos_token_ids))
             self.waiting.append(req)
         self._wake.set()
         return req.id
 
     def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        """Blocking convenience: run one request through the batching loop."""
+        """Blocking: one request through the batching loop (in this thread if none runs)."""
         done, out, err = threading.Event(), [], []
 
         def on_event(ev: Event):
@@ -146,7 +174,16 @@ class Engine:
                 if ev.error:
                     err.append(ev.error)
                 done.set()
-        self.submit(prompt, params, on_event)
+        rid = self.submit(prompt, params, on_event)
+        if self._thread is None:
+            try:
+                while not done.is_set():
+                    self._admit()
+                    self._step()
+            except BaseException:  # the caller sees the step's own error; the slot comes back
+                self.cancel(rid)
+                self._admit()
+                raise
         done.wait()
         if err:
             raise TpserveError(err[0])
@@ -188,60 +225,94 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        ids, slots, starts, lens = [], [], [], []
-        for req in self.running:
-            if req.output:  # decode: the last sampled token
-                ids.append(req.output[-1])
-                starts.append(req.position)
-                lens.append(1)
-            else:  # prefill: the whole prompt
-                ids.extend(req.prompt)
-                starts.append(0)
-                lens.append(len(req.prompt))
-                self.stats.prompt_tokens += len(req.prompt)
+        reqs = list(self.running)
+        ids, slots, starts, lens, out_rows, spans = [], [], [], [], [], []
+        for req in reqs:
+            new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt
+            if not req.output:
+                self.stats.prompt_tokens += len(new)
+            first, row = len(out_rows), len(ids)
+            if not req.output and req.params.prompt_logprobs is not None:
+                out_rows.extend(range(row, row + len(new)))  # every prompt row: echo's logprobs
+            else:
+                out_rows.append(row + len(new) - 1)
+            spans.append((first, len(out_rows)))
+            ids.extend(new)
             slots.append(req.slot)
-        plan = StepPlan(slots=slots, starts=starts, lens=lens)
-        plan.out_rows = plan.last_rows()
+            starts.append(req.position)
+            lens.append(len(new))
+        plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
         with torch.inference_mode():
             h = self.head.embed(torch.as_tensor(ids, dtype=torch.long))
             logits = self.head.logits(self.executor.step(h, plan))
-        for req, row in zip(list(self.running), logits):
-            self._advance(req, sample(row, req.params, req.generator))
+            last = logits if len(out_rows) == len(reqs) else logits[[b - 1 for _, b in spans]]
+            sampled = self._sample(last, reqs)
+            prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
+                                             reqs[i].params.prompt_logprobs)
+                          for i, (a, b) in enumerate(spans) if b - a > 1}
+        for i, (req, (tok, lp)) in enumerate(zip(reqs, sampled)):
+            if tok is None:
+                self._fail(req, lp)
+            else:
+                self._advance(req, tok, lp, prompt_lps.get(i))
         dt = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.step_seconds += dt
         self.stats.last_step_seconds = dt
 
-    def _advance(self, req: Request, tok: int) -> None:
-        now = time.monotonic()
-        req.first_token_at = req.first_token_at or now
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple]:
+        """(token, logprob) per request; (None, message) for a row that cannot be sampled.
+
+        Parameters are validated before they get here; should one row still break the batched
+        sampler, the rows are redone one by one so only that request fails, never the step.
+        """
+        try:
+            return list(zip(*sample(logits, [r.row for r in reqs])))
+        except Exception as e:
+            log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
+        out = []
+        for i, req in enumerate(reqs):
+            try:
+                toks, lps = sample(logits[i:i + 1], [req.row])
+                out.append((toks[0], lps[0]))
+            except Exception as e:
+                out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
+        return out
+
+    def _advance(self, req: Request, tok: int, lp: TokenLogprob | None,
+                 prompt_lps: list | None) -> None:
         req.output.append(tok)
         self.stats.tokens_generated += 1
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.cfg.eos_token_ids))
         reason = None
-        if tok in stops:
+        if tok in stops and len(req.output) >= p.min_tokens:
             reason = "stop"
         elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
             reason = "length"
-        new_text = ""
-        if self.tokenizer is not None:
-            # Decode the whole output each time: byte-level tokens may complete a character late.
-            text = self.tokenizer.decode(req.output, skip_special_tokens=True)
-            hit = min((text.find(s) for s in p.stop if s and s in text), default=-1)
-            if hit >= 0:
-                text, reason = text[:hit], "stop"
-            if not text.endswith("\ufffd") or reason:
-                new_text, req.text_sent = text[len(req.text_sent):], text
-        req.on_event(Event(req.id, [tok], new_text, reason is not None, reason))
+        text = ""
+        if req.stop_text is not None:
+            text, hit = req.stop_text.update(req.output, reason is not None,
+                                             len(req.output) >= p.min_tokens)
+            reason = "stop" if hit else reason
+        req.on_event(Event(req.id, [tok], text, reason is not None, reason,
+                           logprobs=None if lp is None else [lp], prompt_logprobs=prompt_lps))
         if reason is not None:
-            self._finish(req)
+            self._finish(req, reason)
 
-    def _finish(self, req: Request) -> None:
+    def _finish(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         with self._lock:
             self.free_slots.append(req.slot)
-        self.stats.requests_finished += 1
+        self.stats.finish_reasons[reason] += 1
+        if reason == "error":
+            self.stats.requests_failed += 1
+        else:
+            self.stats.requests_finished += 1
+
+    def _fail(self, req: Request, message: str) -> None:
+        self._finish(req, "error")
+        req.on_event(Event(req.id, [], "", True, "error", message))
 
     def _recover(self) -> None:
         """Rebuild the ranks (Ray executor) so the server serves again without a restart."""
@@ -256,8 +327,4 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for req in list(self.running):
-            self.running.remove(req)
-            with self._lock:
-                self.free_slots.append(req.slot)
-            self.stats.requests_failed += 1
-            req.on_event(Event(req.id, [], "", True, "error", message))
+            self._fail(req, message)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one engine, in a registry of their own.
+"""Prometheus metrics of one engine, in a registry of their own; every series carries a
+`model_name` label, as vLLM's do. The names are listed in README.md ("Metrics").
 
 Engine counters are read at scrape time from `engine.stats` (nothing is pushed from the engine
 thread); the server adds request latencies and rejections as they happen. Each `Metrics` owns a
@@ -13,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 def weight_bytes(head) -> int:
@@ -34,11 +36,12 @@ def weight_bytes(head) -> int:
 class EngineCollector:
     """Reads the engine's counters when Prometheus scrapes."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
 
     def collect(self):
         e, s = self.engine, self.engine.stats
+        _counter, _gauge = self._family(CounterMetricFamily), self._family(GaugeMetricFamily)
         yield _counter("tpserve_generation_tokens", "Tokens generated.", s.tokens_generated)
         yield _counter("tpserve_prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
         yield _counter("tpserve_requests_finished", "Requests finished (stop or length).",
@@ -49,6 +52,16 @@ class EngineCollector:
         yield _counter("tpserve_step_seconds", "Seconds spent in engine steps.", s.step_seconds)
         yield _gauge("tpserve_queue_depth", "Requests waiting for a KV slot.", e.queue_depth)
         yield _gauge("tpserve_running_requests", "Requests holding a KV slot.", len(e.running))
+        yield _gauge("tpserve_kv_slots_total", "KV-cache slots (--max-num-seqs).", e.num_slots)
+        yield _gauge("tpserve_kv_slot_usage_perc", "Fraction of KV-cache slots in use (0 to 1).",
+                     len(e.running) / e.num_slots)
+        reasons = CounterMetricFamily("tpserve_request_success",
+                                      "Requests finished, by finish reason (abort: the client "
+                                      "went away).", labels=["model_name", "finished_reason"])
+        for reason in ("stop", "length"):
+            reasons.add_metric([self.model_name, reason], s.finish_reasons[reason])
+        reasons.add_metric([self.model_name, "abort"], s.requests_cancelled)
+        yield reasons
         yield _gauge("tpserve_step_seconds_last", "Duration of the last engine step.",
                      s.last_step_seconds)
         yield _gauge("tpserve_step_seconds_mean", "Mean engine step duration.",
@@ -74,32 +87,38 @@ class EngineCollector:
                      "Bytes of weights held by the coordinator (embedding + lm_head).",
                      weight_bytes(e.head))
 
-
-def _counter(name, doc, value):
-    m = CounterMetricFamily(name, doc)
-    m.add_metric([], float(value))
-    return m
-
-
-def _gauge(name, doc, value):
-    m = GaugeMetricFamily(name, doc)
-    m.add_metric([], float(value))
-    return m
+    def _family(self, kind):
+        def make(name, doc, value):
+            m = kind(name, doc, labels=["model_name"])
+            m.add_metric([self.model_name], float(value))
+            return m
+        return make
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, model_name: str = ""):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
-        self.time_to_first_token = Histogram(
+        self.registry.register(EngineCollector(engine, model_name))
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, ["model_name"], buckets=buckets,
+                             registry=self.registry).labels(model_name)
+        self.time_to_first_token = histogram(
             "tpserve_time_to_first_token_seconds", "Time from request arrival to its first token.",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.request_seconds = Histogram(
-            "tpserve_request_seconds", "Time from request arrival to its last token.",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.http_errors = Counter(
-            "tpserve_http_errors", "HTTP requests answered with an error, by status code.", ["code"],
-            registry=self.registry)
+            LATENCY_BUCKETS)
+        self.inter_token_latency = histogram(
+            "tpserve_inter_token_latency_seconds", "Time between two tokens of one request.",
+            TOKEN_GAP_BUCKETS)
+        self.e2e_latency = histogram(
+            "tpserve_e2e_request_latency_seconds", "Time from request arrival to its last token.",
+            LATENCY_BUCKETS)
+        self._http_errors = Counter(
+            "tpserve_http_errors", "HTTP requests answered with an error, by status code.",
+            ["model_name", "code"], registry=self.registry)
+        self.model_name = model_name
+
+    def http_error(self, status: int) -> None:
+        self._http_errors.labels(self.model_name, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,12 +1,47 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Sampling parameters, validated once, and the sampler: one set of tensor operations per step.
+
+`sample(logits, rows)` takes the step's fp32 logits [B, vocab] (any device) and one `SampleRow`
+per sequence. Every per-request knob becomes a [B] tensor (temperature, top-k, top-p, min-p,
+penalties) or a sparse index list (logit_bias, tokens banned by min_tokens), so the math is the
+same few kernels whatever the batch holds. Only seeded rows draw their noise one row at a time,
+from their own `torch.Generator` (torch has no batched per-row generator). Only the chosen ids and
+the requested logprobs come back to the host.
+
+Sampling is the Gumbel-max trick in its exponential form: argmax(p / q), q ~ Exp(1), draws from
+p exactly and needs no cumulative sums.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from tpserve.errors import TpserveError
+
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+# Below this temperature sampling is greedy: dividing by it would overflow fp32 logits.
+MIN_TEMPERATURE = 1e-5
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise TpserveError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(name: str, x, lo: float, hi: float = math.inf, lo_open: bool = False,
+            note: str = "") -> None:
+    where = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf
+             else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    number = isinstance(x, (int, float)) and not isinstance(x, bool)
+    _check(number and math.isfinite(x), f"{name}={x!r} is not a finite number; send one {where}")
+    _check((x > lo if lo_open else x >= lo) and x <= hi, f"{name}={x!r} must be {where}{note}")
 
 
 @dataclass(frozen=True)
@@ -15,48 +50,191 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
+    min_tokens: int = 0  # eos and stop_token_ids are banned until this many tokens exist
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise TpserveError(f"max_tokens={self.max_tokens!r} must be a positive integer")
-        if self.temperature < 0:
-            raise TpserveError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise TpserveError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise TpserveError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+        _check(_is_int(self.max_tokens) and self.max_tokens > 0,
+               f"max_tokens={self.max_tokens!r} must be a positive integer")
+        _number("temperature", self.temperature, 0, note=" (0 means greedy)")
+        _number("top_p", self.top_p, 0, 1, lo_open=True)
+        _check(_is_int(self.top_k) and self.top_k >= 0,
+               f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
+        _number("min_p", self.min_p, 0, 1)
+        _check(self.seed is None or _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
+               f"seed={self.seed!r} must be an integer in [0, 2**63 - 1]")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens={self.min_tokens!r} must be an integer in [0, max_tokens]")
+        _number("presence_penalty", self.presence_penalty, -2, 2)
+        _number("frequency_penalty", self.frequency_penalty, -2, 2)
+        _number("repetition_penalty", self.repetition_penalty, 0, lo_open=True)
+        for tok, bias in self.logit_bias:
+            _check(_is_int(tok) and tok >= 0, f"logit_bias key {tok!r} must be a token id >= 0")
+            _number(f"logit_bias[{tok}]", bias, -100, 100)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            _check(k is None or _is_int(k) and 0 <= k <= MAX_LOGPROBS,
+                   f"{name}={k!r} must be an integer in [0, {MAX_LOGPROBS}]")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids={list(self.stop_token_ids)!r} must be token ids >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1)
+
+    def max_token_id(self) -> int:
+        """The largest token id these parameters name (-1 for none): checked against the vocab."""
+        return max([t for t, _ in self.logit_bias] + list(self.stop_token_ids), default=-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None = None) -> int:
-    """One token from fp32 logits [vocab]."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+@dataclass
+class SampleRow:
+    """What the sampler needs of one sequence this step."""
+    params: SamplingParams
+    prompt: list[int]
+    output: list[int]
+    eos_token_ids: tuple[int, ...] = ()
+    generator: torch.Generator | None = None  # made on the logits' device at first use
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.greedy:
-        return None
-    g = torch.Generator()
-    g.manual_seed(params.seed if params.seed is not None else torch.seed())
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float | None  # None only for a prompt's first token, which nothing predicts
+    top: list[tuple[int, float]]  # the k most likely tokens, most likely first
+
+
+def make_generator(seed: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
     return g
+
+
+def _counts(seqs: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """[B, vocab] float: how often each token occurs in each sequence."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), vocab, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    out = torch.zeros(len(seqs), vocab + 1, device=device)  # column `vocab` takes the padding
+    out.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
+    return out[:, :vocab]
+
+
+def _per_row(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def _sparse_add(x: torch.Tensor, triples: list[tuple[int, int, float]]) -> None:
+    """x[row, col] += value for each triple, in one indexed add."""
+    if triples:
+        rows, cols, vals = zip(*triples)
+        idx = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
+        x.index_put_(idx, torch.tensor(vals, dtype=x.dtype, device=x.device), accumulate=True)
+
+
+def process(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """logit_bias, penalties and min_tokens applied to fp32 logits [B, vocab] (a new tensor)."""
+    x = logits.float().clone()
+    params = [r.params for r in rows]
+    _sparse_add(x, [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias])
+    if any(p.penalized for p in params):
+        out = _counts([r.output for r in rows], x.shape[1], x.device)
+        if any(p.repetition_penalty != 1 for p in params):
+            seen = (_counts([r.prompt for r in rows], x.shape[1], x.device) + out) > 0
+            rep = _per_row([p.repetition_penalty for p in params], x.device)
+            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = x - _per_row([p.frequency_penalty for p in params], x.device) * out
+        x = x - _per_row([p.presence_penalty for p in params], x.device) * (out > 0)
+    banned = [(i, t) for i, r in enumerate(rows) if len(r.output) < r.params.min_tokens
+              for t in set(r.params.stop_token_ids) | set(
+                  () if r.params.ignore_eos else r.eos_token_ids) if t < x.shape[1]]
+    if banned:
+        i, t = zip(*banned)
+        x[torch.tensor(i, device=x.device), torch.tensor(t, device=x.device)] = float("-inf")
+    return x
+
+
+def truncate(y: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """top-k, then top-p on what top-k kept: [B, vocab] logits with the cut tokens at -inf."""
+    vocab = y.shape[1]
+    k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=y.device)
+    top_p = _per_row([p.top_p for p in params], y.device)
+    ordered, order = y.sort(-1, descending=True)
+    keep = torch.arange(vocab, device=y.device)[None, :] < k[:, None]
+    p = ordered.masked_fill(~keep, float("-inf")).softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+    keep &= (p.cumsum(-1) - p < top_p) | (top_p >= 1)
+    return torch.full_like(y, float("-inf")).scatter_(1, order, ordered.masked_fill(~keep,
+                                                                                    float("-inf")))
+
+
+def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    q = torch.empty_like(probs).exponential_()
+    for i, r in enumerate(rows):  # seeded rows: their own stream, whatever the batch holds
+        if r.params.seed is not None and not r.params.greedy:
+            if r.generator is None:
+                r.generator = make_generator(r.params.seed, probs.device)
+            q[i].exponential_(generator=r.generator)
+    return (probs / q.clamp_min(1e-30)).argmax(-1)
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int],
+                                                                   list[TokenLogprob | None]]:
+    """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked."""
+    params = [r.params for r in rows]
+    x = process(logits, rows)
+    # A row whose every logit is now -inf (a hostile bias or penalty) falls back to the raw logits.
+    dead = ~torch.isfinite(x).any(-1, keepdim=True)
+    x = torch.where(dead, logits.float(), x)
+    tokens = x.argmax(-1)
+    if not all(p.greedy for p in params):
+        temp = _per_row([1.0 if p.greedy else p.temperature for p in params], x.device)
+        y = x / temp
+        if any(p.top_k or p.top_p < 1 for p in params):
+            y = truncate(y, params)
+        probs = y.softmax(-1)
+        if any(p.min_p for p in params):
+            floor = _per_row([p.min_p for p in params], x.device) * probs.amax(-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0)
+        greedy = torch.tensor([p.greedy for p in params], device=x.device)
+        tokens = torch.where(greedy, tokens, _draw(probs, rows))
+    k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    if k is None:
+        return tokens.tolist(), [None] * len(rows)
+    return tokens.tolist(), logprobs_of(logits, tokens, [p.logprobs for p in params])
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor,
+                ks: list[int | None]) -> list[TokenLogprob | None]:
+    """The model's logprobs (before penalties, temperature and truncation) of `tokens` [B] and the
+    top k[i] of each row i (None: no logprobs for that row)."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    kmax = max((k for k in ks if k is not None), default=0)
+    top_v, top_i = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i, tokens = top_v.tolist(), top_i.tolist(), tokens.tolist()
+    return [None if k is None else TokenLogprob(tokens[i], chosen[i],
+                                                list(zip(top_i[i][:k], top_v[i][:k])))
+            for i, k in enumerate(ks)]
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
+    """Logprobs of each prompt token from the prompt's logits rows [len(prompt), vocab]."""
+    nxt = torch.as_tensor(prompt[1:], dtype=torch.long, device=logits.device)
+    return [TokenLogprob(prompt[0], None, [])] + logprobs_of(logits[:-1], nxt, [k] * len(nxt))

@@ -1,207 +1,46 @@
-"""OpenAI-compatible HTTP API over the engine.
+"""OpenAI-compatible HTTP API over the engine (the wire format is `openai_protocol`).
 
     app = build_app(Engine(llm, codec).start(), codec, "my-model", api_key=None)
     serve(app, "0.0.0.0", 8000)   # blocks; returns after SIGINT/SIGTERM and a graceful drain
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with SSE), GET /v1/models,
-GET /health, GET /metrics. Errors have OpenAI's shape, `{"error": {message, type, param, code}}`:
-400 for a bad request, 401 for a missing or wrong API key, 429 when the queue is full, 503 when
-the engine failed or is not running.
+GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics.
+Errors have OpenAI's shape, `{"error": {message, type, param, code}}`: 400 for a bad request,
+401 for a missing or wrong API key, 404 for a model not served here, 429 (with Retry-After) when
+the queue is full, 503 when the engine failed or is not running.
 
 Engine events arrive on the engine thread; each request gets an asyncio.Queue fed through
-`loop.call_soon_threadsafe`. When a streaming client goes away its request is cancelled: the
-engine frees its KV slot before the next step.
+`loop.call_soon_threadsafe`. A request with n choices is n engine requests. When a streaming
+client goes away its requests are cancelled: the engine frees their KV slots before the next step.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import dataclasses
 import hmac
-import json
-import re
 import signal
 import threading
 import time
 import uuid
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, StrictInt
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpserve.serve.engine import Event, QueueFull
-from tpserve.errors import TpserveError
+from tpserve.serve.engine import QueueFull, RequestError
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.openai_protocol import (
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
+    check_text, completion_logprobs, error_body, refuse_unsupported, sampling_params,
+    validation_message)
+from tpserve.serve.sampling import MAX_SEED
+from tpserve.serve.streams import Pending, collect, stream
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "invalid_request_error", 405: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+RETRY_AFTER_S = 1
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
-    message = " ".join(message.splitlines())  # one line, even for a multi-line exception
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
-
-
-# ---- request bodies ------------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as OpenAI clients send many."""
-    model: str | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = None  # extension; 0 or -1 turn it off
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension
-    ignore_eos: bool = False  # extension
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[StrictInt]
-    max_tokens: int | None = 16
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = False
-
-
-def _refuse_unsupported(req: _Common) -> None:
-    """Fields whose silent dropping would change the answer are refused, not ignored."""
-    unsupported = [("n", req.n not in (None, 1), f"n={req.n} is not supported; use n=1"),
-                   ("presence_penalty", bool(req.presence_penalty),
-                    "presence_penalty is not supported; leave it 0"),
-                   ("frequency_penalty", bool(req.frequency_penalty),
-                    "frequency_penalty is not supported; leave it 0"),
-                   ("logprobs", bool(req.logprobs), "logprobs is not supported; leave it null")]
-    if isinstance(req, CompletionRequest):
-        unsupported += [("echo", bool(req.echo), "echo is not supported; leave it false"),
-                        ("best_of", req.best_of not in (None, 1),
-                         f"best_of={req.best_of} is not supported; use best_of=1"),
-                        ("suffix", bool(req.suffix), "suffix is not supported; leave it null")]
-    for param, bad, message in unsupported:
-        if bad:
-            raise ApiError(400, message, param)
-
-
-def _params(req: _Common, max_tokens: int | None) -> SamplingParams:
-    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=0 if req.top_k in (None, -1) else req.top_k,
-            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
-            stop_token_ids=tuple(req.stop_token_ids or ()), stop=tuple(stop),
-            ignore_eos=req.ignore_eos)
-    except TpserveError as e:  # its messages start with the field: "top_p=1.5 must be ..."
-        m = re.match(r"(\w+)=", str(e))
-        raise ApiError(400, str(e), m.group(1) if m else None) from None
-
-
-def _validation_message(err: dict) -> tuple[str, str | None]:
-    """One line from pydantic's first error. Its loc is ("body", field, index, ..., union tag)."""
-    if err["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({err.get('ctx', {}).get('error')})", None
-    where = []
-    for x in err["loc"][1:]:
-        if not isinstance(x, int) and not re.fullmatch(r"[a-z_][a-z0-9_]*", x) or x in (
-                "str", "int", "float", "bool"):
-            break  # a union member's tag, not a field
-        where.append(str(x))
-    if not where:
-        return "the request body must be a JSON object", None
-    path = ".".join(where)
-    if err["type"] == "missing":
-        return f"'{path}' is required", where[0]
-    if path == "prompt":  # a union: pydantic's first message names only one of its types
-        return "'prompt' must be a string or a list of token ids", "prompt"
-    return f"'{path}' is invalid: {err['msg']}", where[0]
-
-
-# ---- engine bridge -------------------------------------------------------------------------
-def engine_alive(engine) -> bool:
-    return engine.alive
-
-
-class _Pending:
-    """One request's events, moved from the engine thread onto the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics):
-        self.loop, self.metrics, self.queue = loop, metrics, asyncio.Queue()
-        self.arrived, self.first = time.monotonic(), True
-        self.closed = False
-        self.cancel = None  # set once the engine has accepted the request
-
-    def on_event(self, ev: Event) -> None:  # engine thread: must never raise
-        now = time.monotonic()
-        if self.first and ev.token_ids:
-            self.first = False
-            self.metrics.time_to_first_token.observe(now - self.arrived)
-        if ev.finished and ev.finish_reason != "error":
-            self.metrics.request_seconds.observe(now - self.arrived)
-        if self.closed:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-        except RuntimeError:  # the event loop is closed: the server has shut down
-            self.closed = True
-
-    async def events(self):
-        try:
-            while True:
-                ev = await self.queue.get()
-                yield ev
-                if ev.finished:
-                    self.cancel = None
-                    return
-        finally:  # finished, or the client went away (the generator is cancelled or closed)
-            if self.cancel is not None:
-                self.cancel()
-            self.closed = True
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-# ---- app -----------------------------------------------------------------------------------
 class _ApiKey:
     """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`; checked before the body is
     read, so an unauthenticated caller learns nothing about request validation."""
@@ -214,7 +53,7 @@ class _ApiKey:
         if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
-                self.metrics.http_errors.labels("401").inc()
+                self.metrics.http_error(401)
                 body = error_body(401, "the API key is missing or wrong; send the header "
                                        "'Authorization: Bearer <key>'", code="invalid_api_key")
                 await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(
@@ -224,26 +63,29 @@ class _ApiKey:
 
 
 def build_app(engine, codec, model_name: str, api_key: str | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
+              metrics: Metrics | None = None, version: str = "") -> FastAPI:
     """The HTTP app over a started engine. codec may be None (then only token-id prompts)."""
-    metrics = metrics or Metrics(engine)
+    metrics = metrics or Metrics(engine, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
+            "root": model_name, "max_model_len": engine.max_len}
     if api_key:
         app.add_middleware(_ApiKey, key=api_key, metrics=metrics)
 
-    def error(status, message, param=None, code=None):
+    def error(status, message, param=None, code=None, headers=None):
         if status != 500:
-            metrics.http_errors.labels(str(status)).inc()
-        return JSONResponse(error_body(status, message, param, code), status)
+            metrics.http_error(status)
+        return JSONResponse(error_body(status, message, param, code), status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return error(e.status, e.message, e.param, e.code)
+        return error(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        return error(400, *_validation_message(e.errors()[0]))
+    async def _invalid(request: Request, e: RequestValidationError):
+        return error(400, *validation_message(e.errors()[0],
+                                              request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
@@ -253,97 +95,43 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def _internal(_, e: Exception):  # Starlette re-raises it after, so uvicorn logs it
         return error(500, f"internal error: {type(e).__name__}: {e}")
 
-    def check_model(req: _Common) -> None:
-        if req.model is not None and req.model != model_name:
-            raise ApiError(400, f"model '{req.model}' is not served here; use '{model_name}'",
-                           "model")
+    def check_model(model: str | None) -> None:
+        if model is not None and model != model_name:
+            raise ApiError(404, f"model '{model}' is not served here; use '{model_name}'",
+                           "model", "model_not_found")
 
-    def submit(prompt: list[int], params: SamplingParams, param: str) -> _Pending:
-        if not engine_alive(engine):
+    def need_codec(param: str) -> None:
+        if codec is None:
+            raise ApiError(400, "this model has no tokenizer; send token ids", param)
+
+    def submit(prompt: list[int], params, n: int, param: str) -> Pending:
+        if not engine.alive:
             raise ApiError(503, "the engine is not running; see the server log")
-        pending = _Pending(asyncio.get_running_loop(), metrics)
+        pending = Pending(metrics, n)
         try:
-            pending.cancel = functools.partial(engine.cancel, engine.submit(prompt, params,
-                                                                             pending.on_event))
+            for i in range(n):  # choice i samples with seed + i: n different, repeatable answers
+                p = params if params.seed is None or i == 0 else dataclasses.replace(
+                    params, seed=(params.seed + i) % (MAX_SEED + 1))
+                pending.ids.append(engine.submit(prompt, p, pending.callback(i)))
         except QueueFull as e:
-            raise ApiError(429, str(e)) from None
-        except TpserveError as e:  # empty or too long prompt, token id outside the vocab
-            raise ApiError(400, str(e), param) from None
+            pending.cancel(engine)
+            raise ApiError(429, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except RequestError as e:  # empty or too long prompt, token id outside the vocab
+            pending.cancel(engine)
+            raise ApiError(400, str(e), param if e.param == "prompt" else e.param) from None
+        pending.engine = engine
         return pending
-
-    async def collect(pending: _Pending) -> tuple[str, int, str | None]:
-        text, n, reason = [], 0, None
-        async for ev in pending.events():
-            if ev.finish_reason == "error":
-                raise ApiError(503, f"the engine failed this request: {ev.error}")
-            text.append(ev.text)
-            n += len(ev.token_ids)
-            reason = ev.finish_reason
-        return "".join(text), n, reason
 
     def usage(prompt_len: int, n: int) -> dict:
         return {"prompt_tokens": prompt_len, "completion_tokens": n,
                 "total_tokens": prompt_len + n}
 
-    def stream(pending: _Pending, req: _Common, prompt_len: int, head: dict, first: list[dict],
-               choice) -> StreamingResponse:
-        """SSE: `first` chunks, one chunk per event with text, `[DONE]` last."""
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def body():
-            for c in first:
-                yield _sse({**head, "choices": [c]})
-            n = 0
-            async for ev in pending.events():
-                if ev.finish_reason == "error":
-                    yield _sse(error_body(503, f"the engine failed this request: {ev.error}"))
-                    break
-                n += len(ev.token_ids)
-                for c in choice(ev):
-                    yield _sse({**head, "choices": [c]})
-            else:
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req)
-        _refuse_unsupported(req)
-        if isinstance(req.prompt, str):
-            if codec is None:
-                raise ApiError(400, "this model has no tokenizer; send the prompt as token ids",
-                               "prompt")
-            prompt = codec.encode(req.prompt)
-        else:
-            prompt = req.prompt
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        pending = submit(prompt, _params(req, max_tokens), "prompt")
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": model_name}
-        if req.stream:
-            def choice(ev):
-                if ev.text or ev.finished:
-                    yield {"index": 0, "text": ev.text, "logprobs": None,
-                           "finish_reason": ev.finish_reason}
-            return stream(pending, req, len(prompt), head, [], choice)
-        text, n, reason = await collect(pending)
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                     "finish_reason": reason}], "usage": usage(len(prompt), n)}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        check_model(req)
-        _refuse_unsupported(req)
-        if codec is None:
-            raise ApiError(400, "this model has no tokenizer, so it cannot chat; use "
-                                "/v1/completions with token ids", "messages")
-        if not req.messages:
+    def chat_prompt(messages) -> list[int]:
+        need_codec("messages")
+        if not messages:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
-        messages = []
-        for m in req.messages:
+        rendered = []
+        for m in messages:
             content = m.content or ""
             if isinstance(content, list):
                 kinds = {p.type for p in content} - {"text"}
@@ -351,46 +139,126 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                     raise ApiError(400, f"content parts of type {sorted(kinds)} are not "
                                         f"supported; this model reads text only", "messages")
                 content = "".join(p.text or "" for p in content)
-            messages.append({"role": m.role, "content": content})
+            rendered.append({"role": check_text(m.role, "messages"),
+                             "content": check_text(content, "messages")})
         try:
-            prompt = codec.encode_chat(messages)
+            return codec.encode_chat(rendered)
         except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
             raise ApiError(400, f"the chat template cannot render these messages: {e}",
                            "messages") from None
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        refuse_unsupported(req)
+        if isinstance(req.prompt, str):
+            need_codec("prompt")
+            prompt, prompt_text = codec.encode(check_text(req.prompt, "prompt")), req.prompt
+        else:
+            prompt = req.prompt
+            prompt_text = codec.decode(prompt) if codec is not None and req.echo else ""
+        echo, k = bool(req.echo), req.logprobs
+        params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
+                                 k if echo and k is not None else None)
+        pending = submit(prompt, params, req.n or 1, "prompt")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        offsets = {}
+
+        def choice(i, text, lps, reason, first):
+            if echo and first:
+                text, lps = prompt_text + text, (lps[1] or []) + (lps[0] or [])
+            else:
+                lps = lps[0]
+            out = None
+            if k is not None:
+                out = completion_logprobs(lps or [], codec, offsets.get(i, 0))
+                offsets[i] = offsets.get(i, 0) + sum(map(len, out["tokens"]))
+            return {"index": i, "text": text, "logprobs": out, "finish_reason": reason}
+        if req.stream:
+            def chunks(i, ev, first):
+                if ev.text or ev.finished or (k is not None and ev.logprobs) or (echo and first):
+                    yield choice(i, ev.text, (ev.logprobs, ev.prompt_logprobs), ev.finish_reason,
+                                 first)
+            return stream(pending, req, len(prompt), head, [], chunks, usage)
+        results = await collect(pending)
+        return {**head, "choices": [choice(i, r.text, (r.logprobs, r.prompt_logprobs), r.reason,
+                                           True) for i, r in enumerate(results)],
+                "usage": usage(len(prompt), sum(r.tokens for r in results))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        check_model(req.model)
+        refuse_unsupported(req)
+        prompt = chat_prompt(req.messages)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
         if max_tokens is None:
             max_tokens = max(1, engine.max_len - len(prompt))
-        pending = submit(prompt, _params(req, max_tokens), "messages")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        pending = submit(prompt, sampling_params(req, max_tokens, k), req.n or 1, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name}
+
+        def logprobs(lps):
+            return None if k is None else {"content": chat_logprobs(lps or [], codec)}
         if req.stream:
-            def choice(ev):
-                if ev.text:
-                    yield {"index": 0, "delta": {"content": ev.text}, "logprobs": None,
-                           "finish_reason": None}
+            def chunks(i, ev, first):
+                if ev.text or (k is not None and ev.logprobs):
+                    yield {"index": i, "delta": {"content": ev.text},
+                           "logprobs": logprobs(ev.logprobs), "finish_reason": None}
                 if ev.finished:
-                    yield {"index": 0, "delta": {}, "logprobs": None,
+                    yield {"index": i, "delta": {}, "logprobs": None,
                            "finish_reason": ev.finish_reason}
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}
-            return stream(pending, req, len(prompt), head, [role], choice)
-        text, n, reason = await collect(pending)
+            roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(req.n or 1)]
+            return stream(pending, req, len(prompt), head, roles, chunks, usage)
+        results = await collect(pending)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": usage(len(prompt), n)}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": logprobs(r.logprobs), "finish_reason": r.reason}
+                            for i, r in enumerate(results)],
+                "usage": usage(len(prompt), sum(r.tokens for r in results))}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
-             "max_model_len": engine.max_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return card
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
+        if req.messages is not None:
+            tokens = chat_prompt(req.messages)
+        else:
+            need_codec("prompt")
+            tokens = codec.encode(check_text(req.prompt, "prompt"), req.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": engine.max_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        need_codec("tokens")
+        bad = [t for t in req.tokens if not 0 <= t < engine.cfg.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                                f"{engine.cfg.vocab_size})", "tokens")
+        return {"prompt": codec.decode(req.tokens)}
+
+    @app.get("/version")
+    async def get_version():
+        return {"version": version}
 
     @app.get("/health")
     async def health():
-        if engine_alive(engine):
+        if engine.alive:
             return {"status": "ok"}
         return JSONResponse({"status": "error", "message": "the engine thread is not running"},
                             503)

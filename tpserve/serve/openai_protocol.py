@@ -1,0 +1,221 @@
+"""The OpenAI wire format: request bodies, their validation, errors, and logprobs in both shapes.
+
+Every parameter that changes the answer is either honoured or refused with a 400 that names it;
+none is silently dropped. Numbers are checked by `SamplingParams` (finite, in range, seeds in
+[0, 2**63 - 1]); strings must be valid Unicode (a lone surrogate such as "\\ud800" is a 400).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, StrictInt
+
+from tpserve.errors import TpserveError
+from tpserve.serve.sampling import SamplingParams, TokenLogprob
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "server_error"}
+MAX_N = 128  # OpenAI's own bound on n
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
+    message = " ".join(message.splitlines())  # one line, even for a multi-line exception
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+# ---- request bodies ------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI clients send many."""
+    model: str | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = None  # extension; 0 or -1 turn it off
+    min_p: float | None = 0.0  # extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extension
+    ignore_eos: bool = False  # extension
+    min_tokens: int | None = 0  # extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = 1.0  # extension
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[StrictInt]
+    max_tokens: int | None = 16
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+# ---- validation ----------------------------------------------------------------------------
+def check_text(text: str, param: str) -> str:
+    """Strings go to the tokenizer as UTF-8; JSON can carry lone surrogates that have none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end].encode("unicode_escape").decode()
+        raise ApiError(400, f"'{param}' holds a lone surrogate ({bad}), which is not valid "
+                            f"Unicode; send well-formed text", param) from None
+    return text
+
+
+def refuse_unsupported(req: _Common) -> None:
+    """Fields whose silent dropping would change the answer are refused, not ignored."""
+    fmt = (req.response_format or {}).get("type", "text")
+    unsupported = [
+        ("n", req.n is not None and not 1 <= req.n <= MAX_N, f"n={req.n} must be in [1, {MAX_N}]"),
+        ("response_format", fmt != "text",
+         f"response_format type '{fmt}' is not supported: tpserve has no constrained (JSON or "
+         f"grammar) decoding; leave response_format unset or {{\"type\": \"text\"}}"),
+        ("tools", bool(req.tools), "tools are not supported: tpserve has no tool-call parser; "
+                                   "leave tools unset"),
+        ("tool_choice", req.tool_choice not in (None, "none"),
+         "tool_choice is not supported: tpserve has no tool-call parser; leave it unset")]
+    if isinstance(req, CompletionRequest):
+        unsupported += [
+            ("best_of", req.best_of not in (None, 1, req.n),
+             f"best_of={req.best_of} is not supported; leave it unset (n choices are returned)"),
+            ("suffix", bool(req.suffix), "suffix is not supported: this is not an insertion "
+                                         "model; leave it null")]
+    if isinstance(req, ChatRequest):
+        unsupported += [("top_logprobs", req.top_logprobs is not None and not req.logprobs,
+                         "top_logprobs needs logprobs=true")]
+    for param, bad, message in unsupported:
+        if bad:
+            raise ApiError(400, message, param)
+    for s in [req.stop] if isinstance(req.stop, str) else req.stop or []:
+        check_text(s, "stop")
+
+
+def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not re.fullmatch(r"\d+", key):
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
+        bias.append((int(key), value))
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0, seed=req.seed,
+            stop_token_ids=tuple(req.stop_token_ids or ()), stop=tuple(stop),
+            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens or 0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=tuple(bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    except TpserveError as e:  # its messages start with the field: "top_p=1.5 must be ..."
+        m = re.match(r"(\w+)", str(e))
+        raise ApiError(400, str(e), m.group(1) if m else None) from None
+
+
+def validation_message(err: dict, content_type: str) -> tuple[str, str | None]:
+    """One line from pydantic's first error. Its loc is ("body", field, index, ..., union tag)."""
+    if err["type"] == "json_invalid":
+        return f"the request body is not valid JSON ({err.get('ctx', {}).get('error')})", None
+    if content_type and content_type.split(";")[0].strip() != "application/json":
+        return (f"the request body must be JSON sent with 'Content-Type: application/json', "
+                f"not '{content_type}'", None)
+    where = []
+    for x in err["loc"][1:]:
+        if not isinstance(x, int) and not re.fullmatch(r"[a-z_][a-z0-9_]*", x) or x in (
+                "str", "int", "float", "bool"):
+            break  # a union member's tag, not a field
+        where.append(str(x))
+    if not where:
+        return "the request body must be a JSON object", None
+    path = ".".join(where)
+    if err["type"] == "missing":
+        return f"'{path}' is required", where[0]
+    if path == "prompt":  # a union: pydantic's first message names only one of its types
+        return "'prompt' must be a string or a list of token ids", "prompt"
+    return f"'{path}' is invalid: {err['msg']}", where[0]
+
+
+# ---- logprobs in the two OpenAI shapes -----------------------------------------------------
+def token_text(codec, token: int) -> str:
+    return codec.decode([token], skip_special_tokens=False) if codec is not None else str(token)
+
+
+def completion_logprobs(lps: list[TokenLogprob], codec, offset: int) -> dict:
+    """/v1/completions: parallel lists; `offset` is where the first token's text starts."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        text = token_text(codec, lp.token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(None if lp.logprob is None else {  # echo's first token: None
+            token_text(codec, t): v for t, v in [(lp.token, lp.logprob), *lp.top]})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def _chat_entry(codec, token: int, logprob: float) -> dict:
+    text = token_text(codec, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(lps: list[TokenLogprob], codec) -> list[dict]:
+    """/v1/chat/completions: `choices[i].logprobs.content`, one entry per token."""
+    return [{**_chat_entry(codec, lp.token, lp.logprob),
+             "top_logprobs": [_chat_entry(codec, t, v) for t, v in lp.top]} for lp in lps]

@@ -1,0 +1,124 @@
+"""Engine events onto the event loop: one `Pending` per HTTP request (n choices, n engine
+requests), gathered whole (`collect`) or sent as server-sent events (`stream`).
+
+Latency metrics are observed here, on the engine thread, as each event is made: time to first
+token, the gap between tokens, and the request's end-to-end time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
+
+from tpserve.serve.engine import Event
+from tpserve.serve.metrics import Metrics
+from tpserve.serve.openai_protocol import ApiError, error_body
+
+
+class Pending:
+    def __init__(self, metrics: Metrics, n: int):
+        self.loop, self.metrics, self.n = asyncio.get_running_loop(), metrics, n
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []  # the engine's request ids, one per choice
+        self.engine = None  # set once every choice is accepted; then cancel() is owed on exit
+        self.closed = False
+
+    def callback(self, i: int):
+        arrived, last = time.monotonic(), [None]
+
+        def on_event(ev: Event) -> None:  # engine thread: must never raise
+            now = time.monotonic()
+            if ev.token_ids:
+                if last[0] is None:
+                    self.metrics.time_to_first_token.observe(now - arrived)
+                else:
+                    self.metrics.inter_token_latency.observe(now - last[0])
+                last[0] = now
+            if ev.finished and ev.finish_reason != "error":
+                self.metrics.e2e_latency.observe(now - arrived)
+            if self.closed:
+                return
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            except RuntimeError:  # the event loop is closed: the server has shut down
+                self.closed = True
+        return on_event
+
+    def cancel(self, engine) -> None:
+        for rid in self.ids:
+            engine.cancel(rid)
+
+    async def events(self):
+        """(choice, event, first event of that choice?) until every choice has finished."""
+        open_, seen = set(range(self.n)), set()
+        try:
+            while open_:
+                i, ev = await self.queue.get()
+                yield i, ev, i not in seen
+                seen.add(i)
+                if ev.finished:
+                    open_.discard(i)
+        finally:  # finished, failed, or the client went away (the generator is closed)
+            self.closed = True
+            if open_ and self.engine is not None:
+                for i in open_:
+                    self.engine.cancel(self.ids[i])
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    tokens: int = 0
+    reason: str | None = None
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+
+async def collect(pending: Pending) -> list[Choice]:
+    out = [Choice() for _ in range(pending.n)]
+    async with contextlib.aclosing(pending.events()) as events:
+        async for i, ev, _ in events:
+            if ev.finish_reason == "error":
+                raise ApiError(503, f"the engine failed this request: {ev.error}")
+            c = out[i]
+            c.text += ev.text
+            c.tokens += len(ev.token_ids)
+            c.reason = ev.finish_reason
+            c.logprobs += ev.logprobs or []
+            c.prompt_logprobs = c.prompt_logprobs or ev.prompt_logprobs
+    return out
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict], chunks,
+           usage) -> StreamingResponse:
+    """SSE: the `first` choices, then what chunks(choice, event, first?) yields per event, a usage
+    chunk when asked for, `[DONE]` last."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def body():
+        for c in first:
+            yield _sse({**head, "choices": [c]})
+        n = 0
+        async with contextlib.aclosing(pending.events()) as events:
+            async for i, ev, is_first in events:
+                if ev.finish_reason == "error":
+                    yield _sse(error_body(503, f"the engine failed this request: {ev.error}"))
+                    break
+                n += len(ev.token_ids)
+                for c in chunks(i, ev, is_first):
+                    yield _sse({**head, "choices": [c]})
+            else:
+                if include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
