@@ -100,9 +100,9 @@ def test_other_expert_layouts(ckpt_dir, layout):
 
 def test_shards_straddle_groups_and_shared_layers_own_no_cache(refs):
     llm = tpserve.load(refs["gemma4_moe"][0], tp=2, dtype=torch.float32)
-    expert = llm.executor.ranks[1].layers[0].experts.experts[0]
+    expert = llm.executor.ranks[1].layers[0].moe.experts.experts[0]
     assert expert.down.group_offset == 24  # rank 1 holds rows 24..48 of a group-32 down_proj
-    assert isinstance(llm.executor.ranks[0].layers[0].router.proj, torch.Tensor)  # dequantized
+    assert isinstance(llm.executor.ranks[0].layers[0].moe.router.proj, torch.Tensor)  # dequantized
     llm.close()
     llm = tpserve.load(refs["gemma4_ple_kvshare"][0], tp=4, dtype=torch.float32)
     cache = llm.executor.ranks[0].cache

@@ -9,7 +9,7 @@ import tpserve
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.runtime.comm import LocalGroup
 from tpserve.model.config import load_configs
-from tpserve.model.llama import RankModel
+from tpserve.model.decoder import build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 
 
@@ -24,7 +24,7 @@ def test_one_rank_of_tp4_reads_about_a_quarter_of_the_layer_bytes(ckpt_dir):
     plan, group = ShardPlan.build(cfg, 4), LocalGroup(4)
     total = layer_bytes(path)
     for r in range(4):
-        read = RankModel(path, cfg, quant, plan, group.comm(r), torch.float32).ckpt.bytes_read
+        read = build_rank_model(path, cfg, quant, plan, group.comm(r), torch.float32).ckpt.bytes_read
         # 1/4 of the split tensors, plus replicated norms and straddling groups' scales/zeros
         assert 0.22 * total < read < 0.30 * total, (r, read / total)
 

@@ -14,7 +14,6 @@ names the rank, the weight, its shard boundaries and its group offset.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from tpserve.errors import TpserveError
 from tpserve.model.gptq_shard import GPTQWeight
 from tpserve.model.hf_reference import TransformersReference
 from tpserve.model.kv_cache import StepPlan
-from tpserve.model.shard_plan import LINEAR_PLAN
+from tpserve.model.linear import Linear
 
 REFERENCES = ("tp1", "transformers")
 DEFAULT_TEXTS = ("The capital of France is", "def fibonacci(n):\n    return",
@@ -219,28 +218,13 @@ def _layer_outputs(executor, h: torch.Tensor) -> list[torch.Tensor]:
     return captured
 
 
-def _dense(linear) -> torch.Tensor:
-    """A linear layer's weight as fp32 [K, N], rows in checkpoint order."""
-    weight = linear.weight
-    if not isinstance(weight, GPTQWeight):
-        return weight.float().T  # dense layers are stored [N, K]
-    w = weight.dequantize(torch.float32)
-    perm = getattr(linear, "perm", None)
-    if perm is None:
-        return w
-    out = torch.empty_like(w)  # act-order rows were sorted by group at load: x[:, perm] @ w
-    out[perm] = w
-    return out
-
-
 def localise(local, ref1, ids: list[int], tol: Tolerance) -> Localisation:
     """First differing layer of in-process `local` (tp=N) vs `ref1` (tp=1), then its bad shards."""
     h = ref1.head.embed(torch.as_tensor(ids))
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(ref1.executor.ranks[0].layers):
-        for name in LINEAR_PLAN:
-            mod = functools.reduce(getattr, name.split("."), layer)
+        for name, (mod, _) in layer.linears().items():
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, args, key=(i, name): inputs.__setitem__(key, args[0].float())))
     try:
@@ -257,14 +241,14 @@ def localise(local, ref1, ids: list[int], tol: Tolerance) -> Localisation:
             f"arises outside the shards (rank processes, transport, or the coordinator's head)"))
     shards = []
     full_layer, plan = ref1.executor.ranks[0].layers[bad], local.executor.plan
+    full = full_layer.linears()
     for r, rank in enumerate(local.executor.ranks):
-        for name in LINEAR_PLAN:
-            w_full = _dense(functools.reduce(getattr, name.split("."), full_layer))
-            linear = functools.reduce(getattr, name.split("."), rank.layers[bad])
-            w = linear.weight
-            (k0, k1), (n0, n1) = plan.linear_spans(r, name, *w_full.shape)
+        for name, (linear, w_rank) in rank.layers[bad].linears().items():
+            w_full = full[name][1]
+            w = linear.weight if isinstance(linear, Linear) else None
+            (k0, k1), (n0, n1) = plan.linear_spans(r, name, *w_full.shape, layer=bad)
             x = inputs[(bad, name)][:, k0:k1]  # the unsharded layer's input, this rank's rows
-            rel = _rel(x @ _dense(linear), x @ w_full[k0:k1, n0:n1])
+            rel = _rel(x @ w_rank, x @ w_full[k0:k1, n0:n1])
             if rel > SHARD_RTOL:
                 gptq = isinstance(w, GPTQWeight)
                 shards.append(dict(

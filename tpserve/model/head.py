@@ -8,7 +8,7 @@
 - The compute dtype is the config's (or the caller's), never a weight's.
 - Gemma: the embedding is scaled by sqrt(hidden) (rounded to the compute dtype, as transformers
   does), the final norm is Gemma's, and logits are soft-capped (final_logit_softcapping). Gemma 4's
-  per-layer embedding inputs (`tpserve.model.gemma.PerLayerInputs`) are computed here too and `embed`
+  per-layer embedding inputs (`PerLayerInputs`, below) are computed here too and `embed`
   returns them as extra columns of the step tensor, [h | ple]; their bytes count in `nbytes`.
 """
 
@@ -21,9 +21,10 @@ import torch
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import ModelConfig, QuantConfig
 from tpserve.errors import CheckpointError
-from tpserve.model.linear import read_linear_weight
+from tpserve.model.gptq_shard import GPTQWeight
+from tpserve.model.layers import RMSNorm
+from tpserve.model.linear import matmul, read_linear_weight
 from tpserve.model.lm_head import Table, resolve_mode
-from tpserve.model.llama import RMSNorm
 
 log = logging.getLogger(__name__)
 NORM, LM_HEAD = "model.norm.weight", "lm_head"
@@ -61,11 +62,9 @@ class Head:
                                   f"tie_word_embeddings; the checkpoint is incomplete")
         mode = resolve_mode(mode, stored_gptq, v, h)
         gemma = {}
-        if cfg.gemma is None:
-            norm = RMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype)
-        else:
-            from tpserve.model.gemma import GemmaRMSNorm, PerLayerInputs
-            norm = GemmaRMSNorm.load(ckpt, NORM, h, cfg.rms_norm_eps, dtype, cfg.gemma.norm_offset)
+        norm = RMSNorm(ckpt.read(NORM, shape=(h,)).to(dtype), cfg.rms_norm_eps,
+                       None if cfg.gemma is None else cfg.gemma.norm_offset)
+        if cfg.gemma is not None:
             gemma = dict(embed_scale=torch.tensor(h ** 0.5, dtype=dtype),
                          softcap=cfg.gemma.final_softcap,
                          per_layer=PerLayerInputs.load(ckpt, cfg, quant, dtype)
@@ -116,3 +115,47 @@ class Head:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+class PerLayerInputs:
+    """Gemma 4's per-layer embedding inputs, at the coordinator: ids + scaled embedding -> [T, L*P].
+
+    As transformers' `get_per_layer_inputs` + `project_per_layer_inputs`:
+    (rmsnorm(W_proj @ e * hidden^-0.5) + table[id] * sqrt(P)) * 2^-0.5, per layer's P columns.
+    The table stays as stored (the compute dtype): lm_head modes never touch it.
+    """
+
+    TABLE, PROJECTION = "model.embed_tokens_per_layer.weight", "model.per_layer_model_projection"
+    NORM = "model.per_layer_projection_norm.weight"
+
+    def __init__(self, table: torch.Tensor, projection, norm: RMSNorm, cfg: ModelConfig,
+                 dtype: torch.dtype):
+        self.table, self.projection, self.norm = table, projection, norm
+        self.layers, self.dim = cfg.num_layers, cfg.gemma.ple_dim
+        self.table_scale = torch.tensor(self.dim ** 0.5, dtype=dtype)
+        self.projection_scale = cfg.hidden_size ** -0.5
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, cfg: ModelConfig, quant, dtype) -> "PerLayerInputs":
+        g, width = cfg.gemma, cfg.num_layers * cfg.gemma.ple_dim
+        table = ckpt.read(cls.TABLE, shape=(g.ple_vocab, width)).to(dtype)
+        proj = read_linear_weight(ckpt, cls.PROJECTION, quant, cfg.hidden_size, width,
+                                  (0, cfg.hidden_size), (0, width), dtype)
+        norm = RMSNorm(ckpt.read(cls.NORM, shape=(g.ple_dim,)).to(dtype), cfg.rms_norm_eps,
+                       g.norm_offset)
+        return cls(table, proj, norm, cfg, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        p = self.projection
+        return (self.table.numel() * self.table.element_size() + self.norm.weight.numel() *
+                self.norm.weight.element_size() +
+                (p.nbytes if isinstance(p, GPTQWeight) else p.numel() * p.element_size()))
+
+    def __call__(self, ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """ids [T], the scaled main embedding [T, hidden] -> [T, layers x ple_dim]."""
+        t = ids.shape[0]
+        token = (self.table[ids] * self.table_scale).view(t, self.layers, self.dim)
+        proj = matmul(embedded, self.projection) * self.projection_scale  # (T, layers x ple_dim)
+        proj = self.norm(proj.view(t, self.layers, self.dim))
+        return ((proj + token) * 2 ** -0.5).reshape(t, self.layers * self.dim)

@@ -68,7 +68,7 @@ class StepPlan:
 
 
 class KVCache:
-    """k/v of this rank's kv heads for every layer: [slots, max_len, kv_heads, head_dim] each."""
+    """k/v of this rank's kv heads for some layers: [slots, max_len, kv_heads, head_dim] each."""
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device="cpu"):
@@ -80,6 +80,36 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class LayerCaches:
+    """A rank's KV caches, one `KVCache` per layer type (Gemma 4's full layers have their own head
+    shape); `where[i]` is layer i's (cache, index). A KV-shared layer points at its producer's
+    entry and owns no memory."""
+
+    def __init__(self, groups: dict[str, KVCache], where: list[tuple[KVCache, int]]):
+        self.groups, self.where = groups, where
+        first = next(iter(groups.values()))
+        self.num_slots, self.max_len = first.num_slots, first.max_len
+
+    @classmethod
+    def build(cls, cfg, heads_of, producer_of, num_slots: int, max_len: int, dtype, device):
+        """heads_of(layer) -> (kv_heads, head_dim) on this rank; producer_of(layer) -> the layer
+        whose k/v it reads (itself for ordinary layers)."""
+        types = cfg.layer_types or ("",) * cfg.num_layers
+        owners = {t: [i for i in range(cfg.num_layers) if types[i] == t and producer_of(i) == i]
+                  for t in dict.fromkeys(types)}
+        groups = {t: KVCache(len(ls), num_slots, max_len, *heads_of(ls[0]), dtype, device)
+                  for t, ls in owners.items() if ls}
+        where = []
+        for i in range(cfg.num_layers):
+            src = producer_of(i)
+            where.append((groups[types[src]], owners[types[src]].index(src)))
+        return cls(groups, where)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.groups.values())
 
     def check(self, plan: StepPlan) -> None:
         for slot, start, n in zip(plan.slots, plan.starts, plan.lens):

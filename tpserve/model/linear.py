@@ -1,7 +1,15 @@
-"""Column- and row-parallel linear layers; each reads its own shard, beside its forward.
+"""One rank's shard of a linear layer, read beside its forward; column-parallel shards joined along N.
 
 A layer's weight is either a GPTQ shard (`GPTQWeight`) or, for layers a quantizer left in full
-precision (AutoRound skips some), a dense [N_local, K_local] tensor.
+precision (AutoRound skips some), a dense [N_local, K_local] tensor. A row-parallel shard's forward
+returns this rank's partial product: the decoder all-reduces it where the reader can see it.
+
+Merged linears (q/k/v, gate/up): column-parallel shards of the same input are joined along N at
+load, so a decode step runs one GEMV instead of three. qweight and scales concatenate along N as
+they are; qzeros are packed along N, so they are unpacked, concatenated and repacked (a rank's N
+need not be a multiple of the pack width). Act-order shards join only when their g_idx agree (each
+GPTQ layer has its own group order, so usually they do not) and dense with dense: otherwise the
+parts stay separate linears behind the same interface.
 """
 
 from __future__ import annotations
@@ -9,11 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tpserve.errors import CheckpointError
+from tpserve.kernels import gptq_matmul
+from tpserve.model import gptq
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import QuantConfig
-from tpserve.errors import CheckpointError
-from tpserve.model.gptq_shard import GPTQWeight, read_gptq_shard
-from tpserve.kernels import gptq_matmul, prepare_act_order
+from tpserve.model.gptq_shard import GPTQWeight, prepare_act_order, read_gptq_shard
 
 
 def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
@@ -33,59 +42,116 @@ def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
                           f"the checkpoint does not match config.json")
 
 
-def _prepare(weight: GPTQWeight | torch.Tensor):
-    """(weight, perm): act-order rows sorted by group once, at load (the kernels' fast path)."""
-    if isinstance(weight, GPTQWeight) and weight.g_idx is not None:
-        return prepare_act_order(weight)
-    return weight, None
+def matmul(x: torch.Tensor, weight: GPTQWeight | torch.Tensor) -> torch.Tensor:
+    """x @ W for a GPTQ shard [K, N] or a dense weight [N, K]."""
+    return gptq_matmul(x, weight) if isinstance(weight, GPTQWeight) else F.linear(x, weight)
 
 
-def _matmul(x: torch.Tensor, weight: GPTQWeight | torch.Tensor, perm) -> torch.Tensor:
-    if isinstance(weight, GPTQWeight):
-        return gptq_matmul(x, weight, perm)
-    return F.linear(x, weight)
+def merge_columns(weights: list) -> GPTQWeight | torch.Tensor | None:
+    """Column shards of one input joined along N, or None when they cannot share one kernel call."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat(weights, dim=0)  # dense weights are [N, K]
+    if not all(isinstance(w, GPTQWeight) for w in weights):
+        return None
+    first = weights[0]
+    same = all((w.bits, w.group_size, w.in_features, w.group_offset, w.scales.dtype) ==
+               (first.bits, first.group_size, first.in_features, first.group_offset,
+                first.scales.dtype) for w in weights)
+    same_order = all((w.g_idx is None) == (first.g_idx is None) and
+                     (w.g_idx is None or torch.equal(w.g_idx, first.g_idx)) for w in weights)
+    if not (same and same_order):
+        return None
+    zeros = torch.cat([gptq.unpack_cols(w.qzeros, w.bits, w.out_features) for w in weights], 1)
+    return GPTQWeight(
+        qweight=torch.cat([w.qweight for w in weights], 1),
+        qzeros=gptq.pack_cols(zeros, first.bits),
+        scales=torch.cat([w.scales for w in weights], 1), g_idx=first.g_idx,
+        group_offset=first.group_offset, bits=first.bits, group_size=first.group_size,
+        in_features=first.in_features, out_features=sum(w.out_features for w in weights))
 
 
-class ColumnParallelLinear(torch.nn.Module):
-    """Output columns [n0, n1) of a linear layer; no communication."""
+class Linear(torch.nn.Module):
+    """y = x @ W (+ b) with this rank's shard W; act-order rows sorted by group once, at load."""
 
-    def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        (self.weight, self.perm), self.bias = _prepare(weight), bias
+        self.perm = None
+        if isinstance(weight, GPTQWeight) and weight.g_idx is not None:
+            weight, self.perm = prepare_act_order(weight)
+        self.weight, self.bias = weight, bias
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
-             out_features: int, cols: tuple[int, int], dtype: torch.dtype, bias: bool = False):
-        w = read_linear_weight(ckpt, prefix, quant, in_features, out_features, (0, in_features),
-                               cols, dtype)
-        b = ckpt.read(f"{prefix}.bias", rows=cols, shape=(out_features,)).to(dtype) if bias else None
-        return cls(w, b)
+             out_features: int, rows: tuple[int, int], cols: tuple[int, int], dtype: torch.dtype,
+             bias: bool = False, rank: int = 0) -> "Linear":
+        w = read_linear_weight(ckpt, prefix, quant, in_features, out_features, rows, cols, dtype)
+        return cls(w, _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank,
+                                 dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(x, self.weight, self.perm)
+        if isinstance(self.weight, GPTQWeight):
+            y = gptq_matmul(x, self.weight, self.perm)
+        else:
+            y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def dense(self) -> torch.Tensor:
+        """W as fp32 [K, N], rows in checkpoint order (for `tpserve verify`)."""
+        if not isinstance(self.weight, GPTQWeight):
+            return self.weight.float().T
+        w = self.weight.dequantize(torch.float32)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)  # act-order rows were sorted by group at load: x[:, perm] @ w
+        out[self.perm] = w
+        return out
 
-class RowParallelLinear(torch.nn.Module):
-    """Input rows [k0, k1) of a linear layer; the partial products are summed across ranks."""
 
-    def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None, comm):
+def _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank, dtype):
+    if not bias:
+        return None
+    if rows != (0, in_features):
+        # Row-parallel: the bias is replicated in the checkpoint but must enter the sum once.
+        return ckpt.read(f"{prefix}.bias", shape=(out_features,)).to(dtype) if rank == 0 else None
+    return ckpt.read(f"{prefix}.bias", rows=cols, shape=(out_features,)).to(dtype)
+
+
+class MergedLinear(torch.nn.Module):
+    """Column-parallel linears of one input as one GEMV: forward returns each part's output."""
+
+    def __init__(self, weights: list, biases: list[torch.Tensor | None]):
         super().__init__()
-        (self.weight, self.perm), self.bias, self.comm = _prepare(weight), bias, comm
+        self.sizes = [w.out_features if isinstance(w, GPTQWeight) else w.shape[0] for w in weights]
+        merged = merge_columns(weights)
+        if merged is None:
+            self.parts = torch.nn.ModuleList(Linear(w, b) for w, b in zip(weights, biases))
+            self.joined = None
+            return
+        bias = None
+        if any(b is not None for b in biases):
+            like = next(b for b in biases if b is not None)
+            bias = torch.cat([like.new_zeros(n) if b is None else b
+                              for b, n in zip(biases, self.sizes)])
+        self.parts, self.joined = None, Linear(merged, bias)
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
-             out_features: int, rows: tuple[int, int], dtype: torch.dtype, comm, bias: bool = False):
-        w = read_linear_weight(ckpt, prefix, quant, in_features, out_features, rows,
-                               (0, out_features), dtype)
-        # The bias is replicated in the checkpoint but must enter the sum once: rank 0 adds it.
-        b = None
-        if bias and comm.rank == 0:
-            b = ckpt.read(f"{prefix}.bias", shape=(out_features,)).to(dtype)
-        return cls(w, b, comm)
+    def load(cls, ckpt: Checkpoint, prefixes: list[str], quant: QuantConfig | None,
+             in_features: int, outs: list[tuple[int, tuple[int, int]]], dtype: torch.dtype,
+             bias: bool = False) -> "MergedLinear":
+        """outs: per prefix (out_features, this rank's columns)."""
+        whole = (0, in_features)
+        weights = [read_linear_weight(ckpt, p, quant, in_features, n, whole, cols, dtype)
+                   for p, (n, cols) in zip(prefixes, outs)]
+        return cls(weights, [_read_bias(ckpt, p, bias, whole, cols, in_features, n, 0, dtype)
+                             for p, (n, cols) in zip(prefixes, outs)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(x, self.weight, self.perm)
-        if self.bias is not None:
-            y = y + self.bias
-        return self.comm.all_reduce(y)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.joined is not None:
+            return self.joined(x).split(self.sizes, dim=-1)
+        return tuple(p(x) for p in self.parts)
+
+    def dense_parts(self) -> list[torch.Tensor]:
+        """Each part's W as fp32 [K, n_i], rows in checkpoint order."""
+        if self.joined is not None:
+            return list(self.joined.dense().split(self.sizes, dim=1))
+        return [p.dense() for p in self.parts]

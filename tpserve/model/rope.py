@@ -1,4 +1,5 @@
-"""Rotary position embeddings as transformers computes them (default, linear and llama3 scaling)."""
+"""Rotary position embeddings as transformers computes them (default, linear and llama3 scaling, and
+Gemma 4's proportional rope)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from tpserve.model.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
+    if rope.kind == "proportional":
+        # Only the first partial_rotary_factor of the frequencies turn, the rest are 0 (cos 1,
+        # sin 0), over the full head_dim.
+        angles = int(rope.partial_rotary_factor * dim // 2)
+        turning = 1.0 / rope.theta ** (torch.arange(0, 2 * angles, 2).float() / dim)
+        return torch.cat([turning, torch.zeros(dim // 2 - angles)]) / rope.factor
     inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if rope.kind == "linear":
         return inv / rope.factor

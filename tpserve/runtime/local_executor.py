@@ -14,7 +14,7 @@ import torch
 from tpserve.runtime.comm import LocalGroup
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
-from tpserve.model.llama import build_rank_model
+from tpserve.model.decoder import build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 
 

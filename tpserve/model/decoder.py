@@ -1,0 +1,135 @@
+"""One rank's part of a decoder, as a loop over layer halves with every all-reduce in sight.
+
+The residual stream h [T, hidden] is replicated on every rank. Each half (attention, MLP) computes
+this rank's partial product of its row-parallel output; the loop sums the partials across ranks
+(`comm.all_reduce`) and the half adds the sum to h. After each all-reduce every rank holds the same
+h again. These halves are the segments a captured step replays between all-reduces. The
+embedding, the final norm and the lm_head live at the coordinator (`tpserve.model.head`).
+
+`llama.py` and `gemma.py` only assemble `DecoderLayer`s from the shared layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpserve.model.kv_cache import LayerCaches, StepPlan
+from tpserve.model.rope import Rotary
+
+
+class DecoderLayer(torch.nn.Module):
+    """h += attn_out(all_reduce(attn(attn_norm(h)))); h += mlp_out(all_reduce(mlp(mlp_norm(h)))).
+
+    attn_out / mlp_out are Gemma's sandwich norms (None: identity). `moe` (Gemma 4) adds a routed
+    expert block whose partial joins the MLP's in the same all-reduce; `per_layer` (Gemma 4's
+    per-layer inputs) and `layer_scalar` finish the layer without communication.
+    """
+
+    def __init__(self, attn_norm, self_attn, mlp_norm, mlp, attn_out=None, mlp_out=None,
+                 moe=None, per_layer=None, layer_scalar: torch.Tensor | None = None,
+                 layer_type: str = ""):
+        super().__init__()
+        self.attn_norm, self.self_attn, self.attn_out = attn_norm, self_attn, attn_out
+        self.mlp_norm, self.mlp, self.mlp_out = mlp_norm, mlp, mlp_out
+        self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
+        self.layer_type = layer_type
+
+    def attn_partial(self, h: torch.Tensor, ctx: "LayerContext") -> torch.Tensor:
+        return self.self_attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.cache, ctx.index, ctx.plan)
+
+    def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return h + (attn if self.attn_out is None else self.attn_out(attn))
+
+    def mlp_partial(self, h: torch.Tensor) -> torch.Tensor:
+        dense = self.mlp(self.mlp_norm(h))
+        return dense if self.moe is None else self.moe.partial(h, dense)
+
+    def mlp_residual(self, h: torch.Tensor, f: torch.Tensor, ple: torch.Tensor | None):
+        if self.moe is not None:
+            f = self.moe.combine(f)
+        h = h + (f if self.mlp_out is None else self.mlp_out(f))
+        if self.per_layer is not None:
+            h = self.per_layer(h, ple)
+        return h if self.layer_scalar is None else h * self.layer_scalar
+
+    def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+        """Linear name (as in the shard plan) -> (module fed its input, W fp32 [K, N])."""
+        return {**self.self_attn.linears(), **self.mlp.linears()}
+
+
+@dataclass
+class LayerContext:
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: object
+    index: int
+    plan: StepPlan
+
+
+class RankModel(torch.nn.Module):
+    """Every decoder layer's local shard on one rank, its rotaries and its KV caches.
+
+    The step input is h [T, hidden], or [h | ple] [T, hidden + layers x ple_dim] when the model has
+    per-layer inputs (the coordinator ships them as extra columns of the one step tensor).
+    """
+
+    def __init__(self, cfg, comm, layers: list[DecoderLayer], rotary: dict[str, Rotary],
+                 cache: LayerCaches, ple_dim: int, ckpt, device):
+        super().__init__()
+        self.cfg, self.comm, self.ckpt, self.device = cfg, comm, ckpt, torch.device(device)
+        self.layers = torch.nn.ModuleList(layers)
+        self.rotary, self.cache, self.ple_dim = rotary, cache, ple_dim
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
+        """-> the last layer's output [T, hidden] (before the final norm).
+
+        `capture`, when given, receives every layer's output (for `tpserve verify`).
+        """
+        cfg, t = self.cfg, x.shape[0]
+        assert x.shape[1] == cfg.hidden_size + cfg.num_layers * self.ple_dim, x.shape
+        self.cache.check(plan)
+        h, ple = x[:, :cfg.hidden_size], None
+        if self.ple_dim:
+            ple = x[:, cfg.hidden_size:].reshape(t, cfg.num_layers, self.ple_dim)
+        pos = plan.positions(self.device)
+        cos_sin = {kind: r.cos_sin(pos, h.dtype) for kind, r in self.rotary.items()}
+        all_reduce = self.comm.all_reduce
+        for i, layer in enumerate(self.layers):
+            cache, index = self.cache.where[i]
+            ctx = LayerContext(*cos_sin[layer.layer_type], cache, index, plan)
+            h = layer.attn_residual(h, all_reduce(layer.attn_partial(h, ctx)))
+            h = layer.mlp_residual(h, all_reduce(layer.mlp_partial(h)),
+                                   None if ple is None else ple[:, i])
+            if capture is not None:
+                capture.append(h)
+        return h
+
+
+def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",
+                     num_slots: int = 8, max_len: int | None = None, progress=None) -> RankModel:
+    """The rank-side model for the checkpoint's architecture."""
+    from tpserve.model import gemma, llama
+    from tpserve.model.checkpoint import Checkpoint
+    from tpserve.model.layers import LayerLoader
+
+    arch = gemma if cfg.gemma is not None else llama
+    load = LayerLoader(Checkpoint(path, device=device), cfg, quant, plan, comm.rank, dtype,
+                       device, arch.norm_offset(cfg))
+    layers = []
+    for i in range(cfg.num_layers):
+        layers.append(arch.layer(load, i))
+        if progress is not None:
+            progress(i + 1, cfg.num_layers)
+    producer = arch.kv_producer(cfg)
+
+    def heads_of(layer):
+        split = plan.head_split(layer)
+        return split.kv_heads[comm.rank][1] - split.kv_heads[comm.rank][0], split.head_dim
+
+    cache = LayerCaches.build(cfg, heads_of, producer, num_slots, max_len or cfg.max_position,
+                              dtype, device)
+    return RankModel(cfg, comm, layers, arch.rotaries(cfg, device), cache,
+                     cfg.gemma.ple_dim if cfg.gemma is not None else 0, load.ckpt, device)

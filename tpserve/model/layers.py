@@ -1,0 +1,154 @@
+"""The layers every decoder is assembled from, one class per concept, each differing by parameters:
+RMSNorm (llama's or Gemma's (offset + w) form), attention (GQA, window, soft-cap, q/k/v norms, KV
+sharing), the gated MLP (its activation), and `LayerLoader`, which reads one rank's part of each
+linear as the shard plan says.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tpserve.model.kv_cache import KVCache, StepPlan, attention
+from tpserve.model.linear import Linear, MergedLinear
+from tpserve.model.rope import Rotary
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(torch.nn.Module):
+    """x / rms(x), normalised in fp32, then scaled.
+
+    offset None (llama family, as transformers): cast back, then multiply by w. A float offset
+    (Gemma): multiply by (offset + w) in fp32, then cast back; Gemma 2/3 store w as an offset from
+    1, Gemma 4 as is (offset 0). weight None: no scale at all (Gemma 4's v norm).
+    """
+
+    def __init__(self, weight: torch.Tensor | None, eps: float, offset: float | None = None):
+        super().__init__()
+        self.weight, self.eps, self.offset = weight, eps, offset
+        self.scale = None if weight is None or offset is None else offset + weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset is None:
+            return self.weight * xf.to(x.dtype)
+        return (xf if self.scale is None else xf * self.scale).to(x.dtype)
+
+
+class LayerLoader:
+    """Reads this rank's part of decoder layer weights; every split comes from the shard plan."""
+
+    def __init__(self, ckpt, cfg, quant, plan, rank: int, dtype: torch.dtype, device,
+                 norm_offset: float | None = None):
+        self.ckpt, self.cfg, self.quant, self.plan, self.rank = ckpt, cfg, quant, plan, rank
+        self.dtype, self.device, self.norm_offset = dtype, device, norm_offset
+
+    def linear(self, layer: int, name: str, in_features: int, out_features: int,
+               bias: bool = False, prefix: str | None = None) -> Linear:
+        rows, cols = self.plan.linear_spans(self.rank, name, in_features, out_features, layer)
+        return Linear.load(self.ckpt, prefix or f"model.layers.{layer}.{name}", self.quant,
+                           in_features, out_features, rows, cols, self.dtype, bias, self.rank)
+
+    def merged(self, layer: int, names: list[str], in_features: int, outs: list[int],
+               bias: bool = False) -> MergedLinear:
+        spans = [self.plan.linear_spans(self.rank, n, in_features, o, layer)[1]
+                 for n, o in zip(names, outs)]
+        return MergedLinear.load(self.ckpt, [f"model.layers.{layer}.{n}" for n in names],
+                                 self.quant, in_features, list(zip(outs, spans)), self.dtype, bias)
+
+    def norm(self, name: str, size: int, weighted: bool = True) -> RMSNorm:
+        w = self.ckpt.read(name, shape=(size,)).to(self.dtype) if weighted else None
+        return RMSNorm(w, self.cfg.rms_norm_eps, self.norm_offset if weighted else 0.0)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.ckpt.read(name, shape=shape).to(self.dtype)
+
+
+class Attention(torch.nn.Module):
+    """This rank's heads: q/k/v as one GEMV, norms, rope, attention over the slot cache, o_proj.
+
+    forward returns o_proj's partial product (summed across ranks by the decoder). A KV-sharing
+    layer has no k/v projections: it reads what its producer layer wrote to the cache this step.
+    """
+
+    def __init__(self, load: LayerLoader, layer: int, *, scale: float, shares_kv: bool = False,
+                 k_is_v: bool = False, q_norm=None, k_norm=None, v_norm=None,
+                 softcap: float | None = None, o_bias: bool | None = None):
+        super().__init__()
+        cfg, hidden, bias = load.cfg, load.cfg.hidden_size, load.cfg.attention_bias
+        split = load.plan.head_split(layer)
+        hd, r = split.head_dim, load.rank
+        self.num_heads = split.q_heads[r][1] - split.q_heads[r][0]
+        self.num_kv = split.kv_heads[r][1] - split.kv_heads[r][0]
+        self.head_dim, self.scale, self.softcap = hd, scale, softcap
+        self.window, self.shares_kv = cfg.window_of(layer), shares_kv
+        q_out, kv_out = cfg.num_heads * hd, split.num_kv_heads * hd
+        names = ["self_attn.q_proj"] + ([] if shares_kv else
+                                        ["self_attn.k_proj"] + ([] if k_is_v else ["self_attn.v_proj"]))
+        outs = [q_out] + [kv_out] * (len(names) - 1)
+        self.qkv_proj = load.merged(layer, names, hidden, outs, bias)
+        self.proj_names = names
+        self.o_proj = load.linear(layer, "self_attn.o_proj", q_out, hidden,
+                                  bias if o_bias is None else o_bias)
+        self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
+        self.kv_map = torch.tensor(split.kv_map(r), dtype=torch.long, device=load.device)
+
+    def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan) -> torch.Tensor:
+        t = x.shape[0]
+        proj = self.qkv_proj(x)
+        q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = Rotary.apply(q, cos, sin)
+        if self.shares_kv:
+            # The producer layer wrote this step's k/v earlier in the step; attention() writes
+            # them back unchanged and reads the producer's cache.
+            k = torch.cat([cache.k[index][s, a:a + n] for s, a, n in
+                           zip(plan.slots, plan.starts, plan.lens)])  # (T, kv_heads, hd)
+            v = torch.cat([cache.v[index][s, a:a + n] for s, a, n in
+                           zip(plan.slots, plan.starts, plan.lens)])
+        else:
+            k = proj[1].view(t, self.num_kv, self.head_dim)  # (T, kv_heads, hd)
+            v = k if len(proj) == 2 else proj[2].view(t, self.num_kv, self.head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            k = Rotary.apply(k, cos, sin)
+        o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
+                      self.softcap)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+    def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+        """Linear name -> (module whose input is its input, W fp32 [K, N]), for verify."""
+        parts = dict(zip(self.proj_names, self.qkv_proj.dense_parts()))
+        if "self_attn.v_proj" not in parts and not self.shares_kv:
+            parts["self_attn.v_proj"] = parts["self_attn.k_proj"]
+        out = {n: (self.qkv_proj, w) for n, w in parts.items()}
+        out["self_attn.o_proj"] = (self.o_proj, self.o_proj.dense())
+        return out
+
+
+class GatedMLP(torch.nn.Module):
+    """down(act(gate(x)) * up(x)); gate/up as one GEMV; returns down's partial product."""
+
+    def __init__(self, load: LayerLoader, layer: int, activation: str, prefix: str = "mlp",
+                 width: int | None = None):
+        super().__init__()
+        hidden, inter = load.cfg.hidden_size, width or load.cfg.intermediate_size
+        self.prefix, self.act = prefix, ACTIVATIONS[activation]
+        self.gate_up_proj = load.merged(layer, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], hidden,
+                                        [inter, inter], load.cfg.mlp_bias)
+        self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+    def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+        gate, up = self.gate_up_proj.dense_parts()
+        p = self.prefix
+        return {f"{p}.gate_proj": (self.gate_up_proj, gate), f"{p}.up_proj": (self.gate_up_proj, up),
+                f"{p}.down_proj": (self.down_proj, self.down_proj.dense())}
