@@ -5,6 +5,10 @@ Two references per fixture:
   summation-order noise at every tp (ATOL below);
 - GPTQModel's own logits (it runs fp16 on CPU): agreement to fp16 rounding, which on these logits
   (|logit| up to ~10) means a relative error of ~1e-3.
+
+The Gemma 2 and Gemma 3 fixtures have a sliding window of 4 under the 12-token prompt, soft-caps
+(Gemma 2) and two rope thetas (Gemma 3), each moving these logits by 0.2-2, and the gemma3_text
+config.json as GPTQModel saves it (a flat rope_type/rope_theta beside the per-layer-type ones).
 """
 
 import json
@@ -29,7 +33,8 @@ def tp_sizes(name):
 
 
 def test_the_fixture_set_is_complete():
-    assert len(NAMES) >= 10, NAMES
+    assert len(NAMES) >= 12, NAMES
+    assert {"gemma2_g32_sym", "gemma3_g32_asym_act"} <= set(NAMES), NAMES
 
 
 @pytest.fixture(scope="module")
