@@ -2,9 +2,9 @@
 weights.
 
 Fixtures: random weights, quantized round-to-nearest into real GPTQ tensors (4-bit, group 32, v1
-zeros) by tests/tiny.py's packer. GPTQModel and auto-round are not installed in this environment,
-so no peer-written Gemma fixture is checked here; the expert and router layouts follow what those
-tools write (tiny.EXPERT_LAYOUTS).
+zeros) by tests/tiny.py's packer; they reach what the peers cannot write (Gemma 4, MoE, PLE). The
+Gemma 2 and 3 checkpoints GPTQModel writes are checked in tests/test_peer_fixtures.py; the expert
+and router layouts here follow what the quantizers write (tiny.EXPERT_LAYOUTS).
 
 Tolerance: as tests/test_equivalence.py. Both sides run fp32 on bit-identical dequantized weights,
 so the only differences are summation order (tp partial sums, attention kernels, MoE index_add):
