@@ -77,12 +77,17 @@ def choose_path(requested: str, tp: int, device: str, local: bool, shm_unsupport
     return "zmq", f"{why}: the coordinator carries the bytes (CurveZMQ over TCP across hosts)"
 
 
-def reduce_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the ranks' partials, in rank order, accumulated in fp32."""
+def reduce_sum(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the ranks' partials, in rank order, accumulated in fp32 (into `out` if given)."""
+    if parts[0].dtype == torch.float32 and len(parts) > 1:  # the same sums, one op fewer
+        acc = torch.add(parts[0], parts[1], out=out)
+        for p in parts[2:]:
+            acc += p
+        return acc
     acc = parts[0].to(torch.float32, copy=True)
     for p in parts[1:]:
         acc += p.to(torch.float32)
-    return acc.to(parts[0].dtype)
+    return acc.to(parts[0].dtype) if out is None else out.copy_(acc)
 
 
 class RankComm:
