@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpserve.model.kv_cache import LayerCaches, StepPlan
+from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.rope import Rotary
 
 
@@ -36,8 +36,8 @@ class DecoderLayer(torch.nn.Module):
         self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
         self.layer_type = layer_type
 
-    def attn_partial(self, h: torch.Tensor, ctx: "LayerContext") -> torch.Tensor:
-        return self.self_attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.cache, ctx.index, ctx.plan)
+    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode) -> torch.Tensor:
+        return self.self_attn(self.attn_norm(h), cos, sin, cache, index, plan, decode)
 
     def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return h + (attn if self.attn_out is None else self.attn_out(attn))
@@ -60,12 +60,13 @@ class DecoderLayer(torch.nn.Module):
 
 
 @dataclass
-class LayerContext:
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cache: object
-    index: int
-    plan: StepPlan
+class StepState:
+    """What every half of one step reads besides h: rope tables by layer type, the per-layer
+    inputs, the plan (eager steps) or its device form (decode steps)."""
+    cos_sin: dict
+    ple: torch.Tensor | None
+    plan: StepPlan | None
+    decode: DecodeMeta | None
 
 
 class RankModel(torch.nn.Module):
@@ -73,6 +74,8 @@ class RankModel(torch.nn.Module):
 
     The step input is h [T, hidden], or [h | ple] [T, hidden + layers x ple_dim] when the model has
     per-layer inputs (the coordinator ships them as extra columns of the one step tensor).
+    A decode step (one token per sequence) runs the static-shape path: the same halves with the
+    plan as device tensors, replayed from CUDA graphs when `capture_graphs` has run.
     """
 
     def __init__(self, cfg, comm, layers: list[DecoderLayer], rotary: dict[str, Rotary],
@@ -81,6 +84,12 @@ class RankModel(torch.nn.Module):
         self.cfg, self.comm, self.ckpt, self.device = cfg, comm, ckpt, torch.device(device)
         self.layers = torch.nn.ModuleList(layers)
         self.rotary, self.cache, self.ple_dim = rotary, cache, ple_dim
+        self.num_halves = 2 * len(layers)
+        self.graphs = None
+
+    @property
+    def batched_decode(self) -> bool:
+        return all(layer.self_attn.batched_decode for layer in self.layers)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
@@ -88,24 +97,54 @@ class RankModel(torch.nn.Module):
 
         `capture`, when given, receives every layer's output (for `tpserve verify`).
         """
-        cfg, t = self.cfg, x.shape[0]
-        assert x.shape[1] == cfg.hidden_size + cfg.num_layers * self.ple_dim, x.shape
         self.cache.check(plan)
-        h, ple = x[:, :cfg.hidden_size], None
-        if self.ple_dim:
-            ple = x[:, cfg.hidden_size:].reshape(t, cfg.num_layers, self.ple_dim)
-        pos = plan.positions(self.device)
-        cos_sin = {kind: r.cos_sin(pos, h.dtype) for kind, r in self.rotary.items()}
-        all_reduce = self.comm.all_reduce
-        for i, layer in enumerate(self.layers):
-            cache, index = self.cache.where[i]
-            ctx = LayerContext(*cos_sin[layer.layer_type], cache, index, plan)
-            h = layer.attn_residual(h, all_reduce(layer.attn_partial(h, ctx)))
-            h = layer.mlp_residual(h, all_reduce(layer.mlp_partial(h)),
-                                   None if ple is None else ple[:, i])
-            if capture is not None:
+        if plan.is_decode and capture is None and self.batched_decode:
+            if self.graphs is not None and self.graphs.fits(len(plan.slots)):
+                return self.graphs.run(x, plan)
+            return self.run(x, None, plan.decode_meta(self.device))
+        return self.run(x, plan, None, capture)
+
+    def run(self, x, plan: StepPlan | None, decode: DecodeMeta | None, capture=None):
+        """The step as a loop over layer halves, each all-reduce at its call site."""
+        state = self.begin(x, plan, decode)
+        h = x[:, :self.cfg.hidden_size]
+        for j in range(self.num_halves):
+            h = self.residual(j, h, self.comm.all_reduce(self.partial(j, h, state)), state)
+            if capture is not None and j % 2:
                 capture.append(h)
         return h
+
+    def begin(self, x, plan: StepPlan | None, decode: DecodeMeta | None) -> StepState:
+        cfg, t = self.cfg, x.shape[0]
+        assert x.shape[1] == cfg.hidden_size + cfg.num_layers * self.ple_dim, x.shape
+        ple = None
+        if self.ple_dim:
+            ple = x[:, cfg.hidden_size:].reshape(t, cfg.num_layers, self.ple_dim)
+        pos = decode.positions if decode is not None else plan.positions(self.device)
+        cos_sin = {kind: r.cos_sin(pos, x.dtype) for kind, r in self.rotary.items()}
+        return StepState(cos_sin, ple, plan, decode)
+
+    def partial(self, j: int, h: torch.Tensor, s: StepState) -> torch.Tensor:
+        """This rank's partial product of half j (attention for even j, MLP for odd j)."""
+        layer = self.layers[j // 2]
+        if j % 2:
+            return layer.mlp_partial(h)
+        cache, index = self.cache.where[j // 2]
+        cos, sin = s.cos_sin[layer.layer_type]
+        return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode)
+
+    def residual(self, j: int, h: torch.Tensor, reduced: torch.Tensor, s: StepState):
+        layer = self.layers[j // 2]
+        if j % 2 == 0:
+            return layer.attn_residual(h, reduced)
+        return layer.mlp_residual(h, reduced, None if s.ple is None else s.ple[:, j // 2])
+
+    def capture_graphs(self, buckets: list[int]) -> None:
+        """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`)."""
+        from tpserve.model.graphs import DecodeGraphs
+        self.graphs = None
+        if self.device.type == "cuda" and self.batched_decode:
+            self.graphs = DecodeGraphs(self, buckets)
 
 
 def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",

@@ -54,6 +54,14 @@ class StepPlan:
                 self._masks[key] = mask
         return self._masks[key]
 
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings one token: the static-shape (graph-captured) step applies."""
+        return all(n == 1 for n in self.lens)
+
+    def decode_meta(self, device) -> "DecodeMeta":
+        return DecodeMeta.build(self.slots, self.starts, device)
+
     def last_rows(self) -> list[int]:
         """Row of each sequence's last token."""
         ends, total = [], 0
@@ -67,12 +75,41 @@ class StepPlan:
                 "out_rows": self.out_rows}
 
 
+@dataclass
+class DecodeMeta:
+    """A decode step's plan as device tensors, so a captured step replays with new values.
+
+    Rows past the real sequences (a batch bucket's padding) write to the cache's scratch slot and
+    have length 0: the attention kernel gives them zeros.
+    """
+    slots: torch.Tensor  # int64 [B]: each sequence's cache slot
+    positions: torch.Tensor  # int64 [B]: the new token's position
+    lens: torch.Tensor  # int32 [B]: keys visible to it (position + 1; 0 for padding)
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], device, size: int | None = None,
+              scratch_slot: int = 0) -> "DecodeMeta":
+        pad = (size or len(slots)) - len(slots)
+        host = torch.tensor([slots + [scratch_slot] * pad, starts + [0] * pad,
+                             [s + 1 for s in starts] + [0] * pad], dtype=torch.int64)
+        host = host.to(device, non_blocking=True)
+        return cls(host[0], host[1], host[2].to(torch.int32))
+
+    def copy_(self, other: "DecodeMeta") -> None:
+        self.slots.copy_(other.slots)
+        self.positions.copy_(other.positions)
+        self.lens.copy_(other.lens)
+
+
 class KVCache:
-    """k/v of this rank's kv heads for some layers: [slots, max_len, kv_heads, head_dim] each."""
+    """k/v of this rank's kv heads for some layers: [slots + 1, max_len, kv_heads, head_dim] each.
+
+    The last slot is scratch: a captured decode step's padding rows write there.
+    """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device="cpu"):
-        shape = (num_slots, max_len, kv_heads, head_dim)
+        shape = (num_slots + 1, max_len, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.max_len = num_slots, max_len

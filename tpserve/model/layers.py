@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tpserve.model.kv_cache import KVCache, StepPlan, attention
+from tpserve.kernels.attention import decode_attention
+from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention
 from tpserve.model.linear import Linear, MergedLinear
 from tpserve.model.rope import Rotary
 
@@ -93,33 +94,51 @@ class Attention(torch.nn.Module):
         self.o_proj = load.linear(layer, "self_attn.o_proj", q_out, hidden,
                                   bias if o_bias is None else o_bias)
         self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
-        self.kv_map = torch.tensor(split.kv_map(r), dtype=torch.long, device=load.device)
+        kv_map = split.kv_map(r)
+        self.kv_map = torch.tensor(kv_map, dtype=torch.long, device=load.device)
+        # The decode kernel reads kv head h // group for local q head h; a rank whose replicated
+        # kv heads do not line up that way (rare uneven GQA splits) decodes through the loop.
+        self.kv_group = self.num_heads // self.num_kv
+        self.batched_decode = kv_map == [h // self.kv_group for h in range(self.num_heads)]
 
-    def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan,
+                decode: DecodeMeta | None = None) -> torch.Tensor:
         t = x.shape[0]
         proj = self.qkv_proj(x)
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = Rotary.apply(q, cos, sin)
-        if self.shares_kv:
-            # The producer layer wrote this step's k/v earlier in the step; attention() writes
-            # them back unchanged and reads the producer's cache.
-            k = torch.cat([cache.k[index][s, a:a + n] for s, a, n in
-                           zip(plan.slots, plan.starts, plan.lens)])  # (T, kv_heads, hd)
-            v = torch.cat([cache.v[index][s, a:a + n] for s, a, n in
-                           zip(plan.slots, plan.starts, plan.lens)])
+        k_cache, v_cache = cache.k[index], cache.v[index]
+        if decode is not None and self.batched_decode:
+            # One token per sequence, static shapes, no host sync: the graph-captured path.
+            if not self.shares_kv:  # a KV-sharing layer reads what its producer wrote this step
+                k, v = self._kv(proj, t, cos, sin)
+                k_cache[decode.slots, decode.positions] = k
+                v_cache[decode.slots, decode.positions] = v
+            o = decode_attention(q, k_cache, v_cache, decode.slots, decode.lens, self.kv_group,
+                                 self.scale, self.window, self.softcap)
         else:
-            k = proj[1].view(t, self.num_kv, self.head_dim)  # (T, kv_heads, hd)
-            v = k if len(proj) == 2 else proj[2].view(t, self.num_kv, self.head_dim)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            if self.v_norm is not None:
-                v = self.v_norm(v)
-            k = Rotary.apply(k, cos, sin)
-        o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
-                      self.softcap)
+            if self.shares_kv:
+                # The producer layer wrote this step's k/v earlier in the step; attention()
+                # writes them back unchanged and reads the producer's cache.
+                spans = list(zip(plan.slots, plan.starts, plan.lens))
+                k = torch.cat([k_cache[s, a:a + n] for s, a, n in spans])  # (T, kv_heads, hd)
+                v = torch.cat([v_cache[s, a:a + n] for s, a, n in spans])
+            else:
+                k, v = self._kv(proj, t, cos, sin)
+            o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
+                          self.softcap)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+    def _kv(self, proj, t: int, cos, sin):
+        k = proj[1].view(t, self.num_kv, self.head_dim)  # (T, kv_heads, hd)
+        v = k if len(proj) == 2 else proj[2].view(t, self.num_kv, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return Rotary.apply(k, cos, sin), v
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         """Linear name -> (module whose input is its input, W fp32 [K, N]), for verify."""

@@ -15,6 +15,7 @@ from tpserve.runtime.comm import LocalGroup
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
+from tpserve.model.graphs import buckets_for
 from tpserve.model.shard_plan import ShardPlan
 
 
@@ -25,11 +26,15 @@ class LocalExecutor:
     failures = 0
 
     def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device="cpu",
-                 num_slots: int = 8, max_len: int | None = None):
+                 num_slots: int = 8, max_len: int | None = None, cuda_graphs: bool = True):
         self.plan = ShardPlan.build(cfg, tp)
         self.group = LocalGroup(tp)
         self.ranks = [build_rank_model(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
                                        num_slots, max_len) for r in range(tp)]
+        if cuda_graphs and str(device).startswith("cuda"):
+            # One rank after the other, before any step: tuning and capture never run concurrently.
+            for rank in self.ranks:
+                rank.capture_graphs(buckets_for(num_slots))
         self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len
