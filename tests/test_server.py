@@ -7,86 +7,32 @@ the demo checkpoint at tp=2 with in-process ranks (the Ray path is tested elsewh
 import asyncio
 import json
 import re
-import socket
-import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
-import uvicorn
+from serving import MODEL, Server, served_demo, sse
 
-import tpserve
-from tpserve.demo import demo_path
 from tpserve.serve.engine import Engine
 from tpserve.serve.server import build_app
-from tpserve.serve.text import TextCodec
 
-MODEL = "tpserve-demo"
 PROMPT = "The quick brown fox"
 IDS = [72, 101, 108, 108, 111, 44, 32, 119]  # "Hello, w" as byte tokens
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 N = 10  # max_tokens of the requests checked against llm.generate
 
 
-class Server:
-    """A uvicorn server in a background thread, on a port the OS picked."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TPSERVE_CACHE", str(tmp_path_factory.mktemp("tpserve-cache")))
-    path = demo_path()
-    llm = tpserve.load(path, tp=2, dtype=torch.float32)
-    codec = TextCodec.load(path)
-    # References first: llm.generate uses KV slot 0, which the engine owns once it runs.
-    ref = {"prompt": llm.generate(codec.encode(PROMPT), max_tokens=N),
-           "ids": llm.generate(IDS, max_tokens=N),
-           "chat": llm.generate(codec.encode_chat(CHAT), max_tokens=N)}
-    engine = Engine(llm, tokenizer=codec).start()
-    server = Server(build_app(engine, codec, MODEL))
-    client = httpx.Client(base_url=server.url, timeout=60)
-    yield SimpleNamespace(llm=llm, codec=codec, engine=engine, ref=ref, url=server.url,
-                          client=client)
-    client.close()
-    server.close()
-    engine.stop()
-    llm.close()
-    mp.undo()
+    def references(llm, codec):
+        return {"prompt": llm.generate(codec.encode(PROMPT), max_tokens=N),
+                "ids": llm.generate(IDS, max_tokens=N),
+                "chat": llm.generate(codec.encode_chat(CHAT), max_tokens=N)}
+    yield from served_demo(tmp_path_factory, references)
 
 
 def finish_reason(env, tokens):
     return "stop" if tokens[-1] in env.llm.cfg.eos_token_ids else "length"
-
-
-def sse(client, path, body):
-    """The parsed `data:` objects of a stream, checking it ends with [DONE]."""
-    with client.stream("POST", path, json=body) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
-    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
-    return [json.loads(d) for d in data[:-1]]
 
 
 def complete(client, **body):
@@ -203,91 +149,7 @@ def test_metrics(env):
         head.embed_table.nbytes + head.lm_head.nbytes)
 
 
-# ---- errors --------------------------------------------------------------------------------
-BAD = [  # (path, body, message fragment, param)
-    ("/v1/completions", b"{not json", "not valid JSON", None),
-    ("/v1/completions", [], "must be a JSON object", None),
-    ("/v1/completions", {"max_tokens": 4}, "'prompt' is required", "prompt"),
-    ("/v1/chat/completions", {"max_tokens": 4}, "'messages' is required", "messages"),
-    ("/v1/chat/completions", {"messages": []}, "'messages' is empty", "messages"),
-    ("/v1/completions", {"prompt": 5}, "'prompt' must be a string or a list of token ids",
-     "prompt"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens=0 must be a positive",
-     "max_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -2}, "max_tokens=-2", "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature=-1.0 must be >= 0",
-     "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p=0.0 must be in (0, 1]", "top_p"),
-    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p=1.5 must be in (0, 1]", "top_p"),
-    ("/v1/completions", {"prompt": "x", "stream": True, "temperature": -1}, "temperature=",
-     "temperature"),
-    ("/v1/completions", {"prompt": "a" * 1100}, "the prompt has 1100 tokens but the context "
-                                                "holds 1024", "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 1100}]},
-     "but the context holds 1024", "messages"),
-    ("/v1/completions", {"prompt": ""}, "the prompt is empty", "prompt"),
-    ("/v1/completions", {"prompt": [1, 999]}, "token id 999 is outside the vocabulary [0, 320)",
-     "prompt"),
-    ("/v1/completions", {"prompt": [-1]}, "token id -1 is outside the vocabulary", "prompt"),
-    # Refused: honouring them needs what tpserve does not have.
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of=3 is not supported", "best_of"),
-    ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix is not supported", "suffix"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}},
-     "response_format type 'json_object' is not supported", "response_format"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, "tools are not supported", "tools"),
-    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"},
-     "tool_choice is not supported", "tool_choice"),
-    # Numbers that would break the sampler, and strings the tokenizer cannot take.
-    ("/v1/completions", {"prompt": "x", "temperature": float("nan")},
-     "temperature=nan is not a finite number", "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": float("nan")}, "top_p=nan is not a finite",
-     "top_p"),
-    ("/v1/completions", {"prompt": "x", "seed": 2**70}, "seed=1180591620717411303424 must be an "
-                                                        "integer in [0, 2**63 - 1]", "seed"),
-    ("/v1/completions", {"prompt": "x", "seed": -1}, "seed=-1 must be", "seed"),
-    ("/v1/completions", {"prompt": "x\ud800"}, "'prompt' holds a lone surrogate (\\ud800)",
-     "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udc00"}]},
-     "lone surrogate", "messages"),
-    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "lone surrogate", "stop"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 1024}, "prompt of 1 tokens + "
-                        "max_tokens=1024 exceeds the context of 1024", "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 0}, "n=0 must be in [1, 128]", "n"),
-    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p=1.5 must be in [0, 1]", "min_p"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty=0",
-     "repetition_penalty"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty=3",
-     "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": float("-inf")},
-     "frequency_penalty=-inf is not a finite number", "frequency_penalty"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens=5",
-     "min_tokens"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs=21 must be", "logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2},
-     "top_logprobs needs logprobs=true", "top_logprobs"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias key 'abc'",
-     "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias[5]=101",
-     "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"320": 1}}, "token id 320 in logit_bias",
-     "logit_bias"),
-]
-
-
-@pytest.mark.parametrize("path,body,fragment,param", BAD,
-                         ids=[f"{i}-{b[2][:24]}" for i, b in enumerate(BAD)])
-def test_bad_request_is_400(env, path, body, fragment, param):
-    # json.dumps writes NaN and Infinity as Python's json module (and so a hostile client) does.
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = env.client.post(path, content=content, headers={"content-type": "application/json"})
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert fragment in err["message"] and "\n" not in err["message"], err
-    assert err["type"] == "invalid_request_error" and err["param"] == param
-    assert err["code"] is None
-
-
+# ---- errors (bad requests: tests/test_openai_api.py) ------------------------------------
 def test_api_key(env):
     server = Server(build_app(env.engine, env.codec, MODEL, api_key="sekret"))
     try:

@@ -1,0 +1,151 @@
+"""OpenAI sampling parameters over HTTP, each against a reference computed from `llm.logits`,
+and requests that try to hurt the others.
+
+    python -m pytest tests/test_openai_params.py -q
+"""
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+from serving import MODEL, served_demo, sse
+
+PROMPT = "Hello"
+N = 12
+
+
+def penalized_greedy(llm, prompt, n, rep=1.0, freq=0.0, pres=0.0):
+    """Greedy decoding with the penalties applied by their definitions, one token at a time."""
+    out = []
+    for _ in range(n):
+        x = llm.logits(prompt + out)[-1].tolist()
+        for t in range(len(x)):
+            if rep != 1 and (t in prompt or t in out):
+                x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+            x[t] -= freq * out.count(t) + pres * (t in out)
+        out.append(max(range(len(x)), key=x.__getitem__))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    def references(llm, codec):
+        ids = codec.encode(PROMPT)
+        return {"ids": ids, "greedy": llm.generate(ids, max_tokens=30, ignore_eos=True),
+                "logits": llm.logits(ids + llm.generate(ids, max_tokens=N, ignore_eos=True)),
+                "rep": penalized_greedy(llm, ids, N, rep=0.2),
+                "freq_pres": penalized_greedy(llm, ids, N, freq=-1.5, pres=1.0)}
+    yield from served_demo(tmp_path_factory, references)
+
+
+def complete(env, **body):
+    r = env.client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_multi_token_stop_string_does_not_leak(env):
+    full = env.codec.decode(env.ref["greedy"])
+    # Three printable ASCII characters (three byte tokens) first seen past the start.
+    j = next(j for j in range(1, len(full) - 3) if full[j:j + 3].isascii()
+             and full[j:j + 3].isprintable() and full.find(full[j:j + 3]) == j)
+    stop = full[j:j + 3]
+    body = {"max_tokens": 30, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    out = complete(env, **body)["choices"][0]
+    assert (out["text"], out["finish_reason"]) == (full[:j], "stop")
+    chunks = sse(env.client, "/v1/completions", {"prompt": PROMPT, **body, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[:j]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("kind,body", [
+    # The demo's greedy text repeats nothing: penalties that reward repeats change it.
+    ("rep", {"repetition_penalty": 0.2}),
+    ("freq_pres", {"frequency_penalty": -1.5, "presence_penalty": 1.0})])
+def test_penalties_match_their_definition(env, kind, body):
+    out = complete(env, max_tokens=N, temperature=0, ignore_eos=True, **body)
+    assert out["choices"][0]["text"] == env.codec.decode(env.ref[kind])
+    assert env.ref[kind] != env.ref["greedy"][:N]  # the penalty changed the answer
+
+
+def test_logit_bias_min_tokens_and_min_p(env):
+    out = complete(env, max_tokens=5, temperature=1.0, logit_bias={"65": 100})
+    assert out["choices"][0]["text"] == env.codec.decode([65] * 5)
+    out = complete(env, max_tokens=8, min_tokens=3, temperature=0,
+                   stop_token_ids=list(range(320)))  # every token stops, once 3 exist
+    assert out["usage"]["completion_tokens"] == 3
+    assert out["choices"][0]["finish_reason"] == "stop"
+    # min_p=1 keeps only the most likely token: sampling at any temperature is greedy.
+    out = complete(env, max_tokens=N, temperature=1.5, min_p=1.0, ignore_eos=True, seed=3)
+    assert out["choices"][0]["text"] == env.codec.decode(env.ref["greedy"][:N])
+
+
+def test_n_choices_differ_and_repeat(env):
+    body = {"max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 11, "ignore_eos": True}
+    out = complete(env, **body)
+    texts = [c["text"] for c in out["choices"]]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert complete(env, **body)["choices"] == out["choices"]
+    assert out["usage"]["completion_tokens"] == 24
+    chunks = sse(env.client, "/v1/completions", {"prompt": PROMPT, **body, "stream": True})
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
+                for i in range(3)]
+    assert streamed == texts
+
+
+def test_echo_with_logprobs(env):
+    ids, k = env.ref["ids"], 2
+    out = complete(env, max_tokens=N, temperature=0, ignore_eos=True, echo=True, logprobs=k)
+    choice, gen = out["choices"][0], env.ref["greedy"][:N]
+    assert choice["text"] == PROMPT + env.codec.decode(gen)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [env.codec.decode([t]) for t in ids + gen]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = env.ref["logits"].log_softmax(-1)  # row i predicts token i + 1
+    want = [ref[i, t].item() for i, t in enumerate((ids + gen)[1:])]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert all(1 <= len(top) <= k + 1 for top in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(ids + gen))]
+
+
+def test_chat_logprobs(env):
+    r = env.client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+        "ignore_eos": True, "logprobs": True, "top_logprobs": 3})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4
+    for entry in content:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"]  # greedy: the top one
+        assert entry["bytes"] == list(entry["token"].encode())
+
+
+HOSTILE = [  # each is refused (400) or served; none may fail or change another request
+    {"temperature": math.nan}, {"temperature": -math.inf}, {"top_p": math.nan},
+    {"seed": 2**70}, {"prompt": "\ud800"}, {"temperature": 1e-300}, {"temperature": 1e300},
+    {"top_k": 10**12, "temperature": 1.0}, {"repetition_penalty": 1e300, "temperature": 2.0},
+    {"logit_bias": {str(t): -100 for t in range(320)}, "temperature": 1.0},
+    {"min_p": 1.0, "temperature": 5.0}, {"max_tokens": 10**9}, {"n": 10**6},
+    {"logprobs": 20, "echo": True, "n": 4}, {"stop": [""] * 50}]
+
+
+def test_hostile_requests_among_normal_ones(env):
+    normal = [{"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+              for p in ("a", "Hello there", "xyz" * 5, "The quick brown fox")]
+    want = [complete(env, **b)["choices"][0]["text"] for b in normal]
+    failed = env.engine.stats.requests_failed
+
+    async def together():
+        async with httpx.AsyncClient(base_url=env.url, timeout=120) as c:
+            def post(b):  # json.dumps sends NaN and Infinity, as a hostile client can
+                return c.post("/v1/completions", content=json.dumps(b),
+                              headers={"content-type": "application/json"})
+            return await asyncio.gather(*[post(b) for b in normal * 2],
+                                        *[post({"prompt": "x", **h}) for h in HOSTILE])
+    rs = asyncio.run(together())
+    assert [r.json()["choices"][0]["text"] for r in rs[:8]] == want * 2
+    assert {r.status_code for r in rs[8:]} <= {200, 400}, [r.text for r in rs[8:]]
+    assert env.engine.stats.requests_failed == failed
+    assert env.client.get("/health").status_code == 200

@@ -1,0 +1,163 @@
+"""The batched sampler against per-row references written from the parameters' definitions.
+
+    python -m pytest tests/test_sampling.py -q
+"""
+
+import math
+
+import pytest
+import torch
+
+from tpserve.errors import TpserveError
+from tpserve.serve.sampling import SampleRow, SamplingParams, process, sample, truncate
+from tpserve.serve.stop import StopText
+
+V = 50
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rows_of(params, prompts=None, outputs=None, eos=(3,)):
+    prompts = prompts or [[1, 2]] * len(params)
+    outputs = outputs or [[]] * len(params)
+    return [SampleRow(p, list(a), list(b), eos) for p, a, b in zip(params, prompts, outputs)]
+
+
+def reference_process(logits, row):
+    """One row, by the definitions (vLLM's and OpenAI's)."""
+    p, x = row.params, logits.clone().tolist()
+    for t, b in p.logit_bias:
+        x[t] += b
+    seen = set(row.prompt) | set(row.output)
+    for t in range(len(x)):
+        if t in seen and p.repetition_penalty != 1:
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        c = row.output.count(t)
+        x[t] -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
+    if len(row.output) < p.min_tokens:
+        for t in set(p.stop_token_ids) | ({} if p.ignore_eos else set(row.eos_token_ids)):
+            x[t] = -math.inf
+    return torch.tensor(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_process_matches_the_definitions(device):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, V, generator=g) * 3
+    params = [SamplingParams(repetition_penalty=1.7, logit_bias=((4, 2.5), (9, -100))),
+              SamplingParams(presence_penalty=0.6, frequency_penalty=-0.4, min_tokens=5,
+                             stop_token_ids=(7,)),
+              SamplingParams(),
+              SamplingParams(repetition_penalty=0.5, frequency_penalty=1.5, min_tokens=1,
+                             ignore_eos=True, stop_token_ids=(8,))]
+    rows = rows_of(params, [[1, 2, 4], [5], [6], [10, 11, 12]],
+                   [[4, 4, 9], [5, 5, 5, 20], [], [30, 31, 31]])
+    got = process(logits.to(device), rows).cpu()
+    for i, row in enumerate(rows):
+        assert torch.allclose(got[i], reference_process(logits[i], row), atol=1e-5), i
+
+
+def test_truncate_keeps_the_reference_sets():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, V, generator=g)
+    params = [SamplingParams(top_k=5), SamplingParams(top_p=0.3), SamplingParams(top_k=10,
+              top_p=0.5), SamplingParams(), SamplingParams(top_k=10**9, top_p=0.9)]
+    kept = torch.isfinite(truncate(logits, params))
+    for i, p in enumerate(params):
+        order = logits[i].argsort(descending=True).tolist()[:min(p.top_k or V, V)]
+        probs = logits[i][order].softmax(-1).tolist()
+        want, mass = set(), 0.0
+        for t, q in zip(order, probs):  # the smallest prefix whose mass reaches top_p
+            if mass >= p.top_p and p.top_p < 1:
+                break
+            want.add(t)
+            mass += q
+        assert set(kept[i].nonzero().flatten().tolist()) == want, i
+
+
+def test_draws_follow_the_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -8.0])
+    n, temp = 20000, 0.7
+    rows = rows_of([SamplingParams(temperature=temp)] * n)
+    tokens, _ = sample(logits.expand(n, -1), rows)
+    freq = torch.bincount(torch.tensor(tokens), minlength=5) / n
+    want = (logits / temp).softmax(-1)
+    assert (freq - want).abs().max() < 0.015  # ~4 standard errors at n=20000
+
+
+def test_min_p_and_greedy_rows_in_one_batch():
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0, -2.0]] * 400)
+    params = [SamplingParams(temperature=1.0, min_p=0.5)] * 399 + [SamplingParams()]
+    tokens, _ = sample(logits, rows_of(params))
+    assert set(tokens[:-1]) == {0, 1} and tokens[-1] == 0
+
+
+def test_seeded_rows_repeat_whatever_the_batch():
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
+    seeded = SamplingParams(temperature=1.0, seed=2**63 - 1)
+    alone = [sample(logits[1:2], rows_of([seeded]))[0][0] for _ in range(2)]
+    mixed = sample(logits, rows_of([SamplingParams(temperature=1.0), seeded, SamplingParams()]))
+    assert alone[0] == alone[1] == mixed[0][1]
+
+
+def test_logprobs_are_the_models_log_softmax():
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(logprobs=3, repetition_penalty=2.0), SamplingParams()]
+    tokens, lps = sample(logits, rows_of(params))
+    ref = logits[0].log_softmax(-1)
+    assert lps[1] is None and lps[0].token == tokens[0]
+    assert lps[0].logprob == pytest.approx(ref[tokens[0]].item(), abs=1e-6)
+    top = ref.topk(3)
+    assert [t for t, _ in lps[0].top] == top.indices.tolist()
+    assert [v for _, v in lps[0].top] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_hostile_rows_never_fail_the_batch():
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(4))
+    everything = tuple((t, -100.0) for t in range(V))
+    params = [SamplingParams(logit_bias=everything, temperature=1.0),
+              SamplingParams(temperature=1e-30),
+              SamplingParams(temperature=1e6, top_k=10**12),
+              SamplingParams(repetition_penalty=1e30, temperature=2.0),
+              SamplingParams(min_p=1.0, temperature=1.0),
+              SamplingParams()]
+    tokens, _ = sample(logits, rows_of(params, outputs=[list(range(V))] * 6))
+    assert all(0 <= t < V for t in tokens)
+    assert tokens[1] == logits[1].argmax().item()  # a vanishing temperature is greedy
+    assert tokens[5] == logits[5].argmax().item()
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(temperature=float("nan")), "temperature=nan is not a finite number"),
+    (dict(temperature=float("-inf")), "temperature=-inf is not a finite number"),
+    (dict(top_p=float("nan")), "top_p=nan"),
+    (dict(seed=2**63), "seed=9223372036854775808 must be an integer in [0, 2**63 - 1]"),
+    (dict(seed=True), "seed=True"),
+    (dict(logit_bias=((1, float("inf")),)), "logit_bias[1]=inf"),
+    (dict(min_tokens=17), "min_tokens=17"),
+    (dict(logprobs=-1), "logprobs=-1"),
+])
+def test_params_refuse_what_would_break_a_step(kw, fragment):
+    with pytest.raises(TpserveError) as e:
+        SamplingParams(**kw)
+    assert fragment in str(e.value)
+
+
+class Chars:
+    """A tokenizer whose token i is chr(i): stop strings span several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def test_stop_text_never_leaks_the_start_of_a_stop_string():
+    text, stop = "ab}Bx}Bn tail", "}Bn"
+    st, sent = StopText(Chars(), (stop, "zz")), []
+    for i in range(1, len(text) + 1):
+        new, hit = st.update([ord(c) for c in text[:i]], final=False)
+        sent.append(new)
+        if hit:
+            break
+    assert hit and "".join(sent) == "ab}Bx"
+    assert sent[2:5] == ["", "", "}Bx"]  # "}B" held until "x" showed it is not the stop
+    st = StopText(Chars(), (stop,))
+    assert st.update([ord(c) for c in "ab}B"], final=True) == ("ab}B", False)  # length: flush
