@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tpserve.runtime.comm import ALLREDUCE, choose_path
+from tpserve.runtime.comm import choose_path
 from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.errors import TpserveError
@@ -55,8 +55,7 @@ class RayExecutor:
                  placement: str = "strict_pack", timeout_s: float = 60.0,
                  placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False,
                  allreduce: str = "auto"):
-        if allreduce not in ALLREDUCE:
-            raise TpserveError(f"allreduce={allreduce!r} is not known; use one of {list(ALLREDUCE)}")
+        choose_path(allreduce, tp, device, True, None)  # refuse a wrong name or device up front
         if placement not in PLACEMENTS:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
