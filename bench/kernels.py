@@ -14,6 +14,7 @@ over the measured device-to-device copy bandwidth (bytes read + written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -26,16 +27,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from tpserve.model.gptq_shard import GPTQWeight  # noqa: E402
-from tpserve.kernels import gptq_matmul, prepare_act_order  # noqa: E402
-from tpserve.kernels.gptq_matmul import gptq_matmul_reference, random_gptq  # noqa: E402
+from tpserve.kernels import HeadFormat, gptq_matmul  # noqa: E402
+from tpserve.kernels.gptq_weight import gptq_matmul_reference, random_weight  # noqa: E402
+from tpserve.model.gptq_shard import prepare_act_order  # noqa: E402
 
-GPTQ_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]  # K x N
+# K x N: Llama-3-8B's layers, merged q/k/v and gate/up, each rank's shapes at tp 2 and 4, 70B-class.
+GPTQ_SHAPES = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 28672),
+               (4096, 3072), (2048, 4096), (7168, 4096), (4096, 1536), (3584, 4096),
+               (8192, 8192), (8192, 28672)]
 HEAD_SHAPES = [(4096, 128256), (2048, 262144)]  # H x V
 GPTQ_M, HEAD_M = (1, 4, 16), (1, 8)
 PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLAS
-VARIANTS = ["w4g128", "w4g128_off64", "w4_act", "w4_act_shard", "w8g128"]
+# w4g128_fp32: the M = 1 GEMV without its fp16x2 path (the A/B of that path, M = 1 only)
+VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_off64", "w4_act", "w4_act_shard", "w8g128"]
 L2_BYTES = 50e6
+SHAPES = None  # --shapes
 
 
 def sync(dev):
@@ -87,21 +93,10 @@ def n_copies(nbytes, smoke):
     return 2 if smoke else max(2, math.ceil(2 * L2_BYTES / nbytes))
 
 
-def random_packed(k, n, bits, gs, off, dev):
-    """A GPTQWeight of random words (timing only; values do not matter)."""
-    def words(*shape):
-        return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32, device=dev)
-    g = math.ceil((k + off) / gs)
-    return GPTQWeight(qweight=words(math.ceil(k * bits / 32), n),
-                      qzeros=words(g, math.ceil(n * bits / 32)),
-                      scales=(torch.rand(g, n, device=dev) * 0.01 + 1e-3).half(), g_idx=None,
-                      group_offset=off, bits=bits, group_size=gs, in_features=k, out_features=n)
-
-
 def make_variant(name, k, n, dev):
     """(GPTQWeight, perm) for one benchmark variant."""
     bits = 8 if name.startswith("w8") else 4
-    w = random_packed(k, n, bits, 128, 64 if name.endswith("off64") else 0, dev)
+    w = random_weight(k, n, bits, 128, 64 if name.endswith("off64") else 0, device=dev)
     if name == "w4_act":  # unsharded act-order: groups of 128 in a random row order
         order = torch.randperm(k, device=dev)
         w.g_idx = torch.empty(k, dtype=torch.int32, device=dev)
@@ -122,7 +117,7 @@ def tinygemm(k, n, dev):
 
 
 def bench_gptq(dev, smoke, iters, rows, copy_bw):
-    shapes = [(256, 384), (384, 256)] if smoke else GPTQ_SHAPES
+    shapes = [(256, 384), (384, 256)] if smoke else SHAPES or GPTQ_SHAPES
     ms = (1, 4) if smoke else GPTQ_M
     for k, n in shapes:
         base = {}
@@ -150,7 +145,10 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw):
         for v in VARIANTS:
             first = make_variant(v, k, n, dev)
             ws = [first] + [make_variant(v, k, n, dev) for _ in range(n_copies(first[0].nbytes, smoke) - 1)]
-            for m in ms:
+            if dev.type == "cuda":
+                from tpserve.kernels import gptq_gemv
+                gptq_gemv.USE_H2 = v != "w4g128_fp32"
+            for m in ms[:1] if v == "w4g128_fp32" else ms:
                 x = torch.randn(m, k, device=dev).half()
                 fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
                 t = device_time_us(fns, dev, iters)
@@ -178,8 +176,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw):
 
 
 def bench_head(dev, smoke, iters, rows, copy_bw):
-    from tpserve.kernels import int8_matmul, q8_0_matmul
-    from tpserve.kernels.head_kernels import quantize_int8, quantize_q8_0
+    from tpserve.kernels import int8_matmul, q8_0_matmul, quantize_int8, quantize_q8_0
     shapes = [(256, 1000)] if smoke else HEAD_SHAPES
     for h, v in shapes:
         wb = [torch.randn(v, h, device=dev).to(torch.bfloat16) for _ in range(n_copies(2 * v * h, smoke))]
@@ -224,7 +221,9 @@ def _fmt(r):
 
 def check(dev):
     """Parity of every kernel path on this device, with fixed configs (one compile each)."""
-    from tpserve.kernels import gptq_triton, head_kernels
+    from tpserve.kernels import dispatch, gptq_common, head_kernels
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gptq_random import random_gptq
     worst = 0.0
 
     def report(what, y, ref):
@@ -237,7 +236,8 @@ def check(dev):
     # (bits, k, n, gs, k0, act, gemv BLOCK_K, mm BLOCK_K): ONE/ROW, ONE/TWO, TWO/ROW, TWO/TWO, ROW
     cases = [(4, 200, 72, 64, 0, False, 32, 128), (4, 250, 40, 128, 64, False, 64, 128),
              (4, 150, 72, 64, 40, False, 32, 128), (8, 150, 40, 64, 40, False, 32, 64),
-             (4, 130, 40, 32, 64, True, 32, 128), (4, 4096, 4096, 128, 0, False, 128, 128)]
+             (4, 130, 40, 32, 64, True, 32, 128), (4, 4096, 4096, 128, 0, False, 128, 128),
+             (8, 4096, 1024, 128, 64, False, 64, 64), (4, 1024, 1000, 32, 16, False, 32, 128)]
     for i, (bits, k, n, gs, k0, act, bk1, bk2) in enumerate(cases):
         w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act, device=dev)
         w, perm = prepare_act_order(w) if act else (w, None)
@@ -249,38 +249,52 @@ def check(dev):
                        None)  # dequantize + cuBLAS
                 x = torch.randn(m, k, device=dev, dtype=dtype)
                 xk = x if perm is None else x[:, perm]
-                y = gptq_triton.gptq_matmul_triton(x, w, perm, config=cfg)
+                y = dispatch.gptq_matmul_triton(x, w, perm, config=cfg)
                 report(f"gptq bits={bits} K={k} N={n} gs={gs} k0={k0} act={act} M={m} {dtype}",
                        y, gptq_matmul_reference(xk.float(), w))
+                if m == 1 and dtype == torch.float16:  # fp16x2 sums: |x| up to ~12000 stay finite
+                    w2 = dataclasses.replace(w, scales=w.scales / 3000)  # y itself stays in fp16
+                    report(f"gptq large x bits={bits} K={k} k0={k0}",
+                           dispatch.gptq_matmul_triton(x * 3000, w2, perm, config=cfg),
+                           gptq_matmul_reference(xk.float() * 3000, w2))
     for h, v in [(96, 1000), (4096, 5000)]:
         wt = torch.randn(v, h, device=dev) / h ** 0.5
-        for q, s in (head_kernels.quantize_int8(wt), head_kernels.quantize_q8_0(wt)):
-            fn = head_kernels.int8_matmul_triton if s.dim() == 1 else head_kernels.q8_0_matmul_triton
+        for fmt in (HeadFormat.INT8, HeadFormat.Q8_0):
+            q, s = (head_kernels.quantize_int8 if fmt == HeadFormat.INT8
+                    else head_kernels.quantize_q8_0)(wt)
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 for m in (1, 3, 40):
                     cfg = dict(BLOCK_V=32, BLOCK_H=256) if m == 1 else \
                         dict(BLOCK_M=16, BLOCK_V=64, BLOCK_H=128)
                     x = torch.randn(m, h, device=dev, dtype=dtype)
-                    report(f"head {'int8' if s.dim() == 1 else 'q8_0'} H={h} V={v} M={m} {dtype}",
-                           fn(x, q, s, config=cfg), head_kernels._chunked_matmul(x.float(), q, s))
+                    report(f"head {fmt} H={h} V={v} M={m} {dtype}",
+                           head_kernels.head_matmul_triton(fmt, x, q, s, config=cfg),
+                           head_kernels.dequant_matmul(fmt, x.float(), q, s))
             ids = torch.randint(0, v, (33,), device=dev)
-            report("rows", head_kernels.dequant_rows_triton(ids, q, s, torch.float32),
-                   head_kernels.dequant_rows_reference(ids, q, s, torch.float32))
+            report("rows", head_kernels.dequant_rows_triton(fmt, ids, q, s, torch.float32),
+                   head_kernels.dequant_rows_reference(fmt, ids, q, s, torch.float32))
     clean = all(not ws.any().item() and not cnt.any().item()
-                for ws, cnt in gptq_triton._workspaces.values())
+                for ws, cnt in gptq_common._workspaces.values())
     print(f"check: worst relative error {worst:.2e}; split-K workspace left zeroed: {clean}")
     return worst < 1e-2 and clean
 
 
 def main():
+    global SHAPES, GPTQ_M, VARIANTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (torch paths)")
     ap.add_argument("--check", action="store_true", help="only check parity on the GPU")
     ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--no-head", action="store_true", help="GPTQ shapes only")
+    ap.add_argument("--shapes", help="GPTQ shapes KxN,... (default: the table's)")
+    ap.add_argument("--m", type=int, nargs="+", help="GPTQ M values (default 1 4 16)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, help="GPTQ variants (default: all)")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     smoke = args.smoke or dev.type == "cpu"
+    SHAPES = args.shapes and [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
+    GPTQ_M, VARIANTS = tuple(args.m or GPTQ_M), args.variants or VARIANTS
     if args.check:
         sys.exit(0 if check(dev) else 1)
     t0 = time.time()
@@ -289,7 +303,8 @@ def main():
     print(f"{name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows = []
     bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
-    bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
+    if not args.no_head:
+        bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
     import triton
     meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
                 copy_tb_s=copy_bw / 1e12, smoke=smoke, seconds=time.time() - t0)

@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
-_GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to this
+_GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to at least this
 _MAX_SPLITS = 32
 
 
@@ -213,7 +213,6 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
     assert h == kvh * kv_group, f"{h} query heads vs {kvh} kv heads x kv_group {kv_group}"
     assert d_k == d and v_cache.shape == k_cache.shape and k_cache.dtype == q.dtype
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert kv_group <= _GROUP_TILE, f"kv_group {kv_group} > {_GROUP_TILE} is not supported"
     out = torch.empty_like(q)
     if b == 0:
         return out
@@ -233,8 +232,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         q, k_cache, v_cache, slots, lens, out, part, ml,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
-        GROUP=kv_group, HEAD_DIM=d, BLOCK_G=_GROUP_TILE, BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISION=precision, num_warps=num_warps)
     if num_splits > 1:
         _merge_kernel[(b, h)](part, ml, out, out.stride(0), out.stride(1), b * h, HEAD_DIM=d,

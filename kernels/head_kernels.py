@@ -28,6 +28,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .dispatch import HeadFormat  # noqa: E402
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 Q8_BLOCK = 32
 
@@ -53,37 +55,37 @@ def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(v, h), scales
 
 
-def _dequant(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequant(fmt: HeadFormat, q: torch.Tensor, scales: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
     """q [R, H] with int8 (scales [R]) or Q8_0 (scales [R, H / 32]) scales -> [R, H] in dtype."""
-    if scales.dim() == 1:
+    if fmt == HeadFormat.INT8:
         return (q.float() * scales.float()[:, None]).to(dtype)
     r, h = q.shape
     return (q.float().view(r, -1, Q8_BLOCK) * scales.float()[..., None]).view(r, h).to(dtype)
 
 
-def _chunked_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, rows=8192):
+def dequant_matmul(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                   rows=8192) -> torch.Tensor:
     """x [M, H] @ dequant(q).T, dequantizing `rows` vocabulary rows at a time (bounded memory)."""
     out = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
     for v0 in range(0, q.shape[0], rows):
-        out[:, v0:v0 + rows] = x @ _dequant(q[v0:v0 + rows], scales[v0:v0 + rows], x.dtype).T
+        out[:, v0:v0 + rows] = x @ _dequant(fmt, q[v0:v0 + rows], scales[v0:v0 + rows], x.dtype).T
     return out
 
 
-def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, H] -> [M, V]. On CPU torch's fused int8 GEMM (same math, fp32 accumulation)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch._weight_int8pack_mm(x.contiguous(), q.contiguous(), scale.to(x.dtype))
-    return _chunked_matmul(x, q, scale)
+def head_matmul_reference(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor,
+                          scales: torch.Tensor) -> torch.Tensor:
+    """x [M, H] -> [M, V]. int8 on CPU: torch's fused int8 GEMM (same math, fp32 accumulation)."""
+    if fmt == HeadFormat.INT8 and x.device.type == "cpu" and x.dtype in (
+            torch.float32, torch.float16, torch.bfloat16):
+        return torch._weight_int8pack_mm(x.contiguous(), q.contiguous(), scales.to(x.dtype))
+    return dequant_matmul(fmt, x, q, scales)
 
 
-def q8_0_matmul_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return _chunked_matmul(x, q, scales)
-
-
-def dequant_rows_reference(ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-                           dtype: torch.dtype) -> torch.Tensor:
+def dequant_rows_reference(fmt: HeadFormat, ids: torch.Tensor, q: torch.Tensor,
+                           scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """ids [T] -> [T, H] in dtype (int8: scales [V]; Q8_0: scales [V, H / 32])."""
-    return _dequant(q[ids], scales[ids], dtype)
+    return _dequant(fmt, q[ids], scales[ids], dtype)
 
 
 # ---- Triton ----
@@ -209,7 +211,10 @@ INTERPRET_CONFIGS = {"gemv": dict(BLOCK_V=16, BLOCK_H=64),
                      "mm": dict(BLOCK_M=16, BLOCK_V=16, BLOCK_H=64)}  # BLOCK_H: a multiple of 32
 
 
-def _head_matmul(x, q, scales, q8_0: bool, out, config):
+def head_matmul_triton(fmt: HeadFormat, x, q, scales, out=None, config=None) -> torch.Tensor:
+    """x [M, H] (fp16/bf16/fp32) @ the int8 or Q8_0 table (q int8 [V, H], scales).T -> [M, V]."""
+    q8_0 = fmt == HeadFormat.Q8_0
+    assert not q8_0 or (q.shape[1] % Q8_BLOCK == 0 and scales.shape[1] == q.shape[1] // Q8_BLOCK)
     m, h = x.shape
     v = q.shape[0]
     assert q.shape[1] == h and q.stride(1) == 1 and scales.shape[0] == v, (x.shape, q.shape)
@@ -244,18 +249,8 @@ def _head_matmul(x, q, scales, q8_0: bool, out, config):
     return out
 
 
-def int8_matmul_triton(x, q, scale, out=None, config=None) -> torch.Tensor:
-    """x [M, H] (fp16/bf16/fp32) @ (q int8 [V, H] * scale [V]).T -> out [M, V] in x.dtype."""
-    return _head_matmul(x, q, scale, False, out, config)
-
-
-def q8_0_matmul_triton(x, q, scales, out=None, config=None) -> torch.Tensor:
-    """x [M, H] @ Q8_0 (q int8 [V, H], scales fp16 [V, H / 32]).T -> out [M, V] in x.dtype."""
-    assert q.shape[1] % Q8_BLOCK == 0 and scales.shape[1] == q.shape[1] // Q8_BLOCK
-    return _head_matmul(x, q, scales, True, out, config)
-
-
-def dequant_rows_triton(ids, q, scales, dtype, out=None, block_h=None) -> torch.Tensor:
+def dequant_rows_triton(fmt: HeadFormat, ids, q, scales, dtype, out=None,
+                        block_h=None) -> torch.Tensor:
     """ids [T] -> out [T, H] in dtype: rows of an int8 (scales [V]) or Q8_0 weight."""
     t, h = ids.numel(), q.shape[1]
     if out is None:
@@ -264,7 +259,7 @@ def dequant_rows_triton(ids, q, scales, dtype, out=None, block_h=None) -> torch.
     if t:
         _rows_kernel[(t, triton.cdiv(h, block_h))](ids, q, scales, out, h, q.stride(0),
                                                   scales.stride(0), out.stride(0),
-                                                  Q8_0=scales.dim() == 2, BLOCK_H=block_h)
+                                                  Q8_0=fmt == HeadFormat.Q8_0, BLOCK_H=block_h)
     return out
 
 
@@ -274,17 +269,16 @@ def _main():
     print(f"{'format':>6} {'H':>5} {'V':>5} {'M':>3} {'max|err|':>9} {'max|y|':>8}")
     for h, v in [(64, 100), (96, 257)]:
         w = torch.randn(v, h, device=dev) / h ** 0.5
-        for name, (q, s) in [("int8", quantize_int8(w)), ("Q8_0", quantize_q8_0(w))]:
+        for fmt, (q, s) in [(HeadFormat.INT8, quantize_int8(w)), (HeadFormat.Q8_0, quantize_q8_0(w))]:
             for m in (1, 5):
                 x = torch.randn(m, h, device=dev, dtype=torch.float16)
-                fn = int8_matmul_triton if name == "int8" else q8_0_matmul_triton
-                ref = _chunked_matmul(x.float(), q, s)
-                err = (fn(x, q, s).float() - ref).abs().max().item()
-                print(f"{name:>6} {h:>5} {v:>5} {m:>3} {err:>9.2e} {ref.abs().max().item():>8.2f}")
+                ref = dequant_matmul(fmt, x.float(), q, s)
+                err = (head_matmul_triton(fmt, x, q, s).float() - ref).abs().max().item()
+                print(f"{fmt:>6} {h:>5} {v:>5} {m:>3} {err:>9.2e} {ref.abs().max().item():>8.2f}")
             ids = torch.randint(0, v, (7,), device=dev)
-            err = (dequant_rows_triton(ids, q, s, torch.float16).float()
-                   - dequant_rows_reference(ids, q, s, torch.float32)).abs().max().item()
-            print(f"{name:>6} {h:>5} {v:>5} rows {err:>9.2e}")
+            err = (dequant_rows_triton(fmt, ids, q, s, torch.float16).float()
+                   - dequant_rows_reference(fmt, ids, q, s, torch.float32)).abs().max().item()
+            print(f"{fmt:>6} {h:>5} {v:>5} rows {err:>9.2e}")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,27 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from gptq_random import random_gptq  # noqa: E402
+from tpserve.kernels import (HeadFormat, dequant_rows, gptq_matmul, int8_matmul,  # noqa: E402
+                             q8_0_matmul)
 from tpserve.model import gptq  # noqa: E402
 from tpserve.model.checkpoint import Checkpoint  # noqa: E402
 from tpserve.model.config import QuantConfig  # noqa: E402
-from tpserve.model.gptq_shard import read_gptq_shard  # noqa: E402
-from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul  # noqa: E402
-from tpserve.kernels.gptq_matmul import prepare_act_order, random_gptq  # noqa: E402
+from tpserve.model.gptq_shard import prepare_act_order, read_gptq_shard  # noqa: E402
 
 
-def _interpreted(name, kernel):
-    """The kernel module with interpreted kernels, re-imported if something imported it first."""
-    mod = importlib.import_module(name)
-    if not isinstance(getattr(mod, kernel), InterpretedFunction):
-        mod = importlib.reload(mod)
-    return mod
+def _interpreted(*names):
+    """The kernel modules with interpreted kernels, re-imported (in order: helpers first) if
+    something imported them before TRITON_INTERPRET was set."""
+    mods = [importlib.import_module(f"tpserve.kernels.{n}") for n in names]
+    if not isinstance(mods[0]._lane, InterpretedFunction):
+        mods = [importlib.reload(m) for m in mods]
+    return mods
 
 
-gt = _interpreted("tpserve.kernels.gptq_triton", "_gemv_kernel")
-hk = _interpreted("tpserve.kernels.head_kernels", "_head_gemv_kernel")
+common, _h2, gemv, decode, prefill, hk = _interpreted(
+    "gptq_common", "gptq_h2", "gptq_gemv", "gptq_decode", "gptq_prefill", "head_kernels")
+gptq_matmul_triton = importlib.import_module("tpserve.kernels.dispatch").gptq_matmul_triton
 
 
 def _close(y, ref, dtype):
@@ -89,26 +92,26 @@ def test_gptq_triton_matches_reference(case, m):
         ref = gptq.dequantize(gptq.unpack_rows(w.qweight, bits, k),
                               gptq.unpack_cols(w.qzeros, bits, n), w.scales, w.groups())
         ref = xk.float() @ ref
-        out = gt.gptq_matmul_triton(x, w, perm, out=_poisoned(m, n, dtype),
+        out = gptq_matmul_triton(x, w, perm, out=_poisoned(m, n, dtype),
                                     config=_config(m, bk_gemv, bk_mm))
         _close(out, ref, dtype)
         if m <= 16:  # split-K leaves its workspace zeroed for the next call
-            ws, cnt = gt._workspaces[x.device]
+            ws, cnt = common._workspaces[x.device]
             assert not ws.any() and not cnt.any()
 
 
 def test_gptq_large_m_dequantizes_then_matmuls():
     w = random_gptq(130, 40, 4, 32, k0=64, k_total=260, act_order=True)
     w, perm = prepare_act_order(w)
-    x = torch.randn(gt.DEQUANT_MIN_M, 130)
-    y = gt.gptq_matmul_triton(x, w, perm, out=_poisoned(x.shape[0], 40, torch.float32))
+    x = torch.randn(prefill.DEQUANT_MIN_M, 130)
+    y = gptq_matmul_triton(x, w, perm, out=_poisoned(x.shape[0], 40, torch.float32))
     _close(y, x[:, perm] @ w.dequantize(), torch.float32)
 
 
 def test_gptq_unsorted_act_order_runs_per_row():
     w = random_gptq(96, 40, 4, 32, act_order=True)
     x = torch.randn(1, 96)
-    y = gt.gptq_matmul_triton(x, w, out=_poisoned(1, 40, torch.float32),
+    y = gptq_matmul_triton(x, w, out=_poisoned(1, 40, torch.float32),
                               config=_config(1, 32, 128))
     _close(y, x @ w.dequantize(), torch.float32)
 
@@ -146,7 +149,7 @@ def test_gptq_triton_on_checkpoint_shard(tmp_path, act):
     ws, perm = prepare_act_order(w)
     for m in (1, 3, 20):
         x = torch.randn(m, 63)
-        y = gt.gptq_matmul_triton(x, ws, perm, out=_poisoned(m, n, torch.float32),
+        y = gptq_matmul_triton(x, ws, perm, out=_poisoned(m, n, torch.float32),
                                   config=_config(m, 32, 128))
         _close(y, x @ full[37:], torch.float32)
 
@@ -168,36 +171,41 @@ def _naive(x, q, scales):
     return x.float() @ _naive_w(q, scales).T
 
 
+FORMATS = {"int8": HeadFormat.INT8, "q8_0": HeadFormat.Q8_0}
+
+
+def _quantize(fmt, w):
+    return hk.quantize_int8(w) if fmt == "int8" else hk.quantize_q8_0(w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_head_matmul_matches_reference(fmt, m, dtype):
     v, h = 100, 96  # neither a multiple of the test blocks (16 x 64)
     w = torch.randn(v, h) / h ** 0.5
-    q, s = hk.quantize_int8(w) if fmt == "int8" else hk.quantize_q8_0(w)
+    q, s = _quantize(fmt, w)
     x = torch.randn(m, h, dtype=dtype)
     ref = _naive(x, q, s)
-    fn = hk.int8_matmul_triton if fmt == "int8" else hk.q8_0_matmul_triton
-    _close(fn(x, q, s, out=_poisoned(m, v, dtype)), ref, dtype)
-    ref_fn = hk.int8_matmul_reference if fmt == "int8" else hk.q8_0_matmul_reference
-    _close(ref_fn(x, q, s), ref, dtype)
+    _close(hk.head_matmul_triton(FORMATS[fmt], x, q, s, out=_poisoned(m, v, dtype)), ref, dtype)
+    _close(hk.head_matmul_reference(FORMATS[fmt], x, q, s), ref, dtype)
     public = int8_matmul if fmt == "int8" else q8_0_matmul
     assert public(x.view(1, m, h), q, s).shape == (1, m, v)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_dequant_rows(fmt):
     v, h = 50, 160
     w = torch.randn(v, h)
-    q, s = hk.quantize_int8(w) if fmt == "int8" else hk.quantize_q8_0(w)
+    q, s = _quantize(fmt, w)
     ids = torch.tensor([3, 0, 49, 3, 17])
-    ref = hk.dequant_rows_reference(ids, q, s, torch.float32)
+    ref = hk.dequant_rows_reference(FORMATS[fmt], ids, q, s, torch.float32)
     torch.testing.assert_close(ref, _naive_w(q, s)[ids])
     for dtype in (torch.float32, torch.float16):
         out = torch.full((5, h), float("nan"), dtype=dtype)
-        y = hk.dequant_rows_triton(ids, q, s, dtype, out=out, block_h=64)
+        y = hk.dequant_rows_triton(FORMATS[fmt], ids, q, s, dtype, out=out, block_h=64)
         torch.testing.assert_close(y, ref.to(dtype), rtol=0, atol=0)
-    assert dequant_rows(ids.view(1, 5), q, s, torch.float16).shape == (1, 5, h)
+    assert dequant_rows(FORMATS[fmt], ids.view(1, 5), q, s, torch.float16).shape == (1, 5, h)
 
 
 def test_quantize_helpers():

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
+from tpserve.kernels import GPTQWeight
 from tpserve.model import gptq
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import QuantConfig
@@ -25,39 +25,6 @@ log = logging.getLogger(__name__)
 # Test hook: reproduce the bug of engines that assume a shard starts on a group boundary, so
 # `tpserve verify` can be shown to catch it. Never set this in production.
 BREAK_GROUP_OFFSET_ENV = "TPSERVE_DEBUG_FORCE_GROUP_OFFSET_ZERO"
-
-
-@dataclass
-class GPTQWeight:
-    """Packed GPTQ shard of a [K, N] weight (K local input rows, N local output columns)."""
-
-    qweight: torch.Tensor  # int32 [ceil(K*bits/32), N], local row 0 at bit 0
-    qzeros: torch.Tensor  # int32 [G, ceil(N*bits/32)], true (v2) zeros
-    scales: torch.Tensor  # [G, N]
-    g_idx: torch.Tensor | None  # int32 [K] local group of each row (act-order), else None
-    group_offset: int  # k0 % group_size; local row j is in group (j + group_offset) // gs
-    bits: int
-    group_size: int  # already resolved: never -1
-    in_features: int
-    out_features: int
-
-    def groups(self) -> torch.Tensor:
-        """Local group index of every local row [K]."""
-        if self.g_idx is not None:
-            return self.g_idx
-        j = torch.arange(self.in_features, device=self.qweight.device)
-        return (j + self.group_offset) // self.group_size
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W as [K, N] (the torch reference every kernel is checked against)."""
-        q = gptq.unpack_rows(self.qweight, self.bits, self.in_features)
-        z = gptq.unpack_cols(self.qzeros, self.bits, self.out_features)
-        return gptq.dequantize(q, z, self.scales, self.groups(), dtype)
-
-    @property
-    def nbytes(self) -> int:
-        ts = [self.qweight, self.qzeros, self.scales] + ([self.g_idx] if self.g_idx is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_features: int,
@@ -117,3 +84,35 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
         g_idx=None if g_idx is None else (g_idx - g_first).to(torch.int32),
         group_offset=offset, bits=bits, group_size=gs,
         in_features=k1 - k0, out_features=n1 - n0)
+
+
+def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
+    """Rows sorted by group, so that x[:, perm] @ w_sorted == x @ w. Returns (w_sorted, perm).
+
+    Done once at load, for the kernels' fast path. perm is None when there is nothing to permute
+    (no g_idx, or rows already in group order). Sorted groups are contiguous. When every group but
+    the first and last holds exactly group_size rows, the sorted shard drops g_idx for a
+    group_offset (one group per tile in the kernels): always so for an unsharded act-order layer,
+    whose GPTQ order puts group_size rows in each group. A row-parallel shard of one holds an
+    arbitrary subset of each group; it keeps the sorted g_idx.
+    """
+    if w.g_idx is None:
+        return w, None
+    k, gs = w.in_features, w.group_size
+    g = w.g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    g_sorted = g[perm]
+    g_first, g_last = int(g_sorted[0]), int(g_sorted[-1])
+    g_sorted -= g_first
+    q = gptq.unpack_rows(w.qweight, w.bits, k)[perm]
+    first = int((g_sorted == 0).sum())
+    rows = torch.arange(k, device=g.device)
+    g_idx, offset = g_sorted.to(torch.int32), 0
+    if first <= gs and torch.equal(g_sorted, (rows + gs - first) // gs):
+        g_idx, offset = None, (gs - first) % gs
+    sorted_w = GPTQWeight(qweight=gptq.pack_rows(q, w.bits),
+                          qzeros=w.qzeros[g_first:g_last + 1].contiguous(),
+                          scales=w.scales[g_first:g_last + 1].contiguous(), g_idx=g_idx,
+                          group_offset=offset, bits=w.bits, group_size=gs, in_features=k,
+                          out_features=w.out_features)
+    return sorted_w, None if torch.equal(perm, rows) else perm

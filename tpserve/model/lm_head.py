@@ -20,26 +20,26 @@ from dataclasses import dataclass
 
 import torch
 
-from tpserve.model import gptq
 from tpserve.errors import TpserveError
-from tpserve.model.gptq_shard import GPTQWeight
-from tpserve.kernels import dequant_rows, gptq_matmul, int8_matmul, q8_0_matmul
+from tpserve.kernels import GPTQWeight, HeadFormat, dequant_rows, gptq_matmul, head_matmul
+from tpserve.model import gptq
 
-MODES = ("auto", "dense", "int8", "q8_0", "gptq")
+MODES = ("auto",) + tuple(f.value for f in HeadFormat)  # the --lm-head values
 AUTO_INT8_BYTES = 64 << 20
 
 
-def resolve_mode(mode: str, stored_gptq: bool, vocab: int, hidden: int) -> str:
+def resolve_mode(mode: str, stored_gptq: bool, vocab: int, hidden: int) -> HeadFormat:
+    """The --lm-head flag (see the module docstring) -> the table's format."""
     if mode not in MODES:
         raise TpserveError(f"lm_head mode {mode!r} is not known; use one of {MODES}")
     if mode == "auto":
         if stored_gptq:
-            return "gptq"
-        return "int8" if vocab * hidden * 2 >= AUTO_INT8_BYTES else "dense"
-    if mode == "gptq" and not stored_gptq:
+            return HeadFormat.GPTQ
+        return HeadFormat.INT8 if vocab * hidden * 2 >= AUTO_INT8_BYTES else HeadFormat.DENSE
+    if mode == HeadFormat.GPTQ and not stored_gptq:
         raise TpserveError("lm_head mode 'gptq' needs a checkpoint whose head is GPTQ-quantized "
                            "(lm_head: true); use int8 or q8_0 to quantize it at load")
-    return mode
+    return HeadFormat(mode)
 
 
 def _nbytes(*ts) -> int:
@@ -48,23 +48,27 @@ def _nbytes(*ts) -> int:
 
 @dataclass
 class Table:
-    mode: str
+    mode: HeadFormat  # a string value is converted
     dtype: torch.dtype  # compute dtype (from the config, never from a weight's dtype)
     weight: torch.Tensor | None = None  # dense [V, H]
     q: torch.Tensor | None = None  # int8 [V, H]
     scales: torch.Tensor | None = None  # int8: [V]; q8_0: [V, H/32] fp16
     packed: GPTQWeight | None = None  # gptq: [K=H, N=V]
 
+    def __post_init__(self):
+        self.mode = HeadFormat(self.mode)
+
     @classmethod
-    def from_dense(cls, w: torch.Tensor, mode: str, dtype: torch.dtype) -> "Table":
+    def from_dense(cls, w: torch.Tensor, mode: HeadFormat | str, dtype: torch.dtype) -> "Table":
         """w [V, H] as stored -> a table in `mode` (int8/q8_0 are quantized here, once)."""
         from tpserve.kernels import quantize_int8, quantize_q8_0
-        if mode == "dense":
+        mode = HeadFormat(mode)
+        if mode is HeadFormat.DENSE:
             return cls(mode, dtype, weight=w.to(dtype))
-        if mode == "q8_0" and w.shape[1] % 32:
+        if mode is HeadFormat.Q8_0 and w.shape[1] % 32:
             raise TpserveError(f"lm_head mode 'q8_0' needs hidden_size divisible by 32, not "
                                f"{w.shape[1]}; use int8")
-        q, s = (quantize_int8 if mode == "int8" else quantize_q8_0)(w)
+        q, s = (quantize_int8 if mode is HeadFormat.INT8 else quantize_q8_0)(w)
         return cls(mode, dtype, q=q, scales=s)
 
     @property
@@ -75,22 +79,20 @@ class Table:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> fp32 logits [T, V]."""
-        if self.mode == "dense":
+        if self.mode is HeadFormat.DENSE:
             y = x @ self.weight.T
-        elif self.mode == "int8":
-            y = int8_matmul(x, self.q, self.scales)
-        elif self.mode == "q8_0":
-            y = q8_0_matmul(x, self.q, self.scales)
-        else:
+        elif self.mode is HeadFormat.GPTQ:
             y = gptq_matmul(x, self.packed)
+        else:
+            y = head_matmul(self.mode, x, self.q, self.scales)
         return y.float()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: rows `ids` [T] -> [T, H] in the compute dtype."""
-        if self.mode == "dense":
+        if self.mode is HeadFormat.DENSE:
             return self.weight[ids]
-        if self.mode in ("int8", "q8_0"):
-            return dequant_rows(ids, self.q, self.scales, self.dtype)
+        if self.mode is not HeadFormat.GPTQ:
+            return dequant_rows(self.mode, ids, self.q, self.scales, self.dtype)
         return _gptq_columns(self.packed, ids).to(self.dtype)
 
 

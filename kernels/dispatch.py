@@ -1,0 +1,106 @@
+"""Which kernel runs: the Triton kernel for CUDA inputs (and formats that have one), the torch
+reference otherwise; each choice is logged once. Triton modules are imported on first CUDA use,
+so the CPU path never needs a GPU.
+
+GPTQ: y[M, N] = x[M, K] @ W[K, N] for one rank's shard (`GPTQWeight`), by M: the GEMV (M = 1),
+the batched decode kernel (M <= 16), prefill (M > 16). The torch reference dequantizes the shard
+and runs a dense matmul: the oracle for the kernels (4 and 8 bits) and the path for 2/3 bits.
+Act-order shards are sorted by group once at load (the loader returns the permutation) and the
+permutation is passed to every call.
+
+Vocabulary tables (lm_head, embedding): one `HeadFormat` from the --lm-head flag to the kernel.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+
+from .gptq_weight import GPTQWeight, gptq_matmul_reference
+
+log = logging.getLogger(__name__)
+_announced: set[tuple[str, str]] = set()
+
+
+class HeadFormat(str, enum.Enum):
+    """A vocabulary table's format (the --lm-head values other than `auto`)."""
+
+    DENSE = "dense"  # as stored, in the compute dtype
+    INT8 = "int8"  # q int8 [V, H], scale [V]: per output channel, symmetric
+    Q8_0 = "q8_0"  # q int8 [V, H], scales fp16 [V, H / 32]: GGML's blocks of 32
+    GPTQ = "gptq"  # the checkpoint's own GPTQ head, a GPTQWeight [K=H, N=V]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _announce(op: str, path: str) -> None:
+    if (op, path) not in _announced:
+        _announced.add((op, path))
+        log.info("%s path: %s", op, path)
+
+
+def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits)."""
+    m = x.shape[0]
+    if m == 1:
+        from .gptq_gemv import gemv as run
+    elif m <= 16:
+        from .gptq_decode import decode_matmul as run
+    else:
+        from .gptq_prefill import prefill_matmul as run
+    return run(x, w, perm, out, config)
+
+
+def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N]; `perm` (from the loader's act-order sort) reorders x's last dim."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (M, K)
+    if x.is_cuda and w.bits in (4, 8):
+        _announce("GPTQ matmul", f"Triton {w.bits}-bit")
+        y = gptq_matmul_triton(x2, w, perm)
+    else:
+        _announce("GPTQ matmul", f"torch reference ({w.bits}-bit on {x.device.type})")
+        y = gptq_matmul_reference(x2 if perm is None else x2.index_select(1, perm), w)
+    return y.view(*shape[:-1], w.out_features)
+
+
+def head_matmul(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor,
+                scales: torch.Tensor) -> torch.Tensor:
+    """x [..., H] @ W.T for an int8 or Q8_0 head weight W [V, H] -> [..., V] in x.dtype."""
+    from . import head_kernels as hk
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        _announce(f"{fmt} head", "Triton")
+        y = hk.head_matmul_triton(fmt, x2, q, scales)
+    else:
+        _announce(f"{fmt} head", f"torch reference on {x.device.type}")
+        y = hk.head_matmul_reference(fmt, x2, q, scales)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., H] @ (q int8 [V, H] * scale [V, 1]).T -> [..., V] in x.dtype."""
+    return head_matmul(HeadFormat.INT8, x, q, scale)
+
+
+def q8_0_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., H] @ Q8_0 weight (q int8 [V, H], scales fp16 [V, H / 32]).T -> [..., V]."""
+    return head_matmul(HeadFormat.Q8_0, x, q, scales)
+
+
+def dequant_rows(fmt: HeadFormat, ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Embedding lookup: rows `ids` [...] of an int8 or Q8_0 table, dequantized -> [..., H]."""
+    from . import head_kernels as hk
+    flat = ids.reshape(-1)
+    if q.is_cuda:
+        _announce(f"{fmt} rows", "Triton")
+        y = hk.dequant_rows_triton(fmt, flat, q, scales, dtype)
+    else:
+        _announce(f"{fmt} rows", f"torch reference on {q.device.type}")
+        y = hk.dequant_rows_reference(fmt, flat, q, scales, dtype)
+    return y.view(*ids.shape, q.shape[1])

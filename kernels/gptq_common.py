@@ -1,0 +1,294 @@
+"""Shared pieces of the GPTQ Triton kernels: field extraction, zeros, x loads, split-K, autotuning.
+
+Packing (`gptq_weight.py`): one int32 word of qweight holds P = 32 / bits consecutive input rows of
+a column, row k at bits (k % P) * bits of word k // P, so a [BLOCK_K / P, BLOCK_N] tile of words is
+BLOCK_K rows, read with coalesced 16-byte loads along N. In the fp32 design a field p becomes a float
+by one AND-OR (`_lane`: bits(2**23 + q * 2**(bits*j)) from the word's low or high half), with no
+shift per field and no int -> float convert; one FMA then gives q - z exactly.
+
+Groups. Local row k is in group (k + GROUP_OFFSET) // GROUP_SIZE, or g_idx[k]. Group size, offset
+and HAS_GIDX are compile-time constants, and a tile of BLOCK_K rows takes one of (MODE):
+  0 ONE  BLOCK_K divides the group size and the offset: scale and zero loaded once per tile.
+  1 TWO  no g_idx and BLOCK_K <= group size (a shard starting inside a group): at most two groups
+         per tile, split at the boundary row.
+  2      g_idx: per tile, if its rows span at most two groups (sorted act-order, most tiles) the
+         TWO path with the boundary read from g_idx, else scale and zero gathered per row; without
+         g_idx (groups smaller than BLOCK_K) always per row.
+The autotuner keeps only the configs that reach the best mode for the shard (`_prune`).
+
+Split-K (decode kernels): SPLIT_K programs share a tile of outputs; each adds its fp32 partial into
+a workspace with atomics, and the last of them (a per-tile ticket) reads the sum back, writes the
+output and re-zeroes the workspace, so a call is one launch. The workspace is per device: calls on
+concurrent CUDA streams would race on it (tpserve runs one stream per rank).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = tl.constexpr(_INTERPRET)  # inside @triton.jit: the asm has no interpreter
+MAGIC = tl.constexpr(8388608.0)  # 2**23
+
+
+@triton.jit
+def _lane(qw, hi, p: tl.constexpr, BITS: tl.constexpr):
+    """Field p of each word as the fp32 2**23 + q * 2**(BITS * j), j = p mod (16 / BITS).
+
+    One AND-OR (a lop3) on the low half of the word (qw) or its high half (hi = qw >> 16): a field
+    at bits BITS * j < 16 of a half stays inside the 23-bit mantissa, so no shift per field and no
+    int -> float convert. Callers undo the 2**(BITS * j) by a constant factor (exact).
+    """
+    P2: tl.constexpr = 16 // BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (BITS * (p % P2))
+    if p < P2:
+        h = qw
+    else:
+        h = hi
+    return ((h & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zeros(qz_ptr, g, offs_n, mask, stride_qz, BITS: tl.constexpr):
+    """True zeros of groups g (scalar or [R, 1]) at columns offs_n, as fp32."""
+    PZ: tl.constexpr = 32 // BITS
+    words = tl.load(qz_ptr + g * stride_qz + offs_n // PZ, mask=mask, other=0)
+    return ((words >> ((offs_n % PZ) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+
+
+@triton.jit
+def _split(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr):
+    """Rows [k_lo, k_hi) of split pid_k, the end of its words (the packed tail word is
+    zero-padded) and the offsets of its first tile of words."""
+    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    return k_lo, k_hi, tl.cdiv(k_hi, P), k_lo // P + tl.arange(0, BLOCK_K // P)
+
+
+@triton.jit
+def _words(qw_ptr, offs_w, w_hi, offs_n, n_mask, stride_qw):
+    """The [len(offs_w), BLOCK_N] tile of qweight words (0 past w_hi)."""
+    return tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                   mask=(offs_w < w_hi)[:, None] & n_mask[None, :], other=0)
+
+
+@triton.jit
+def _group_sz(s_ptr, qz_ptr, g, offs_n, n_mask, stride_s, stride_qz, BITS: tl.constexpr):
+    """Scale (fp32) and zero of group g (a scalar) at columns offs_n."""
+    s = tl.load(s_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return s, _zeros(qz_ptr, g, offs_n, n_mask, stride_qz, BITS)
+
+
+@triton.jit
+def _rows_sz(s_ptr, qz_ptr, gidx_ptr, rows, r_mask, offs_n, n_mask, stride_s, stride_qz,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
+             HAS_GIDX: tl.constexpr):
+    """Scale (fp32) and zero per (row, column): [len(rows), BLOCK_N] each."""
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + rows, mask=r_mask, other=0)
+    else:
+        g = (rows + GROUP_OFFSET) // GROUP_SIZE
+    m2 = r_mask[:, None] & n_mask[None, :]
+    s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0)
+    return s.to(tl.float32), _zeros(qz_ptr, g[:, None], offs_n[None, :], m2, stride_qz, BITS)
+
+
+@triton.jit
+def _load_rows(x_ptr, perm_ptr, rows, K, stride_xk, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[rows] (x[perm[rows]] for act-order) in x's dtype; rows past K read 0 (EVEN_K: there are
+    none, and the unmasked loads save an instruction or three per x value)."""
+    if EVEN_K:
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + rows)
+        return tl.load(x_ptr + rows * stride_xk)
+    else:
+        mask = rows < K
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + rows, mask=mask, other=0)
+        return tl.load(x_ptr + rows * stride_xk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_x(x_ptr, perm_ptr, rows, K, stride_xk, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    return _load_rows(x_ptr, perm_ptr, rows, K, stride_xk, HAS_PERM, EVEN_K).to(tl.float32)
+
+
+@triton.jit
+def _load_xt(x_ptr, perm_ptr, offs_m, m_mask, rows, K, stride_xm, stride_xk, HAS_PERM: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    """x[offs_m, rows] as [BLOCK_M, len(rows)] in x's dtype (columns through perm for act-order)."""
+    r_mask = rows < K
+    if HAS_PERM:
+        if EVEN_K:
+            rows = tl.load(perm_ptr + rows)
+        else:
+            rows = tl.load(perm_ptr + rows, mask=r_mask, other=0)
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
+                   mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _in_second(gidx_ptr, rows, K, g0, k_b, HAS_GIDX: tl.constexpr):
+    """Whether each row belongs to the second of a tile's two groups."""
+    if HAS_GIDX:
+        return tl.load(gidx_ptr + rows, mask=rows < K, other=0) != g0
+    else:
+        return rows >= k_b
+
+
+@triton.jit
+def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
+    """Store y, or add it into the workspace; the last of SPLIT_K programs stores the sum."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_out, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptr + offs_ws, y, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the ticket is taken
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            zero = tl.zeros_like(y)
+            total = tl.atomic_add(ws_ptr + offs_ws, zero, mask=mask, sem="relaxed")  # read at L2
+            total = tl.where(mask, total, 0.0)  # masked lanes return garbage
+            tl.store(out_ptr + offs_out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(ws_ptr + offs_ws, zero, mask=mask)  # no program of this launch adds here now
+            tl.store(cnt_ptr + tile, 0)
+
+
+
+# Autotuning. Configs are few on purpose (each is a compile); `_prune` keeps those that fit the
+# shape and reach the best group mode for the shard.
+def cfg(bn, bk, sk=None, warps=4, stages=2, bm=None, group_m=None):
+    kw = dict(BLOCK_N=bn, BLOCK_K=bk)
+    kw |= {k: v for k, v in dict(SPLIT_K=sk, BLOCK_M=bm, GROUP_M=group_m).items() if v is not None}
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def mode_of(block_k: int, gs: int, off: int, has_gidx: bool) -> int:
+    """0 = ONE, 1 = TWO, 2 = g_idx or ROW (see the module docstring)."""
+    if has_gidx:
+        return 2
+    if gs % block_k == 0 and off % block_k == 0:
+        return 0
+    return 1 if block_k <= gs else 2
+
+
+def _fill(c: dict, a: dict) -> dict:
+    """The compile-time constants a config implies for the shard: MODE, and EVEN_K for split-K."""
+    c = {**c, "MODE": mode_of(c["BLOCK_K"], a["GROUP_SIZE"], a["GROUP_OFFSET"], a["HAS_GIDX"])}
+    if "SPLIT_K" in c:  # the split-K kernels skip row masks when tiles divide K
+        c["EVEN_K"] = a["K"] % c["BLOCK_K"] == 0
+    return c
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configs that fit the shape and reach its best group mode, each with its constants filled."""
+    a = {**named_args, **kwargs}
+    p = 32 // a["BITS"]
+
+    def fits(c):
+        kw = c.kwargs
+        bk, sk = kw["BLOCK_K"], kw.get("SPLIT_K", 1)
+        min_words = 16 if "SPLIT_K" in kw and "BLOCK_M" in kw else 1  # decode: tl.dot K >= 16
+        return bk // p >= min_words and (sk == 1 or a["K"] >= 2 * sk * bk)
+
+    ok = [(c, _fill(c.kwargs, a)) for c in [c for c in configs if fits(c)] or configs]
+    best = min(kw["MODE"] for _, kw in ok)
+    return [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c, kw in ok if kw["MODE"] == best]
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+KEY = ["N", "K", "BITS", "GROUP_SIZE", "GROUP_OFFSET", "HAS_GIDX"]
+
+
+def tuned(kernel, configs, key):
+    """The autotuned kernel (None under the interpreter, where fixed configs are used)."""
+    if _INTERPRET:
+        return None
+    prune = {"early_config_prune": _prune}
+    try:
+        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench)(kernel)
+    except TypeError:  # an older triton without do_bench=
+        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+
+
+def launch(kernel, autotuned, args: dict, grid, config: dict | None, default: dict):
+    """Run `kernel` with a fixed config (tests, the interpreter) or autotuned."""
+    if config is None and autotuned is not None:
+        autotuned[grid](**args)
+        return
+    c = _fill(dict(config or default), args)
+    extra = {k: c.pop(k) for k in ("num_warps", "num_stages") if k in c}
+    kernel[grid(c)](**args, **c, **extra)
+
+
+def gptq_args(x: torch.Tensor, w, out: torch.Tensor) -> dict:
+    """The arguments every GPTQ kernel takes (w: a GPTQWeight)."""
+    return dict(x_ptr=x, qw_ptr=w.qweight, qz_ptr=w.qzeros, s_ptr=w.scales,
+                gidx_ptr=w.qweight if w.g_idx is None else w.g_idx, out_ptr=out, N=w.out_features,
+                K=w.in_features, G=w.scales.shape[0], stride_xk=x.stride(1),
+                stride_qw=w.qweight.stride(0), stride_qz=w.qzeros.stride(0),
+                stride_s=w.scales.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size,
+                GROUP_OFFSET=w.group_offset, HAS_GIDX=w.g_idx is not None)
+
+
+def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:
+    if w.bits not in (4, 8):
+        raise ValueError(f"the Triton GPTQ kernels handle bits 4 and 8, not {w.bits}; "
+                         f"use gptq_matmul, which falls back to the torch reference")
+    m, k = x.shape
+    assert k == w.in_features, (x.shape, w.in_features)
+    if out is None:
+        out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, w.out_features) and out.stride(1) == 1 and out.dtype == x.dtype
+    return out
+
+
+_workspaces: dict = {}
+
+
+def workspace(device: torch.device, n_acc: int, n_cnt: int):
+    """Zeroed fp32 split-K accumulator and int32 tickets; the kernels leave them zeroed."""
+    ws, cnt = _workspaces.get(device, (None, None))
+    if ws is None or ws.numel() < n_acc or cnt.numel() < n_cnt:
+        ws = torch.zeros(max(n_acc, 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(n_cnt, 1 << 12), dtype=torch.int32, device=device)
+        _workspaces[device] = (ws, cnt)
+    return ws, cnt
+
+
+# (bits, K, N, group size, group offset, act-order) of the kernels' self-checks (`python -m`).
+SELF_CHECK_SHAPES = [(4, 200, 72, 64, 0, False), (4, 200, 72, 64, 32, False),
+                     (8, 136, 40, 32, 16, False), (4, 256, 64, 64, 0, True),
+                     (8, 256, 64, 32, 0, True), (4, 512, 96, 128, 0, False)]
+
+
+def self_check(run, ms):
+    """Print run(x, w, perm)'s error against the torch reference on SELF_CHECK_SHAPES."""
+    from .gptq_weight import gptq_matmul_reference, random_weight
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    print(f"device {dev}{' (TRITON_INTERPRET=1)' if _INTERPRET else ''}, float16 x")
+    print(f"{'bits':>4} {'K':>5} {'N':>5} {'gs':>4} {'off':>4} {'act':>4} {'M':>3} {'max|err|':>9} "
+          f"{'max|y|':>8}")
+    for bits, k, n, gs, off, act in SELF_CHECK_SHAPES:
+        # act-order, as the loader leaves it: rows sorted by group, x gathered through perm
+        perm = torch.randperm(k, generator=gen).to(dev) if act else None
+        g_idx = (torch.arange(k) // gs).to(torch.int32).to(dev) if act else None
+        w = random_weight(k, n, bits, gs, off, g_idx, dev, gen)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).half().to(dev)
+            ref = gptq_matmul_reference((x if perm is None else x[:, perm]).float(), w)
+            err = (run(x, w, perm).float() - ref).abs().max().item()
+            print(f"{bits:>4} {k:>5} {n:>5} {gs:>4} {off:>4} {str(act):>4} {m:>3} {err:>9.2e} "
+                  f"{ref.abs().max().item():>8.2f}")

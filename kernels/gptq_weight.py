@@ -1,0 +1,87 @@
+"""The GPTQ shard the kernels read, and its torch reference: y = x @ W with W dequantized in full.
+
+One rank's slice of a linear layer with K local input rows and N local output columns:
+
+    qweight  int32 [ceil(K*bits/32), N]  packed along K: row k at bit k*bits of its column's stream
+    qzeros   int32 [G, ceil(N*bits/32)]  packed along N, true (v2) zeros
+    scales   [G, N]
+    g_idx    int32 [K] or None           local group of each row (act-order), else row k is in
+                                         group (k + group_offset) // group_size
+
+At 2, 4 and 8 bits a field never straddles a word (word k // P, bits (k % P) * bits, P = 32 / bits);
+at 3 bits it may, which `unpack` reads through a 64-bit window. The loader (tpserve/model) builds
+this; the kernels only read it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def unpack(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Fields 0..count-1 of the bit stream packed along dim 0 of int32 words -> int32 [count, ...]."""
+    w = torch.cat([words.to(torch.int64) & 0xFFFFFFFF, words.new_zeros(1, *words.shape[1:])])
+    pos = torch.arange(count, device=words.device) * bits
+    pair = w[pos // 32] | (w[pos // 32 + 1] << 32)  # a field starting in word i ends by word i + 1
+    shift = (pos % 32).view(-1, *[1] * (words.dim() - 1))
+    return ((pair >> shift) & ((1 << bits) - 1)).to(torch.int32)
+
+
+@dataclass
+class GPTQWeight:
+    """Packed GPTQ shard of a [K, N] weight (K local input rows, N local output columns)."""
+
+    qweight: torch.Tensor  # int32 [ceil(K*bits/32), N], local row 0 at bit 0
+    qzeros: torch.Tensor  # int32 [G, ceil(N*bits/32)], true (v2) zeros
+    scales: torch.Tensor  # [G, N]
+    g_idx: torch.Tensor | None  # int32 [K] local group of each row (act-order), else None
+    group_offset: int  # k0 % group_size; local row j is in group (j + group_offset) // gs
+    bits: int
+    group_size: int  # already resolved: never -1
+    in_features: int
+    out_features: int
+
+    def groups(self) -> torch.Tensor:
+        """Local group index of every local row [K]."""
+        if self.g_idx is not None:
+            return self.g_idx
+        j = torch.arange(self.in_features, device=self.qweight.device)
+        return (j + self.group_offset) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W as [K, N] = (q - z[g]) * s[g]: the torch reference every kernel is checked against."""
+        q = unpack(self.qweight, self.bits, self.in_features)
+        z = unpack(self.qzeros.T, self.bits, self.out_features).T
+        g = self.groups().long()
+        return (q - z[g]).to(dtype) * self.scales[g].to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.qweight, self.qzeros, self.scales] + ([self.g_idx] if self.g_idx is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def gptq_matmul_reference(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
+    """x [M, K] @ W -> [M, N] in x.dtype (x already permuted for a sorted act-order shard)."""
+    return x @ w.dequantize(x.dtype)
+
+
+def random_weight(k: int, n: int, bits: int, group_size: int, group_offset: int = 0,
+                  g_idx: torch.Tensor | None = None, device="cpu",
+                  generator: torch.Generator | None = None) -> GPTQWeight:
+    """A shard of random words and scales (the kernels' self-checks and timing; any words are valid).
+
+    Scales are ~1/(8 sqrt(K)) so that y stays O(1) for unit x, whatever K.
+    """
+    groups = int(g_idx.max()) + 1 if g_idx is not None else math.ceil((k + group_offset) / group_size)
+
+    def words(*shape):
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32, generator=generator)
+    scales = (torch.rand(groups, n, generator=generator) + 0.5) / (8 * k ** 0.5)
+    return GPTQWeight(qweight=words(math.ceil(k * bits / 32), n).to(device),
+                      qzeros=words(groups, math.ceil(n * bits / 32)).to(device),
+                      scales=scales.half().to(device), g_idx=g_idx, group_offset=group_offset,
+                      bits=bits, group_size=group_size, in_features=k, out_features=n)
