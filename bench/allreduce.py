@@ -74,6 +74,12 @@ class _Timer:
                     for _ in range(GRAPH_CALLS):
                         x = self.comm.all_reduce(x)
                 results[nbytes] = time_loop(g.replay, nbytes, sync) / GRAPH_CALLS
+                # and the replayed graph really reduces: ranks hold r + 1, each call sums in place
+                x.fill_(self.comm.rank + 1.0)
+                g.replay()
+                want = sum(range(1, self.comm.world_size + 1)) * self.comm.world_size ** (
+                    GRAPH_CALLS - 1)
+                results["graph_ok"] = bool((x == want).all()) and results.get("graph_ok", True)
             else:
                 results[nbytes] = time_loop(lambda: self.comm.all_reduce(x), nbytes, sync)
         self.q.put((self.comm.rank, results))
@@ -94,6 +100,8 @@ def _gather(procs, q, tp: int, sizes: list[int]) -> dict[int, float]:
     res = dict(q.get(timeout=600) for _ in range(tp))
     for p in procs:
         p.join(30)
+    if any(not r.get("graph_ok", True) for r in res.values()):
+        raise SystemExit("a replayed CUDA graph of all-reduces gave wrong sums")
     return {n: max(res[r][n] for r in range(tp)) for n in sizes}
 
 
