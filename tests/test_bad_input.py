@@ -121,3 +121,22 @@ def test_bad_requests_to_the_python_api(ckpt):
         tpserve.load(ckpt, backend="mpi")
     # the model still works after the rejected requests
     assert len(llm.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
+
+
+def test_dense_checkpoint_is_served_as_documented_and_logged(tmp_path, caplog):
+    """No quantization_config: tpserve serves the dense weights (README: "Dense checkpoints") and
+    says so at load; its logits are transformers' own."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        llm = tpserve.load(tmp_path, tp=2, dtype=torch.float32)
+    assert "no GPTQ quantization_config: serving its dense (unquantized) weights" in caplog.text
+    ids = [1, 5, 9, 33, 2]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - want).abs().max() < 1e-4  # fp32, two ranks: summation order only

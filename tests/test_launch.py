@@ -120,3 +120,87 @@ def test_sigterm_stops_server_ranks_and_ray(server):
         time.sleep(0.5)
     left = [p for p in family if alive(p)]
     assert not left, f"processes left behind: {left}"
+
+
+# ---- flags: checked before Ray or the model starts ------------------------------------------
+from tpserve.cli import _stdout_for_the_result, main  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,sentence", [
+    (["--tp", "0"], "tp=0 is invalid; use a positive integer"),
+    (["-tp", "-1"], "tp=-1 is invalid; use a positive integer"),
+    (["--tensor-parallel-size", "16"], "num_attention_heads=8 is not divisible by tp=16"),
+    (["--device", "cuda"], "device='cuda' was asked for but this machine has no usable CUDA"),
+    (["--max-num-seqs", "0"], "num_slots (--max-num-seqs)=0 is invalid"),
+])
+def test_bad_flags_fail_in_one_sentence_before_ray(demo_checkpoint, caplog, argv, sentence):
+    import ray
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    t0 = time.monotonic()
+    assert main(["serve", str(demo_checkpoint), "--port", str(free_port()), *argv]) == 2
+    assert time.monotonic() - t0 < 10 and not ray.is_initialized()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and sentence in errors[0] and "\n" not in errors[0], errors
+
+
+def test_port_in_use_is_found_before_loading(demo_checkpoint, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["launch", "--model", str(demo_checkpoint), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    assert "loaded" not in caplog.text  # nothing was loaded
+
+
+def test_help_shows_defaults_and_unknown_flags_name_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["launch", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "KV slots = concurrent sequences (default: 8)" in out
+    assert "--tensor-parallel-size" in out and "(default: 127.0.0.1)" in out
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "/m", "--max-batch", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: tpserve serve")
+    assert "tpserve serve: error: unrecognized arguments: --max-batch 4" in err
+
+
+def test_json_mode_keeps_stdout_for_the_result(capfd):
+    from types import SimpleNamespace
+    args = SimpleNamespace(json=True)
+    with _stdout_for_the_result(args):
+        os.system("echo '(raylet) a child process writes to fd 1'")
+        print("a print to sys.stdout")
+        print('{"passed": true}', file=args.stdout)
+    out, err = capfd.readouterr()
+    assert out == '{"passed": true}\n'
+    assert "(raylet) a child" in err and "a print to sys.stdout" in err
+
+
+def test_submit_waits_while_the_heads_job_agent_starts(caplog):
+    """Ray's answer right after `ray start --head` is retried; any other error is not. (A real
+    head answers this only for a few seconds after it starts, too briefly to test against.)"""
+    from tpserve.submit import submit_when_ready
+
+    class Head:
+        def __init__(self, error, fails):
+            self.error, self.fails, self.calls = error, fails, 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.calls <= self.fails:
+                raise RuntimeError(self.error)
+            return f"raysubmit_{job['entrypoint']}"
+    starting = ("Request failed with status code 503: No available agent to submit job, please "
+                "try again later.")
+    head = Head(starting, 2)
+    assert submit_when_ready(head, poll_s=0.01, entrypoint="x") == "raysubmit_x"
+    assert head.calls == 3 and "job agent is still starting" in caplog.text
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_when_ready(Head(starting, 10**6), wait_s=0.05, poll_s=0.01, entrypoint="x")
+    other = Head("runtime_env is invalid", 1)
+    with pytest.raises(RuntimeError, match="runtime_env"):
+        submit_when_ready(other, poll_s=0.01, entrypoint="x")
+    assert other.calls == 1

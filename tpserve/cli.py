@@ -1,6 +1,7 @@
-"""The `tpserve` command: launch (OpenAI-compatible server), generate (one shot).
+"""The `tpserve` command: launch (OpenAI-compatible server), generate (one shot), verify, submit.
 
     tpserve launch --tp 4                      # the embedded demo model, private Ray cluster
+    tpserve serve /ckpt -tp 2                  # vLLM's spelling of `launch --model /ckpt --tp 2`
     tpserve launch --model /ckpt --tp 2 --address auto --device cuda
     tpserve generate --model /ckpt --tp 2 --prompt "Hello"
 """
@@ -8,39 +9,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 
+from tpserve.options import add_deploy_arguments, check_port, options_from_args
+
 log = logging.getLogger("tpserve")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="GPTQ checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (ranks)")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray",
-                   help="ray: one Ray actor per rank + ZMQ coordinator; local: ranks as threads")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private "
-                                     "local cluster)")
-    p.add_argument("--placement", choices=["strict_pack", "pack", "spread"], default="strict_pack",
-                   help="strict_pack: all ranks on one node; pack: spill over nodes")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: the config's; float32 on CPU)")
+    add_deploy_arguments(p)
     p.add_argument("--max-model-len", type=int, help="context length (default: the config's)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots = concurrent sequences")
-    p.add_argument("--lm-head", choices=["auto", "dense", "int8", "q8_0", "gptq"], default="auto",
-                   help="lm_head format at the coordinator (auto: the checkpoint's GPTQ head, else "
-                        "int8 for tables of 64 MiB or more, else dense)")
     p.add_argument("--rank-timeout", type=float, default=60.0,
                    help="seconds without an answer before a rank counts as dead")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="logging level")
 
 
 def _load(args):
-    import torch
-
     import tpserve
     from tpserve import demo
     from tpserve.serve.text import TextCodec
@@ -51,22 +40,26 @@ def _load(args):
         path = demo.demo_path()
         log.info("no --model given: serving the embedded demo model %s (random weights in GPTQ "
                  "format, 4 layers, hidden 256; its text is gibberish) from %s", demo.NAME, path)
-    dtype = args.dtype or ("float32" if args.device == "cpu" else None)
+    opts = options_from_args(args)
     options = {}
     if args.backend == "ray":
         options = dict(address=args.address, placement=args.placement, timeout_s=args.rank_timeout,
                        progress=True)
-    llm = tpserve.load(path, tp=args.tp, backend=args.backend, device=args.device,
-                       dtype=getattr(torch, dtype) if dtype else None,
-                       max_model_len=args.max_model_len, num_slots=args.max_num_seqs,
-                       lm_head=args.lm_head, **options)
+    llm = tpserve.load(path, tp=opts.tp, backend=opts.backend, device=opts.device,
+                       dtype=opts.dtype, max_model_len=opts.max_model_len,
+                       num_slots=opts.num_slots, lm_head=opts.lm_head, **options)
     return path, llm, TextCodec.load(path)
 
 
 def cmd_launch(args) -> int:
+    from tpserve import __version__
     from tpserve.serve.engine import Engine
     from tpserve.serve.server import build_app, serve
 
+    if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
+        args.model = args.model_tag
+    options_from_args(args)  # a bad --tp/--device/... is one sentence, before anything starts
+    check_port(args.host, args.port)
     path, llm, codec = _load(args)
     if args.verify:
         from tpserve.verify import verify_llm
@@ -81,7 +74,8 @@ def cmd_launch(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
     engine = Engine(llm, codec, max_queue=args.max_queue).start()
     try:
-        app = build_app(engine, codec, name, api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
+        app = build_app(engine, codec, name, version=__version__,
+                        api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
         log.info("serving %r at http://%s:%d/v1 (tp=%d, backend=%s)", name, args.host, args.port,
                  args.tp, args.backend)
         serve(app, args.host, args.port, log_level=args.log_level)
@@ -118,14 +112,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tpserve", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("launch", help="serve an OpenAI-compatible API")
+def _launch_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or TPSERVE_API_KEY)")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
@@ -133,35 +123,82 @@ def main(argv=None) -> int:
                    help="check the deployment against tp=1 (`tpserve verify`) before serving")
     p.set_defaults(func=cmd_launch)
 
-    p = sub.add_parser("generate", help="generate once and print the text")
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows every default, unless the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+@contextlib.contextmanager
+def _stdout_for_the_result(args):
+    """With --json, stdout carries the JSON alone: whatever else writes to file descriptor 1 (Ray,
+    its raylet, child processes) goes to stderr, and `args.stdout` is the real stdout."""
+    if not getattr(args, "json", False):
+        args.stdout = sys.stdout
+        yield
+        return
+    sys.stdout.flush()
+    real, saved = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    args.stdout, sys.stdout = os.fdopen(real, "w"), sys.stderr
+    try:
+        yield
+    finally:
+        args.stdout.close()
+        sys.stdout = saved
+
+
+def main(argv=None) -> int:
+    fmt = _Help
+    parser = argparse.ArgumentParser(prog="tpserve", description=__doc__.split("\n")[0],
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("launch", help="serve an OpenAI-compatible API", formatter_class=fmt)
+    _launch_arguments(p)
+    p = sub.add_parser("serve", help="`tpserve serve MODEL`: vLLM's spelling of `launch --model "
+                                     "MODEL`", formatter_class=fmt)
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint folder")
+    _launch_arguments(p)
+
+    p = sub.add_parser("generate", help="generate once and print the text", formatter_class=fmt)
     _common(p)
-    p.add_argument("--prompt", default="Hello")
+    p.add_argument("--prompt", default="Hello", help="text to continue")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past the eos token")
     p.set_defaults(func=cmd_generate)
 
     for name, helptext in (("verify", "prove the TP deployment computes the unsharded model"),
                            ("submit", "submit `tpserve launch ...` as a Ray Job and stream its logs")):
-        try:
-            module = __import__(f"tpserve.{name}", fromlist=["add_arguments", "run"])
-        except ImportError:
-            continue
-        p = sub.add_parser(name, help=helptext)
+        module = __import__(f"tpserve.{name}", fromlist=["add_arguments", "run"])
+        p = sub.add_parser(name, help=helptext, formatter_class=fmt)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+    for p in sub.choices.values():
+        p.set_defaults(parser=p)
 
-    args = parser.parse_args(argv)
+    # An unknown flag is reported with the usage of the subcommand it was given to.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tpserve.errors import TpserveError
     try:
-        return args.func(args)
+        with _stdout_for_the_result(args):
+            return args.func(args)
     except TpserveError as e:
         log.error("%s", e)
         return 2

@@ -11,11 +11,11 @@ from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.model.head import Head
 from tpserve.model.kv_cache import StepPlan
+from tpserve.options import DeployOptions
 from tpserve.serve.engine import Engine
 from tpserve.serve.sampling import SamplingParams
 
 log = logging.getLogger("tpserve")
-BACKENDS = ("local", "ray")
 
 
 class LLM:
@@ -65,7 +65,7 @@ class LLM:
 
 def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | str | None = None,
          device: str = "cpu", max_model_len: int | None = None, num_slots: int = 8,
-         lm_head: str = "auto", **ray_options) -> LLM:
+         lm_head: str = "auto", cuda_graphs: bool = True, **ray_options) -> LLM:
     """Load a GPTQ checkpoint folder sharded over `tp` ranks.
 
     backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
@@ -74,12 +74,14 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     head's format: auto, dense, int8, q8_0 or gptq (`tpserve.model.lm_head`).
     """
     path = Path(model_path)
+    opts = DeployOptions(tp=tp, backend=backend, device=device, dtype=dtype,
+                         max_model_len=max_model_len, num_slots=num_slots, lm_head=lm_head)
     cfg, quant = load_configs(path)
-    if backend not in BACKENDS:
-        raise TpserveError(f"backend={backend!r} is not known; use one of {BACKENDS}")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or cfg.dtype
+    opts.check_model(cfg)  # before Ray starts or any weight is read
+    if quant is None:
+        log.warning("%s has no GPTQ quantization_config: serving its dense (unquantized) weights",
+                    path)
+    dtype = opts.dtype or cfg.dtype
     if device == "cpu" and dtype == torch.float16:
         log.info("float16 on CPU is slow and imprecise in places; consider dtype=float32")
     max_len = min(max_model_len or cfg.max_position, cfg.max_position)
@@ -88,7 +90,8 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
         raise TpserveError(f"options {sorted(ray_options)} apply to backend='ray' only")
     if backend == "local":
         from tpserve.runtime.local_executor import LocalExecutor
-        executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len)
+        executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
+                                 cuda_graphs)
     else:
         from tpserve.runtime.ray_executor import RayExecutor
         executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,

@@ -27,7 +27,8 @@ from tpserve.errors import TpserveError
 
 log = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-SUBCOMMANDS = ("launch", "generate", "verify")
+SUBCOMMANDS = ("launch", "serve", "generate", "verify")
+AGENT_STARTING = "No available agent to submit job"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +128,20 @@ def wait_terminal(client, job_id: str, timeout_s: float = 30.0):
     return status
 
 
+def submit_when_ready(client, wait_s: float = 60.0, poll_s: float = 1.0, **job) -> str:
+    """`client.submit_job(**job)`, retried while the head's job agent is still starting: right
+    after `ray start --head` Ray answers "No available agent to submit job" for a few seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as e:
+            if AGENT_STARTING not in str(e) or time.monotonic() > deadline:
+                raise
+        log.warning("the Ray head's job agent is still starting; retrying in %.0f s", poll_s)
+        time.sleep(poll_s)
+
+
 def run(args) -> int:
     line = entrypoint(args.command)
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
@@ -140,7 +155,7 @@ def run(args) -> int:
         log.warning("--device cuda runs the coordinator's embedding and lm_head on a GPU: give "
                     "the driver one with --entrypoint-num-gpus 1")
     client = connect(address)
-    job_id = client.submit_job(entrypoint=line, runtime_env=runtime_env,
+    job_id = submit_when_ready(client, entrypoint=line, runtime_env=runtime_env,
                                submission_id=args.submission_id,
                                entrypoint_num_cpus=args.entrypoint_num_cpus or None,
                                entrypoint_num_gpus=args.entrypoint_num_gpus or None,

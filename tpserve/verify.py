@@ -361,5 +361,5 @@ def run(args) -> int:
     report = verify(args.model or demo.demo_path(), args.tp, args.backend, args.reference,
                     args.prompts, getattr(torch, dtype) if dtype else None, args.device,
                     args.max_tokens, args.lm_head, **options)
-    print(json.dumps(report.to_json()) if args.json else report.format(), file=sys.stdout)
+    print(json.dumps(report.to_json()) if args.json else report.format(), file=args.stdout)
     return 0 if report.passed else 1
