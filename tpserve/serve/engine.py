@@ -17,75 +17,17 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
-from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, prompt_logprobs,
-                                    sample)
+from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
+from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob, prompt_logprobs, sample
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
-FINISH_REASONS = ("stop", "length", "error")
-
-
-class QueueFull(TpserveError):
-    """The request queue is at its bound: the caller should retry later (HTTP 429)."""
-
-
-class RequestError(TpserveError):
-    """A request this engine cannot run (HTTP 400); `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str = "prompt"):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class Event:
-    request_id: int
-    token_ids: list[int]  # new tokens in this event
-    text: str  # new text in this event (stop strings cut, possible stop-string starts held back)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
-    prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, when asked
-
-
-@dataclass
-class Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    stop_text: StopText | None = None
-    slot: int = -1
-    output: list[int] = field(default_factory=list)
-    row: SampleRow | None = None
-
-    @property
-    def position(self) -> int:
-        """Tokens already in the KV cache."""
-        return len(self.prompt) + len(self.output) - 1 if self.output else 0
-
-
-@dataclass
-class Stats:
-    steps: int = 0
-    tokens_generated: int = 0
-    prompt_tokens: int = 0
-    step_seconds: float = 0.0
-    last_step_seconds: float = 0.0
-    requests_finished: int = 0
-    requests_failed: int = 0
-    requests_cancelled: int = 0
-    recoveries: int = 0
-    finish_reasons: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
 
 
 class Engine:
