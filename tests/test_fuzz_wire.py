@@ -126,3 +126,76 @@ def test_a_rank_survives_garbage_and_replays_then_computes_correctly(tmp_path):
         router.send_multipart([ident, *bytes_frames({"op": "stop"})])
         t.join(10)
         ctx.destroy(0)
+
+
+# ---- the shared-memory channel: a peer's header words are input too ----------------------------
+from tpserve.errors import TpserveError  # noqa: E402
+from tpserve.runtime import shm  # noqa: E402
+from tpserve.runtime.comm import reduce_sum  # noqa: E402
+
+word = st.one_of(st.integers(-2**63, 2**63 - 1), st.sampled_from([0, 1, 2, 1 << 24 | 1]))
+
+
+@pytest.fixture(scope="module")
+def segment():
+    d = shm.ShmDriver(2, capacity=1 << 16)
+    yield d, shm.ShmPath(d.setup(0), 0, 2, timeout_s=0.05)
+    d.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=word, meta=st.tuples(word, word, word), honest=st.booleans())
+def test_a_rank_never_sums_a_peer_slot_whose_words_do_not_match(segment, flag, meta, honest):
+    """Rank 1 is played by the test: garbage flag/meta words fail the reduction with a
+    TpserveError (counted when the flag said ready); honest ones give the exact sum."""
+    d, rank0 = segment
+    n, b = rank0.n + 1, (rank0.n + 1) & 1
+    x, peer = torch.randn(8), torch.randn(8)
+    q, base = d.seg.q, shm.line(1) + 2 + 3 * b
+    if honest:
+        flag, meta = n, (n, 1 << 24 | 1, 8 << 8 | shm._CODES[torch.float32])
+    d.seg.slot(1, b)[:32].view(torch.float32).copy_(peer)
+    q[base], q[base + 1], q[base + 2] = meta
+    q[shm.line(1)] = flag
+    before = rank0.mismatches
+    try:
+        out = rank0.reduce(x, 1, 1)
+    except TpserveError:
+        assert flag < n or rank0.mismatches == before + 1
+        return
+    finally:
+        rank0.n = max(rank0.n, n)  # the group is out of step now; keep the test's rank 0 going
+        q[shm.line(1)] = 0
+    assert flag >= n and meta == (n, 1 << 24 | 1, 8 << 8 | shm._CODES[torch.float32])
+    assert torch.equal(out, reduce_sum([x, peer]))
+
+
+setup_comm = st.one_of(st.none(), st.text(max_size=8), st.dictionaries(
+    st.sampled_from(["name", "capacity", "x"]),
+    st.one_of(st.integers(-5, 2**40), st.text(max_size=40), st.none()), max_size=3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(setups=st.lists(st.tuples(st.sampled_from(["shm", "gloo", "nccl", "zmq", "x", ""]),
+                                 setup_comm), min_size=1, max_size=4))
+def test_a_rank_answers_every_setup_with_ready_or_error_and_keeps_serving(tmp_path_factory, setups):
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    addr = f"ipc://{tmp_path_factory.mktemp('s')}/c.sock"
+    router.bind(addr)
+    worker = RankWorker(0, 2, ".", "float32", "cpu", 1, 1, timeout_s=2)
+    t = threading.Thread(target=worker.serve, args=(addr, {"identity": b"r0"}), daemon=True)
+    t.start()
+    try:
+        assert router.poll(10000) and router.recv_multipart()[0] == b"r0"  # hello
+        for path, comm in setups:
+            router.send_multipart([b"r0", *bytes_frames({"op": "setup", "path": path,
+                                                         "comm": comm})])
+            assert router.poll(10000), "the rank stopped answering"
+            h, _ = decode(router.recv_multipart()[1:])
+            assert h["op"] == ("ready" if path == "zmq" and isinstance(comm, dict) else "error")
+    finally:
+        router.send_multipart([b"r0", *bytes_frames({"op": "stop"})])
+        t.join(10)
+        ctx.destroy(0)

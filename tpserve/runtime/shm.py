@@ -15,8 +15,9 @@ Stores are ordered by x86-64's memory model (data, then meta, then flag), which 
 picks this path on x86-64 only.
 
 Sums are `reduce_sum` (rank order, fp32 accumulation): bit-identical to the ZMQ star and to the
-in-process ranks. Small tensors: every rank sums all slots (one-shot). Large ones: rank r sums
-chunk r of every slot into its own slot, then every rank gathers the chunks (two-shot).
+in-process ranks. Small tensors, and any at tp=2: every rank sums all slots (one-shot, the least
+memory traffic at tp=2). Large ones at tp>2: rank r sums chunk r of every slot and writes it back
+into its own slot, then every rank gathers the chunks (two-shot).
 """
 
 from __future__ import annotations
@@ -219,14 +220,18 @@ class ShmPath:
         for o in self.others:
             if q[o + m] != n or q[o + m + 1] != key or q[o + m + 2] != spec:
                 self._mismatch(m, (n, key, spec))
-        if numel * flat.element_size() <= TWO_SHOT_BYTES or numel < 64 * self.tp:
+        if self.tp == 2 or numel * flat.element_size() <= TWO_SHOT_BYTES or numel < 64 * self.tp:
             return reduce_sum(views, out)
+        out = torch.empty_like(flat) if out is None else out
         chunk = -(-numel // self.tp)
         lo, hi = self.rank * chunk, min(numel, (self.rank + 1) * chunk)
-        views[self.rank][lo:hi].copy_(reduce_sum([v[lo:hi] for v in views]))  # only we read it
-        q[me + 1] = n  # publish: this rank's chunk of the sum is in its slot
+        views[self.rank][lo:hi].copy_(reduce_sum([v[lo:hi] for v in views], out[lo:hi]))
+        q[me + 1] = n  # publish: this rank's chunk of the sum is in its slot (only it reads it)
         self._wait_all(1, n)
-        return torch.cat([v[r * chunk:(r + 1) * chunk] for r, v in enumerate(views)], out=out)
+        for r, v in enumerate(views):
+            if r != self.rank:
+                out[r * chunk:(r + 1) * chunk] = v[r * chunk:(r + 1) * chunk]
+        return out
 
     def _mismatch(self, m: int, want: tuple) -> None:
         self.mismatches += 1

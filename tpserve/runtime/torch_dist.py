@@ -4,8 +4,9 @@ gloo for CPU ranks (the same rendezvous, testable on any machine).
 The coordinator owns the rendezvous: `DistDriver` hosts a TCPStore in the driver process and hands
 each rank its address plus a secret per-group key prefix over the coordinator's authenticated ZMQ
 channel (never through Ray or a world-readable path). The prefix keeps concurrent or rebuilt groups
-apart; the TCPStore itself is not authenticated, so it binds to the coordinator's address and the
-`auto` choice uses this path only for ranks on the driver's host.
+apart. Neither the TCPStore (it listens on every interface) nor NCCL's or gloo's own sockets are
+authenticated, which is why `auto` uses this path only for ranks on the driver's host and the zmq
+star (CurveZMQ) stays the path across hosts.
 
 `DistPath.reduce` calls `dist.all_reduce(x)` in place and returns `x`: no host sync, no copy, so
 a decode step that calls it on a static buffer can be captured in a CUDA graph. NCCL sums in the
