@@ -109,6 +109,23 @@ def test_completion_over_http_matches_the_in_process_model(server, demo_checkpoi
     assert "tpserve_generation_tokens_total" in metrics
 
 
+def test_bench_serve_drives_the_server(server):
+    """bench/serve.py: concurrent streaming clients, a fixed number of requests, --json."""
+    proc, base, log = server
+    bench = Path(__file__).parent.parent / "bench" / "serve.py"
+    out = subprocess.run([sys.executable, str(bench), "--url", base, "--num-requests", "6",
+                          "--concurrency", "3", "--prompt-len", "12", "--output-len", "5",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr + out.stdout
+    res = json.loads(out.stdout)
+    assert (res["completed"], res["failed"], res["output_tokens"]) == (6, 0, 30)
+    assert res["output_token_throughput"] > 0
+    for name in ("ttft", "itl", "e2e"):
+        p = res[name]
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"], (name, p)
+    assert res["ttft"]["p50_ms"] <= res["e2e"]["p50_ms"]
+
+
 def test_sigterm_stops_server_ranks_and_ray(server):
     proc, base, log = server
     family = descendants(proc.pid)
