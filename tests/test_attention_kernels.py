@@ -26,12 +26,14 @@ if not isinstance(att._decode_kernel, InterpretedFunction):  # imported earlier 
 SLOTS, MAX_LEN = 6, 40
 # name: (H, KVH, D); kv_group = H // KVH
 HEADS = {"gqa4": (8, 2, 32), "mha": (4, 4, 16), "gqa3-d48": (6, 2, 48)}
+# 20 query heads on one kv head: a group wider than one 16-row tl.dot tile (one test only)
+WIDE = {"mqa20": (20, 1, 16)}
 LENS = [0, 1, MAX_LEN, 7, 23, 16]  # empty padding row, first token, full cache, partial blocks
 
 
 def _problem(heads, dtype, window, seed=0):
     """q, caches poisoned outside each sequence's visible keys, slots (shuffled), lens."""
-    h, kvh, d = HEADS[heads]
+    h, kvh, d = {**HEADS, **WIDE}[heads]
     gen = torch.Generator().manual_seed(seed)
     b = len(LENS)
     q = torch.randn(b, h, d, generator=gen).to(dtype)
@@ -106,6 +108,10 @@ def test_decode_kernel_matches_reference(dtype, heads, window, softcap):
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
+
+
+def test_decode_kernel_wide_group():
+    _check_kernel("mqa20", torch.float16, None, 2.0, num_splits=2, block_n=16)
 
 
 def test_decode_kernel_default_config():
