@@ -67,26 +67,26 @@ def max_err(out, q, kc, vc, slots, lens, group, scale, window, softcap):
 
 
 def parity():
-    """Triton vs reference on the GPU; tolerance: the output's rounding plus p rounded for p @ V."""
+    """Triton vs reference on the GPU; tolerance: the output's rounding plus p rounded for p @ V.
+    Splits: the heuristic's (several here, so the merge kernel runs) and 1 (no merge kernel)."""
     rows, ok = [], True
     lens = [0, 1, MAX_LEN // 2 - 3, MAX_LEN, 700, 33]
+    cases = [(heads, mode, None) for heads in PARITY_HEADS for mode in PARITY_MODES]
+    cases += [(PARITY_HEADS[0], mode, 1) for mode in PARITY_MODES]
     for dtype, tol in [(torch.float32, 1e-4), (torch.float16, 8e-3), (torch.bfloat16, 6e-2)]:
-        for heads in PARITY_HEADS:
-            for window, softcap in PARITY_MODES:
-                q, kc, vc, slots, lt = problem(len(lens), heads, dtype, lens, slots_n=8)
-                poison(kc, vc, slots, lt, window)
-                scale = heads[2] ** -0.5
-                out = decode_attention(q, kc, vc, slots, lt, heads[0] // heads[1], scale, window,
-                                       softcap)
-                err = max_err(out, q, kc, vc, slots, lt, heads[0] // heads[1], scale, window,
-                              softcap)
-                good = err <= tol and out[0].eq(0).all().item()
-                ok &= good
-                rows.append({"dtype": str(dtype)[6:], "heads": heads, "window": window,
-                             "softcap": softcap, "max_err": err, "ok": good})
-                print(f"parity {str(dtype)[6:]:>8} H/KVH/D {'/'.join(map(str, heads)):>10} "
-                      f"window {str(window):>5} softcap {str(softcap):>5} max|err| {err:.2e} "
-                      f"{'ok' if good else 'FAIL'}")
+        for heads, (window, softcap), splits in cases:
+            q, kc, vc, slots, lt = problem(len(lens), heads, dtype, lens, slots_n=8)
+            poison(kc, vc, slots, lt, window)
+            args = (q, kc, vc, slots, lt, heads[0] // heads[1], heads[2] ** -0.5, window, softcap)
+            out = decode_attention_triton(*args, num_splits=splits)
+            err = max_err(out, *args)
+            good = err <= tol and out[0].eq(0).all().item()
+            ok &= good
+            rows.append({"dtype": str(dtype)[6:], "heads": heads, "window": window,
+                         "softcap": softcap, "splits": splits, "max_err": err, "ok": good})
+            print(f"parity {str(dtype)[6:]:>8} H/KVH/D {'/'.join(map(str, heads)):>10} "
+                  f"window {str(window):>5} softcap {str(softcap):>5} splits {splits or 'auto':>4} "
+                  f"max|err| {err:.2e} {'ok' if good else 'FAIL'}")
     return rows, ok
 
 
