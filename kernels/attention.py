@@ -209,7 +209,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
     waves of the GPU, at most one per key block of the max length.
     """
     b, h, d = q.shape
-    s_, max_len, kvh, d_k = k_cache.shape
+    _, max_len, kvh, d_k = k_cache.shape
     assert h == kvh * kv_group, f"{h} query heads vs {kvh} kv heads x kv_group {kv_group}"
     assert d_k == d and v_cache.shape == k_cache.shape and k_cache.dtype == q.dtype
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -233,8 +233,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        PRECISION=precision, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision, num_warps=num_warps)
     if num_splits > 1:
         _merge_kernel[(b, h)](part, ml, out, out.stride(0), out.stride(1), b * h, HEAD_DIM=d,
                               BLOCK_D=block_d, NUM_SPLITS=num_splits,
