@@ -1,6 +1,6 @@
-"""Decode attention on the GPU: the Triton kernel vs its torch reference vs SDPA on a gathered batch.
+"""Decode attention on the GPU: Triton kernel vs its torch reference vs SDPA on a gathered batch.
 
-    python bench/attention.py [--out bench/results/attention_h100.json]   # parity, graph check, times
+    python bench/attention.py [--out bench/results/attention_h100.json]  # parity, graph, times
     python bench/attention.py --sweep          # also time block_n x splits x warps per shape
 
 Parity first (every dtype the GPU runs, bf16 included, which the CPU interpreter cannot check):
@@ -150,7 +150,8 @@ def bench_shape(b, n, dtype, heads, sweep):
     row = {"B": b, "L": n, "dtype": str(dtype)[6:], "H": h, "KVH": kvh, "D": d,
            "triton_us": time_us(rot(decode_attention)),
            "reference_us": time_us(rot(decode_attention_reference), reps=3, trials=3),
-           "sdpa_us": time_us(lambda: sdpa_gathered(*probs[next(it) % layers][:4], group, scale, n))}
+           "sdpa_us": time_us(lambda: sdpa_gathered(*probs[next(it) % layers][:4], group, scale,
+                                                    n))}
     row["triton_GBps"] = kv_bytes / row["triton_us"] / 1e3
     q, kc, vc, slots, lens = probs[0]
     row["triton_err"] = max_err(decode_attention(q, kc, vc, slots, lens, group, scale),
@@ -164,10 +165,11 @@ def bench_shape(b, n, dtype, heads, sweep):
                                                          num_splits=s, num_warps=w), trials=3)
                         for bn, s, w in configs}
         row["sweep_best"] = min(row["sweep"], key=row["sweep"].get)
+    best = f"  best {row['sweep_best']} {row['sweep'][row['sweep_best']]:.1f} us" if sweep else ""
     print(f"{b:>3} {n:>5} {row['dtype']:>8} {row['triton_us']:>9.1f} {row['triton_GBps']:>7.0f} "
-          f"{row['sdpa_us']:>8.1f} {row['reference_us']:>9.1f} {row['sdpa_us'] / row['triton_us']:>8.2f}x "
-          f"{row['triton_err']:>9.2e} {row['sdpa_err']:>9.2e}"
-          + (f"  best {row['sweep_best']} {row['sweep'][row['sweep_best']]:.1f} us" if sweep else ""))
+          f"{row['sdpa_us']:>8.1f} {row['reference_us']:>9.1f} "
+          f"{row['sdpa_us'] / row['triton_us']:>8.2f}x {row['triton_err']:>9.2e} "
+          f"{row['sdpa_err']:>9.2e}{best}")
     return row
 
 

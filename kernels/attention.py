@@ -1,4 +1,4 @@
-"""Attention over the slot KV cache: one decode kernel for every sequence of a step, batched prefill.
+"""Attention over the slot KV cache: one decode kernel for all sequences of a step; batched prefill.
 
 Run `python -m tpserve.kernels.attention` to print the decode kernel's error against the torch
 reference (without CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
