@@ -14,7 +14,7 @@ import uvicorn
 import tpserve
 from tpserve.demo import demo_path
 from tpserve.serve.engine import Engine
-from tpserve.serve.server import build_app
+from tpserve.serve.app import build_app
 from tpserve.serve.text import TextCodec
 
 MODEL = "tpserve-demo"

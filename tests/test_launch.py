@@ -83,6 +83,7 @@ def test_completion_over_http_matches_the_in_process_model(server, demo_checkpoi
     assert "embedded demo model" in log.read_text()
     models = httpx.get(f"{base}/v1/models").json()["data"]
     name = models[0]["id"]
+    assert name == "tpserve-demo-llama-gptq4"  # the id the README gives
     from tpserve.serve.text import TextCodec
     codec = TextCodec.load(demo_checkpoint)
     ref = tpserve.load(demo_checkpoint, tp=1, dtype=torch.float32)

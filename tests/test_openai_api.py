@@ -13,7 +13,7 @@ from serving import MODEL, Server, served_demo
 
 import tpserve
 from tpserve.serve.engine import Engine
-from tpserve.serve.server import build_app
+from tpserve.serve.app import build_app
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 

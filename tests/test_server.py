@@ -14,7 +14,7 @@ import pytest
 from serving import MODEL, Server, served_demo, sse
 
 from tpserve.serve.engine import Engine
-from tpserve.serve.server import build_app
+from tpserve.serve.app import build_app
 
 PROMPT = "The quick brown fox"
 IDS = [72, 101, 108, 108, 111, 44, 32, 119]  # "Hello, w" as byte tokens

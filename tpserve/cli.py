@@ -54,7 +54,7 @@ def _load(args):
 def cmd_launch(args) -> int:
     from tpserve import __version__
     from tpserve.serve.engine import Engine
-    from tpserve.serve.server import build_app, serve
+    from tpserve.serve.app import build_app, serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
         args.model = args.model_tag
@@ -71,7 +71,10 @@ def cmd_launch(args) -> int:
             return 1
     if codec is None:
         log.warning("%s has no tokenizer.json: only token-id prompts will work", path)
-    name = args.served_model_name or os.path.basename(os.path.normpath(str(path)))
+    from tpserve import demo
+    # The model id: --served-model-name, else the folder's name (the demo's without its version).
+    name = args.served_model_name or (demo.NAME if not args.model else
+                                      os.path.basename(os.path.normpath(str(path))))
     engine = Engine(llm, codec, max_queue=args.max_queue).start()
     try:
         app = build_app(engine, codec, name, version=__version__,

@@ -5,7 +5,7 @@ prompts are prefilled together in the next step, beside the running sequences' d
 finished requests leave and free their slots. Each step is one `executor.step` (every rank, every
 layer, every all-reduce) followed by the head and the batched sampler at the coordinator.
 
-Callers get events through a callback invoked on the engine thread; `tpserve.serve.server` turns them
+Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues. Without the thread (`start()` not called), `generate()` drives the same steps
 in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
 """
