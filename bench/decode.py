@@ -61,10 +61,12 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     for b in batches:
         prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(b)]
         run_batch(engine, prompts, 4)  # warm this batch shape
+        first = b / run_batch(engine, prompts, 1)  # seconds for prefill + the first token
         stats = getattr(llm.executor, "stats", None)
         ar0 = (stats.allreduce_seconds, stats.allreduce_count) if stats else (0.0, 0)
         s0, steps0 = engine.stats.step_seconds, engine.stats.steps
-        tps = run_batch(engine, prompts, gen)
+        # Decode rate as the peer measures it: (gen - 1) tokens past the first, per second.
+        tps = b * (gen - 1) / (b * gen / run_batch(engine, prompts, gen) - first)
         step_s = engine.stats.step_seconds - s0
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
                "ttft_ms": 1e3 * min(ttfts), "decode_tok_s": tps,
@@ -80,6 +82,36 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     engine.stop()
     llm.close()
     return rows
+
+
+def check_graphs(path, tps, device, dtype, steps: int) -> None:
+    """The captured decode step and the eager one give identical greedy tokens (batch 1 and 4)."""
+    for tp in tps:
+        got = {}
+        for graphs in (True, False):
+            llm = tpserve.load(path, tp=tp, device=device, dtype=dtype, num_slots=4,
+                               max_model_len=steps + 40, cuda_graphs=graphs)
+            g = torch.Generator().manual_seed(1)
+            prompts = [torch.randint(3, llm.cfg.vocab_size, (n,), generator=g).tolist()
+                       for n in (32, 7, 19, 3)]
+            engine = Engine(llm).start()
+            params = SamplingParams(max_tokens=steps, ignore_eos=True)
+            got[graphs] = [engine.generate(prompts[0], params)]  # batch 1
+            out = [None] * 4
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+                i, engine.generate(prompts[i], params))) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            got[graphs] += out  # batch 4, sequences of different lengths joining together
+            engine.stop()
+            llm.close()
+        same = got[True] == got[False]
+        print(f"graph vs eager, tp={tp}, {steps} greedy steps, batch 1 and 4: "
+              f"{'identical' if same else 'DIFFERENT'}")
+        if not same:
+            raise SystemExit(f"captured and eager decode disagree at tp={tp}")
 
 
 def copy_bandwidth(device: str) -> float:
@@ -158,9 +190,12 @@ def main() -> int:
     ap.add_argument("--backend", default="ray", choices=["ray", "local"])
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--lm-head", nargs="+", default=["auto"])
-    ap.add_argument("--peer", choices=["none", "transformers"], default="none")
+    ap.add_argument("--peer", nargs="+", choices=["none", "transformers", "torch-int4"],
+                    default=["none"])
+    ap.add_argument("--check", type=int, default=0, metavar="STEPS",
+                    help="first compare STEPS greedy tokens of the captured and the eager step")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.model:
@@ -170,12 +205,18 @@ def main() -> int:
         path = demo.demo_path()
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if args.device == "cpu" else torch.float16)
+    if args.check:
+        check_graphs(path, args.tp, args.device, dtype, args.check)
     bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else None
     rows = []
-    if args.peer == "transformers":
+    if "transformers" in args.peer:
         rows += bench_transformers(path, args.batch, args.prompt_len, args.gen, args.device)
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    if "torch-int4" in args.peer:
+        from peer_int4 import bench as bench_peer
+        cfg = json.loads(open(os.path.join(path, "config.json")).read())
+        rows += bench_peer(cfg, args.batch, args.prompt_len, args.gen, args.device)
     for tp in args.tp:
         for head in args.lm_head:
             backend = "local" if tp == 1 and args.backend == "ray" and args.device == "cuda" \
@@ -190,6 +231,14 @@ def main() -> int:
         print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} {r['batch']:>5} "
               f"{r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} {r.get('step_ms', 0):>8.2f} "
               f"{share:>12} {fl:>8}")
+    for r in rows:  # tpserve / each peer, same batch, same run
+        for peer in (p for p in rows if p["backend"] in ("torch-int4-peer", "transformers-bf16")):
+            if r["backend"] in ("local", "ray") and peer["batch"] == r["batch"]:
+                key = f"vs_{peer['backend']}"
+                r[key] = r["decode_tok_s"] / peer["decode_tok_s"]
+                r[key + "_ttft"] = r["ttft_ms"] / peer["ttft_ms"]
+                print(f"tp={r['tp']} head={r['lm_head']} batch={r['batch']}: tok/s {r[key]:.2f}x "
+                      f"{peer['backend']}, TTFT {r[key + '_ttft']:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         meta = {"model": str(path), "device": args.device, "dtype": str(dtype),

@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# The H100 benchmark call (run through the device tool from the repo root, carrying .whl from
-# ../shared/tools/device-wheels.sh). Stage 1: kernels, lm_head, all-reduce. Stage 2: 8B decode.
-#   bash bench/gpu_h100.sh kernels|e2e
+# The GPU checks and the decode benchmark on one H100, run through the device tool from the repo
+# root, carrying .whl from ../shared/tools/device-wheels.sh (ray, pyzmq).
+#   bash bench/gpu_h100.sh checks   kernel parity, graph vs eager tokens, verify at tp 1/2 over the
+#                                   in-process and Ray backends (small checkpoints)
+#   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
+#                                   transformers bf16, batch 1/8/32, dense and int8 heads
+#   bash bench/gpu_h100.sh all
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 # This copy of the tree is the device's own: place kernels/ where `tpserve.kernels` is imported from.
 [ -e tpserve/kernels ] || cp -r kernels tpserve/kernels
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache RAY_AUTH_MODE=disabled
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-if [ "${1:-kernels}" = kernels ]; then
-  python3 bench/kernels.py --out "$OUT/kernels_h100.json" > "$OUT/kernels.log" 2>&1; tail -45 "$OUT/kernels.log"
-  python3 bench/lm_head.py --out "$OUT/lm_head_h100.json" 2>&1 | tail -20
-  python3 bench/allreduce.py --tp 2 4 --sizes 8K 64K 1M 16M --out "$OUT/allreduce_h100host.json" 2>&1 | tail -18
+stage=${1:-all}
+if [ "$stage" = checks ] || [ "$stage" = all ]; then
+  for k in kernels/*.py; do  # every kernel module prints its error against its torch reference
+    case "$k" in */__init__.py) continue;; esac
+    m=$(basename "$k" .py)
+    grep -q "__main__" "$k" && { echo "== $m"; timeout 120 python3 -m "tpserve.kernels.$m" 2>&1 | tail -4; }
+  done
+  python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
+  timeout 240 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
+    --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 | tail -8
+  for tp in 1 2; do for backend in local ray; do
+    timeout 180 python3 -m tpserve.cli verify --model /tmp/small --tp $tp --backend $backend --device cuda \
+      --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify.err"
+    echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
+  done; done
 fi
-if [ "${1:-kernels}" != kernels ] || [ "${2:-}" = e2e ]; then
-  python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda
-  python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 --device cuda --dtype float16 \
-    --peer transformers --lm-head dense int8 --prompt-len 128 --gen 64 \
-    --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -12 "$OUT/decode.log"
+if [ "$stage" = decode ] || [ "$stage" = all ]; then
+  python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null
+  python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 32 --backend local --device cuda \
+    --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head dense int8 --prompt-len 128 --gen 128 \
+    --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"
 fi

@@ -1,6 +1,7 @@
-"""Profile decode steps of one model with torch.profiler: where a step's time goes.
+"""Where a decode step's time goes: the whole step (engine, host), the captured rank step
+alone, the head + sampler, and a torch.profiler kernel table of the captured step.
 
-    python bench/profile_step.py --model PATH [--device cuda] [--steps 8]
+    python bench/profile_step.py --model PATH [--device cuda] [--steps 8] [--batch 1]
 """
 
 from __future__ import annotations
@@ -14,17 +15,49 @@ from torch.profiler import ProfilerActivity, profile
 import tpserve
 
 
+def cuda_ms(fn, n=50) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def time_parts(llm, batch: int) -> None:
+    """ms per call of: the engine's whole decode step, the rank's graph replay, head + sampling."""
+    from tpserve.model.kv_cache import StepPlan
+    rank = llm.executor.ranks[0]
+    plan = StepPlan(slots=list(range(batch)), starts=[100] * batch, lens=[1] * batch)
+    h = llm.head.embed(torch.arange(3, 3 + batch))
+    replay = cuda_ms(lambda: rank.graphs.buckets[batch].replay(rank.comm))
+    executor = cuda_ms(lambda: llm.executor.step(h, plan))
+    out = llm.executor.step(h, plan)
+    head = cuda_ms(lambda: llm.head.logits(out))
+    full = cuda_ms(lambda: llm.head.logits(llm.executor.step(llm.head.embed(
+        torch.arange(3, 3 + batch)), plan)).argmax(-1).tolist())
+    print(f"batch {batch}: graph replay {replay:.3f} ms, executor.step {executor:.3f} ms, "
+          f"head {head:.3f} ms, embed+step+head+argmax+tolist {full:.3f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--lm-head", default="auto")
     args = ap.parse_args()
     llm = tpserve.load(args.model, tp=1, device=args.device, dtype=getattr(torch, args.dtype),
-                       max_model_len=256)
+                       max_model_len=256, num_slots=max(8, args.batch), lm_head=args.lm_head)
     ids = list(range(3, 131))
     llm.generate(ids, max_tokens=4, ignore_eos=True)
+    if args.device == "cuda":
+        time_parts(llm, args.batch)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=acts) as prof:
         llm.generate(ids, max_tokens=args.steps, ignore_eos=True)

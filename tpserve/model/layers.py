@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
+from tpserve.kernels.fused import rms_norm, rotary, silu_mul
 from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention
 from tpserve.model.linear import Linear, MergedLinear
-from tpserve.model.rope import Rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -28,14 +28,9 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, weight: torch.Tensor | None, eps: float, offset: float | None = None):
         super().__init__()
         self.weight, self.eps, self.offset = weight, eps, offset
-        self.scale = None if weight is None or offset is None else offset + weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset is None:
-            return self.weight * xf.to(x.dtype)
-        return (xf if self.scale is None else xf * self.scale).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class LayerLoader:
@@ -108,7 +103,7 @@ class Attention(torch.nn.Module):
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = Rotary.apply(q, cos, sin)
+        q = rotary(q, cos, sin)
         k_cache, v_cache = cache.k[index], cache.v[index]
         if decode is not None and self.batched_decode:
             # One token per sequence, static shapes, no host sync: the graph-captured path.
@@ -138,7 +133,7 @@ class Attention(torch.nn.Module):
             k = self.k_norm(k)
         if self.v_norm is not None:
             v = self.v_norm(v)
-        return Rotary.apply(k, cos, sin), v
+        return rotary(k, cos, sin), v
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         """Linear name -> (module whose input is its input, W fp32 [K, N]), for verify."""
@@ -164,7 +159,7 @@ class GatedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(silu_mul(gate, up) if self.act is F.silu else self.act(gate) * up)
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         gate, up = self.gate_up_proj.dense_parts()

@@ -41,10 +41,3 @@ class Rotary:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (T, heads, hd); cos/sin (T, hd)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,175 @@
+"""Fused elementwise kernels of a decode step: RMSNorm, rotary embedding, SiLU-gated product.
+
+Each replaces a chain of 4-7 torch kernels (a decode step on one GPU is otherwise bound by ~35
+tiny launches per layer) with one Triton kernel, beside a torch reference with the same rounding:
+
+- `rms_norm(x, w, eps, offset)`: rows normalised in fp32. offset None (llama family): cast back,
+  then multiply by w in x's dtype; a float offset (Gemma): multiply by (offset + w) in fp32, then
+  cast; w None: no scale.
+- `rotary(x, cos, sin)`: x (T, heads, hd) * cos + rotate_half(x) * sin, cos/sin (T, hd), each
+  product rounded to x's dtype as torch rounds it.
+- `silu_mul(gate, up)`: silu(gate) * up, silu rounded to the dtype first (as torch).
+
+CUDA tensors run the kernels; CPU tensors run the references, unless TRITON_INTERPRET=1 (tests).
+`python -m tpserve.kernels.fused` prints each kernel's error against its reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+
+def rms_norm_reference(x, w, eps: float, offset: float | None = None):
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset is None:
+        return w * xf.to(x.dtype)
+    return (xf if w is None else xf * (offset + w.float())).to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, stride_x, stride_o, eps, offset,
+                     MODE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    y = xf * r
+    if MODE == 0:  # llama: cast, then scale in the input dtype
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = y.to(x.dtype) * w
+    elif MODE == 1:  # Gemma: scale by (offset + w) in fp32, then cast
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        out = (y * (offset + w)).to(x.dtype)
+    else:  # no scale
+        out = y.to(x.dtype)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None):
+    if not _use_triton(x) or (offset is None and w is not None and w.dtype != x.dtype):
+        return rms_norm_reference(x, w, eps, offset)
+    shape, n = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    mode = 2 if w is None else (0 if offset is None else 1)
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2 if w is None else w, out, n, x2.stride(0),
+                                         out.stride(0), eps, float(offset or 0.0), MODE=mode,
+                                         BLOCK=triton.next_power_of_2(n), num_warps=4)
+    return out.view(shape)
+
+
+# ---- rotary ------------------------------------------------------------------------------------
+
+def rotary_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, stride_ct,
+                   stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]  # first half
+    mask = (h < heads) & (d < HALF)
+    base = x_ptr + t * stride_xt + h * stride_xh
+    x1 = tl.load(base + d, mask=mask, other=0.0)
+    x2 = tl.load(base + d + HALF, mask=mask, other=0.0)
+    dmask = d < HALF
+    c1 = tl.load(cos_ptr + t * stride_ct + d, mask=dmask, other=0.0)
+    c2 = tl.load(cos_ptr + t * stride_ct + d + HALF, mask=dmask, other=0.0)
+    s1 = tl.load(sin_ptr + t * stride_ct + d, mask=dmask, other=0.0)
+    s2 = tl.load(sin_ptr + t * stride_ct + d + HALF, mask=dmask, other=0.0)
+    # Each product rounded to the dtype, then the sum: torch's three roundings.
+    dt = x1.dtype
+    a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(dt)
+    b1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt)
+    a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt)
+    b2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(dt)
+    obase = out_ptr + t * stride_ot + h * stride_oh
+    tl.store(obase + d, (a1.to(tl.float32) + b1.to(tl.float32)).to(dt), mask=mask)
+    tl.store(obase + d + HALF, (a2.to(tl.float32) + b2.to(tl.float32)).to(dt), mask=mask)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, hd); cos/sin (T, hd) in x's dtype."""
+    if not _use_triton(x) or x.stride(-1) != 1 or cos.stride(-1) != 1 or cos.dtype != x.dtype:
+        return rotary_reference(x, cos, sin)
+    t, heads, hd = x.shape
+    out = torch.empty((t, heads, hd), dtype=x.dtype, device=x.device)
+    if t:
+        _rotary_kernel[(t,)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
+                             out.stride(0), out.stride(1), HALF=hd // 2,
+                             BLOCK_H=triton.next_power_of_2(heads),
+                             BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
+    return out
+
+
+# ---- SiLU-gated product ------------------------------------------------------------------------
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(out_ptr + row * n + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype),
+             mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection)."""
+    if not _use_triton(gate) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        return silu_mul_reference(gate, up)
+    t, n = gate.shape
+    out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
+    block = 1024
+    if t:
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),
+                                                     up.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+if __name__ == "__main__":
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(5, 4096, device=dev, dtype=dtype)
+        w = torch.randn(4096, device=dev, dtype=dtype)
+        errs = [(rms_norm(x, w, 1e-6, off) - rms_norm_reference(x, w, 1e-6, off)).abs().max()
+                for off in (None, 1.0)]
+        q = torch.randn(5, 32, 128, device=dev, dtype=dtype)
+        cos, sin = torch.randn(5, 128, device=dev, dtype=dtype), torch.randn(5, 128, device=dev,
+                                                                           dtype=dtype)
+        errs.append((rotary(q, cos, sin) - rotary_reference(q, cos, sin)).abs().max())
+        gu = torch.randn(5, 2 * 14336, device=dev, dtype=dtype)
+        g, u = gu.split(14336, dim=-1)
+        errs.append((silu_mul(g, u) - silu_mul_reference(g, u)).abs().max())
+        print(f"{dtype}: max |kernel - reference| norm/gemma-norm/rotary/silu_mul "
+              f"{' '.join(f'{float(e):.2e}' for e in errs)}")

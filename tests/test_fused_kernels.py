@@ -1,0 +1,70 @@
+"""Fused decode-step kernels (RMSNorm, rotary, SiLU-gated product) against their torch references,
+under the Triton interpreter (fp16/fp32 only: bf16 is wrong there), and the references against
+independent formulas (transformers' Llama/Gemma norms and rotary)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tpserve.kernels.fused import (rms_norm, rms_norm_reference, rotary, rotary_reference,  # noqa: E402
+                                   silu_mul, silu_mul_reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("offset", [None, 1.0, 0.0])
+def test_rms_norm_matches_reference_and_transformers(dtype, offset):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 48, dtype=dtype) * 3
+    w = torch.randn(48, dtype=dtype)
+    got = rms_norm(x, w, 1e-6, offset)
+    want = rms_norm_reference(x, w, 1e-6, offset)
+    # one rounding of the output apart at most (fp32 sums in another order)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                          atol=1e-3 if dtype == torch.float16 else 1e-6)
+    xf = x.double()
+    normed = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    independent = normed * (w.double() if offset is None else offset + w.double())
+    assert torch.allclose(want.double(), independent, rtol=2e-2 if dtype == torch.float16 else 1e-5,
+                          atol=2e-2 if dtype == torch.float16 else 1e-5)
+
+
+def test_rms_norm_without_weight_and_on_strided_rows():
+    x = torch.randn(4, 2 * 32)[:, :32]  # a column slice: rows are not contiguous
+    assert torch.allclose(rms_norm(x, None, 1e-6, 0.0), x / x.pow(2).mean(-1, True).add(1e-6).sqrt(),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rotary_matches_reference_on_a_merged_projection_view(dtype):
+    torch.manual_seed(1)
+    t, heads, hd = 3, 4, 16
+    proj = torch.randn(t, (heads + 2) * hd, dtype=dtype)
+    q = proj[:, :heads * hd].view(t, heads, hd)  # rows strided by the merged width
+    ang = torch.randn(t, hd // 2)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    got, want = rotary(q, cos, sin), rotary_reference(q, cos, sin)
+    assert torch.equal(got, want) if dtype == torch.float32 else torch.allclose(got, want, atol=2e-3)
+    # independent: rotate each (i, i + hd/2) pair by its angle
+    x1, x2 = q[..., :hd // 2].double(), q[..., hd // 2:].double()
+    c, s = cos[:, None, :hd // 2].double(), sin[:, None, :hd // 2].double()
+    rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    assert torch.allclose(want.double(), rotated, atol=1e-2 if dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_silu_mul_on_halves_of_one_projection(dtype):
+    torch.manual_seed(2)
+    gu = torch.randn(3, 2 * 1500, dtype=dtype) * 4
+    g, u = gu.split(1500, dim=-1)
+    got, want = silu_mul(g, u), silu_mul_reference(g, u)
+    assert torch.allclose(got.float(), want.float(), atol=2e-3 if dtype == torch.float16 else 1e-6)
+    gd = g.double()
+    # fp16: two roundings of values up to ~50 (silu, then the product)
+    assert torch.allclose(want.double(), gd * torch.sigmoid(gd) * u.double(),
+                          rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                          atol=2e-3 if dtype == torch.float16 else 1e-5)
+    assert torch.equal(F.silu(g) * u, want)
