@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -22,6 +23,8 @@ log = logging.getLogger("tpserve")
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_deploy_arguments(p)
+    p.add_argument("--placement", choices=["strict_pack", "pack", "spread"], default="strict_pack",
+                   help="strict_pack: all ranks on one node; pack: spill over nodes")
     p.add_argument("--max-model-len", type=int, help="context length (default: the config's)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots = concurrent sequences")
     p.add_argument("--rank-timeout", type=float, default=60.0,
@@ -141,20 +144,25 @@ class _Help(argparse.HelpFormatter):
 @contextlib.contextmanager
 def _stdout_for_the_result(args):
     """With --json, stdout carries the JSON alone: whatever else writes to file descriptor 1 (Ray,
-    its raylet, child processes) goes to stderr, and `args.stdout` is the real stdout."""
+    its raylet, child processes) or to sys.stdout goes to stderr meanwhile; what the command
+    writes to `args.stdout` reaches stdout at the end."""
     if not getattr(args, "json", False):
         args.stdout = sys.stdout
         yield
         return
-    sys.stdout.flush()
-    real, saved = os.dup(1), sys.stdout
+    saved, real = sys.stdout, os.dup(1)
+    saved.flush()
     os.dup2(2, 1)
-    args.stdout, sys.stdout = os.fdopen(real, "w"), sys.stderr
+    args.stdout, sys.stdout = io.StringIO(), sys.stderr
     try:
         yield
     finally:
-        args.stdout.close()
+        sys.stderr.flush()
+        os.dup2(real, 1)
+        os.close(real)
         sys.stdout = saved
+        saved.write(args.stdout.getvalue())
+        saved.flush()
 
 
 def main(argv=None) -> int:

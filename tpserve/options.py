@@ -19,7 +19,6 @@ BACKENDS = ("local", "ray")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 LM_HEADS = ("auto", "dense", "int8", "q8_0", "gptq")
-PLACEMENTS = ("strict_pack", "pack", "spread")
 
 
 def _positive(name: str, value) -> None:
@@ -74,7 +73,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def add_deploy_arguments(p: argparse.ArgumentParser, tp_required: bool = False) -> None:
-    """The flags of DeployOptions and of the Ray placement, for every command that loads."""
+    """The flags of DeployOptions and the Ray address, for every command that loads a model."""
     p.add_argument("--model", help="GPTQ checkpoint folder (default: the embedded demo model)")
     p.add_argument("--tp", "--tensor-parallel-size", "-tp", type=int, required=tp_required,
                    default=None if tp_required else 1, help="tensor-parallel size (ranks)")
@@ -82,8 +81,6 @@ def add_deploy_arguments(p: argparse.ArgumentParser, tp_required: bool = False) 
                    help="ray: one Ray actor per rank + ZMQ coordinator; local: ranks as threads")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private "
                                      "local cluster)")
-    p.add_argument("--placement", choices=PLACEMENTS, default="strict_pack",
-                   help="strict_pack: all ranks on one node; pack: spill over nodes")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the ranks and the coordinator's embedding and lm_head run")
     p.add_argument("--dtype", choices=DTYPES,

@@ -15,7 +15,6 @@ names the rank, the weight, its shard boundaries and its group offset.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tpserve.model.gptq_shard import GPTQWeight
 from tpserve.model.hf_reference import TransformersReference
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.linear import Linear
+from tpserve.options import add_deploy_arguments
 
 REFERENCES = ("tp1", "transformers")
 DEFAULT_TEXTS = ("The capital of France is", "def fibonacci(n):\n    return",
@@ -332,24 +332,14 @@ def verify(model_path, tp: int, backend: str = "ray", reference: str = "tp1",
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="GPTQ checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--tp", type=int, required=True, help="tensor-parallel size to verify")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray",
-                   help="ray: the `tpserve launch` path (Ray actors + ZMQ); local: rank threads")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private "
-                                     "local cluster)")
+    add_deploy_arguments(p, tp_required=True)  # --model --tp --backend --address --device ...
     p.add_argument("--prompts", help="file with one prompt per line: text, or a JSON list of ids")
     p.add_argument("--reference", choices=REFERENCES, default="tp1",
                    help="tp1: tpserve unsharded in-process; transformers: transformers' own model "
                         "class on the dequantized weights")
     p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens compared per prompt")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, else the config's)")
-    p.add_argument("--lm-head", choices=["auto", "dense", "int8", "q8_0", "gptq"], default="auto",
-                   help="lm_head format at the coordinator, as `tpserve launch --lm-head`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="logging level")
 
 
 def run(args) -> int:
