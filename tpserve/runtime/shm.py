@@ -170,6 +170,8 @@ class ShmPath:
             st = os.fstat(fd)
             if st.st_uid != os.getuid() or st.st_mode & 0o077:
                 raise TpserveError(f"segment {name} is not private to this user; refusing it")
+            if capacity <= 0 or st.st_size != _header_bytes(tp) + 2 * tp * capacity:
+                raise TpserveError(f"segment {name} does not hold {tp} ranks of {capacity} bytes")
             self.seg = _Segment(fd, tp, capacity)
         finally:
             os.close(fd)
