@@ -45,6 +45,9 @@ class LocalExecutor:
         `capture`, when given, receives rank 0's output of every layer (after each layer's
         all-reduce every rank holds the same h).
         """
+        if self.tp == 1:  # no peer to meet: skip the thread hand-off
+            out = self.ranks[0](h, plan, capture)
+            return out if plan.out_rows is None else out[plan.out_rows]
         futures = [self.pool.submit(rank, h, plan, capture if r == 0 else None)
                    for r, rank in enumerate(self.ranks)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -149,9 +149,13 @@ def _sparse_add(x: torch.Tensor, triples: list[tuple[int, int, float]]) -> None:
 
 
 def process(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """logit_bias, penalties and min_tokens applied to fp32 logits [B, vocab] (a new tensor)."""
-    x = logits.float().clone()
+    """logit_bias, penalties and min_tokens applied to fp32 logits [B, vocab]: a new tensor, or
+    `logits` itself when no row asks for any of them (the common case costs no kernel)."""
     params = [r.params for r in rows]
+    if not any(p.logit_bias or p.penalized or len(r.output) < p.min_tokens
+               for p, r in zip(params, rows)):
+        return logits
+    x = logits.float().clone()
     _sparse_add(x, [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias])
     if any(p.penalized for p in params):
         out = _counts([r.output for r in rows], x.shape[1], x.device)
@@ -199,9 +203,12 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int],
     """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked."""
     params = [r.params for r in rows]
     x = process(logits, rows)
-    # A row whose every logit is now -inf (a hostile bias or penalty) falls back to the raw logits.
-    dead = ~torch.isfinite(x).any(-1, keepdim=True)
-    x = torch.where(dead, logits.float(), x)
+    if x is not logits:
+        # A row whose every logit is now -inf (a hostile bias or penalty) falls back to the raw
+        # logits.
+        dead = ~torch.isfinite(x).any(-1, keepdim=True)
+        x = torch.where(dead, logits.float(), x)
+    x = x.float()
     tokens = x.argmax(-1)
     if not all(p.greedy for p in params):
         temp = _per_row([1.0 if p.greedy else p.temperature for p in params], x.device)
