@@ -96,7 +96,7 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self.model = model
         width = model.cfg.hidden_size + model.cfg.num_layers * model.ple_dim
-        whole = model.comm.world_size == 1
+        whole = model.comm.capturable
         pool = torch.cuda.graph_pool_handle()
         self.buckets: dict[int, _Bucket] = {}
         with torch.inference_mode():

@@ -32,6 +32,7 @@ ALLREDUCE = ("auto", "zmq", "shm", "nccl", "gloo")
 class Comm(Protocol):
     rank: int
     world_size: int
+    capturable: bool  # all_reduce may run inside a CUDA graph capture (the whole step is one graph)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -101,6 +102,7 @@ class RankComm:
         self.rank, self.world_size = rank, world_size
         self.path = None
         self.step = self.seq = 0
+        self.capturable = world_size == 1
         self.count, self.seconds = 0, 0.0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +154,7 @@ class LocalGroup:
 class LocalComm:
     def __init__(self, group: LocalGroup, rank: int):
         self.group, self.rank, self.world_size = group, rank, group.world_size
+        self.capturable = self.world_size == 1  # threads meet on the host
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -21,6 +21,7 @@ from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
+from tpserve.model.graphs import buckets_for
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.wire import WireError, decode, encode
@@ -34,6 +35,8 @@ class Stopped(Exception):
 
 class ZmqPath:
     """The zmq path's rank half: send this rank's partial to the coordinator, receive the sum."""
+
+    capturable = False  # the host carries the bytes
 
     def __init__(self, sock: zmq.Socket, rank: int, timeout_s: float):
         self.sock, self.rank, self.timeout_s = sock, rank, timeout_s
@@ -200,4 +203,7 @@ class RankWorker:
             sock.send_multipart(encode({"op": "error", "rank": self.rank,
                                         "message": f"{type(e).__name__}: {e}"}))
             return
+        self.comm.capturable = self.tp == 1 or self.comm.path.capturable
+        if self.device == "cuda":  # the decode step's graphs depend on the path: record them now
+            self.model.capture_graphs(buckets_for(self.num_slots))
         sock.send_multipart(encode({"op": "ready", "rank": self.rank}))

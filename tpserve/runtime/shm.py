@@ -156,6 +156,8 @@ class ShmDriver:
 class ShmPath:
     """Rank half of the shm path: `reduce(x, step, seq)` through the segment."""
 
+    capturable = False  # the host carries the bytes
+
     def __init__(self, setup: dict, rank: int, tp: int, timeout_s: float):
         name, capacity = setup.get("name"), setup.get("capacity")
         if not isinstance(name, str) or not NAME.match(name) or not isinstance(capacity, int):

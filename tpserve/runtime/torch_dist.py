@@ -76,6 +76,7 @@ class DistPath:
         dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timeout,
                                 device_id=device)
         self.dist, self.backend = dist, backend
+        self.capturable = backend == "nccl"  # NCCL collectives record into a CUDA graph
         if device is not None:  # NCCL builds its communicator lazily: pay for it now, not in step 1
             self.dist.all_reduce(torch.zeros(1, device=device))
             torch.cuda.synchronize()
