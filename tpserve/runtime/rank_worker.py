@@ -149,6 +149,8 @@ class RankWorker:
             sock.curve_secretkey = keys["secret"]
         sock.connect(address)
         self.comm.path = ZmqPath(sock, self.rank, self.timeout_s)
+        if self.device == "cuda":  # one graph per segment between all-reduces, whatever the path
+            self.model.capture_graphs(buckets_for(self.num_slots))
         sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
         try:
             while True:
@@ -204,6 +206,6 @@ class RankWorker:
                                         "message": f"{type(e).__name__}: {e}"}))
             return
         self.comm.capturable = self.tp == 1 or self.comm.path.capturable
-        if self.device == "cuda":  # the decode step's graphs depend on the path: record them now
+        if self.device == "cuda" and self.comm.capturable:  # now the whole step is one graph
             self.model.capture_graphs(buckets_for(self.num_slots))
         sock.send_multipart(encode({"op": "ready", "rank": self.rank}))
