@@ -149,7 +149,11 @@ class RankWorker:
             sock.curve_secretkey = keys["secret"]
         sock.connect(address)
         self.comm.path = ZmqPath(sock, self.rank, self.timeout_s)
-        if self.device == "cuda":  # one graph per segment between all-reduces, whatever the path
+        if self.device == "cuda":
+            # The current device is per thread, and Ray may run serve() on another thread than
+            # load(): tensors made as "cuda" here must land on this rank's GPU.
+            torch.cuda.set_device(self.gpu)
+            # One graph per segment between all-reduces, whatever the path.
             self.model.capture_graphs(buckets_for(self.num_slots))
         sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
         try:
