@@ -17,6 +17,7 @@ import sys
 import time
 
 from tpserve.options import add_deploy_arguments, check_port, options_from_args
+from tpserve.runtime.comm import ALLREDUCE
 
 log = logging.getLogger("tpserve")
 
@@ -27,6 +28,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="strict_pack: all ranks on one node; pack: spill over nodes")
     p.add_argument("--max-model-len", type=int, help="context length (default: the config's)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots = concurrent sequences")
+    p.add_argument("--allreduce", choices=ALLREDUCE, default="auto",
+                   help="all-reduce data path of Ray ranks (auto: shm for CPU ranks on the driver's "
+                        "host, nccl for GPU ranks on one host, zmq through the coordinator "
+                        "otherwise; the startup log says which and why)")
     p.add_argument("--rank-timeout", type=float, default=60.0,
                    help="seconds without an answer before a rank counts as dead")
     p.add_argument("--log-level", default="info", help="logging level")
@@ -47,7 +52,7 @@ def _load(args):
     options = {}
     if args.backend == "ray":
         options = dict(address=args.address, placement=args.placement, timeout_s=args.rank_timeout,
-                       progress=True)
+                       allreduce=args.allreduce, progress=True)
     llm = tpserve.load(path, tp=opts.tp, backend=opts.backend, device=opts.device,
                        dtype=opts.dtype, max_model_len=opts.max_model_len,
                        num_slots=opts.num_slots, lm_head=opts.lm_head, **options)

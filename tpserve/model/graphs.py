@@ -47,6 +47,7 @@ class _Bucket:
         self._record(model, pool)
 
     def _record(self, model, pool) -> None:
+        self.partials_per_step = range(model.num_halves)
         if self.whole:
             self.out = self._capture(pool, lambda: model.run(self.x, None, self.meta))
             return
@@ -83,6 +84,8 @@ class _Bucket:
     def replay(self, comm) -> torch.Tensor:
         if self.whole:
             self.graphs[0].replay()
+            if comm.world_size > 1:  # the step's all-reduces ran inside the graph
+                comm.replayed(len(self.partials_per_step))
             return self.out
         for seg, graph in enumerate(self.graphs):
             graph.replay()

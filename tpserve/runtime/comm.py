@@ -115,6 +115,10 @@ class RankComm:
         self.count += 1
         return out
 
+    def replayed(self, n: int) -> None:
+        """n all-reduces ran inside a replayed CUDA graph (no Python call to count)."""
+        self.count += n
+
     def take_counts(self) -> dict:
         """Reductions since the last call, for the step's result header."""
         out = {"reductions": self.count, "reduce_ns": int(self.seconds * 1e9)}
