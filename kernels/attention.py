@@ -255,10 +255,11 @@ def decode_attention(q, k_cache, v_cache, slots, lens, kv_group, scale, window=N
     scale    score scale; window: None or keys at positions > lens - 1 - window;
              softcap: None or scores = tanh(s / cap) * cap
     returns  [B, H, D] in q's dtype (softmax in fp32)
-    CUDA tensors run the Triton kernel (CUDA-graph capturable); CPU tensors the torch reference,
-    or the Triton kernel when TRITON_INTERPRET=1.
+    CUDA tensors run the Triton kernel (CUDA-graph capturable); CPU tensors the torch reference
+    (tests run the kernel on CPU through `decode_attention_triton` under TRITON_INTERPRET=1; the
+    model's CPU path never does, since the interpreter is slow and wrong in bf16).
     """
-    if q.device.type == "cpu" and not _INTERPRET:
+    if q.device.type == "cpu":
         return decode_attention_reference(q, k_cache, v_cache, slots, lens, kv_group, scale,
                                           window, softcap)
     return decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, window,

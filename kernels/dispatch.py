@@ -13,27 +13,16 @@ Vocabulary tables (lm_head, embedding): one `HeadFormat` from the --lm-head flag
 
 from __future__ import annotations
 
-import enum
 import logging
 
 import torch
 
+from . import head_kernels as hk
 from .gptq_weight import GPTQWeight, gptq_matmul_reference
+from .head_kernels import HeadFormat
 
 log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
-
-
-class HeadFormat(str, enum.Enum):
-    """A vocabulary table's format (the --lm-head values other than `auto`)."""
-
-    DENSE = "dense"  # as stored, in the compute dtype
-    INT8 = "int8"  # q int8 [V, H], scale [V]: per output channel, symmetric
-    Q8_0 = "q8_0"  # q int8 [V, H], scales fp16 [V, H / 32]: GGML's blocks of 32
-    GPTQ = "gptq"  # the checkpoint's own GPTQ head, a GPTQWeight [K=H, N=V]
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _announce(op: str, path: str) -> None:
@@ -71,7 +60,6 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
 def head_matmul(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor,
                 scales: torch.Tensor) -> torch.Tensor:
     """x [..., H] @ W.T for an int8 or Q8_0 head weight W [V, H] -> [..., V] in x.dtype."""
-    from . import head_kernels as hk
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
         _announce(f"{fmt} head", "Triton")
@@ -95,7 +83,6 @@ def q8_0_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 def dequant_rows(fmt: HeadFormat, ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
     """Embedding lookup: rows `ids` [...] of an int8 or Q8_0 table, dequantized -> [..., H]."""
-    from . import head_kernels as hk
     flat = ids.reshape(-1)
     if q.is_cuda:
         _announce(f"{fmt} rows", "Triton")

@@ -10,7 +10,9 @@ tiny launches per layer) with one Triton kernel, beside a torch reference with t
   product rounded to x's dtype as torch rounds it.
 - `silu_mul(gate, up)`: silu(gate) * up, silu rounded to the dtype first (as torch).
 
-CUDA tensors run the kernels; CPU tensors run the references, unless TRITON_INTERPRET=1 (tests).
+CUDA tensors run the kernels, CPU tensors the references; `use_triton=True` runs a kernel on CPU tensors
+under TRITON_INTERPRET=1 (the tests: the interpreter is slow and wrong in bf16, so the model's CPU
+path never takes it).
 `python -m tpserve.kernels.fused` prints each kernel's error against its reference.
 """
 
@@ -20,12 +22,16 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit below
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
+    return x.is_cuda if use_triton is None else use_triton
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------
@@ -59,8 +65,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, stride_x, stride_o, eps, offset,
     tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None):
-    if not _use_triton(x) or (offset is None and w is not None and w.dtype != x.dtype):
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None,
+             use_triton: bool | None = None):
+    if not _use_triton(x, use_triton) or (offset is None and w is not None and w.dtype != x.dtype):
         return rms_norm_reference(x, w, eps, offset)
     shape, n = x.shape, x.shape[-1]
     x2 = x.reshape(-1, n)
@@ -110,9 +117,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh
     tl.store(obase + d + HALF, (a2.to(tl.float32) + b2.to(tl.float32)).to(dt), mask=mask)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           use_triton: bool | None = None) -> torch.Tensor:
     """x (T, heads, hd); cos/sin (T, hd) in x's dtype."""
-    if not _use_triton(x) or x.stride(-1) != 1 or cos.stride(-1) != 1 or cos.dtype != x.dtype:
+    if not _use_triton(x, use_triton) or x.stride(-1) != 1 or cos.stride(-1) != 1 or cos.dtype != x.dtype:
         return rotary_reference(x, cos, sin)
     t, heads, hd = x.shape
     out = torch.empty((t, heads, hd), dtype=x.dtype, device=x.device)
@@ -143,9 +151,9 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.con
              mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
     """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection)."""
-    if not _use_triton(gate) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
+    if not _use_triton(gate, use_triton) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
         return silu_mul_reference(gate, up)
     t, n = gate.shape
     out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
@@ -159,17 +167,19 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 if __name__ == "__main__":
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if dev == "cuda" else (torch.float16,
+                                                                                  torch.float32)
+    for dtype in dtypes:
         x = torch.randn(5, 4096, device=dev, dtype=dtype)
         w = torch.randn(4096, device=dev, dtype=dtype)
-        errs = [(rms_norm(x, w, 1e-6, off) - rms_norm_reference(x, w, 1e-6, off)).abs().max()
+        errs = [(rms_norm(x, w, 1e-6, off, use_triton=True) - rms_norm_reference(x, w, 1e-6, off)).abs().max()
                 for off in (None, 1.0)]
         q = torch.randn(5, 32, 128, device=dev, dtype=dtype)
         cos, sin = torch.randn(5, 128, device=dev, dtype=dtype), torch.randn(5, 128, device=dev,
                                                                            dtype=dtype)
-        errs.append((rotary(q, cos, sin) - rotary_reference(q, cos, sin)).abs().max())
+        errs.append((rotary(q, cos, sin, use_triton=True) - rotary_reference(q, cos, sin)).abs().max())
         gu = torch.randn(5, 2 * 14336, device=dev, dtype=dtype)
         g, u = gu.split(14336, dim=-1)
-        errs.append((silu_mul(g, u) - silu_mul_reference(g, u)).abs().max())
+        errs.append((silu_mul(g, u, use_triton=True) - silu_mul_reference(g, u)).abs().max())
         print(f"{dtype}: max |kernel - reference| norm/gemma-norm/rotary/silu_mul "
               f"{' '.join(f'{float(e):.2e}' for e in errs)}")

@@ -18,6 +18,7 @@ tl.dot kernel for M >= 2, and a row gather for the embedding.
 
 from __future__ import annotations
 
+import enum
 import os
 
 import torch
@@ -28,7 +29,18 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .dispatch import HeadFormat  # noqa: E402
+
+class HeadFormat(str, enum.Enum):
+    """A vocabulary table's format (the --lm-head values other than `auto`)."""
+
+    DENSE = "dense"  # as stored, in the compute dtype
+    INT8 = "int8"  # q int8 [V, H], scale [V]: per output channel, symmetric
+    Q8_0 = "q8_0"  # q int8 [V, H], scales fp16 [V, H / 32]: GGML's blocks of 32
+    GPTQ = "gptq"  # the checkpoint's own GPTQ head, a GPTQWeight [K=H, N=V]
+
+    def __str__(self) -> str:
+        return self.value
+
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 Q8_BLOCK = 32

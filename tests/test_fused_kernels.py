@@ -1,6 +1,6 @@
 """Fused decode-step kernels (RMSNorm, rotary, SiLU-gated product) against their torch references,
-under the Triton interpreter (fp16/fp32 only: bf16 is wrong there), and the references against
-independent formulas (transformers' Llama/Gemma norms and rotary)."""
+under the Triton interpreter (fp16/fp32 only: bf16 is wrong there), the references against
+independent formulas, and CPU tensors taking the reference unless a kernel is asked for."""
 
 import os
 
@@ -20,7 +20,7 @@ def test_rms_norm_matches_reference_and_transformers(dtype, offset):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 48, dtype=dtype) * 3
     w = torch.randn(48, dtype=dtype)
-    got = rms_norm(x, w, 1e-6, offset)
+    got = rms_norm(x, w, 1e-6, offset, use_triton=True)
     want = rms_norm_reference(x, w, 1e-6, offset)
     # one rounding of the output apart at most (fp32 sums in another order)
     assert torch.allclose(got.float(), want.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5,
@@ -34,7 +34,7 @@ def test_rms_norm_matches_reference_and_transformers(dtype, offset):
 
 def test_rms_norm_without_weight_and_on_strided_rows():
     x = torch.randn(4, 2 * 32)[:, :32]  # a column slice: rows are not contiguous
-    assert torch.allclose(rms_norm(x, None, 1e-6, 0.0), x / x.pow(2).mean(-1, True).add(1e-6).sqrt(),
+    assert torch.allclose(rms_norm(x, None, 1e-6, 0.0, use_triton=True), x / x.pow(2).mean(-1, True).add(1e-6).sqrt(),
                           atol=1e-6)
 
 
@@ -46,7 +46,7 @@ def test_rotary_matches_reference_on_a_merged_projection_view(dtype):
     q = proj[:, :heads * hd].view(t, heads, hd)  # rows strided by the merged width
     ang = torch.randn(t, hd // 2)
     cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
-    got, want = rotary(q, cos, sin), rotary_reference(q, cos, sin)
+    got, want = rotary(q, cos, sin, use_triton=True), rotary_reference(q, cos, sin)
     assert torch.equal(got, want) if dtype == torch.float32 else torch.allclose(got, want, atol=2e-3)
     # independent: rotate each (i, i + hd/2) pair by its angle
     x1, x2 = q[..., :hd // 2].double(), q[..., hd // 2:].double()
@@ -60,7 +60,7 @@ def test_silu_mul_on_halves_of_one_projection(dtype):
     torch.manual_seed(2)
     gu = torch.randn(3, 2 * 1500, dtype=dtype) * 4
     g, u = gu.split(1500, dim=-1)
-    got, want = silu_mul(g, u), silu_mul_reference(g, u)
+    got, want = silu_mul(g, u, use_triton=True), silu_mul_reference(g, u)
     assert torch.allclose(got.float(), want.float(), atol=2e-3 if dtype == torch.float16 else 1e-6)
     gd = g.double()
     # fp16: two roundings of values up to ~50 (silu, then the product)
@@ -68,3 +68,11 @@ def test_silu_mul_on_halves_of_one_projection(dtype):
                           rtol=2e-3 if dtype == torch.float16 else 1e-5,
                           atol=2e-3 if dtype == torch.float16 else 1e-5)
     assert torch.equal(F.silu(g) * u, want)
+
+
+def test_cpu_tensors_take_the_reference_even_under_the_interpreter():
+    # The model's CPU path must not pick up TRITON_INTERPRET from a test module (slow, and wrong
+    # in bf16): only an explicit use_triton=True runs a kernel on CPU tensors.
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.bfloat16)
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))

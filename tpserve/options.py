@@ -53,7 +53,7 @@ class DeployOptions:
                 raise TpserveError(f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
             object.__setattr__(self, "dtype", getattr(torch, self.dtype))
         if self.lm_head not in LM_HEADS:
-            raise TpserveError(f"lm_head={self.lm_head!r} is not known; use one of {LM_HEADS}")
+            raise TpserveError(f"lm_head mode {self.lm_head!r} is not known; use one of {LM_HEADS}")
 
     def check_model(self, cfg) -> None:
         """tp against the model's heads and MLP: the shard plan refuses what cannot be split."""

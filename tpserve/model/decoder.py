@@ -6,7 +6,7 @@ this rank's partial product of its row-parallel output; the loop sums the partia
 h again. These halves are the segments a captured step replays between all-reduces. The
 embedding, the final norm and the lm_head live at the coordinator (`tpserve.model.head`).
 
-`llama.py` and `gemma.py` only assemble `DecoderLayer`s from the shared layers.
+`llama.py` and `gemma.py` only assemble `DecoderLayer`s (`layers.py`) from the shared layers.
 """
 
 from __future__ import annotations
@@ -15,48 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tpserve.model import gemma, llama
+from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
+from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
-
-
-class DecoderLayer(torch.nn.Module):
-    """h += attn_out(all_reduce(attn(attn_norm(h)))); h += mlp_out(all_reduce(mlp(mlp_norm(h)))).
-
-    attn_out / mlp_out are Gemma's sandwich norms (None: identity). `moe` (Gemma 4) adds a routed
-    expert block whose partial joins the MLP's in the same all-reduce; `per_layer` (Gemma 4's
-    per-layer inputs) and `layer_scalar` finish the layer without communication.
-    """
-
-    def __init__(self, attn_norm, self_attn, mlp_norm, mlp, attn_out=None, mlp_out=None,
-                 moe=None, per_layer=None, layer_scalar: torch.Tensor | None = None,
-                 layer_type: str = ""):
-        super().__init__()
-        self.attn_norm, self.self_attn, self.attn_out = attn_norm, self_attn, attn_out
-        self.mlp_norm, self.mlp, self.mlp_out = mlp_norm, mlp, mlp_out
-        self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
-        self.layer_type = layer_type
-
-    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode) -> torch.Tensor:
-        return self.self_attn(self.attn_norm(h), cos, sin, cache, index, plan, decode)
-
-    def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return h + (attn if self.attn_out is None else self.attn_out(attn))
-
-    def mlp_partial(self, h: torch.Tensor) -> torch.Tensor:
-        dense = self.mlp(self.mlp_norm(h))
-        return dense if self.moe is None else self.moe.partial(h, dense)
-
-    def mlp_residual(self, h: torch.Tensor, f: torch.Tensor, ple: torch.Tensor | None):
-        if self.moe is not None:
-            f = self.moe.combine(f)
-        h = h + (f if self.mlp_out is None else self.mlp_out(f))
-        if self.per_layer is not None:
-            h = self.per_layer(h, ple)
-        return h if self.layer_scalar is None else h * self.layer_scalar
-
-    def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
-        """Linear name (as in the shard plan) -> (module fed its input, W fp32 [K, N])."""
-        return {**self.self_attn.linears(), **self.mlp.linears()}
 
 
 @dataclass
@@ -150,9 +113,6 @@ class RankModel(torch.nn.Module):
 def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",
                      num_slots: int = 8, max_len: int | None = None, progress=None) -> RankModel:
     """The rank-side model for the checkpoint's architecture."""
-    from tpserve.model import gemma, llama
-    from tpserve.model.checkpoint import Checkpoint
-    from tpserve.model.layers import LayerLoader
 
     arch = gemma if cfg.gemma is not None else llama
     load = LayerLoader(Checkpoint(path, device=device), cfg, quant, plan, comm.rank, dtype,

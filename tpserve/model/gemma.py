@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from tpserve.model.decoder import DecoderLayer
-from tpserve.model.layers import ACTIVATIONS, Attention, GatedMLP, LayerLoader
+from tpserve.model.layers import ACTIVATIONS, Attention, DecoderLayer, GatedMLP, LayerLoader
 from tpserve.model.moe import MoEBlock
 from tpserve.model.rope import Rotary
 

@@ -1,7 +1,7 @@
 """The layers every decoder is assembled from, one class per concept, each differing by parameters:
 RMSNorm (llama's or Gemma's (offset + w) form), attention (GQA, window, soft-cap, q/k/v norms, KV
-sharing), the gated MLP (its activation), and `LayerLoader`, which reads one rank's part of each
-linear as the shard plan says.
+sharing), the gated MLP (its activation), the decoder layer as two halves, and `LayerLoader`,
+which reads one rank's part of each linear as the shard plan says.
 """
 
 from __future__ import annotations
@@ -166,3 +166,43 @@ class GatedMLP(torch.nn.Module):
         p = self.prefix
         return {f"{p}.gate_proj": (self.gate_up_proj, gate), f"{p}.up_proj": (self.gate_up_proj, up),
                 f"{p}.down_proj": (self.down_proj, self.down_proj.dense())}
+
+
+class DecoderLayer(torch.nn.Module):
+    """h += attn_out(all_reduce(attn(attn_norm(h)))); h += mlp_out(all_reduce(mlp(mlp_norm(h)))).
+
+    attn_out / mlp_out are Gemma's sandwich norms (None: identity). `moe` (Gemma 4) adds a routed
+    expert block whose partial joins the MLP's in the same all-reduce; `per_layer` (Gemma 4's
+    per-layer inputs) and `layer_scalar` finish the layer without communication.
+    """
+
+    def __init__(self, attn_norm, self_attn, mlp_norm, mlp, attn_out=None, mlp_out=None,
+                 moe=None, per_layer=None, layer_scalar: torch.Tensor | None = None,
+                 layer_type: str = ""):
+        super().__init__()
+        self.attn_norm, self.self_attn, self.attn_out = attn_norm, self_attn, attn_out
+        self.mlp_norm, self.mlp, self.mlp_out = mlp_norm, mlp, mlp_out
+        self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
+        self.layer_type = layer_type
+
+    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode) -> torch.Tensor:
+        return self.self_attn(self.attn_norm(h), cos, sin, cache, index, plan, decode)
+
+    def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return h + (attn if self.attn_out is None else self.attn_out(attn))
+
+    def mlp_partial(self, h: torch.Tensor) -> torch.Tensor:
+        dense = self.mlp(self.mlp_norm(h))
+        return dense if self.moe is None else self.moe.partial(h, dense)
+
+    def mlp_residual(self, h: torch.Tensor, f: torch.Tensor, ple: torch.Tensor | None):
+        if self.moe is not None:
+            f = self.moe.combine(f)
+        h = h + (f if self.mlp_out is None else self.mlp_out(f))
+        if self.per_layer is not None:
+            h = self.per_layer(h, ple)
+        return h if self.layer_scalar is None else h * self.layer_scalar
+
+    def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+        """Linear name (as in the shard plan) -> (module fed its input, W fp32 [K, N])."""
+        return {**self.self_attn.linears(), **self.mlp.linears()}

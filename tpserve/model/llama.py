@@ -6,8 +6,7 @@ head_dim ** -0.5; Qwen3 RMS-normalises q and k per head; Qwen2 has q/k/v biases 
 
 from __future__ import annotations
 
-from tpserve.model.decoder import DecoderLayer
-from tpserve.model.layers import Attention, GatedMLP, LayerLoader
+from tpserve.model.layers import Attention, DecoderLayer, GatedMLP, LayerLoader
 from tpserve.model.rope import Rotary
 
 
