@@ -1,7 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides at decoration time (a kernel module's import) whether @triton.jit kernels run in
+# its CPU interpreter. Without a GPU, set it for the whole session, before any test module imports
+# tpserve: otherwise a kernel module imported early (through tpserve) is decorated for a GPU and its
+# kernel tests fail, depending on test order. The model's CPU path never runs kernels either way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py: checkpoint builder + reference
 
