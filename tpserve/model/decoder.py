@@ -17,6 +17,7 @@ import torch
 
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
+from tpserve.model.graphs import buckets_for
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
@@ -64,6 +65,8 @@ class RankModel(torch.nn.Module):
         if plan.is_decode and capture is None and self.batched_decode:
             if self.graphs is not None and self.graphs.fits(len(plan.slots)):
                 return self.graphs.run(x, plan)
+            if self.device.type == "cuda":
+                return self.run_padded(x, plan)
             return self.run(x, None, plan.decode_meta(self.device))
         return self.run(x, plan, None, capture)
 
@@ -76,6 +79,18 @@ class RankModel(torch.nn.Module):
             if capture is not None and j % 2:
                 capture.append(h)
         return h
+
+    def run_padded(self, x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The eager decode step at its batch bucket's shape, as the captured step runs it: kernel
+        choices (split-K, attention splits) depend on the batch size, so eager and captured steps
+        give the same numbers only at the same shape."""
+        b = x.shape[0]
+        size = next((s for s in buckets_for(self.cache.num_slots) if s >= b), b)
+        padded = x.new_zeros(size, x.shape[1])
+        padded[:b] = x
+        meta = DecodeMeta.build(plan.slots, plan.starts, self.device, size,
+                                scratch_slot=self.cache.num_slots)
+        return self.run(padded, None, meta)[:b]
 
     def begin(self, x, plan: StepPlan | None, decode: DecodeMeta | None) -> StepState:
         cfg, t = self.cfg, x.shape[0]
