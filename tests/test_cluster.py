@@ -230,7 +230,7 @@ def test_submit_to_an_unreachable_address_names_it_and_ray_start():
     with pytest.raises(TpserveError, match=rf"{address}.*`ray start --head"):
         submit_mod.run(p.parse_args(["--address", address, "--", "generate"]))
     with pytest.raises(TpserveError, match="put a tpserve command"):
-        submit_mod.run(p.parse_args(["--address", address, "--", "serve"]))
+        submit_mod.run(p.parse_args(["--address", address, "--", "python", "x.py"]))
 
 
 # --- the cluster/ files -------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import torch
 import tpserve
 from test_launch import descendants, free_port
 
-CLIENTS, DURATION, KILL_AT = 32, 24.0, 6.0
+# Long enough after the kill for a rebuild (Ray actors restarted: ~8-15 s on 2 busy cores) and a
+# round of requests started after it.
+CLIENTS, DURATION, KILL_AT = 32, 36.0, 6.0
 PROMPTS = ["alpha beta", "The quick brown fox", "tensor parallel", "GPTQ groups straddle", "hi"]
 
 
