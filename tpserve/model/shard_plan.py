@@ -41,9 +41,8 @@ LINEAR_PLAN: dict[str, tuple[str, str]] = {
 # Gemma 4: routed experts split like the MLP by their own width; the per-layer-input gate and
 # projection are small and replicated (sharding them would cost a third all-reduce per layer).
 EXTRA_PLAN: dict[str, tuple[str, str]] = {
-    "experts.gate_proj": (COLUMN, "experts"),
-    "experts.up_proj": (COLUMN, "experts"),
-    "experts.down_proj": (ROW, "experts"),
+    **{name.replace("mlp.", "experts."): (side, "experts")
+       for name, (side, unit) in LINEAR_PLAN.items() if unit == "mlp"},
     "per_layer_input_gate": (REPLICATED, ""),
     "per_layer_projection": (REPLICATED, ""),
 }
