@@ -17,7 +17,7 @@ import torch
 
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
-from tpserve.model.graphs import buckets_for
+from tpserve.model.graphs import DecodeGraphs, bucket_for, buckets_for
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
@@ -49,11 +49,9 @@ class RankModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
         self.rotary, self.cache, self.ple_dim = rotary, cache, ple_dim
         self.num_halves = 2 * len(layers)
+        self.batched_decode = all(layer.self_attn.batched_decode for layer in layers)
+        self.buckets = buckets_for(cache.num_slots)  # decode batch sizes a GPU step runs at
         self.graphs = None
-
-    @property
-    def batched_decode(self) -> bool:
-        return all(layer.self_attn.batched_decode for layer in self.layers)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
@@ -63,7 +61,7 @@ class RankModel(torch.nn.Module):
         """
         self.cache.check(plan)
         if plan.is_decode and capture is None and self.batched_decode:
-            if self.graphs is not None and self.graphs.fits(len(plan.slots)):
+            if self.graphs is not None:
                 return self.graphs.run(x, plan)
             if self.device.type == "cuda":
                 return self.run_padded(x, plan)
@@ -85,12 +83,15 @@ class RankModel(torch.nn.Module):
         choices (split-K, attention splits) depend on the batch size, so eager and captured steps
         give the same numbers only at the same shape."""
         b = x.shape[0]
-        size = next((s for s in buckets_for(self.cache.num_slots) if s >= b), b)
+        size = bucket_for(self.buckets, b)
         padded = x.new_zeros(size, x.shape[1])
         padded[:b] = x
-        meta = DecodeMeta.build(plan.slots, plan.starts, self.device, size,
+        return self.run(padded, None, self.padded_meta(plan, size))[:b]
+
+    def padded_meta(self, plan: StepPlan, size: int) -> DecodeMeta:
+        """The plan of a decode step padded to `size` rows, the padding aimed at the scratch slot."""
+        return DecodeMeta.build(plan.slots, plan.starts, self.device, size,
                                 scratch_slot=self.cache.num_slots)
-        return self.run(padded, None, meta)[:b]
 
     def begin(self, x, plan: StepPlan | None, decode: DecodeMeta | None) -> StepState:
         cfg, t = self.cfg, x.shape[0]
@@ -117,12 +118,11 @@ class RankModel(torch.nn.Module):
             return layer.attn_residual(h, reduced)
         return layer.mlp_residual(h, reduced, None if s.ple is None else s.ple[:, j // 2])
 
-    def capture_graphs(self, buckets: list[int]) -> None:
+    def capture_graphs(self) -> None:
         """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`)."""
-        from tpserve.model.graphs import DecodeGraphs
         self.graphs = None
         if self.device.type == "cuda" and self.batched_decode:
-            self.graphs = DecodeGraphs(self, buckets)
+            self.graphs = DecodeGraphs(self, self.buckets)
 
 
 def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",

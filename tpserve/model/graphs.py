@@ -33,9 +33,14 @@ def buckets_for(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def bucket_for(buckets: list[int], batch: int) -> int:
+    """The smallest bucket that holds `batch` rows (the KV slots bound every batch)."""
+    return next(s for s in buckets if s >= batch)
+
+
 class _Bucket:
     def __init__(self, model, size: int, width: int, whole: bool, pool):
-        self.size, self.whole = size, whole
+        self.size, self.whole, self.reductions = size, whole, model.num_halves
         dev, dtype = model.device, model.layers[0].attn_norm.weight.dtype
         self.x = torch.zeros(size, width, dtype=dtype, device=dev)
         self.meta = DecodeMeta.build([0] * size, [0] * size, dev)
@@ -47,7 +52,6 @@ class _Bucket:
         self._record(model, pool)
 
     def _record(self, model, pool) -> None:
-        self.partials_per_step = range(model.num_halves)
         if self.whole:
             self.out = self._capture(pool, lambda: model.run(self.x, None, self.meta))
             return
@@ -85,7 +89,7 @@ class _Bucket:
         if self.whole:
             self.graphs[0].replay()
             if comm.world_size > 1:  # the step's all-reduces ran inside the graph
-                comm.replayed(len(self.partials_per_step))
+                comm.replayed(self.reductions)
             return self.out
         for seg, graph in enumerate(self.graphs):
             graph.replay()
@@ -111,13 +115,9 @@ class DecodeGraphs:
                  n, "whole step" if whole else "one per segment between all-reduces",
                  sorted(self.buckets), time.perf_counter() - t0)
 
-    def fits(self, batch: int) -> bool:
-        return batch <= max(self.buckets)
-
     def run(self, x: torch.Tensor, plan) -> torch.Tensor:
         b = len(plan.slots)
-        bucket = self.buckets[min(s for s in self.buckets if s >= b)]
+        bucket = self.buckets[bucket_for(self.model.buckets, b)]
         bucket.x[:b].copy_(x)
-        bucket.meta.copy_(DecodeMeta.build(plan.slots, plan.starts, bucket.x.device, bucket.size,
-                                           scratch_slot=self.model.cache.num_slots))
+        bucket.meta.copy_(self.model.padded_meta(plan, bucket.size))
         return bucket.replay(self.model.comm)[:b]

@@ -15,7 +15,6 @@ from tpserve.runtime.comm import LocalGroup
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
-from tpserve.model.graphs import buckets_for
 from tpserve.model.shard_plan import ShardPlan
 
 
@@ -34,7 +33,7 @@ class LocalExecutor:
         if cuda_graphs and str(device).startswith("cuda"):
             # One rank after the other, before any step: tuning and capture never run concurrently.
             for rank in self.ranks:
-                rank.capture_graphs(buckets_for(num_slots))
+                rank.capture_graphs()
         self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len
@@ -45,9 +44,11 @@ class LocalExecutor:
         `capture`, when given, receives rank 0's output of every layer (after each layer's
         all-reduce every rank holds the same h).
         """
-        if self.tp == 1:  # no peer to meet: skip the thread hand-off
-            out = self.ranks[0](h, plan, capture)
-            return out if plan.out_rows is None else out[plan.out_rows]
+        out = self.ranks[0](h, plan, capture) if self.tp == 1 else self._step_all(h, plan, capture)
+        return out if plan.out_rows is None else out[plan.out_rows]
+
+    def _step_all(self, h: torch.Tensor, plan: StepPlan, capture: list | None) -> torch.Tensor:
+        """Every rank on its thread (they meet in each all-reduce); rank 0's output."""
         futures = [self.pool.submit(rank, h, plan, capture if r == 0 else None)
                    for r, rank in enumerate(self.ranks)]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -59,8 +60,7 @@ class LocalExecutor:
             errors = [f.exception() for f in futures if f.exception() is not None]
             raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)),
                        errors[0])
-        out = futures[0].result()
-        return out if plan.out_rows is None else out[plan.out_rows]
+        return futures[0].result()
 
     @property
     def stats(self) -> CommStats:

@@ -21,7 +21,6 @@ from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
-from tpserve.model.graphs import buckets_for
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.wire import WireError, decode, encode
@@ -154,7 +153,7 @@ class RankWorker:
             # load(): tensors made as "cuda" here must land on this rank's GPU.
             torch.cuda.set_device(self.gpu)
             # One graph per segment between all-reduces, whatever the path.
-            self.model.capture_graphs(buckets_for(self.num_slots))
+            self.model.capture_graphs()
         sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
         try:
             while True:
@@ -211,5 +210,5 @@ class RankWorker:
             return
         self.comm.capturable = self.tp == 1 or self.comm.path.capturable
         if self.device == "cuda" and self.comm.capturable:  # now the whole step is one graph
-            self.model.capture_graphs(buckets_for(self.num_slots))
+            self.model.capture_graphs()
         sock.send_multipart(encode({"op": "ready", "rank": self.rank}))
