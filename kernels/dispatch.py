@@ -14,6 +14,7 @@ Vocabulary tables (lm_head, embedding): one `HeadFormat` from the --lm-head flag
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -23,6 +24,9 @@ from .head_kernels import HeadFormat
 
 log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
+# Triton's autotuner is not thread-safe, and in-process ranks are threads that make their first
+# calls at the same moment: launches go through one lock (held only while launching, or tuning).
+_LAUNCH_LOCK = threading.Lock()
 
 
 def _announce(op: str, path: str) -> None:
@@ -50,7 +54,8 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
     x2 = x.reshape(-1, shape[-1])  # (M, K)
     if x.is_cuda and w.bits in (4, 8):
         _announce("GPTQ matmul", f"Triton {w.bits}-bit")
-        y = gptq_matmul_triton(x2, w, perm)
+        with _LAUNCH_LOCK:
+            y = gptq_matmul_triton(x2, w, perm)
     else:
         _announce("GPTQ matmul", f"torch reference ({w.bits}-bit on {x.device.type})")
         y = gptq_matmul_reference(x2 if perm is None else x2.index_select(1, perm), w)

@@ -14,8 +14,6 @@ parts stay separate linears behind the same interface.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
@@ -25,11 +23,6 @@ from tpserve.model import gptq
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import QuantConfig
 from tpserve.model.gptq_shard import GPTQWeight, prepare_act_order, read_gptq_shard
-
-
-# Triton's autotuner is not thread-safe, and in-process ranks are threads that make their first
-# calls at the same moment: eager GPU launches go through one lock (a captured step has none).
-_LAUNCH_LOCK = threading.Lock()
 
 
 def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
@@ -97,11 +90,7 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, GPTQWeight):
-            if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-                with _LAUNCH_LOCK:
-                    y = gptq_matmul(x, self.weight, self.perm)
-            else:
-                y = gptq_matmul(x, self.weight, self.perm)
+            y = gptq_matmul(x, self.weight, self.perm)
         else:
             y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
