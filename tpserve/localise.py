@@ -26,7 +26,7 @@ class Localisation:
     note: str = ""
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     if got.shape != want.shape:
         return float("inf")
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
@@ -55,7 +55,7 @@ def localise(local, ref1, ids: list[int], tol) -> Localisation:
         for hook in hooks:
             hook.remove()
     got = _layer_outputs(local.executor, h)
-    rels = [_rel(a, b) for a, b in zip(got, want)]
+    rels = [rel_error(a, b) for a, b in zip(got, want)]
     bad = next((i for i, r in enumerate(rels) if r > tol.rel), None)
     if bad is None:
         return Localisation(None, max(rels), note=(
@@ -70,7 +70,7 @@ def localise(local, ref1, ids: list[int], tol) -> Localisation:
             w = linear.weight if isinstance(linear, Linear) else None
             (k0, k1), (n0, n1) = plan.linear_spans(r, name, *w_full.shape, layer=bad)
             x = inputs[(bad, name)][:, k0:k1]  # the unsharded layer's input, this rank's rows
-            rel = _rel(x @ w_rank, x @ w_full[k0:k1, n0:n1])
+            rel = rel_error(x @ w_rank, x @ w_full[k0:k1, n0:n1])
             if rel > SHARD_RTOL:
                 gptq = isinstance(w, GPTQWeight)
                 shards.append(dict(

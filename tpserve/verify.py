@@ -22,7 +22,7 @@ import torch
 
 from tpserve.errors import TpserveError
 from tpserve.model.hf_reference import TransformersReference
-from tpserve.localise import Localisation, _rel, localise
+from tpserve.localise import Localisation, localise, rel_error
 from tpserve.options import add_deploy_arguments
 
 REFERENCES = ("tp1", "transformers")
@@ -184,7 +184,7 @@ def compare(llm, ref, ids: list[int], tol: Tolerance, max_tokens: int) -> Prompt
         margin = (row[greedy_ref[i]] - row[greedy[i]]).item()
         near_tie = margin <= 2 * tol.rel * row.abs().max().item()
     return PromptResult(
-        tokens=len(ids), max_abs=(got - want).abs().max().item(), max_rel=_rel(got, want),
+        tokens=len(ids), max_abs=(got - want).abs().max().item(), max_rel=rel_error(got, want),
         top1_agree=(got.argmax(-1) == want.argmax(-1)).float().mean().item(),
         top5_agree=sum(top5) / len(top5), greedy_equal=greedy == greedy_ref, greedy=greedy,
         greedy_reference=greedy_ref, near_tie=near_tie)
