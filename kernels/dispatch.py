@@ -4,7 +4,8 @@ so the CPU path never needs a GPU.
 
 GPTQ: y[M, N] = x[M, K] @ W[K, N] for one rank's shard (`GPTQWeight`), by M: the GEMV (M = 1),
 the batched decode kernel (M <= 16), prefill (M > 16). The torch reference dequantizes the shard
-and runs a dense matmul: the oracle for the kernels (4 and 8 bits) and the path for 2/3 bits.
+and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA (and for 2/3 bits)
+`gptq_matmul_cpu` computes the same product with per-group broadcasts.
 Act-order shards are sorted by group once at load (the loader returns the permutation) and the
 permutation is passed to every call.
 
@@ -19,7 +20,7 @@ import threading
 import torch
 
 from . import head_kernels as hk
-from .gptq_weight import GPTQWeight, gptq_matmul_reference
+from .gptq_weight import GPTQWeight, gptq_matmul_cpu
 from .head_kernels import HeadFormat
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
         with _LAUNCH_LOCK:
             y = gptq_matmul_triton(x2, w, perm)
     else:
-        _announce("GPTQ matmul", f"torch reference ({w.bits}-bit on {x.device.type})")
-        y = gptq_matmul_reference(x2 if perm is None else x2.index_select(1, perm), w)
+        _announce("GPTQ matmul", f"torch ({w.bits}-bit on {x.device.type})")
+        y = gptq_matmul_cpu(x2 if perm is None else x2.index_select(1, perm), w)
     return y.view(*shape[:-1], w.out_features)
 
 

@@ -23,6 +23,10 @@ import torch
 
 def unpack(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Fields 0..count-1 of the bit stream packed along dim 0 of int32 words -> int32 [count, ...]."""
+    if 32 % bits == 0:  # 2, 4, 8 bits: word i holds fields i*P .. i*P+P-1, one shift per field slot
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        fields = (words.unsqueeze(1) >> shifts.view(1, -1, *[1] * (words.dim() - 1))) & ((1 << bits) - 1)
+        return fields.reshape(-1, *words.shape[1:])[:count]
     w = torch.cat([words.to(torch.int64) & 0xFFFFFFFF, words.new_zeros(1, *words.shape[1:])])
     pos = torch.arange(count, device=words.device) * bits
     pair = w[pos // 32] | (w[pos // 32 + 1] << 32)  # a field starting in word i ends by word i + 1
@@ -67,6 +71,25 @@ class GPTQWeight:
 def gptq_matmul_reference(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
     """x [M, K] @ W -> [M, N] in x.dtype (x already permuted for a sorted act-order shard)."""
     return x @ w.dequantize(x.dtype)
+
+
+def gptq_matmul_cpu(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
+    """The reference's product without its per-row gathers of zeros and scales: rows padded to whole
+    groups (group_offset in front, the last group's tail behind) so that (q - z) * s broadcasts per
+    group; three passes over [K, N] instead of six. The path for CPU ranks, tested against
+    `gptq_matmul_reference`. Unsorted act-order rows (g_idx) take the reference."""
+    if w.g_idx is not None:
+        return gptq_matmul_reference(x, w)
+    k, n, gs, off = w.in_features, w.out_features, w.group_size, w.group_offset
+    groups = -(-(k + off) // gs)
+    q = unpack(w.qweight, w.bits, k)
+    z = unpack(w.qzeros.T, w.bits, n).T[:groups]
+    tail = groups * gs - off - k
+    if off or tail:
+        q = torch.nn.functional.pad(q, (0, 0, off, tail))
+        x = torch.nn.functional.pad(x, (off, tail))
+    wq = (q.view(groups, gs, n) - z[:, None]).to(x.dtype) * w.scales[:groups, None].to(x.dtype)
+    return x @ wq.view(groups * gs, n)
 
 
 def random_weight(k: int, n: int, bits: int, group_size: int, group_offset: int = 0,
