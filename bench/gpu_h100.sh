@@ -5,7 +5,10 @@
 #                                   in-process and Ray backends (small checkpoints)
 #   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
 #                                   transformers bf16, batch 1/8/32, dense and int8 heads
-#   bash bench/gpu_h100.sh all
+#   bash bench/gpu_h100.sh startup  Llama-3-8B shapes: launch to healthy twice, from a cold Triton
+#                                   cache (tuning + graph capture) and a warm one
+#   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
+#   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 # This copy of the tree is the device's own: place kernels/ where `tpserve.kernels` is imported from.
@@ -13,8 +16,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache RAY_AUTH_MODE=disabled
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-stage=${1:-all}
-if [ "$stage" = checks ] || [ "$stage" = all ]; then
+STAGES=" ${*:-all} "  # one or more stages, in this order
+has() { [[ "$STAGES" == *" $1 "* || "$STAGES" == *" all "* ]]; }
+if has checks; then
   for k in kernels/*.py; do  # every kernel module prints its error against its torch reference
     case "$k" in */__init__.py) continue;; esac
     m=$(basename "$k" .py)
@@ -32,8 +36,20 @@ if [ "$stage" = checks ] || [ "$stage" = all ]; then
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
 fi
-if [ "$stage" = decode ] || [ "$stage" = all ]; then
-  python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null
+l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null; }
+if has startup; then
+  l8
+  TRITON_CACHE_DIR=/tmp/triton-startup timeout 500 python3 bench/startup.py --model /tmp/l8 --runs 2 \
+    2>&1 | tee "$OUT/startup_h100.json" | tail -3
+fi
+if has profile; then
+  l8
+  for b in 1 8; do timeout 200 python3 bench/profile_step.py --model /tmp/l8 --batch $b --lm-head int8 \
+    > "$OUT/profile_b$b.log" 2>&1; grep "^batch" "$OUT/profile_b$b.log"; done
+  sed -n '/Self CUDA/,+22p' "$OUT/profile_b1.log" | head -26
+fi
+if has decode; then
+  l8
   python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 32 --backend local --device cuda \
     --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head dense int8 --prompt-len 128 --gen 128 \
     --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"

@@ -28,19 +28,23 @@ def cuda_ms(fn, n=50) -> float:
 
 
 def time_parts(llm, batch: int) -> None:
-    """ms per call of: the engine's whole decode step, the rank's graph replay, head + sampling."""
+    """ms per call of: the captured step's replay (ids -> logits -> argmax where the head is in
+    the graph), the engine's step function with its host work (plan upload, replay, tokens to the
+    host), and the eager parts (padded eager rank step, head) for comparison."""
     from tpserve.model.kv_cache import StepPlan
     rank = llm.executor.ranks[0]
     plan = StepPlan(slots=list(range(batch)), starts=[100] * batch, lens=[1] * batch)
-    h = llm.head.embed(torch.arange(3, 3 + batch))
-    replay = cuda_ms(lambda: rank.graphs.buckets[batch].replay(rank.comm))
-    executor = cuda_ms(lambda: llm.executor.step(h, plan))
-    out = llm.executor.step(h, plan)
+    ids = torch.arange(3, 3 + batch)
+    bucket = rank.graphs.buckets[batch]
+    replay = cuda_ms(lambda: bucket.replay(rank.comm))
+    step = cuda_ms(lambda: llm.step(ids, plan)[0].argmax(-1).tolist())
+    h = llm.head.embed(ids)
+    eager = cuda_ms(lambda: rank.run_padded(h, plan), n=10)
+    out = rank.run_padded(h, plan)
     head = cuda_ms(lambda: llm.head.logits(out))
-    full = cuda_ms(lambda: llm.head.logits(llm.executor.step(llm.head.embed(
-        torch.arange(3, 3 + batch)), plan)).argmax(-1).tolist())
-    print(f"batch {batch}: graph replay {replay:.3f} ms, executor.step {executor:.3f} ms, "
-          f"head {head:.3f} ms, embed+step+head+argmax+tolist {full:.3f} ms")
+    print(f"batch {batch}: graph replay {replay:.3f} ms ({'with' if rank.graphs.with_head else 'without'}"
+          f" the head), LLM.step + tokens to host {step:.3f} ms, eager padded rank step "
+          f"{eager:.3f} ms, eager head {head:.3f} ms")
 
 
 def main() -> int:

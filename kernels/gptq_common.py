@@ -63,20 +63,30 @@ def _zeros(qz_ptr, g, offs_n, mask, stride_qz, BITS: tl.constexpr):
 
 
 @triton.jit
-def _split(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr):
-    """Rows [k_lo, k_hi) of split pid_k, the end of its words (the packed tail word is
-    zero-padded) and the offsets of its first tile of words."""
-    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_split
-    k_hi = tl.minimum(k_lo + k_split, K)
-    return k_lo, k_hi, tl.cdiv(k_hi, P), k_lo // P + tl.arange(0, BLOCK_K // P)
-
-
-@triton.jit
 def _words(qw_ptr, offs_w, w_hi, offs_n, n_mask, stride_qw):
     """The [len(offs_w), BLOCK_N] tile of qweight words (0 past w_hi)."""
     return tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
                    mask=(offs_w < w_hi)[:, None] & n_mask[None, :], other=0)
+
+
+@triton.jit
+def _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw, SPLIT_K: tl.constexpr,
+           BLOCK_K: tl.constexpr, P: tl.constexpr):
+    """Rows [k_lo, k_hi) of split pid_k, the end of its words (the packed tail word is
+    zero-padded), the offsets of its first tile of words and that tile, already loaded."""
+    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    w_hi = tl.cdiv(k_hi, P)
+    offs_w = k_lo // P + tl.arange(0, BLOCK_K // P)
+    return k_lo, k_hi, w_hi, offs_w, _words(qw_ptr, offs_w, w_hi, offs_n, n_mask, stride_qw)
+
+
+@triton.jit
+def _next_tile(qw_ptr, cur, offs_w, w_hi, offs_n, n_mask, stride_qw, KW: tl.constexpr):
+    """(this tile's words, their high halves, the next tile's words): the next load is issued
+    while this tile is computed (the split-K loops are not software-pipelined)."""
+    return cur, cur >> 16, _words(qw_ptr, offs_w + KW, w_hi, offs_n, n_mask, stride_qw)
 
 
 @triton.jit
@@ -216,9 +226,10 @@ def tuned(kernel, configs, key):
     if _INTERPRET:
         return None
     prune = {"early_config_prune": _prune}
-    try:
-        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench)(kernel)
-    except TypeError:  # an older triton without do_bench=
+    try:  # tuning results persist in Triton's cache folder: a second launch skips the benchmarks
+        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench,
+                               cache_results=True)(kernel)
+    except TypeError:  # an older triton without do_bench= / cache_results=
         return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
 
 

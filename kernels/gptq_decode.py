@@ -21,7 +21,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_xt,  # noqa: E402
-                          _rows_sz, _split, _words, _zeros, cfg,
+                          _next_tile, _rows_sz, _split, _zeros, cfg,
                           gptq_args, launch, new_out, self_check, tuned, workspace)
 
 @triton.jit
@@ -67,13 +67,11 @@ def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
-    k_lo, k_hi, w_hi, offs_w = _split(pid_k, K, SPLIT_K, BLOCK_K, P)
+    k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
+                                           SPLIT_K, BLOCK_K, P)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    nxt = _words(qw_ptr, offs_w, w_hi, offs_n, n_mask, stride_qw)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        qw = nxt
-        nxt = _words(qw_ptr, offs_w + KW, w_hi, offs_n, n_mask, stride_qw)
-        hi = qw >> 16
+        qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
         if MODE == 0:
             s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
                              stride_s, stride_qz, BITS)

@@ -25,7 +25,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
-                          _rows_sz, _split, _words, _zeros, cfg, gptq_args, launch, new_out,
+                          _next_tile, _rows_sz, _split, _zeros, cfg, gptq_args, launch, new_out,
                           self_check, tuned, workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
 
@@ -89,15 +89,12 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    k_lo, k_hi, w_hi, offs_w = _split(pid_k, K, SPLIT_K, BLOCK_K, P)
+    k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
+                                           SPLIT_K, BLOCK_K, P)
     acc = tl.zeros([KW, BLOCK_N], tl.float32)
     corr = tl.zeros([BLOCK_N], tl.float32)  # -sum_k z * s * x of two-group tiles
-    # The next tile is loaded while this one is computed (the loop is not software-pipelined).
-    nxt = _words(qw_ptr, offs_w, w_hi, offs_n, n_mask, stride_qw)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        qw = nxt
-        nxt = _words(qw_ptr, offs_w + KW, w_hi, offs_n, n_mask, stride_qw)
-        hi = qw >> 16
+        qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
         if MODE == 0:
             s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
                              stride_s, stride_qz, BITS)

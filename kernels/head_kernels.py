@@ -209,7 +209,7 @@ def _tuned(kernel, configs, key):
     if _INTERPRET:
         return None
     try:
-        return triton.autotune(configs, key=key, do_bench=_bench)(kernel)
+        return triton.autotune(configs, key=key, do_bench=_bench, cache_results=True)(kernel)
     except TypeError:  # an older triton without do_bench=
         return triton.autotune(configs, key=key)(kernel)
 

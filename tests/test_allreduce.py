@@ -26,6 +26,8 @@ from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.rank_worker import RankWorker
 from tpserve.runtime.wire import decode, encode
 
+from bare_rank import bare_rank
+
 # (numel, dtype): one element, one-shot sizes, two-shot sizes, and 4.8 MB: two slot-sized pieces
 CASES = [(1, "float32"), (100, "float16"), (2048, "float32"), (70000, "bfloat16"),
          (200000, "float32"), (1_200_000, "float32")]
@@ -203,34 +205,24 @@ def test_a_lone_rank_times_out_and_abort_releases_it_at_once():
 
 
 def test_a_rank_answers_hostile_setup_messages_with_an_error_and_keeps_serving(tmp_path):
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    addr = f"ipc://{tmp_path}/c.sock"
-    router.bind(addr)
-    worker = RankWorker(0, 2, ".", "float32", "cpu", 1, 1, timeout_s=5)
     ident = b"rank0-test"
-    t = threading.Thread(target=worker.serve, args=(addr, {"identity": ident}), daemon=True)
-    t.start()
     d = shm.ShmDriver(2)
     try:
-        assert router.poll(10000) and router.recv_multipart()[0] == ident  # hello
-        for path, comm in [("shm", {"name": "../../etc/passwd", "capacity": 1}),
-                           ("shm", {"name": "tpserve-ar-1-" + "0" * 32, "capacity": 4096}),
-                           ("shm", "not a map"), ("warp", {}), ("gloo", {"port": "x"})]:
-            router.send_multipart([ident, *encode({"op": "setup", "path": path, "comm": comm})])
+        with bare_rank(tmp_path, ident, timeout_s=5) as (router, worker):
+            for path, comm in [("shm", {"name": "../../etc/passwd", "capacity": 1}),
+                               ("shm", {"name": "tpserve-ar-1-" + "0" * 32, "capacity": 4096}),
+                               ("shm", "not a map"), ("warp", {}), ("gloo", {"port": "x"})]:
+                router.send_multipart([ident, *encode({"op": "setup", "path": path, "comm": comm})])
+                assert router.poll(10000)
+                h, _ = decode(router.recv_multipart()[1:])
+                assert h["op"] == "error" and h["message"], (path, comm)
+            router.send_multipart([ident, *encode({"op": "setup", "path": "shm",
+                                                   "comm": d.setup(0)})])
             assert router.poll(10000)
-            h, _ = decode(router.recv_multipart()[1:])
-            assert h["op"] == "error" and h["message"], (path, comm)
-        router.send_multipart([ident, *encode({"op": "setup", "path": "shm", "comm": d.setup(0)})])
-        assert router.poll(10000)
-        assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
-        assert isinstance(worker.comm.path, shm.ShmPath)
+            assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
+            assert isinstance(worker.comm.path, shm.ShmPath)
     finally:
-        router.send_multipart([ident, *encode({"op": "stop"})])
-        t.join(10)
         d.close()
-        ctx.destroy(0)
 
 
 @pytest.mark.parametrize("requested,tp,device,local,want", [

@@ -18,6 +18,7 @@ from tpserve.model.kv_cache import StepPlan
 from tpserve.runtime.rank_worker import RankWorker
 from tpserve.runtime.wire import WireError, decode, encode
 
+from bare_rank import bare_rank
 from test_peer_fixtures import FIXTURES
 
 header = st.dictionaries(
@@ -179,23 +180,10 @@ setup_comm = st.one_of(st.none(), st.text(max_size=8), st.dictionaries(
 @given(setups=st.lists(st.tuples(st.sampled_from(["shm", "gloo", "nccl", "zmq", "x", ""]),
                                  setup_comm), min_size=1, max_size=4))
 def test_a_rank_answers_every_setup_with_ready_or_error_and_keeps_serving(tmp_path_factory, setups):
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    addr = f"ipc://{tmp_path_factory.mktemp('s')}/c.sock"
-    router.bind(addr)
-    worker = RankWorker(0, 2, ".", "float32", "cpu", 1, 1, timeout_s=2)
-    t = threading.Thread(target=worker.serve, args=(addr, {"identity": b"r0"}), daemon=True)
-    t.start()
-    try:
-        assert router.poll(10000) and router.recv_multipart()[0] == b"r0"  # hello
+    with bare_rank(tmp_path_factory.mktemp("s"), b"r0", timeout_s=2) as (router, _):
         for path, comm in setups:
             router.send_multipart([b"r0", *bytes_frames({"op": "setup", "path": path,
                                                          "comm": comm})])
             assert router.poll(10000), "the rank stopped answering"
             h, _ = decode(router.recv_multipart()[1:])
             assert h["op"] == ("ready" if path == "zmq" and isinstance(comm, dict) else "error")
-    finally:
-        router.send_multipart([b"r0", *bytes_frames({"op": "stop"})])
-        t.join(10)
-        ctx.destroy(0)

@@ -91,6 +91,20 @@ def test_min_p_and_greedy_rows_in_one_batch():
     assert set(tokens[:-1]) == {0, 1} and tokens[-1] == 0
 
 
+def test_a_captured_steps_argmax_serves_plain_greedy_rows_only():
+    # The captured step hands its argmax along; the sampler must use it only where the logits
+    # reach argmax unchanged (here a deliberately different argmax shows which one was used).
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    fake = torch.tensor([7, 9])
+    plain = [SamplingParams(), SamplingParams()]
+    assert sample(logits, rows_of(plain), fake)[0] == [7, 9]
+    assert sample(logits, rows_of(plain))[0] == logits.argmax(-1).tolist()
+    biased = [SamplingParams(logit_bias=((11, 100.0),)), SamplingParams()]
+    assert sample(logits, rows_of(biased), fake)[0] == [11, int(logits[1].argmax())]
+    hot = [SamplingParams(temperature=1.0, seed=1), SamplingParams()]
+    assert sample(logits, rows_of(hot), fake)[0][1] == 9
+
+
 def test_seeded_rows_repeat_whatever_the_batch():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
     seeded = SamplingParams(temperature=1.0, seed=2**63 - 1)

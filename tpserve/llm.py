@@ -30,8 +30,15 @@ class LLM:
     def _forward(self, token_ids: list[int], start: int, out_rows) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         plan = StepPlan(slots=[0], starts=[start], lens=[len(token_ids)], out_rows=out_rows)
-        h = self.executor.step(self.head.embed(ids), plan)
-        return self.head.logits(h)
+        return self.step(ids, plan)[0]
+
+    def step(self, ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step of token ids [T] (host): fp32 logits of the rows `plan.out_rows`, and their
+        argmax where the step ran from ids to argmax in one captured graph (else None)."""
+        fused = self.executor.decode(ids, plan)
+        if fused is not None:
+            return fused
+        return self.head.logits(self.executor.step(self.head.embed(ids), plan)), None
 
     def _check(self, token_ids) -> list[int]:
         ids = [int(t) for t in token_ids]
@@ -91,7 +98,7 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     if backend == "local":
         from tpserve.runtime.local_executor import LocalExecutor
         executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
-                                 cuda_graphs)
+                                 cuda_graphs, head)
     else:
         from tpserve.runtime.ray_executor import RayExecutor
         executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,

@@ -118,11 +118,12 @@ class RankModel(torch.nn.Module):
             return layer.attn_residual(h, reduced)
         return layer.mlp_residual(h, reduced, None if s.ple is None else s.ple[:, j // 2])
 
-    def capture_graphs(self) -> None:
-        """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`)."""
+    def capture_graphs(self, head=None) -> None:
+        """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`); with
+        `head` (tp=1 in one process) from token ids to logits."""
         self.graphs = None
         if self.device.type == "cuda" and self.batched_decode:
-            self.graphs = DecodeGraphs(self, self.buckets)
+            self.graphs = DecodeGraphs(self, self.buckets, head)
 
 
 def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",

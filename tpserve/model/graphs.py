@@ -39,27 +39,42 @@ def bucket_for(buckets: list[int], batch: int) -> int:
 
 
 class _Bucket:
-    def __init__(self, model, size: int, width: int, whole: bool, pool):
+    """One batch size's graphs and their static tensors. `rows` [4, size] int64 holds the plan
+    (slots, positions, lens: `DecodeMeta.host`) and the token ids; it is filled by one copy from a
+    pinned host buffer per step."""
+
+    def __init__(self, model, size: int, width: int, whole: bool, head, pool):
         self.size, self.whole, self.reductions = size, whole, model.num_halves
+        self.scratch = model.cache.num_slots
         dev, dtype = model.device, model.layers[0].attn_norm.weight.dtype
         self.x = torch.zeros(size, width, dtype=dtype, device=dev)
-        self.meta = DecodeMeta.build([0] * size, [0] * size, dev)
-        self.meta.slots.fill_(model.cache.num_slots)  # scratch slot while warming up
-        self.meta.lens.zero_()
+        self.rows = torch.zeros(4, size, dtype=torch.int64, device=dev)
+        self.rows[0].fill_(self.scratch)  # warm-up and capture write to the scratch slot only
+        self.staging = torch.zeros(4, size, dtype=torch.int64, pin_memory=True)
+        self.copied = torch.cuda.Event()
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.reduced: list[torch.Tensor] = []  # static all-reduce results, one per half
         self.partials: list[torch.Tensor] = []
-        self._record(model, pool)
+        self.logits = self.tokens = None
+        self._record(model, head, pool)
 
-    def _record(self, model, pool) -> None:
+    def _record(self, model, head, pool) -> None:
         if self.whole:
-            self.out = self._capture(pool, lambda: model.run(self.x, None, self.meta))
+            def step():
+                meta = DecodeMeta.of(self.rows[:3])
+                if head is None:
+                    return model.run(self.x, None, meta), None
+                logits = head.logits(model.run(head.embed(self.rows[3]), None, meta))
+                return logits, logits.argmax(-1)
+            self.out, self.tokens = self._capture(pool, step)
+            if head is not None:
+                self.logits = self.out
             return
         state_box, h = {}, None
         for seg in range(model.num_halves + 1):
             def segment(seg=seg, h=h):
                 if seg == 0:
-                    state_box["s"] = model.begin(self.x, None, self.meta)
+                    state_box["s"] = model.begin(self.x, None, DecodeMeta.of(self.rows[:3]))
                     h = self.x[:, :model.cfg.hidden_size]
                 else:
                     h = model.residual(seg - 1, h, self.reduced[seg - 1], state_box["s"])
@@ -85,6 +100,16 @@ class _Bucket:
         self.graphs.append(graph)
         return out
 
+    def load(self, plan, ids: torch.Tensor | None = None) -> None:
+        """The step's plan (and token ids) into `rows`: one host-to-device copy."""
+        self.copied.synchronize()  # the previous step's copy has left the staging buffer
+        b = len(plan.slots)
+        self.staging[:3] = DecodeMeta.host(plan.slots, plan.starts, self.size, self.scratch)
+        if ids is not None:
+            self.staging[3, :b] = ids
+        self.rows.copy_(self.staging, non_blocking=True)
+        self.copied.record()
+
     def replay(self, comm) -> torch.Tensor:
         if self.whole:
             self.graphs[0].replay()
@@ -99,25 +124,44 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, model, buckets: list[int]):
+    """Every bucket's graphs. With `head` (the coordinator's embedding, final norm and lm_head on
+    this GPU: tp=1 in one process) a whole-step graph runs from token ids to fp32 logits and their
+    argmax, and only token ids cross to the host."""
+
+    def __init__(self, model, buckets: list[int], head=None):
         t0 = time.perf_counter()
         self.model = model
         width = model.cfg.hidden_size + model.cfg.num_layers * model.ple_dim
         whole = model.comm.capturable
+        self.with_head = head is not None and whole
         pool = torch.cuda.graph_pool_handle()
         self.buckets: dict[int, _Bucket] = {}
         with torch.inference_mode():
             for size in sorted(buckets, reverse=True):  # largest first: smaller ones reuse its pool
-                self.buckets[size] = _Bucket(model, size, width, whole, pool)
+                self.buckets[size] = _Bucket(model, size, width, whole,
+                                             head if self.with_head else None, pool)
         torch.cuda.synchronize()
         n = sum(len(b.graphs) for b in self.buckets.values())
         log.info("captured %d CUDA graphs (%s) for decode batch buckets %s in %.1fs",
-                 n, "whole step" if whole else "one per segment between all-reduces",
+                 n, "whole step, embedding to argmax" if self.with_head else
+                 "whole step" if whole else "one per segment between all-reduces",
                  sorted(self.buckets), time.perf_counter() - t0)
 
+    def bucket(self, plan) -> _Bucket:
+        return self.buckets[bucket_for(self.model.buckets, len(plan.slots))]
+
     def run(self, x: torch.Tensor, plan) -> torch.Tensor:
-        b = len(plan.slots)
-        bucket = self.buckets[bucket_for(self.model.buckets, b)]
-        bucket.x[:b].copy_(x)
-        bucket.meta.copy_(self.model.padded_meta(plan, bucket.size))
-        return bucket.replay(self.model.comm)[:b]
+        """x [b, width] -> the last layer's output [b, hidden]."""
+        if self.with_head:  # these graphs end in logits: a step from hidden states runs eagerly
+            return self.model.run_padded(x, plan)
+        bucket = self.bucket(plan)
+        bucket.x[:x.shape[0]].copy_(x)
+        bucket.load(plan)
+        return bucket.replay(self.model.comm)[:x.shape[0]]
+
+    def run_ids(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [b] (host) -> (fp32 logits [b, vocab], their argmax [b]) on the device."""
+        bucket = self.bucket(plan)
+        bucket.load(plan, ids)
+        bucket.replay(self.model.comm)
+        return bucket.logits[:len(ids)], bucket.tokens[:len(ids)]

@@ -86,19 +86,23 @@ class DecodeMeta:
     positions: torch.Tensor  # int64 [B]: the new token's position
     lens: torch.Tensor  # int32 [B]: keys visible to it (position + 1; 0 for padding)
 
+    @staticmethod
+    def host(slots: list[int], starts: list[int], size: int | None = None,
+             scratch_slot: int = 0) -> torch.Tensor:
+        """The plan as int64 [3, size] on the host: slots, positions, lens (padding rows last)."""
+        pad = (size or len(slots)) - len(slots)
+        return torch.tensor([slots + [scratch_slot] * pad, starts + [0] * pad,
+                             [s + 1 for s in starts] + [0] * pad], dtype=torch.int64)
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> "DecodeMeta":
+        """Views of a [3, B] int64 tensor laid out as `host` (lens converted to int32)."""
+        return cls(rows[0], rows[1], rows[2].to(torch.int32))
+
     @classmethod
     def build(cls, slots: list[int], starts: list[int], device, size: int | None = None,
               scratch_slot: int = 0) -> "DecodeMeta":
-        pad = (size or len(slots)) - len(slots)
-        host = torch.tensor([slots + [scratch_slot] * pad, starts + [0] * pad,
-                             [s + 1 for s in starts] + [0] * pad], dtype=torch.int64)
-        host = host.to(device, non_blocking=True)
-        return cls(host[0], host[1], host[2].to(torch.int32))
-
-    def copy_(self, other: "DecodeMeta") -> None:
-        self.slots.copy_(other.slots)
-        self.positions.copy_(other.positions)
-        self.lens.copy_(other.lens)
+        return cls.of(cls.host(slots, starts, size, scratch_slot).to(device, non_blocking=True))
 
 
 class KVCache:

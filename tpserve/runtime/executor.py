@@ -42,6 +42,11 @@ class Executor(Protocol):
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Run one step on every rank: h [T, hidden] -> the final hidden rows `plan.out_rows`."""
 
+    def decode(self, ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step from token ids [b] to (fp32 logits [b, vocab], their argmax [b]) where
+        the executor runs the head inside its captured step; None where it does not (the caller
+        runs embed, `step` and the head)."""
+
     def health(self) -> str | None:
         """None while every rank serves; else a sentence naming the dead or stuck ranks."""
 

@@ -25,15 +25,17 @@ class LocalExecutor:
     failures = 0
 
     def __init__(self, path, cfg, quant, tp: int, dtype: torch.dtype, device="cpu",
-                 num_slots: int = 8, max_len: int | None = None, cuda_graphs: bool = True):
+                 num_slots: int = 8, max_len: int | None = None, cuda_graphs: bool = True,
+                 head=None):
         self.plan = ShardPlan.build(cfg, tp)
         self.group = LocalGroup(tp)
         self.ranks = [build_rank_model(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
                                        num_slots, max_len) for r in range(tp)]
         if cuda_graphs and str(device).startswith("cuda"):
             # One rank after the other, before any step: tuning and capture never run concurrently.
+            # At tp=1 the coordinator's head joins the rank's graphs (`decode` below).
             for rank in self.ranks:
-                rank.capture_graphs()
+                rank.capture_graphs(head if tp == 1 else None)
         self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len
@@ -46,6 +48,18 @@ class LocalExecutor:
         """
         out = self.ranks[0](h, plan, capture) if self.tp == 1 else self._step_all(h, plan, capture)
         return out if plan.out_rows is None else out[plan.out_rows]
+
+    def decode(self, ids: torch.Tensor, plan: StepPlan):
+        """A decode step from token ids to (fp32 logits, argmax) in one captured graph, where the
+        head was captured with the rank (tp=1 on a GPU); else None."""
+        rank = self.ranks[0]
+        graphs = rank.graphs
+        if graphs is None or not graphs.with_head or not plan.is_decode or (
+                plan.out_rows is not None and plan.out_rows != list(range(len(plan.slots)))):
+            return None
+        rank.cache.check(plan)
+        with torch.inference_mode():
+            return graphs.run_ids(ids, plan)
 
     def _step_all(self, h: torch.Tensor, plan: StepPlan, capture: list | None) -> torch.Tensor:
         """Every rank on its thread (they meet in each all-reduce); rank 0's output."""

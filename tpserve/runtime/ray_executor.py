@@ -196,6 +196,9 @@ class RayExecutor:
     def stats(self) -> CommStats:
         return self._comm_stats
 
+    def decode(self, ids: torch.Tensor, plan: StepPlan) -> None:
+        return None  # the head runs at the coordinator, outside the ranks' graphs
+
     def health(self) -> str | None:
         return self._dead
 

@@ -185,10 +185,9 @@ class Engine:
             lens.append(len(new))
         plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
         with torch.inference_mode():
-            h = self.head.embed(torch.as_tensor(ids, dtype=torch.long))
-            logits = self.head.logits(self.executor.step(h, plan))
+            logits, argmax = self.llm.step(torch.as_tensor(ids, dtype=torch.long), plan)
             last = logits if len(out_rows) == len(reqs) else logits[[b - 1 for _, b in spans]]
-            sampled = self._sample(last, reqs)
+            sampled = self._sample(last, reqs, argmax)
             prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
                                              reqs[i].params.prompt_logprobs)
                           for i, (a, b) in enumerate(spans) if b - a > 1}
@@ -202,14 +201,16 @@ class Engine:
         self.stats.step_seconds += dt
         self.stats.last_step_seconds = dt
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request],
+                argmax: torch.Tensor | None = None) -> list[tuple]:
         """(token, logprob) per request; (None, message) for a row that cannot be sampled.
+        `argmax`: the logits' argmax where the captured step computed it (greedy rows take it).
 
         Parameters are validated before they get here; should one row still break the batched
         sampler, the rows are redone one by one so only that request fails, never the step.
         """
         try:
-            return list(zip(*sample(logits, [r.row for r in reqs])))
+            return list(zip(*sample(logits, [r.row for r in reqs], argmax)))
         except Exception as e:
             log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
         out = []

@@ -198,9 +198,10 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return (probs / q.clamp_min(1e-30)).argmax(-1)
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int],
-                                                                   list[TokenLogprob | None]]:
-    """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked."""
+def sample(logits: torch.Tensor, rows: list[SampleRow], argmax: torch.Tensor | None = None
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked.
+    `argmax`, when the caller has it (a captured step), is `logits.argmax(-1)`."""
     params = [r.params for r in rows]
     x = process(logits, rows)
     if x is not logits:
@@ -209,7 +210,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int],
         dead = ~torch.isfinite(x).any(-1, keepdim=True)
         x = torch.where(dead, logits.float(), x)
     x = x.float()
-    tokens = x.argmax(-1)
+    tokens = argmax if argmax is not None and x is logits else x.argmax(-1)
     if not all(p.greedy for p in params):
         temp = _per_row([1.0 if p.greedy else p.temperature for p in params], x.device)
         y = x / temp
