@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tpserve.kernels.fused import (rms_norm, rms_norm_reference, rotary, rotary_reference,  # noqa: E402
-                                   silu_mul, silu_mul_reference)
+                                   rotary_store, silu_mul, silu_mul_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -53,6 +53,36 @@ def test_rotary_matches_reference_on_a_merged_projection_view(dtype):
     c, s = cos[:, None, :hd // 2].double(), sin[:, None, :hd // 2].double()
     rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
     assert torch.allclose(want.double(), rotated, atol=1e-2 if dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,hd", [(4, 2, 16), (3, 3, 24)])
+def test_rotary_store_writes_each_rows_cache_entry_and_nothing_else(dtype, heads, kv_heads, hd):
+    # q/k/v are views of one merged projection; rows go to (slot, position) pairs, the last row
+    # (a bucket's padding) to the scratch slot; every other cache entry keeps its poison.
+    torch.manual_seed(4)
+    t, slots, max_len = 4, 3, 6
+    proj = torch.randn(t, (heads + 2 * kv_heads) * hd, dtype=dtype)
+    q = proj[:, :heads * hd].view(t, heads, hd)
+    k = proj[:, heads * hd:(heads + kv_heads) * hd].view(t, kv_heads, hd)
+    v = proj[:, (heads + kv_heads) * hd:].view(t, kv_heads, hd)
+    ang = torch.randn(t, hd // 2)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    where = torch.tensor([2, 0, 1, slots]), torch.tensor([5, 0, 3, 0])
+    poison = torch.full((slots + 1, max_len, kv_heads, hd), 777.0, dtype=dtype)
+    kc, vc = poison.clone(), poison.clone()
+    got_q = rotary_store(q, k, v, cos, sin, kc, vc, *where, use_triton=True)
+    assert torch.equal(got_q, rotary(q, cos, sin, use_triton=True))
+    assert torch.equal(kc[where], rotary(k, cos, sin, use_triton=True))
+    assert torch.equal(vc[where], v)
+    written = torch.zeros(slots + 1, max_len, dtype=torch.bool)
+    written[where] = True
+    assert (kc[~written] == 777).all() and (vc[~written] == 777).all()
+    # and the CPU path (the reference) stores the same
+    kr, vr = poison.clone(), poison.clone()
+    ref_q = rotary_store(q, k, v, cos, sin, kr, vr, *where)
+    assert torch.equal(ref_q, rotary_reference(q, cos, sin)) and torch.equal(vr, vc)
+    assert torch.allclose(kr.float(), kc.float(), atol=2e-3 if dtype == torch.float16 else 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
-from tpserve.kernels.fused import rms_norm, rotary, silu_mul
+from tpserve.kernels.fused import rms_norm, rotary, rotary_store, silu_mul
 from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention
 from tpserve.model.linear import Linear, MergedLinear
 
@@ -103,17 +103,19 @@ class Attention(torch.nn.Module):
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = rotary(q, cos, sin)
         k_cache, v_cache = cache.k[index], cache.v[index]
         if decode is not None and self.batched_decode:
             # One token per sequence, static shapes, no host sync: the graph-captured path.
-            if not self.shares_kv:  # a KV-sharing layer reads what its producer wrote this step
-                k, v = self._kv(proj, t, cos, sin)
-                k_cache[decode.slots, decode.positions] = k
-                v_cache[decode.slots, decode.positions] = v
+            if self.shares_kv:  # a KV-sharing layer reads what its producer wrote this step
+                q = rotary(q, cos, sin)
+            else:
+                k, v = self._kv(proj, t)
+                q = rotary_store(q, k, v, cos, sin, k_cache, v_cache, decode.slots,
+                                 decode.positions)
             o = decode_attention(q, k_cache, v_cache, decode.slots, decode.lens, self.kv_group,
                                  self.scale, self.window, self.softcap)
         else:
+            q = rotary(q, cos, sin)
             if self.shares_kv:
                 # The producer layer wrote this step's k/v earlier in the step; attention()
                 # writes them back unchanged and reads the producer's cache.
@@ -121,19 +123,21 @@ class Attention(torch.nn.Module):
                 k = torch.cat([k_cache[s, a:a + n] for s, a, n in spans])  # (T, kv_heads, hd)
                 v = torch.cat([v_cache[s, a:a + n] for s, a, n in spans])
             else:
-                k, v = self._kv(proj, t, cos, sin)
+                k, v = self._kv(proj, t)
+                k = rotary(k, cos, sin)
             o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
                           self.softcap)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
-    def _kv(self, proj, t: int, cos, sin):
-        k = proj[1].view(t, self.num_kv, self.head_dim)  # (T, kv_heads, hd)
+    def _kv(self, proj, t: int):
+        """This step's k (normed, before rope) and v, (T, kv_heads, hd) each."""
+        k = proj[1].view(t, self.num_kv, self.head_dim)
         v = k if len(proj) == 2 else proj[2].view(t, self.num_kv, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         if self.v_norm is not None:
             v = self.v_norm(v)
-        return rotary(k, cos, sin), v
+        return k, v
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         """Linear name -> (module whose input is its input, W fp32 [K, N]), for verify."""
