@@ -26,18 +26,25 @@ from tpserve.serve.engine import Engine
 from tpserve.serve.sampling import SamplingParams
 
 
-def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> float:
-    """Decode tokens/s of len(prompts) sequences generating `gen` tokens each."""
+def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float, float]:
+    """len(prompts) sequences admitted together, `gen` tokens each: (seconds from submission to
+    the last sequence's first token, decode tokens/s after it), from the engine's token events."""
     params = SamplingParams(max_tokens=gen, ignore_eos=True)
-    done = []
+    first, last, done = {}, {}, threading.Semaphore(0)
+
+    def on_event(ev):
+        now = time.perf_counter()
+        first.setdefault(ev.request_id, now)
+        if ev.finished:
+            last[ev.request_id] = now
+            done.release()
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=lambda p=p: done.append(engine.generate(p, params)))
-               for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(len(d) for d in done) / (time.perf_counter() - t0)
+    for p in prompts:
+        engine.submit(p, params, on_event)
+    for _ in prompts:
+        done.acquire()
+    start = max(first.values())
+    return start - t0, len(prompts) * (gen - 1) / max(max(last.values()) - start, 1e-9)
 
 
 def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
@@ -51,25 +58,20 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
     llm.generate(prompt[:16], max_tokens=4, ignore_eos=True)  # warm-up (kernels, autotune)
-    ttfts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        llm.generate(prompt, max_tokens=1, ignore_eos=True)
-        ttfts.append(time.perf_counter() - t0)
     engine = Engine(llm).start()
     rows = []
     for b in batches:
         prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(b)]
         run_batch(engine, prompts, 4)  # warm this batch shape
-        first = b / run_batch(engine, prompts, 1)  # seconds for prefill + the first token
-        stats = getattr(llm.executor, "stats", None)
-        ar0 = (stats.allreduce_seconds, stats.allreduce_count) if stats else (0.0, 0)
+        ttft = min(run_batch(engine, prompts, 1)[0] for _ in range(3))
+        stats = llm.executor.stats
+        ar0 = (stats.allreduce_seconds, stats.allreduce_count)
         s0, steps0 = engine.stats.step_seconds, engine.stats.steps
-        # Decode rate as the peer measures it: (gen - 1) tokens past the first, per second.
-        tps = b * (gen - 1) / (b * gen / run_batch(engine, prompts, gen) - first)
+        # Decode rate as the peer measures it: the tokens after the first, per second.
+        tps = run_batch(engine, prompts, gen)[1]
         step_s = engine.stats.step_seconds - s0
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
-               "ttft_ms": 1e3 * min(ttfts), "decode_tok_s": tps,
+               "ttft_ms": 1e3 * ttft, "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
         if stats:
             ar_s = stats.allreduce_seconds - ar0[0]
@@ -84,40 +86,49 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     return rows
 
 
+def _greedy_tokens(path, tp, device, dtype, steps: int, graphs: bool) -> list[list[int]]:
+    """One sequence alone, then four admitted together that leave the batch at different steps
+    (buckets 4, 2 and 1; the batch is the same in every run, so each step has the same shape)."""
+    llm = tpserve.load(path, tp=tp, device=device, dtype=dtype, num_slots=4,
+                       max_model_len=steps + 40, cuda_graphs=graphs)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, llm.cfg.vocab_size, (n,), generator=g).tolist()
+               for n in (32, 7, 19, 3)]
+    engine = Engine(llm)
+    single = engine.generate(prompts[0], SamplingParams(max_tokens=steps, ignore_eos=True))
+    out, done = [[] for _ in prompts], threading.Semaphore(0)
+    for i, prompt in enumerate(prompts):
+        def on_event(ev, i=i):
+            out[i].extend(ev.token_ids)
+            if ev.finished:
+                done.release()
+        engine.submit(prompt, SamplingParams(max_tokens=max(1, steps - 25 * i), ignore_eos=True),
+                      on_event)
+    engine.start()  # all four are waiting: the first step admits them together
+    for _ in prompts:
+        done.acquire()
+    engine.stop()
+    llm.close()
+    return [single] + out
+
+
+def _first_differences(a, b) -> list[int | None]:
+    return [next((j for j, (s, t) in enumerate(zip(x, y)) if s != t), None) for x, y in zip(a, b)]
+
+
 def check_graphs(path, tps, device, dtype, steps: int) -> None:
-    """The captured decode step and the eager one give identical greedy tokens: one sequence, then
-    four admitted together that leave the batch at different steps (buckets 4, 2 and 1; the batch
-    is the same in both runs, so each step has the same shape)."""
+    """The captured decode step and the eager one give identical greedy tokens. On a difference,
+    each mode runs again, to tell a captured-step bug from a mode that differs from itself."""
     for tp in tps:
-        got = {}
-        for graphs in (True, False):
-            llm = tpserve.load(path, tp=tp, device=device, dtype=dtype, num_slots=4,
-                               max_model_len=steps + 40, cuda_graphs=graphs)
-            g = torch.Generator().manual_seed(1)
-            prompts = [torch.randint(3, llm.cfg.vocab_size, (n,), generator=g).tolist()
-                       for n in (32, 7, 19, 3)]
-            engine = Engine(llm)
-            single = engine.generate(prompts[0], SamplingParams(max_tokens=steps, ignore_eos=True))
-            out, done = [[] for _ in prompts], threading.Semaphore(0)
-            for i, prompt in enumerate(prompts):
-                def on_event(ev, i=i):
-                    out[i].extend(ev.token_ids)
-                    if ev.finished:
-                        done.release()
-                engine.submit(prompt, SamplingParams(max_tokens=max(1, steps - 25 * i),
-                                                     ignore_eos=True), on_event)
-            engine.start()  # all four are waiting: the first step admits them together
-            for _ in prompts:
-                done.acquire()
-            got[graphs] = [single] + out
-            engine.stop()
-            llm.close()
-        same = got[True] == got[False]
-        first = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), None)
-                 for x, y in zip(got[True], got[False])]
-        print(f"graph vs eager, tp={tp}, {steps} greedy steps, batch 1 and 4: "
-              f"{'identical' if same else f'DIFFERENT (first differing step per sequence: {first})'}")
+        run = lambda graphs: _greedy_tokens(path, tp, device, dtype, steps, graphs)  # noqa: E731
+        graph, eager = run(True), run(False)
+        same = graph == eager
+        print(f"graph vs eager, tp={tp}, {steps} greedy steps, batch 1 and 4: " + (
+            "identical" if same else
+            f"DIFFERENT (first differing step per sequence: {_first_differences(graph, eager)})"))
         if not same:
+            print(f"  rerun: graph vs graph {_first_differences(graph, run(True))}, "
+                  f"eager vs eager {_first_differences(eager, run(False))}")
             raise SystemExit(f"captured and eager decode disagree at tp={tp}")
 
 
