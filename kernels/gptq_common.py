@@ -16,9 +16,10 @@ and HAS_GIDX are compile-time constants, and a tile of BLOCK_K rows takes one of
          g_idx (groups smaller than BLOCK_K) always per row.
 The autotuner keeps only the configs that reach the best mode for the shard (`_prune`).
 
-Split-K (decode kernels): SPLIT_K programs share a tile of outputs; each adds its fp32 partial into
-a workspace with atomics, and the last of them (a per-tile ticket) reads the sum back, writes the
-output and re-zeroes the workspace, so a call is one launch. The workspace is per device: calls on
+Split-K (decode kernels): SPLIT_K programs share a tile of outputs; each stores its fp32 partial in
+its own slice of a workspace, and the last of them (a per-tile ticket) sums the slices in split
+order and writes the output, so a call is one launch and its result does not depend on the order
+the programs ran in (atomic adds into one sum would: decode would not be bitwise repeatable). The workspace is per device: calls on
 concurrent CUDA streams would race on it (tpserve runs one stream per rank).
 """
 
@@ -154,27 +155,35 @@ def _in_second(gidx_ptr, rows, K, g0, k_b, HAS_GIDX: tl.constexpr):
 
 
 @triton.jit
-def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
-    """Store y, or add it into the workspace; the last of SPLIT_K programs stores the sum."""
+def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, pid_k, ws_stride,
+            SPLIT_K: tl.constexpr):
+    """Store y; with split-K, store it into this split's workspace slice, and the last of the
+    SPLIT_K programs (a per-tile ticket) sums the slices in split order and stores the sum: the
+    same bits whatever order the programs ran in."""
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_out, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(ws_ptr + offs_ws, y, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds are issued before the ticket is taken
+        tl.store(ws_ptr + pid_k * ws_stride + offs_ws, y, mask=mask)  # global stores reach L2
+        tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:
             zero = tl.zeros_like(y)
-            total = tl.atomic_add(ws_ptr + offs_ws, zero, mask=mask, sem="relaxed")  # read at L2
-            total = tl.where(mask, total, 0.0)  # masked lanes return garbage
+            total = zero
+            for k in tl.static_range(SPLIT_K):  # read at L2, in split order
+                part = tl.atomic_add(ws_ptr + k * ws_stride + offs_ws, zero, mask=mask,
+                                     sem="relaxed")
+                total += tl.where(mask, part, 0.0)  # masked lanes return garbage
             tl.store(out_ptr + offs_out, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(ws_ptr + offs_ws, zero, mask=mask)  # no program of this launch adds here now
             tl.store(cnt_ptr + tile, 0)
-
 
 
 # Autotuning. Configs are few on purpose (each is a compile); `_prune` keeps those that fit the
 # shape and reach the best group mode for the shard.
+MAX_SPLIT_K = 32  # the workspace holds this many partial slices
+
+
 def cfg(bn, bk, sk=None, warps=4, stages=2, bm=None, group_m=None):
+    assert sk is None or sk <= MAX_SPLIT_K, sk
     kw = dict(BLOCK_N=bn, BLOCK_K=bk)
     kw |= {k: v for k, v in dict(SPLIT_K=sk, BLOCK_M=bm, GROUP_M=group_m).items() if v is not None}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
@@ -268,8 +277,10 @@ def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:
 _workspaces: dict = {}
 
 
-def workspace(device: torch.device, n_acc: int, n_cnt: int):
-    """Zeroed fp32 split-K accumulator and int32 tickets; the kernels leave them zeroed."""
+def workspace(device: torch.device, n_out: int, n_cnt: int):
+    """fp32 split-K partials (MAX_SPLIT_K slices of n_out) and zeroed int32 tickets (the kernels
+    leave the tickets zeroed)."""
+    n_acc = MAX_SPLIT_K * n_out
     ws, cnt = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < n_acc or cnt.numel() < n_cnt:
         ws = torch.zeros(max(n_acc, 1 << 16), dtype=torch.float32, device=device)

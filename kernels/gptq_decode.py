@@ -115,7 +115,7 @@ def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr
     offs_ws = offs_m[:, None] * N + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     _finish(acc, out_ptr, offs, ws_ptr, offs_ws, mask, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
-            SPLIT_K)
+            pid_k, M * N, SPLIT_K)
 
 
 _CONFIGS = [cfg(64, 128, 1, bm=16), cfg(64, 128, 4, bm=16), cfg(128, 128, 2, bm=16),

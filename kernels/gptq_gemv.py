@@ -144,7 +144,7 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                              GROUP_OFFSET, False, HAS_PERM, EVEN_K)
         offs_w += KW
     y = tl.sum(acc, axis=0) + corr
-    _finish(y, out_ptr, offs_n, ws_ptr, offs_n, n_mask, cnt_ptr, pid_n, SPLIT_K)
+    _finish(y, out_ptr, offs_n, ws_ptr, offs_n, n_mask, cnt_ptr, pid_n, pid_k, N, SPLIT_K)
 
 
 _CONFIGS = [cfg(128, 64, 4), cfg(128, 64, 8), cfg(64, 64, 16), cfg(256, 64, 8, 2),
