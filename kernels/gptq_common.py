@@ -275,16 +275,22 @@ def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:
 
 
 _workspaces: dict = {}
+_retired: list = []  # outgrown workspaces: captured CUDA graphs may still point at them
 
 
 def workspace(device: torch.device, n_out: int, n_cnt: int):
     """fp32 split-K partials (MAX_SPLIT_K slices of n_out) and zeroed int32 tickets (the kernels
-    leave the tickets zeroed)."""
+    leave the tickets zeroed). A larger call gets a larger pair (at least twice the size); the old
+    pair is kept alive, since a graph captured with it replays with its addresses."""
     n_acc = MAX_SPLIT_K * n_out
     ws, cnt = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < n_acc or cnt.numel() < n_cnt:
-        ws = torch.zeros(max(n_acc, 1 << 16), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(n_cnt, 1 << 12), dtype=torch.int32, device=device)
+        n_acc, n_cnt = max(n_acc, 1 << 16), max(n_cnt, 1 << 12)
+        if ws is not None:
+            _retired.append((ws, cnt))
+            n_acc, n_cnt = max(n_acc, 2 * ws.numel()), max(n_cnt, 2 * cnt.numel())
+        ws = torch.zeros(n_acc, dtype=torch.float32, device=device)
+        cnt = torch.zeros(n_cnt, dtype=torch.int32, device=device)
         _workspaces[device] = (ws, cnt)
     return ws, cnt
 
