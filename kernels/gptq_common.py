@@ -169,10 +169,9 @@ def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, pid_k, w
         if ticket == SPLIT_K - 1:
             zero = tl.zeros_like(y)
             total = zero
-            for k in tl.static_range(SPLIT_K):  # read at L2, in split order
-                part = tl.atomic_add(ws_ptr + k * ws_stride + offs_ws, zero, mask=mask,
-                                     sem="relaxed")
-                total += tl.where(mask, part, 0.0)  # masked lanes return garbage
+            for k in tl.static_range(SPLIT_K):  # in split order; loads issued together, at L2
+                total += tl.load(ws_ptr + k * ws_stride + offs_ws, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
             tl.store(out_ptr + offs_out, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(cnt_ptr + tile, 0)
 
