@@ -292,30 +292,3 @@ def workspace(device: torch.device, n_out: int, n_cnt: int):
         cnt = torch.zeros(n_cnt, dtype=torch.int32, device=device)
         _workspaces[device] = (ws, cnt)
     return ws, cnt
-
-
-# (bits, K, N, group size, group offset, act-order) of the kernels' self-checks (`python -m`).
-SELF_CHECK_SHAPES = [(4, 200, 72, 64, 0, False), (4, 200, 72, 64, 32, False),
-                     (8, 136, 40, 32, 16, False), (4, 256, 64, 64, 0, True),
-                     (8, 256, 64, 32, 0, True), (4, 512, 96, 128, 0, False)]
-
-
-def self_check(run, ms):
-    """Print run(x, w, perm)'s error against the torch reference on SELF_CHECK_SHAPES."""
-    from .gptq_weight import gptq_matmul_reference, random_weight
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    print(f"device {dev}{' (TRITON_INTERPRET=1)' if _INTERPRET else ''}, float16 x")
-    print(f"{'bits':>4} {'K':>5} {'N':>5} {'gs':>4} {'off':>4} {'act':>4} {'M':>3} {'max|err|':>9} "
-          f"{'max|y|':>8}")
-    for bits, k, n, gs, off, act in SELF_CHECK_SHAPES:
-        # act-order, as the loader leaves it: rows sorted by group, x gathered through perm
-        perm = torch.randperm(k, generator=gen).to(dev) if act else None
-        g_idx = (torch.arange(k) // gs).to(torch.int32).to(dev) if act else None
-        w = random_weight(k, n, bits, gs, off, g_idx, dev, gen)
-        for m in ms:
-            x = torch.randn(m, k, generator=gen).half().to(dev)
-            ref = gptq_matmul_reference((x if perm is None else x[:, perm]).float(), w)
-            err = (run(x, w, perm).float() - ref).abs().max().item()
-            print(f"{bits:>4} {k:>5} {n:>5} {gs:>4} {off:>4} {str(act):>4} {m:>3} {err:>9.2e} "
-                  f"{ref.abs().max().item():>8.2f}")

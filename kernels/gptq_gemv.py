@@ -26,8 +26,9 @@ import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
                           _next_tile, _rows_sz, _split, _zeros, cfg, gptq_args, launch, new_out,
-                          self_check, tuned, workspace)
+                          tuned, workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
+from .gptq_weight import self_check  # noqa: E402
 
 @triton.jit
 def _gemv_two(acc, corr, qw, hi, offs_w, k0, x_ptr, perm_ptr, qz_ptr, s_ptr, gidx_ptr, g0, g1, k_b,

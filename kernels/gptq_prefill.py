@@ -22,11 +22,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _group_sz, _rows_sz, _zeros, cfg, gptq_args,  # noqa: E402
-                          launch, new_out, self_check, tuned)
+                          launch, new_out, tuned)
+from .gptq_weight import self_check  # noqa: E402
 
 # From this many rows on, a matmul dequantizes W once and hands it to cuBLAS (a prefill of M = 512
 # on 4096x14336 took 364 us in the tl.dot kernel, bf16 cuBLAS 87 us, dequantizing ~40 us).
 DEQUANT_MIN_M = 256
+
 
 
 @triton.jit
