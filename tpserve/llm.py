@@ -30,11 +30,13 @@ class LLM:
     def _forward(self, token_ids: list[int], start: int, out_rows) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         plan = StepPlan(slots=[0], starts=[start], lens=[len(token_ids)], out_rows=out_rows)
-        return self.step(ids, plan)[0]
+        logits, argmax = self.step(ids, plan)
+        return logits if argmax is None else logits.clone()  # a captured step's buffer is reused
 
     def step(self, ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step of token ids [T] (host): fp32 logits of the rows `plan.out_rows`, and their
-        argmax where the step ran from ids to argmax in one captured graph (else None)."""
+        argmax where the step ran from ids to argmax in one captured graph (else None). Those two
+        are the graph's static buffers: valid until the next step."""
         fused = self.executor.decode(ids, plan)
         if fused is not None:
             return fused
