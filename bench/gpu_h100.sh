@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and the decode benchmark on one H100, run through the device tool from the repo
-# root, carrying .whl from ../shared/tools/device-wheels.sh (ray, pyzmq).
+# root, carrying .whl from ../shared/tools/device-wheels.sh (ray, pyzmq). The startup stage runs
+# `tpserve launch`, whose HTTP stack the GPU image lacks; add its wheels to .whl first:
+#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl fastapi starlette uvicorn h11 click anyio sniffio \
+#     prometheus-client annotated-doc annotated-types typing-inspection typing-extensions \
+#     opentelemetry-api importlib-metadata zipp pydantic==2.13.4 pydantic-core==2.46.4
 #   bash bench/gpu_h100.sh checks   kernel parity, graph vs eager tokens, verify at tp 1/2 over the
 #                                   in-process and Ray backends (small checkpoints)
 #   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
