@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from gptq_random import random_gptq  # noqa: E402
 from tpserve.kernels import (HeadFormat, dequant_rows, gptq_matmul, int8_matmul,  # noqa: E402
                              q8_0_matmul)
-from tpserve.kernels.gptq_weight import gptq_matmul_cpu  # noqa: E402
+from tpserve.kernels.gptq_weight import gptq_matmul_cpu, unpack  # noqa: E402
 from tpserve.model import gptq  # noqa: E402
 from tpserve.model.checkpoint import Checkpoint  # noqa: E402
 from tpserve.model.config import QuantConfig  # noqa: E402
@@ -170,6 +170,9 @@ def test_gptq_cpu_path_matches_reference(bits, k0, k, gs, act):
     # The CPU path pads rows to whole groups: offsets inside a group, a short last group and a
     # shard inside one group must give the reference's product exactly (up to summation order).
     w = random_gptq(k, 24, bits, gs, k0=k0, k_total=k0 + k + 7, act_order=act)
+    # the kernels' unpacker (2/4/8 bits: one broadcast shift) against the format module's
+    assert torch.equal(unpack(w.qweight, bits, k), gptq.unpack_rows(w.qweight, bits, k))
+    assert torch.equal(unpack(w.qzeros.T, bits, 24).T, gptq.unpack_cols(w.qzeros, bits, 24))
     x = torch.randn(3, k)
     torch.testing.assert_close(gptq_matmul_cpu(x, w), x @ w.dequantize(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gptq_matmul_cpu(x.double(), w), x.double() @ w.dequantize(torch.float64))
