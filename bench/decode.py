@@ -73,10 +73,9 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
                "ttft_ms": 1e3 * ttft, "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
-        if stats:
-            ar_s = stats.allreduce_seconds - ar0[0]
-            row["allreduce_share"] = ar_s / step_s if step_s else 0.0
-            row["allreduce_us"] = 1e6 * ar_s / max(1, stats.allreduce_count - ar0[1])
+        ar_s = stats.allreduce_seconds - ar0[0]
+        row["allreduce_share"] = ar_s / step_s if step_s else 0.0
+        row["allreduce_us"] = 1e6 * ar_s / max(1, stats.allreduce_count - ar0[1])
         if floor:
             row["floor_tok_s"] = floor * b  # batch b reads the weights once per step
             row["of_floor"] = tps / row["floor_tok_s"]

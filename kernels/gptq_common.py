@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import autotuned
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)  # inside @triton.jit: the asm has no interpreter
 MAGIC = tl.constexpr(8388608.0)  # 2**23
@@ -222,23 +224,13 @@ def _prune(configs, named_args, **kwargs):
             for c, kw in ok if kw["MODE"] == best]
 
 
-def _bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 KEY = ["N", "K", "BITS", "GROUP_SIZE", "GROUP_OFFSET", "HAS_GIDX"]
 
 
 def tuned(kernel, configs, key):
-    """The autotuned kernel (None under the interpreter, where fixed configs are used)."""
-    if _INTERPRET:
-        return None
-    prune = {"early_config_prune": _prune}
-    try:  # tuning results persist in Triton's cache folder: a second launch skips the benchmarks
-        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench,
-                               cache_results=True)(kernel)
-    except TypeError:  # an older triton without do_bench= / cache_results=
-        return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+    """The autotuned kernel, configs pruned to the shard's best group mode (None under the
+    interpreter, where fixed configs are used)."""
+    return autotuned(kernel, configs, key, _prune)
 
 
 def launch(kernel, autotuned, args: dict, grid, config: dict | None, default: dict):

@@ -29,6 +29,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .tuning import autotuned  # noqa: E402
+
 
 class HeadFormat(str, enum.Enum):
     """A vocabulary table's format (the --lm-head values other than `auto`)."""
@@ -201,22 +203,9 @@ def _cfg(bv, bh, warps=4, stages=2, bm=None):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-def _bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _tuned(kernel, configs, key):
-    if _INTERPRET:
-        return None
-    try:
-        return triton.autotune(configs, key=key, do_bench=_bench, cache_results=True)(kernel)
-    except TypeError:  # an older triton without do_bench=
-        return triton.autotune(configs, key=key)(kernel)
-
-
-_gemv_tuned = _tuned(_head_gemv_kernel, [_cfg(32, 256), _cfg(64, 256), _cfg(16, 512), _cfg(64, 128),
+_gemv_tuned = autotuned(_head_gemv_kernel, [_cfg(32, 256), _cfg(64, 256), _cfg(16, 512), _cfg(64, 128),
                                          _cfg(32, 512, 8), _cfg(128, 128, 8)], ["V", "H", "Q8_0"])
-_mm_tuned = _tuned(_head_mm_kernel, [_cfg(64, 128, bm=16), _cfg(128, 64, bm=16),
+_mm_tuned = autotuned(_head_mm_kernel, [_cfg(64, 128, bm=16), _cfg(128, 64, bm=16),
                                      _cfg(64, 256, 4, 3, bm=16), _cfg(128, 128, 8, 3, bm=16),
                                      _cfg(128, 64, 4, 3, bm=64)], ["M_KEY", "V", "H", "Q8_0"])
 INTERPRET_CONFIGS = {"gemv": dict(BLOCK_V=16, BLOCK_H=64),

@@ -16,7 +16,6 @@ import time
 
 import pytest
 import torch
-import zmq
 
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan

@@ -5,7 +5,6 @@ the demo checkpoint at tp=2 with in-process ranks (the Ray path is tested elsewh
 """
 
 import asyncio
-import json
 import re
 import time
 

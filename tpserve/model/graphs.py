@@ -47,7 +47,8 @@ class _Bucket:
         self.size, self.whole, self.reductions = size, whole, model.num_halves
         self.scratch = model.cache.num_slots
         dev, dtype = model.device, model.layers[0].attn_norm.weight.dtype
-        self.x = torch.zeros(size, width, dtype=dtype, device=dev)
+        # the step's input rows (a graph with the head reads token ids from `rows` instead)
+        self.x = torch.zeros(size, width, dtype=dtype, device=dev) if head is None else None
         self.rows = torch.zeros(4, size, dtype=torch.int64, device=dev)
         self.rows[0].fill_(self.scratch)  # warm-up and capture write to the scratch slot only
         self.staging = torch.zeros(4, size, dtype=torch.int64, pin_memory=True)
