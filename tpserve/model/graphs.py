@@ -56,7 +56,7 @@ class _Bucket:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.reduced: list[torch.Tensor] = []  # static all-reduce results, one per half
         self.partials: list[torch.Tensor] = []
-        self.logits = self.tokens = None
+        self.tokens = None  # the argmax of a graph with the head
         self._record(model, head, pool)
 
     def _record(self, model, head, pool) -> None:
@@ -67,9 +67,7 @@ class _Bucket:
                     return model.run(self.x, None, meta), None
                 logits = head.logits(model.run(head.embed(self.rows[3]), None, meta))
                 return logits, logits.argmax(-1)
-            self.out, self.tokens = self._capture(pool, step)
-            if head is not None:
-                self.logits = self.out
+            self.out, self.tokens = self._capture(pool, step)  # with the head, out is the logits
             return
         state_box, h = {}, None
         for seg in range(model.num_halves + 1):
@@ -165,4 +163,4 @@ class DecodeGraphs:
         bucket = self.bucket(plan)
         bucket.load(plan, ids)
         bucket.replay(self.model.comm)
-        return bucket.logits[:len(ids)], bucket.tokens[:len(ids)]
+        return bucket.out[:len(ids)], bucket.tokens[:len(ids)]
