@@ -151,7 +151,11 @@ def copy_bandwidth(device: str) -> float:
 def bytes_per_token(llm) -> int:
     """Weight bytes one decode step must read: every rank's shards + the coordinator's head."""
     from tpserve.model.gptq_shard import GPTQWeight
-    total = llm.head.lm_head.nbytes + llm.head.norm.weight.numel() * llm.head.norm.weight.element_size()
+    if llm.head is not None:
+        total = llm.head.lm_head.nbytes + llm.head.norm.weight.numel() * llm.head.norm.weight.element_size()
+    else:  # the head is on rank 0 (another process): its table's bytes from its format
+        per_weight = {"dense": 2, "int8": 1, "q8_0": 34 / 32, "gptq": 0.5}[llm.lm_head]
+        total = int(llm.cfg.vocab_size * llm.cfg.hidden_size * per_weight)
     ranks = getattr(llm.executor, "ranks", None)
     if ranks is None:  # Ray: the shards live in other processes; count from the checkpoint
         from tpserve.model.checkpoint import Checkpoint

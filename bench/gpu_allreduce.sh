@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# The all-reduce paths on a 2-GPU host (device kind nvidia-h100-x2), from the repo root, carrying
-# .whl from ../shared/tools/device-wheels.sh (ray, pyzmq). Writes JSON into $OUT:
-#   allreduce_gpu_tp2.json   bench/allreduce.py --gpu at tp 2: gloo, NCCL, tpserve zmq / shm /
-#                            nccl / nccl-graph (16 all-reduces captured in one CUDA graph, checked)
-#   allreduce_cpu.json       the CPU paths at tp 2 and 4 on this host's cores (gloo, zmq, shm)
-#   allreduce_ray_gpu.json   tpserve over Ray on 2 GPUs: which path `auto` picks, logits of each
-#                            path against the in-process ranks, decode tok/s per path
-#   bash bench/gpu_allreduce.sh [bench|ray|all]
+# The 2-GPU host (device kind nvidia-h100-x2), from the repo root, carrying .whl from
+# ../shared/tools/device-wheels.sh (ray, pyzmq). Stages combine (`bash bench/gpu_allreduce.sh
+# decode cpu`); each writes into $OUT:
+#   bench    allreduce_gpu_tp2.json: bench/allreduce.py --gpu at tp 2: gloo, NCCL, tpserve zmq /
+#            shm / nccl / nccl-graph (16 all-reduces captured in one CUDA graph, checked);
+#            allreduce_cpu.json: the CPU paths at tp 2 and 4 on this host's cores (gloo, zmq, shm)
+#   ray      allreduce_ray_gpu.json: tpserve over Ray on 2 GPUs (small checkpoint): which path
+#            `auto` picks, logits of each path and head placement against the in-process ranks,
+#            decode tok/s of each
+#   decode   decode_x2.json: Llama-3-8B shapes, tp=1 (in-process) vs tp=2 (Ray, NCCL, head on
+#            rank 0) vs the torch int4 peer, batch 1 and 8, int8 head
+#   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
+#   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
+#            model and a Llama-3.2-1B-shaped checkpoint
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 [ -e tpserve/kernels ] || cp -r kernels tpserve/kernels
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache RAY_AUTH_MODE=disabled
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4; nproc
-stage=${1:-all}
-if [ "$stage" = bench ] || [ "$stage" = all ]; then
+STAGES=" ${*:-all} "
+has() { [[ "$STAGES" == *" $1 "* || "$STAGES" == *" all "* ]]; }
+if has bench; then
   timeout 280 python3 bench/allreduce.py --tp 2 --sizes 4K 8K 64K 1M 16M --gpu \
     --out "$OUT/allreduce_gpu_tp2.json" 2>"$OUT/allreduce_gpu.err" | tail -8
   timeout 200 python3 bench/allreduce.py --tp 2 4 --sizes 8K 64K 1M 16M \
     --out "$OUT/allreduce_cpu.json" 2>"$OUT/allreduce_cpu.err" | tail -10
 fi
-if [ "$stage" = ray ] || [ "$stage" = all ]; then
+if has ray; then
   python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
   timeout 280 python3 - /tmp/small "$OUT/allreduce_ray_gpu.json" <<'PY' 2>"$OUT/allreduce_ray.err" | tail -12
 import json, logging, sys, time
@@ -31,15 +38,16 @@ path, out = sys.argv[1:]
 ids = list(range(3, 67))
 ref = tpserve.load(path, tp=2, device="cuda", dtype=torch.float16).logits(ids).float()
 rows = []
-for requested in ("auto", "nccl", "zmq"):
+for requested, head_at in (("auto", "auto"), ("nccl", "coordinator"), ("zmq", "coordinator")):
     llm = tpserve.load(path, tp=2, backend="ray", device="cuda", dtype=torch.float16,
-                       allreduce=requested, progress=False)
+                       allreduce=requested, head_at=head_at, progress=False)
     got = llm.logits(ids).float()
     llm.generate(ids[:8], max_tokens=4, ignore_eos=True)  # warm-up
     t0 = time.perf_counter()
     n = len(llm.generate(ids[:8], max_tokens=64, ignore_eos=True))
     tok_s = n / (time.perf_counter() - t0)
     rows.append({"requested": requested, "path": llm.executor.coord.path, "decode_tok_s": tok_s,
+                 "head_on_rank0": llm.head is None,
                  "max_abs_vs_local": (got - ref).abs().max().item(),
                  "ref_abs_max": ref.abs().max().item(),
                  "allreduce_count": llm.executor.stats.allreduce_count})
@@ -48,4 +56,29 @@ for requested in ("auto", "nccl", "zmq"):
 json.dump({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
            "rows": rows}, open(out, "w"), indent=1)
 PY
+fi
+l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null; }
+if has decode; then
+  l8
+  timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 \
+    --out "$OUT/decode_x2.json" > "$OUT/decode_x2.log" 2>&1; tail -10 "$OUT/decode_x2.log"
+fi
+if has verify; then
+  l8
+  [ -e /tmp/q8/config.json ] || python3 bench/make_checkpoint.py --preset qwen-straddle --layers 8 --out /tmp/q8 --device cuda >/dev/null
+  for m in l8 q8; do
+    timeout 240 python3 -m tpserve.cli verify --model /tmp/$m --tp 2 --backend ray --device cuda --dtype float16 \
+      --max-tokens 16 > "$OUT/verify_x2_$m.txt" 2> "$OUT/verify_x2_$m.log"; echo "verify $m tp=2 ray: exit $?"
+    head -8 "$OUT/verify_x2_$m.txt"
+  done
+fi
+if has cpu; then
+  [ -e /tmp/l1/config.json ] || python3 bench/make_checkpoint.py --preset llama3-1b --out /tmp/l1 >/dev/null
+  for m in demo l1; do
+    arg=""; [ $m = l1 ] && arg="--model /tmp/l1"
+    timeout 280 python3 bench/decode.py $arg --tp 1 2 4 --batch 1 8 --backend ray --device cpu \
+      --dtype float32 --prompt-len 32 --gen 16 --out "$OUT/decode_cpu16_$m.json" > "$OUT/decode_cpu16_$m.log" 2>&1
+    echo "== CPU ranks, $m"; tail -8 "$OUT/decode_cpu16_$m.log"
+  done
 fi

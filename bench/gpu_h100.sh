@@ -37,7 +37,7 @@ if has checks; then
     # Ray gives each rank a GPU of its own; on one GPU, tp=2 runs in-process (sharing it).
     [ "$backend" = ray ] && [ "$tp" -gt "$gpus" ] && continue
     timeout 180 python3 -m tpserve.cli verify --model /tmp/small --tp $tp --backend $backend --device cuda \
-      --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify.err"
+      --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify_tp${tp}_${backend}.err"
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
 fi

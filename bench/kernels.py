@@ -169,8 +169,14 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw):
         rows.append(_row("prefill", k, n, m, "bf16 F.linear", tb, 2 * n * k, x, n, copy_bw, tb, None))
         ws = [make_variant("w4g128", k, n, dev) for _ in range(2)]
         xh = x.half()
-        t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
-        rows.append(_row("prefill", k, n, m, "w4g128", t, ws[0][0].nbytes, x, n, copy_bw, tb, None))
+        from tpserve.kernels import gptq_prefill
+        chosen = gptq_prefill.DEQUANT_MIN_M
+        for variant, threshold in (("w4g128 tl.dot", 1 << 30), ("w4g128 dequant+cuBLAS", 1)):
+            gptq_prefill.DEQUANT_MIN_M = threshold  # force one path, whatever M
+            t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
+            rows.append(_row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb,
+                             None))
+        gptq_prefill.DEQUANT_MIN_M = chosen
         del wb, ws
 
 
@@ -219,7 +225,7 @@ def _fmt(r):
 
 
 def main():
-    global SHAPES, GPTQ_M, VARIANTS
+    global SHAPES, GPTQ_M, VARIANTS, PREFILL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (torch paths)")
@@ -229,6 +235,9 @@ def main():
     ap.add_argument("--shapes", help="GPTQ shapes KxN,... (default: the table's)")
     ap.add_argument("--m", type=int, nargs="+", help="GPTQ M values (default 1 4 16)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, help="GPTQ variants (default: all)")
+    ap.add_argument("--prefill", type=int, nargs="+", metavar="M",
+                    help="only the prefill paths (tl.dot vs dequant + cuBLAS vs bf16) at these M, "
+                         "on the Llama-3-8B layer shapes")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     smoke = args.smoke or dev.type == "cpu"
@@ -242,6 +251,11 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows = []
+    if args.prefill:
+        PREFILL = [(kn, m) for kn in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+                   for m in args.prefill]
+        SHAPES = [(256, 256)]  # the GEMV table's smallest stand-in: the prefill rows are the point
+        GPTQ_M, VARIANTS = (1,), ["w4g128"]
     bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
     if not args.no_head:
         bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)

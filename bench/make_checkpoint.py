@@ -4,7 +4,8 @@
 
 Presets: llama3-8b (Llama-3-8B shapes, 4-bit g128), llama3-8b-act (the same with act-order),
 qwen-straddle (Qwen2-style with q/k/v biases and intermediate 13696: tp=2 splits down_proj at
-6848, 64 rows into a group of 128), small (a 2-layer model for smoke tests).
+6848, 64 rows into a group of 128), llama3-1b (Llama-3.2-1B shapes, tied embeddings), small (a
+2-layer model for smoke tests).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PRESETS = {
     "llama3-8b-act": (LLAMA3_8B, {**GPTQ4, "desc_act": True}),
     "qwen-straddle": ({**LLAMA3_8B, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
                        "intermediate_size": 13696, "vocab_size": 151936}, GPTQ4),
+    "llama3-1b": ({**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192,
+                   "num_hidden_layers": 16, "num_key_value_heads": 8, "tie_word_embeddings": True},
+                  GPTQ4),
     "small": ({**LLAMA3_8B, "num_hidden_layers": 2, "hidden_size": 1024, "intermediate_size": 2816,
                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}, GPTQ4),
 }

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tpserve
+from tpserve.model.kv_cache import StepPlan
 from tpserve.runtime import shm
 
 from test_peer_fixtures import FIXTURES
@@ -41,3 +42,38 @@ def test_each_path_over_ray_gives_the_in_process_logits(ray_cluster, local2, cap
 def test_an_impossible_choice_fails_before_any_rank_starts(ray_cluster):
     with pytest.raises(tpserve.TpserveError, match="allreduce='nccl' needs device='cuda'"):
         tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, allreduce="nccl")
+
+
+@pytest.mark.parametrize("requested", ["auto", "zmq"])
+def test_the_head_on_rank0_gives_the_coordinators_logits_and_tokens(ray_cluster, local2,
+                                                                    requested):
+    """head_at='rank0' (what GPU ranks on one host get): steps carry token ids, rank 0 embeds and
+    one all-reduce shares the step tensor, rank 0's head returns the argmax (+ logits on demand)."""
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, allreduce=requested,
+                       head_at="rank0")
+    ref = tpserve.load(PATH, tp=2, dtype=torch.float32)
+    try:
+        assert llm.head is None  # one copy of the head: rank 0's
+        assert llm.executor.head_bytes > 0 and llm.lm_head == ref.lm_head == "dense"
+        assert torch.equal(llm.logits(IDS), local2)  # embedding + zeros summed: exact
+        n = llm.cfg.num_layers
+        assert llm.executor.stats.allreduce_count == 2 * n + 1
+        # greedy rows need only the argmax; sampled rows get the logits
+        plan = StepPlan([1], [0], [len(IDS)], out_rows=[len(IDS) - 1])
+        logits, argmax = llm.step(torch.tensor(IDS), plan, need_logits=False)
+        assert logits is None and argmax.tolist() == [int(local2[-1].argmax())]
+        for kw in ({}, {"temperature": 0.8, "seed": 7, "logprobs": 2}):
+            assert llm.generate(IDS, max_tokens=6, ignore_eos=True, **kw) == \
+                ref.generate(IDS, max_tokens=6, ignore_eos=True, **kw)
+    finally:
+        llm.close()
+
+
+def test_the_head_stays_at_the_coordinator_for_cpu_ranks(ray_cluster):
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32)
+    try:
+        assert llm.head is not None and llm.executor.head_bytes == 0
+    finally:
+        llm.close()
+    with pytest.raises(tpserve.TpserveError, match="head_at='gpu' is not known"):
+        tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="gpu")

@@ -17,6 +17,7 @@ import sys
 import time
 
 from tpserve.options import add_deploy_arguments, check_port, options_from_args
+from tpserve.model.rank_head import HEAD_AT
 from tpserve.runtime.comm import ALLREDUCE
 
 log = logging.getLogger("tpserve")
@@ -32,6 +33,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="all-reduce data path of Ray ranks (auto: shm for CPU ranks on the driver's "
                         "host, nccl for GPU ranks on one host, zmq through the coordinator "
                         "otherwise; the startup log says which and why)")
+    p.add_argument("--head-at", choices=HEAD_AT, default="auto",
+                   help="where Ray ranks' embedding + lm_head run (auto: on rank 0 for GPU ranks on "
+                        "this host, so a step sends token ids and gets the argmax back; at the "
+                        "coordinator otherwise)")
     p.add_argument("--rank-timeout", type=float, default=60.0,
                    help="seconds without an answer before a rank counts as dead")
     p.add_argument("--log-level", default="info", help="logging level")
@@ -52,7 +57,7 @@ def _load(args):
     options = {}
     if args.backend == "ray":
         options = dict(address=args.address, placement=args.placement, timeout_s=args.rank_timeout,
-                       allreduce=args.allreduce, progress=True)
+                       allreduce=args.allreduce, head_at=args.head_at, progress=True)
     llm = tpserve.load(path, tp=opts.tp, backend=opts.backend, device=opts.device,
                        dtype=opts.dtype, max_model_len=opts.max_model_len,
                        num_slots=opts.num_slots, lm_head=opts.lm_head, **options)

@@ -9,6 +9,7 @@ import torch
 
 from tpserve.model.config import load_configs
 from tpserve.errors import TpserveError
+from tpserve.kernels import HeadFormat
 from tpserve.model.head import Head
 from tpserve.model.kv_cache import StepPlan
 from tpserve.options import DeployOptions
@@ -21,9 +22,13 @@ log = logging.getLogger("tpserve")
 class LLM:
     """A loaded model: `logits(ids)` and `generate(ids, ...)` for one sequence at a time."""
 
-    def __init__(self, path: Path, cfg, quant, executor, head: Head, dtype: torch.dtype, tp: int):
+    def __init__(self, path: Path, cfg, quant, executor, head: Head | None, dtype: torch.dtype,
+                 tp: int, device: str = "cpu", lm_head: str = "auto"):
         self.path, self.cfg, self.quant = path, cfg, quant
-        self.executor, self.head, self.dtype, self.tp = executor, head, dtype, tp
+        self.executor, self.dtype, self.tp = executor, dtype, tp
+        # None where the ranks hold the head (Ray GPU ranks on this host: `executor.head_bytes`)
+        self.head = head
+        self.device, self.lm_head = device, lm_head  # the device kind, the head's resolved format
         self._engine: Engine | None = None
 
     @torch.inference_mode()
@@ -33,11 +38,13 @@ class LLM:
         logits, argmax = self.step(ids, plan)
         return logits if argmax is None else logits.clone()  # a captured step's buffer is reused
 
-    def step(self, ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One step of token ids [T] (host): fp32 logits of the rows `plan.out_rows`, and their
-        argmax where the step ran from ids to argmax in one captured graph (else None). Those two
-        are the graph's static buffers: valid until the next step."""
-        fused = self.executor.decode(ids, plan)
+        argmax where the ranks computed it with the head (else None). A captured step's outputs
+        are its static buffers: valid until the next step. With need_logits=False the logits may
+        be None where the ranks hold the head (only the argmax crossed to this process)."""
+        fused = self.executor.step_ids(ids, plan, need_logits)
         if fused is not None:
             return fused
         return self.head.logits(self.executor.step(self.head.embed(ids), plan)), None
@@ -94,17 +101,21 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
     if device == "cpu" and dtype == torch.float16:
         log.info("float16 on CPU is slow and imprecise in places; consider dtype=float32")
     max_len = min(max_model_len or cfg.max_position, cfg.max_position)
-    head = Head.load(path, cfg, quant, dtype, device, mode=lm_head)
     if ray_options and backend != "ray":
         raise TpserveError(f"options {sorted(ray_options)} apply to backend='ray' only")
     if backend == "local":
         from tpserve.runtime.local_executor import LocalExecutor
+        head = Head.load(path, cfg, quant, dtype, device, mode=lm_head)
         executor = LocalExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
                                  cuda_graphs, head)
     else:
         from tpserve.runtime.ray_executor import RayExecutor
         executor = RayExecutor(path, cfg, quant, tp, dtype, device, num_slots, max_len,
-                               **ray_options)
+                               lm_head=lm_head, **ray_options)
+        # The head is the coordinator's, here, unless it placed it on rank 0 (`head_at`).
+        head = None if executor.head_bytes else Head.load(path, cfg, quant, dtype, device,
+                                                           mode=lm_head)
     log.info("loaded %s (%s, %d layers) at tp=%d on %s, backend=%s", path, cfg.arch,
              cfg.num_layers, tp, device, backend)
-    return LLM(path, cfg, quant, executor, head, dtype, tp)
+    fmt = executor.head_format if head is None else HeadFormat(head.lm_head.mode).value
+    return LLM(path, cfg, quant, executor, head, dtype, tp, device, fmt)

@@ -203,9 +203,9 @@ def verify_llm(llm, path, reference: str = "tp1", prompts: list[list[int]] | Non
 
     if reference not in REFERENCES:
         raise TpserveError(f"reference={reference!r} is not known; use one of {REFERENCES}")
-    device = llm.head.norm.weight.device.type  # "cuda", not "cuda:0": the options name a kind
+    device = llm.device
     # The reference's lm_head in the deployment's format: verify checks the shards, not the head.
-    head_mode = getattr(llm.head.lm_head, "mode", "dense")
+    head_mode = llm.lm_head
     if prompts is not None:
         prompts_from = prompts_from or f"{len(prompts)} given"
     else:

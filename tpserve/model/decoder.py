@@ -4,7 +4,8 @@ The residual stream h [T, hidden] is replicated on every rank. Each half (attent
 this rank's partial product of its row-parallel output; the loop sums the partials across ranks
 (`comm.all_reduce`) and the half adds the sum to h. After each all-reduce every rank holds the same
 h again. These halves are the segments a captured step replays between all-reduces. The
-embedding, the final norm and the lm_head live at the coordinator (`tpserve.model.head`).
+embedding, the final norm and the lm_head live at the coordinator (`tpserve.model.head`), or on
+rank 0 where the coordinator places them there (`tpserve.model.rank_head`).
 
 `llama.py` and `gemma.py` only assemble `DecoderLayer`s (`layers.py`) from the shared layers.
 """
@@ -53,6 +54,11 @@ class RankModel(torch.nn.Module):
         self.buckets = buckets_for(cache.num_slots)  # decode batch sizes a GPU step runs at
         self.graphs = None
 
+    @property
+    def width(self) -> int:
+        """Columns of the step tensor: hidden, plus the per-layer inputs where the model has them."""
+        return self.cfg.hidden_size + self.cfg.num_layers * self.ple_dim
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, plan: StepPlan, capture: list | None = None) -> torch.Tensor:
         """-> the last layer's output [T, hidden] (before the final norm).
@@ -95,7 +101,7 @@ class RankModel(torch.nn.Module):
 
     def begin(self, x, plan: StepPlan | None, decode: DecodeMeta | None) -> StepState:
         cfg, t = self.cfg, x.shape[0]
-        assert x.shape[1] == cfg.hidden_size + cfg.num_layers * self.ple_dim, x.shape
+        assert x.shape[1] == self.width, x.shape
         ple = None
         if self.ple_dim:
             ple = x[:, cfg.hidden_size:].reshape(t, cfg.num_layers, self.ple_dim)
@@ -120,7 +126,8 @@ class RankModel(torch.nn.Module):
 
     def capture_graphs(self, head=None) -> None:
         """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`); with
-        `head` (tp=1 in one process) from token ids to logits."""
+        `head` (a `RankHead`, where the group's all-reduce is capturable) from token ids to
+        logits."""
         self.graphs = None
         if self.device.type == "cuda" and self.batched_decode:
             self.graphs = DecodeGraphs(self, self.buckets, head)

@@ -44,7 +44,8 @@ class _Bucket:
     pinned host buffer per step."""
 
     def __init__(self, model, size: int, width: int, whole: bool, head, pool):
-        self.size, self.whole, self.reductions = size, whole, model.num_halves
+        self.size, self.whole = size, whole
+        self.reductions = model.num_halves + (0 if head is None else head.reductions)
         self.scratch = model.cache.num_slots
         dev, dtype = model.device, model.layers[0].attn_norm.weight.dtype
         # the step's input rows (a graph with the head reads token ids from `rows` instead)
@@ -65,8 +66,9 @@ class _Bucket:
                 meta = DecodeMeta.of(self.rows[:3])
                 if head is None:
                     return model.run(self.x, None, meta), None
-                logits = head.logits(model.run(head.embed(self.rows[3]), None, meta))
-                return logits, logits.argmax(-1)
+                h = model.run(head.embed(self.rows[3]), None, meta)
+                logits = head.logits(h)  # None on a rank without the head
+                return (h, None) if logits is None else (logits, logits.argmax(-1))
             self.out, self.tokens = self._capture(pool, step)  # with the head, out is the logits
             return
         state_box, h = {}, None
@@ -123,14 +125,14 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    """Every bucket's graphs. With `head` (the coordinator's embedding, final norm and lm_head on
-    this GPU: tp=1 in one process) a whole-step graph runs from token ids to fp32 logits and their
-    argmax, and only token ids cross to the host."""
+    """Every bucket's graphs. With `head` (a `RankHead`: the coordinator's embedding, final norm
+    and lm_head on this GPU, or on rank 0 of this group) a whole-step graph runs from token ids to
+    fp32 logits and their argmax, and only token ids cross to the host."""
 
     def __init__(self, model, buckets: list[int], head=None):
         t0 = time.perf_counter()
         self.model = model
-        width = model.cfg.hidden_size + model.cfg.num_layers * model.ple_dim
+        width = model.width
         whole = model.comm.capturable
         self.with_head = head is not None and whole
         pool = torch.cuda.graph_pool_handle()
@@ -158,9 +160,12 @@ class DecodeGraphs:
         bucket.load(plan)
         return bucket.replay(self.model.comm)[:x.shape[0]]
 
-    def run_ids(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [b] (host) -> (fp32 logits [b, vocab], their argmax [b]) on the device."""
+    def run_ids(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token ids [b] (host) -> (fp32 logits [b, vocab], their argmax [b]) on the device; both
+        None on a rank without the head."""
         bucket = self.bucket(plan)
         bucket.load(plan, ids)
         bucket.replay(self.model.comm)
+        if bucket.tokens is None:
+            return None, None
         return bucket.out[:len(ids)], bucket.tokens[:len(ids)]

@@ -170,9 +170,25 @@ class Coordinator:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """h [T, width] -> rank 0's final hidden rows `plan.out_rows`."""
+        out = self._step({}, h, plan)
+        if len(out) != 1:
+            raise RankFailure(f"rank 0 answered step {self.step_id} with {len(out)} tensors, not 1")
+        return out[0]
+
+    def step_ids(self, ids: torch.Tensor, plan: StepPlan, logits: bool) -> list[torch.Tensor]:
+        """Token ids [T] -> [argmax] or [argmax, fp32 logits] of the rows `plan.out_rows`, from
+        ranks that hold the head (`tpserve.model.rank_head`)."""
+        out = self._step({"ids": True, "logits": logits}, ids, plan)
+        if len(out) != 1 + logits or out[0].dim() != 1 or out[0].dtype != torch.int64:
+            raise RankFailure(f"rank 0 answered step {self.step_id} with {len(out)} tensors, not "
+                              f"the argmax{' and the logits' if logits else ''}")
+        return out
+
+    def _step(self, flags: dict, x: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:
         self.step_id += 1
         step = self.step_id
-        msg = encode({"op": "step", "step": step, "plan": plan.to_wire()}, [h])
+        msg = encode({"op": "step", "step": step, "plan": plan.to_wire(), **flags}, [x])
         for ident in self.identities:
             self.sock.send_multipart([ident, *msg], copy=False)
         try:
@@ -182,7 +198,7 @@ class Coordinator:
                 self.data.abort()  # no rank stays blocked in the path; recover() rebuilds it
             raise
 
-    def _serve(self, step: int) -> torch.Tensor:
+    def _serve(self, step: int) -> list[torch.Tensor]:
         """Wait for step `step`'s result; on the zmq path, serve its reductions meanwhile."""
         partials: dict[int, list] = {}
         started: dict[int, float] = {}
@@ -197,12 +213,12 @@ class Coordinator:
                 continue
             if op == "error":
                 raise RankFailure(f"rank {rank} failed in step {step}: {hdr.get('message', '?')}")
-            if op == "result" and rank == 0 and len(tensors) == 1:
+            if op == "result" and rank == 0 and tensors:
                 self.stats.steps += 1
                 if self.data is not None:  # reductions the ranks ran among themselves
                     self.stats.allreduce_count += uint(hdr, "reductions")
                     self.stats.allreduce_seconds += uint(hdr, "reduce_ns") * 1e-9
-                return tensors[0]
+                return tensors
             if op != "reduce" or len(tensors) != 1 or self.data is not None:
                 self.stats.dropped_messages += 1
                 log.error("dropped unexpected %r from rank %s in step %s", op, rank, step)

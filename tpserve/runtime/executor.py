@@ -42,10 +42,14 @@ class Executor(Protocol):
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Run one step on every rank: h [T, hidden] -> the final hidden rows `plan.out_rows`."""
 
-    def decode(self, ids: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A decode step from token ids [b] to (fp32 logits [b, vocab], their argmax [b]) where
-        the executor runs the head inside its captured step; None where it does not (the caller
-        runs embed, `step` and the head)."""
+    head_bytes: int  # bytes of the head the ranks hold (`tpserve.model.rank_head`), else 0
+
+    def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """A step from token ids [T] to (fp32 logits of the rows `plan.out_rows`, their argmax)
+        where the ranks hold the head (`tpserve.model.rank_head`); None where they do not (the
+        caller runs embed, `step` and the head). With need_logits=False the logits may be None:
+        the caller takes the argmax only."""
 
     def health(self) -> str | None:
         """None while every rank serves; else a sentence naming the dead or stuck ranks."""

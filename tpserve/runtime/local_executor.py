@@ -15,6 +15,7 @@ from tpserve.runtime.comm import LocalGroup
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
+from tpserve.model.rank_head import RankHead, step_ids
 from tpserve.model.shard_plan import ShardPlan
 
 
@@ -31,11 +32,15 @@ class LocalExecutor:
         self.group = LocalGroup(tp)
         self.ranks = [build_rank_model(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
                                        num_slots, max_len) for r in range(tp)]
+        self.rank_head = None
         if cuda_graphs and str(device).startswith("cuda"):
+            # At tp=1 the coordinator's head joins the rank's graphs (`step_ids` below).
+            if tp == 1 and head is not None:
+                r0 = self.ranks[0]
+                self.rank_head = RankHead(head, r0.comm, r0.width, dtype, r0.device)
             # One rank after the other, before any step: tuning and capture never run concurrently.
-            # At tp=1 the coordinator's head joins the rank's graphs (`decode` below).
             for rank in self.ranks:
-                rank.capture_graphs(head if tp == 1 else None)
+                rank.capture_graphs(self.rank_head)
         self.pool = ThreadPoolExecutor(tp, thread_name_prefix="tpserve-rank")
         self.tp, self.num_slots = tp, num_slots
         self.max_len = self.ranks[0].cache.max_len
@@ -49,17 +54,14 @@ class LocalExecutor:
         out = self.ranks[0](h, plan, capture) if self.tp == 1 else self._step_all(h, plan, capture)
         return out if plan.out_rows is None else out[plan.out_rows]
 
-    def decode(self, ids: torch.Tensor, plan: StepPlan):
-        """A decode step from token ids to (fp32 logits, argmax) in one captured graph, where the
-        head was captured with the rank (tp=1 on a GPU); else None."""
-        rank = self.ranks[0]
-        graphs = rank.graphs
-        if graphs is None or not graphs.with_head or not plan.is_decode or (
-                plan.out_rows is not None and plan.out_rows != list(range(len(plan.slots)))):
+    head_bytes = 0  # the head is the caller's (its captured copy at tp=1 is the same tables)
+
+    def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True):
+        """A step from token ids to (fp32 logits, argmax) where the head was captured with the
+        rank (tp=1 on a GPU): decode steps replay that graph; else None."""
+        if self.rank_head is None:
             return None
-        rank.cache.check(plan)
-        with torch.inference_mode():
-            return graphs.run_ids(ids, plan)
+        return step_ids(self.ranks[0], self.rank_head, ids, plan)
 
     def _step_all(self, h: torch.Tensor, plan: StepPlan, capture: list | None) -> torch.Tensor:
         """Every rank on its thread (they meet in each all-reduce); rank 0's output."""

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 import zmq
 
+from tpserve.kernels import HeadFormat
 from tpserve.model.config import load_configs
+from tpserve.model.head import Head
+from tpserve.model.rank_head import RankHead, step_ids
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
@@ -102,6 +105,7 @@ class RankWorker:
         self.comm, self.timeout_s = RankComm(rank, tp), timeout_s
         self.gpu = 0  # Ray exposes only this rank's GPU unless `see_gpus` widened the view
         self.model: RankModel | None = None
+        self.head: RankHead | None = None  # set where the coordinator places its head here
         self.steps = 0
         self.last_step = 0
         if threads:
@@ -123,7 +127,7 @@ class RankWorker:
 
     def load(self) -> dict:
         t0 = time.perf_counter()
-        cfg, quant = load_configs(self.path)
+        self.cfg, self.quant = cfg, quant = load_configs(self.path)
         plan = ShardPlan.build(cfg, self.tp)
         device = self.device
         if device == "cuda":
@@ -133,11 +137,25 @@ class RankWorker:
         return {"rank": self.rank, "seconds": time.perf_counter() - t0,
                 "bytes_read": self.model.ckpt.bytes_read, "kv_bytes": self.model.cache.nbytes}
 
+    def load_head(self, lm_head: str) -> dict:
+        """Take the coordinator's head: rank 0 loads it (embedding, final norm, lm_head in the
+        `lm_head` format), every rank then steps from token ids (`tpserve.model.rank_head`)."""
+        head = None
+        if self.rank == 0:
+            if self.device == "cuda":
+                torch.cuda.set_device(self.gpu)
+            head = Head.load(self.path, self.cfg, self.quant, self.dtype, self.device, lm_head)
+        self.head = RankHead(head, self.comm, self.model.width, self.dtype, self.model.device)
+        return {"nbytes": self.head.nbytes,
+                "format": None if head is None else HeadFormat(head.lm_head.mode).value}
+
     def health(self) -> dict:
         return {"rank": self.rank, "steps": self.steps, "pid": os.getpid()}
 
-    def serve(self, address: str, keys: dict) -> int:
-        """Connect to the coordinator and run steps until it says stop. Returns the step count."""
+    def serve(self, address: str, keys: dict, setup_follows: bool = False) -> int:
+        """Connect to the coordinator and run steps until it says stop. Returns the step count.
+        `setup_follows`: the coordinator will name another data path than the zmq star before
+        the first step (the graphs are captured for that path, not twice)."""
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -152,8 +170,8 @@ class RankWorker:
             # The current device is per thread, and Ray may run serve() on another thread than
             # load(): tensors made as "cuda" here must land on this rank's GPU.
             torch.cuda.set_device(self.gpu)
-            # One graph per segment between all-reduces, whatever the path.
-            self.model.capture_graphs()
+            if not setup_follows:  # the zmq star: one graph per segment between all-reduces
+                self.model.capture_graphs(self.head)
         sock.send_multipart(encode({"op": "hello", "rank": self.rank}))
         try:
             while True:
@@ -166,10 +184,14 @@ class RankWorker:
                     if h["op"] == "setup":
                         self._join(sock, h)
                         continue
-                    if h["op"] != "step" or len(ts) != 1 or ts[0].dim() != 2:
-                        raise WireError(f"expected a step with one 2-D tensor, got {h['op']!r}")
+                    ids = h.get("ids") is True
+                    if h["op"] != "step" or len(ts) != 1 or ts[0].dim() != 2 - ids:
+                        raise WireError(f"expected a step with one {2 - ids}-D tensor, got "
+                                        f"{h['op']!r}")
                     if h["step"] <= self.last_step:
                         raise WireError(f"step {h['step']} is not after step {self.last_step}")
+                    if ids:
+                        self._check_ids(ts[0])
                     plan = _plan_from_wire(h.get("plan"), ts[0].shape[0])
                 except WireError as e:
                     log.error("rank %d dropped a message: %s", self.rank, e)
@@ -177,12 +199,16 @@ class RankWorker:
                 self.last_step = self.comm.step = h["step"]
                 self.comm.seq = 0
                 try:
-                    out = self.model(ts[0].to(self.device, self.dtype), plan)
+                    if ids:
+                        logits, argmax = step_ids(self.model, self.head, ts[0], plan)
+                        out = [argmax] + ([logits] if h.get("logits") is not False else [])
+                    else:
+                        out = self.model(ts[0].to(self.device, self.dtype), plan)
+                        out = [out if plan.out_rows is None else out[plan.out_rows]]
                     counts = self.comm.take_counts()
                     if self.rank == 0:
-                        rows = out if plan.out_rows is None else out[plan.out_rows]
                         sock.send_multipart(encode({"op": "result", "step": h["step"], "rank": 0,
-                                                    **counts}, [rows]), copy=False)
+                                                    **counts}, out), copy=False)
                 except Stopped:
                     break
                 except Exception as e:  # report, keep serving: the coordinator decides
@@ -194,6 +220,13 @@ class RankWorker:
             sock.close(0)
             ctx.term()
         return self.steps
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if self.head is None:
+            raise WireError("a step of token ids reached a rank that holds no part of the head")
+        if ids.dtype != torch.int64 or ids.numel() == 0 or int(ids.min()) < 0 or \
+                int(ids.max()) >= self.cfg.vocab_size:
+            raise WireError(f"token ids must be int64 in [0, {self.cfg.vocab_size})")
 
     def _join(self, sock: zmq.Socket, h: dict) -> None:
         """Switch to the data path the coordinator set up; answer ready, or why not."""
@@ -210,5 +243,5 @@ class RankWorker:
             return
         self.comm.capturable = self.tp == 1 or self.comm.path.capturable
         if self.device == "cuda" and self.comm.capturable:  # now the whole step is one graph
-            self.model.capture_graphs()
+            self.model.capture_graphs(self.head)
         sock.send_multipart(encode({"op": "ready", "rank": self.rank}))

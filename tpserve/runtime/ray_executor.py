@@ -19,6 +19,7 @@ from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
+from tpserve.model.rank_head import HEAD_AT
 from tpserve.runtime.rank_worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class RayExecutor:
                  num_slots: int = 8, max_len: int | None = None, address: str | None = None,
                  placement: str = "strict_pack", timeout_s: float = 60.0,
                  placement_timeout_s: float = 60.0, curve: bool = True, progress: bool = False,
-                 allreduce: str = "auto"):
+                 allreduce: str = "auto", lm_head: str = "auto", head_at: str = "auto"):
         choose_path(allreduce, tp, device, True, None)  # refuse a wrong name or device up front
+        if head_at not in HEAD_AT:
+            raise TpserveError(f"head_at={head_at!r} is not known; use one of {list(HEAD_AT)}")
         if placement not in PLACEMENTS:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
@@ -64,6 +67,8 @@ class RayExecutor:
         self.max_len = max_len or cfg.max_position
         self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
         self.placement_timeout_s, self.curve, self.allreduce = placement_timeout_s, curve, allreduce
+        self.lm_head, self.head_at = lm_head, head_at
+        self.head_bytes, self.head_format = 0, None  # the head's, where rank 0 holds it
         self.started_ray = ensure_ray(address, tp, device)
         self.actors, self.pg, self.coord, self.serving, self.nodes = [], None, None, [], []
         self.failures = self.recoveries = 0
@@ -134,8 +139,9 @@ class RayExecutor:
         self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
-        self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r))
-                        for r, a in enumerate(self.actors)]
+        self._place_head(device == "cuda" and local)
+        self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r),
+                                       path != "zmq") for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()
         self._dead = None
         log.info("%d ranks serving on %s via %s, all-reduce %s", tp,
@@ -192,12 +198,27 @@ class RayExecutor:
         log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
                  sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
+    def _place_head(self, same_host_gpus: bool) -> None:
+        """Put the coordinator's head on rank 0 where `head_at` asks for it (`auto`: GPU ranks on
+        this host, whose whole step then replays as one graph from token ids to the argmax)."""
+        import ray
+        if self.head_at == "coordinator" or (self.head_at == "auto" and not same_host_gpus):
+            return
+        infos = ray.get([a.load_head.remote(self.lm_head) for a in self.actors])
+        self.head_bytes, self.head_format = infos[0]["nbytes"], infos[0]["format"]
+        log.info("the head (embedding + lm_head, %s, %.1f MB) is on rank 0: steps send token "
+                 "ids and receive the argmax (head_at=%s)", self.head_format,
+                 self.head_bytes / 1e6, self.head_at)
+
     @property
     def stats(self) -> CommStats:
         return self._comm_stats
 
-    def decode(self, ids: torch.Tensor, plan: StepPlan) -> None:
-        return None  # the head runs at the coordinator, outside the ranks' graphs
+    def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True):
+        if not self.head_bytes:
+            return None  # the head runs at the coordinator
+        out = self._guarded(self.coord.step_ids, ids, plan, need_logits)
+        return (out[1] if need_logits else None), out[0]
 
     def health(self) -> str | None:
         return self._dead
@@ -206,9 +227,13 @@ class RayExecutor:
         return [RankPlacement(i["rank"], i["node_id"], self.device) for i in self.nodes]
 
     def step(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        return self._guarded(self.coord.step, h, plan)
+
+    def _guarded(self, step, *args):
+        """A coordinator step; a failure names the dead or stuck rank."""
         self._raise_if_dead()
         try:
-            return self.coord.step(h, plan)
+            return step(*args)
         except RankFailure as e:
             if self._dead and self._dead in str(e):  # the monitor's own report: already named
                 raise

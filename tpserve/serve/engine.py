@@ -24,7 +24,8 @@ import torch
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
-from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob, prompt_logprobs, sample
+from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, needs_logits,
+                                    prompt_logprobs, sample)
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ class Engine:
             lens.append(len(new))
         plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
         with torch.inference_mode():
-            logits, argmax = self.llm.step(torch.as_tensor(ids, dtype=torch.long), plan)
+            need = len(out_rows) != len(reqs) or needs_logits([r.row for r in reqs])
+            logits, argmax = self.llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
             last = logits if len(out_rows) == len(reqs) else logits[[b - 1 for _, b in spans]]
             sampled = self._sample(last, reqs, argmax)
             prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,

@@ -84,8 +84,8 @@ class EngineCollector:
         yield _counter("tpserve_requests_cancelled", "Requests whose client went away.",
                        s.requests_cancelled)
         yield _gauge("tpserve_coordinator_weight_bytes",
-                     "Bytes of weights held by the coordinator (embedding + lm_head).",
-                     weight_bytes(e.head))
+                     "Bytes of the coordinator's head (embedding + lm_head), held here or "
+                     "placed on rank 0.", weight_bytes(e.head) + e.executor.head_bytes)
 
     def _family(self, kind):
         def make(name, doc, value):

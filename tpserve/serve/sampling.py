@@ -148,13 +148,18 @@ def _sparse_add(x: torch.Tensor, triples: list[tuple[int, int, float]]) -> None:
         x.index_put_(idx, torch.tensor(vals, dtype=x.dtype, device=x.device), accumulate=True)
 
 
+def _processed(rows: list[SampleRow]) -> bool:
+    """Whether any row asks for a logit bias, a penalty or a banned token (min_tokens)."""
+    return any(r.params.logit_bias or r.params.penalized or len(r.output) < r.params.min_tokens
+               for r in rows)
+
+
 def process(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """logit_bias, penalties and min_tokens applied to fp32 logits [B, vocab]: a new tensor, or
     `logits` itself when no row asks for any of them (the common case costs no kernel)."""
-    params = [r.params for r in rows]
-    if not any(p.logit_bias or p.penalized or len(r.output) < p.min_tokens
-               for p, r in zip(params, rows)):
+    if not _processed(rows):
         return logits
+    params = [r.params for r in rows]
     x = logits.float().clone()
     _sparse_add(x, [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias])
     if any(p.penalized for p in params):
@@ -198,10 +203,21 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return (probs / q.clamp_min(1e-30)).argmax(-1)
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow], argmax: torch.Tensor | None = None
-           ) -> tuple[list[int], list[TokenLogprob | None]]:
+def needs_logits(rows: list[SampleRow]) -> bool:
+    """Whether sampling these rows reads their logits; False when every row takes the argmax as
+    it is (greedy, no bias, penalty, min_tokens or logprobs): then the argmax alone will do."""
+    return _processed(rows) or any(not r.params.greedy or r.params.logprobs is not None
+                                   for r in rows)
+
+
+def sample(logits: torch.Tensor | None, rows: list[SampleRow],
+           argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked.
-    `argmax`, when the caller has it (a captured step), is `logits.argmax(-1)`."""
+    `argmax`, when the caller has it (a captured step), is `logits.argmax(-1)`; logits may be
+    None where `needs_logits(rows)` is False and the argmax is given."""
+    if logits is None:
+        assert argmax is not None and not needs_logits(rows)
+        return argmax.tolist(), [None] * len(rows)
     params = [r.params for r in rows]
     x = process(logits, rows)
     if x is not logits:

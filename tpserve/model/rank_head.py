@@ -1,0 +1,66 @@
+"""The head inside the ranks' step: steps from token ids, with only token ids crossing processes.
+
+Where the ranks' all-reduce runs on the device (GPU ranks on the coordinator's host, NCCL), the
+coordinator's round trip per step (its embedding -> every rank, rank 0's hidden rows -> its head)
+costs more than the step itself. There the coordinator places its head (embedding, final norm,
+lm_head in the head's format: `tpserve.model.head.Head`) on rank 0 instead, still one copy:
+
+- every rank's step starts from the token ids: rank 0 embeds them, the other ranks contribute
+  zeros, and one all-reduce of that [T, width] tensor hands every rank the step tensor (adding
+  zeros is exact, so this is a broadcast on whatever path the group uses, inside a CUDA graph on
+  NCCL);
+- rank 0's step ends with the final norm, the lm_head and the argmax; only the argmax (and the fp32
+  logits where a request needs them: sampling, penalties, logprobs) goes back to the coordinator.
+
+At tp=1 in one process the same object puts the head into the rank's captured decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpserve.model.kv_cache import StepPlan
+
+HEAD_AT = ("auto", "coordinator", "rank0")  # where Ray ranks' head runs; auto: rank0 for same-host GPUs
+
+
+class RankHead:
+    """`head` on rank 0 (None on the others) plus the group's all-reduce."""
+
+    def __init__(self, head, comm, width: int, dtype: torch.dtype, device):
+        self.head, self.comm, self.width = head, comm, width
+        self.dtype, self.device = dtype, torch.device(device)
+        # An all-reduce precedes the layers' where the step tensor is shared from rank 0.
+        self.reductions = 0 if comm.world_size == 1 else 1
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.head is None else self.head.nbytes
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] (on this rank's device) -> the step tensor [T, width] on every rank."""
+        if self.head is not None:
+            x = self.head.embed(ids)
+        else:
+            x = torch.zeros(ids.shape[0], self.width, dtype=self.dtype, device=self.device)
+        return self.comm.all_reduce(x) if self.reductions else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Final hidden rows -> fp32 logits on rank 0; None on the others."""
+        return None if self.head is None else self.head.logits(h)
+
+
+def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One step of `model` (a `RankModel`) from token ids [T] (host) -> (fp32 logits of the rows
+    `plan.out_rows`, their argmax); both None on ranks without the head. A decode step replays the
+    captured graph that holds the head where there is one."""
+    graphs = model.graphs
+    with torch.inference_mode():  # the graphs' static buffers are inference tensors
+        if graphs is not None and graphs.with_head and plan.is_decode and (
+                plan.out_rows is None or plan.out_rows == list(range(len(plan.slots)))):
+            model.cache.check(plan)
+            return graphs.run_ids(ids, plan)
+        out = model(head.embed(ids.to(model.device)), plan)
+        logits = head.logits(out if plan.out_rows is None else out[plan.out_rows])
+    return logits, None if logits is None else logits.argmax(-1)
