@@ -63,7 +63,7 @@ class _Timer:
     def __init__(self, comm, sizes, device, graph, out_q):
         self.comm, self.sizes, self.device, self.graph, self.q = comm, sizes, device, graph, out_q
 
-    def capture_graphs(self):
+    def capture_graphs(self, head=None):
         pass  # a GPU rank captures its model's graphs at setup; this stand-in captures its own
 
     def __call__(self, h, plan):

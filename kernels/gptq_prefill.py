@@ -28,6 +28,11 @@ from .gptq_weight import self_check  # noqa: E402
 # From this many rows on, a matmul dequantizes W once and hands it to cuBLAS (a prefill of M = 512
 # on 4096x14336 took 364 us in the tl.dot kernel, bf16 cuBLAS 87 us, dequantizing ~40 us).
 DEQUANT_MIN_M = 256
+# ... and below it wherever K >= N: on an H100 at M = 32-128, dequantize + cuBLAS took 41-44 us vs
+# 62-67 us in the tl.dot kernel on 4096x4096 and 137-146 vs 203-210 us on 14336x4096, while on
+# 4096x28672 the tl.dot kernel won (163-191 vs 248-254 us) and 4096x6144 was even
+# (bench/kernels.py --prefill).
+DEQUANT_WHEN_K_GE_N = True
 
 
 
@@ -126,13 +131,15 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K], M > 16 (fp16, bf16 or fp32) @ the 4/8-bit GPTQWeight w -> out [M, N] in x.dtype.
 
-    `config` fixes the tl.dot kernel's block sizes (tests); without one, M >= DEQUANT_MIN_M goes
-    through dequantization + cuBLAS and smaller M through the autotuned kernel.
+    `config` fixes the tl.dot kernel's block sizes (tests); without one, M >= DEQUANT_MIN_M (or
+    K >= N, see DEQUANT_WHEN_K_GE_N) goes through dequantization + cuBLAS and the rest through the
+    autotuned kernel.
     """
     out = new_out(x, w, out)
     if perm is not None:
         x = x.index_select(1, perm)
-    if x.shape[0] >= DEQUANT_MIN_M and config is None:  # compute-bound: dequantize once, cuBLAS
+    k, n = w.in_features, out.shape[1]
+    if config is None and (x.shape[0] >= DEQUANT_MIN_M or DEQUANT_WHEN_K_GE_N and k >= n):
         return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
     m, n = out.shape
     args = gptq_args(x, w, out) | dict(
@@ -145,4 +152,5 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
 
 
 if __name__ == "__main__":
-    self_check(prefill_matmul, ms=(17, 40))
+    for DEQUANT_WHEN_K_GE_N in (True, False):  # both paths at these M
+        self_check(prefill_matmul, ms=(17, 40))

@@ -187,3 +187,29 @@ def test_a_rank_answers_every_setup_with_ready_or_error_and_keeps_serving(tmp_pa
             assert router.poll(10000), "the rank stopped answering"
             h, _ = decode(router.recv_multipart()[1:])
             assert h["op"] == ("ready" if path == "zmq" and isinstance(comm, dict) else "error")
+
+
+def test_a_rank_drops_token_id_steps_it_cannot_run_and_keeps_serving(tmp_path):
+    """A step of token ids (the head on rank 0) reaching a rank without its head part, or with
+    ids outside the vocabulary, is dropped: no embedding lookup out of bounds, no answer."""
+    from tpserve.model.config import load_configs
+    from tpserve.model.rank_head import RankHead
+    plan = {"slots": [0, 0], "starts": [0, 2], "lens": [1, 1]}
+    with bare_rank(tmp_path, b"r0", timeout_s=2) as (router, worker):
+        def step(n, ids):
+            router.send_multipart([b"r0", *bytes_frames(
+                {"op": "step", "step": n, "ids": True, "plan": plan}, [ids])])
+        def next_answer_is_ready():  # a setup after the steps: its answer comes first
+            router.send_multipart([b"r0", *bytes_frames({"op": "setup", "path": "zmq",
+                                                         "comm": {}})])
+            assert router.poll(10000), "the rank stopped answering"
+            return decode(router.recv_multipart()[1:])[0]["op"] == "ready"
+        step(1, torch.tensor([1, 2]))  # this rank holds no part of the head
+        assert next_answer_is_ready()
+        worker.cfg, _ = load_configs(FIXTURES / "llama_g128_sym")
+        worker.head = RankHead(None, worker.comm, worker.cfg.hidden_size, torch.float32, "cpu")
+        step(2, torch.tensor([1, worker.cfg.vocab_size]))  # one id past the vocabulary
+        step(3, torch.tensor([1.0, 2.0]))  # not int64
+        step(4, torch.tensor([[1, 2]]))  # not 1-D
+        assert next_answer_is_ready()
+        assert worker.last_step == 0  # none of them ran

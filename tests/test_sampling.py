@@ -175,3 +175,18 @@ def test_stop_text_never_leaks_the_start_of_a_stop_string():
     assert sent[2:5] == ["", "", "}Bx"]  # "}B" held until "x" showed it is not the stop
     st = StopText(Chars(), (stop,))
     assert st.update([ord(c) for c in "ab}B"], final=True) == ("ab}B", False)  # length: flush
+
+
+def test_only_plain_greedy_rows_go_without_logits():
+    """needs_logits decides whether a step may return the argmax alone (the head on rank 0)."""
+    from tpserve.serve.sampling import needs_logits
+    def row(**kw):
+        return SampleRow(SamplingParams(max_tokens=4, **kw), [1, 2], [], (0,))
+    plain = row()
+    assert not needs_logits([plain, row(ignore_eos=True)])
+    for kw in ({"temperature": 0.7}, {"logprobs": 1}, {"logit_bias": ((3, 1.0),)},
+               {"repetition_penalty": 1.2}, {"min_tokens": 2}):
+        assert needs_logits([plain, row(**kw)]), kw
+    # and where they need none, sampling takes the given argmax as it is
+    argmax = torch.tensor([5, 7])
+    assert sample(None, [plain, plain], argmax)[0] == [5, 7]
