@@ -10,6 +10,8 @@
 #            decode tok/s of each
 #   decode   decode_x2.json: Llama-3-8B shapes, tp=1 (in-process) vs tp=2 (Ray, NCCL, head on
 #            rank 0) vs the torch int4 peer, batch 1 and 8, int8 head
+#   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
+#            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
@@ -63,6 +65,13 @@ if has decode; then
   timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
     --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 \
     --out "$OUT/decode_x2.json" > "$OUT/decode_x2.log" 2>&1; tail -10 "$OUT/decode_x2.log"
+fi
+if has profile; then
+  l8
+  TPSERVE_PROFILE=60:16:$OUT/prof timeout 300 python3 bench/decode.py --model /tmp/l8 --tp 2 --batch 1 \
+    --backend ray --device cuda --dtype float16 --lm-head int8 --prompt-len 128 --gen 96 \
+    > "$OUT/profile_x2.log" 2>&1; tail -3 "$OUT/profile_x2.log"
+  for r in 0 1; do head -22 "$OUT/prof/rank$r.txt"; done
 fi
 if has verify; then
   l8

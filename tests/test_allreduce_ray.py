@@ -77,3 +77,22 @@ def test_the_head_stays_at_the_coordinator_for_cpu_ranks(ray_cluster):
         llm.close()
     with pytest.raises(tpserve.TpserveError, match="head_at='gpu' is not known"):
         tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="gpu")
+
+
+def test_tpserve_profile_writes_each_ranks_window(ray_cluster, tmp_path, monkeypatch):
+    """TPSERVE_PROFILE=FIRST:COUNT:DIR reaches every rank and profiles that window of its steps."""
+    import json
+    monkeypatch.setenv("TPSERVE_PROFILE", f"2:3:{tmp_path}")
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32)
+    try:
+        llm.generate(IDS, max_tokens=8, ignore_eos=True)  # 1 prefill + 7 decode steps
+    finally:
+        llm.close()
+    for r in range(2):
+        table = (tmp_path / f"rank{r}.txt").read_text()
+        assert table.startswith(f"rank {r}, steps 2..4 (3 steps)")
+        assert "aten::" in table  # the ops the rank ran inside the window
+        assert json.loads((tmp_path / f"rank{r}.trace.json").read_text())["traceEvents"]
+    monkeypatch.setenv("TPSERVE_PROFILE", "40:8")
+    with pytest.raises(tpserve.TpserveError, match="TPSERVE_PROFILE='40:8' is not FIRST:COUNT:DIR"):
+        tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32)

@@ -26,6 +26,7 @@ from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
+from tpserve.runtime.profiling import StepProfiler
 from tpserve.runtime.wire import WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class RankWorker:
         self.head: RankHead | None = None  # set where the coordinator places its head here
         self.steps = 0
         self.last_step = 0
+        self.profiler = StepProfiler(rank)  # TPSERVE_PROFILE: a window of steps, else nothing
         if threads:
             torch.set_num_threads(threads)
 
@@ -198,6 +200,7 @@ class RankWorker:
                     continue
                 self.last_step = self.comm.step = h["step"]
                 self.comm.seq = 0
+                self.profiler.before(self.steps)
                 try:
                     if ids:
                         logits, argmax = step_ids(self.model, self.head, ts[0], plan)
@@ -215,6 +218,7 @@ class RankWorker:
                     log.exception("rank %d failed in step %d", self.rank, h["step"])
                     sock.send_multipart(encode({"op": "error", "step": h["step"], "rank": self.rank,
                                                 "message": f"{type(e).__name__}: {e}"}))
+                self.profiler.after(self.steps)
                 self.steps += 1
         finally:
             sock.close(0)

@@ -17,6 +17,7 @@ import torch
 from tpserve.runtime.comm import choose_path
 from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.executor import CommStats, RankPlacement
+from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT
@@ -63,6 +64,7 @@ class RayExecutor:
             raise TpserveError(f"placement={placement!r} is not known; use one of {list(PLACEMENTS)}")
         if device not in ("cpu", "cuda"):
             raise TpserveError(f"device={device!r} is not supported; use cpu or cuda")
+        StepProfiler(0)  # a malformed TPSERVE_PROFILE is refused here, not in every rank
         self.backend, self.path, self.tp, self.num_slots = "ray", path, tp, num_slots
         self.max_len = max_len or cfg.max_position
         self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
