@@ -1,6 +1,7 @@
 """The static-shape decode step: batch buckets, padding rows aimed at the scratch slot, and the
 padded step (what a captured step runs) against the unpadded one, on CPU."""
 
+import pytest
 import torch
 
 import tpserve
@@ -39,3 +40,43 @@ def test_padded_decode_step_matches_the_exact_one_and_spares_the_real_slots(demo
             assert torch.equal(a[3:8], b[3:8])  # slots no sequence owns: untouched
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (4, None), (None, 5.0)])
+def test_a_mixed_step_attends_like_each_sequence_alone(window, softcap):
+    """Batched attention of a step mixing a continued prefill, a fresh prefill and a decode row
+    (padded into one batch) against a naive loop over sequences and heads; every cache entry a
+    sequence must not see (other slots, its own slot past its end) holds NaN."""
+    from tpserve.model.kv_cache import KVCache, attention
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, hd, slots, max_len = 6, 2, 8, 4, 32
+    cache = KVCache(1, slots, max_len, kv_heads, hd, torch.float32, "cpu")
+    cache.k[0].fill_(float("nan"))
+    cache.v[0].fill_(float("nan"))
+    plan = StepPlan(slots=[2, 0, 3], starts=[5, 0, 12], lens=[4, 7, 1])
+    for slot, start in zip(plan.slots, plan.starts):  # what earlier steps left in the cache
+        cache.k[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
+        cache.v[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
+    t = plan.num_tokens
+    q = torch.randn(t, heads, hd, generator=gen)
+    k, v = torch.randn(t, kv_heads, hd, generator=gen), torch.randn(t, kv_heads, hd, generator=gen)
+    kv_map = torch.tensor([h * kv_heads // heads for h in range(heads)])  # uneven-safe map
+    before = {s: (cache.k[0][s].clone(), cache.v[0][s].clone()) for s in plan.slots}
+    got = attention(q, k, v, cache, 0, plan, kv_map, 0.3, window, softcap)
+
+    row = 0
+    for slot, start, n in zip(plan.slots, plan.starts, plan.lens):
+        keys = torch.cat([before[slot][0][:start], k[row:row + n]])  # (end, kv_heads, hd)
+        vals = torch.cat([before[slot][1][:start], v[row:row + n]])
+        assert torch.equal(cache.k[0][slot, :start + n], keys)  # this step's k/v were written
+        for j in range(n):
+            pos = start + j
+            for h in range(heads):
+                s = keys[:pos + 1, kv_map[h]] @ q[row + j, h] * 0.3
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
+                if window is not None:
+                    s[:max(0, pos + 1 - window)] = float("-inf")
+                want = s.softmax(0) @ vals[:pos + 1, kv_map[h]]
+                assert torch.allclose(got[row + j, h], want, atol=1e-5), (slot, j, h)
+        row += n

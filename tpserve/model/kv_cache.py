@@ -36,22 +36,27 @@ class StepPlan:
                                          zip(self.starts, self.lens)]).to(device)
         return self._positions
 
-    def mask(self, i: int, device, window: int | None) -> torch.Tensor | None:
-        """Sequence i's attention mask (n, start + n): causal, within `window` when set. Built once
-        per step and shared by every layer; None when every key is visible (a decode token with no
-        window in reach)."""
-        key = (i, str(device), window)
+    def layout(self, device) -> "BatchLayout":
+        """Where each of the step's rows sits in the padded batch [B, max(lens)] that batched
+        attention runs over; built once per step and device, shared by every layer."""
+        key = ("layout", str(device))
         if key not in self._masks:
-            start, n = self.starts[i], self.lens[i]
-            if n == 1 and (window is None or start < window):
-                self._masks[key] = None
-            else:
-                qpos = torch.arange(start, start + n, device=device)[:, None]
-                kpos = torch.arange(start + n, device=device)[None, :]
-                mask = kpos <= qpos
-                if window is not None:
-                    mask &= kpos > qpos - window
-                self._masks[key] = mask
+            self._masks[key] = BatchLayout.of(self, device)
+        return self._masks[key]
+
+    def mask(self, device, window: int | None) -> torch.Tensor:
+        """[B, max(lens), max(start + len)] bool: query row j of sequence i (position
+        starts[i] + j) sees key position p when p <= its position (and within `window` when set).
+        Padding rows see what their position would; their outputs are dropped."""
+        key = ("mask", str(device), window)
+        if key not in self._masks:
+            lay = self.layout(device)
+            qpos = lay.qpos[:, :, None]  # (B, n, 1)
+            kpos = torch.arange(lay.keys, device=device)[None, None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            self._masks[key] = mask
         return self._masks[key]
 
     @property
@@ -162,33 +167,60 @@ class LayerCaches:
                                    f"{self.max_len} positions; shorten the request or raise max_model_len")
 
 
+@dataclass
+class BatchLayout:
+    """A step's rows as a padded batch: row t of the step is [seq[t], col[t]] of [B, n]."""
+    slots: torch.Tensor  # int64 [B]: each sequence's cache slot
+    row_slots: torch.Tensor  # int64 [T]: the slot of each row
+    positions: torch.Tensor  # int64 [T]: the position of each row
+    seq: torch.Tensor  # int64 [T]
+    col: torch.Tensor  # int64 [T]
+    qpos: torch.Tensor  # int64 [B, n]: the position of each padded query row
+    owned: torch.Tensor  # bool [B, keys]: key positions before each sequence's end
+    n: int  # max(lens)
+    keys: int  # max(starts + lens): keys the longest sequence sees
+
+    @classmethod
+    def of(cls, plan: StepPlan, device) -> "BatchLayout":
+        lens = torch.tensor(plan.lens)
+        seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        col = torch.cat([torch.arange(n) for n in plan.lens])
+        n = max(plan.lens)
+        qpos = torch.tensor(plan.starts)[:, None] + torch.arange(n)[None, :]
+        slots = torch.tensor(plan.slots)
+        ends = torch.tensor(plan.starts) + lens
+        keys = int(ends.max())
+        owned = torch.arange(keys)[None, :] < ends[:, None]
+        return cls(*(t.to(device) for t in (slots, slots[seq], plan.positions(), seq, col, qpos,
+                                            owned)), n, keys)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
               plan: StepPlan, kv_map: torch.Tensor, scale: float, window: int | None = None,
               softcap: float | None = None) -> torch.Tensor:
     """q (T, heads, hd), k/v (T, kv_heads, hd) of this step -> (T, heads, hd).
 
-    Writes k/v into the cache, then each sequence's queries attend to its cached keys (causal;
-    within `window` positions when set). kv_map gives each q head its kv head.
+    Writes k/v into the cache, then every sequence's queries attend to its cached keys (causal;
+    within `window` positions when set), all sequences at once: queries padded to [B, max(lens)],
+    keys read from each sequence's slot up to the longest sequence's end, one masked attention.
+    kv_map gives each q head its kv head.
     """
-    out = torch.empty_like(q)
-    offset = 0
-    for i, (slot, start, n) in enumerate(zip(plan.slots, plan.starts, plan.lens)):
-        end = start + n
-        cache.k[layer][slot, start:end] = k[offset:offset + n]
-        cache.v[layer][slot, start:end] = v[offset:offset + n]
-        keys = cache.k[layer][slot, :end].index_select(1, kv_map)  # (L, heads, hd)
-        vals = cache.v[layer][slot, :end].index_select(1, kv_map)
-        mask = plan.mask(i, q.device, window)  # (n, L) or None: all visible
-        qs = q[offset:offset + n].transpose(0, 1)  # (heads, n, hd)
-        if softcap is None:
-            o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1),
-                                               attn_mask=mask, scale=scale)
-        else:
-            s = (qs @ keys.permute(1, 2, 0)).float() * scale  # (heads, n, L)
-            s = torch.tanh(s / softcap) * softcap
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            o = (s.softmax(-1).to(vals.dtype) @ vals.transpose(0, 1))
-        out[offset:offset + n] = o.transpose(0, 1)
-        offset += n
-    return out
+    lay = plan.layout(q.device)
+    cache.k[layer].index_put_((lay.row_slots, lay.positions), k)
+    cache.v[layer].index_put_((lay.row_slots, lay.positions), v)
+    # Each sequence's slot up to the longest end; what lies past its own end (a previous
+    # occupant's entries) is zeroed so that nothing there, not even a NaN, reaches the output.
+    own = lay.owned[:, :, None, None]
+    keys = cache.k[layer][lay.slots, :lay.keys].where(own, 0).index_select(2, kv_map)
+    vals = cache.v[layer][lay.slots, :lay.keys].where(own, 0).index_select(2, kv_map)
+    qs = q.new_zeros(len(plan.slots), lay.n, *q.shape[1:])
+    qs[lay.seq, lay.col] = q
+    qs, keys, vals = qs.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2)  # (B, H, ., hd)
+    mask = plan.mask(q.device, window)[:, None]  # (B, 1, n, L)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+    else:
+        s = (qs @ keys.transpose(2, 3)).float() * scale  # (B, H, n, L)
+        s = torch.tanh(s / softcap) * softcap
+        o = s.masked_fill(~mask, float("-inf")).softmax(-1).to(vals.dtype) @ vals
+    return o.transpose(1, 2)[lay.seq, lay.col]  # (T, heads, hd)
