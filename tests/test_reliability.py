@@ -89,6 +89,25 @@ def test_a_lost_rank_fails_in_flight_requests_then_the_group_is_rebuilt(served, 
                 pass
 
 
+def test_losing_the_rank_that_holds_the_head_is_recovered_like_any_other(ray_cluster, reference):
+    """head_at='rank0': rank 0 embeds and runs the head; its death fails the in-flight request,
+    the rebuilt group places the head on the new rank 0 and serves the same tokens."""
+    import ray
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, timeout_s=3.0,
+                       head_at="rank0")
+    engine = Engine(llm).start()
+    try:
+        events, done = start_long_request(engine)
+        ray.kill(llm.executor.actors[0])
+        assert done.wait(30), "the in-flight request hung"
+        assert events[-1].finish_reason == "error" and "rank 0" in events[-1].error
+        assert engine.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True)) == reference
+        assert engine.stats.recoveries == 1 and llm.executor.head_bytes > 0 and llm.head is None
+    finally:
+        engine.stop()
+        llm.close()
+
+
 def test_a_bad_checkpoint_fails_at_load_and_leaves_no_rank_running(ray_cluster, tmp_path):
     import shutil
 
