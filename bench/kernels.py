@@ -171,12 +171,14 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw):
         xh = x.half()
         from tpserve.kernels import gptq_prefill
         chosen = gptq_prefill.DEQUANT_MIN_M
+        chosen_kn = gptq_prefill.DEQUANT_WHEN_K_GE_N
         for variant, threshold in (("w4g128 tl.dot", 1 << 30), ("w4g128 dequant+cuBLAS", 1)):
-            gptq_prefill.DEQUANT_MIN_M = threshold  # force one path, whatever M
+            gptq_prefill.DEQUANT_MIN_M = threshold  # force one path, whatever M and shape
+            gptq_prefill.DEQUANT_WHEN_K_GE_N = threshold == 1
             t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
             rows.append(_row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb,
                              None))
-        gptq_prefill.DEQUANT_MIN_M = chosen
+        gptq_prefill.DEQUANT_MIN_M, gptq_prefill.DEQUANT_WHEN_K_GE_N = chosen, chosen_kn
         del wb, ws
 
 

@@ -62,7 +62,7 @@ def test_the_head_on_rank0_gives_the_coordinators_logits_and_tokens(ray_cluster,
         plan = StepPlan([1], [0], [len(IDS)], out_rows=[len(IDS) - 1])
         logits, argmax = llm.step(torch.tensor(IDS), plan, need_logits=False)
         assert logits is None and argmax.tolist() == [int(local2[-1].argmax())]
-        for kw in ({}, {"temperature": 0.8, "seed": 7, "logprobs": 2}):
+        for kw in ({}, {"temperature": 0.8, "seed": 7, "logprobs": 2}, {"prompt_logprobs": 1}):
             assert llm.generate(IDS, max_tokens=6, ignore_eos=True, **kw) == \
                 ref.generate(IDS, max_tokens=6, ignore_eos=True, **kw)
     finally:

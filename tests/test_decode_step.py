@@ -49,11 +49,12 @@ def test_a_mixed_step_attends_like_each_sequence_alone(window, softcap):
     sequence must not see (other slots, its own slot past its end) holds NaN."""
     from tpserve.model.kv_cache import KVCache, attention
     gen = torch.Generator().manual_seed(0)
-    heads, kv_heads, hd, slots, max_len = 6, 2, 8, 4, 32
+    heads, kv_heads, hd, slots, max_len = 6, 2, 8, 4, 40
     cache = KVCache(1, slots, max_len, kv_heads, hd, torch.float32, "cpu")
     cache.k[0].fill_(float("nan"))
     cache.v[0].fill_(float("nan"))
-    plan = StepPlan(slots=[2, 0, 3], starts=[5, 0, 12], lens=[4, 7, 1])
+    # slots 2 and 0 batch together, the long decode row (slot 1) alone (group_sequences)
+    plan = StepPlan(slots=[2, 0, 3, 1], starts=[5, 0, 12, 30], lens=[4, 7, 1, 1])
     for slot, start in zip(plan.slots, plan.starts):  # what earlier steps left in the cache
         cache.k[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
         cache.v[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
@@ -80,3 +81,13 @@ def test_a_mixed_step_attends_like_each_sequence_alone(window, softcap):
                 want = s.softmax(0) @ vals[:pos + 1, kv_map[h]]
                 assert torch.allclose(got[row + j, h], want, atol=1e-5), (slot, j, h)
         row += n
+
+
+def test_a_long_prompt_does_not_pad_the_decode_rows_beside_it():
+    from tpserve.model.kv_cache import group_sequences
+    # 31 decode rows at position 1000 and one 512-token prompt: two batches, not one 32 x 512
+    starts, lens = [1000] * 31 + [0], [1] * 31 + [512]
+    assert sorted(map(sorted, group_sequences(starts, lens))) == [list(range(31)), [31]]
+    # prompts of similar length, and decode rows of similar context, batch together
+    assert len(group_sequences([0, 0, 0, 40, 41], [30, 32, 28, 1, 1])) == 2
+    assert len(group_sequences([0, 0, 7], [16, 15, 1])) == 1

@@ -111,3 +111,34 @@ def test_over_ipc_only_the_minted_identities_are_heard():
     finally:
         coord.close()
         ctx.destroy(0)
+
+
+def test_logits_larger_than_a_frame_travel_as_row_chunks(monkeypatch):
+    """A step from token ids whose fp32 logits exceed one frame: the rank sends row chunks
+    (`chunk_rows`), the coordinator hands back one tensor; too many chunks is one clear error."""
+    import threading
+    from tpserve.runtime import wire
+    monkeypatch.setattr(wire, "MAX_CHUNK", 3 * 10 * 4)  # three rows of 10 fp32 logits a chunk
+    logits = torch.randn(7, 10)
+    pieces = wire.chunk_rows(logits)
+    assert [len(p) for p in pieces] == [3, 3, 1] and torch.equal(torch.cat(pieces), logits)
+    with pytest.raises(wire.WireError, match="more than one message carries"):
+        wire.chunk_rows(torch.randn(3 * wire.MAX_TENSORS, 10))
+    coord = Coordinator(tp=1, timeout_s=5.0, transport="ipc")
+    ctx = zmq.Context()
+    try:
+        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
+        rank.send_multipart(frames({"op": "hello", "rank": 0}))
+        coord.wait_for_ranks(timeout_s=5)
+
+        def answer():
+            h, (ids,) = decode(rank.recv_multipart())
+            assert h["ids"] is True and ids.dtype == torch.int64
+            rank.send_multipart(frames({"op": "result", "step": h["step"], "rank": 0},
+                                       [logits.argmax(-1), *pieces]))
+        threading.Thread(target=answer).start()
+        argmax, got = coord.step_ids(torch.arange(7), StepPlan([0], [0], [7]), logits=True)
+        assert torch.equal(got, logits) and torch.equal(argmax, logits.argmax(-1))
+    finally:
+        coord.close()
+        ctx.destroy(0)

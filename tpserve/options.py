@@ -82,11 +82,11 @@ def add_deploy_arguments(p: argparse.ArgumentParser, tp_required: bool = False) 
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private "
                                      "local cluster)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the ranks and the coordinator's embedding and lm_head run")
+                   help="where the ranks and the embedding and lm_head run")
     p.add_argument("--dtype", choices=DTYPES,
                    help="compute dtype (default: float32 on CPU, else the config's)")
     p.add_argument("--lm-head", choices=LM_HEADS, default="auto",
-                   help="lm_head format at the coordinator (auto: the checkpoint's GPTQ head, else "
+                   help="lm_head format (auto: the checkpoint's GPTQ head, else "
                         "int8 for tables of 64 MiB or more, else dense)")
 
 

@@ -24,6 +24,7 @@ from tpserve.errors import TpserveError
 from tpserve.model.hf_reference import TransformersReference
 from tpserve.localise import Localisation, localise, rel_error
 from tpserve.options import add_deploy_arguments
+from tpserve.model.rank_head import HEAD_AT
 
 REFERENCES = ("tp1", "transformers")
 DEFAULT_TEXTS = ("The capital of France is", "def fibonacci(n):\n    return",
@@ -266,6 +267,8 @@ def add_arguments(p) -> None:
                    help="tp1: tpserve unsharded in-process; transformers: transformers' own model "
                         "class on the dequantized weights")
     p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens compared per prompt")
+    p.add_argument("--head-at", choices=HEAD_AT, default="auto",
+                   help="backend ray: where the embedding and lm_head run (see tpserve launch)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--log-level", default="warning", help="logging level")
 
@@ -275,7 +278,9 @@ def run(args) -> int:
     from tpserve import demo
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else None)
-    options = {"address": args.address} if args.backend == "ray" and args.address else {}
+    options = {}
+    if args.backend == "ray":
+        options = {"head_at": args.head_at} | ({"address": args.address} if args.address else {})
     report = verify(args.model or demo.demo_path(), args.tp, args.backend, args.reference,
                     args.prompts, getattr(torch, dtype) if dtype else None, args.device,
                     args.max_tokens, args.lm_head, **options)

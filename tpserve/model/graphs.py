@@ -5,7 +5,8 @@ KV slots) is recorded once at start-up; a step of b sequences replays the smalle
 padding rows aimed at the cache's scratch slot with length 0. Input values (hidden states, slots,
 positions, lengths) are copied into the bucket's static tensors before the replay.
 
-Where the all-reduce is a no-op or itself capturable (tp=1), the whole step is one graph. Where it
+Where the all-reduce is a no-op or itself capturable (tp=1, or NCCL), the whole step is one graph
+(from token ids to the argmax where the head is in it: `tpserve.model.rank_head`). Where it
 leaves the GPU (threads in one process, the ZMQ coordinator), each segment between two all-reduces
 is a graph: segment j finishes half j-1 (residual add) and computes half j's partial; the host runs
 `comm.all_reduce` on the partial and copies the sum into segment j+1's static input. These are the

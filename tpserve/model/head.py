@@ -81,8 +81,8 @@ class Head:
             else:
                 lm = Table.from_dense(ckpt.read(f"{LM_HEAD}.weight", shape=(v, h)), mode, dtype)
             head = cls(embed, norm, lm, tied=False, **gemma)
-        log.info("coordinator holds embedding + lm_head: %.1f MB (lm_head=%s, %s, embedding %s%s)",
-                 head.nbytes / 1e6, mode, "tied: one table" if tied else "untied",
+        log.info("head (embedding + lm_head) on %s: %.1f MB (lm_head=%s, %s, embedding %s%s)",
+                 device, head.nbytes / 1e6, mode, "tied: one table" if tied else "untied",
                  embed_name, "" if head.per_layer is None else
                  f", per-layer embeddings {head.per_layer.nbytes / 1e6:.1f} MB")
         return head

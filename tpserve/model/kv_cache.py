@@ -9,6 +9,7 @@ The plan is plain lists of ints so it travels in a msgpack header unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -36,27 +37,13 @@ class StepPlan:
                                          zip(self.starts, self.lens)]).to(device)
         return self._positions
 
-    def layout(self, device) -> "BatchLayout":
-        """Where each of the step's rows sits in the padded batch [B, max(lens)] that batched
-        attention runs over; built once per step and device, shared by every layer."""
-        key = ("layout", str(device))
+    def attention_groups(self, device) -> list["BatchLayout"]:
+        """The step's sequences as the padded batches attention runs over (`group_sequences`);
+        built once per step and device, shared by every layer."""
+        key = ("groups", str(device))
         if key not in self._masks:
-            self._masks[key] = BatchLayout.of(self, device)
-        return self._masks[key]
-
-    def mask(self, device, window: int | None) -> torch.Tensor:
-        """[B, max(lens), max(start + len)] bool: query row j of sequence i (position
-        starts[i] + j) sees key position p when p <= its position (and within `window` when set).
-        Padding rows see what their position would; their outputs are dropped."""
-        key = ("mask", str(device), window)
-        if key not in self._masks:
-            lay = self.layout(device)
-            qpos = lay.qpos[:, :, None]  # (B, n, 1)
-            kpos = torch.arange(lay.keys, device=device)[None, None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask &= kpos > qpos - window
-            self._masks[key] = mask
+            self._masks[key] = [BatchLayout.of(self, sorted(g), device)
+                                for g in group_sequences(self.starts, self.lens)]
         return self._masks[key]
 
     @property
@@ -167,32 +154,70 @@ class LayerCaches:
                                    f"{self.max_len} positions; shorten the request or raise max_model_len")
 
 
+def group_sequences(starts: list[int], lens: list[int], waste: float = 2.0) -> list[list[int]]:
+    """Sequences that attend as one padded batch: taken longest context first, a batch grows
+    while its padded work (sequences x longest query x longest context) stays within `waste`
+    times the work of its own rows, so a long prompt never pads the decode rows beside it."""
+    order = sorted(range(len(lens)), key=lambda i: (-(starts[i] + lens[i]), -lens[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] + [i] if groups else [i]
+        n, keys = max(lens[j] for j in g), max(starts[j] + lens[j] for j in g)
+        if len(g) > 1 and len(g) * n * keys > waste * sum(lens[j] * (starts[j] + lens[j])
+                                                          for j in g):
+            groups.append([i])
+        elif groups:
+            groups[-1] = g
+        else:
+            groups.append(g)
+    return groups
+
+
 @dataclass
 class BatchLayout:
-    """A step's rows as a padded batch: row t of the step is [seq[t], col[t]] of [B, n]."""
+    """Some of a step's sequences as a padded batch [B, n] for attention: row `rows[t]` of the
+    step sits at [seq[t], col[t]]; `rows` is None where the batch is every row in plan order."""
     slots: torch.Tensor  # int64 [B]: each sequence's cache slot
-    row_slots: torch.Tensor  # int64 [T]: the slot of each row
-    positions: torch.Tensor  # int64 [T]: the position of each row
-    seq: torch.Tensor  # int64 [T]
-    col: torch.Tensor  # int64 [T]
+    rows: torch.Tensor | None  # int64 [T_b]: the step rows of these sequences
+    row_slots: torch.Tensor  # int64 [T_b]: the slot of each row
+    positions: torch.Tensor  # int64 [T_b]: the position of each row
+    seq: torch.Tensor  # int64 [T_b]
+    col: torch.Tensor  # int64 [T_b]
     qpos: torch.Tensor  # int64 [B, n]: the position of each padded query row
     owned: torch.Tensor  # bool [B, keys]: key positions before each sequence's end
-    n: int  # max(lens)
-    keys: int  # max(starts + lens): keys the longest sequence sees
+    n: int  # the longest query
+    keys: int  # the longest context: keys read from each sequence's slot
+    masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, plan: StepPlan, device) -> "BatchLayout":
-        lens = torch.tensor(plan.lens)
-        seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
-        col = torch.cat([torch.arange(n) for n in plan.lens])
-        n = max(plan.lens)
-        qpos = torch.tensor(plan.starts)[:, None] + torch.arange(n)[None, :]
-        slots = torch.tensor(plan.slots)
-        ends = torch.tensor(plan.starts) + lens
+    def of(cls, plan: StepPlan, seqs: list[int], device) -> "BatchLayout":
+        first = [0, *accumulate(plan.lens)]  # each sequence's first row
+        lens = torch.tensor([plan.lens[i] for i in seqs])
+        starts = torch.tensor([plan.starts[i] for i in seqs])
+        slots = torch.tensor([plan.slots[i] for i in seqs])
+        seq = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+        col = torch.cat([torch.arange(plan.lens[i]) for i in seqs])
+        rows = torch.cat([torch.arange(first[i], first[i] + plan.lens[i]) for i in seqs])
+        n, ends = int(lens.max()), starts + lens
         keys = int(ends.max())
+        qpos = starts[:, None] + torch.arange(n)[None, :]
         owned = torch.arange(keys)[None, :] < ends[:, None]
-        return cls(*(t.to(device) for t in (slots, slots[seq], plan.positions(), seq, col, qpos,
-                                            owned)), n, keys)
+        rows = None if seqs == list(range(len(plan.lens))) else rows.to(device)
+        return cls(slots.to(device), rows, *(t.to(device) for t in (
+            slots[seq], starts[seq] + col, seq, col, qpos, owned)), n, keys)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, n, keys] bool: query row j of sequence i (position starts[i] + j) sees key
+        position p when p <= its position (and within `window` when set). Padding rows see what
+        their position would; their outputs are dropped."""
+        if window not in self.masks:
+            qpos = self.qpos[:, :, None]  # (B, n, 1)
+            kpos = torch.arange(self.keys, device=qpos.device)[None, None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            self.masks[window] = mask
+        return self.masks[window]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
@@ -201,11 +226,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
     """q (T, heads, hd), k/v (T, kv_heads, hd) of this step -> (T, heads, hd).
 
     Writes k/v into the cache, then every sequence's queries attend to its cached keys (causal;
-    within `window` positions when set), all sequences at once: queries padded to [B, max(lens)],
-    keys read from each sequence's slot up to the longest sequence's end, one masked attention.
-    kv_map gives each q head its kv head.
+    within `window` positions when set), as few padded batches as `group_sequences` allows
+    (usually one): queries padded to the batch's longest, keys read from each sequence's slot up
+    to the batch's longest context, one masked attention per batch. kv_map gives each q head its
+    kv head.
     """
-    lay = plan.layout(q.device)
+    groups = plan.attention_groups(q.device)
+    if len(groups) == 1 and groups[0].rows is None:
+        return _attend(q, k, v, cache, layer, groups[0], kv_map, scale, window, softcap)
+    out = torch.empty_like(q)
+    for lay in groups:
+        out[lay.rows] = _attend(q[lay.rows], k[lay.rows], v[lay.rows], cache, layer, lay, kv_map,
+                                scale, window, softcap)
+    return out
+
+
+def _attend(q, k, v, cache: KVCache, layer: int, lay: BatchLayout, kv_map, scale, window,
+            softcap) -> torch.Tensor:
+    """`attention` for the rows of one padded batch."""
     cache.k[layer].index_put_((lay.row_slots, lay.positions), k)
     cache.v[layer].index_put_((lay.row_slots, lay.positions), v)
     # Each sequence's slot up to the longest end; what lies past its own end (a previous
@@ -213,10 +251,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
     own = lay.owned[:, :, None, None]
     keys = cache.k[layer][lay.slots, :lay.keys].where(own, 0).index_select(2, kv_map)
     vals = cache.v[layer][lay.slots, :lay.keys].where(own, 0).index_select(2, kv_map)
-    qs = q.new_zeros(len(plan.slots), lay.n, *q.shape[1:])
+    qs = q.new_zeros(lay.slots.shape[0], lay.n, *q.shape[1:])
     qs[lay.seq, lay.col] = q
     qs, keys, vals = qs.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2)  # (B, H, ., hd)
-    mask = plan.mask(q.device, window)[:, None]  # (B, 1, n, L)
+    mask = lay.mask(window)[:, None]  # (B, 1, n, L)
     if softcap is None:
         o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
     else:

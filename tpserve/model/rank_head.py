@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 
 HEAD_AT = ("auto", "coordinator", "rank0")  # where Ray ranks' head runs; auto: rank0 for same-host GPUs
@@ -40,7 +41,10 @@ class RankHead:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] (on this rank's device) -> the step tensor [T, width] on every rank."""
         if self.head is not None:
-            x = self.head.embed(ids)
+            x = self.head.embed(ids).to(self.dtype)
+            if x.shape[1] != self.width:  # the other ranks' zeros must meet it in the all-reduce
+                raise TpserveError(f"rank 0's step tensor has {x.shape[1]} columns, the ranks "
+                                   f"expect {self.width}")
         else:
             x = torch.zeros(ids.shape[0], self.width, dtype=self.dtype, device=self.device)
         return self.comm.all_reduce(x) if self.reductions else x

@@ -4,7 +4,9 @@ It is the driver half of the comm interface (`comm.CommDriver`) for rank process
 ranks' hellos it sets up the chosen data path (`setup` -> `ready`): `zmq`, where it carries the
 bytes itself; `shm`, a shared-memory segment it creates (`shm.ShmDriver`); `nccl`/`gloo`, a
 torch.distributed rendezvous it hosts (`torch_dist.DistDriver`). Per step it sends
-`{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`); on
+`{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`), or,
+where rank 0 holds the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token
+ids and waits for the argmax (and the fp32 logits, in row chunks where large); on
 the zmq path it meanwhile collects the tp partials of reduction `seq`, sums them
 (`comm.reduce_sum`) and sends the sum back to every rank. On the other paths the result header
 carries the step's reduction count and time. Every receive has a deadline (re-armed while the
@@ -180,9 +182,12 @@ class Coordinator:
         """Token ids [T] -> [argmax] or [argmax, fp32 logits] of the rows `plan.out_rows`, from
         ranks that hold the head (`tpserve.model.rank_head`)."""
         out = self._step({"ids": True, "logits": logits}, ids, plan)
-        if len(out) != 1 + logits or out[0].dim() != 1 or out[0].dtype != torch.int64:
+        shaped = len(out) >= 2 if logits else len(out) == 1
+        if not shaped or out[0].dim() != 1 or out[0].dtype != torch.int64:
             raise RankFailure(f"rank 0 answered step {self.step_id} with {len(out)} tensors, not "
                               f"the argmax{' and the logits' if logits else ''}")
+        if logits:  # the logits came in row chunks where they exceed one frame
+            return [out[0], out[1] if len(out) == 2 else torch.cat(out[1:])]
         return out
 
     def _step(self, flags: dict, x: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:

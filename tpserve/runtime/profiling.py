@@ -40,9 +40,25 @@ class StepProfiler:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def before(self, step: int) -> None:
-        """Call before the rank's step number `step` (0-based)."""
-        if step != self.first:
-            return
+        """Call before the rank's step number `step` (0-based). Never raises: a profiler that
+        cannot start or write is logged and dropped, the rank keeps serving."""
+        if step == self.first:
+            self._guarded(self._start)
+
+    def after(self, step: int) -> None:
+        """Call after step `step`; writes the files after the window's last step."""
+        if step == self.last and self.prof is not None:
+            self._guarded(self._write)
+
+    def _guarded(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not take the rank down
+            log.error("rank %d: profiling failed (%s: %s); serving on without it", self.rank,
+                      type(e).__name__, e)
+            self.prof, self.first = None, -1
+
+    def _start(self) -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
@@ -50,10 +66,7 @@ class StepProfiler:
         self.prof = profile(activities=acts)
         self.prof.__enter__()
 
-    def after(self, step: int) -> None:
-        """Call after step `step`; writes the files after the window's last step."""
-        if step != self.last or self.prof is None:
-            return
+    def _write(self) -> None:
         import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()

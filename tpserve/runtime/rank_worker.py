@@ -27,7 +27,7 @@ from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
-from tpserve.runtime.wire import WireError, decode, encode
+from tpserve.runtime.wire import WireError, chunk_rows, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ class RankWorker:
                 try:
                     if ids:
                         logits, argmax = step_ids(self.model, self.head, ts[0], plan)
-                        out = [argmax] + ([logits] if h.get("logits") is not False else [])
+                        out = [argmax] + (chunk_rows(logits) if logits is not None and
+                                          h.get("logits") is not False else [])
                     else:
                         out = self.model(ts[0].to(self.device, self.dtype), plan)
                         out = [out if plan.out_rows is None else out[plan.out_rows]]

@@ -66,7 +66,7 @@ class RayExecutor:
             raise TpserveError(f"device={device!r} is not supported; use cpu or cuda")
         StepProfiler(0)  # a malformed TPSERVE_PROFILE is refused here, not in every rank
         self.backend, self.path, self.tp, self.num_slots = "ray", path, tp, num_slots
-        self.max_len = max_len or cfg.max_position
+        self.max_len, self.vocab = max_len or cfg.max_position, cfg.vocab_size
         self.dtype, self.device, self.placement, self.timeout_s = dtype, device, placement, timeout_s
         self.placement_timeout_s, self.curve, self.allreduce = placement_timeout_s, curve, allreduce
         self.lm_head, self.head_at = lm_head, head_at
@@ -141,7 +141,8 @@ class RayExecutor:
         self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
-        self._place_head(device == "cuda" and local)
+        # auto: rank 0 where its whole step is one graph (GPU ranks on this host, NCCL or tp=1)
+        self._place_head(device == "cuda" and local and (path == "nccl" or tp == 1))
         self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r),
                                        path != "zmq") for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()
@@ -200,17 +201,20 @@ class RayExecutor:
         log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
                  sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
-    def _place_head(self, same_host_gpus: bool) -> None:
-        """Put the coordinator's head on rank 0 where `head_at` asks for it (`auto`: GPU ranks on
-        this host, whose whole step then replays as one graph from token ids to the argmax)."""
+    def _place_head(self, one_graph: bool) -> None:
+        """Put the coordinator's head on rank 0 where `head_at` asks for it (`auto`: where each
+        rank's whole step then replays as one graph from token ids to the argmax). Decided at the
+        first start: a rebuilt group keeps the placement (the caller holds no head if rank 0 did)."""
         import ray
-        if self.head_at == "coordinator" or (self.head_at == "auto" and not same_host_gpus):
+        if self.head_at == "auto":
+            self.head_at = "rank0" if one_graph else "coordinator"
+        self.head_bytes, self.head_format = 0, None
+        if self.head_at == "coordinator":
             return
         infos = ray.get([a.load_head.remote(self.lm_head) for a in self.actors])
         self.head_bytes, self.head_format = infos[0]["nbytes"], infos[0]["format"]
         log.info("the head (embedding + lm_head, %s, %.1f MB) is on rank 0: steps send token "
-                 "ids and receive the argmax (head_at=%s)", self.head_format,
-                 self.head_bytes / 1e6, self.head_at)
+                 "ids and receive the argmax", self.head_format, self.head_bytes / 1e6)
 
     @property
     def stats(self) -> CommStats:
@@ -220,7 +224,17 @@ class RayExecutor:
         if not self.head_bytes:
             return None  # the head runs at the coordinator
         out = self._guarded(self.coord.step_ids, ids, plan, need_logits)
-        return (out[1] if need_logits else None), out[0]
+        rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
+        argmax, logits = out[0], (out[1] if need_logits else None)
+        if argmax.shape != (rows,) or rows and not 0 <= int(argmax.min()) <= int(
+                argmax.max()) < self.vocab or logits is not None and (
+                logits.shape != (rows, self.vocab) or logits.dtype != torch.float32):
+            self.failures += 1  # a rank that answers garbage is rebuilt like a dead one
+            raise RankFailure(f"rank 0 answered step {self.coord.step_id} with argmax "
+                              f"{list(argmax.shape)} and logits "
+                              f"{None if logits is None else list(logits.shape)} for {rows} rows "
+                              f"of a {self.vocab}-token vocabulary")
+        return logits, argmax
 
     def health(self) -> str | None:
         return self._dead

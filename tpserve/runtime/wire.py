@@ -25,7 +25,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 1 << 20
-MAX_TENSORS = 4
+MAX_TENSORS = 16  # a result of logits too large for one frame travels as row chunks
+MAX_CHUNK = 1 << 30  # bytes of one chunk (`chunk_rows`)
 MAX_DIMS = 4
 MAX_FRAME = 1 << 31  # 2 GiB; a step's hidden states are far smaller
 
@@ -46,6 +47,17 @@ def encode(header: dict, tensors: list[torch.Tensor] = ()) -> list:
         frames.append(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     head = msgpack.packb({"v": VERSION, **header, "tensors": specs}, use_bin_type=True)
     return [head, *frames]
+
+
+def chunk_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """t split along rows into pieces of at most MAX_CHUNK bytes (at least one row each), for
+    tensors larger than one frame carries; the receiver concatenates them."""
+    row = max(1, t[0].numel() * t.element_size()) if len(t) else 1
+    pieces = list(t.split(max(1, MAX_CHUNK // row))) if len(t) else [t]
+    if len(pieces) > MAX_TENSORS - 1:
+        raise WireError(f"a result of {list(t.shape)} {t.dtype} needs {len(pieces)} frames of "
+                        f"1 GiB, more than one message carries; ask for fewer rows per step")
+    return pieces
 
 
 def uint(h: dict, key: str) -> int:

@@ -2,8 +2,9 @@
 
 One thread runs the step loop. Between steps, waiting requests take free KV slots (their whole
 prompts are prefilled together in the next step, beside the running sequences' decode tokens);
-finished requests leave and free their slots. Each step is one `executor.step` (every rank, every
-layer, every all-reduce) followed by the head and the batched sampler at the coordinator.
+finished requests leave and free their slots. Each step is one `LLM.step` (embedding, every rank,
+every layer, every all-reduce, the head: at the coordinator or on rank 0) followed by the batched
+sampler, which takes the step's argmax as it is where every row is plain greedy.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues. Without the thread (`start()` not called), `generate()` drives the same steps
@@ -29,6 +30,9 @@ from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, nee
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
+# prompt_logprobs: the fp32 logits of every prompt row are computed (and, with the head on rank 0,
+# shipped) at once; a request may ask for this much of them (2048 tokens of a 128K vocabulary).
+PROMPT_LOGITS_BYTES = 1 << 30
 
 
 class Engine:
@@ -90,6 +94,11 @@ class Engine:
             raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
                                f"exceeds the context of {self.max_len}; shorten one of them",
                                "max_tokens")
+        if params.prompt_logprobs is not None and len(prompt) * vocab * 4 > PROMPT_LOGITS_BYTES:
+            raise RequestError(f"prompt_logprobs over a prompt of {len(prompt)} tokens needs its "
+                               f"{len(prompt)} x {vocab} fp32 logits at once, over the "
+                               f"{PROMPT_LOGITS_BYTES >> 20} MiB this server allows a request; "
+                               f"shorten the prompt or leave prompt_logprobs out", "prompt_logprobs")
         if params.max_token_id() >= vocab:
             raise RequestError(f"token id {params.max_token_id()} in logit_bias or stop_token_ids"
                                f" is outside the vocabulary [0, {vocab})", "logit_bias")
@@ -188,7 +197,12 @@ class Engine:
         with torch.inference_mode():
             need = len(out_rows) != len(reqs) or needs_logits([r.row for r in reqs])
             logits, argmax = self.llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
-            last = logits if len(out_rows) == len(reqs) else logits[[b - 1 for _, b in spans]]
+            if len(out_rows) != len(reqs):  # prompt rows too: each request's last row
+                last_rows = [b - 1 for _, b in spans]
+                last = logits[last_rows]
+                argmax = None if argmax is None else argmax[last_rows]
+            else:
+                last = logits
             sampled = self._sample(last, reqs, argmax)
             prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
                                              reqs[i].params.prompt_logprobs)
@@ -206,7 +220,8 @@ class Engine:
     def _sample(self, logits: torch.Tensor, reqs: list[Request],
                 argmax: torch.Tensor | None = None) -> list[tuple]:
         """(token, logprob) per request; (None, message) for a row that cannot be sampled.
-        `argmax`: the logits' argmax where the captured step computed it (greedy rows take it).
+        `argmax`: the logits' argmax where the step computed it with the head (greedy rows take
+        it; `logits` may then be None, see `needs_logits`).
 
         Parameters are validated before they get here; should one row still break the batched
         sampler, the rows are redone one by one so only that request fails, never the step.
@@ -218,7 +233,8 @@ class Engine:
         out = []
         for i, req in enumerate(reqs):
             try:
-                toks, lps = sample(logits[i:i + 1], [req.row])
+                toks, lps = (sample(None, [req.row], argmax[i:i + 1]) if logits is None
+                             else sample(logits[i:i + 1], [req.row]))
                 out.append((toks[0], lps[0]))
             except Exception as e:
                 out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))

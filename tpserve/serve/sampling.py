@@ -213,7 +213,8 @@ def needs_logits(rows: list[SampleRow]) -> bool:
 def sample(logits: torch.Tensor | None, rows: list[SampleRow],
            argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked.
-    `argmax`, when the caller has it (a captured step), is `logits.argmax(-1)`; logits may be
+    `argmax`, when the caller has it (the head ran in the ranks' step), is `logits.argmax(-1)`;
+    logits may be
     None where `needs_logits(rows)` is False and the argmax is given."""
     if logits is None:
         assert argmax is not None and not needs_logits(rows)
