@@ -91,3 +91,14 @@ def test_a_long_prompt_does_not_pad_the_decode_rows_beside_it():
     # prompts of similar length, and decode rows of similar context, batch together
     assert len(group_sequences([0, 0, 0, 40, 41], [30, 32, 28, 1, 1])) == 2
     assert len(group_sequences([0, 0, 7], [16, 15, 1])) == 1
+
+
+def test_rank_zeros_answer_is_checked_before_it_reaches_the_sampler():
+    from tpserve.model.rank_head import malformed
+    plan = StepPlan([0, 1], [0, 4], [3, 1], out_rows=[2, 3])
+    good = torch.tensor([5, 9])
+    assert malformed(good, torch.zeros(2, 10), plan, 10) is None
+    assert "argmax [1]" in malformed(good[:1], None, plan, 10)  # a row missing
+    assert "argmax" in malformed(torch.tensor([5, 10]), None, plan, 10)  # outside the vocabulary
+    assert "logits [2, 9]" in malformed(good, torch.zeros(2, 9), plan, 10)
+    assert "float16" in malformed(good, torch.zeros(2, 10, dtype=torch.float16), plan, 10)

@@ -68,3 +68,14 @@ def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
         out = model(head.embed(ids.to(model.device)), plan)
         logits = head.logits(out if plan.out_rows is None else out[plan.out_rows])
     return logits, None if logits is None else logits.argmax(-1)
+
+
+def malformed(argmax: torch.Tensor, logits: torch.Tensor | None, plan: StepPlan,
+              vocab: int) -> str | None:
+    """What is wrong with rank 0's answer to a step from token ids, or None."""
+    rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
+    if argmax.shape != (rows,) or rows and not 0 <= int(argmax.min()) <= int(argmax.max()) < vocab:
+        return f"argmax {list(argmax.shape)} for {rows} rows of a {vocab}-token vocabulary"
+    if logits is not None and (logits.shape != (rows, vocab) or logits.dtype != torch.float32):
+        return f"logits {list(logits.shape)} {logits.dtype} for {rows} rows x {vocab}"
+    return None

@@ -20,7 +20,7 @@ from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
-from tpserve.model.rank_head import HEAD_AT
+from tpserve.model.rank_head import HEAD_AT, malformed
 from tpserve.runtime.rank_worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -202,14 +202,13 @@ class RayExecutor:
                  sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
     def _place_head(self, one_graph: bool) -> None:
-        """Put the coordinator's head on rank 0 where `head_at` asks for it (`auto`: where each
-        rank's whole step then replays as one graph from token ids to the argmax). Decided at the
-        first start: a rebuilt group keeps the placement (the caller holds no head if rank 0 did)."""
+        """The head on rank 0 where `head_at` says (`auto`: where each rank's step is one graph),
+        decided at the first start and kept by a rebuilt group (the caller holds no head then)."""
         import ray
         if self.head_at == "auto":
             self.head_at = "rank0" if one_graph else "coordinator"
-        self.head_bytes, self.head_format = 0, None
         if self.head_at == "coordinator":
+            self.head_bytes, self.head_format = 0, None
             return
         infos = ray.get([a.load_head.remote(self.lm_head) for a in self.actors])
         self.head_bytes, self.head_format = infos[0]["nbytes"], infos[0]["format"]
@@ -224,16 +223,11 @@ class RayExecutor:
         if not self.head_bytes:
             return None  # the head runs at the coordinator
         out = self._guarded(self.coord.step_ids, ids, plan, need_logits)
-        rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
         argmax, logits = out[0], (out[1] if need_logits else None)
-        if argmax.shape != (rows,) or rows and not 0 <= int(argmax.min()) <= int(
-                argmax.max()) < self.vocab or logits is not None and (
-                logits.shape != (rows, self.vocab) or logits.dtype != torch.float32):
+        wrong = malformed(argmax, logits, plan, self.vocab)
+        if wrong:
             self.failures += 1  # a rank that answers garbage is rebuilt like a dead one
-            raise RankFailure(f"rank 0 answered step {self.coord.step_id} with argmax "
-                              f"{list(argmax.shape)} and logits "
-                              f"{None if logits is None else list(logits.shape)} for {rows} rows "
-                              f"of a {self.vocab}-token vocabulary")
+            raise RankFailure(f"rank 0 answered step {self.coord.step_id} with {wrong}")
         return logits, argmax
 
     def health(self) -> str | None:
