@@ -95,14 +95,13 @@ def _tpserve_rank(rank, tp, address, keys, sizes, device, graph, out_q):
         torch.cuda.set_device(rank)
     worker = RankWorker(rank, tp, ".", "float32", device, 1, 1, timeout_s=300,
                         threads=threads_for(tp))
+    worker.gpu = rank  # serve() makes it current: each rank process on its own GPU
     worker.model = _Timer(worker.comm, sizes, device, graph, out_q)
-    worker.serve(address, keys)
+    worker.serve(address, keys, setup_follows=device == "cuda")
 
 
-def _gather(procs, q, tp: int, sizes: list[int]) -> dict[int, float]:
+def _gather(q, tp: int, sizes: list[int]) -> dict[int, float]:
     res = dict(q.get(timeout=600) for _ in range(tp))
-    for p in procs:
-        p.join(30)
     if any(not r.get("graph_ok", True) for r in res.values()):
         raise SystemExit("a replayed CUDA graph of all-reduces gave wrong sums")
     return {n: max(res[r][n] for r in range(tp)) for n in sizes}
@@ -125,9 +124,11 @@ def bench_tpserve(tp: int, sizes: list[int], path: str) -> dict[int, float]:
     try:
         coord.wait_for_ranks(timeout_s=120)
         coord.step(torch.zeros(1, 1), StepPlan([0], [0], [1]))
-        return _gather(procs, q, tp, sizes)
+        return _gather(q, tp, sizes)
     finally:
-        coord.close()
+        coord.close()  # its stop message ends the ranks' serve loops
+        for p in procs:
+            p.join(30)
 
 
 def _dist_rank(rank, tp, backend, port, sizes, out_q):
@@ -159,7 +160,11 @@ def bench_dist(tp: int, sizes: list[int], backend: str) -> dict[int, float]:
              for r in range(tp)]
     for p in procs:
         p.start()
-    return _gather(procs, q, tp, sizes)
+    try:
+        return _gather(q, tp, sizes)
+    finally:
+        for p in procs:
+            p.join(30)
 
 
 def fmt(n: int) -> str:
