@@ -248,3 +248,19 @@ def test_auto_falls_back_to_zmq_without_usable_shared_memory_and_says_why():
 def test_an_impossible_choice_is_refused_in_one_sentence(requested, device, local, match):
     with pytest.raises(TpserveError, match=match):
         choose_path(requested, 2, device, local, None)
+
+
+def test_the_allreduce_benchmark_runs_its_cpu_table(tmp_path):
+    """bench/allreduce.py end to end on CPU (real rank processes, coordinator, gloo): the table
+    the shm goals are read from keeps working; no speed is asserted here."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).parent.parent / "bench" / "allreduce.py"
+    out = tmp_path / "ar.json"
+    subprocess.run([sys.executable, str(bench), "--tp", "2", "--sizes", "8K", "--paths", "shm",
+                    "--out", str(out)], check=True, timeout=240, capture_output=True)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tp"] == 2 and row["bytes"] == 8192
+    assert row["gloo_us"] > 0 and row["shm_us"] > 0 and row["shm_vs_gloo"] > 0
