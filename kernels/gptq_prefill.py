@@ -138,10 +138,9 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     out = new_out(x, w, out)
     if perm is not None:
         x = x.index_select(1, perm)
-    k, n = w.in_features, out.shape[1]
-    if config is None and (x.shape[0] >= DEQUANT_MIN_M or DEQUANT_WHEN_K_GE_N and k >= n):
-        return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
     m, n = out.shape
+    if config is None and (m >= DEQUANT_MIN_M or DEQUANT_WHEN_K_GE_N and w.in_features >= n):
+        return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=triton.next_power_of_2(m), stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")

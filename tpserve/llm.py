@@ -86,8 +86,9 @@ def load(model_path, tp: int = 1, backend: str = "local", dtype: torch.dtype | s
 
     backend "local" runs the ranks as threads of this process; "ray" runs them as Ray actors with
     the ZMQ coordinator (the `tpserve launch` path); `ray_options` go to `RayExecutor` (address,
-    placement, timeout_s, curve, progress, allreduce, head_at). dtype defaults to the config's dtype. lm_head picks the
-    head's format: auto, dense, int8, q8_0 or gptq (`tpserve.model.lm_head`).
+    placement, timeout_s, curve, progress, allreduce, head_at). dtype defaults to the config's
+    dtype. lm_head picks the head's format: auto, dense, int8, q8_0 or gptq
+    (`tpserve.model.lm_head`).
     """
     path = Path(model_path)
     opts = DeployOptions(tp=tp, backend=backend, device=device, dtype=dtype,

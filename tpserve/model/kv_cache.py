@@ -160,16 +160,15 @@ def group_sequences(starts: list[int], lens: list[int], waste: float = 2.0) -> l
     times the work of its own rows, so a long prompt never pads the decode rows beside it."""
     order = sorted(range(len(lens)), key=lambda i: (-(starts[i] + lens[i]), -lens[i]))
     groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] + [i] if groups else [i]
-        n, keys = max(lens[j] for j in g), max(starts[j] + lens[j] for j in g)
-        if len(g) > 1 and len(g) * n * keys > waste * sum(lens[j] * (starts[j] + lens[j])
-                                                          for j in g):
-            groups.append([i])
-        elif groups:
-            groups[-1] = g
+    for i in order:  # contexts only shrink along `order`: the first of a batch has the longest
+        end = starts[i] + lens[i]
+        padded = (len(groups[-1]) + 1) * max(n, lens[i]) * keys if groups else 0
+        if groups and padded <= waste * (work + lens[i] * end):
+            groups[-1].append(i)
+            n, work = max(n, lens[i]), work + lens[i] * end
         else:
-            groups.append(g)
+            groups.append([i])
+            n, keys, work = lens[i], end, lens[i] * end
     return groups
 
 
@@ -232,7 +231,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
     kv head.
     """
     groups = plan.attention_groups(q.device)
-    if len(groups) == 1 and groups[0].rows is None:
+    if groups[0].rows is None:  # one batch of every row in plan order
         return _attend(q, k, v, cache, layer, groups[0], kv_map, scale, window, softcap)
     out = torch.empty_like(q)
     for lay in groups:

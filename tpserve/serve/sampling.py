@@ -214,10 +214,9 @@ def sample(logits: torch.Tensor | None, rows: list[SampleRow],
            argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked.
     `argmax`, when the caller has it (the head ran in the ranks' step), is `logits.argmax(-1)`;
-    logits may be
-    None where `needs_logits(rows)` is False and the argmax is given."""
-    if logits is None:
-        assert argmax is not None and not needs_logits(rows)
+    logits may be None where `needs_logits(rows)` is False and the argmax is given."""
+    if logits is None:  # the caller asked `needs_logits` already: the argmax is every token
+        assert argmax is not None
         return argmax.tolist(), [None] * len(rows)
     params = [r.params for r in rows]
     x = process(logits, rows)
