@@ -9,8 +9,10 @@ bounds a step). tpserve: the real `Coordinator` in this process and the real `Ra
 loop in each rank (setup message, data path, `RankComm`), the timing loop standing in for the
 model inside one coordinator step. Paths: `zmq` (the coordinator's star over a 0700 unix socket,
 as for same-host ranks), `zmq-tcp` (CurveZMQ over TCP, as across hosts), `shm` (shared memory).
-With `--gpu` (needs tp GPUs): raw NCCL, tpserve's `nccl` path, and `nccl-graph` (tpserve's path
-captured in a CUDA graph of 16 all-reduces on a static buffer, replayed; time per all-reduce).
+With `--gpu` (needs tp GPUs): raw NCCL, tpserve's `nccl` and `cuda` paths (`cuda`: the one-shot
+kernel over peer memory up to 1 MiB, NCCL above), and `nccl-graph` / `cuda-graph` (the path
+captured in a CUDA graph of 16 all-reduces on a static buffer, replayed; time per all-reduce:
+what a captured decode step pays).
 GPU loops synchronise after every all-reduce (graph: after every replay). Ratios printed:
 gloo / path (higher is better for the path) and, on GPUs, path / NCCL (lower is better).
 """
@@ -110,14 +112,14 @@ def _gather(q, tp: int, sizes: list[int]) -> dict[int, float]:
 def bench_tpserve(tp: int, sizes: list[int], path: str) -> dict[int, float]:
     from tpserve.model.kv_cache import StepPlan
     from tpserve.runtime.coordinator import Coordinator
-    tcp, gpu = path == "zmq-tcp", path.startswith("nccl")
+    tcp, gpu = path == "zmq-tcp", path.startswith(("nccl", "cuda"))
     coord = Coordinator(tp, timeout_s=300, transport="tcp" if tcp else "ipc",
-                        allreduce="nccl" if gpu else path.split("-")[0])
+                        allreduce="zmq" if tcp else path.split("-")[0])
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_tpserve_rank, args=(r, tp, coord.address, coord.client_keys(r),
                                                      sizes, "cuda" if gpu else "cpu",
-                                                     path == "nccl-graph", q))
+                                                     path.endswith("-graph"), q))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -177,7 +179,8 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=["8K", "64K", "1M", "16M"])
     ap.add_argument("--paths", nargs="+", default=["zmq", "shm"],
                     choices=["zmq", "zmq-tcp", "shm"])
-    ap.add_argument("--gpu", action="store_true", help="also NCCL, tpserve nccl and nccl-graph")
+    ap.add_argument("--gpu", action="store_true",
+                    help="also NCCL, tpserve nccl / cuda, each eager and captured")
     ap.add_argument("--out")
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes]
@@ -188,13 +191,13 @@ def main() -> int:
             times[path] = bench_tpserve(tp, sizes, path)
         if args.gpu:
             times["NCCL"] = bench_dist(tp, sizes, "nccl")
-            for path in ("nccl", "nccl-graph"):
+            for path in ("nccl", "nccl-graph", "cuda", "cuda-graph"):
                 times[path] = bench_tpserve(tp, sizes, path)
         for n in sizes:
             row = {"tp": tp, "bytes": n, **{f"{k}_us": v[n] * 1e6 for k, v in times.items()}}
             for k, v in times.items():
                 if k not in ("gloo", "NCCL"):
-                    ref = "NCCL" if k.startswith("nccl") else "gloo"
+                    ref = "NCCL" if k.startswith(("nccl", "cuda")) else "gloo"
                     row[f"{k}_vs_{ref}"] = (v[n] / times[ref][n] if ref == "NCCL"
                                             else times[ref][n] / v[n])
             rows.append(row)

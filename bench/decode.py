@@ -48,8 +48,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float
 
 
 def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
-              bandwidth=None) -> list[dict]:
-    opts = {"progress": False} if backend == "ray" else {}
+              bandwidth=None, allreduce="auto") -> list[dict]:
+    opts = {"progress": False, "allreduce": allreduce} if backend == "ray" else {}
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
                        num_slots=max(batches), max_model_len=prompt_len + gen + 8,
                        lm_head=lm_head, **opts)
@@ -70,7 +70,9 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
         # Decode rate as the peer measures it: the tokens after the first, per second.
         tps = run_batch(engine, prompts, gen)[1]
         step_s = engine.stats.step_seconds - s0
+        coord = getattr(llm.executor, "coord", None)
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
+               "allreduce": f"{coord.path} ({coord.carry})" if coord else "local",
                "ttft_ms": 1e3 * ttft, "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
         ar_s = stats.allreduce_seconds - ar0[0]
@@ -213,6 +215,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--lm-head", nargs="+", default=["auto"])
+    ap.add_argument("--allreduce", nargs="+", default=["auto"],
+                    help="all-reduce paths to compare at tp > 1 over Ray (e.g. cuda nccl)")
     ap.add_argument("--peer", nargs="+", choices=["none", "transformers", "torch-int4"],
                     default=["none"])
     ap.add_argument("--check", type=int, default=0, metavar="STEPS",
@@ -239,17 +243,19 @@ def main() -> int:
         cfg = json.loads(open(os.path.join(path, "config.json")).read())
         rows += bench_peer(cfg, args.batch, args.prompt_len, args.gen, args.device)
     for tp in args.tp:
+        backend = "local" if tp == 1 and args.backend == "ray" and args.device == "cuda" \
+            else args.backend  # one GPU, one process: no sockets needed
         for head in args.lm_head:
-            backend = "local" if tp == 1 and args.backend == "ray" and args.device == "cuda" \
-                else args.backend  # one GPU, one process: no sockets needed
-            rows += bench_one(path, tp, backend, args.device, dtype, args.batch, args.prompt_len,
-                              args.gen, head, bandwidth)
-    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'batch':>5} {'TTFT ms':>8} {'tok/s':>8} "
-          f"{'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
+            for ar in args.allreduce if backend == "ray" and tp > 1 else ["auto"]:
+                rows += bench_one(path, tp, backend, args.device, dtype, args.batch,
+                                  args.prompt_len, args.gen, head, bandwidth, ar)
+    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'batch':>5} {'TTFT ms':>8} "
+          f"{'tok/s':>8} {'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else "-"
         fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
-        print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} {r['batch']:>5} "
+        print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} "
+              f"{r.get('allreduce', '-'):>22} {r['batch']:>5} "
               f"{r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} {r.get('step_ms', 0):>8.2f} "
               f"{share:>12} {fl:>8}")
     for r in rows:  # tpserve / each peer, same batch, same run
@@ -258,7 +264,8 @@ def main() -> int:
                 key = f"vs_{peer['backend']}"
                 r[key] = r["decode_tok_s"] / peer["decode_tok_s"]
                 r[key + "_ttft"] = r["ttft_ms"] / peer["ttft_ms"]
-                print(f"tp={r['tp']} head={r['lm_head']} batch={r['batch']}: tok/s {r[key]:.2f}x "
+                print(f"tp={r['tp']} head={r['lm_head']} {r['allreduce']} batch={r['batch']}: "
+                      f"tok/s {r[key]:.2f}x "
                       f"{peer['backend']}, TTFT {r[key + '_ttft']:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -3,13 +3,14 @@
 # ../shared/tools/device-wheels.sh (ray, pyzmq). Stages combine (`bash bench/gpu_allreduce.sh
 # decode cpu`); each writes into $OUT:
 #   bench    allreduce_gpu_tp2.json: bench/allreduce.py --gpu at tp 2: gloo, NCCL, tpserve zmq /
-#            shm / nccl / nccl-graph (16 all-reduces captured in one CUDA graph, checked);
+#            shm / nccl / cuda, eager and captured (16 all-reduces in one CUDA graph, checked);
 #            allreduce_cpu.json: the CPU paths at tp 2 and 4 on this host's cores (gloo, zmq, shm)
 #   ray      allreduce_ray_gpu.json: tpserve over Ray on 2 GPUs (small checkpoint): which path
 #            `auto` picks, logits of each path and head placement against the in-process ranks,
 #            decode tok/s of each
-#   decode   decode_x2.json: Llama-3-8B shapes, tp=1 (in-process) vs tp=2 (Ray, NCCL, head on
-#            rank 0) vs the torch int4 peer, batch 1 and 8, int8 head
+#   decode   decode_x2.json: Llama-3-8B shapes, tp=1 (in-process) vs tp=2 (Ray, head on rank 0,
+#            all-reduce cuda = one-shot + NCCL, and NCCL alone) vs the torch int4 peer, batch 1
+#            and 8, int8 head
 #   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
 #            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
@@ -63,7 +64,7 @@ l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset l
 if has decode; then
   l8
   timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
-    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda nccl \
     --out "$OUT/decode_x2.json" > "$OUT/decode_x2.log" 2>&1; tail -10 "$OUT/decode_x2.log"
 fi
 if has profile; then

@@ -226,7 +226,8 @@ def test_a_rank_answers_hostile_setup_messages_with_an_error_and_keeps_serving(t
 
 @pytest.mark.parametrize("requested,tp,device,local,want", [
     ("auto", 4, "cpu", True, "shm"), ("auto", 4, "cpu", False, "zmq"),
-    ("auto", 2, "cuda", True, "nccl"), ("auto", 2, "cuda", False, "zmq"),
+    ("auto", 2, "cuda", True, "cuda"), ("auto", 2, "cuda", False, "zmq"),
+    ("nccl", 2, "cuda", False, "nccl"), ("cuda", 4, "cuda", True, "cuda"),
     ("auto", 1, "cpu", True, "zmq"), ("zmq", 4, "cpu", True, "zmq"),
     ("gloo", 2, "cpu", False, "gloo"),
 ])
@@ -243,6 +244,7 @@ def test_auto_falls_back_to_zmq_without_usable_shared_memory_and_says_why():
 @pytest.mark.parametrize("requested,device,local,match", [
     ("shm", "cpu", False, "ranks span several hosts"), ("shm", "cuda", True, "device=cuda"),
     ("nccl", "cpu", True, "needs device='cuda'"), ("gloo", "cuda", True, "CPU tensors only"),
+    ("cuda", "cpu", True, "needs device='cuda'"), ("cuda", "cuda", False, "several hosts"),
     ("infiniband", "cpu", True, "is not known"),
 ])
 def test_an_impossible_choice_is_refused_in_one_sentence(requested, device, local, match):

@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots = concurrent sequences")
     p.add_argument("--allreduce", choices=ALLREDUCE, default="auto",
                    help="all-reduce data path of Ray ranks (auto: shm for CPU ranks on the driver's "
-                        "host, nccl for GPU ranks on one host, zmq through the coordinator "
+                        "host, cuda (one-shot over peer GPU memory + NCCL) for GPU ranks on one "
+                        "host, zmq through the coordinator "
                         "otherwise; the startup log says which and why)")
     p.add_argument("--head-at", choices=HEAD_AT, default="auto",
                    help="where Ray ranks' embedding + lm_head run (auto: on rank 0 for GPU ranks on "

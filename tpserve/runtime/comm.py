@@ -8,7 +8,7 @@ Driver half (`CommDriver`): what an executor holds for the whole group. It sets 
 chooses the data path, counts and times reductions into `CommStats`, turns a dead rank into a
 failure, and tears everything down. Two implementations: the ZMQ `Coordinator` (ranks are
 processes; it carries the bytes itself on the `zmq` path, hands out a shared-memory segment on
-`shm` or a torch.distributed rendezvous on `nccl`/`gloo`) and `LocalGroup` below (ranks are threads
+`shm` or a torch.distributed rendezvous on `cuda`/`nccl`/`gloo`) and `LocalGroup` below (ranks are threads
 of one process, for tests and `backend="local"`).
 
 Every CPU path sums the partials in rank order in fp32 (`reduce_sum`) and casts back, so every rank
@@ -26,7 +26,7 @@ import torch
 from tpserve.errors import TpserveError
 from tpserve.runtime.executor import CommStats
 
-ALLREDUCE = ("auto", "zmq", "shm", "nccl", "gloo")
+ALLREDUCE = ("auto", "zmq", "shm", "cuda", "nccl", "gloo")
 
 
 class Comm(Protocol):
@@ -38,7 +38,7 @@ class Comm(Protocol):
 
 
 class CommDriver(Protocol):
-    path: str  # the data path that carries the bytes: local | zmq | shm | nccl | gloo
+    path: str  # the data path that carries the bytes: local | zmq | shm | cuda | nccl | gloo
     stats: CommStats
 
     def abort(self) -> None:
@@ -64,8 +64,11 @@ def choose_path(requested: str, tp: int, device: str, local: bool, shm_unsupport
         raise TpserveError(f"allreduce='shm' needs CPU ranks on the driver's host and x86-64 "
                            f"/dev/shm, but {shm_unsupported or where} (device={device}); use "
                            f"allreduce='auto'")
-    if requested == "nccl" and device != "cuda":
-        raise TpserveError("allreduce='nccl' needs device='cuda'; use allreduce='auto'")
+    if requested in ("cuda", "nccl") and device != "cuda":
+        raise TpserveError(f"allreduce={requested!r} needs device='cuda'; use allreduce='auto'")
+    if requested == "cuda" and not local:
+        raise TpserveError(f"allreduce='cuda' needs every rank on the driver's host, but {where}; "
+                           f"use allreduce='nccl' or 'auto'")
     if requested == "gloo" and device != "cpu":
         raise TpserveError("allreduce='gloo' carries CPU tensors only; use allreduce='nccl'")
     if requested != "auto":
@@ -73,7 +76,7 @@ def choose_path(requested: str, tp: int, device: str, local: bool, shm_unsupport
     if local and device == "cpu" and not shm_unsupported:
         return "shm", f"{where} with CPU tensors"
     if local and device == "cuda":
-        return "nccl", f"{where} with GPU tensors"
+        return "cuda", f"{where} with GPU tensors (one-shot over peer memory, NCCL for large sums)"
     why = shm_unsupported if local and device == "cpu" else where
     return "zmq", f"{why}: the coordinator carries the bytes (CurveZMQ over TCP across hosts)"
 

@@ -2,8 +2,9 @@
 
 It is the driver half of the comm interface (`comm.CommDriver`) for rank processes. After the
 ranks' hellos it sets up the chosen data path (`setup` -> `ready`): `zmq`, where it carries the
-bytes itself; `shm`, a shared-memory segment it creates (`shm.ShmDriver`); `nccl`/`gloo`, a
-torch.distributed rendezvous it hosts (`torch_dist.DistDriver`). Per step it sends
+bytes itself; `shm`, a shared-memory segment it creates (`shm.ShmDriver`); `cuda`/`nccl`/`gloo`,
+a torch.distributed rendezvous it hosts (`torch_dist.DistDriver`; on `cuda` the ranks also map each
+other's receive buffers through it for the one-shot kernel). Per step it sends
 `{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`), or,
 where rank 0 holds the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token
 ids and waits for the argmax (and the fp32 logits, in row chunks where large); on
@@ -74,6 +75,7 @@ class Coordinator:
     def __init__(self, tp: int, bind_host: str = "127.0.0.1", timeout_s: float = 60.0,
                  curve: bool = True, transport: str = "tcp", allreduce: str = "zmq"):
         self.tp, self.timeout_s, self.path = tp, timeout_s, allreduce
+        self.carry = allreduce  # what carries small sums, as the ranks report it at setup
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -160,6 +162,7 @@ class Coordinator:
             self.sock.send_multipart([ident, *encode({"op": "setup", "path": self.path,
                                                       "comm": self.data.setup(r)})])
         ready = [False] * self.tp
+        carries = set()
         while not all(ready):
             _, h, _ = self._recv(f"{self.path} all-reduce setup of ranks "
                                  f"{[r for r in range(self.tp) if not ready[r]]}")
@@ -168,6 +171,10 @@ class Coordinator:
                                   f"{h.get('message', '?')}")
             if h["op"] == "ready":
                 ready[h["rank"]] = True
+                carries.add(str(h.get("carry", self.path)))
+        self.carry = ", ".join(sorted(carries))
+        log.info("all-reduce %s joined by %d ranks; small sums carried by %s", self.path, self.tp,
+                 self.carry)
         self.data.joined()
 
     # ---- one step ------------------------------------------------------------------------
@@ -279,7 +286,7 @@ def _data_driver(path: str, tp: int, host: str, timeout_s: float):
     if path == "shm":
         from tpserve.runtime.shm import ShmDriver
         return ShmDriver(tp)
-    if path in ("nccl", "gloo"):
+    if path in ("cuda", "nccl", "gloo"):
         from tpserve.runtime.torch_dist import DistDriver
         return DistDriver(path, host, timeout_s)
     assert path == "zmq", path

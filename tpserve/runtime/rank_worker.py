@@ -75,7 +75,7 @@ def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: floa
     if name == "shm":
         from tpserve.runtime.shm import ShmPath
         return ShmPath(setup, rank, tp, timeout_s)
-    if name in ("nccl", "gloo"):
+    if name in ("cuda", "nccl", "gloo"):
         from tpserve.runtime.torch_dist import DistPath
         return DistPath(setup, rank, tp, timeout_s)
     raise WireError(f"setup names an unknown all-reduce path {name!r}")
@@ -249,4 +249,5 @@ class RankWorker:
         self.comm.capturable = self.tp == 1 or self.comm.path.capturable
         if self.device == "cuda" and self.comm.capturable:  # now the whole step is one graph
             self.model.capture_graphs(self.head)
-        sock.send_multipart(encode({"op": "ready", "rank": self.rank}))
+        sock.send_multipart(encode({"op": "ready", "rank": self.rank,
+                                    "carry": getattr(self.comm.path, "kind", h.get("path"))}))

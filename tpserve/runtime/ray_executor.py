@@ -142,7 +142,7 @@ class RayExecutor:
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
         # auto: rank 0 where its whole step is one graph (GPU ranks on this host, NCCL or tp=1)
-        self._place_head(device == "cuda" and local and (path == "nccl" or tp == 1))
+        self._place_head(device == "cuda" and local and (path in ("cuda", "nccl") or tp == 1))
         self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r),
                                        path != "zmq") for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()

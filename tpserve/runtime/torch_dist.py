@@ -1,5 +1,6 @@
 """The torch.distributed all-reduce: NCCL for GPU ranks (stays on the GPU, CUDA-graph capturable),
-gloo for CPU ranks (the same rendezvous, testable on any machine).
+gloo for CPU ranks (the same rendezvous, testable on any machine), and `cuda`: NCCL plus the
+one-shot kernel (`tpserve.kernels.allreduce`) for sums up to `ONE_SHOT_BYTES`, GPU ranks of one host.
 
 The coordinator owns the rendezvous: `DistDriver` hosts a TCPStore in the driver process and hands
 each rank its address plus a secret per-group key prefix over the coordinator's authenticated ZMQ
@@ -8,19 +9,32 @@ apart. Neither the TCPStore (it listens on every interface) nor NCCL's or gloo's
 authenticated, which is why `auto` uses this path only for ranks on the driver's host and the zmq
 star (CurveZMQ) stays the path across hosts.
 
-`DistPath.reduce` calls `dist.all_reduce(x)` in place and returns `x`: no host sync, no copy, so
-a decode step that calls it on a static buffer can be captured in a CUDA graph. NCCL sums in the
-tensor's dtype in its own order (fp16 partials are not accumulated in fp32 as on the CPU paths).
+`DistPath.reduce` reduces `x` in place and returns it: no host sync, no copy, so a decode step that
+calls it on a static buffer can be captured in a CUDA graph. NCCL sums in the tensor's dtype in its
+own order (fp16 partials are not accumulated in fp32 as on the CPU paths); the one-shot kernel sums
+in fp32 in rank order.
+
+On `cuda`, after NCCL is up, each rank allocates its receive buffer and flags in torch's symmetric
+memory and the ranks map each other's through the same rendezvous (CUDA IPC handles travel through
+the coordinator's store under the group's secret prefix). A decode step's sums (8 KB a row at
+hidden 4096) then cost one NVLink write and one flag instead of NCCL's protocol. If any rank cannot
+map peer memory (no P2P, a torch without symmetric memory) every rank keeps NCCL alone: they agree
+by one NCCL all-reduce of a flag, and the ready message says which.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from datetime import timedelta
 
 import torch
 
 from tpserve.errors import TpserveError
+
+log = logging.getLogger(__name__)
+
+ONE_SHOT_BYTES = 1 << 20  # sums up to this size take the one-shot kernel on the cuda path
 
 
 def _dist():
@@ -33,16 +47,16 @@ def _dist():
 class DistDriver:
     """Driver half: a TCPStore rendezvous and a secret key prefix per rank group."""
 
-    def __init__(self, backend: str, host: str, timeout_s: float):
+    def __init__(self, path: str, host: str, timeout_s: float):
         dist = _dist()
-        self.name, self.host, self.timeout_s = backend, host, timeout_s
+        self.name, self.host, self.timeout_s = path, host, timeout_s
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=timeout_s))
         self.prefix = f"tpserve-{secrets.token_hex(16)}/"
 
     def setup(self, rank: int) -> dict:
-        return {"backend": self.name, "host": self.host, "port": self.store.port,
-                "prefix": self.prefix}
+        return {"backend": "nccl" if self.name == "cuda" else self.name, "host": self.host,
+                "port": self.store.port, "prefix": self.prefix, "one_shot": self.name == "cuda"}
 
     def joined(self) -> None:
         pass
@@ -80,14 +94,77 @@ class DistPath:
         if device is not None:  # NCCL builds its communicator lazily: pay for it now, not in step 1
             self.dist.all_reduce(torch.zeros(1, device=device))
             torch.cuda.synchronize()
+        self.one_shot = None
+        if setup.get("one_shot") is True and device is not None:
+            self.one_shot = _agreed(dist, device, _OneShot.create(dist, rank, tp, device))
+
+    @property
+    def kind(self) -> str:
+        """What carries this group's small sums (for the ready message and the log)."""
+        return "one-shot + nccl" if self.one_shot is not None else self.backend
 
     def reduce(self, x: torch.Tensor, step: int, seq: int) -> torch.Tensor:
         if (x.device.type == "cuda") != (self.backend == "nccl"):
             raise TpserveError(f"allreduce={self.backend!r} cannot reduce a tensor on {x.device}")
         if not x.is_contiguous():
             x = x.contiguous()
+        if self.one_shot is not None and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
+            return self.one_shot(x)
         self.dist.all_reduce(x)
         return x
 
     def close(self) -> None:
+        self.one_shot = None  # its peer mappings go before the group that made them
         self.dist.destroy_process_group()
+
+
+class _OneShot:
+    """This rank's mapping of every rank's one-shot receive buffer and flags (symmetric memory)."""
+
+    def __init__(self, rank: int, tp: int, device: torch.device, buf, flags, bufs, flag_ptrs):
+        from tpserve.kernels.allreduce import MAX_BLOCKS
+        self.rank, self.tp = rank, tp
+        self._keep = (buf, flags)  # this rank's own allocations, mapped by its peers
+        self.bufs, self.flags = bufs, flag_ptrs
+        self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
+
+    @classmethod
+    def create(cls, dist, rank: int, tp: int, device: torch.device) -> "_OneShot | str":
+        """Map the group's buffers, or say why this rank cannot (every rank then keeps NCCL)."""
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+            from tpserve.kernels.allreduce import MAX_BLOCKS
+            group = dist.group.WORLD.group_name
+            enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+            if enable is not None:  # needed before torch 2.9, a no-op after
+                enable(group)
+            buf = symm_mem.empty(2 * tp * ONE_SHOT_BYTES, dtype=torch.uint8, device=device)
+            flags = symm_mem.empty(MAX_BLOCKS * tp, dtype=torch.int64, device=device).zero_()
+            hb, hf = symm_mem.rendezvous(buf, group), symm_mem.rendezvous(flags, group)
+            if hb.world_size != tp or hb.rank != rank:
+                return f"symmetric memory sees rank {hb.rank} of {hb.world_size}"
+            as_tensor = lambda ptrs: torch.tensor(list(ptrs), dtype=torch.int64,  # noqa: E731
+                                                  device=device)
+            return cls(rank, tp, device, buf, flags, as_tensor(hb.buffer_ptrs),
+                       as_tensor(hf.buffer_ptrs))
+        except Exception as e:  # noqa: BLE001 - any failure means: stay on NCCL
+            return f"{type(e).__name__}: {e}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from tpserve.kernels.allreduce import one_shot_all_reduce
+        return one_shot_all_reduce(x, x, self.bufs, self.flags, self.counters,
+                                   ONE_SHOT_BYTES // x.element_size(), self.rank, self.tp)
+
+
+def _agreed(dist, device: torch.device, mine: "_OneShot | str") -> "_OneShot | None":
+    """The one-shot mapping where every rank has one (one NCCL all-reduce decides), else None."""
+    ok = torch.tensor([0 if isinstance(mine, str) else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if isinstance(mine, str):
+        log.warning("rank %d cannot map its peers' GPU memory (%s): the group stays on NCCL",
+                    dist.get_rank(), mine)
+    if int(ok) == 0:
+        return None
+    torch.cuda.synchronize()
+    dist.barrier()  # every rank's flags are zero before any rank's first one-shot call
+    return mine
