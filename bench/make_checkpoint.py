@@ -4,8 +4,9 @@
 
 Presets: llama3-8b (Llama-3-8B shapes, 4-bit g128), llama3-8b-act (the same with act-order),
 qwen-straddle (Qwen2-style with q/k/v biases and intermediate 13696: tp=2 splits down_proj at
-6848, 64 rows into a group of 128), llama3-1b (Llama-3.2-1B shapes, tied embeddings), small (a
-2-layer model for smoke tests).
+6848, 64 rows into a group of 128), llama3-1b (Llama-3.2-1B shapes, tied embeddings), llama3-70b
+(Llama-3-70B shapes: 80 layers, hidden 8192, 64/8 heads, intermediate 28672; `--layers` cuts it
+for quick runs), small (a 2-layer model for smoke tests).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ PRESETS = {
     "llama3-1b": ({**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192,
                    "num_hidden_layers": 16, "num_key_value_heads": 8, "tie_word_embeddings": True},
                   GPTQ4),
+    "llama3-70b": ({**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672,
+                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8},
+                   GPTQ4),
     "small": ({**LLAMA3_8B, "num_hidden_layers": 2, "hidden_size": 1024, "intermediate_size": 2816,
                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}, GPTQ4),
 }
