@@ -53,7 +53,7 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
                        num_slots=max(batches), max_model_len=prompt_len + gen + 8,
                        lm_head=lm_head, **opts)
-    floor = bandwidth / bytes_per_token(llm) if bandwidth else None
+    floor = floor_tok_s(llm, tp, backend, bandwidth) if bandwidth else None
     vocab = llm.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
@@ -150,14 +150,15 @@ def copy_bandwidth(device: str) -> float:
     return 2 * a.numel() * 4 / min(times)
 
 
-def bytes_per_token(llm) -> int:
-    """Weight bytes one decode step must read: every rank's shards + the coordinator's head."""
+def bytes_per_token(llm) -> tuple[int, int]:
+    """Weight bytes one decode step must read: (every rank's shards + norms, the head)."""
     from tpserve.model.gptq_shard import GPTQWeight
     if llm.head is not None:
         total = llm.head.lm_head.nbytes + llm.head.norm.weight.numel() * llm.head.norm.weight.element_size()
     else:  # the head is on rank 0 (another process): its table's bytes from its format
         per_weight = {"dense": 2, "int8": 1, "q8_0": 34 / 32, "gptq": 0.5}[llm.lm_head]
         total = int(llm.cfg.vocab_size * llm.cfg.hidden_size * per_weight)
+    head, total = total, 0
     ranks = getattr(llm.executor, "ranks", None)
     if ranks is None:  # Ray: the shards live in other processes; count from the checkpoint
         from tpserve.model.checkpoint import Checkpoint
@@ -168,7 +169,7 @@ def bytes_per_token(llm) -> int:
                 for d in ck.shape(k):
                     n *= d
                 total += n * (4 if ck.dtype(k) in ("I32", "F32") else 2)
-        return total
+        return total, head
     for rank in ranks:
         for m in rank.modules():
             w = getattr(m, "weight", None)
@@ -176,7 +177,16 @@ def bytes_per_token(llm) -> int:
                 total += w.nbytes
             elif isinstance(w, torch.Tensor):
                 total += w.numel() * w.element_size()
-    return total
+    return total, head
+
+
+def floor_tok_s(llm, tp: int, backend: str, bandwidth: float) -> float:
+    """Batch-1 tokens/s if the busiest GPU streamed its weights at copy speed: over Ray each rank
+    has a GPU of its own and reads 1/tp of the layers, rank 0 also the head (one GPU holds it);
+    in-process ranks share one GPU."""
+    layers, head = bytes_per_token(llm)
+    gpus = tp if backend == "ray" else 1
+    return bandwidth / (layers / gpus + head)
 
 
 def bench_transformers(path, batches, prompt_len, gen, device) -> list[dict]:
