@@ -48,7 +48,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float
 
 
 def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
-              bandwidth=None, allreduce="auto") -> list[dict]:
+              bandwidth=None, allreduce="auto", decode_steps=(1,)) -> list[dict]:
     opts = {"progress": False, "allreduce": allreduce} if backend == "ray" else {}
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
                        num_slots=max(batches), max_model_len=prompt_len + gen + 8,
@@ -58,9 +58,9 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
     llm.generate(prompt[:16], max_tokens=4, ignore_eos=True)  # warm-up (kernels, autotune)
-    engine = Engine(llm).start()
     rows = []
-    for b in batches:
+    for k, b in ((k, b) for k in decode_steps for b in batches):
+        engine = Engine(llm, decode_steps=k).start()
         prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(b)]
         run_batch(engine, prompts, 4)  # warm this batch shape
         ttft = min(run_batch(engine, prompts, 1)[0] for _ in range(3))
@@ -72,6 +72,7 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
         step_s = engine.stats.step_seconds - s0
         coord = getattr(llm.executor, "coord", None)
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
+               "decode_steps": k,
                "allreduce": f"{coord.path} ({coord.carry})" if coord else "local",
                "ttft_ms": 1e3 * ttft, "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
@@ -82,20 +83,22 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
             row["floor_tok_s"] = floor * b  # batch b reads the weights once per step
             row["of_floor"] = tps / row["floor_tok_s"]
         rows.append(row)
-    engine.stop()
+        engine.stop()
     llm.close()
     return rows
 
 
-def _greedy_tokens(path, tp, device, dtype, steps: int, graphs: bool) -> list[list[int]]:
+def _greedy_tokens(path, tp, device, dtype, steps: int, graphs: bool, decode_steps: int = 1
+                   ) -> list[list[int]]:
     """One sequence alone, then four admitted together that leave the batch at different steps
-    (buckets 4, 2 and 1; the batch is the same in every run, so each step has the same shape)."""
+    (buckets 4, 2 and 1; the batch is the same in every run, so each step has the same shape).
+    decode_steps > 1: the engine runs that many steps per call where it can (`decode_ids`)."""
     llm = tpserve.load(path, tp=tp, device=device, dtype=dtype, num_slots=4,
                        max_model_len=steps + 40, cuda_graphs=graphs)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, llm.cfg.vocab_size, (n,), generator=g).tolist()
                for n in (32, 7, 19, 3)]
-    engine = Engine(llm)
+    engine = Engine(llm, decode_steps=decode_steps)
     single = engine.generate(prompts[0], SamplingParams(max_tokens=steps, ignore_eos=True))
     out, done = [[] for _ in prompts], threading.Semaphore(0)
     for i, prompt in enumerate(prompts):
@@ -118,11 +121,18 @@ def _first_differences(a, b) -> list[int | None]:
 
 
 def check_graphs(path, tps, device, dtype, steps: int) -> None:
-    """The captured decode step and the eager one give identical greedy tokens. On a difference,
+    """The captured decode step and the eager one give identical greedy tokens, also where the
+    captured steps run 8 at a time, each fed the last one's argmax on the device. On a difference,
     each mode runs again, to tell a captured-step bug from a mode that differs from itself."""
     for tp in tps:
         run = lambda graphs: _greedy_tokens(path, tp, device, dtype, steps, graphs)  # noqa: E731
         graph, eager = run(True), run(False)
+        burst = _greedy_tokens(path, tp, device, dtype, steps, True, decode_steps=8)
+        print(f"graph, 8 steps per call, vs eager, tp={tp}: " + (
+            "identical" if burst == eager else
+            f"DIFFERENT (first differing step per sequence: {_first_differences(burst, eager)})"))
+        if burst != eager:
+            raise SystemExit(f"8 captured steps per call and eager decode disagree at tp={tp}")
         same = graph == eager
         print(f"graph vs eager, tp={tp}, {steps} greedy steps, batch 1 and 4: " + (
             "identical" if same else
@@ -225,6 +235,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--lm-head", nargs="+", default=["auto"])
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
+                    help="greedy decode steps per engine step to compare (e.g. 1 8)")
     ap.add_argument("--allreduce", nargs="+", default=["auto"],
                     help="all-reduce paths to compare at tp > 1 over Ray (e.g. cuda nccl)")
     ap.add_argument("--peer", nargs="+", choices=["none", "transformers", "torch-int4"],
@@ -258,14 +270,15 @@ def main() -> int:
         for head in args.lm_head:
             for ar in args.allreduce if backend == "ray" and tp > 1 else ["auto"]:
                 rows += bench_one(path, tp, backend, args.device, dtype, args.batch,
-                                  args.prompt_len, args.gen, head, bandwidth, ar)
-    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'batch':>5} {'TTFT ms':>8} "
+                                  args.prompt_len, args.gen, head, bandwidth, ar,
+                                  args.decode_steps)
+    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'batch':>5} {'TTFT ms':>8} "
           f"{'tok/s':>8} {'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else "-"
         fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
         print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} "
-              f"{r.get('allreduce', '-'):>22} {r['batch']:>5} "
+              f"{r.get('allreduce', '-'):>22} {r.get('decode_steps', 1):>2} {r['batch']:>5} "
               f"{r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} {r.get('step_ms', 0):>8.2f} "
               f"{share:>12} {fl:>8}")
     for r in rows:  # tpserve / each peer, same batch, same run
@@ -274,7 +287,8 @@ def main() -> int:
                 key = f"vs_{peer['backend']}"
                 r[key] = r["decode_tok_s"] / peer["decode_tok_s"]
                 r[key + "_ttft"] = r["ttft_ms"] / peer["ttft_ms"]
-                print(f"tp={r['tp']} head={r['lm_head']} {r['allreduce']} batch={r['batch']}: "
+                print(f"tp={r['tp']} head={r['lm_head']} {r['allreduce']} k={r['decode_steps']} "
+                      f"batch={r['batch']}: "
                       f"tok/s {r[key]:.2f}x "
                       f"{peer['backend']}, TTFT {r[key + '_ttft']:.2f}x")
     if args.out:

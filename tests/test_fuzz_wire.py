@@ -213,3 +213,29 @@ def test_a_rank_drops_token_id_steps_it_cannot_run_and_keeps_serving(tmp_path):
         step(4, torch.tensor([[1, 2]]))  # not 1-D
         assert next_answer_is_ready()
         assert worker.last_step == 0  # none of them ran
+
+
+def test_a_rank_drops_decode_bursts_it_cannot_run(tmp_path):
+    """Several decode steps in one message (`decode_ids`) run only as a decode step of token ids
+    without logits, and at most MAX_DECODE_STEPS of them: anything else is dropped unrun."""
+    from tpserve.model.config import load_configs
+    from tpserve.model.rank_head import RankHead
+    decode_plan = {"slots": [0, 1], "starts": [3, 5], "lens": [1, 1]}
+    with bare_rank(tmp_path, b"r0", timeout_s=2) as (router, worker):
+        worker.cfg, _ = load_configs(FIXTURES / "llama_g128_sym")
+        worker.head = RankHead(None, worker.comm, worker.cfg.hidden_size, torch.float32, "cpu")
+        bad = [({"steps": 65, "logits": False}, decode_plan),
+               ({"steps": 2, "logits": True}, decode_plan),
+               ({"steps": 2}, decode_plan),  # logits not refused explicitly
+               ({"steps": 2, "logits": False}, {"slots": [0], "starts": [0], "lens": [2]}),
+               ({"steps": -3, "logits": False}, decode_plan),
+               ({"steps": "8", "logits": False}, decode_plan)]
+        for n, (flags, plan) in enumerate(bad, 1):
+            rows = sum(plan["lens"])
+            router.send_multipart([b"r0", *bytes_frames(
+                {"op": "step", "step": n, "ids": True, "plan": plan, **flags},
+                [torch.arange(1, rows + 1)])])
+        router.send_multipart([b"r0", *bytes_frames({"op": "setup", "path": "zmq", "comm": {}})])
+        assert router.poll(10000), "the rank stopped answering"
+        assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
+        assert worker.last_step == 0  # none of them ran

@@ -89,7 +89,7 @@ def cmd_launch(args) -> int:
     # The model id: --served-model-name, else the folder's name (the demo's without its version).
     name = args.served_model_name or (demo.NAME if not args.model else
                                       os.path.basename(os.path.normpath(str(path))))
-    engine = Engine(llm, codec, max_queue=args.max_queue).start()
+    engine = Engine(llm, codec, max_queue=args.max_queue, decode_steps=args.decode_steps).start()
     try:
         app = build_app(engine, codec, name, version=__version__,
                         api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
@@ -136,6 +136,10 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or TPSERVE_API_KEY)")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="greedy decode steps the ranks run per engine step where they hold the "
+                        "head (each step's token feeds the next on the device; tokens stream in "
+                        "bursts of this many; 1: one step at a time)")
     p.add_argument("--verify", action="store_true",
                    help="check the deployment against tp=1 (`tpserve verify`) before serving")
     p.set_defaults(func=cmd_launch)

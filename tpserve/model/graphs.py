@@ -170,3 +170,15 @@ class DecodeGraphs:
         if bucket.tokens is None:
             return None, None
         return bucket.out[:len(ids)], bucket.tokens[:len(ids)]
+
+    def run_next(self, plan) -> torch.Tensor | None:
+        """The step after the last `run_ids` of the same batch: its token ids are that step's
+        argmax, copied on the device (no host round trip); -> this step's argmax [b] (None on a
+        rank without the head)."""
+        bucket = self.bucket(plan)
+        bucket.load(plan)
+        b = len(plan.slots)
+        if bucket.tokens is not None:
+            bucket.rows[3, :b].copy_(bucket.tokens[:b])  # stream-ordered after the last replay
+        bucket.replay(self.model.comm)
+        return None if bucket.tokens is None else bucket.tokens[:b]

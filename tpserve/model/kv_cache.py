@@ -51,6 +51,10 @@ class StepPlan:
         """Every sequence brings one token: the static-shape (graph-captured) step applies."""
         return all(n == 1 for n in self.lens)
 
+    def advanced(self, k: int) -> "StepPlan":
+        """The decode step `k` steps after this one: each sequence one position further per step."""
+        return StepPlan(self.slots, [s + k for s in self.starts], self.lens, self.out_rows)
+
     def decode_meta(self, device) -> "DecodeMeta":
         return DecodeMeta.build(self.slots, self.starts, device)
 

@@ -23,6 +23,7 @@ from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 
 HEAD_AT = ("auto", "coordinator", "rank0")  # where Ray ranks' head runs; auto: rank0 for same-host GPUs
+MAX_DECODE_STEPS = 64  # greedy decode steps one message may ask for (`decode_ids`)
 
 
 class RankHead:
@@ -70,12 +71,42 @@ def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
     return logits, None if logits is None else logits.argmax(-1)
 
 
+def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: int
+               ) -> torch.Tensor | None:
+    """`steps` greedy decode steps of `model` from token ids [b] (host, one per sequence of the
+    decode plan `plan`): each step's argmax is the next step's token ids on the device, and each
+    step is one position further (`plan.advanced`). -> the argmax of every step [steps, b] on the
+    device (None on ranks without the head). The host is not waited on between steps, so a
+    captured step's replays queue back to back; tokens after a sequence's stop are the caller's
+    to drop (their cache rows lie past its end, where nothing reads them)."""
+    graphs, toks = model.graphs, None
+    with torch.inference_mode():
+        if graphs is not None and graphs.with_head:
+            for k in range(steps):
+                pk = plan.advanced(k)
+                model.cache.check(pk)
+                t = graphs.run_ids(ids, pk)[1] if k == 0 else graphs.run_next(pk)
+                if t is not None:
+                    if toks is None:
+                        toks = torch.empty((steps, len(ids)), dtype=torch.int64, device=t.device)
+                    toks[k].copy_(t)
+            return toks
+        cur, out = ids.to(model.device), []
+        for k in range(steps):  # eager (CPU ranks): the same steps, one at a time
+            logits = head.logits(model(head.embed(cur), plan.advanced(k)))
+            if logits is not None:
+                cur = logits.argmax(-1)
+                out.append(cur)
+        return torch.stack(out) if out else None
+
+
 def malformed(argmax: torch.Tensor, logits: torch.Tensor | None, plan: StepPlan,
-              vocab: int) -> str | None:
-    """What is wrong with rank 0's answer to a step from token ids, or None."""
+              vocab: int, steps: int = 1) -> str | None:
+    """What is wrong with rank 0's answer to a step (or `steps` decode steps) from token ids."""
     rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
-    if argmax.shape != (rows,) or rows and not 0 <= int(argmax.min()) <= int(argmax.max()) < vocab:
-        return f"argmax {list(argmax.shape)} for {rows} rows of a {vocab}-token vocabulary"
+    want = (rows,) if steps == 1 else (steps, rows)
+    if argmax.shape != want or rows and not 0 <= int(argmax.min()) <= int(argmax.max()) < vocab:
+        return f"argmax {list(argmax.shape)} for {list(want)} rows of a {vocab}-token vocabulary"
     if logits is not None and (logits.shape != (rows, vocab) or logits.dtype != torch.float32):
         return f"logits {list(logits.shape)} {logits.dtype} for {rows} rows x {vocab}"
     return None

@@ -185,9 +185,17 @@ class Coordinator:
             raise RankFailure(f"rank 0 answered step {self.step_id} with {len(out)} tensors, not 1")
         return out[0]
 
-    def step_ids(self, ids: torch.Tensor, plan: StepPlan, logits: bool) -> list[torch.Tensor]:
+    def step_ids(self, ids: torch.Tensor, plan: StepPlan, logits: bool, steps: int = 1
+                 ) -> list[torch.Tensor]:
         """Token ids [T] -> [argmax] or [argmax, fp32 logits] of the rows `plan.out_rows`, from
-        ranks that hold the head (`tpserve.model.rank_head`)."""
+        ranks that hold the head (`tpserve.model.rank_head`). steps > 1: that many greedy decode
+        steps in one message (`rank_head.decode_ids`) -> [argmax [steps, T]]."""
+        if steps > 1:
+            out = self._step({"ids": True, "logits": False, "steps": steps}, ids, plan)
+            if len(out) != 1 or out[0].dim() != 2 or out[0].dtype != torch.int64:
+                raise RankFailure(f"rank 0 answered {steps} decode steps ({self.step_id}) with "
+                                  f"{len(out)} tensors, not the argmax of each")
+            return out
         out = self._step({"ids": True, "logits": logits}, ids, plan)
         shaped = len(out) >= 2 if logits else len(out) == 1
         if not shaped or out[0].dim() != 1 or out[0].dtype != torch.int64:

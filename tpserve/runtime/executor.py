@@ -51,6 +51,12 @@ class Executor(Protocol):
         caller runs embed, `step` and the head). With need_logits=False the logits may be None:
         the caller takes the argmax only."""
 
+    def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
+        """`steps` greedy decode steps from token ids [b] (one per sequence of the decode plan
+        `plan`) run by the ranks without the host in between: each step's argmax is the next
+        step's input, one position further (`rank_head.decode_ids`). -> argmax [steps, b] on the
+        host, or None where the ranks do not hold the head (the caller steps one at a time)."""
+
     def health(self) -> str | None:
         """None while every rank serves; else a sentence naming the dead or stuck ranks."""
 

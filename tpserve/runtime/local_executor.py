@@ -15,7 +15,7 @@ from tpserve.runtime.comm import LocalGroup
 from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
-from tpserve.model.rank_head import RankHead, step_ids
+from tpserve.model.rank_head import RankHead, decode_ids, step_ids
 from tpserve.model.shard_plan import ShardPlan
 
 
@@ -62,6 +62,13 @@ class LocalExecutor:
         if self.rank_head is None:
             return None
         return step_ids(self.ranks[0], self.rank_head, ids, plan)
+
+    def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
+        """`steps` greedy decode steps in the captured step with the head (tp=1 on a GPU), each
+        step's argmax fed to the next on the device -> [steps, b] on the host; else None."""
+        if self.rank_head is None:
+            return None
+        return decode_ids(self.ranks[0], self.rank_head, ids, plan, steps).cpu()
 
     def _step_all(self, h: torch.Tensor, plan: StepPlan, capture: list | None) -> torch.Tensor:
         """Every rank on its thread (they meet in each all-reduce); rank 0's output."""

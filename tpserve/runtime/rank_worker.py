@@ -20,14 +20,14 @@ import zmq
 from tpserve.kernels import HeadFormat
 from tpserve.model.config import load_configs
 from tpserve.model.head import Head
-from tpserve.model.rank_head import RankHead, step_ids
+from tpserve.model.rank_head import MAX_DECODE_STEPS, RankHead, decode_ids, step_ids
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
-from tpserve.runtime.wire import WireError, chunk_rows, decode, encode
+from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, uint
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,13 @@ class RankWorker:
                     if ids:
                         self._check_ids(ts[0])
                     plan = _plan_from_wire(h.get("plan"), ts[0].shape[0])
+                    steps = uint(h, "steps") or 1
+                    if steps > MAX_DECODE_STEPS:
+                        raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
+                    if steps > 1 and not (ids and plan.is_decode and plan.out_rows in (
+                            None, list(range(len(plan.slots)))) and h.get("logits") is False):
+                        raise WireError(f"{steps} steps in one message need a decode step of "
+                                        f"token ids with no logits")
                 except WireError as e:
                     log.error("rank %d dropped a message: %s", self.rank, e)
                     continue
@@ -202,7 +209,10 @@ class RankWorker:
                 self.comm.seq = 0
                 self.profiler.before(self.steps)
                 try:
-                    if ids:
+                    if steps > 1:
+                        toks = decode_ids(self.model, self.head, ts[0], plan, steps)
+                        out = [] if toks is None else [toks]
+                    elif ids:
                         logits, argmax = step_ids(self.model, self.head, ts[0], plan)
                         out = [argmax] + (chunk_rows(logits) if logits is not None and
                                           h.get("logits") is not False else [])

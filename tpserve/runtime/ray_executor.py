@@ -230,6 +230,16 @@ class RayExecutor:
             raise RankFailure(f"rank 0 answered step {self.coord.step_id} with {wrong}")
         return logits, argmax
 
+    def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
+        if not self.head_bytes:
+            return None
+        toks = self._guarded(self.coord.step_ids, ids, plan, False, steps)[0]
+        wrong = malformed(toks, None, plan, self.vocab, steps)
+        if wrong:
+            self.failures += 1
+            raise RankFailure(f"rank 0 answered decode steps {self.coord.step_id} with {wrong}")
+        return toks
+
     def health(self) -> str | None:
         return self._dead
 

@@ -24,6 +24,7 @@ import torch
 
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
+from tpserve.model.rank_head import MAX_DECODE_STEPS
 from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
 from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, needs_logits,
                                     prompt_logprobs, sample)
@@ -36,10 +37,13 @@ PROMPT_LOGITS_BYTES = 1 << 30
 
 
 class Engine:
-    def __init__(self, llm, tokenizer=None, max_queue: int = 256):
+    def __init__(self, llm, tokenizer=None, max_queue: int = 256, decode_steps: int = 1):
         self.llm, self.executor, self.head, self.cfg = llm, llm.executor, llm.head, llm.cfg
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        if not 1 <= decode_steps <= MAX_DECODE_STEPS:
+            raise TpserveError(f"decode_steps={decode_steps} must be in [1, {MAX_DECODE_STEPS}]")
+        self.decode_steps = decode_steps
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))
@@ -175,9 +179,44 @@ class Engine:
                 self._fail_all(str(e) if isinstance(e, TpserveError) else f"{type(e).__name__}: {e}")
                 self._recover()
 
-    def _step(self) -> None:
+    def _burst(self, reqs: list[Request]) -> int:
+        """How many greedy decode steps the ranks may run in one go (`Executor.decode_ids`): more
+        than 1 only while every running request decodes greedily without logits, none waits for
+        a free slot, and each has at least that many tokens left before its limit."""
+        if self.decode_steps == 1 or (self.waiting and self.free_slots) or \
+                any(not r.output for r in reqs) or needs_logits([r.row for r in reqs]):
+            return 1
+        left = min(min(r.params.max_tokens - len(r.output),
+                       self.max_len - len(r.prompt) - len(r.output)) for r in reqs)
+        return max(1, min(self.decode_steps, left))
+
+    def _decode_burst(self, reqs: list[Request], k: int) -> bool:
+        """k decode steps of `reqs` in one executor call; False where the executor cannot."""
         t0 = time.perf_counter()
+        plan = StepPlan(slots=[r.slot for r in reqs], starts=[r.position for r in reqs],
+                        lens=[1] * len(reqs))
+        ids = torch.as_tensor([r.output[-1] for r in reqs], dtype=torch.long)
+        toks = self.executor.decode_ids(ids, plan, k)
+        if toks is None:
+            return False
+        live = {r.id for r in reqs}
+        for row in toks.tolist():  # a request that stops drops the tokens computed after it
+            for req, tok in zip(reqs, row):
+                if req.id in live:
+                    self._advance(req, tok, None, None)
+            live = {r.id for r in self.running}
+        dt = time.perf_counter() - t0
+        self.stats.steps += k
+        self.stats.step_seconds += dt
+        self.stats.last_step_seconds = dt / k
+        return True
+
+    def _step(self) -> None:
         reqs = list(self.running)
+        k = self._burst(reqs)
+        if k > 1 and self._decode_burst(reqs, k):
+            return
+        t0 = time.perf_counter()
         ids, slots, starts, lens, out_rows, spans = [], [], [], [], [], []
         for req in reqs:
             new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt

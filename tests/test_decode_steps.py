@@ -1,0 +1,94 @@
+"""Several greedy decode steps per engine step (`Engine(decode_steps=k)`, `Executor.decode_ids`):
+over real Ray ranks that hold the head, each step's argmax feeds the next on the ranks, and the
+tokens are those of one step at a time, whatever stops a request inside a burst."""
+
+import threading
+
+import pytest
+import torch
+
+import tpserve
+from tpserve.errors import TpserveError
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling import SamplingParams
+
+from test_peer_fixtures import FIXTURES
+
+PATH = FIXTURES / "llama_g128_sym"
+PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45]]
+
+
+@pytest.fixture(scope="module")
+def ranks(ray_cluster):
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="rank0",
+                       max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One step at a time on the in-process ranks: the tokens to match."""
+    llm = tpserve.load(PATH, tp=2, dtype=torch.float32, max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()
+
+
+def _together(engine: Engine, prompts, params) -> list[list[int]]:
+    """Requests admitted in one step, run to their ends by the engine's loop."""
+    out, done = [[] for _ in prompts], threading.Semaphore(0)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        def on_event(ev, i=i):
+            out[i].extend(ev.token_ids)
+            if ev.finished:
+                done.release()
+        engine.submit(p, sp, on_event)
+    engine.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    return out
+
+
+def test_bursts_give_the_tokens_of_single_steps(ranks, single):
+    want = [single.generate(p, max_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (5, 11, 19))]
+    stop_at = want[2][3]  # a stop token inside the first burst of the third request
+    want[2] = want[2][:want[2].index(stop_at) + 1]
+    params = [SamplingParams(max_tokens=5, ignore_eos=True),
+              SamplingParams(max_tokens=11, ignore_eos=True),
+              SamplingParams(max_tokens=19, ignore_eos=True, stop_token_ids=[stop_at])]
+    got = _together(Engine(ranks, decode_steps=8), PROMPTS, params)
+    assert got == want
+
+
+def test_a_burst_is_one_message_and_stops_at_the_context_end(ranks, single):
+    coord = ranks.executor.coord
+    engine = Engine(ranks, decode_steps=8)
+    before = coord.step_id
+    got = engine.generate(PROMPTS[0], SamplingParams(max_tokens=17, ignore_eos=True))
+    # the prompt's step, then 16 tokens in two bursts of 8
+    assert coord.step_id - before == 3
+    assert got == single.generate(PROMPTS[0], max_tokens=17, ignore_eos=True)
+    # the whole context of 40: bursts of 8, 8, 8, then the 7 positions left
+    before = coord.step_id
+    long = engine.generate(PROMPTS[0], SamplingParams(max_tokens=32, ignore_eos=True))
+    assert len(PROMPTS[0]) + len(long) == 40 and coord.step_id - before == 5
+    assert long == single.generate(PROMPTS[0], max_tokens=32, ignore_eos=True)
+
+
+def test_rows_that_need_logits_run_one_step_at_a_time(ranks, single):
+    coord = ranks.executor.coord
+    before = coord.step_id
+    sampled = SamplingParams(max_tokens=6, temperature=0.7, seed=3)
+    got = _together(Engine(ranks, decode_steps=8), PROMPTS[:2],
+                    [SamplingParams(max_tokens=6, ignore_eos=True), sampled])
+    assert coord.step_id - before == 6  # no burst while a row samples from the logits
+    assert got[0] == single.generate(PROMPTS[0], max_tokens=6, ignore_eos=True)
+    assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
+
+
+def test_decode_steps_out_of_range_is_refused(single):
+    with pytest.raises(TpserveError, match=r"decode_steps=0 must be in \[1, 64\]"):
+        Engine(single, decode_steps=0)
