@@ -48,8 +48,9 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float
 
 
 def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
-              bandwidth=None, allreduce="auto", decode_steps=(1,)) -> list[dict]:
-    opts = {"progress": False, "allreduce": allreduce} if backend == "ray" else {}
+              bandwidth=None, allreduce="auto", decode_steps=(1,), head_at="auto") -> list[dict]:
+    opts = {"progress": False, "allreduce": allreduce, "head_at": head_at} if backend == "ray" \
+        else {}
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
                        num_slots=max(batches), max_model_len=prompt_len + gen + 8,
                        lm_head=lm_head, **opts)
@@ -235,6 +236,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--lm-head", nargs="+", default=["auto"])
+    ap.add_argument("--head-at", default="auto", choices=["auto", "coordinator", "rank0"],
+                    help="where Ray ranks' head runs (decode bursts need it on rank 0)")
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
                     help="greedy decode steps per engine step to compare (e.g. 1 8)")
     ap.add_argument("--allreduce", nargs="+", default=["auto"],
@@ -271,7 +274,7 @@ def main() -> int:
             for ar in args.allreduce if backend == "ray" and tp > 1 else ["auto"]:
                 rows += bench_one(path, tp, backend, args.device, dtype, args.batch,
                                   args.prompt_len, args.gen, head, bandwidth, ar,
-                                  args.decode_steps)
+                                  args.decode_steps, args.head_at)
     print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'batch':>5} {'TTFT ms':>8} "
           f"{'tok/s':>8} {'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:

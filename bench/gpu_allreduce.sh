@@ -64,7 +64,7 @@ l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset l
 if has decode; then
   l8
   timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
-    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda nccl \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda nccl --decode-steps 1 8 \
     --out "$OUT/decode_x2.json" > "$OUT/decode_x2.log" 2>&1; tail -10 "$OUT/decode_x2.log"
 fi
 if has profile; then

@@ -56,6 +56,6 @@ fi
 if has decode; then
   l8
   python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 32 --backend local --device cuda \
-    --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head dense int8 --prompt-len 128 --gen 128 \
+    --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head dense int8 --prompt-len 128 --gen 128 --decode-steps 1 8 \
     --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"
 fi

@@ -25,7 +25,7 @@ fi
 if has decode; then
   l8
   timeout 420 python3 bench/decode.py --model /tmp/l8 --tp 1 2 4 --batch 1 8 --backend ray --device cuda \
-    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --decode-steps 1 8 \
     --out "$OUT/decode_x4.json" > "$OUT/decode_x4.log" 2>&1; tail -14 "$OUT/decode_x4.log"
 fi
 if has verify; then
