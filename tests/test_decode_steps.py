@@ -90,5 +90,6 @@ def test_rows_that_need_logits_run_one_step_at_a_time(ranks, single):
 
 
 def test_decode_steps_out_of_range_is_refused(single):
-    with pytest.raises(TpserveError, match=r"decode_steps=0 must be in \[1, 64\]"):
-        Engine(single, decode_steps=0)
+    for bad in (0, 65, True, 2.0):
+        with pytest.raises(TpserveError, match=r"must be an integer in \[1, 64\]"):
+            Engine(single, decode_steps=bad)

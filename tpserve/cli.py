@@ -67,12 +67,13 @@ def _load(args):
 
 def cmd_launch(args) -> int:
     from tpserve import __version__
-    from tpserve.serve.engine import Engine
+    from tpserve.serve.engine import Engine, check_decode_steps
     from tpserve.serve.app import build_app, serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
         args.model = args.model_tag
     options_from_args(args)  # a bad --tp/--device/... is one sentence, before anything starts
+    check_decode_steps(args.decode_steps)
     check_port(args.host, args.port)
     path, llm, codec = _load(args)
     if args.verify:

@@ -36,14 +36,20 @@ log = logging.getLogger(__name__)
 PROMPT_LOGITS_BYTES = 1 << 30
 
 
+def check_decode_steps(k) -> int:
+    """`--decode-steps` / `decode_steps`, refused in one sentence outside [1, MAX_DECODE_STEPS]."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DECODE_STEPS:
+        raise TpserveError(f"decode_steps={k!r} must be an integer in [1, {MAX_DECODE_STEPS}] "
+                           f"(--decode-steps); 1 runs one step at a time")
+    return k
+
+
 class Engine:
     def __init__(self, llm, tokenizer=None, max_queue: int = 256, decode_steps: int = 1):
         self.llm, self.executor, self.head, self.cfg = llm, llm.executor, llm.head, llm.cfg
         self.tokenizer = tokenizer
         self.max_queue = max_queue
-        if not 1 <= decode_steps <= MAX_DECODE_STEPS:
-            raise TpserveError(f"decode_steps={decode_steps} must be in [1, {MAX_DECODE_STEPS}]")
-        self.decode_steps = decode_steps
+        self.decode_steps = check_decode_steps(decode_steps)
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))
