@@ -68,3 +68,35 @@ def test_one_shot_in_place_and_its_capacity():
     with pytest.raises(ValueError, match="exceeds its capacity"):
         one_shot_all_reduce(torch.zeros(CAPACITY + 1, dtype=torch.float16), x, ptr(buf),
                             ptr(flags), counters, CAPACITY, 0, 1)
+
+
+def _fallback_rank(rank, port, q):
+    import torch.distributed as dist
+    from tpserve.runtime.torch_dist import _OneShot
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    if rank == 0:  # rank 0 allocates (plain memory standing in for a GPU's symmetric memory)
+        import torch.distributed._symmetric_memory as symm_mem
+        symm_mem.empty = lambda *shape, dtype, device: torch.empty(*shape, dtype=dtype)
+    try:
+        # rank 1 cannot allocate peer memory (CPU tensors have none): both must fall back,
+        # rank 0 without waiting in a rendezvous its peer never joins
+        q.put((rank, _OneShot.create(dist, rank, 2, torch.device("cpu")) is None))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_keeps_nccl_when_one_cannot_map_peer_memory():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_fallback_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0], "a rank failed or hung in the fallback"
+    assert sorted(q.get(timeout=5) for _ in range(2)) == [(0, True), (1, True)]

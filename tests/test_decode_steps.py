@@ -89,6 +89,19 @@ def test_rows_that_need_logits_run_one_step_at_a_time(ranks, single):
     assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
 
 
+def test_no_burst_while_a_request_waits_for_a_slot(ranks, single):
+    """Four slots, five requests: the fifth waits, so the four step one at a time (a burst would
+    hold a finished request's slot and the queue); alone, the fifth bursts."""
+    coord = ranks.executor.coord
+    prompts = [[3 + i, 40 + i, 7] for i in range(5)]
+    before = coord.step_id
+    got = _together(Engine(ranks, decode_steps=8), prompts,
+                    [SamplingParams(max_tokens=9, ignore_eos=True)] * 5)
+    # 4 prompts, 8 single steps, then the fifth's prompt and one burst of 8
+    assert coord.step_id - before == 1 + 8 + 2
+    assert got == [single.generate(p, max_tokens=9, ignore_eos=True) for p in prompts]
+
+
 def test_decode_steps_out_of_range_is_refused(single):
     for bad in (0, 65, True, 2.0):
         with pytest.raises(TpserveError, match=r"must be an integer in \[1, 64\]"):

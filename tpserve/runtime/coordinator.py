@@ -39,6 +39,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from tpserve.runtime.comm import reduce_sum
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
+from tpserve.model.rank_head import MAX_DECODE_STEPS
 from tpserve.runtime.executor import CommStats
 from tpserve.runtime.wire import WireError, decode, encode, uint
 
@@ -191,6 +192,9 @@ class Coordinator:
         ranks that hold the head (`tpserve.model.rank_head`). steps > 1: that many greedy decode
         steps in one message (`rank_head.decode_ids`) -> [argmax [steps, T]]."""
         if steps > 1:
+            if steps > MAX_DECODE_STEPS:
+                raise TpserveError(f"{steps} decode steps in one message exceed "
+                                   f"{MAX_DECODE_STEPS}")
             out = self._step({"ids": True, "logits": False, "steps": steps}, ids, plan)
             if len(out) != 1 or out[0].dim() != 2 or out[0].dtype != torch.int64:
                 raise RankFailure(f"rank 0 answered {steps} decode steps ({self.step_id}) with "
@@ -212,17 +216,18 @@ class Coordinator:
         for ident in self.identities:
             self.sock.send_multipart([ident, *msg], copy=False)
         try:
-            return self._serve(step)
+            return self._serve(step, uint(flags, "steps") or 1)
         except RankFailure:
             if self.data is not None:
                 self.data.abort()  # no rank stays blocked in the path; recover() rebuilds it
             raise
 
-    def _serve(self, step: int) -> list[torch.Tensor]:
-        """Wait for step `step`'s result; on the zmq path, serve its reductions meanwhile."""
+    def _serve(self, step: int, steps: int = 1) -> list[torch.Tensor]:
+        """Wait for step `step`'s result (`steps` decode steps' worth of time where the ranks
+        run several); on the zmq path, serve its reductions meanwhile."""
         partials: dict[int, list] = {}
         started: dict[int, float] = {}
-        self._deadline = time.monotonic() + self.timeout_s
+        self._deadline = time.monotonic() + self.timeout_s * steps
         while True:
             ident, hdr, tensors = self._recv(f"step {step} traffic")
             op, rank = hdr["op"], hdr["rank"]

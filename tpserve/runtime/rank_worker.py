@@ -202,6 +202,11 @@ class RankWorker:
                             None, list(range(len(plan.slots)))) and h.get("logits") is False):
                         raise WireError(f"{steps} steps in one message need a decode step of "
                                         f"token ids with no logits")
+                    if steps > 1:
+                        try:  # the burst's last step must fit too: refused whole, never half run
+                            self.model.cache.check(plan.advanced(steps - 1))
+                        except TpserveError as e:
+                            raise WireError(str(e)) from None
                 except WireError as e:
                     log.error("rank %d dropped a message: %s", self.rank, e)
                     continue

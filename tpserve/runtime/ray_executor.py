@@ -233,6 +233,8 @@ class RayExecutor:
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
         if not self.head_bytes:
             return None
+        if steps == 1:
+            return self.step_ids(ids, plan, False)[1].view(1, -1)
         toks = self._guarded(self.coord.step_ids, ids, plan, False, steps)[0]
         wrong = malformed(toks, None, plan, self.vocab, steps)
         if wrong:

@@ -20,6 +20,10 @@ the coordinator's store under the group's secret prefix). A decode step's sums (
 hidden 4096) then cost one NVLink write and one flag instead of NCCL's protocol. If any rank cannot
 map peer memory (no P2P, a torch without symmetric memory) every rank keeps NCCL alone: they agree
 by one NCCL all-reduce of a flag, and the ready message says which.
+
+Like NCCL's, the one-shot kernel waits for its peers on the GPU without a timeout: a rank that dies
+mid-step leaves the others spinning until the coordinator's deadline fails the step and recovery
+replaces the rank processes (it kills them; a reused process could not leave the kernel).
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class DistPath:
             torch.cuda.synchronize()
         self.one_shot = None
         if setup.get("one_shot") is True and device is not None:
-            self.one_shot = _agreed(dist, device, _OneShot.create(dist, rank, tp, device))
+            self.one_shot = _OneShot.create(dist, rank, tp, device)
 
     @property
     def kind(self) -> str:
@@ -108,8 +112,12 @@ class DistPath:
             raise TpserveError(f"allreduce={self.backend!r} cannot reduce a tensor on {x.device}")
         if not x.is_contiguous():
             x = x.contiguous()
-        if self.one_shot is not None and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
-            return self.one_shot(x)
+        one = self.one_shot
+        if one is not None and x.numel() * x.element_size() <= ONE_SHOT_BYTES:
+            if one.dtype is None:
+                one.dtype = x.dtype  # every rank reduces the same sequence: they agree on it
+            if x.dtype == one.dtype:
+                return one(x)
         self.dist.all_reduce(x)
         return x
 
@@ -119,7 +127,11 @@ class DistPath:
 
 
 class _OneShot:
-    """This rank's mapping of every rank's one-shot receive buffer and flags (symmetric memory)."""
+    """This rank's mapping of every rank's one-shot receive buffer and flags (symmetric memory).
+
+    Its counters pace the kernel's epochs per block whatever the dtype, so one group uses one
+    dtype (the first it reduces; `DistPath.reduce` sends any other through NCCL).
+    """
 
     def __init__(self, rank: int, tp: int, device: torch.device, buf, flags, bufs, flag_ptrs):
         from tpserve.kernels.allreduce import MAX_BLOCKS
@@ -127,10 +139,14 @@ class _OneShot:
         self._keep = (buf, flags)  # this rank's own allocations, mapped by its peers
         self.bufs, self.flags = bufs, flag_ptrs
         self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
+        self.dtype: torch.dtype | None = None
 
     @classmethod
-    def create(cls, dist, rank: int, tp: int, device: torch.device) -> "_OneShot | str":
-        """Map the group's buffers, or say why this rank cannot (every rank then keeps NCCL)."""
+    def create(cls, dist, rank: int, tp: int, device: torch.device) -> "_OneShot | None":
+        """Map the group's buffers where every rank can, else None (the group keeps NCCL).
+
+        The ranks agree twice, by an NCCL all-reduce of a flag: after allocating (a rank that
+        cannot allocate never leaves its peers waiting in the rendezvous) and after mapping."""
         try:
             import torch.distributed._symmetric_memory as symm_mem
             from tpserve.kernels.allreduce import MAX_BLOCKS
@@ -140,15 +156,26 @@ class _OneShot:
                 enable(group)
             buf = symm_mem.empty(2 * tp * ONE_SHOT_BYTES, dtype=torch.uint8, device=device)
             flags = symm_mem.empty(MAX_BLOCKS * tp, dtype=torch.int64, device=device).zero_()
-            hb, hf = symm_mem.rendezvous(buf, group), symm_mem.rendezvous(flags, group)
-            if hb.world_size != tp or hb.rank != rank:
-                return f"symmetric memory sees rank {hb.rank} of {hb.world_size}"
-            as_tensor = lambda ptrs: torch.tensor(list(ptrs), dtype=torch.int64,  # noqa: E731
-                                                  device=device)
-            return cls(rank, tp, device, buf, flags, as_tensor(hb.buffer_ptrs),
-                       as_tensor(hf.buffer_ptrs))
+            why = None
         except Exception as e:  # noqa: BLE001 - any failure means: stay on NCCL
-            return f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {e}"
+        if not _all_agree(dist, device, why):
+            return None
+        try:
+            hb, hf = symm_mem.rendezvous(buf, group), symm_mem.rendezvous(flags, group)
+            why = None if (hb.world_size, hb.rank) == (tp, rank) else \
+                f"symmetric memory sees rank {hb.rank} of {hb.world_size}"
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        if not _all_agree(dist, device, why):
+            return None
+        as_tensor = lambda ptrs: torch.tensor(list(ptrs), dtype=torch.int64,  # noqa: E731
+                                              device=device)
+        mine = cls(rank, tp, device, buf, flags, as_tensor(hb.buffer_ptrs),
+                   as_tensor(hf.buffer_ptrs))
+        torch.cuda.synchronize()
+        dist.barrier()  # every rank's flags are zero before any rank's first one-shot call
+        return mine
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from tpserve.kernels.allreduce import one_shot_all_reduce
@@ -156,15 +183,11 @@ class _OneShot:
                                    ONE_SHOT_BYTES // x.element_size(), self.rank, self.tp)
 
 
-def _agreed(dist, device: torch.device, mine: "_OneShot | str") -> "_OneShot | None":
-    """The one-shot mapping where every rank has one (one NCCL all-reduce decides), else None."""
-    ok = torch.tensor([0 if isinstance(mine, str) else 1], dtype=torch.int32, device=device)
+def _all_agree(dist, device: torch.device, why: str | None) -> bool:
+    """True where no rank has a reason (`why`) against the one-shot path (one NCCL all-reduce)."""
+    ok = torch.tensor([0 if why else 1], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if isinstance(mine, str):
+    if why:
         log.warning("rank %d cannot map its peers' GPU memory (%s): the group stays on NCCL",
-                    dist.get_rank(), mine)
-    if int(ok) == 0:
-        return None
-    torch.cuda.synchronize()
-    dist.barrier()  # every rank's flags are zero before any rank's first one-shot call
-    return mine
+                    dist.get_rank(), why)
+    return int(ok) == 1

@@ -187,9 +187,10 @@ class Engine:
 
     def _burst(self, reqs: list[Request]) -> int:
         """How many greedy decode steps the ranks may run in one go (`Executor.decode_ids`): more
-        than 1 only while every running request decodes greedily without logits, none waits for
-        a free slot, and each has at least that many tokens left before its limit."""
-        if self.decode_steps == 1 or (self.waiting and self.free_slots) or \
+        than 1 only while every running request decodes greedily without logits, no request
+        waits (a burst would delay its admission, and a request that stops early would hold its
+        slot to the burst's end), and each has at least that many tokens left before its limit."""
+        if self.decode_steps == 1 or self.waiting or \
                 any(not r.output for r in reqs) or needs_logits([r.row for r in reqs]):
             return 1
         left = min(min(r.params.max_tokens - len(r.output),
