@@ -7,6 +7,7 @@ and requests that try to hurt the others.
 import asyncio
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -149,3 +150,58 @@ def test_hostile_requests_among_normal_ones(env):
     assert {r.status_code for r in rs[8:]} <= {200, 400}, [r.text for r in rs[8:]]
     assert env.engine.stats.requests_failed == failed
     assert env.client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("body,status,sentence", [
+    ({"prompt": [-1], "echo": True}, 400, "token id -1 is outside the vocabulary"),
+    ({"prompt": [2**40], "echo": True}, 400, f"token id {2**40} is outside the vocabulary"),
+    ({"logit_bias": {"9" * 5000: 1}}, 400, "is not a token id"),
+    ({"logit_bias": {"\u0665": 1}}, 400, "is not a token id"),  # an Arabic-Indic five
+    ({"logit_bias": {"05": 1, "5": 2}}, 400, "logit_bias names token 5 twice"),
+    ({"logit_bias": {str(t): 1 for t in range(1025)}}, 400, "send at most 1024"),
+    ({"stop": ["x"] * 17}, 400, "'stop' holds 17 strings; send at most 16"),
+    ({"stop": ["y" * 513]}, 400, "a stop string of 513 characters exceeds 512"),
+    ({"prompt": "hello world " * 100_000}, 400, "more tokens than the context of"),
+    ({"model": "\ud800"}, 404, "model '\\ud800' is not served here"),
+])
+def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, sentence):
+    r = env.client.post("/v1/completions", content=json.dumps({"model": MODEL, "prompt": "x",
+                                                               **body}),
+                        headers={"content-type": "application/json"})
+    assert r.status_code == status and sentence in r.json()["error"]["message"], r.text
+    assert env.client.get("/health").status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_unread(env):
+    from tpserve.serve.app import MAX_BODY_BYTES
+    big = json.dumps({"model": MODEL, "prompt": "z" * (MAX_BODY_BYTES + 1)})
+    r = env.client.post("/v1/completions", content=big,
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds 16 MiB" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 2):
+            yield b" " * (1 << 20)
+    r = env.client.post("/v1/completions", content=chunks(),
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert env.client.get("/health").status_code == 200
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token(env):
+    """top_p below fp32's smallest number must not cut every token (it sampled token 0)."""
+    got = complete(env, max_tokens=5, temperature=1.0, top_p=1e-46, ignore_eos=True, seed=1)
+    assert got["choices"][0]["text"] == env.codec.decode(env.ref["greedy"][:5])
+
+
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(env):
+    cancelled = env.engine.stats.requests_cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        env.client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "n": 4,
+                                                 "max_tokens": 1000, "ignore_eos": True},
+                        timeout=1.0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (env.engine.running or env.engine.waiting):
+        time.sleep(0.2)
+    assert not env.engine.running and not env.engine.waiting
+    assert env.engine.stats.requests_cancelled - cancelled == 4

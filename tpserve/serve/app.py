@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.serve.engine import QueueFull, RequestError
@@ -39,6 +40,48 @@ from tpserve.serve.sampling import MAX_SEED
 from tpserve.serve.streams import Pending, collect, stream
 
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread
+
+
+class _BodyLimit:
+    """ASGI middleware: bodies over MAX_BODY_BYTES get 413, by their Content-Length before any
+    byte is read, else (chunked) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, scope, receive, send):
+        body = error_body(413, f"the request body exceeds {self.limit >> 20} MiB; send a "
+                               f"shorter prompt", code="request_too_large")
+        await JSONResponse(body, 413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, seen, last = [], 0, None  # chunked: read it here, up to the limit
+        while True:
+            last = await receive()
+            if last["type"] != "http.request":
+                break
+            seen += len(last.get("body", b""))
+            if seen > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(last.get("body", b""))
+            if not last.get("more_body"):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        if last is not None and last["type"] != "http.request":
+            replay = [last]
+
+        async def replayed():
+            return replay.pop(0) if replay else await receive()
+        await self.app(scope, replayed, send)
 
 
 class _ApiKey:
@@ -70,7 +113,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
             "root": model_name, "max_model_len": engine.max_len}
-    if api_key:
+    app.add_middleware(_BodyLimit)
+    if api_key:  # outermost: an unauthenticated caller is refused before the body counts
         app.add_middleware(_ApiKey, key=api_key, metrics=metrics)
 
     def error(status, message, param=None, code=None, headers=None):
@@ -97,7 +141,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     def check_model(model: str | None) -> None:
         if model is not None and model != model_name:
-            raise ApiError(404, f"model '{model}' is not served here; use '{model_name}'",
+            shown = model[:200].encode("utf-8", "backslashreplace").decode()  # lone surrogates
+            raise ApiError(404, f"model '{shown}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
 
     def need_codec(param: str) -> None:
@@ -126,7 +171,19 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         return {"prompt_tokens": prompt_len, "completion_tokens": n,
                 "total_tokens": prompt_len + n}
 
-    def chat_prompt(messages) -> list[int]:
+    # The fewest tokens a text can encode to: no token covers more characters than its longest
+    # vocabulary entry (halved, for normalizers that drop characters). Longer texts than the
+    # context allows are refused before the tokenizer spends seconds on them.
+    chars_per_token = 2 * max((len(t) for t in codec.tokenizer.get_vocab(True)), default=1) \
+        if codec is not None else 1
+
+    async def encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > chars_per_token * engine.max_len:
+            raise ApiError(400, f"the {param} has {len(text)} characters, more tokens than the "
+                                f"context of {engine.max_len} holds; shorten it", param)
+        return await run_in_threadpool(codec.encode, text, add_special_tokens)
+
+    async def chat_prompt(messages) -> list[int]:
         need_codec("messages")
         if not messages:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
@@ -141,21 +198,30 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                 content = "".join(p.text or "" for p in content)
             rendered.append({"role": check_text(m.role, "messages"),
                              "content": check_text(content, "messages")})
+        if sum(len(m["content"]) for m in rendered) > chars_per_token * engine.max_len:
+            raise ApiError(400, f"the messages hold more tokens than the context of "
+                                f"{engine.max_len}; shorten them", "messages")
         try:
-            return codec.encode_chat(rendered)
+            text = await run_in_threadpool(codec.render_chat, rendered)
         except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
             raise ApiError(400, f"the chat template cannot render these messages: {e}",
                            "messages") from None
+        return await encode(text, "messages", add_special_tokens=False)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
         if isinstance(req.prompt, str):
             need_codec("prompt")
-            prompt, prompt_text = codec.encode(check_text(req.prompt, "prompt")), req.prompt
+            prompt, prompt_text = await encode(check_text(req.prompt, "prompt"), "prompt"), \
+                req.prompt
         else:
             prompt = req.prompt
+            bad = [t for t in prompt if not 0 <= t < engine.cfg.vocab_size]
+            if bad:  # before the echo's decode meets it
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                                    f"{engine.cfg.vocab_size})", "prompt")
             prompt_text = codec.decode(prompt) if codec is not None and req.echo else ""
         echo, k = bool(req.echo), req.logprobs
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
@@ -181,16 +247,16 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                     yield choice(i, ev.text, (ev.logprobs, ev.prompt_logprobs), ev.finish_reason,
                                  first)
             return stream(pending, req, len(prompt), head, [], chunks, usage)
-        results = await collect(pending)
+        results = await collect(pending, request)
         return {**head, "choices": [choice(i, r.text, (r.logprobs, r.prompt_logprobs), r.reason,
                                            True) for i, r in enumerate(results)],
                 "usage": usage(len(prompt), sum(r.tokens for r in results))}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
-        prompt = chat_prompt(req.messages)
+        prompt = await chat_prompt(req.messages)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
@@ -214,7 +280,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(req.n or 1)]
             return stream(pending, req, len(prompt), head, roles, chunks, usage)
-        results = await collect(pending)
+        results = await collect(pending, request)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                              "logprobs": logprobs(r.logprobs), "finish_reason": r.reason}
@@ -236,10 +302,11 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
-            tokens = chat_prompt(req.messages)
+            tokens = await chat_prompt(req.messages)
         else:
             need_codec("prompt")
-            tokens = codec.encode(check_text(req.prompt, "prompt"), req.add_special_tokens)
+            tokens = await encode(check_text(req.prompt, "prompt"), "prompt",
+                                  req.add_special_tokens)
         return {"count": len(tokens), "max_model_len": engine.max_len, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -20,6 +20,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                503: "server_error"}
 MAX_N = 128  # OpenAI's own bound on n
+MAX_STOP, MAX_STOP_CHARS = 16, 512  # stop strings per request, characters per stop string
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
 
 
 class ApiError(Exception):
@@ -140,17 +142,29 @@ def refuse_unsupported(req: _Common) -> None:
     for param, bad, message in unsupported:
         if bad:
             raise ApiError(400, message, param)
-    for s in [req.stop] if isinstance(req.stop, str) else req.stop or []:
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOP:
+        raise ApiError(400, f"'stop' holds {len(stops)} strings; send at most {MAX_STOP}", "stop")
+    for s in stops:
+        if len(s) > MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string of {len(s)} characters exceeds "
+                                f"{MAX_STOP_CHARS}; shorten it", "stop")
         check_text(s, "stop")
 
 
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    bias = []
+    bias, seen = [], set()
+    if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias has {len(req.logit_bias)} entries; send at most "
+                            f"{MAX_LOGIT_BIAS}", "logit_bias")
     for key, value in (req.logit_bias or {}).items():
-        if not re.fullmatch(r"\d+", key):
-            raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
+        if not re.fullmatch(r"[0-9]{1,10}", key):  # ASCII digits only: int() reads others too
+            raise ApiError(400, f"logit_bias key {key[:40]!r} is not a token id", "logit_bias")
+        if int(key) in seen:
+            raise ApiError(400, f"logit_bias names token {int(key)} twice", "logit_bias")
+        seen.add(int(key))
         bias.append((int(key), value))
     try:
         return SamplingParams(

@@ -187,8 +187,10 @@ def truncate(y: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     ordered, order = y.sort(-1, descending=True)
     keep = torch.arange(vocab, device=y.device)[None, :] < k[:, None]
     p = ordered.masked_fill(~keep, float("-inf")).softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays,
+    # also where top_p underflows to 0 in fp32).
     keep &= (p.cumsum(-1) - p < top_p) | (top_p >= 1)
+    keep[:, 0] = True
     return torch.full_like(y, float("-inf")).scatter_(1, order, ordered.masked_fill(~keep,
                                                                                     float("-inf")))
 

@@ -79,19 +79,36 @@ class Choice:
     prompt_logprobs: list | None = None
 
 
-async def collect(pending: Pending) -> list[Choice]:
+DISCONNECT_POLL_S = 0.5
+
+
+async def collect(pending: Pending, request=None) -> list[Choice]:
+    """Every choice's whole output. With `request` (Starlette's), a client that disconnects
+    before the end cancels the choices, as a closed stream does (its work would be thrown away)."""
     out = [Choice() for _ in range(pending.n)]
-    async with contextlib.aclosing(pending.events()) as events:
-        async for i, ev, _ in events:
-            if ev.finish_reason == "error":
-                raise ApiError(503, f"the engine failed this request: {ev.error}")
-            c = out[i]
-            c.text += ev.text
-            c.tokens += len(ev.token_ids)
-            c.reason = ev.finish_reason
-            c.logprobs += ev.logprobs or []
-            c.prompt_logprobs = c.prompt_logprobs or ev.prompt_logprobs
-    return out
+
+    async def gather() -> list[Choice]:
+        async with contextlib.aclosing(pending.events()) as events:
+            async for i, ev, _ in events:
+                if ev.finish_reason == "error":
+                    raise ApiError(503, f"the engine failed this request: {ev.error}")
+                c = out[i]
+                c.text += ev.text
+                c.tokens += len(ev.token_ids)
+                c.reason = ev.finish_reason
+                c.logprobs += ev.logprobs or []
+                c.prompt_logprobs = c.prompt_logprobs or ev.prompt_logprobs
+        return out
+    if request is None:
+        return await gather()
+    task = asyncio.ensure_future(gather())
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            task.cancel()  # closes the events: their `finally` cancels the engine's requests
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ApiError(499, "the client closed the request before it finished")
+    return task.result()
 
 
 def _sse(obj) -> str:
