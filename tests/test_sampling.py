@@ -190,3 +190,33 @@ def test_only_plain_greedy_rows_go_without_logits():
     # and where they need none, sampling takes the given argmax as it is
     argmax = torch.tensor([5, 7])
     assert sample(None, [plain, plain], argmax)[0] == [5, 7]
+
+
+@pytest.mark.parametrize("folder", ["gemma2_g32_sym", "mistral_v2_asym_g128", "qwen3_8bit_g64",
+                                    "llama_g128_sym"])
+def test_incremental_text_equals_the_whole_decode(folder):
+    """StopText decodes only the new tokens (with the previous ones as context); what it hands
+    out, token by token, must be the text of decoding the whole output at once, for these
+    tokenizers' decoders (byte-level, metaspace), partial characters and special tokens included."""
+    import random
+    from test_peer_fixtures import FIXTURES
+    from tpserve.serve.text import TextCodec
+    tok = TextCodec.load(FIXTURES / folder).tokenizer
+    decoded = [0]
+
+    class Counting:  # the real tokenizer, counting the tokens each update decodes
+        def decode(self, ids, skip_special_tokens=True):
+            decoded[0] += len(ids)
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    rnd = random.Random(7)
+    for _ in range(100):
+        out = [rnd.randrange(tok.get_vocab_size()) for _ in range(rnd.randrange(1, 50))]
+        st, sent = StopText(Counting()), ""
+        for i in range(1, len(out) + 1):
+            sent += st.update(out[:i], final=i == len(out))[0]
+        assert sent == tok.decode(out, skip_special_tokens=True), out
+    long = [rnd.randrange(3, tok.get_vocab_size()) for _ in range(2000)]
+    st, decoded[0] = StopText(Counting()), 0
+    for i in range(1, len(long) + 1):
+        st.update(long[:i], final=False)
+    assert decoded[0] < 20 * len(long)  # a few tokens per update, not the whole output
