@@ -173,7 +173,7 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
 
 
 def test_a_body_over_the_limit_is_refused_unread(env):
-    from tpserve.serve.app import MAX_BODY_BYTES
+    from tpserve.serve.middleware import MAX_BODY_BYTES
     big = json.dumps({"model": MODEL, "prompt": "z" * (MAX_BODY_BYTES + 1)})
     r = env.client.post("/v1/completions", content=big,
                         headers={"content-type": "application/json"})

@@ -161,24 +161,16 @@ class DecodeGraphs:
         bucket.load(plan)
         return bucket.replay(self.model.comm)[:x.shape[0]]
 
-    def run_ids(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def run_ids(self, ids: torch.Tensor | None, plan
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token ids [b] (host) -> (fp32 logits [b, vocab], their argmax [b]) on the device; both
-        None on a rank without the head."""
-        bucket = self.bucket(plan)
+        None on a rank without the head. ids None: the step after the last one of the same
+        batch, fed that step's argmax on the device (no host round trip)."""
+        bucket, b = self.bucket(plan), len(plan.slots)
         bucket.load(plan, ids)
+        if ids is None and bucket.tokens is not None:
+            bucket.rows[3, :b].copy_(bucket.tokens[:b])  # stream-ordered after the last replay
         bucket.replay(self.model.comm)
         if bucket.tokens is None:
             return None, None
-        return bucket.out[:len(ids)], bucket.tokens[:len(ids)]
-
-    def run_next(self, plan) -> torch.Tensor | None:
-        """The step after the last `run_ids` of the same batch: its token ids are that step's
-        argmax, copied on the device (no host round trip); -> this step's argmax [b] (None on a
-        rank without the head)."""
-        bucket = self.bucket(plan)
-        bucket.load(plan)
-        b = len(plan.slots)
-        if bucket.tokens is not None:
-            bucket.rows[3, :b].copy_(bucket.tokens[:b])  # stream-ordered after the last replay
-        bucket.replay(self.model.comm)
-        return None if bucket.tokens is None else bucket.tokens[:b]
+        return bucket.out[:b], bucket.tokens[:b]

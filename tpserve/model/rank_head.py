@@ -85,7 +85,7 @@ def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: 
             for k in range(steps):
                 pk = plan.advanced(k)
                 model.cache.check(pk)
-                t = graphs.run_ids(ids, pk)[1] if k == 0 else graphs.run_next(pk)
+                t = graphs.run_ids(ids if k == 0 else None, pk)[1]
                 if t is not None:
                     if toks is None:
                         toks = torch.empty((steps, len(ids)), dtype=torch.int64, device=t.device)

@@ -198,11 +198,11 @@ class RankWorker:
                     steps = uint(h, "steps") or 1
                     if steps > MAX_DECODE_STEPS:
                         raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
-                    if steps > 1 and not (ids and plan.is_decode and plan.out_rows in (
-                            None, list(range(len(plan.slots)))) and h.get("logits") is False):
-                        raise WireError(f"{steps} steps in one message need a decode step of "
-                                        f"token ids with no logits")
                     if steps > 1:
+                        if not (ids and plan.is_decode and h.get("logits") is False and
+                                plan.out_rows in (None, list(range(len(plan.slots))))):
+                            raise WireError(f"{steps} steps in one message need a decode step "
+                                            f"of token ids with no logits")
                         try:  # the burst's last step must fit too: refused whole, never half run
                             self.model.cache.check(plan.advanced(steps - 1))
                         except TpserveError as e:

@@ -17,7 +17,6 @@ client goes away its requests are cancelled: the engine frees their KV slots bef
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.serve.engine import QueueFull, RequestError
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
+from tpserve.serve.middleware import ApiKey, BodyLimit
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
     check_text, completion_logprobs, error_body, refuse_unsupported, sampling_params,
@@ -40,69 +40,6 @@ from tpserve.serve.sampling import MAX_SEED
 from tpserve.serve.streams import Pending, collect, stream
 
 RETRY_AFTER_S = 1
-MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread
-
-
-class _BodyLimit:
-    """ASGI middleware: bodies over MAX_BODY_BYTES get 413, by their Content-Length before any
-    byte is read, else (chunked) as soon as the bytes received pass the limit."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
-
-    async def _refuse(self, scope, receive, send):
-        body = error_body(413, f"the request body exceeds {self.limit >> 20} MiB; send a "
-                               f"shorter prompt", code="request_too_large")
-        await JSONResponse(body, 413)(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                return await self._refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, seen, last = [], 0, None  # chunked: read it here, up to the limit
-        while True:
-            last = await receive()
-            if last["type"] != "http.request":
-                break
-            seen += len(last.get("body", b""))
-            if seen > self.limit:
-                return await self._refuse(scope, receive, send)
-            chunks.append(last.get("body", b""))
-            if not last.get("more_body"):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-        if last is not None and last["type"] != "http.request":
-            replay = [last]
-
-        async def replayed():
-            return replay.pop(0) if replay else await receive()
-        await self.app(scope, replayed, send)
-
-
-class _ApiKey:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`; checked before the body is
-    read, so an unauthenticated caller learns nothing about request validation."""
-
-    def __init__(self, app, key: str, metrics: Metrics):
-        self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                self.metrics.http_error(401)
-                body = error_body(401, "the API key is missing or wrong; send the header "
-                                       "'Authorization: Bearer <key>'", code="invalid_api_key")
-                await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def build_app(engine, codec, model_name: str, api_key: str | None = None,
@@ -113,9 +50,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
             "root": model_name, "max_model_len": engine.max_len}
-    app.add_middleware(_BodyLimit)
+    app.add_middleware(BodyLimit)
     if api_key:  # outermost: an unauthenticated caller is refused before the body counts
-        app.add_middleware(_ApiKey, key=api_key, metrics=metrics)
+        app.add_middleware(ApiKey, key=api_key, metrics=metrics)
 
     def error(status, message, param=None, code=None, headers=None):
         if status != 500:
@@ -144,6 +81,12 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             shown = model[:200].encode("utf-8", "backslashreplace").decode()  # lone surrogates
             raise ApiError(404, f"model '{shown}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
+
+    def check_vocab(tokens: list[int], param: str) -> None:
+        bad = [t for t in tokens if not 0 <= t < engine.cfg.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
+                                f"{engine.cfg.vocab_size})", param)
 
     def need_codec(param: str) -> None:
         if codec is None:
@@ -218,10 +161,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                 req.prompt
         else:
             prompt = req.prompt
-            bad = [t for t in prompt if not 0 <= t < engine.cfg.vocab_size]
-            if bad:  # before the echo's decode meets it
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
-                                    f"{engine.cfg.vocab_size})", "prompt")
+            check_vocab(prompt, "prompt")  # before the echo's decode meets it
             prompt_text = codec.decode(prompt) if codec is not None and req.echo else ""
         echo, k = bool(req.echo), req.logprobs
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
@@ -313,10 +253,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
         need_codec("tokens")
-        bad = [t for t in req.tokens if not 0 <= t < engine.cfg.vocab_size]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
-                                f"{engine.cfg.vocab_size})", "tokens")
+        check_vocab(req.tokens, "tokens")
         return {"prompt": codec.decode(req.tokens)}
 
     @app.get("/version")
