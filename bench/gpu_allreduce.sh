@@ -17,13 +17,7 @@
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
-[ -e tpserve/kernels ] || cp -r kernels tpserve/kernels
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache RAY_AUTH_MODE=disabled
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4; nproc
-STAGES=" ${*:-all} "
-has() { [[ "$STAGES" == *" $1 "* || "$STAGES" == *" all "* ]]; }
+. bench/gpu_env.sh
 if has bench; then
   timeout 280 python3 bench/allreduce.py --tp 2 --sizes 4K 8K 64K 1M 16M --gpu \
     --out "$OUT/allreduce_gpu_tp2.json" 2>"$OUT/allreduce_gpu.err" | tail -8
@@ -60,7 +54,6 @@ json.dump({"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.devi
            "rows": rows}, open(out, "w"), indent=1)
 PY
 fi
-l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null; }
 if has decode; then
   l8
   timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
@@ -75,13 +68,7 @@ if has profile; then
   for r in 0 1; do head -22 "$OUT/prof/rank$r.txt"; done
 fi
 if has verify; then
-  l8
-  [ -e /tmp/q8/config.json ] || python3 bench/make_checkpoint.py --preset qwen-straddle --layers 8 --out /tmp/q8 --device cuda >/dev/null
-  for m in l8 q8; do
-    timeout 240 python3 -m tpserve.cli verify --model /tmp/$m --tp 2 --backend ray --device cuda --dtype float16 \
-      --max-tokens 16 > "$OUT/verify_x2_$m.txt" 2> "$OUT/verify_x2_$m.log"; echo "verify $m tp=2 ray: exit $?"
-    head -8 "$OUT/verify_x2_$m.txt"
-  done
+  l8; q8; verify_ray 2 l8 q8
 fi
 if has cpu; then
   [ -e /tmp/l1/config.json ] || python3 bench/make_checkpoint.py --preset llama3-1b --out /tmp/l1 >/dev/null

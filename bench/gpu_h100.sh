@@ -15,14 +15,7 @@
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
-# This copy of the tree is the device's own: place kernels/ where `tpserve.kernels` is imported from.
-[ -e tpserve/kernels ] || cp -r kernels tpserve/kernels
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TPSERVE_CACHE=/tmp/tpserve-cache RAY_AUTH_MODE=disabled
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-STAGES=" ${*:-all} "  # one or more stages, in this order
-has() { [[ "$STAGES" == *" $1 "* || "$STAGES" == *" all "* ]]; }
+. bench/gpu_env.sh
 if has checks; then
   for k in kernels/*.py; do  # every kernel module prints its error against its torch reference
     case "$k" in */__init__.py) continue;; esac
@@ -41,7 +34,6 @@ if has checks; then
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
 fi
-l8() { [ -e /tmp/l8/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b --out /tmp/l8 --device cuda >/dev/null; }
 if has startup; then
   l8
   TRITON_CACHE_DIR=/tmp/triton-startup timeout 500 python3 bench/startup.py --model /tmp/l8 --runs 2 \
