@@ -9,7 +9,8 @@
 #   bash bench/gpu_h100.sh checks   kernel parity, graph vs eager tokens, verify at tp 1/2 over the
 #                                   in-process and Ray backends (small checkpoints)
 #   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
-#                                   transformers bf16, batch 1/8/32, dense and int8 heads
+#                                   transformers bf16, batch 1/8/32, dense and int8 heads, 1 and 8
+#                                   decode steps per call (BATCH, HEADS, STEPS, PEERS override)
 #   bash bench/gpu_h100.sh startup  Llama-3-8B shapes: launch to healthy twice, from a cold Triton
 #                                   cache (tuning + graph capture) and a warm one
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
@@ -47,7 +48,8 @@ if has profile; then
 fi
 if has decode; then
   l8
-  python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 32 --backend local --device cuda \
-    --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head dense int8 --prompt-len 128 --gen 128 --decode-steps 1 8 \
+  python3 bench/decode.py --model /tmp/l8 --tp 1 --batch ${BATCH:-1 8 32} --backend local --device cuda \
+    --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head ${HEADS:-dense int8} --prompt-len 128 --gen 128 \
+    --decode-steps ${STEPS:-1 8} \
     --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"
 fi

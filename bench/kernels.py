@@ -115,7 +115,7 @@ def tinygemm(k, n, dev):
             packed.numel() * packed.element_size() + sz.numel() * 2)
 
 
-def bench_gptq(dev, smoke, iters, rows, copy_bw):
+def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
     shapes = [(256, 384), (384, 256)] if smoke else SHAPES or GPTQ_SHAPES
     ms = (1, 4) if smoke else GPTQ_M
     for k, n in shapes:
@@ -162,6 +162,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw):
             del ws, first
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        saved()  # each shape's rows reach --out as they are measured
     for (k, n), m in ([] if smoke else PREFILL):
         wb = [torch.randn(n, k, device=dev).to(torch.bfloat16) for _ in range(2)]
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
@@ -253,21 +254,25 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows = []
+    import triton
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                copy_tb_s=copy_bw / 1e12, smoke=smoke)
+
+    def save():
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     if args.prefill:
         PREFILL = [(kn, m) for kn in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
                    for m in args.prefill]
         SHAPES = [(256, 256)]  # the GEMV table's smallest stand-in: the prefill rows are the point
         GPTQ_M, VARIANTS = (1,), ["w4g128"]
-    bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
+    bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw, save)
     if not args.no_head:
         bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)
-    import triton
-    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                copy_tb_s=copy_bw / 1e12, smoke=smoke, seconds=time.time() - t0)
+    meta["seconds"] = time.time() - t0
     print(f"done in {meta['seconds']:.0f} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    save()
 
 
 if __name__ == "__main__":

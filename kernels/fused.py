@@ -7,6 +7,8 @@ tiny launches per layer) with one Triton kernel, beside a torch reference with t
 - `rms_norm(x, w, eps, offset)`: rows normalised in fp32. offset None (llama family): cast back,
   then multiply by w in x's dtype; a float offset (Gemma): multiply by (offset + w) in fp32, then
   cast; w None: no scale.
+- `add_rms_norm(h, r, w, eps, offset)`: the residual add and the next half's RMSNorm in one pass:
+  (h + r, rms_norm(h + r)), the sum rounded to the dtype before it is normalised (as torch does).
 - `rotary(x, cos, sin)`: x (T, heads, hd) * cos + rotate_half(x) * sin, cos/sin (T, hd), each
   product rounded to x's dtype as torch rounds it.
 - `rotary_store(q, k, v, cos, sin, k_cache, v_cache, slots, positions)`: a decode step's q rotated,
@@ -47,13 +49,23 @@ def rms_norm_reference(x, w, eps: float, offset: float | None = None):
     return (xf if w is None else xf * (offset + w.float())).to(x.dtype)
 
 
+def add_rms_norm_reference(h, r, w, eps: float, offset: float | None = None):
+    s = h + r
+    return s, rms_norm_reference(s, w, eps, offset)
+
+
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, stride_x, stride_o, eps, offset,
-                     MODE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_s,
+                     stride_o, eps, offset, MODE: tl.constexpr, ADD: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if ADD:  # x + r rounded to the dtype (the residual stream), stored, then normalised
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
     y = xf * r
@@ -79,10 +91,28 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     mode = 2 if w is None else (0 if offset is None else 1)
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, x2 if w is None else w, out, n, x2.stride(0),
-                                         out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                                         BLOCK=triton.next_power_of_2(n), num_warps=4)
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, x2, x2 if w is None else w, out, n, x2.stride(0),
+                                         0, 0, out.stride(0), eps, float(offset or 0.0), MODE=mode,
+                                         ADD=False, BLOCK=triton.next_power_of_2(n), num_warps=4)
     return out.view(shape)
+
+
+def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: float,
+                 offset: float | None = None, use_triton: bool | None = None):
+    """(h + r, its RMSNorm), both [T, n]: a residual add and the next half's norm in one kernel."""
+    if (not _use_triton(h, use_triton) or h.dim() != 2 or r.shape != h.shape or r.dtype != h.dtype
+            or h.stride(-1) != 1 or r.stride(-1) != 1
+            or (offset is None and w is not None and w.dtype != h.dtype)):
+        return add_rms_norm_reference(h, r, w, eps, offset)
+    t, n = h.shape
+    total = torch.empty_like(h, memory_format=torch.contiguous_format)
+    out = torch.empty_like(total)
+    mode = 2 if w is None else (0 if offset is None else 1)
+    if t:
+        _rms_norm_kernel[(t,)](h, r, total, h if w is None else w, out, n, h.stride(0), r.stride(0),
+                               total.stride(0), out.stride(0), eps, float(offset or 0.0), MODE=mode,
+                               ADD=True, BLOCK=triton.next_power_of_2(n), num_warps=4)
+    return total, out
 
 
 # ---- rotary ------------------------------------------------------------------------------------
@@ -236,6 +266,9 @@ if __name__ == "__main__":
         w = torch.randn(4096, device=dev, dtype=dtype)
         errs = [(rms_norm(x, w, 1e-6, off, use_triton=True) - rms_norm_reference(x, w, 1e-6, off)).abs().max()
                 for off in (None, 1.0)]
+        r = torch.randn(5, 4096, device=dev, dtype=dtype)
+        got, want = (add_rms_norm(x, r, w, 1e-6, use_triton=True), add_rms_norm_reference(x, r, w, 1e-6))
+        errs.append(max((got[0] - want[0]).abs().max(), (got[1] - want[1]).abs().max()))
         q = torch.randn(5, 32, 128, device=dev, dtype=dtype)
         cos, sin = torch.randn(5, 128, device=dev, dtype=dtype), torch.randn(5, 128, device=dev,
                                                                            dtype=dtype)
@@ -251,5 +284,5 @@ if __name__ == "__main__":
         gu = torch.randn(5, 2 * 14336, device=dev, dtype=dtype)
         g, u = gu.split(14336, dim=-1)
         errs.append((silu_mul(g, u, use_triton=True) - silu_mul_reference(g, u)).abs().max())
-        print(f"{dtype}: max |kernel - reference| norm/gemma-norm/rotary/rotary_store/silu_mul "
+        print(f"{dtype}: max |kernel - reference| norm/gemma-norm/add-norm/rotary/rotary_store/silu_mul "
               f"{' '.join(f'{float(e):.2e}' for e in errs)}")

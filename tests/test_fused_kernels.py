@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tpserve.kernels.fused import (rms_norm, rms_norm_reference, rotary, rotary_reference,  # noqa: E402
-                                   rotary_store, silu_mul, silu_mul_reference)
+from tpserve.kernels.fused import (add_rms_norm, rms_norm, rms_norm_reference, rotary,  # noqa: E402
+                                   rotary_reference, rotary_store, silu_mul, silu_mul_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -30,6 +30,21 @@ def test_rms_norm_matches_reference_and_transformers(dtype, offset):
     independent = normed * (w.double() if offset is None else offset + w.double())
     assert torch.allclose(want.double(), independent, rtol=2e-2 if dtype == torch.float16 else 1e-5,
                           atol=2e-2 if dtype == torch.float16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("offset", [None, 1.0])
+def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, offset):
+    torch.manual_seed(1)
+    h = torch.randn(4, 2 * 48, dtype=dtype)[:, :48] * 2  # strided rows, as the step's h may be
+    r = torch.randn(4, 48, dtype=dtype)
+    w = torch.randn(48, dtype=dtype)
+    total, normed = add_rms_norm(h, r, w, 1e-6, offset, use_triton=True)
+    assert torch.equal(total, h + r)  # the residual stream rounds exactly as torch's add
+    want = rms_norm_reference(h + r, w, 1e-6, offset)
+    assert torch.allclose(normed.float(), want.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5,
+                          atol=1e-3 if dtype == torch.float16 else 1e-6)
+    assert total.data_ptr() != h.data_ptr()  # h itself is left as it was
 
 
 def test_rms_norm_without_weight_and_on_strided_rows():

@@ -32,6 +32,7 @@ class StepState:
     ple: torch.Tensor | None
     plan: StepPlan | None
     decode: DecodeMeta | None
+    normed: torch.Tensor | None = None  # the next half's normed input, from a fused residual add
 
 
 class RankModel(torch.nn.Module):
@@ -112,17 +113,30 @@ class RankModel(torch.nn.Module):
     def partial(self, j: int, h: torch.Tensor, s: StepState) -> torch.Tensor:
         """This rank's partial product of half j (attention for even j, MLP for odd j)."""
         layer = self.layers[j // 2]
+        normed, s.normed = s.normed, None  # h's norm, where the residual add computed it
         if j % 2:
-            return layer.mlp_partial(h)
+            return layer.mlp_partial(h, normed)
         cache, index = self.cache.where[j // 2]
         cos, sin = s.cos_sin[layer.layer_type]
-        return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode)
+        return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode, normed)
 
     def residual(self, j: int, h: torch.Tensor, reduced: torch.Tensor, s: StepState):
+        """h after half j. Where the half's residual is a plain add and another half follows, the
+        add and that half's RMSNorm run as one kernel (its output waits in `s.normed`)."""
         layer = self.layers[j // 2]
+        norm = self._next_norm(j)
+        if norm is not None and layer.plain_residual(j % 2) and h.dim() == 2:
+            h, s.normed = norm.after_add(h, reduced)
+            return h
         if j % 2 == 0:
             return layer.attn_residual(h, reduced)
         return layer.mlp_residual(h, reduced, None if s.ple is None else s.ple[:, j // 2])
+
+    def _next_norm(self, j: int):
+        """The RMSNorm half j + 1 starts with (None after the last half)."""
+        if j % 2 == 0:
+            return self.layers[j // 2].mlp_norm
+        return self.layers[j // 2 + 1].attn_norm if j + 1 < self.num_halves else None
 
     def capture_graphs(self, head=None) -> None:
         """Record the decode step of every batch bucket as CUDA graphs (see `graphs.py`); with

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
-from tpserve.kernels.fused import rms_norm, rotary, rotary_store, silu_mul
+from tpserve.kernels.fused import add_rms_norm, rms_norm, rotary, rotary_store, silu_mul
 from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention
 from tpserve.model.linear import Linear, MergedLinear
 
@@ -31,6 +31,10 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.offset)
+
+    def after_add(self, h: torch.Tensor, r: torch.Tensor):
+        """(h + r, norm(h + r)) in one kernel on a GPU."""
+        return add_rms_norm(h, r, self.weight, self.eps, self.offset)
 
 
 class LayerLoader:
@@ -189,15 +193,25 @@ class DecoderLayer(torch.nn.Module):
         self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
         self.layer_type = layer_type
 
-    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode) -> torch.Tensor:
-        return self.self_attn(self.attn_norm(h), cos, sin, cache, index, plan, decode)
+    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode, normed=None):
+        """`normed`: attn_norm(h) where the caller already has it."""
+        x = self.attn_norm(h) if normed is None else normed
+        return self.self_attn(x, cos, sin, cache, index, plan, decode)
 
     def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return h + (attn if self.attn_out is None else self.attn_out(attn))
 
-    def mlp_partial(self, h: torch.Tensor) -> torch.Tensor:
-        dense = self.mlp(self.mlp_norm(h))
+    def mlp_partial(self, h: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        dense = self.mlp(self.mlp_norm(h) if normed is None else normed)
         return dense if self.moe is None else self.moe.partial(h, dense)
+
+    def plain_residual(self, mlp_half: int) -> bool:
+        """Whether the half's residual is h + sum alone (no sandwich norm, experts, per-layer
+        input or scalar), so it can be fused with the next half's norm."""
+        if not mlp_half:
+            return self.attn_out is None
+        return (self.mlp_out is None and self.moe is None and self.per_layer is None
+                and self.layer_scalar is None)
 
     def mlp_residual(self, h: torch.Tensor, f: torch.Tensor, ple: torch.Tensor | None):
         if self.moe is not None:
