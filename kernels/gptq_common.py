@@ -258,7 +258,7 @@ def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:
         raise ValueError(f"the Triton GPTQ kernels handle bits 4 and 8, not {w.bits}; "
                          f"use gptq_matmul, which falls back to the torch reference")
     m, k = x.shape
-    assert k == w.in_features, (x.shape, w.in_features)
+    assert k == (w.x_features or w.in_features), (x.shape, w.in_features, w.x_features)
     if out is None:
         out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     assert out.shape == (m, w.out_features) and out.stride(1) == 1 and out.dtype == x.dtype

@@ -3,8 +3,9 @@
 Run `python -m tpserve.kernels.gptq_gemv` to print its error against the torch reference (without
 CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
 
-fp16 x, tiles in one group or two whose boundary falls between words (H2): the word's dot
-product in fp16x2 arithmetic (`gptq_h2.py`), one FFMA per word for the scale.
+fp16 x, tiles in one group or two whose boundary falls between words, or act-order rows padded
+to whole words per group at load (H2): the word's dot product in fp16x2 arithmetic (`gptq_h2.py`),
+one FFMA per word for the scale (gathered per word for act-order rows).
 
 Otherwise (bf16/fp32 x, per-row groups, g_idx): fp32 FMAs into a [BLOCK_K / P, BLOCK_N]
 accumulator with `_lane` fields; a tile spanning two groups splits x at the boundary row.
@@ -126,6 +127,14 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                                   gidx_ptr, g0, tl.minimum(g0 + 1, G - 1),
                                   (g0 + 1) * GROUP_SIZE - GROUP_OFFSET, offs_n, n_mask, K,
                                   stride_xk, stride_qz, stride_s, BITS, False, HAS_PERM, EVEN_K, BLOCK_K)
+        elif HAS_GIDX and H2:  # act-order rows padded at load: each word in one group
+            w_ok = offs_w < w_hi
+            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
+            m2 = w_ok[:, None] & n_mask[None, :]
+            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
+            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0)
+            part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS, HAS_PERM, EVEN_K)
+            acc += part * s.to(tl.float32) * (1 << BITS)
         elif HAS_GIDX:
             rows = k0 + tl.arange(0, BLOCK_K)
             g_t = tl.load(gidx_ptr + rows, mask=rows < K, other=0)
@@ -158,9 +167,12 @@ USE_H2 = True  # the fp16x2 path where it applies (a switch for A/B timing)
 
 
 def uses_h2(dtype: torch.dtype, w) -> bool:
-    """Whether the fp16x2 path applies: fp16 x, group boundaries between words."""
+    """Whether the fp16x2 path applies: fp16 x, group boundaries between words (g_idx shards:
+    only where the loader padded each group's rows to whole words)."""
     p = 32 // w.bits
-    return USE_H2 and dtype == torch.float16 and w.group_size % p == 0 and w.group_offset % p == 0
+    aligned = w.word_groups if w.g_idx is not None else (w.group_size % p == 0
+                                                          and w.group_offset % p == 0)
+    return USE_H2 and dtype == torch.float16 and aligned
 
 
 def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor | None = None,

@@ -8,6 +8,11 @@ One rank's slice of a linear layer with K local input rows and N local output co
     g_idx    int32 [K] or None           local group of each row (act-order), else row k is in
                                          group (k + group_offset) // group_size
 
+A sorted act-order shard (the loader's `prepare_act_order`) may hold more rows than x has columns:
+each group's run of rows is padded to whole words (`word_groups`), padding rows holding q = z (so
+they add exactly 0) and reading x through the permutation like every other row; `x_features` is
+then x's width.
+
 At 2, 4 and 8 bits a field never straddles a word (word k // P, bits (k % P) * bits, P = 32 / bits);
 at 3 bits it may, which `unpack` reads through a 64-bit window. The loader (tpserve/model) builds
 this; the kernels only read it.
@@ -46,8 +51,10 @@ class GPTQWeight:
     group_offset: int  # k0 % group_size; local row j is in group (j + group_offset) // gs
     bits: int
     group_size: int  # already resolved: never -1
-    in_features: int
+    in_features: int  # rows of the packed weight
     out_features: int
+    x_features: int | None = None  # x's width when it differs from in_features (padded rows)
+    word_groups: bool = False  # every word's rows lie in one group (g_idx shards padded at load)
 
     def groups(self) -> torch.Tensor:
         """Local group index of every local row [K]."""

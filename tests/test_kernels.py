@@ -90,7 +90,7 @@ def test_gptq_triton_matches_reference(case, m):
     for dtype in (torch.float32, torch.float16) if m in (1, 16) else (torch.float32,):
         x = torch.randn(m, k, dtype=dtype)
         xk = x if perm is None else x[:, perm]
-        ref = gptq.dequantize(gptq.unpack_rows(w.qweight, bits, k),
+        ref = gptq.dequantize(gptq.unpack_rows(w.qweight, bits, w.in_features),
                               gptq.unpack_cols(w.qzeros, bits, n), w.scales, w.groups())
         ref = xk.float() @ ref
         if x.device in common._workspaces:  # split-K partials never read stale values
@@ -116,6 +116,45 @@ def test_gptq_unsorted_act_order_runs_per_row():
     y = gptq_matmul_triton(x, w, out=_poisoned(1, 40, torch.float32),
                               config=_config(1, 32, 128))
     _close(y, x @ w.dequantize(), torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_shard_pads_each_group_to_whole_words(bits):
+    """A row-parallel shard of an act-order layer: ragged groups, each padded to whole words at
+    load (rows of q = z, exact zeros), so that the fp16x2 GEMV reads one group per word."""
+    torch.manual_seed(3)
+    p = 32 // bits
+    w = random_gptq(150, 40, bits, 32, k0=50, k_total=300, act_order=True)
+    ws, perm = prepare_act_order(w)
+    g = ws.g_idx.long()
+    counts = torch.bincount(g)
+    assert ws.word_groups and ws.x_features == 150 and ws.in_features == len(perm) == len(g)
+    assert bool((counts % p == 0).all()) and ws.in_features > 150  # some group was ragged
+    assert bool((g[::p].repeat_interleave(p) == g).all())  # one group per word
+    wd = ws.dequantize()
+    torch.testing.assert_close(torch.zeros(150, 40).index_add_(0, perm, wd), w.dequantize())
+    assert bool((wd[~torch.isin(torch.arange(len(perm)), _real_rows(perm))] == 0).all())
+    for m in (1, 3):
+        x = torch.randn(m, 150).half()
+        want = x.float() @ w.dequantize()
+        for run in ("kernel", "dispatch"):
+            if run == "kernel":
+                y = gptq_matmul_triton(x, ws, perm, out=_poisoned(m, 40, torch.float16),
+                                       config=_config(m, 32, 128))
+            else:
+                y = gptq_matmul(x.float(), ws, perm)
+            _close(y, want, torch.float16)
+
+
+def _real_rows(perm):
+    """The first occurrence of each x column in a padded perm: the rows that carry weights
+    (padding rows repeat their run's first column, which comes first)."""
+    seen, rows = set(), []
+    for i, c in enumerate(perm.tolist()):
+        if c not in seen:
+            seen.add(c)
+            rows.append(i)
+    return torch.tensor(rows)
 
 
 def test_prepare_act_order_unsharded_collapses_to_contiguous_groups():

@@ -94,7 +94,8 @@ def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
     the first and last holds exactly group_size rows, the sorted shard drops g_idx for a
     group_offset (one group per tile in the kernels): always so for an unsharded act-order layer,
     whose GPTQ order puts group_size rows in each group. A row-parallel shard of one holds an
-    arbitrary subset of each group; it keeps the sorted g_idx.
+    arbitrary subset of each group; it keeps the sorted g_idx, and at 4 and 8 bits each group's run
+    is padded to whole words (`_pad_groups`) so that the GEMV reads one group per word.
     """
     if w.g_idx is None:
         return w, None
@@ -107,12 +108,35 @@ def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
     q = gptq.unpack_rows(w.qweight, w.bits, k)[perm]
     first = int((g_sorted == 0).sum())
     rows = torch.arange(k, device=g.device)
-    g_idx, offset = g_sorted.to(torch.int32), 0
+    qzeros = w.qzeros[g_first:g_last + 1].contiguous()
+    scales = w.scales[g_first:g_last + 1].contiguous()
     if first <= gs and torch.equal(g_sorted, (rows + gs - first) // gs):
-        g_idx, offset = None, (gs - first) % gs
-    sorted_w = GPTQWeight(qweight=gptq.pack_rows(q, w.bits),
-                          qzeros=w.qzeros[g_first:g_last + 1].contiguous(),
-                          scales=w.scales[g_first:g_last + 1].contiguous(), g_idx=g_idx,
-                          group_offset=offset, bits=w.bits, group_size=gs, in_features=k,
-                          out_features=w.out_features)
-    return sorted_w, None if torch.equal(perm, rows) else perm
+        sorted_w = GPTQWeight(qweight=gptq.pack_rows(q, w.bits), qzeros=qzeros, scales=scales,
+                              g_idx=None, group_offset=(gs - first) % gs, bits=w.bits,
+                              group_size=gs, in_features=k, out_features=w.out_features)
+        return sorted_w, None if torch.equal(perm, rows) else perm
+    word_groups = w.bits in (4, 8)
+    if word_groups:
+        zeros = gptq.unpack_cols(qzeros, w.bits, w.out_features)
+        q, g_sorted, perm = _pad_groups(q, g_sorted, perm, zeros, 32 // w.bits)
+    return GPTQWeight(qweight=gptq.pack_rows(q, w.bits), qzeros=qzeros, scales=scales,
+                      g_idx=g_sorted.to(torch.int32), group_offset=0, bits=w.bits, group_size=gs,
+                      in_features=q.shape[0], out_features=w.out_features, x_features=k,
+                      word_groups=word_groups), \
+        None if q.shape[0] == k and torch.equal(perm, rows) else perm
+
+
+def _pad_groups(q, g_sorted, perm, zeros, p: int):
+    """Each group's run of sorted rows padded to a multiple of p rows (whole words): padding rows
+    hold q = the group's zero, so (q - z) * s is exactly 0 whatever x they read (the run's first
+    row's, through perm). -> (q, g_idx, perm), all with the padded row count."""
+    counts = torch.bincount(g_sorted, minlength=zeros.shape[0])
+    padded = (counts + p - 1) // p * p
+    starts, pstarts = counts.cumsum(0) - counts, padded.cumsum(0) - padded
+    dest = pstarts[g_sorted] + torch.arange(len(g_sorted), device=q.device) - starts[g_sorted]
+    g_pad = torch.repeat_interleave(torch.arange(len(counts), device=q.device), padded)
+    q_pad = zeros[g_pad].to(q.dtype)
+    q_pad[dest] = q
+    perm_pad = perm[starts[g_pad]]
+    perm_pad[dest] = perm
+    return q_pad, g_pad, perm_pad

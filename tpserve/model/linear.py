@@ -67,7 +67,8 @@ def merge_columns(weights: list) -> GPTQWeight | torch.Tensor | None:
         qzeros=gptq.pack_cols(zeros, first.bits),
         scales=torch.cat([w.scales for w in weights], 1), g_idx=first.g_idx,
         group_offset=first.group_offset, bits=first.bits, group_size=first.group_size,
-        in_features=first.in_features, out_features=sum(w.out_features for w in weights))
+        in_features=first.in_features, out_features=sum(w.out_features for w in weights),
+        x_features=first.x_features, word_groups=first.word_groups)
 
 
 class Linear(torch.nn.Module):
@@ -102,9 +103,10 @@ class Linear(torch.nn.Module):
         w = self.weight.dequantize(torch.float32)
         if self.perm is None:
             return w
-        out = torch.empty_like(w)  # act-order rows were sorted by group at load: x[:, perm] @ w
-        out[self.perm] = w
-        return out
+        # act-order rows were sorted by group at load (x[:, perm] @ w), and padded to whole words
+        # with rows of exact zeros that read x through perm like the others: sum them back
+        out = w.new_zeros(self.weight.x_features or w.shape[0], w.shape[1])
+        return out.index_add_(0, self.perm, w)
 
 
 def _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank, dtype):

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# After a kernel or tuning change, on one H100 (device tool, repo root, carrying .whl): the GEMV
+# table on the Llama-3-8B shapes at M = 1 and 4, the fused kernels' self-check, graph vs eager
+# tokens on a small checkpoint, and tp=1 decode against the torch int4 peer.   bash bench/gpu_quick.sh
+OUT=${OUT:-/tmp/out}
+NO_CHECK=1 TABLE_S=200 BENCH_ARGS="--m 1 4 --variants w4g128 w8g128 --shapes 4096x4096,4096x6144,4096x14336,14336x4096,4096x28672,4096x3072,2048x4096,7168x4096" bash bench/gpu_kernels.sh 2>&1 | tail -3
+grep -v "bf16 F.linear" $OUT/kernels.log | head -60
+. bench/gpu_env.sh none >/dev/null 2>&1
+python3 -m tpserve.kernels.fused 2>&1 | tail -3
+python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
+timeout 150 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 | grep -i "identical\|differ\|error" | head
+HEADS=int8 BATCH="1 8" timeout 300 bash bench/gpu_h100.sh decode 2>&1 | tail -11
