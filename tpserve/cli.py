@@ -67,7 +67,8 @@ def _load(args):
 
 def cmd_launch(args) -> int:
     from tpserve import __version__
-    from tpserve.serve.engine import Engine, check_decode_steps
+    from tpserve.serve.batch import check_decode_steps
+    from tpserve.serve.engine import Engine
     from tpserve.serve.app import build_app, serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`

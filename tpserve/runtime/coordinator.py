@@ -15,27 +15,20 @@ ranks make progress): a rank that stops answering is a `RankFailure`, never a ha
 step aborts the data path so no rank stays blocked in it. Messages that fail validation, come
 from an unknown peer, or belong to another step are logged, dropped and counted.
 
-Admission: the driver mints, per rank, a secret ZMQ identity and (over TCP) a CurveZMQ client key
-pair, and hands them to the rank through Ray. Over TCP the ZAP handler admits only this job's
-client keys, and CURVE encrypts the traffic. Same-host ranks use a unix socket in a 0700 directory
-(CURVE's encryption would cost more than the reduction itself there). Either way the coordinator
-accepts traffic only from the minted identities, so no other process can join or inject partials.
+Only this job's ranks get in: secret per-rank identities, CurveZMQ over TCP, a private unix socket
+on one host (`tpserve.runtime.admission`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
+from tpserve.runtime.admission import CurveKeys, bind, curve_server, rank_identities
 from tpserve.runtime.comm import reduce_sum
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
@@ -50,28 +43,6 @@ class RankFailure(TpserveError):
     """A rank died, timed out or reported an error; in-flight requests fail with this message."""
 
 
-@dataclass
-class CurveKeys:
-    server_public: bytes
-    server_secret: bytes
-    clients: list[tuple[bytes, bytes]]  # (public, secret) per rank
-
-    @classmethod
-    def mint(cls, tp: int) -> "CurveKeys":
-        return cls(*zmq.curve_keypair(), clients=[zmq.curve_keypair() for _ in range(tp)])
-
-
-class _AllowJobKeys:
-    def __init__(self, allowed: set[bytes]):
-        self.allowed = allowed
-
-    def callback(self, domain, key) -> bool:
-        ok = key in self.allowed  # pyzmq hands over the z85 form, as curve_keypair() mints it
-        if not ok:
-            log.warning("refused a CURVE client whose key is not one of this job's ranks")
-        return ok
-
-
 class Coordinator:
     def __init__(self, tp: int, bind_host: str = "127.0.0.1", timeout_s: float = 60.0,
                  curve: bool = True, transport: str = "tcp", allreduce: str = "zmq"):
@@ -83,25 +54,9 @@ class Coordinator:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises
         curve = curve and transport == "tcp"
         self.keys = CurveKeys.mint(tp) if curve else None
-        self.rank_ids = [b"rank%d-" % r + secrets.token_hex(16).encode() for r in range(tp)]
-        self.auth = None
-        if curve:
-            self.auth = ThreadAuthenticator(self.ctx)
-            self.auth.start()
-            self.auth.configure_curve_callback(
-                domain="*", credentials_provider=_AllowJobKeys({pub for pub, _ in self.keys.clients}))
-            self.sock.curve_server = True
-            self.sock.curve_secretkey = self.keys.server_secret
-            self.sock.curve_publickey = self.keys.server_public
-        if transport == "ipc":  # every rank on this host: unix sockets skip the TCP stack
-            self._ipc_dir = tempfile.mkdtemp(prefix="tpserve-")  # mode 0700: this user only
-            self.address = f"ipc://{self._ipc_dir}/coordinator.sock"
-            self.sock.bind(self.address)
-        else:
-            self._ipc_dir = None
-            host = os.environ.get("TPSERVE_COORDINATOR_HOST", bind_host)
-            port = self.sock.bind_to_random_port(f"tcp://{host}")
-            self.address = f"tcp://{host}:{port}"
+        self.rank_ids = rank_identities(tp)
+        self.auth = curve_server(self.ctx, self.sock, self.keys) if curve else None
+        self.address, self._ipc_dir = bind(self.sock, transport, bind_host)
         self.identities: list[bytes | None] = [None] * tp
         self.step_id = 0
         self.stats = CommStats()

@@ -1,8 +1,9 @@
-"""Ray glue: start or join a cluster, place tp RankWorker actors, wire them to the coordinator.
+"""Ray glue: the executor that drives tp RankWorker actors through the coordinator.
 
-Ray does lifecycle only (start, place, monitor, kill); tensors go over ZMQ. Without an address
-tpserve starts a private local cluster (and stops it on close); with `address` (or RAY_ADDRESS, as
-inside a Ray Job) it joins that cluster. Ranks are ordered by node id so neighbours share a node.
+Ray does lifecycle only (start, place, monitor, kill); tensors go over ZMQ. The cluster (a private
+local one, or the one at `address`) and the actors' placement, ranks ordered by node, come from
+`tpserve.runtime.ray_placement`; here the ranks are loaded, wired to the coordinator, watched, and
+rebuilt after a failure.
 """
 
 from __future__ import annotations
@@ -21,26 +22,10 @@ from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT, malformed
-from tpserve.runtime.rank_worker import RankWorker
+from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, rank_order,
+                                           reserve, start_ranks)
 
 log = logging.getLogger(__name__)
-PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
-
-
-def ensure_ray(address: str | None, tp: int, device: str) -> bool:
-    """Connect to or start Ray; True when this call started a private cluster."""
-    import ray
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"TPSERVE_RANK_PROCESS": "1"}}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return False
-    # A private cluster with one logical slot per rank; on a CPU box each "GPU" slot is logical.
-    num_gpus = torch.cuda.device_count() if device == "cuda" else 0
-    ray.init(address="local", num_cpus=max(tp + 1, os.cpu_count() or 1), num_gpus=num_gpus,
-             include_dashboard=False, runtime_env=env, log_to_driver=True)
-    return True
 
 
 class RayExecutor:
@@ -88,46 +73,14 @@ class RayExecutor:
 
     def _start(self, progress: bool) -> None:
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        tp, device = self.tp, self.device
-        bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(tp)],
-                                  strategy=PLACEMENTS[self.placement],
-                                  name=f"tpserve-{os.getpid()}-{self.recoveries}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
-        if not ready:
-            raise TpserveError(
-                f"Ray could not place {tp} bundles of {bundle} with strategy "
-                f"{PLACEMENTS[self.placement]} within {self.placement_timeout_s:.0f}s; check free "
-                f"resources with `ray status`, lower --tp or use --placement pack")
-        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
-        order = sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
-        threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
-        remote = ray.remote(max_concurrency=2)(RankWorker)
-        # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
-        env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
-        for rank, b in enumerate(order):
-            self.actors.append(remote.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, b),
-                name=f"tpserve-rank{rank}-{os.getpid()}-{self.recoveries}",
-                runtime_env={"env_vars": env} if env else None,
-            ).remote(rank, tp, str(self.path), str(self.dtype).replace("torch.", ""), device,
-                     self.num_slots, self.max_len, self.timeout_s, threads))
+        tp, device, tag = self.tp, self.device, f"{os.getpid()}-{self.recoveries}"
+        self.pg = reserve(tp, device, self.placement, tag)
+        order = rank_order(self.pg, tp, device, self.placement, self.placement_timeout_s)
+        start_ranks(self.actors, self.pg, order, tag, str(self.path),
+                    str(self.dtype).replace("torch.", ""), device, self.num_slots, self.max_len,
+                    self.timeout_s)
         self.nodes = ray.get([a.node_info.remote() for a in self.actors])
-        for info in self.nodes:
-            if not info["path_ok"]:
-                raise TpserveError(f"model path {self.path} is not readable on node "
-                                   f"{info['node_id']} ({info['ip']}) holding rank {info['rank']}; "
-                                   f"put the checkpoint on every node's disk or shared storage")
-        if device == "cuda":  # each rank sees its node's ranks' GPUs, as NCCL's P2P needs
-            gpus: dict[str, set] = {}
-            for i in self.nodes:
-                gpus.setdefault(i["node_id"], set()).update(i["gpu_ids"])
-            ray.get([a.see_gpus.remote(sorted(gpus[i["node_id"]], key=lambda g: (len(g), g)))
-                     for a, i in zip(self.actors, self.nodes)])
+        check_nodes(self.actors, self.nodes, self.path, device)
         driver_node = ray.get_runtime_context().get_node_id()
         local = all(i["node_id"] == driver_node for i in self.nodes)
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()

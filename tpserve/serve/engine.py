@@ -2,9 +2,9 @@
 
 One thread runs the step loop. Between steps, waiting requests take free KV slots (their whole
 prompts are prefilled together in the next step, beside the running sequences' decode tokens);
-finished requests leave and free their slots. Each step is one `LLM.step` (embedding, every rank,
-every layer, every all-reduce, the head: at the coordinator or on rank 0) followed by the batched
-sampler, which takes the step's argmax as it is where every row is plain greedy.
+finished requests leave and free their slots. Each step is one executor call for the running
+requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler, or, where every
+running request decodes greedily and none waits, a burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues. Without the thread (`start()` not called), `generate()` drives the same steps
@@ -20,28 +20,16 @@ import threading
 import time
 from typing import Callable
 
-import torch
-
 from tpserve.errors import TpserveError
-from tpserve.model.kv_cache import StepPlan
-from tpserve.model.rank_head import MAX_DECODE_STEPS
+from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
 from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
-from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, needs_logits,
-                                    prompt_logprobs, sample)
+from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
 # prompt_logprobs: the fp32 logits of every prompt row are computed (and, with the head on rank 0,
 # shipped) at once; a request may ask for this much of them (2048 tokens of a 128K vocabulary).
 PROMPT_LOGITS_BYTES = 1 << 30
-
-
-def check_decode_steps(k) -> int:
-    """`--decode-steps` / `decode_steps`, refused in one sentence outside [1, MAX_DECODE_STEPS]."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DECODE_STEPS:
-        raise TpserveError(f"decode_steps={k!r} must be an integer in [1, {MAX_DECODE_STEPS}] "
-                           f"(--decode-steps); 1 runs one step at a time")
-    return k
 
 
 class Engine:
@@ -185,106 +173,41 @@ class Engine:
                 self._fail_all(str(e) if isinstance(e, TpserveError) else f"{type(e).__name__}: {e}")
                 self._recover()
 
-    def _burst(self, reqs: list[Request]) -> int:
-        """How many greedy decode steps the ranks may run in one go (`Executor.decode_ids`): more
-        than 1 only while every running request decodes greedily without logits, no request
-        waits (a burst would delay its admission, and a request that stops early would hold its
-        slot to the burst's end), and each has at least that many tokens left before its limit."""
-        if self.decode_steps == 1 or self.waiting or \
-                any(not r.output for r in reqs) or needs_logits([r.row for r in reqs]):
-            return 1
-        left = min(min(r.params.max_tokens - len(r.output),
-                       self.max_len - len(r.prompt) - len(r.output)) for r in reqs)
-        return max(1, min(self.decode_steps, left))
-
-    def _decode_burst(self, reqs: list[Request], k: int) -> bool:
-        """k decode steps of `reqs` in one executor call; False where the executor cannot."""
-        t0 = time.perf_counter()
-        plan = StepPlan(slots=[r.slot for r in reqs], starts=[r.position for r in reqs],
-                        lens=[1] * len(reqs))
-        ids = torch.as_tensor([r.output[-1] for r in reqs], dtype=torch.long)
-        toks = self.executor.decode_ids(ids, plan, k)
-        if toks is None:
-            return False
-        live = {r.id for r in reqs}
-        for row in toks.tolist():  # a request that stops drops the tokens computed after it
-            for req, tok in zip(reqs, row):
-                if req.id in live:
-                    self._advance(req, tok, None, None)
-            live = {r.id for r in self.running}
-        dt = time.perf_counter() - t0
-        self.stats.steps += k
-        self.stats.step_seconds += dt
-        self.stats.last_step_seconds = dt / k
-        return True
-
     def _step(self) -> None:
         reqs = list(self.running)
-        k = self._burst(reqs)
+        k = burst_len(reqs, self.decode_steps, bool(self.waiting), self.max_len)
         if k > 1 and self._decode_burst(reqs, k):
             return
         t0 = time.perf_counter()
-        ids, slots, starts, lens, out_rows, spans = [], [], [], [], [], []
-        for req in reqs:
-            new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt
-            if not req.output:
-                self.stats.prompt_tokens += len(new)
-            first, row = len(out_rows), len(ids)
-            if not req.output and req.params.prompt_logprobs is not None:
-                out_rows.extend(range(row, row + len(new)))  # every prompt row: echo's logprobs
-            else:
-                out_rows.append(row + len(new) - 1)
-            spans.append((first, len(out_rows)))
-            ids.extend(new)
-            slots.append(req.slot)
-            starts.append(req.position)
-            lens.append(len(new))
-        plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
-        with torch.inference_mode():
-            need = len(out_rows) != len(reqs) or needs_logits([r.row for r in reqs])
-            logits, argmax = self.llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
-            if len(out_rows) != len(reqs):  # prompt rows too: each request's last row
-                last_rows = [b - 1 for _, b in spans]
-                last = logits[last_rows]
-                argmax = None if argmax is None else argmax[last_rows]
-            else:
-                last = logits
-            sampled = self._sample(last, reqs, argmax)
-            prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
-                                             reqs[i].params.prompt_logprobs)
-                          for i, (a, b) in enumerate(spans) if b - a > 1}
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in reqs if not r.output)
+        sampled, prompt_lps = step_batch(self.llm, reqs)
         for i, (req, (tok, lp)) in enumerate(zip(reqs, sampled)):
             if tok is None:
                 self._fail(req, lp)
             else:
                 self._advance(req, tok, lp, prompt_lps.get(i))
-        dt = time.perf_counter() - t0
-        self.stats.steps += 1
-        self.stats.step_seconds += dt
-        self.stats.last_step_seconds = dt
+        self._timed(1, time.perf_counter() - t0)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request],
-                argmax: torch.Tensor | None = None) -> list[tuple]:
-        """(token, logprob) per request; (None, message) for a row that cannot be sampled.
-        `argmax`: the logits' argmax where the step computed it with the head (greedy rows take
-        it; `logits` may then be None, see `needs_logits`).
+    def _decode_burst(self, reqs: list[Request], k: int) -> bool:
+        """k decode steps of `reqs` in one executor call; False where the executor cannot."""
+        t0 = time.perf_counter()
+        toks = decode_burst(self.executor, reqs, k)
+        if toks is None:
+            return False
+        live = {r.id for r in reqs}
+        for row in toks:  # a request that stops drops the tokens computed after it
+            for req, tok in zip(reqs, row):
+                if req.id in live:
+                    self._advance(req, tok, None, None)
+            live = {r.id for r in self.running}
+        self._timed(k, time.perf_counter() - t0)
+        return True
 
-        Parameters are validated before they get here; should one row still break the batched
-        sampler, the rows are redone one by one so only that request fails, never the step.
-        """
-        try:
-            return list(zip(*sample(logits, [r.row for r in reqs], argmax)))
-        except Exception as e:
-            log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
-        out = []
-        for i, req in enumerate(reqs):
-            try:
-                toks, lps = (sample(None, [req.row], argmax[i:i + 1]) if logits is None
-                             else sample(logits[i:i + 1], [req.row]))
-                out.append((toks[0], lps[0]))
-            except Exception as e:
-                out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
-        return out
+    def _timed(self, steps: int, seconds: float) -> None:
+        """Count `steps` steps that took `seconds` together (a burst's steps share its time)."""
+        self.stats.steps += steps
+        self.stats.step_seconds += seconds
+        self.stats.last_step_seconds = seconds / steps
 
     def _advance(self, req: Request, tok: int, lp: TokenLogprob | None,
                  prompt_lps: list | None) -> None:

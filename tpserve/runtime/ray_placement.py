@@ -1,0 +1,97 @@
+"""Ray placement: start or join a cluster, reserve a bundle per rank, start the RankWorker actors.
+
+Without an address tpserve starts a private local cluster (the executor stops it on close); with
+`address` (or RAY_ADDRESS, as inside a Ray Job) it joins that cluster. Ranks are ordered by node id
+so neighbours share a node. Before any shard loads, each node is checked for what its ranks need:
+the checkpoint readable there and, on GPUs, every GPU of the node's ranks visible to each of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tpserve.errors import TpserveError
+from tpserve.runtime.rank_worker import RankWorker
+
+PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
+
+
+def ensure_ray(address: str | None, tp: int, device: str) -> bool:
+    """Connect to or start Ray; True when this call started a private cluster."""
+    import ray
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TPSERVE_RANK_PROCESS": "1"}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    # A private cluster with one logical slot per rank; on a CPU box each "GPU" slot is logical.
+    num_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    ray.init(address="local", num_cpus=max(tp + 1, os.cpu_count() or 1), num_gpus=num_gpus,
+             include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return True
+
+
+def rank_bundle(device: str) -> dict:
+    return {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+
+
+def reserve(tp: int, device: str, placement: str, tag: str):
+    """A placement group of one bundle per rank, not yet placed (`rank_order` waits for it).
+    `tag` names the group and its actors apart from other executors' and earlier rebuilds'."""
+    from ray.util.placement_group import placement_group
+    return placement_group([rank_bundle(device) for _ in range(tp)],
+                           strategy=PLACEMENTS[placement], name=f"tpserve-{tag}")
+
+
+def rank_order(pg, tp: int, device: str, placement: str, timeout_s: float) -> list[int]:
+    """Wait until `pg` is placed -> its bundle index for each rank, ranks grouped by node."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        raise TpserveError(
+            f"Ray could not place {tp} bundles of {rank_bundle(device)} with strategy "
+            f"{PLACEMENTS[placement]} within {timeout_s:.0f}s; check free "
+            f"resources with `ray status`, lower --tp or use --placement pack")
+    nodes = placement_group_table(pg)["bundles_to_node_id"]
+    return sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
+
+
+def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: str,
+                device: str, num_slots: int, max_len: int, timeout_s: float) -> None:
+    """A RankWorker actor for rank r in bundle `order[r]` of `pg`, each appended to `actors` as it
+    starts, so that the caller kills those already started when a later one fails."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    tp, bundle = len(order), rank_bundle(device)
+    threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
+    remote = ray.remote(max_concurrency=2)(RankWorker)
+    # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
+    env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
+    for rank, b in enumerate(order):
+        actors.append(remote.options(
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, b),
+            name=f"tpserve-rank{rank}-{tag}",
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(rank, tp, path, dtype, device, num_slots, max_len, timeout_s, threads))
+
+
+def check_nodes(actors: list, nodes: list[dict], path, device: str) -> None:
+    """Refuse a node where the checkpoint is not readable; on GPUs, show each rank its node's
+    ranks' GPUs. `nodes`: each actor's `node_info()`."""
+    import ray
+    for info in nodes:
+        if not info["path_ok"]:
+            raise TpserveError(f"model path {path} is not readable on node "
+                               f"{info['node_id']} ({info['ip']}) holding rank {info['rank']}; "
+                               f"put the checkpoint on every node's disk or shared storage")
+    if device == "cuda":  # each rank sees its node's ranks' GPUs, as NCCL's P2P needs
+        gpus: dict[str, set] = {}
+        for i in nodes:
+            gpus.setdefault(i["node_id"], set()).update(i["gpu_ids"])
+        ray.get([a.see_gpus.remote(sorted(gpus[i["node_id"]], key=lambda g: (len(g), g)))
+                 for a, i in zip(actors, nodes)])

@@ -1,0 +1,112 @@
+"""One executor call for the engine's running requests: a batched step or a decode burst.
+
+A step lays each request's new tokens (its last token while it decodes, its whole prompt when it
+starts: prefill) side by side in one `StepPlan`, runs one `LLM.step` (embedding, every rank, every
+layer, every all-reduce, the head: at the coordinator or on rank 0) and samples each request's last
+row with the batched sampler, which takes the step's argmax as it is where every row is plain
+greedy. A decode burst asks the executor for K greedy decode steps at once (`Executor.decode_ids`):
+where the ranks hold the head, each step's token feeds the next on the ranks. What the tokens mean
+for each request (stops, events, slots) is the engine's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tpserve.errors import TpserveError
+from tpserve.model.kv_cache import StepPlan
+from tpserve.model.rank_head import MAX_DECODE_STEPS
+from tpserve.serve.requests import Request
+from tpserve.serve.sampling import needs_logits, prompt_logprobs, sample
+
+log = logging.getLogger(__name__)
+
+
+def check_decode_steps(k) -> int:
+    """`--decode-steps` / `decode_steps`, refused in one sentence outside [1, MAX_DECODE_STEPS]."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DECODE_STEPS:
+        raise TpserveError(f"decode_steps={k!r} must be an integer in [1, {MAX_DECODE_STEPS}] "
+                           f"(--decode-steps); 1 runs one step at a time")
+    return k
+
+
+def burst_len(reqs: list[Request], decode_steps: int, waiting: bool, max_len: int) -> int:
+    """How many greedy decode steps the ranks may run in one go (`Executor.decode_ids`): more
+    than 1 only while every running request decodes greedily without logits, no request
+    waits (a burst would delay its admission, and a request that stops early would hold its
+    slot to the burst's end), and each has at least that many tokens left before its limit."""
+    if decode_steps == 1 or waiting or \
+            any(not r.output for r in reqs) or needs_logits([r.row for r in reqs]):
+        return 1
+    left = min(min(r.params.max_tokens - len(r.output),
+                   max_len - len(r.prompt) - len(r.output)) for r in reqs)
+    return max(1, min(decode_steps, left))
+
+
+def decode_burst(executor, reqs: list[Request], k: int) -> list[list[int]] | None:
+    """k decode steps of `reqs` in one executor call -> k rows of one token per request; None
+    where the executor cannot (the caller steps one at a time)."""
+    plan = StepPlan(slots=[r.slot for r in reqs], starts=[r.position for r in reqs],
+                    lens=[1] * len(reqs))
+    ids = torch.as_tensor([r.output[-1] for r in reqs], dtype=torch.long)
+    toks = executor.decode_ids(ids, plan, k)
+    return None if toks is None else toks.tolist()
+
+
+def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
+    """One step of `reqs` -> ((token, logprob) per request, as `sample_rows` gives them; the
+    prompt logprobs of each request `i` that asked for them, by `i`)."""
+    ids, slots, starts, lens, out_rows, spans = [], [], [], [], [], []
+    for req in reqs:
+        new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt
+        first, row = len(out_rows), len(ids)
+        if not req.output and req.params.prompt_logprobs is not None:
+            out_rows.extend(range(row, row + len(new)))  # every prompt row: echo's logprobs
+        else:
+            out_rows.append(row + len(new) - 1)
+        spans.append((first, len(out_rows)))
+        ids.extend(new)
+        slots.append(req.slot)
+        starts.append(req.position)
+        lens.append(len(new))
+    plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
+    with torch.inference_mode():
+        need = len(out_rows) != len(reqs) or needs_logits([r.row for r in reqs])
+        logits, argmax = llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
+        if len(out_rows) != len(reqs):  # prompt rows too: each request's last row
+            last_rows = [b - 1 for _, b in spans]
+            last = logits[last_rows]
+            argmax = None if argmax is None else argmax[last_rows]
+        else:
+            last = logits
+        sampled = sample_rows(last, reqs, argmax)
+        prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
+                                         reqs[i].params.prompt_logprobs)
+                      for i, (a, b) in enumerate(spans) if b - a > 1}
+    return sampled, prompt_lps
+
+
+def sample_rows(logits: torch.Tensor, reqs: list[Request],
+                argmax: torch.Tensor | None = None) -> list[tuple]:
+    """(token, logprob) per request; (None, message) for a row that cannot be sampled.
+    `argmax`: the logits' argmax where the step computed it with the head (greedy rows take
+    it; `logits` may then be None, see `needs_logits`).
+
+    Parameters are validated before they get here; should one row still break the batched
+    sampler, the rows are redone one by one so only that request fails, never the step.
+    """
+    try:
+        return list(zip(*sample(logits, [r.row for r in reqs], argmax)))
+    except Exception as e:
+        log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
+    out = []
+    for i, req in enumerate(reqs):
+        try:
+            toks, lps = (sample(None, [req.row], argmax[i:i + 1]) if logits is None
+                         else sample(logits[i:i + 1], [req.row]))
+            out.append((toks[0], lps[0]))
+        except Exception as e:
+            out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
+    return out
