@@ -2,8 +2,12 @@
 # After a kernel or tuning change, on one H100 (device tool, repo root, carrying .whl): the GEMV
 # table on the Llama-3-8B shapes at M = 1 and 4, the fused kernels' self-check, graph vs eager
 # tokens on a small checkpoint, and tp=1 decode against the torch int4 peer.   bash bench/gpu_quick.sh
+# VARIANTS (default "w4g128 w4g128_dot w8g128", e.g. "w4g128 w4_act_shard w4g128_off64") and M ("1 4") pick
+# the table's rows; about 8 minutes in all.
 OUT=${OUT:-/tmp/out}
-NO_CHECK=1 TABLE_S=200 BENCH_ARGS="--m 1 4 --variants w4g128 w8g128 --shapes 4096x4096,4096x6144,4096x14336,14336x4096,4096x28672,4096x3072,2048x4096,7168x4096" bash bench/gpu_kernels.sh 2>&1 | tail -3
+SHAPES=4096x4096,4096x6144,4096x14336,14336x4096,4096x28672,4096x3072,2048x4096,7168x4096
+NO_CHECK=1 TABLE_S=200 BENCH_ARGS="--m ${M:-1 4} --variants ${VARIANTS:-w4g128 w4g128_dot w8g128} --shapes $SHAPES" \
+  bash bench/gpu_kernels.sh 2>&1 | tail -3
 grep -v "bf16 F.linear" $OUT/kernels.log | head -60
 . bench/gpu_env.sh none >/dev/null 2>&1
 python3 -m tpserve.kernels.fused 2>&1 | tail -3

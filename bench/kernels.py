@@ -37,8 +37,11 @@ GPTQ_SHAPES = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 
 HEAD_SHAPES = [(4096, 128256), (2048, 262144)]  # H x V
 GPTQ_M, HEAD_M = (1, 4, 16), (1, 8)
 PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLAS
-# w4g128_fp32: the M = 1 GEMV without its fp16x2 path (the A/B of that path, M = 1 only)
-VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_off64", "w4_act", "w4_act_shard", "w8g128"]
+# w4g128_fp32: the M = 1 GEMV without its fp16x2 path (the A/B of that path, M = 1 only);
+# w4g128_dot: M > 1 through the tl.dot decode kernel only (w4g128 takes the faster of it and the
+# fp16x2 rows kernel, measured on first use)
+VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act", "w4_act_shard",
+            "w8g128"]
 L2_BYTES = 50e6
 SHAPES = None  # --shapes
 
@@ -145,9 +148,11 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
             first = make_variant(v, k, n, dev)
             ws = [first] + [make_variant(v, k, n, dev) for _ in range(n_copies(first[0].nbytes, smoke) - 1)]
             if dev.type == "cuda":
-                from tpserve.kernels import gptq_gemv
+                from tpserve.kernels import dispatch, gptq_gemv
                 gptq_gemv.USE_H2 = v != "w4g128_fp32"
-            for m in ms[:1] if v == "w4g128_fp32" else ms:
+                dispatch.H2_ROWS = v != "w4g128_dot"
+            v_ms = ms[:1] if v == "w4g128_fp32" else [m for m in ms if m > 1 or v != "w4g128_dot"]
+            for m in v_ms:
                 x = torch.randn(m, k, device=dev).half()
                 fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
                 t = device_time_us(fns, dev, iters)

@@ -17,7 +17,8 @@ from tpserve.model.gptq_shard import prepare_act_order  # noqa: E402
 
 def check(dev):
     """Parity of every kernel path on this device, with fixed configs (one compile each)."""
-    from tpserve.kernels import dispatch, gptq_common, head_kernels
+    from tpserve.kernels import dispatch, gptq_common, gptq_h2mm, head_kernels
+    from tpserve.kernels.gptq_gemv import uses_h2
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from gptq_random import random_gptq
     worst = 0.0
@@ -38,7 +39,7 @@ def check(dev):
         w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act, device=dev)
         w, perm = prepare_act_order(w) if act else (w, None)
         for dtype in (torch.float16, torch.bfloat16) + ((torch.float32,) if i < 2 else ()):
-            for m in (1, 5, 16, 300, 600):
+            for m in (1, 2, 5, 16, 300, 600):
                 cfg = (dict(BLOCK_N=32, BLOCK_K=bk1, SPLIT_K=3) if m == 1 else
                        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk2, SPLIT_K=3) if m <= 16 else
                        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk1, GROUP_M=4) if m < 600 else
@@ -48,6 +49,11 @@ def check(dev):
                 y = dispatch.gptq_matmul_triton(x, w, perm, config=cfg)
                 report(f"gptq bits={bits} K={k} N={n} gs={gs} k0={k0} act={act} M={m} {dtype}",
                        y, gptq_matmul_reference(xk.float(), w))
+                if 1 < m <= gptq_h2mm.MAX_M and uses_h2(dtype, w):  # the fp16x2 rows kernel too
+                    report(f"gptq fp16x2 rows bits={bits} K={k} gs={gs} k0={k0} act={act} M={m}",
+                           gptq_h2mm.h2_matmul(x, w, perm, config=dict(BLOCK_N=64, BLOCK_K=bk1,
+                                                                       SPLIT_K=3)),
+                           gptq_matmul_reference(xk.float(), w))
                 if m == 1 and dtype == torch.float16:  # fp16x2 sums: |x| up to ~12000 stay finite
                     w2 = dataclasses.replace(w, scales=w.scales / 3000)  # y itself stays in fp16
                     report(f"gptq large x bits={bits} K={k} k0={k0}",

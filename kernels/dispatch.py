@@ -28,6 +28,7 @@ _announced: set[tuple[str, str]] = set()
 # Triton's autotuner is not thread-safe, and in-process ranks are threads that make their first
 # calls at the same moment: launches go through one lock (held only while launching, or tuning).
 _LAUNCH_LOCK = threading.Lock()
+H2_ROWS = True  # whether 2 <= M <= 8 may take the fp16x2 rows kernel (a switch for A/B timing)
 
 
 def _announce(op: str, path: str) -> None:
@@ -38,12 +39,26 @@ def _announce(op: str, path: str) -> None:
 
 def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits)."""
+    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits). At 2 <= M <= 8
+    with fp16 x on a GPU, the faster of the tl.dot decode kernel and the fp16x2 one, measured on
+    the first call per M and shard shape (`tuning.faster`)."""
     m = x.shape[0]
     if m == 1:
         from .gptq_gemv import gemv as run
     elif m <= 16:
         from .gptq_decode import decode_matmul as run
+        if config is None and x.is_cuda:
+            from . import gptq_h2mm
+            from .gptq_gemv import uses_h2
+            from .gptq_weight import shape_key
+            if H2_ROWS and m <= gptq_h2mm.MAX_M and uses_h2(x.dtype, w):
+                from .gptq_common import new_out
+                from .tuning import faster
+                out = new_out(x, w, out)
+                calls = {"fp16x2": lambda: gptq_h2mm.h2_matmul(x, w, perm, out),
+                         "tl.dot": lambda: run(x, w, perm, out)}
+                if faster((m, perm is not None) + shape_key(w), calls) == "fp16x2":
+                    run = gptq_h2mm.h2_matmul
     else:
         from .gptq_prefill import prefill_matmul as run
     return run(x, w, perm, out, config)

@@ -98,22 +98,10 @@ def _nz(z, MUL: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
-            HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z [.., BLOCK_N]
-    (per column, or per word row and column for a tile of two groups)."""
-    P: tl.constexpr = 32 // BITS
-    H: tl.constexpr = P // 2
-    r = offs_w * P
-    x0 = _pair(_load_rows(x_ptr, perm_ptr, r, K, stride_xk, HAS_PERM, EVEN_K),
-               _load_rows(x_ptr, perm_ptr, r + H, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
-    x1 = _pair(_load_rows(x_ptr, perm_ptr, r + 1, K, stride_xk, HAS_PERM, EVEN_K),
-               _load_rows(x_ptr, perm_ptr, r + 1 + H, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+def _h2_word(qw, x0, x1, x2, x3, z, BITS: tl.constexpr):
+    """sum over one word's P rows of (q - z) / 2**BITS * x, as fp32 (broadcast over qw, the x
+    pairs (x[k + j], x[k + j + P/2]) as int32 bits, and z); x2, x3 unused at 8 bits."""
     if BITS == 4:
-        x2 = _pair(_load_rows(x_ptr, perm_ptr, r + 2, K, stride_xk, HAS_PERM, EVEN_K),
-                   _load_rows(x_ptr, perm_ptr, r + 6, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
-        x3 = _pair(_load_rows(x_ptr, perm_ptr, r + 3, K, stride_xk, HAS_PERM, EVEN_K),
-                   _load_rows(x_ptr, perm_ptr, r + 7, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
         nz_lo, nz_hi = _nz(z, 16, BITS), _nz(z, 256, BITS)
         if INTERPRET:
             return (_emu_pair(qw, x0, nz_lo, 0, 0, 16, BITS) + _emu_pair(qw, x1, nz_hi, 4, 4, 256, BITS)
@@ -127,3 +115,61 @@ def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
             return _emu_pair(qw, x0, nz, 0, 0, 256, BITS) + _emu_pair(qw, x1, nz, 8, 0, 256, BITS)
         return tl.inline_asm_elementwise(_ASM8, "=r,r,r,r,r", [qw, x0, x1, nz], dtype=tl.int32,
                                          is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
+            HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z [.., BLOCK_N]
+    (per column, or per word row and column for a tile of two groups)."""
+    P: tl.constexpr = 32 // BITS
+    H: tl.constexpr = P // 2
+    r = offs_w * P
+    x0 = _pair(_load_rows(x_ptr, perm_ptr, r, K, stride_xk, HAS_PERM, EVEN_K),
+               _load_rows(x_ptr, perm_ptr, r + H, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+    x1 = _pair(_load_rows(x_ptr, perm_ptr, r + 1, K, stride_xk, HAS_PERM, EVEN_K),
+               _load_rows(x_ptr, perm_ptr, r + 1 + H, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+    x2, x3 = x0, x1
+    if BITS == 4:
+        x2 = _pair(_load_rows(x_ptr, perm_ptr, r + 2, K, stride_xk, HAS_PERM, EVEN_K),
+                   _load_rows(x_ptr, perm_ptr, r + 6, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+        x3 = _pair(_load_rows(x_ptr, perm_ptr, r + 3, K, stride_xk, HAS_PERM, EVEN_K),
+                   _load_rows(x_ptr, perm_ptr, r + 7, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+    return _h2_word(qw, x0, x1, x2, x3, z, BITS)
+
+
+@triton.jit
+def _x_rows(x_ptr, perm_ptr, offs_m, m_mask, rows, K, stride_xm, stride_xk,
+            HAS_PERM: tl.constexpr):
+    """x[offs_m, rows] (columns through perm) as [BLOCK_M, len(rows)] fp16; 0 past M and K."""
+    r_mask = rows < K
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + rows, mask=r_mask, other=0)
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
+                   mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _h2_dot_rows(qw, offs_w, x_ptr, perm_ptr, offs_m, m_mask, z, K, stride_xm, stride_xk,
+                 BITS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """`_h2_dot` for BLOCK_M rows of x at once: fp32 [BLOCK_M, KW, BLOCK_N]."""
+    P: tl.constexpr = 32 // BITS
+    H: tl.constexpr = P // 2
+    r = offs_w * P
+    x0 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r, K, stride_xm, stride_xk, HAS_PERM),
+               _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + H, K, stride_xm, stride_xk,
+                       HAS_PERM))[:, :, None]
+    x1 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 1, K, stride_xm, stride_xk, HAS_PERM),
+               _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 1 + H, K, stride_xm, stride_xk,
+                       HAS_PERM))[:, :, None]
+    x2, x3 = x0, x1
+    if BITS == 4:
+        x2 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 2, K, stride_xm, stride_xk,
+                           HAS_PERM),
+                   _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 6, K, stride_xm, stride_xk,
+                           HAS_PERM))[:, :, None]
+        x3 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 3, K, stride_xm, stride_xk,
+                           HAS_PERM),
+                   _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 7, K, stride_xm, stride_xk,
+                           HAS_PERM))[:, :, None]
+    return _h2_word(qw[None, :, :], x0, x1, x2, x3, z, BITS)

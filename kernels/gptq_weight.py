@@ -76,6 +76,12 @@ class GPTQWeight:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+def shape_key(w: GPTQWeight) -> tuple:
+    """What a kernel's speed depends on in a shard (for choosing between kernels)."""
+    return (w.in_features, w.out_features, w.bits, w.group_size, w.group_offset,
+            w.g_idx is not None, str(w.qweight.device))
+
+
 def gptq_matmul_reference(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
     """x [M, K] @ W -> [M, N] in x.dtype (x already permuted for a sorted act-order shard)."""
     return x @ w.dequantize(x.dtype)

@@ -13,10 +13,14 @@ flush would add write-backs to the timed call).
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 
 import triton
+
+log = logging.getLogger(__name__)
+_PICKS: dict = {}  # key -> the name of the faster kernel (`faster`)
 
 CALLS = 24  # timed calls per config
 
@@ -48,6 +52,18 @@ def _bench(fn, quantiles=None):
     if quantiles is None:
         return statistics.median(times)
     return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+def faster(key, candidates: dict) -> str:
+    """The name of the fastest of `candidates` (name -> a call), timed once per key with the
+    benchmark above; each candidate's own autotuning runs in its first call, before it is timed.
+    For choosing between two kernels for the same product (`dispatch.gptq_matmul_triton`)."""
+    if key not in _PICKS:
+        times = {name: _bench(fn) for name, fn in candidates.items()}
+        _PICKS[key] = min(times, key=times.get)
+        log.info("kernel for %s: %s (%s)", key, _PICKS[key],
+                 ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in times.items()))
+    return _PICKS[key]
 
 
 def autotuned(kernel, configs, key, prune=None):

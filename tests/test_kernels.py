@@ -35,8 +35,9 @@ def _interpreted(*names):
     return mods
 
 
-common, _h2, gemv, decode, prefill, hk = _interpreted(
-    "gptq_common", "gptq_h2", "gptq_gemv", "gptq_decode", "gptq_prefill", "head_kernels")
+common, _h2, gemv, decode, prefill, h2mm, hk = _interpreted(
+    "gptq_common", "gptq_h2", "gptq_gemv", "gptq_decode", "gptq_prefill", "gptq_h2mm",
+    "head_kernels")
 gptq_matmul_triton = importlib.import_module("tpserve.kernels.dispatch").gptq_matmul_triton
 
 
@@ -100,6 +101,29 @@ def test_gptq_triton_matches_reference(case, m):
         _close(out, ref, dtype)
         if m <= 16:  # split-K leaves its tickets zeroed for the next call
             assert not common._workspaces[x.device][1].any()
+
+
+@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize("bk", ["gemv", "mm"])
+@pytest.mark.parametrize("case", GPTQ_CASES)
+def test_fp16x2_rows_kernel_matches_reference(case, bk, m):
+    """The fp16x2 kernel for 2 <= M <= 8 in every group mode it meets: one group per tile, two
+    with the boundary between words, several per tile (BLOCK_K > group size), padded act-order."""
+    bits, k, n, gs, k0, act, bk_gemv, bk_mm = GPTQ_CASES[case]
+    w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
+    perm = None
+    if act:
+        w, perm = prepare_act_order(w)
+    assert gemv.uses_h2(torch.float16, w)  # every case's boundaries fall between words
+    x = torch.randn(m, k, dtype=torch.float16)
+    ref = (x if perm is None else x[:, perm]).float() @ w.dequantize()
+    if x.device in common._workspaces:  # split-K partials never read stale values
+        common._workspaces[x.device][0].fill_(float("nan"))
+    out = h2mm.h2_matmul(x, w, perm, out=_poisoned(m, n, torch.float16),
+                         config=dict(BLOCK_N=32, BLOCK_K=bk_gemv if bk == "gemv" else bk_mm,
+                                     SPLIT_K=2))
+    _close(out, ref, torch.float16)
+    assert not common._workspaces[x.device][1].any()  # tickets left zeroed
 
 
 def test_gptq_large_m_dequantizes_then_matmuls():

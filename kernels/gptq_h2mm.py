@@ -1,0 +1,116 @@
+"""GPTQ decode for a few rows (2 <= M <= 8) in fp16x2 arithmetic: y[M, N] = x[M, K] @ W[K, N].
+
+Run `python -m tpserve.kernels.gptq_h2mm` to print its error against the torch reference (without
+CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+
+The M = 1 GEMV's fp16x2 word product (`gptq_h2.py`) for BLOCK_M rows of fp16 x at once: each
+thread holds words of [KW, BLOCK_N] and accumulates [BLOCK_M, KW, BLOCK_N] in fp32, one FFMA per
+word and row for the scale. The words are read once for all rows; the dequantization (lop3 + one
+HFMA2 per pair of fields) is repeated per row inside the asm, which at small M costs less than
+`gptq_decode.py`'s route (each field converted to fp16 and staged through shared memory for a
+tl.dot). For the shards the fp16x2 path takes (`gptq_gemv.uses_h2`): one group per tile, a group
+boundary between words, act-order rows padded to whole words per group. Which of the two kernels
+runs at a given M and shape is measured on first use (`dispatch.gptq_matmul_triton`).
+Split-K and its fixed-order sum as in gptq_common.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit below
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _zeros, cfg,  # noqa: E402
+                          gptq_args, launch, new_out, tuned, workspace)
+from .gptq_h2 import _h2_dot_rows  # noqa: E402
+from .gptq_weight import self_check  # noqa: E402
+
+MAX_M = 8
+
+
+@triton.jit
+def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, G, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz,
+                 stride_s, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr,
+                 MODE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    P: tl.constexpr = 32 // BITS
+    KW: tl.constexpr = BLOCK_K // P
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
+                                           SPLIT_K, BLOCK_K, P)
+    acc = tl.zeros([BLOCK_M, KW, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
+        if MODE == 0:
+            s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
+                             stride_s, stride_qz, BITS)
+            s = s[None, None, :]
+            z = z[None, None, :]
+        elif MODE == 1:  # two groups, their boundary between words: z, s selected per word row
+            g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
+            g1 = tl.minimum(g0 + 1, G - 1)
+            in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
+            z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                         _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+            s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            s = tl.where(in1, s1[None, :], s0[None, :])[None, :, :]
+            z = z[None, :, :]
+        else:  # any number of groups, each word in one (g_idx: rows padded to words at load)
+            w_ok = offs_w < w_hi
+            if HAS_GIDX:
+                g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
+            else:
+                g_w = ((offs_w * P + GROUP_OFFSET) // GROUP_SIZE)[:, None]
+            m2 = w_ok[:, None] & n_mask[None, :]
+            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)[None, :, :]
+            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0)
+            s = s.to(tl.float32)[None, :, :]
+        part = _h2_dot_rows(qw, offs_w, x_ptr, perm_ptr, offs_m, m_mask, z, K, stride_xm,
+                            stride_xk, BITS, HAS_PERM)
+        acc += part * (s * (1 << BITS))
+        offs_w += KW
+    y = tl.sum(acc, axis=1)
+    offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    offs_ws = offs_m[:, None] * N + offs_n[None, :]
+    _finish(y, out_ptr, offs, ws_ptr, offs_ws, m_mask[:, None] & n_mask[None, :], cnt_ptr, pid_n,
+            pid_k, M * N, SPLIT_K)
+
+
+_CONFIGS = [cfg(64, 64, 8), cfg(64, 64, 16), cfg(128, 64, 8), cfg(64, 128, 8), cfg(64, 128, 16),
+            cfg(32, 128, 16), cfg(128, 32, 16), cfg(256, 32, 8, 8)]
+_tuned = tuned(_h2mm_kernel, _CONFIGS, ["M_KEY"] + KEY)
+INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
+
+
+def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] fp16, 2 <= M <= MAX_M, @ the 4/8-bit GPTQWeight w (one `gptq_gemv.uses_h2`
+    accepts) -> out [M, N] fp16. `config` fixes the block sizes (tests)."""
+    from .gptq_gemv import uses_h2
+    assert x.dtype == torch.float16 and uses_h2(x.dtype, w), (x.dtype, w.bits, w.group_size)
+    out = new_out(x, w, out)
+    m, n = out.shape
+    assert 1 <= m <= MAX_M, m
+    ws, cnt = workspace(x.device, m * n, triton.cdiv(n, 16))
+    args = gptq_args(x, w, out) | dict(
+        M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0), BLOCK_M=triton.next_power_of_2(m),
+        perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt)
+    launch(_h2mm_kernel, _tuned, args,
+           lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]), config, INTERPRET_CONFIG)
+    return out
+
+
+if __name__ == "__main__":
+    self_check(h2_matmul, ms=(2, 5, 8))
