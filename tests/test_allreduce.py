@@ -20,16 +20,17 @@ import torch
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.runtime import shm
-from tpserve.runtime.comm import Aborted, choose_path, reduce_sum
+from tpserve.runtime.comm import Aborted, choose_path, reduce_sum, reduce_sum_numpy
 from tpserve.runtime.coordinator import Coordinator, RankFailure
 from tpserve.runtime.rank_worker import RankWorker
 from tpserve.runtime.wire import decode, encode
 
 from bare_rank import bare_rank
 
-# (numel, dtype): one element, one-shot sizes, two-shot sizes, and 4.8 MB: two slot-sized pieces
+# (numel, dtype): one element, one-shot sizes, two-shot sizes (shm: from 32768 elements fp32 and
+# fp16 move through numpy, bf16 through torch), and 4.8 MB: two slot-sized pieces
 CASES = [(1, "float32"), (100, "float16"), (2048, "float32"), (70000, "bfloat16"),
-         (200000, "float32"), (1_200_000, "float32")]
+         (200000, "float32"), (300000, "float16"), (1_200_000, "float32")]
 
 
 def partial(rank: int, step: int, case: int) -> torch.Tensor:
@@ -83,6 +84,7 @@ def step(coord, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("path,tp,cases", [
     ("shm", 3, range(len(CASES))),  # odd tp: uneven two-shot chunks
+    ("shm", 2, [4, 5]),  # one-shot sums of large partials (numpy)
     ("zmq", 2, range(len(CASES))),
     ("gloo", 2, [0, 2, 4]),  # gloo sums fp32 pairs exactly as torch.add does
 ])
@@ -150,6 +152,24 @@ def test_a_sigkilled_driver_leaves_nothing_once_the_next_launch_runs():
     assert (shm.SHM_DIR / name).exists()  # the crash left it behind
     shm.ShmDriver(2).close()  # the next launch sweeps it
     assert not (shm.SHM_DIR / name).exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_numpy_sums_equal_reduce_sum_bit_for_bit(dtype, tp):
+    """The shm path's numpy sums against torch's: rank order, fp32 accumulation, and the
+    rounding back to fp16 (ties, subnormals, overflow to inf) bit for bit."""
+    g = torch.Generator().manual_seed(tp)
+    parts = [(torch.randn(5000, generator=g) * 10 ** torch.randint(-8, 5, (5000,), generator=g))
+             .to(dtype) for _ in range(tp)]
+    if dtype == torch.float16:  # halfway cases, subnormal sums, sums past fp16's range
+        parts[0][:4] = torch.tensor([1.0, 2 ** -24, 60000.0, -60000.0])
+        parts[1][:4] = torch.tensor([2 ** -11, 2 ** -25, 60000.0, -60000.0])
+    want = reduce_sum(parts)
+    out = torch.empty_like(parts[0])
+    reduce_sum_numpy([p.numpy() for p in parts], out.numpy())
+    assert torch.equal(out.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.float16 else torch.int32))
 
 
 def pair(tp=2, timeout_s=5.0):

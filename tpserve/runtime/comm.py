@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from tpserve.errors import TpserveError
@@ -92,6 +93,22 @@ def reduce_sum(parts: list[torch.Tensor], out: torch.Tensor | None = None) -> to
     for p in parts[1:]:
         acc += p.to(torch.float32)
     return acc.to(parts[0].dtype) if out is None else out.copy_(acc)
+
+
+def reduce_sum_numpy(parts: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """`reduce_sum` of fp32 / fp16 arrays in numpy, on this thread (no OpenMP team): the same
+    fp32 sums in rank order, the same rounding back, bit for bit."""
+    if parts[0].dtype == np.float32:
+        np.add(parts[0], parts[1], out=out)
+        for p in parts[2:]:
+            np.add(out, p, out=out)
+        return out
+    acc = parts[0].astype(np.float32)
+    for p in parts[1:]:
+        acc += p  # fp16 widened to fp32 exactly
+    with np.errstate(over="ignore"):  # past fp16's range: inf, as torch's cast
+        out[...] = acc  # rounded to nearest even, as torch's cast
+    return out
 
 
 class RankComm:
