@@ -8,7 +8,9 @@ fp32 tensor of the given size (median, warm-up dropped; the slowest rank is repo
 bounds a step). tpserve: the real `Coordinator` in this process and the real `RankWorker` serve
 loop in each rank (setup message, data path, `RankComm`), the timing loop standing in for the
 model inside one coordinator step. Paths: `zmq` (the coordinator's star over a 0700 unix socket,
-as for same-host ranks), `zmq-tcp` (CurveZMQ over TCP, as across hosts), `shm` (shared memory).
+as for same-host ranks), `zmq-tcp` (CurveZMQ over TCP, as across hosts), `shm` (shared memory;
+`shm-torch`: the same with torch's multi-threaded copies and sums instead of numpy's above 32K
+elements, for the A/B of that choice).
 With `--gpu` (needs tp GPUs): raw NCCL, tpserve's `nccl` and `cuda` paths (`cuda`: the one-shot
 kernel over peer memory up to 1 MiB, NCCL above), and `nccl-graph` / `cuda-graph` (the path
 captured in a CUDA graph of 16 all-reduces on a static buffer, replayed; time per all-reduce:
@@ -91,8 +93,11 @@ class _Timer:
         return h
 
 
-def _tpserve_rank(rank, tp, address, keys, sizes, device, graph, out_q):
+def _tpserve_rank(rank, tp, address, keys, sizes, device, graph, out_q, torch_ops=False):
+    from tpserve.runtime import shm
     from tpserve.runtime.rank_worker import RankWorker
+    if torch_ops:  # shm-torch: the shm path with torch's (OpenMP) copies and sums at every size
+        shm.NUMPY_MIN = 1 << 62
     if device == "cuda":
         torch.cuda.set_device(rank)
     worker = RankWorker(rank, tp, ".", "float32", device, 1, 1, timeout_s=300,
@@ -119,7 +124,8 @@ def bench_tpserve(tp: int, sizes: list[int], path: str) -> dict[int, float]:
     q = ctx.Queue()
     procs = [ctx.Process(target=_tpserve_rank, args=(r, tp, coord.address, coord.client_keys(r),
                                                      sizes, "cuda" if gpu else "cpu",
-                                                     path.endswith("-graph"), q))
+                                                     path.endswith("-graph"), q,
+                                                     path == "shm-torch"))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -178,7 +184,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--sizes", nargs="+", default=["8K", "64K", "1M", "16M"])
     ap.add_argument("--paths", nargs="+", default=["zmq", "shm"],
-                    choices=["zmq", "zmq-tcp", "shm"])
+                    choices=["zmq", "zmq-tcp", "shm", "shm-torch"])
     ap.add_argument("--gpu", action="store_true",
                     help="also NCCL, tpserve nccl / cuda, each eager and captured")
     ap.add_argument("--out")

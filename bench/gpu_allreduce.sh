@@ -21,7 +21,7 @@ set -u
 if has bench; then
   timeout 280 python3 bench/allreduce.py --tp 2 --sizes 4K 8K 64K 1M 16M --gpu \
     --out "$OUT/allreduce_gpu_tp2.json" 2>"$OUT/allreduce_gpu.err" | tail -8
-  timeout 200 python3 bench/allreduce.py --tp 2 4 --sizes 8K 64K 1M 16M \
+  timeout 240 python3 bench/allreduce.py --tp 2 4 --sizes 8K 64K 1M 16M --paths zmq shm shm-torch \
     --out "$OUT/allreduce_cpu.json" 2>"$OUT/allreduce_cpu.err" | tail -10
 fi
 if has ray; then

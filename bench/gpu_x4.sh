@@ -12,7 +12,7 @@
 set -u
 . bench/gpu_env.sh
 if has bench; then
-  timeout 200 python3 bench/allreduce.py --tp 4 --sizes 8K 64K 1M 16M --paths shm --gpu \
+  timeout 200 python3 bench/allreduce.py --tp 4 --sizes 8K 64K 1M 16M --paths shm shm-torch --gpu \
     --out "$OUT/allreduce_gpu_tp4.json" 2>"$OUT/allreduce_gpu.err" | tail -6
 fi
 if has decode; then
