@@ -28,7 +28,7 @@ _announced: set[tuple[str, str]] = set()
 # Triton's autotuner is not thread-safe, and in-process ranks are threads that make their first
 # calls at the same moment: launches go through one lock (held only while launching, or tuning).
 _LAUNCH_LOCK = threading.Lock()
-H2_ROWS = True  # whether 2 <= M <= 8 may take the fp16x2 rows kernel (a switch for A/B timing)
+H2_ROWS = True  # whether 2 <= M <= gptq_h2mm.MAX_M may take the fp16x2 rows kernel (for A/B)
 
 
 def _announce(op: str, path: str) -> None:
@@ -39,7 +39,7 @@ def _announce(op: str, path: str) -> None:
 
 def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits). At 2 <= M <= 8
+    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits). At 2 <= M <= 4
     with fp16 x on a GPU, the faster of the tl.dot decode kernel and the fp16x2 one, measured on
     the first call per M and shard shape (`tuning.faster`)."""
     m = x.shape[0]

@@ -1,4 +1,4 @@
-"""GPTQ decode for a few rows (2 <= M <= 8) in fp16x2 arithmetic: y[M, N] = x[M, K] @ W[K, N].
+"""GPTQ decode for a few rows (2 <= M <= 4) in fp16x2 arithmetic: y[M, N] = x[M, K] @ W[K, N].
 
 Run `python -m tpserve.kernels.gptq_h2mm` to print its error against the torch reference (without
 CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
@@ -31,7 +31,7 @@ from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _zeros, c
 from .gptq_h2 import _h2_dot_rows  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
-MAX_M = 8
+MAX_M = 4  # the dequantization is repeated per row: beyond a few rows tl.dot wins
 
 
 @triton.jit
@@ -88,9 +88,8 @@ def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
             pid_k, M * N, SPLIT_K)
 
 
-# Few on purpose: each is compiled per BLOCK_M (2, 4, 8: the decode buckets) at start-up.
-_CONFIGS = [cfg(64, 64, 8), cfg(64, 64, 16), cfg(128, 64, 8), cfg(64, 128, 8), cfg(32, 128, 16),
-            cfg(128, 32, 16)]
+# Few on purpose: each is compiled per BLOCK_M (2 and 4: the decode buckets) at start-up.
+_CONFIGS = [cfg(64, 64, 8), cfg(128, 64, 8), cfg(64, 128, 8), cfg(32, 128, 16), cfg(128, 32, 16)]
 _tuned = tuned(_h2mm_kernel, _CONFIGS, ["M_KEY"] + KEY)
 INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
 
@@ -106,7 +105,8 @@ def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     assert 1 <= m <= MAX_M, m
     ws, cnt = workspace(x.device, m * n, triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
-        M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0), BLOCK_M=triton.next_power_of_2(m),
+        M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0),
+        BLOCK_M=triton.next_power_of_2(m),
         perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt)
     launch(_h2mm_kernel, _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]), config, INTERPRET_CONFIG)
@@ -114,4 +114,4 @@ def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
 
 
 if __name__ == "__main__":
-    self_check(h2_matmul, ms=(2, 5, 8))
+    self_check(h2_matmul, ms=(2, 3, 4))

@@ -103,11 +103,11 @@ def test_gptq_triton_matches_reference(case, m):
             assert not common._workspaces[x.device][1].any()
 
 
-@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize("m", [2, 3])
 @pytest.mark.parametrize("bk", ["gemv", "mm"])
 @pytest.mark.parametrize("case", GPTQ_CASES)
 def test_fp16x2_rows_kernel_matches_reference(case, bk, m):
-    """The fp16x2 kernel for 2 <= M <= 8 in every group mode it meets: one group per tile, two
+    """The fp16x2 kernel for 2 <= M <= 4 in every group mode it meets: one group per tile, two
     with the boundary between words, several per tile (BLOCK_K > group size), padded act-order."""
     bits, k, n, gs, k0, act, bk_gemv, bk_mm = GPTQ_CASES[case]
     w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
