@@ -8,7 +8,9 @@ kv head as a [16, D] tile (padded for tl.dot; the kv tile is read once for the w
 runs an online softmax over its share of the sequence's key blocks. The share is computed in the
 kernel from lens[b] (and the window), so the grid depends only on B, the kv heads and the cache's
 max length: no host synchronisation, safe to capture in a CUDA graph, and the work is that of the
-actual lengths. With more than one split a second kernel merges the splits' (max, sum, acc).
+actual lengths. With more than one split the last program of each (b, kv head) to finish (a
+ticket, as the split-K GEMVs take one) merges the splits' (max, sum, acc) for its query heads, in
+split order: one launch per step and layer, whatever the split count.
 Prefill is torch: the packed sequences padded to [B, maxlen] and one scaled_dot_product_attention.
 """
 
@@ -25,6 +27,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from .gptq_common import workspace  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -115,13 +119,13 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
 # ---- Triton decode kernel ----
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
                    sq_b, sq_h, sk_s, sk_l, sk_h, sv_s, sv_l, sv_h, so_b, so_h,
                    scale, softcap, window, num_heads,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     n = tl.load(lens_ptr + b).to(tl.int32)
@@ -169,35 +173,45 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                  o.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # part [B, H, S, D], ml [2, B, H, S]
+        l_at = tl.num_programs(0) * num_heads * NUM_SPLITS  # where ml's sums start
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask)
         tl.store(ml_ptr + row, m_i, mask=gmask)
-        tl.store(ml_ptr + tl.num_programs(0) * num_heads * NUM_SPLITS + row, l_i, mask=gmask)
+        tl.store(ml_ptr + l_at + row, l_i, mask=gmask)
+        tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
+        tile = b * tl.num_programs(1) + kvh
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP,
+                   HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
+            tl.store(cnt_ptr + tile, 0)  # left zeroed for the next call
 
 
 @triton.jit
-def _merge_kernel(part_ptr, ml_ptr, out_ptr, so_b, so_h, rows,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
-    row = b * tl.num_programs(1) + h
+def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP: tl.constexpr,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+           BLOCK_S: tl.constexpr):
+    """out[b, h] for the kv head's query heads h from every split's (max, sum, acc), in split
+    order (read at L2: other programs wrote them)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask, dmask = s < NUM_SPLITS, d < HEAD_DIM
-    m = tl.load(ml_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
-    l = tl.load(ml_ptr + rows * NUM_SPLITS + row * NUM_SPLITS + s, mask=smask, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty split: exp2(-inf) = 0
-    total = tl.sum(w * l, 0)
-    acc = tl.load(part_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
-                  mask=smask[:, None] & dmask[None, :], other=0.0)
-    o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+    for gi in range(GROUP):
+        h = kvh * GROUP + gi
+        row = (b * num_heads + h) * NUM_SPLITS
+        m = tl.load(ml_ptr + row + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(ml_ptr + l_at + row + s, mask=smask, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty split: exp2(-inf) = 0
+        total = tl.sum(w * l, 0)
+        acc = tl.load(part_ptr + (row + s[:, None]) * HEAD_DIM + d[None, :],
+                      mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+        o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so that tests reach the merge kernel
+        return 4  # the interpreter: a few splits, so that tests reach the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -222,23 +236,20 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
     if num_splits is None:
         num_splits = triton.cdiv(2 * _sm_count(q.device), b * kvh)
     num_splits = max(1, min(num_splits, blocks, _MAX_SPLITS))
-    if num_splits > 1:
+    part = ml = cnt = out  # unused with one split
+    if num_splits > 1:  # tickets per (b, kv head): the GPTQ kernels', each call leaves them 0
         part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
         ml = torch.empty(2, b, h, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part = ml = out  # unused
+        _, cnt = workspace(q.device, 1, b * kvh)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; fp16/bf16 MMA
     _decode_kernel[(b, kvh, num_splits)](
-        q, k_cache, v_cache, slots, lens, out, part, ml,
+        q, k_cache, v_cache, slots, lens, out, part, ml, cnt,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=precision, num_warps=num_warps)
-    if num_splits > 1:
-        _merge_kernel[(b, h)](part, ml, out, out.stride(0), out.stride(1), b * h, HEAD_DIM=d,
-                              BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                              BLOCK_S=triton.next_power_of_2(num_splits))
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps)
     return out
 
 
@@ -268,17 +279,15 @@ def decode_attention(q, k_cache, v_cache, slots, lens, kv_group, scale, window=N
 
 def _main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device {dev}{' (TRITON_INTERPRET=1)' if _INTERPRET else ''}")
-    print(f"{'dtype':>8} {'H/KVH':>6} {'D':>4} {'window':>6} {'softcap':>7} {'max|err|':>9}")
+    print(f"device {dev}{' (TRITON_INTERPRET=1)' if _INTERPRET else ''}\n"
+          f"{'dtype':>8} {'H/KVH':>6} {'D':>4} {'window':>6} {'softcap':>7} {'max|err|':>9}")
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.float32):
         for h, kvh, d, window, softcap in [(8, 2, 64, None, None), (4, 4, 32, 5, 30.0)]:
-            slots_n, max_len, b = 4, 40, 3
-            q = torch.randn(b, h, d, generator=gen).to(dev, dtype)
-            kc = torch.randn(slots_n, max_len, kvh, d, generator=gen).to(dev, dtype)
-            vc = torch.randn(slots_n, max_len, kvh, d, generator=gen).to(dev, dtype)
+            q = torch.randn(3, h, d, generator=gen).to(dev, dtype)
+            kc, vc = (torch.randn(4, 40, kvh, d, generator=gen).to(dev, dtype) for _ in range(2))
             slots = torch.tensor([2, 0, 3], device=dev)
-            lens = torch.tensor([17, 1, max_len], dtype=torch.int32, device=dev)
+            lens = torch.tensor([17, 1, 40], dtype=torch.int32, device=dev)  # 40: the whole slot
             args = (q, kc, vc, slots, lens, h // kvh, d ** -0.5, window, softcap)
             err = (decode_attention_triton(*args).float()
                    - decode_attention_reference(*args).float()).abs().max().item()
