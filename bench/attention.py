@@ -68,7 +68,7 @@ def max_err(out, q, kc, vc, slots, lens, group, scale, window, softcap):
 
 def parity():
     """Triton vs reference on the GPU; tolerance: the output's rounding plus p rounded for p @ V.
-    Splits: the heuristic's (several here, so the merge kernel runs) and 1 (no merge kernel)."""
+    Splits: the heuristic's (several here, so the in-kernel merge runs) and 1 (no merge)."""
     rows, ok = [], True
     lens = [0, 1, MAX_LEN // 2 - 3, MAX_LEN, 700, 33]
     cases = [(heads, mode, None) for heads in PARITY_HEADS for mode in PARITY_MODES]

@@ -106,7 +106,7 @@ def test_decode_kernel_matches_reference(dtype, heads, window, softcap):
     _check_kernel(heads, dtype, window, softcap, num_splits=3, block_n=16)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5])  # no merge kernel; even shares; empty splits
+@pytest.mark.parametrize("num_splits", [1, 2, 5])  # no merge; even shares; empty splits
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
