@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -247,6 +248,8 @@ def main():
                     help="only the prefill paths (tl.dot vs dequant + cuBLAS vs bf16) at these M, "
                          "on the Llama-3-8B layer shapes")
     args = ap.parse_args()
+    logging.basicConfig(format="%(message)s")  # which kernel won each M = 2..4 shape (w4g128)
+    logging.getLogger("tpserve.kernels.tuning").setLevel(logging.INFO)
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     smoke = args.smoke or dev.type == "cpu"
     SHAPES = args.shapes and [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
