@@ -18,11 +18,14 @@
 set -u
 . bench/gpu_env.sh
 if has checks; then
-  for k in kernels/*.py; do  # every kernel module prints its error against its torch reference
+  # Every kernel module prints its error against its torch reference (compiles and tunes: run in
+  # the background, on other cores, while the model-level checks below run).
+  (for k in kernels/*.py; do
     case "$k" in */__init__.py) continue;; esac
     m=$(basename "$k" .py)
-    grep -q "__main__" "$k" && { echo "== $m"; timeout 120 python3 -m "tpserve.kernels.$m" 2>&1 | tail -4; }
-  done
+    grep -q "__main__" "$k" && { echo "== $m"; timeout 200 python3 -m "tpserve.kernels.$m" 2>&1 | grep -v Warning; }
+  done > "$OUT/kernel_selfchecks.log" 2>&1) &
+  selfchecks=$!
   python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
   timeout 240 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
     --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 | tail -8
@@ -34,6 +37,7 @@ if has checks; then
       --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify_tp${tp}_${backend}.err"
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
+  wait $selfchecks; cat "$OUT/kernel_selfchecks.log"
 fi
 if has startup; then
   l8
