@@ -3,7 +3,8 @@ reference otherwise; each choice is logged once. Triton modules are imported on 
 so the CPU path never needs a GPU.
 
 GPTQ: y[M, N] = x[M, K] @ W[K, N] for one rank's shard (`GPTQWeight`), by M: the GEMV (M = 1),
-the batched decode kernel (M <= 16), prefill (M > 16). The torch reference dequantizes the shard
+the batched decode kernels (M <= 16: tl.dot, or fp16x2 rows up to M = 4 where timed faster),
+prefill (M > 16). The torch reference dequantizes the shard
 and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA (and for 2/3 bits)
 `gptq_matmul_cpu` computes the same product with per-group broadcasts.
 Act-order shards are sorted by group once at load (the loader returns the permutation) and the
@@ -39,29 +40,36 @@ def _announce(op: str, path: str) -> None:
 
 def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits). At 2 <= M <= 4
-    with fp16 x on a GPU, the faster of the tl.dot decode kernel and the fp16x2 one, measured on
-    the first call per M and shard shape (`tuning.faster`)."""
+    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits)."""
     m = x.shape[0]
     if m == 1:
         from .gptq_gemv import gemv as run
     elif m <= 16:
-        from .gptq_decode import decode_matmul as run
-        if config is None and x.is_cuda:
-            from . import gptq_h2mm
-            from .gptq_gemv import uses_h2
-            from .gptq_weight import shape_key
-            if H2_ROWS and m <= gptq_h2mm.MAX_M and uses_h2(x.dtype, w):
-                from .gptq_common import new_out
-                from .tuning import faster
-                out = new_out(x, w, out)
-                calls = {"fp16x2": lambda: gptq_h2mm.h2_matmul(x, w, perm, out),
-                         "tl.dot": lambda: run(x, w, perm, out)}
-                if faster((m, perm is not None) + shape_key(w), calls) == "fp16x2":
-                    run = gptq_h2mm.h2_matmul
+        run, out = _few_rows(x, w, perm, out, config)
     else:
         from .gptq_prefill import prefill_matmul as run
     return run(x, w, perm, out, config)
+
+
+def _few_rows(x, w, perm, out, config):
+    """2 <= M <= 16: the tl.dot decode kernel; at M <= gptq_h2mm.MAX_M with fp16 x on a GPU,
+    whichever of it and the fp16x2 rows kernel is faster, timed on the first call per M and shard
+    shape (`tuning.faster`). -> (the kernel's function, out)."""
+    from .gptq_decode import decode_matmul
+    if config is not None or not x.is_cuda or not H2_ROWS:
+        return decode_matmul, out
+    from . import gptq_h2mm
+    from .gptq_common import new_out
+    from .gptq_gemv import uses_h2
+    from .gptq_weight import shape_key
+    from .tuning import faster
+    if x.shape[0] > gptq_h2mm.MAX_M or not uses_h2(x.dtype, w):
+        return decode_matmul, out
+    out = new_out(x, w, out)
+    calls = {"fp16x2": lambda: gptq_h2mm.h2_matmul(x, w, perm, out),
+             "tl.dot": lambda: decode_matmul(x, w, perm, out)}
+    fp16x2 = faster((x.shape[0], perm is not None) + shape_key(w), calls) == "fp16x2"
+    return (gptq_h2mm.h2_matmul if fp16x2 else decode_matmul), out
 
 
 def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None) -> torch.Tensor:
