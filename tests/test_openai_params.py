@@ -160,6 +160,7 @@ def test_hostile_requests_among_normal_ones(env):
     ({"logit_bias": {"05": 1, "5": 2}}, 400, "logit_bias names token 5 twice"),
     ({"logit_bias": {str(t): 1 for t in range(1025)}}, 400, "send at most 1024"),
     ({"stop": ["x"] * 17}, 400, "'stop' holds 17 strings; send at most 16"),
+    ({"stop_token_ids": list(range(1025))}, 400, "stop_token_ids has 1025 entries; send at most 1024"),
     ({"stop": ["y" * 513]}, 400, "a stop string of 513 characters exceeds 512"),
     ({"prompt": "hello world " * 100_000}, 400, "more tokens than the context of"),
     ({"model": "\ud800"}, 404, "model '\\ud800' is not served here"),

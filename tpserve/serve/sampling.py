@@ -22,6 +22,7 @@ from tpserve.errors import TpserveError
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_STOP_IDS = 1024  # stop_token_ids per request: each decode step checks them
 # Below this temperature sampling is greedy: dividing by it would overflow fp32 logits.
 MIN_TEMPERATURE = 1e-5
 
@@ -85,8 +86,10 @@ class SamplingParams:
             k = getattr(self, name)
             _check(k is None or _is_int(k) and 0 <= k <= MAX_LOGPROBS,
                    f"{name}={k!r} must be an integer in [0, {MAX_LOGPROBS}]")
+        _check(len(self.stop_token_ids) <= MAX_STOP_IDS,
+               f"stop_token_ids has {len(self.stop_token_ids)} entries; send at most {MAX_STOP_IDS}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids={list(self.stop_token_ids)!r} must be token ids >= 0")
+               f"stop_token_ids={list(self.stop_token_ids)[:8]!r} must be token ids >= 0")
 
     @property
     def greedy(self) -> bool:
