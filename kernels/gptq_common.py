@@ -100,6 +100,36 @@ def _group_sz(s_ptr, qz_ptr, g, offs_n, n_mask, stride_s, stride_qz, BITS: tl.co
 
 
 @triton.jit
+def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s, stride_qz,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
+             HAS_GIDX: tl.constexpr, TWO: tl.constexpr):
+    """Scale (fp32) and zero per (word row, column), [len(offs_w), BLOCK_N], where every word's
+    rows lie in one group (the fp16x2 paths). TWO: the tile holds two groups, their boundary between
+    words (selected per row from two loads); else gathered per word (its g_idx for act-order rows
+    padded at load, its rows' group otherwise)."""
+    P: tl.constexpr = 32 // BITS
+    if TWO:
+        g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
+        g1 = tl.minimum(g0 + 1, G - 1)
+        in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
+        z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                     _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+        s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        s = tl.where(in1, s1[None, :], s0[None, :])
+    else:
+        w_ok = offs_w < w_hi
+        if HAS_GIDX:
+            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
+        else:
+            g_w = ((offs_w * P + GROUP_OFFSET) // GROUP_SIZE)[:, None]
+        m2 = w_ok[:, None] & n_mask[None, :]
+        z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
+        s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _rows_sz(s_ptr, qz_ptr, gidx_ptr, rows, r_mask, offs_n, n_mask, stride_s, stride_qz,
              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
              HAS_GIDX: tl.constexpr):

@@ -26,8 +26,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
-                          _next_tile, _rows_sz, _split, _zeros, cfg, gptq_args, launch, new_out,
-                          tuned, workspace)
+                          _next_tile, _rows_sz, _split, _word_sz, _zeros, cfg, gptq_args, launch,
+                          new_out, tuned, workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -111,30 +111,17 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                     xv = _load_x(x_ptr, perm_ptr, offs_w * P + p, K, stride_xk, HAS_PERM, EVEN_K)
                     part += (_lane(qw, hi, p, BITS) * c - (z + MAGIC * c)[None, :]) * xv[:, None]
                 acc += part * s[None, :]
-        elif MODE == 1 and H2:  # the group boundary falls between words: z, s per word row
-            g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
-            g1 = tl.minimum(g0 + 1, G - 1)
-            in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
-            z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
-                         _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
-            s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        elif (MODE == 1 or HAS_GIDX) and H2:  # each word in one group: z, s per word row
+            s, z = _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s,
+                            stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE == 1)
             part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS, HAS_PERM, EVEN_K)
-            acc += part * tl.where(in1, s1[None, :], s0[None, :]) * (1 << BITS)
+            acc += part * s * (1 << BITS)
         elif MODE == 1:
             g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
             acc, corr = _gemv_two(acc, corr, qw, hi, offs_w, k0, x_ptr, perm_ptr, qz_ptr, s_ptr,
                                   gidx_ptr, g0, tl.minimum(g0 + 1, G - 1),
                                   (g0 + 1) * GROUP_SIZE - GROUP_OFFSET, offs_n, n_mask, K,
                                   stride_xk, stride_qz, stride_s, BITS, False, HAS_PERM, EVEN_K, BLOCK_K)
-        elif HAS_GIDX and H2:  # act-order rows padded at load: each word in one group
-            w_ok = offs_w < w_hi
-            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
-            m2 = w_ok[:, None] & n_mask[None, :]
-            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
-            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0)
-            part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS, HAS_PERM, EVEN_K)
-            acc += part * s.to(tl.float32) * (1 << BITS)
         elif HAS_GIDX:
             rows = k0 + tl.arange(0, BLOCK_K)
             g_t = tl.load(gidx_ptr + rows, mask=rows < K, other=0)

@@ -26,7 +26,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _zeros, cfg,  # noqa: E402
+from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _word_sz, cfg,  # noqa: E402
                           gptq_args, launch, new_out, tuned, workspace)
 from .gptq_h2 import _h2_dot_rows  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
@@ -57,26 +57,11 @@ def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                              stride_s, stride_qz, BITS)
             s = s[None, None, :]
             z = z[None, None, :]
-        elif MODE == 1:  # two groups, their boundary between words: z, s selected per word row
-            g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
-            g1 = tl.minimum(g0 + 1, G - 1)
-            in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
-            z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
-                         _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
-            s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            s = tl.where(in1, s1[None, :], s0[None, :])[None, :, :]
+        else:  # each word in one group: z, s per word row (two groups, or gathered per word)
+            s, z = _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s,
+                            stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE == 1)
+            s = s[None, :, :]
             z = z[None, :, :]
-        else:  # any number of groups, each word in one (g_idx: rows padded to words at load)
-            w_ok = offs_w < w_hi
-            if HAS_GIDX:
-                g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
-            else:
-                g_w = ((offs_w * P + GROUP_OFFSET) // GROUP_SIZE)[:, None]
-            m2 = w_ok[:, None] & n_mask[None, :]
-            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)[None, :, :]
-            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0)
-            s = s.to(tl.float32)[None, :, :]
         part = _h2_dot_rows(qw, offs_w, x_ptr, perm_ptr, offs_m, m_mask, z, K, stride_xm,
                             stride_xk, BITS, HAS_PERM)
         acc += part * (s * (1 << BITS))
