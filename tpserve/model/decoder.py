@@ -125,7 +125,7 @@ class RankModel(torch.nn.Module):
         add and that half's RMSNorm run as one kernel (its output waits in `s.normed`)."""
         layer = self.layers[j // 2]
         norm = self._next_norm(j)
-        if norm is not None and layer.plain_residual(j % 2) and h.dim() == 2:
+        if norm is not None and layer.plain_residual(j % 2):
             h, s.normed = norm.after_add(h, reduced)
             return h
         if j % 2 == 0:
