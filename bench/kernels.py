@@ -53,8 +53,9 @@ def sync(dev):
 
 
 def device_time_us(fns, dev, iters):
-    """Median time of one call (us), fns rotated; the first calls (autotune, compile) untimed."""
-    for f in fns[:2]:
+    """Median time of one call (us), fns rotated; each fn's first call (autotune, compile: act-order
+    copies differ in K, so each may tune or specialize anew) untimed."""
+    for f in fns:
         f()
     sync(dev)
     if dev.type != "cuda":

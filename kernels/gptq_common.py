@@ -105,8 +105,9 @@ def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, strid
              HAS_GIDX: tl.constexpr, TWO: tl.constexpr):
     """Scale (fp32) and zero per (word row, column), [len(offs_w), BLOCK_N], where every word's
     rows lie in one group (the fp16x2 paths). TWO: the tile holds two groups, their boundary between
-    words (selected per row from two loads); else gathered per word (its g_idx for act-order rows
-    padded at load, its rows' group otherwise)."""
+    words (selected per row from two loads). Act-order rows padded at load: the same selection where
+    the tile's words hold at most two groups (their g_idx; sorted rows, so nearly every tile), else
+    gathered per word; other weights: gathered per word (its rows' group)."""
     P: tl.constexpr = 32 // BITS
     if TWO:
         g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
@@ -119,13 +120,26 @@ def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, strid
         s = tl.where(in1, s1[None, :], s0[None, :])
     else:
         w_ok = offs_w < w_hi
+        m2 = w_ok[:, None] & n_mask[None, :]
         if HAS_GIDX:
-            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)[:, None]
+            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)
+            g1 = tl.max(g_w, axis=0)
+            g0 = tl.minimum(tl.min(tl.where(w_ok, g_w, G), axis=0), g1)
+            if g1 - g0 <= 1:  # rows sorted by group: a tile mostly holds one group or two
+                in1 = (g_w > g0)[:, None]
+                z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                             _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+                s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0)
+                s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0)
+                s = tl.where(in1, s1.to(tl.float32)[None, :], s0.to(tl.float32)[None, :])
+            else:
+                z = _zeros(qz_ptr, g_w[:, None], offs_n[None, :], m2, stride_qz, BITS)
+                s = tl.load(s_ptr + g_w[:, None] * stride_s + offs_n[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
         else:
             g_w = ((offs_w * P + GROUP_OFFSET) // GROUP_SIZE)[:, None]
-        m2 = w_ok[:, None] & n_mask[None, :]
-        z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
-        s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
+            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
     return s, z
 
 
@@ -281,6 +295,16 @@ def gptq_args(x: torch.Tensor, w, out: torch.Tensor) -> dict:
                 stride_qw=w.qweight.stride(0), stride_qz=w.qzeros.stride(0),
                 stride_s=w.scales.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size,
                 GROUP_OFFSET=w.group_offset, HAS_GIDX=w.g_idx is not None)
+
+
+GATHER_X = False  # act-order: x[:, perm] in one torch op before the kernel, not in it (A/B)
+
+
+def through_perm(x: torch.Tensor, perm: torch.Tensor | None):
+    """(x, perm) as the kernel reads them: with GATHER_X, x gathered once and no perm."""
+    if perm is None or not GATHER_X:
+        return x, perm
+    return x.index_select(1, perm), None
 
 
 def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:

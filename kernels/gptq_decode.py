@@ -5,7 +5,8 @@ Run `python -m tpserve.kernels.gptq_decode` to print its error against the torch
 
 Per field p of the words a tl.dot of x[:, p::P] (BLOCK_M x BLOCK_K / P) with the unpacked field: a
 sum over K may be taken in any order, so no interleave is needed. Group modes and split-K as in
-gptq_common.py; the next tile of words is loaded while this one is computed.
+gptq_common.py (act-order rows padded to whole words at load: scale and zero per word, as in
+the GEMV); the next tile of words is loaded while this one is computed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_xt,  # noqa: E402
-                          _next_tile, _rows_sz, _split, _zeros, cfg,
-                          gptq_args, launch, new_out, tuned, workspace)
+                          _next_tile, _rows_sz, _split, _word_sz, _zeros, cfg,
+                          gptq_args, launch, new_out, through_perm, tuned, workspace)
 from .gptq_weight import self_check  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr
                M, N, K, G, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
-               EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               WORD_GROUPS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Decode (2 <= M <= 16): one tl.dot per field p, x[:, p::P] (BLOCK_M x BLOCK_K / P)."""
     P: tl.constexpr = 32 // BITS
@@ -92,6 +94,15 @@ def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr
                                 offs_m, m_mask, offs_n, n_mask, K, stride_xm, stride_xk,
                                 stride_qz, stride_s, BITS, GROUP_SIZE, GROUP_OFFSET, False,
                                 HAS_PERM, EVEN_K, True, DOT_PRECISION)
+        elif HAS_GIDX and WORD_GROUPS:  # padded act-order: scale and zero per word, once
+            s, z = _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G,
+                            stride_s, stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, True, False)
+            for p in tl.static_range(P):
+                c = 1.0 / (1 << (BITS * (p % (16 // BITS))))
+                xt = _load_xt(x_ptr, perm_ptr, offs_m, m_mask, offs_w * P + p, K, stride_xm,
+                              stride_xk, HAS_PERM, EVEN_K)
+                w = ((_lane(qw, hi, p, BITS) * c - (z + MAGIC * c)) * s).to(xt.dtype)
+                acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
         elif HAS_GIDX:
             rows = k0 + tl.arange(0, BLOCK_K)
             g_t = tl.load(gidx_ptr + rows, mask=rows < K, other=0)
@@ -134,12 +145,14 @@ def decode_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     sizes (tests); by default they are autotuned per (M, shape, shard).
     """
     out = new_out(x, w, out)
+    x, perm = through_perm(x, perm)
     m, n = out.shape
     ws, cnt = workspace(x.device, m * n, m * triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt)
+        perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt,
+        WORD_GROUPS=w.g_idx is not None and w.word_groups)
     launch(_mm_kernel, _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
            config, INTERPRET_CONFIG)

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
                           _next_tile, _rows_sz, _split, _word_sz, _zeros, cfg, gptq_args, launch,
-                          new_out, tuned, workspace)
+                          new_out, through_perm, tuned, workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -170,6 +170,7 @@ def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor
     `config` fixes the block sizes (tests); by default they are autotuned per shape and shard.
     """
     out = new_out(x, w, out)
+    x, perm = through_perm(x, perm)
     assert x.shape[0] == 1, x.shape
     h2 = uses_h2(x.dtype, w)
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))

@@ -27,7 +27,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _word_sz, cfg,  # noqa: E402
-                          gptq_args, launch, new_out, tuned, workspace)
+                          gptq_args, launch, new_out, through_perm, tuned, workspace)
 from .gptq_h2 import _h2_dot_rows  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -86,6 +86,7 @@ def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     from .gptq_gemv import uses_h2
     assert x.dtype == torch.float16 and uses_h2(x.dtype, w), (x.dtype, w.bits, w.group_size)
     out = new_out(x, w, out)
+    x, perm = through_perm(x, perm)
     m, n = out.shape
     assert 1 <= m <= MAX_M, m
     ws, cnt = workspace(x.device, m * n, triton.cdiv(n, 16))

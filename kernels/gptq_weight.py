@@ -142,6 +142,7 @@ def self_check(run, ms):
         perm = torch.randperm(k, generator=gen).to(dev) if act else None
         g_idx = (torch.arange(k) // gs).to(torch.int32).to(dev) if act else None
         w = random_weight(k, n, bits, gs, off, g_idx, dev, gen)
+        w.word_groups = act and gs % (32 // bits) == 0  # sorted groups of whole words
         for m in ms:
             x = torch.randn(m, k, generator=gen).half().to(dev)
             ref = gptq_matmul_reference((x if perm is None else x[:, perm]).float(), w)

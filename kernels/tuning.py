@@ -5,10 +5,11 @@ under TRITON_INTERPRET=1, where callers pass fixed configs.
 The benchmark times what a captured decode step sees: single calls whose weights come from DRAM.
 Triton's `do_bench` records an event, launches from Python and records the end event, so a kernel
 shorter than its own launch (~20-40 us of host work; every decode GEMV) is timed as the launch,
-and configs are ranked by noise. Here the calls are enqueued behind a GPU sleep, so the events
-bracket the kernel alone, and before each call a read of twice the L2's size evicts the previous
-call's lines (a read leaves clean lines, as the other weights of a decode step do; a zeroing
-flush would add write-backs to the timed call).
+and configs are ranked by noise. Here the calls are enqueued behind a GPU sleep that outlasts the
+host's enqueueing (checked, and lengthened when it does not), so the events bracket the kernel
+alone, and before each call a read of twice the L2's size evicts the previous call's lines (a
+read leaves clean lines, as the other weights of a decode step do; a zeroing flush would add
+write-backs to the timed call).
 """
 
 from __future__ import annotations
@@ -33,21 +34,36 @@ def _flush_buffer(torch):
     return torch.ones(2 * l2 // 4, dtype=torch.int32, device="cuda")
 
 
+_SLEEP = [2_000_000]  # GPU cycles to sleep while the host enqueues; grows when too short
+
+
 def _bench(fn, quantiles=None):
-    """Device time of one call in ms (the given quantiles of CALLS calls, else their median)."""
+    """Device time of one call in ms (the given quantiles of CALLS calls, else their median).
+
+    If the sleep ends before the host has enqueued every call (a slow host, or a call with much
+    host work, such as a whole dispatch in `faster`), the later calls would be timed from their
+    launch: the run is repeated with a four times longer sleep."""
     import torch
     flush = _flush_buffer(torch)
     fn()  # compile, and any first-call work
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(CALLS)]
-    torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time while the host enqueues the calls below
-    for a, b in events:
-        flush.amax()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
+    for _ in range(6):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(CALLS)]
+        awake = torch.cuda.Event()
+        torch.cuda._sleep(_SLEEP[0])  # ~1 ms of GPU time per 2M cycles
+        awake.record()
+        for a, b in events:
+            flush.amax()
+            a.record()
+            fn()
+            b.record()
+        late = awake.query()  # the GPU woke before the last call was enqueued
+        torch.cuda.synchronize()
+        if not late:
+            break
+        _SLEEP[0] *= 4
+        log.debug("tuning: host slower than the GPU sleep; sleeping %d cycles", _SLEEP[0])
     times = sorted(a.elapsed_time(b) for a, b in events)
     if quantiles is None:
         return statistics.median(times)

@@ -67,6 +67,7 @@ GPTQ_CASES = {
     "w4-act-shard": (4, 130, 40, 32, 64, True, 32, 128),  # g_idx (sorted): two-group or per-row
     "w4-act-even": (4, 256, 40, 64, 64, True, 32, 128),  # g_idx, tiles divide K
     "w8-act-shard": (8, 130, 72, 32, 64, True, 32, 64),  # ROW
+    "w4-act-wide": (4, 256, 40, 32, 64, True, 128, 128),  # g_idx, several groups per M = 1 tile
 }
 
 
@@ -124,6 +125,23 @@ def test_fp16x2_rows_kernel_matches_reference(case, bk, m):
                                      SPLIT_K=2))
     _close(out, ref, torch.float16)
     assert not common._workspaces[x.device][1].any()  # tickets left zeroed
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_act_order_x_gathered_before_the_kernel(m, monkeypatch):
+    """GATHER_X: x[:, perm] taken once in torch (padded rows included), the kernel reads x plainly."""
+    monkeypatch.setattr(common, "GATHER_X", True)
+    w = random_gptq(130, 40, 4, 32, k0=64, k_total=260, act_order=True)
+    w, perm = prepare_act_order(w)
+    assert w.word_groups and w.in_features > w.x_features  # padded rows read x through perm
+    x = torch.randn(m, 130, dtype=torch.float16)
+    ref = x[:, perm].float() @ w.dequantize()
+    out = gptq_matmul_triton(x, w, perm, out=_poisoned(m, 40, torch.float16),
+                             config=_config(m, 32, 128))
+    _close(out, ref, torch.float16)
+    if m <= h2mm.MAX_M and m > 1:
+        _close(h2mm.h2_matmul(x, w, perm, config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)), ref,
+               torch.float16)
 
 
 def test_gptq_large_m_dequantizes_then_matmuls():
