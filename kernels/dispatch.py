@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 
 import torch
 
@@ -38,38 +39,50 @@ def _announce(op: str, path: str) -> None:
         log.info("%s path: %s", op, path)
 
 
+_triton = None  # the Triton kernel modules, imported on the first CUDA call (`_kernels`)
+
+
+def _kernels():
+    """The Triton kernel modules, imported once (an eager decode step dispatches ~200 products,
+    and function-level imports cost a dictionary lookup and more each)."""
+    global _triton
+    if _triton is None:
+        from . import gptq_decode, gptq_gemv, gptq_h2mm, gptq_prefill, tuning
+        from .gptq_common import new_out
+        from .gptq_weight import shape_key
+        _triton = types.SimpleNamespace(gemv=gptq_gemv.gemv, uses_h2=gptq_gemv.uses_h2,
+                                        decode=gptq_decode.decode_matmul, h2mm=gptq_h2mm,
+                                        prefill=gptq_prefill.prefill_matmul, faster=tuning.faster,
+                                        new_out=new_out, shape_key=shape_key)
+    return _triton
+
+
 def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits)."""
+    k = _triton or _kernels()
     m = x.shape[0]
     if m == 1:
-        from .gptq_gemv import gemv as run
+        run = k.gemv
     elif m <= 16:
-        run, out = _few_rows(x, w, perm, out, config)
+        run, out = _few_rows(k, x, w, perm, out, config)
     else:
-        from .gptq_prefill import prefill_matmul as run
+        run = k.prefill
     return run(x, w, perm, out, config)
 
 
-def _few_rows(x, w, perm, out, config):
+def _few_rows(k, x, w, perm, out, config):
     """2 <= M <= 16: the tl.dot decode kernel; at M <= gptq_h2mm.MAX_M with fp16 x on a GPU,
     whichever of it and the fp16x2 rows kernel is faster, timed on the first call per M and shard
     shape (`tuning.faster`). -> (the kernel's function, out)."""
-    from .gptq_decode import decode_matmul
-    if config is not None or not x.is_cuda or not H2_ROWS:
-        return decode_matmul, out
-    from . import gptq_h2mm
-    from .gptq_common import new_out
-    from .gptq_gemv import uses_h2
-    from .gptq_weight import shape_key
-    from .tuning import faster
-    if x.shape[0] > gptq_h2mm.MAX_M or not uses_h2(x.dtype, w):
-        return decode_matmul, out
-    out = new_out(x, w, out)
-    calls = {"fp16x2": lambda: gptq_h2mm.h2_matmul(x, w, perm, out),
-             "tl.dot": lambda: decode_matmul(x, w, perm, out)}
-    fp16x2 = faster((x.shape[0], perm is not None) + shape_key(w), calls) == "fp16x2"
-    return (gptq_h2mm.h2_matmul if fp16x2 else decode_matmul), out
+    if (config is not None or not x.is_cuda or not H2_ROWS or x.shape[0] > k.h2mm.MAX_M
+            or not k.uses_h2(x.dtype, w)):
+        return k.decode, out
+    out = k.new_out(x, w, out)
+    calls = {"fp16x2": lambda: k.h2mm.h2_matmul(x, w, perm, out),
+             "tl.dot": lambda: k.decode(x, w, perm, out)}
+    fp16x2 = k.faster((x.shape[0], perm is not None) + k.shape_key(w), calls) == "fp16x2"
+    return (k.h2mm.h2_matmul if fp16x2 else k.decode), out
 
 
 def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None) -> torch.Tensor:

@@ -214,9 +214,11 @@ class Engine:
         req.output.append(tok)
         self.stats.tokens_generated += 1
         p = req.params
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.cfg.eos_token_ids))
+        if req.stops is None:  # once per request, not per token
+            req.stops = frozenset(p.stop_token_ids).union(() if p.ignore_eos
+                                                          else self.cfg.eos_token_ids)
         reason = None
-        if tok in stops and len(req.output) >= p.min_tokens:
+        if tok in req.stops and len(req.output) >= p.min_tokens:
             reason = "stop"
         elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
             reason = "length"

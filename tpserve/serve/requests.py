@@ -46,6 +46,7 @@ class Request:
     slot: int = -1
     output: list[int] = field(default_factory=list)
     row: SampleRow | None = None
+    stops: frozenset[int] | None = None  # stop_token_ids and EOS ids (the engine's, once)
 
     @property
     def position(self) -> int:
