@@ -123,9 +123,12 @@ def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, strid
         m2 = w_ok[:, None] & n_mask[None, :]
         if HAS_GIDX:
             g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)
-            g1 = tl.max(g_w, axis=0)
-            g0 = tl.minimum(tl.min(tl.where(w_ok, g_w, G), axis=0), g1)
-            if g1 - g0 <= 1:  # rows sorted by group: a tile mostly holds one group or two
+            # rows sorted by group: the tile's first and last words hold its lowest and highest
+            # group (two scalar loads, no reductions across the program's threads)
+            w_first = k0 // P
+            g0 = tl.load(gidx_ptr + w_first * P)
+            g1 = tl.load(gidx_ptr + (tl.minimum(w_first + offs_w.shape[0], w_hi) - 1) * P)
+            if g1 - g0 <= 1:  # a tile mostly holds one group or two
                 in1 = (g_w > g0)[:, None]
                 z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
                              _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])

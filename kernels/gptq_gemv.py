@@ -147,7 +147,10 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
 _CONFIGS = [cfg(128, 64, 4), cfg(128, 64, 8), cfg(64, 64, 16), cfg(256, 64, 8, 2),
             cfg(256, 64, 16, 2), cfg(128, 64, 16, 1), cfg(128, 128, 4), cfg(64, 128, 16),
             cfg(64, 128, 32), cfg(128, 32, 8), cfg(256, 32, 16, 2), cfg(256, 128, 4),
-            cfg(256, 128, 8), cfg(512, 64, 4, 4), cfg(256, 64, 4, 2)]
+            cfg(256, 128, 8), cfg(512, 64, 4, 4), cfg(256, 64, 4, 2),
+            # a split's rows in one tile at K = 4096 (all of its words in flight at once: the
+            # small shard shapes are latency-bound, bench/README.md)
+            cfg(64, 256, 16), cfg(128, 256, 16, 8)]
 _tuned = tuned(_gemv_kernel, _CONFIGS, KEY + ["H2"])
 INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 USE_H2 = True  # the fp16x2 path where it applies (a switch for A/B timing)
