@@ -20,6 +20,11 @@ last published; `counters` (int64 `[max blocks]`, local) the epoch of this rank'
 by the kernel itself: the whole exchange replays inside a captured CUDA graph with no host work.
 All ranks must issue the same sequence of calls with the same sizes (the TP step does).
 
+`one_shot_add_rms_norm` runs the same exchange one row per program and goes on, in the kernel,
+with the residual add and the next half's RMSNorm (`fused.add_rms_norm`'s arithmetic, bit for
+bit): on a decode step's plain residuals one kernel instead of two. It paces its epochs per row,
+so it needs buffers and flags of its own beside the plain kernel's (`torch_dist._OneShot`).
+
 `one_shot_all_reduce_reference(parts)` is the sum it must equal (fp32, rank order).
 `python -m tpserve.kernels.allreduce` checks the kernel with one rank (world 1) against it.
 """
@@ -36,6 +41,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .fused import _normalised  # noqa: E402
+
 BLOCK = 2048  # elements a program pushes and sums; 4 KB of fp16
 MAX_BLOCKS = 512  # flags per rank: capacity / BLOCK must stay below it
 
@@ -49,16 +56,11 @@ def one_shot_all_reduce_reference(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capacity,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    epoch = tl.load(counters_ptr + pid) + 1
-    phase_base = (epoch % 2) * WORLD * capacity
-    x = tl.load(x_ptr + offs, mask=mask)
+def _exchange(x, pid, offs, mask, epoch, phase_base, bufs_ptr, flags_ptr, capacity,
+              RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Steps 1-4 for one program's elements `x` (at `offs` of the buffers): the fp32 sum."""
     for p in tl.static_range(WORLD):  # 1. this rank's partial into slot RANK everywhere
-        buf = tl.load(bufs_ptr + p).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        buf = tl.load(bufs_ptr + p).to(tl.pointer_type(x.dtype))
         tl.store(buf + phase_base + RANK * capacity + offs, x, mask=mask)
     tl.debug_barrier()  # every thread's stores precede the flags below
     for p in tl.static_range(WORLD):  # 2. publish
@@ -70,13 +72,49 @@ def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capac
         while seen < epoch:
             seen = tl.atomic_add(mine + pid * WORLD + p, 0, sem="acquire", scope="sys")
     tl.debug_barrier()
-    own = tl.load(bufs_ptr + RANK).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    own = tl.load(bufs_ptr + RANK).to(tl.pointer_type(x.dtype))
+    acc = tl.zeros(x.shape, dtype=tl.float32)
     for p in tl.static_range(WORLD):  # 4. sum in rank order
         acc += tl.load(own + phase_base + p * capacity + offs, mask=mask,
                        volatile=True).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capacity,
+                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    epoch = tl.load(counters_ptr + pid) + 1
+    x = tl.load(x_ptr + offs, mask=mask)
+    acc = _exchange(x, pid, offs, mask, epoch, (epoch % 2) * WORLD * capacity, bufs_ptr,
+                    flags_ptr, capacity, RANK, WORLD)
     tl.store(out_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(counters_ptr + pid, epoch)
+
+
+@triton.jit
+def _one_shot_norm_kernel(x_ptr, h_ptr, w_ptr, sum_ptr, out_ptr, bufs_ptr, flags_ptr,
+                          counters_ptr, n, capacity, stride_h, eps, offset,
+                          RANK: tl.constexpr, WORLD: tl.constexpr, MODE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """One row per program: its all-reduce (as above), then `fused.add_rms_norm` of h and it."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    offs = row * n + cols
+    epoch = tl.load(counters_ptr + row) + 1
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    acc = _exchange(x, row, offs, mask, epoch, (epoch % 2) * WORLD * capacity, bufs_ptr,
+                    flags_ptr, capacity, RANK, WORLD)
+    reduced = acc.to(x.dtype)  # what the all-reduce alone returns
+    h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    total = (h.to(tl.float32) + reduced.to(tl.float32)).to(x.dtype)
+    tl.store(sum_ptr + offs, total, mask=mask)
+    tl.store(out_ptr + offs, _normalised(total, w_ptr, cols, mask, n, eps, offset, MODE),
+             mask=mask)
+    tl.store(counters_ptr + row, epoch)
 
 
 def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
@@ -98,6 +136,33 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
     return out
 
 
+NORM_MAX_WIDTH = 16384  # widest row the fused kernel takes (one program per row)
+
+
+def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, eps: float,
+                          offset: float | None, bufs: torch.Tensor, flags: torch.Tensor,
+                          counters: torch.Tensor, capacity: int, rank: int, world: int):
+    """`fused.add_rms_norm(h, <x summed over the world>, w, eps, offset)` in one kernel: the same
+    (h + sum, its RMSNorm) bits as the one-shot all-reduce followed by that kernel.
+
+    x [T, n] contiguous (T * n <= capacity, T <= MAX_BLOCKS, n <= NORM_MAX_WIDTH), h [T, n] with
+    unit column stride. bufs/flags/counters as for `one_shot_all_reduce`, but their own: a call
+    here paces each row's epoch, a call there each block's, and the two must not share them.
+    """
+    t, n = x.shape
+    if t * n > capacity or t > MAX_BLOCKS or n > NORM_MAX_WIDTH:
+        raise ValueError(f"fused all-reduce of {t} x {n} exceeds its capacity {capacity}")
+    assert x.is_contiguous() and h.shape == x.shape and h.stride(1) == 1 and h.dtype == x.dtype
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    mode = 2 if w is None else (0 if offset is None else 1)
+    if t:
+        _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,
+                                    n, capacity, h.stride(0), float(eps), float(offset or 0.0),
+                                    RANK=rank, WORLD=world, MODE=mode,
+                                    BLOCK=triton.next_power_of_2(n), num_warps=4)
+    return total, out
+
+
 def _main():
     """World 1 on this device: the exchange with itself, over several calls (both phases)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,6 +181,18 @@ def _main():
                                  .abs().max()))
         print(f"{dtype}: world 1, 4 calls: max |kernel - reference| {err:.2e}; "
               f"epochs {counters[:4].tolist()}")
+        from .fused import add_rms_norm
+        w = torch.rand(300, device=dev).to(dtype) + 0.5
+        nbuf, nflags = torch.zeros_like(buf), torch.zeros_like(flags)
+        ncounters = torch.zeros_like(counters)
+        err = 0.0
+        for rows in (3, 1, 3):  # both phases
+            x, h = (torch.randn(rows, 300, dtype=dtype, device=dev) for _ in range(2))
+            got = one_shot_add_rms_norm(x, h, w, 1e-5, None, ptr(nbuf), ptr(nflags), ncounters,
+                                        capacity, 0, 1)
+            want = add_rms_norm(h, x, w, 1e-5, use_triton=True)
+            err = max(err, *(float((g.float() - r.float()).abs().max()) for g, r in zip(got, want)))
+        print(f"{dtype}: world 1, fused add + norm, 3 calls: max |kernel - add_rms_norm| {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, n, stride_x, stride_
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE),
+             mask=mask)
+
+
+@triton.jit
+def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
+    """The RMSNorm of row x (0 where masked), scaled by MODE's weight, in x's dtype."""
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
     y = xf * r
@@ -77,7 +84,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, n, stride_x, stride_
         out = (y * (offset + w)).to(x.dtype)
     else:  # no scale
         out = y.to(x.dtype)
-    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+    return out
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None,

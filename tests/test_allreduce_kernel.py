@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from tpserve.kernels.allreduce import (BLOCK, MAX_BLOCKS, one_shot_all_reduce,  # noqa: E402
-                                       one_shot_all_reduce_reference)
+from tpserve.kernels.allreduce import (BLOCK, MAX_BLOCKS, one_shot_add_rms_norm,  # noqa: E402
+                                       one_shot_all_reduce, one_shot_all_reduce_reference)
+from tpserve.kernels.fused import add_rms_norm  # noqa: E402
 
 CAPACITY = 2 * BLOCK + 7  # a partial last block
 
@@ -54,6 +55,100 @@ def test_one_shot_all_reduce_across_rank_processes(world, dtype):
         for r in range(1, world):
             assert torch.equal(outs[r][i], outs[0][i]), f"rank {r} differs from rank 0 at call {i}"
         assert torch.equal(outs[0][i], one_shot_all_reduce_reference([p[i] for p in parts]))
+
+
+def _norm_rank(rank, world, bufs, flags, parts, hs, w, offset, outs, lag_s):
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
+    counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64)
+    for x, h, (total, normed) in zip(parts[rank], hs, outs[rank]):
+        time.sleep(lag_s * rank)
+        got = one_shot_add_rms_norm(x, h, w, 1e-5, offset, ptrs(bufs), ptrs(flags), counters,
+                                    CAPACITY, rank, world)
+        total.copy_(got[0])
+        normed.copy_(got[1])
+
+
+@pytest.mark.parametrize("world,dtype,offset", [(2, torch.float16, None), (3, torch.float32, 1.0)])
+def test_one_shot_add_rms_norm_across_rank_processes(world, dtype, offset):
+    """The all-reduce fused with the residual add and the next RMSNorm (llama and Gemma scaling):
+    the same bits on every rank as the all-reduce followed by `fused.add_rms_norm`."""
+    torch.manual_seed(world)
+    shapes = [(3, 300), (1, 300), (4, 300), (2, 300)]  # rows x width; each row's epochs advance
+    bufs = [torch.zeros(2 * world * CAPACITY, dtype=dtype).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(MAX_BLOCKS * world, dtype=torch.int64).share_memory_()
+             for _ in range(world)]
+    parts = [[(torch.randn(s) * 4).to(dtype).share_memory_() for s in shapes] for _ in range(world)]
+    wide = [torch.randn(t, n + 44).to(dtype).share_memory_() for t, n in shapes]
+    hs = [x[:, :n] for x, (_, n) in zip(wide, shapes)]  # the residual stream: a strided view
+    w = (torch.rand(300) + 0.5).to(dtype).share_memory_()
+    outs = [[(torch.full(s, float("nan"), dtype=dtype).share_memory_(),
+              torch.full(s, float("nan"), dtype=dtype).share_memory_()) for s in shapes]
+            for _ in range(world)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_norm_rank, args=(r, world, bufs, flags, parts, hs, w, offset,
+                                                  outs, 0.2)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+    for i in range(len(shapes)):
+        reduced = one_shot_all_reduce_reference([parts[r][i] for r in range(world)])
+        want = add_rms_norm(hs[i], reduced, w, 1e-5, offset, use_triton=True)
+        for r in range(world):
+            assert torch.equal(outs[r][i][0], want[0]), f"rank {r}, call {i}: h + sum"
+            assert torch.equal(outs[r][i][1], want[1]), f"rank {r}, call {i}: its norm"
+
+
+def _both_halves_rank(rank, world, bufs, flags, xs, hs, w, outs):
+    from tpserve.model.layers import RMSNorm
+    from tpserve.runtime.torch_dist import _OneShot
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
+    one = _OneShot(rank, world, torch.device("cpu"), bufs[rank], flags[rank], ptrs(bufs),
+                   ptrs(flags))
+    norm = RMSNorm(w, 1e-5)
+    for i, (x, h) in enumerate(zip(xs[rank], hs)):
+        time.sleep(0.1 * rank)
+        if i % 2:  # a decode step alternates plain sums (the head's, a layer's) and fused ones
+            got = one.add_norm(x.view(h.shape), h, norm)
+            outs[rank][i][0].copy_(got[0].view(-1))
+            outs[rank][i][1].copy_(got[1].view(-1))
+        else:
+            outs[rank][i][0].copy_(one(x.clone()))
+
+
+def test_one_shot_plain_and_fused_calls_keep_apart():
+    """One rank's one-shot mapping (`torch_dist._OneShot`) runs both kernels in any order: each has
+    its half of the receive buffers, flags and epochs, so neither reads the other's partials."""
+    from tpserve.runtime.torch_dist import _OneShot
+    world, dtype, n = 2, torch.float16, 2 * BLOCK + 5  # the plain sums span several blocks
+    buf_bytes, n_flags = _OneShot.sizes(world, MAX_BLOCKS)
+    bufs = [torch.zeros(buf_bytes, dtype=torch.uint8).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(n_flags, dtype=torch.int64).share_memory_() for _ in range(world)]
+    hs = [torch.randn(n // 300, 300).to(dtype).share_memory_() for _ in range(4)]
+    xs = [[torch.randn(n if i % 2 == 0 else hs[i].numel()).to(dtype).share_memory_()
+           for i in range(4)] for _ in range(world)]
+    w = (torch.rand(300) + 0.5).to(dtype).share_memory_()
+    outs = [[(torch.zeros(x.numel(), dtype=dtype).share_memory_(),
+              torch.zeros(x.numel(), dtype=dtype).share_memory_()) for x in xs[0]]
+            for _ in range(world)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_both_halves_rank, args=(r, world, bufs, flags, xs, hs, w, outs))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+    for i in range(4):
+        reduced = one_shot_all_reduce_reference([xs[r][i] for r in range(world)])
+        for r in range(world):
+            if i % 2:
+                want = add_rms_norm(hs[i], reduced.view(hs[i].shape), w, 1e-5, use_triton=True)
+                assert torch.equal(outs[r][i][0], want[0].view(-1)), f"rank {r}, call {i}"
+                assert torch.equal(outs[r][i][1], want[1].view(-1)), f"rank {r}, call {i}"
+            else:
+                assert torch.equal(outs[r][i][0], reduced), f"rank {r}, call {i}"
 
 
 def test_one_shot_in_place_and_its_capacity():

@@ -80,7 +80,7 @@ class RankModel(torch.nn.Module):
         state = self.begin(x, plan, decode)
         h = x[:, :self.cfg.hidden_size]
         for j in range(self.num_halves):
-            h = self.residual(j, h, self.comm.all_reduce(self.partial(j, h, state)), state)
+            h = self.reduce_residual(j, h, self.partial(j, h, state), state)
             if capture is not None and j % 2:
                 capture.append(h)
         return h
@@ -119,6 +119,19 @@ class RankModel(torch.nn.Module):
         cache, index = self.cache.where[j // 2]
         cos, sin = s.cos_sin[layer.layer_type]
         return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode, normed)
+
+    def reduce_residual(self, j: int, h: torch.Tensor, part: torch.Tensor, s: StepState):
+        """h after half j, from this rank's partial: the all-reduce, then `residual`; where the
+        group's data path fuses the all-reduce with a plain residual add and the next half's
+        RMSNorm (the one-shot GPU path), one kernel."""
+        norm = self._next_norm(j)
+        if norm is not None and self.layers[j // 2].plain_residual(j % 2):
+            fused = getattr(self.comm, "all_reduce_add_norm", None)
+            got = None if fused is None else fused(part, h, norm)
+            if got is not None:
+                h, s.normed = got
+                return h
+        return self.residual(j, h, self.comm.all_reduce(part), s)
 
     def residual(self, j: int, h: torch.Tensor, reduced: torch.Tensor, s: StepState):
         """h after half j. Where the half's residual is a plain add and another half follows, the

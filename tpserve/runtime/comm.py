@@ -37,6 +37,8 @@ class Comm(Protocol):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    # Optional: all_reduce_add_norm(x, h, norm) -> (h + sum, norm of it) or None (`RankComm`).
+
 
 class CommDriver(Protocol):
     path: str  # the data path that carries the bytes: local | zmq | shm | cuda | nccl | gloo
@@ -133,6 +135,20 @@ class RankComm:
         out = self.path.reduce(x, self.step, self.seq)
         self.seconds += time.perf_counter() - t0  # host time: a GPU path only launches
         self.count += 1
+        return out
+
+    def all_reduce_add_norm(self, x: torch.Tensor, h: torch.Tensor, norm):
+        """(h + the all-reduced x, `norm` of it) in one kernel where the data path has one
+        (`DistPath.reduce_add_norm`, the one-shot GPU path), else None: all_reduce, then add."""
+        fused = getattr(self.path, "reduce_add_norm", None)
+        if self.world_size == 1 or fused is None:
+            return None
+        t0 = time.perf_counter()
+        out = fused(x, h, norm)
+        if out is not None:
+            self.seq += 1
+            self.seconds += time.perf_counter() - t0
+            self.count += 1
         return out
 
     def replayed(self, n: int) -> None:

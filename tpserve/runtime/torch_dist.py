@@ -17,7 +17,8 @@ in fp32 in rank order.
 On `cuda`, after NCCL is up, each rank allocates its receive buffer and flags in torch's symmetric
 memory and the ranks map each other's through the same rendezvous (CUDA IPC handles travel through
 the coordinator's store under the group's secret prefix). A decode step's sums (8 KB a row at
-hidden 4096) then cost one NVLink write and one flag instead of NCCL's protocol. If any rank cannot
+hidden 4096) then cost one NVLink write and one flag instead of NCCL's protocol; where the sum
+feeds a plain residual add and the next RMSNorm (`reduce_add_norm`), one kernel does all three. If any rank cannot
 map peer memory (no P2P, a torch without symmetric memory) every rank keeps NCCL alone: they agree
 by one NCCL all-reduce of a flag, and the ready message says which.
 
@@ -121,6 +122,24 @@ class DistPath:
         self.dist.all_reduce(x)
         return x
 
+    def reduce_add_norm(self, x: torch.Tensor, h: torch.Tensor, norm):
+        """(h + the sum of x, its RMSNorm by `norm`) in one kernel where the one-shot path takes
+        x (fp16/bf16/fp32 rows of the group's dtype, up to ONE_SHOT_BYTES); else None, and the
+        caller reduces and adds apart. Every rank decides from shapes and dtypes alone, so all
+        ranks take the same kernels in the same order."""
+        from tpserve.kernels.allreduce import MAX_BLOCKS, NORM_MAX_WIDTH
+        one = self.one_shot
+        if (one is None or x.dim() != 2 or not x.is_contiguous() or h.shape != x.shape
+                or h.dtype != x.dtype or h.stride(-1) != 1
+                or x.numel() * x.element_size() > ONE_SHOT_BYTES or x.shape[0] > MAX_BLOCKS
+                or x.shape[1] > NORM_MAX_WIDTH
+                or (norm.offset is None and norm.weight is not None
+                    and norm.weight.dtype != x.dtype)):
+            return None
+        if one.dtype is None:
+            one.dtype = x.dtype
+        return one.add_norm(x, h, norm) if x.dtype == one.dtype else None
+
     def close(self) -> None:
         self.one_shot = None  # its peer mappings go before the group that made them
         self.dist.destroy_process_group()
@@ -137,9 +156,19 @@ class _OneShot:
         from tpserve.kernels.allreduce import MAX_BLOCKS
         self.rank, self.tp = rank, tp
         self._keep = (buf, flags)  # this rank's own allocations, mapped by its peers
+        # The first half of every buffer and flag array is the plain one-shot's, the second the
+        # fused kernel's (`add_norm`): each paces its own epochs (per block, per row).
         self.bufs, self.flags = bufs, flag_ptrs
+        self.norm_bufs = bufs + 2 * tp * ONE_SHOT_BYTES
+        self.norm_flags = flag_ptrs + MAX_BLOCKS * tp * 8
         self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
+        self.norm_counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         self.dtype: torch.dtype | None = None
+
+    @staticmethod
+    def sizes(tp: int, max_blocks: int) -> tuple[int, int]:
+        """(receive buffer bytes, flags) per rank: two halves (plain, fused), two phases each."""
+        return 2 * 2 * tp * ONE_SHOT_BYTES, 2 * max_blocks * tp
 
     @classmethod
     def create(cls, dist, rank: int, tp: int, device: torch.device) -> "_OneShot | None":
@@ -154,8 +183,9 @@ class _OneShot:
             enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
             if enable is not None:  # needed before torch 2.9, a no-op after
                 enable(group)
-            buf = symm_mem.empty(2 * tp * ONE_SHOT_BYTES, dtype=torch.uint8, device=device)
-            flags = symm_mem.empty(MAX_BLOCKS * tp, dtype=torch.int64, device=device).zero_()
+            buf_bytes, n_flags = cls.sizes(tp, MAX_BLOCKS)
+            buf = symm_mem.empty(buf_bytes, dtype=torch.uint8, device=device)
+            flags = symm_mem.empty(n_flags, dtype=torch.int64, device=device).zero_()
             why = None
         except Exception as e:  # noqa: BLE001 - any failure means: stay on NCCL
             why = f"{type(e).__name__}: {e}"
@@ -181,6 +211,13 @@ class _OneShot:
         from tpserve.kernels.allreduce import one_shot_all_reduce
         return one_shot_all_reduce(x, x, self.bufs, self.flags, self.counters,
                                    ONE_SHOT_BYTES // x.element_size(), self.rank, self.tp)
+
+    def add_norm(self, x: torch.Tensor, h: torch.Tensor, norm):
+        """(h + sum of x, its RMSNorm): the all-reduce, residual add and norm in one kernel."""
+        from tpserve.kernels.allreduce import one_shot_add_rms_norm
+        return one_shot_add_rms_norm(x, h, norm.weight, norm.eps, norm.offset, self.norm_bufs,
+                                     self.norm_flags, self.norm_counters,
+                                     ONE_SHOT_BYTES // x.element_size(), self.rank, self.tp)
 
 
 def _all_agree(dist, device: torch.device, why: str | None) -> bool:
