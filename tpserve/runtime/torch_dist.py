@@ -30,6 +30,7 @@ replaces the rank processes (it kills them; a reused process could not leave the
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from datetime import timedelta
 
@@ -40,6 +41,9 @@ from tpserve.errors import TpserveError
 log = logging.getLogger(__name__)
 
 ONE_SHOT_BYTES = 1 << 20  # sums up to this size take the one-shot kernel on the cuda path
+# TPSERVE_ONE_SHOT_NORM=0 keeps the residual add + norm out of the one-shot kernel (an A/B for
+# bench/decode.py; read when a rank's group is set up, in the rank's own process)
+FUSED_NORM_ENV = "TPSERVE_ONE_SHOT_NORM"
 
 
 def _dist():
@@ -129,7 +133,7 @@ class DistPath:
         ranks take the same kernels in the same order."""
         from tpserve.kernels.allreduce import MAX_BLOCKS, NORM_MAX_WIDTH
         one = self.one_shot
-        if (one is None or x.dim() != 2 or not x.is_contiguous() or h.shape != x.shape
+        if (one is None or not one.fuse_norm or x.dim() != 2 or not x.is_contiguous() or h.shape != x.shape
                 or h.dtype != x.dtype or h.stride(-1) != 1
                 or x.numel() * x.element_size() > ONE_SHOT_BYTES or x.shape[0] > MAX_BLOCKS
                 or x.shape[1] > NORM_MAX_WIDTH
@@ -164,6 +168,7 @@ class _OneShot:
         self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         self.norm_counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         self.dtype: torch.dtype | None = None
+        self.fuse_norm = os.environ.get(FUSED_NORM_ENV, "1") != "0"
 
     @staticmethod
     def sizes(tp: int, max_blocks: int) -> tuple[int, int]:
