@@ -195,3 +195,31 @@ def test_every_rank_keeps_nccl_when_one_cannot_map_peer_memory():
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0], "a rank failed or hung in the fallback"
     assert sorted(q.get(timeout=5) for _ in range(2)) == [(0, True), (1, True)]
+
+
+def test_dist_path_fuses_only_what_its_kernel_takes(monkeypatch):
+    """`DistPath.reduce_add_norm` at world 1 (the kernels under the interpreter): rows of the
+    group's dtype take the fused kernel (the same bits as add_rms_norm); another dtype, rows too
+    wide, a weight of another dtype or TPSERVE_ONE_SHOT_NORM=0 return None (the caller adds
+    apart), without advancing any epoch."""
+    from tpserve.model.layers import RMSNorm
+    from tpserve.runtime import torch_dist
+    buf_bytes, n_flags = torch_dist._OneShot.sizes(1, MAX_BLOCKS)
+    buf, flags = torch.zeros(buf_bytes, dtype=torch.uint8), torch.zeros(n_flags, dtype=torch.int64)
+    ptr = lambda t: torch.tensor([t.data_ptr()], dtype=torch.int64)  # noqa: E731
+    path = torch_dist.DistPath.__new__(torch_dist.DistPath)  # its group is not needed at world 1
+    path.one_shot = torch_dist._OneShot(0, 1, torch.device("cpu"), buf, flags, ptr(buf), ptr(flags))
+    norm = RMSNorm(torch.rand(64).half() + 0.5, 1e-5)
+    x, h = torch.randn(2, 64).half(), torch.randn(2, 64).half()
+    got = path.reduce_add_norm(x, h, norm)
+    want = add_rms_norm(h, x, norm.weight, 1e-5, use_triton=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert path.one_shot.norm_counters[:3].tolist() == [1, 1, 0]
+    assert path.reduce_add_norm(x.float(), h.float(), norm) is None  # the group's dtype is fp16
+    assert path.reduce_add_norm(x, h, RMSNorm(norm.weight.float(), 1e-5)) is None
+    wide = torch.randn(1, 16385).half()
+    assert path.reduce_add_norm(wide, wide.clone(), RMSNorm(None, 1e-5)) is None
+    monkeypatch.setenv(torch_dist.FUSED_NORM_ENV, "0")
+    path.one_shot = torch_dist._OneShot(0, 1, torch.device("cpu"), buf, flags, ptr(buf), ptr(flags))
+    assert path.reduce_add_norm(x, h, norm) is None
+    assert not path.one_shot.norm_counters.any()
