@@ -177,6 +177,63 @@ def test_stop_text_never_leaks_the_start_of_a_stop_string():
     assert st.update([ord(c) for c in "ab}B"], final=True) == ("ab}B", False)  # length: flush
 
 
+def _stop_reference(text: str, stops, search_from: int, final: bool):
+    """What a stream may hand out of `text` so far, by brute force: cut at the earliest stop
+    string (counted from search_from), else hold back the longest stop-string prefix that ends
+    the text (and a trailing U+FFFD), unless final."""
+    found = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
+    if found:
+        return text[:min(found)], True
+    if final:
+        return text, False
+    end = len(text.rstrip("\ufffd"))
+    cut = end
+    for s in stops:
+        for k in range(min(len(s) - 1, end - search_from), 0, -1):
+            if text.endswith(s[:k], 0, end):
+                cut = min(cut, end - k)
+                break
+    return text[:cut], False
+
+
+def test_stop_strings_match_a_brute_force_reference():
+    """Random outputs over a small alphabet (stop strings overlap themselves and each other) and
+    min_tokens: what StopText hands out, token by token, is what the brute-force search allows."""
+    import random
+    rnd = random.Random(3)
+    for trial in range(300):
+        stops = tuple("".join(rnd.choice("ab") for _ in range(rnd.randint(1, 5)))
+                      for _ in range(rnd.randint(1, 3)))
+        text = "".join(rnd.choice("abc") for _ in range(rnd.randint(1, 40)))
+        min_chars = rnd.choice([0, 0, 3])
+        st, sent, search_from = StopText(Chars(), stops), "", 0
+        for i in range(1, len(text) + 1):
+            final = i == len(text)
+            active = i >= min_chars
+            new, hit = st.update([ord(c) for c in text[:i]], final, active)
+            sent += new
+            want, want_hit = _stop_reference(text[:i], stops if active else (), search_from,
+                                             final)
+            assert (sent, hit) == (want, want_hit), (trial, stops, text[:i], min_chars)
+            if not active:
+                search_from = len(sent)
+            if hit:
+                break
+
+
+def test_bytes_that_never_form_a_character_still_stream():
+    """An output of tokens that each decode to U+FFFD for good (invalid UTF-8) is handed out as it
+    grows, a few tokens behind, not held until the end; the whole text arrives at the end."""
+    st, sent = StopText(Chars(), ("zz",)), ""
+    out = [0xFFFD] * 60
+    for i in range(1, len(out) + 1):
+        sent += st.update(out[:i], final=False)[0]
+        if i == 40:
+            assert len(sent) >= 40 - 3 * 4, len(sent)  # streamed, MAX_CHAR_BYTES-ish behind
+    sent += st.update(out, final=True)[0]
+    assert sent == "\ufffd" * 60
+
+
 def test_only_plain_greedy_rows_go_without_logits():
     """needs_logits decides whether a step may return the argmax alone (the head on rank 0)."""
     from tpserve.serve.sampling import needs_logits

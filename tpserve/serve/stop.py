@@ -1,50 +1,93 @@
 """The text of one output as its tokens arrive, with stop strings applied.
 
 Text is handed out only once it is final: a tail that could still grow into a stop string is held
-back (streamed or not, a stop string never leaks its first part), and so is a trailing U+FFFD,
-which byte-level tokens turn into a character a token later.
+back (streamed or not, a stop string never leaks its first part), and so is a trailing U+FFFD of
+the tokens not yet decoded for good, which byte-level tokens turn into a character a token later.
 
-The text grows incrementally: each update decodes only the tokens since the last complete
-character plus the ones before them (`prefix`..`read`), and appends the difference, so a token
-costs the same at position 8000 as at 10 (decoding the whole output every token made the engine
-thread quadratic in the output length). Decoding the window with its preceding tokens keeps
-what a decoder does at a text's start (a dropped leading space, a partial UTF-8 character) on
-both sides of the difference.
+The engine thread runs this for every token of every request, so each update costs the same at
+position 20000 as at 10, whatever the stop strings and the output:
+- Decoding: each update decodes only the tokens since the last complete character plus the ones
+  before them (`prefix`..`read`), and appends the difference. Decoding the window with its
+  preceding tokens keeps what a decoder does at a text's start (a dropped leading space, a partial
+  UTF-8 character) on both sides of the difference. An output of bytes that never form a
+  character (a lone continuation byte decodes to U+FFFD for good) moves the window on once more
+  than MAX_CHAR_BYTES tokens followed the U+FFFD and left it as it was: no character is longer.
+- Stop strings: a Knuth-Morris-Pratt automaton per stop string reads each final character once;
+  its state is the longest prefix of the stop string that ends the text, which is both what finds
+  a stop string and what must be held back.
 """
 
 from __future__ import annotations
+
+MAX_CHAR_BYTES = 4  # UTF-8: a character is at most 4 bytes, so at most 4 tokens
+
+
+class _Automaton:
+    """One stop string's KMP automaton (state: the length of the longest prefix of it that ends
+    the text read so far)."""
+
+    def __init__(self, s: str):
+        self.s, fail, k = s, [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+
+    def read(self, state: int, text: str, start: int, end: int) -> tuple[int, int]:
+        """(state after text[start:end], where the first match ends, else -1)."""
+        s, fail, n = self.s, self.fail, len(self.s)
+        for i in range(start, end):
+            ch = text[i]
+            while state and s[state] != ch:
+                state = fail[state - 1]
+            if s[state] == ch:
+                state += 1
+                if state == n:
+                    return state, i + 1
+        return state, -1
 
 
 class StopText:
     def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.automata = [_Automaton(s) for s in self.stops]
+        self.states = [0] * len(self.stops)  # after self.text[search_from:fed]
+        self.fed = -1  # < search_from: (re)start the automata there
         self.sent = ""  # text already handed out; always a prefix of the final text
         self.search_from = 0  # stop strings count from here (min_tokens moves it)
-        self.text = ""  # the output decoded so far (up to the last complete character)
+        self.text = ""  # the output decoded for good so far
         self.prefix = self.read = 0  # output[prefix:read] decoded to the end of `text`
-
-    def held(self, text: str) -> int:
-        """How many trailing characters of `text` are not final yet."""
-        end = len(text.rstrip("\ufffd"))
-        cut = end
-        for s in self.stops:
-            for k in range(min(len(s) - 1, end), 0, -1):  # longest proper prefix of s ending here
-                if text.endswith(s[:k], 0, end):
-                    cut = min(cut, end - k)
-                    break
-        return len(text) - cut
 
     def update(self, output: list[int], final: bool, stops_active: bool = True) -> tuple[str, bool]:
         """(new final text, whether a stop string ended the output) after `output` grew."""
         text = self._decoded(output, final)
-        hit = False
-        if stops_active:
-            found = [i for i in (text.find(s, self.search_from) for s in self.stops) if i >= 0]
-            if found:
-                text, hit, final = text[:min(found)], True, True
+        # the text a stop string may end in: all but a trailing U+FFFD of the tail not yet final
+        end = len(text) if final else max(len(self.text), len(text.rstrip("\ufffd")))
+        hit, cut = False, end
+        if stops_active and self.stops:
+            if self.fed < self.search_from:
+                self.states, self.fed = [0] * len(self.stops), self.search_from
+            first = None  # where the earliest stop string starts
+            for i, a in enumerate(self.automata):  # the final text: read once, states kept
+                self.states[i], m = a.read(self.states[i], self.text, self.fed, len(self.text))
+                if m >= 0:
+                    first = m - len(a.s) if first is None else min(first, m - len(a.s))
+            self.fed = max(self.fed, len(self.text))
+            longest = 0  # the longest stop-string prefix ending the text: held back
+            for i, a in enumerate(self.automata):  # the tail: read from a copy of the state
+                state, m = a.read(self.states[i], text, self.fed, end)
+                if m >= 0:
+                    first = m - len(a.s) if first is None else min(first, m - len(a.s))
+                longest = max(longest, state if m < 0 else 0)
+            if first is not None:
+                text, hit, final = text[:first], True, True
+            else:
+                cut = end - longest
         if not final:
-            text = text[:len(text) - (self.held(text) if stops_active else
-                                      len(text) - len(text.rstrip("\ufffd")))]
+            text = text[:cut]
         new = text[len(self.sent):] if len(text) > len(self.sent) else ""
         self.sent += new
         if not stops_active:
@@ -60,10 +103,18 @@ class StopText:
         if not after.startswith(before):  # the decoder rewrote earlier text: decode it all
             self.text = decode(output, skip_special_tokens=True)
             self.prefix, self.read = max(0, len(output) - 1), len(output)  # the last as context
+            self.fed = -1  # the automata read the new text again
             return self.text
         tail = after[len(before):]
         if tail and (final or not tail.endswith("\ufffd")):  # complete characters: keep them
             self.text += tail
             self.prefix, self.read = self.read, len(output)
             return self.text
+        if len(output) - self.read > 2 * MAX_CHAR_BYTES:  # bytes that never form a character
+            upto = len(output) - MAX_CHAR_BYTES
+            settled = decode(output[self.prefix:upto], skip_special_tokens=True)
+            if settled.startswith(before) and after.startswith(settled):  # MAX_CHAR_BYTES more
+                self.text += settled[len(before):]  # tokens left it as it was: it is final
+                self.prefix, self.read = self.read, upto
+                return self.text + after[len(settled):]
         return self.text + tail  # a partial character: shown as pending, decoded again later
