@@ -111,6 +111,20 @@ def test_echo_with_logprobs(env):
     assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(ids + gen))]
 
 
+def test_echo_with_logprobs_of_a_one_token_prompt(env):
+    """A prompt of one token still leads the echoed logprobs (with no logprob: nothing predicts
+    it), so tokens and text_offset line up with the text."""
+    t = env.ref["ids"][0]
+    out = complete(env, prompt=[t], max_tokens=2, temperature=0, ignore_eos=True, echo=True,
+                   logprobs=1)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == 3 and lp["tokens"][0] == env.codec.decode([t])
+    assert lp["token_logprobs"][0] is None and None not in lp["token_logprobs"][1:]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+
+
 def test_chat_logprobs(env):
     r = env.client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
@@ -127,6 +141,7 @@ HOSTILE = [  # each is refused (400) or served; none may fail or change another 
     {"temperature": math.nan}, {"temperature": -math.inf}, {"top_p": math.nan},
     {"seed": 2**70}, {"prompt": "\ud800"}, {"temperature": 1e-300}, {"temperature": 1e300},
     {"top_k": 10**12, "temperature": 1.0}, {"repetition_penalty": 1e300, "temperature": 2.0},
+    {"repetition_penalty": 1e-300, "temperature": 1.0},
     {"logit_bias": {str(t): -100 for t in range(320)}, "temperature": 1.0},
     {"min_p": 1.0, "temperature": 5.0}, {"max_tokens": 10**9}, {"n": 10**6},
     {"logprobs": 20, "echo": True, "n": 4}, {"stop": [""] * 50}]

@@ -131,7 +131,7 @@ def test_hostile_rows_never_fail_the_batch():
     params = [SamplingParams(logit_bias=everything, temperature=1.0),
               SamplingParams(temperature=1e-30),
               SamplingParams(temperature=1e6, top_k=10**12),
-              SamplingParams(repetition_penalty=1e30, temperature=2.0),
+              SamplingParams(repetition_penalty=100.0, temperature=2.0),
               SamplingParams(min_p=1.0, temperature=1.0),
               SamplingParams()]
     tokens, _ = sample(logits, rows_of(params, outputs=[list(range(V))] * 6))
@@ -149,6 +149,7 @@ def test_hostile_rows_never_fail_the_batch():
     (dict(logit_bias=((1, float("inf")),)), "logit_bias[1]=inf"),
     (dict(min_tokens=17), "min_tokens=17"),
     (dict(logprobs=-1), "logprobs=-1"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty=1e-300 must be in [0.01, 100]"),
 ])
 def test_params_refuse_what_would_break_a_step(kw, fragment):
     with pytest.raises(TpserveError) as e:

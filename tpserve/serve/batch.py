@@ -58,12 +58,13 @@ def decode_burst(executor, reqs: list[Request], k: int) -> list[list[int]] | Non
 def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
     """One step of `reqs` -> ((token, logprob) per request, as `sample_rows` gives them; the
     prompt logprobs of each request `i` that asked for them, by `i`)."""
-    ids, slots, starts, lens, out_rows, spans = [], [], [], [], [], []
-    for req in reqs:
+    ids, slots, starts, lens, out_rows, spans, echoed = [], [], [], [], [], [], []
+    for i, req in enumerate(reqs):
         new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt
         first, row = len(out_rows), len(ids)
         if not req.output and req.params.prompt_logprobs is not None:
             out_rows.extend(range(row, row + len(new)))  # every prompt row: echo's logprobs
+            echoed.append(i)
         else:
             out_rows.append(row + len(new) - 1)
         spans.append((first, len(out_rows)))
@@ -82,9 +83,8 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
         else:
             last = logits
         sampled = sample_rows(last, reqs, argmax)
-        prompt_lps = {i: prompt_logprobs(logits[a:b], reqs[i].prompt,
-                                         reqs[i].params.prompt_logprobs)
-                      for i, (a, b) in enumerate(spans) if b - a > 1}
+        prompt_lps = {i: prompt_logprobs(logits[spans[i][0]:spans[i][1]], reqs[i].prompt,
+                                         reqs[i].params.prompt_logprobs) for i in echoed}
     return sampled, prompt_lps
 
 

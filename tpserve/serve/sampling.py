@@ -23,6 +23,9 @@ from tpserve.errors import TpserveError
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
 MAX_STOP_IDS = 1024  # stop_token_ids per request: each decode step checks them
+# repetition_penalty in [1/100, 100]: logits are divided or multiplied by it in fp32, where a
+# penalty of 1e-300 is 0 (every logit inf, NaN probabilities, token 0 every time)
+MIN_REPETITION_PENALTY = 0.01
 # Below this temperature sampling is greedy: dividing by it would overflow fp32 logits.
 MIN_TEMPERATURE = 1e-5
 
@@ -78,7 +81,8 @@ class SamplingParams:
                f"min_tokens={self.min_tokens!r} must be an integer in [0, max_tokens]")
         _number("presence_penalty", self.presence_penalty, -2, 2)
         _number("frequency_penalty", self.frequency_penalty, -2, 2)
-        _number("repetition_penalty", self.repetition_penalty, 0, lo_open=True)
+        _number("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
+                1 / MIN_REPETITION_PENALTY)
         for tok, bias in self.logit_bias:
             _check(_is_int(tok) and tok >= 0, f"logit_bias key {tok!r} must be a token id >= 0")
             _number(f"logit_bias[{tok}]", bias, -100, 100)
@@ -265,5 +269,8 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor,
 
 def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
     """Logprobs of each prompt token from the prompt's logits rows [len(prompt), vocab]."""
+    first = [TokenLogprob(prompt[0], None, [])]  # nothing predicts a prompt's first token
+    if len(prompt) == 1:
+        return first
     nxt = torch.as_tensor(prompt[1:], dtype=torch.long, device=logits.device)
-    return [TokenLogprob(prompt[0], None, [])] + logprobs_of(logits[:-1], nxt, [k] * len(nxt))
+    return first + logprobs_of(logits[:-1], nxt, [k] * len(nxt))
