@@ -174,8 +174,10 @@ def test_hostile_requests_among_normal_ones(env):
     ({"logit_bias": {"\u0665": 1}}, 400, "is not a token id"),  # an Arabic-Indic five
     ({"logit_bias": {"05": 1, "5": 2}}, 400, "logit_bias names token 5 twice"),
     ({"logit_bias": {str(t): 1 for t in range(1025)}}, 400, "send at most 1024"),
-    ({"stop": ["x"] * 17}, 400, "'stop' holds 17 strings; send at most 16"),
-    ({"stop_token_ids": list(range(1025))}, 400, "stop_token_ids has 1025 entries; send at most 1024"),
+    ({"stop": ["x"] * 17}, 400, "'stop' holds 17 items; send at most 16"),
+    ({"stop_token_ids": list(range(1025))}, 400, "'stop_token_ids' holds 1025 items; send at most 1024"),
+    ({"response_format": {"type": "\ud800"}}, 400, "response_format type '\\ud800' is not supported"),
+    ({"repetition_penalty": 1e-300}, 400, "repetition_penalty=1e-300 must be in [0.01, 100]"),
     ({"stop": ["y" * 513]}, 400, "a stop string of 513 characters exceeds 512"),
     ({"prompt": "hello world " * 100_000}, 400, "more tokens than the context of"),
     ({"model": "\ud800"}, 404, "model '\\ud800' is not served here"),
@@ -186,6 +188,35 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
                         headers={"content-type": "application/json"})
     assert r.status_code == status and sentence in r.json()["error"]["message"], r.text
     assert env.client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,body,sentence", [
+    ("/v1/chat/completions", {"messages": [{"role": ""}] * 300_000},
+     "'messages' holds 300000 items; send at most 4096"),
+    ("/tokenize", {"messages": [{"role": ""}] * 300_000}, "'messages' holds 300000 items"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 25}, "top_logprobs=25 must be"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 0}, "max_completion_tokens=0 must be"),
+])
+def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
+    """A list of more items than a request may hold is refused before its items are validated
+    (a 300000-message body is one quick 400, not seconds of the event loop), and a chat request's
+    fields are named as the client sent them."""
+    r = env.client.post(path, json=body)
+    assert r.status_code == 400 and sentence in r.json()["error"]["message"], r.text
+    param = sentence.split("'")[1] if sentence.startswith("'") else sentence.split("=")[0]
+    assert r.json()["error"]["param"] == param
+
+
+def test_token_ids_beyond_the_context_are_refused_before_any_decode(env):
+    n = env.engine.max_len + 1
+    for path, body, param in (("/v1/completions", {"prompt": [1] * n, "echo": True}, "prompt"),
+                              ("/detokenize", {"tokens": [1] * n}, "tokens")):
+        r = env.client.post(path, json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == (f"'{param}' holds {n} token ids, more than the "
+                                                f"context of {n - 1}; shorten it")
 
 
 def test_a_body_over_the_limit_is_refused_unread(env):

@@ -166,8 +166,24 @@ def test_api_key(env):
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
             assert c.get("/health").status_code == 200
             assert c.get("/metrics").status_code == 200
+            for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+                assert c.post(path, json=body).status_code == 401, path  # tokenizer work
+                assert c.post(path, json=body, headers=ok).status_code == 200, path
     finally:
         server.close()
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_429(env):
+    """n choices wait as n requests: with n above --max-queue a retry could never succeed."""
+    engine = Engine(env.llm, tokenizer=env.codec, max_queue=2).start()
+    server = Server(build_app(engine, env.codec, MODEL))
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "n": 3}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert "n=3 exceeds the server's queue of 2" in r.json()["error"]["message"]
+    finally:
+        server.close()
+        engine.stop()
 
 
 def test_queue_full_is_429(env):

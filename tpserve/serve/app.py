@@ -65,8 +65,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        return error(400, *validation_message(e.errors()[0],
-                                              request.headers.get("content-type", "")))
+        errs = e.errors()  # a union's first error may be a member's type; ours says more
+        first = next((x for x in errs if x["type"] == "value_error"), errs[0])
+        return error(400, *validation_message(first, request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
@@ -88,6 +89,11 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
                                 f"{engine.cfg.vocab_size})", param)
 
+    def check_length(tokens: list[int], param: str) -> None:
+        if len(tokens) > engine.max_len:
+            raise ApiError(400, f"'{param}' holds {len(tokens)} token ids, more than the context "
+                                f"of {engine.max_len}; shorten it", param)
+
     def need_codec(param: str) -> None:
         if codec is None:
             raise ApiError(400, "this model has no tokenizer; send token ids", param)
@@ -95,6 +101,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     def submit(prompt: list[int], params, n: int, param: str) -> Pending:
         if not engine.alive:
             raise ApiError(503, "the engine is not running; see the server log")
+        if 0 < engine.max_queue < n:  # its choices could never all wait in the queue: not a 429
+            raise ApiError(400, f"n={n} exceeds the server's queue of {engine.max_queue} "
+                                f"requests (--max-queue); ask for fewer choices", "n")
         pending = Pending(metrics, n)
         try:
             for i in range(n):  # choice i samples with seed + i: n different, repeatable answers
@@ -141,7 +150,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                 content = "".join(p.text or "" for p in content)
             rendered.append({"role": check_text(m.role, "messages"),
                              "content": check_text(content, "messages")})
-        if sum(len(m["content"]) for m in rendered) > chars_per_token * engine.max_len:
+        if sum(len(m["content"]) + len(m["role"]) + 1 for m in rendered) > \
+                chars_per_token * engine.max_len:  # +1: no message renders to less than a token
             raise ApiError(400, f"the messages hold more tokens than the context of "
                                 f"{engine.max_len}; shorten them", "messages")
         try:
@@ -161,8 +171,10 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                 req.prompt
         else:
             prompt = req.prompt
-            check_vocab(prompt, "prompt")  # before the echo's decode meets it
-            prompt_text = codec.decode(prompt) if codec is not None and req.echo else ""
+            check_length(prompt, "prompt")  # before the vocabulary check and the echo's decode
+            check_vocab(prompt, "prompt")
+            prompt_text = (await run_in_threadpool(codec.decode, prompt)
+                           if codec is not None and req.echo else "")
         echo, k = bool(req.echo), req.logprobs
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)
@@ -203,7 +215,16 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if max_tokens is None:
             max_tokens = max(1, engine.max_len - len(prompt))
         k = (req.top_logprobs or 0) if req.logprobs else None
-        pending = submit(prompt, sampling_params(req, max_tokens, k), req.n or 1, "messages")
+        try:
+            params = sampling_params(req, max_tokens, k)
+        except ApiError as e:  # the chat names of the fields sampling_params knows otherwise
+            rename = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
+                      if req.max_completion_tokens is not None else "max_tokens"}
+            if e.param in rename:
+                e.message = e.message.replace(f"{e.param}=", f"{rename[e.param]}=", 1)
+                e.param = rename[e.param]
+            raise
+        pending = submit(prompt, params, req.n or 1, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name}
 
@@ -253,8 +274,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
         need_codec("tokens")
+        check_length(req.tokens, "tokens")
         check_vocab(req.tokens, "tokens")
-        return {"prompt": codec.decode(req.tokens)}
+        return {"prompt": await run_in_threadpool(codec.decode, req.tokens)}
 
     @app.get("/version")
     async def get_version():

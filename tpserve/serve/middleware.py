@@ -1,5 +1,6 @@
 """ASGI middlewares of the HTTP app, both answering before a route reads the request:
-`BodyLimit` refuses bodies over MAX_BODY_BYTES (413), `ApiKey` checks the bearer key on /v1/*."""
+`BodyLimit` refuses bodies over MAX_BODY_BYTES (413), `ApiKey` checks the bearer key on every path
+but OPEN_PATHS."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tpserve.serve.metrics import Metrics
 from tpserve.serve.openai_protocol import error_body
 
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread
+OPEN_PATHS = ("/health", "/metrics", "/version")  # for load balancers and scrapers, no key
 
 
 class BodyLimit:
@@ -54,15 +56,16 @@ class BodyLimit:
 
 
 class ApiKey:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>`; checked before the body is
-    read, so an unauthenticated caller learns nothing about request validation."""
+    """ASGI middleware: every path but OPEN_PATHS (/v1/*, /tokenize, /detokenize, ...) needs
+    `Authorization: Bearer <key>`; checked before the body is read, so an unauthenticated caller
+    learns nothing about request validation and spends no tokenizer time."""
 
     def __init__(self, app, key: str, metrics: Metrics):
         self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+        if scope["type"] == "http" and path not in OPEN_PATHS:
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 self.metrics.http_error(401)

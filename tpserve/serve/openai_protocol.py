@@ -8,12 +8,12 @@ none is silently dropped. Numbers are checked by `SamplingParams` (finite, in ra
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, StrictInt
+from pydantic import BaseModel, BeforeValidator, StrictInt
 
 from tpserve.errors import TpserveError
-from tpserve.serve.sampling import SamplingParams, TokenLogprob
+from tpserve.serve.sampling import MAX_STOP_IDS, SamplingParams, TokenLogprob
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
@@ -22,6 +22,18 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
 MAX_N = 128  # OpenAI's own bound on n
 MAX_STOP, MAX_STOP_CHARS = 16, 512  # stop strings per request, characters per stop string
 MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
+MAX_MESSAGES = 4096  # chat messages per request
+MAX_IDS = 1 << 20  # token ids in a prompt or a /detokenize body (the context bounds them again)
+
+
+def _at_most(n: int):
+    """A list or object of more than n items is refused before its items are validated (pydantic
+    validates every item first: 1.3M chat messages took seconds on the event loop)."""
+    def check(v):
+        if isinstance(v, (list, dict)) and len(v) > n:
+            raise ValueError(f"holds {len(v)} items; send at most {n}")
+        return v
+    return BeforeValidator(check)
 
 
 class ApiError(Exception):
@@ -34,6 +46,8 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
     message = " ".join(message.splitlines())  # one line, even for a multi-line exception
+    # a message quoting the request (a lone surrogate, say) must still encode as UTF-8 JSON
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
 
@@ -51,8 +65,8 @@ class _Common(BaseModel):
     top_k: int | None = None  # extension; 0 or -1 turn it off
     min_p: float | None = 0.0  # extension
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension
+    stop: str | Annotated[list[str], _at_most(MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[int], _at_most(MAX_STOP_IDS)] | None = None  # extension
     ignore_eos: bool = False  # extension
     min_tokens: int | None = 0  # extension
     stream: bool = False
@@ -61,14 +75,14 @@ class _Common(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = 1.0  # extension
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], _at_most(MAX_LOGIT_BIAS)] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[StrictInt]
+    prompt: str | Annotated[list[StrictInt], _at_most(MAX_IDS)]
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None
@@ -87,7 +101,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -97,13 +111,13 @@ class ChatRequest(_Common):
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: Annotated[list[StrictInt], _at_most(MAX_IDS)]
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -198,6 +212,8 @@ def validation_message(err: dict, content_type: str) -> tuple[str, str | None]:
     if not where:
         return "the request body must be a JSON object", None
     path = ".".join(where)
+    if err["type"] == "value_error":  # ours (`_at_most`): "holds N items; send at most M"
+        return f"'{path}' {err['msg'].removeprefix('Value error, ')}", where[0]
     if err["type"] == "missing":
         return f"'{path}' is required", where[0]
     if path == "prompt":  # a union: pydantic's first message names only one of its types
