@@ -56,6 +56,22 @@ def test_process_matches_the_definitions(device):
         assert torch.allclose(got[i], reference_process(logits[i], row), atol=1e-5), i
 
 
+def test_penalty_counts_follow_the_output_step_by_step():
+    """The same rows over several steps (as the engine keeps them): the counts each row carries
+    are brought up to its output, and match the definitions at every step."""
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+              SamplingParams(), SamplingParams(frequency_penalty=-1.0)]
+    rows = rows_of(params, [[1, 2, 3], [4], [6, 6]])
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):
+        logits = torch.randn(3, V, generator=g)
+        got = process(logits, rows)
+        for i, row in enumerate(rows):
+            assert torch.allclose(got[i], reference_process(logits[i], row), atol=1e-5), (step, i)
+        for i, row in enumerate(rows):
+            row.output.extend([5 + (step + i) % 3] * (1 + step % 2))  # bursts add several
+
+
 def test_truncate_keeps_the_reference_sets():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, V, generator=g)

@@ -117,6 +117,11 @@ class SampleRow:
     output: list[int]
     eos_token_ids: tuple[int, ...] = ()
     generator: torch.Generator | None = None  # made on the logits' device at first use
+    # A penalized row's token counts, kept on the logits' device and updated with the new output
+    # tokens each step (rebuilding them from the lists made every step cost O(context)).
+    counts: torch.Tensor | None = None  # [vocab] float: occurrences in the output
+    seen: torch.Tensor | None = None  # [vocab] bool: in the prompt (repetition_penalty)
+    counted: int = 0  # output tokens in `counts`
 
 
 @dataclass
@@ -132,15 +137,20 @@ def make_generator(seed: int, device) -> torch.Generator:
     return g
 
 
-def _counts(seqs: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """[B, vocab] float: how often each token occurs in each sequence."""
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), vocab, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    out = torch.zeros(len(seqs), vocab + 1, device=device)  # column `vocab` takes the padding
-    out.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
-    return out[:, :vocab]
+def _row_counts(r: SampleRow, vocab: int, device) -> torch.Tensor:
+    """r.counts brought up to r.output (only the tokens since the last step are added); the
+    prompt's tokens in r.seen, once."""
+    if r.counts is None or r.counts.device != device or r.counts.numel() != vocab \
+            or r.counted > len(r.output):
+        r.counts, r.counted = torch.zeros(vocab, device=device), 0
+        r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        r.seen[torch.as_tensor(r.prompt, dtype=torch.long, device=device)] = True
+    new = r.output[r.counted:]
+    if new:
+        idx = torch.as_tensor(new, dtype=torch.long, device=device)
+        r.counts.index_add_(0, idx, torch.ones(len(new), device=device))
+        r.counted = len(r.output)
+    return r.counts
 
 
 def _per_row(values, device) -> torch.Tensor:
@@ -170,9 +180,12 @@ def process(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     x = logits.float().clone()
     _sparse_add(x, [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias])
     if any(p.penalized for p in params):
-        out = _counts([r.output for r in rows], x.shape[1], x.device)
+        vocab, zero = x.shape[1], x.new_zeros(x.shape[1])
+        out = torch.stack([_row_counts(r, vocab, x.device) if r.params.penalized else zero
+                           for r in rows])
         if any(p.repetition_penalty != 1 for p in params):
-            seen = (_counts([r.prompt for r in rows], x.shape[1], x.device) + out) > 0
+            seen = torch.stack([r.seen if r.params.penalized else zero.bool() for r in rows]) \
+                | (out > 0)
             rep = _per_row([p.repetition_penalty for p in params], x.device)
             x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
         x = x - _per_row([p.frequency_penalty for p in params], x.device) * out
