@@ -106,3 +106,24 @@ def test_decode_steps_out_of_range_is_refused(single):
     for bad in (0, 65, True, 2.0):
         with pytest.raises(TpserveError, match=r"must be an integer in \[1, 64\]"):
             Engine(single, decode_steps=bad)
+
+
+def test_a_step_prefills_at_most_max_prefill_tokens(single):
+    """Requests are admitted whole, in order, until the next would pass the step's prompt-token
+    budget (a longer prompt alone still runs): three prompts of 8, 3 and 5 tokens under a budget
+    of 10 take two prefill steps, and their tokens are those of each alone."""
+    engine = Engine(single, max_prefill_tokens=10)
+    params = [SamplingParams(max_tokens=4, ignore_eos=True)] * 3
+    assert engine._admit() == []
+    ids = [engine.submit(p, sp, lambda ev: None) for p, sp in zip(PROMPTS, params)]
+    assert [r.id for r in engine._admit()] == ids[:1]  # 8 + 3 > 10
+    engine._step()
+    assert [r.id for r in engine._admit()] == ids[1:]  # 3 + 5 <= 10
+    for i in ids:  # their slots come back
+        engine.cancel(i)
+    engine._admit()
+    assert len(engine.free_slots) == engine.num_slots
+    with pytest.raises(TpserveError, match="max_prefill_tokens=0 must be a positive integer"):
+        Engine(single, max_prefill_tokens=0)
+    got = _together(Engine(single, max_prefill_tokens=10), PROMPTS, params)
+    assert got == [single.generate(p, max_tokens=4, ignore_eos=True) for p in PROMPTS]

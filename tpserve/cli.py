@@ -67,6 +67,7 @@ def _load(args):
 
 def cmd_launch(args) -> int:
     from tpserve import __version__
+    from tpserve.errors import TpserveError
     from tpserve.serve.batch import check_decode_steps
     from tpserve.serve.engine import Engine
     from tpserve.serve.app import build_app, serve
@@ -75,6 +76,10 @@ def cmd_launch(args) -> int:
         args.model = args.model_tag
     options_from_args(args)  # a bad --tp/--device/... is one sentence, before anything starts
     check_decode_steps(args.decode_steps)
+    for flag, value in (("--max-queue", args.max_queue), ("--max-prefill-tokens",
+                                                          args.max_prefill_tokens)):
+        if value < 1:
+            raise TpserveError(f"{flag} {value} must be at least 1")
     check_port(args.host, args.port)
     path, llm, codec = _load(args)
     if args.verify:
@@ -91,7 +96,8 @@ def cmd_launch(args) -> int:
     # The model id: --served-model-name, else the folder's name (the demo's without its version).
     name = args.served_model_name or (demo.NAME if not args.model else
                                       os.path.basename(os.path.normpath(str(path))))
-    engine = Engine(llm, codec, max_queue=args.max_queue, decode_steps=args.decode_steps).start()
+    engine = Engine(llm, codec, max_queue=args.max_queue, decode_steps=args.decode_steps,
+                    max_prefill_tokens=args.max_prefill_tokens).start()
     try:
         app = build_app(engine, codec, name, version=__version__,
                         api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
@@ -135,9 +141,12 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or TPSERVE_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health, "
+                                      "/metrics, /version (or TPSERVE_API_KEY)")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="prompt tokens one step prefills (whole prompts; a longer one runs alone)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="greedy decode steps the ranks run per engine step where they hold the "
                         "head (each step's token feeds the next on the device; tokens stream in "

@@ -30,13 +30,22 @@ log = logging.getLogger(__name__)
 # prompt_logprobs: the fp32 logits of every prompt row are computed (and, with the head on rank 0,
 # shipped) at once; a request may ask for this much of them (2048 tokens of a 128K vocabulary).
 PROMPT_LOGITS_BYTES = 1 << 30
+# Prompt tokens one step prefills (whole prompts: the requests admitted for the step until the
+# next would pass this; a single longer prompt still runs, alone): every free slot prefilling
+# a long prompt in one step would need activations for all of them at once.
+DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
 class Engine:
-    def __init__(self, llm, tokenizer=None, max_queue: int = 256, decode_steps: int = 1):
+    def __init__(self, llm, tokenizer=None, max_queue: int = 256, decode_steps: int = 1,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.llm, self.executor, self.head, self.cfg = llm, llm.executor, llm.head, llm.cfg
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise TpserveError(f"max_prefill_tokens={max_prefill_tokens!r} must be a positive "
+                               f"integer (--max-prefill-tokens)")
+        self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
@@ -152,8 +161,15 @@ class Engine:
                     self.free_slots.append(req.slot)
                     self.stats.requests_cancelled += 1
                 self._cancelled.clear()
+            tokens = logit_bytes = 0  # what this step's prefills take: at least one request
             while self.waiting and self.free_slots:
-                req = self.waiting.popleft()
+                req = self.waiting[0]
+                tokens += len(req.prompt)
+                if req.params.prompt_logprobs is not None:
+                    logit_bytes += len(req.prompt) * self.cfg.vocab_size * 4
+                if new and (tokens > self.max_prefill_tokens or logit_bytes > PROMPT_LOGITS_BYTES):
+                    break  # the next step takes it
+                self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
                 new.append(req)
         self.running.extend(new)
