@@ -142,6 +142,16 @@ def test_text_plain_body_names_the_content_type(env):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == ("the request body must be JSON sent with "
                                             "'Content-Type: application/json', not 'text/plain'")
+    r = env.client.post("/v1/completions", content=json.dumps({"prompt": "x"}).encode(),
+                        headers={"content-type": ""})
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith(
+        "'Content-Type: application/json' (it came without one)"), r.text
+    r = env.client.post("/v1/completions", content=b'{"prompt": "\xff"}',
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "cannot be read as JSON (not UTF-8" in r.json()["error"]["message"]
+    r = env.client.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+    assert "token id 1000000 in stop_token_ids is outside" in r.json()["error"]["message"]
 
 
 def test_queue_full_says_when_to_retry(env):

@@ -71,6 +71,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":
+            return error(400, "the request body cannot be read as JSON (not UTF-8, nested too "
+                              "deeply, or a number too long); send well-formed JSON")
         return error(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)

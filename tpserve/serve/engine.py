@@ -106,9 +106,11 @@ class Engine:
                                f"{len(prompt)} x {vocab} fp32 logits at once, over the "
                                f"{PROMPT_LOGITS_BYTES >> 20} MiB this server allows a request; "
                                f"shorten the prompt or leave prompt_logprobs out", "prompt_logprobs")
-        if params.max_token_id() >= vocab:
-            raise RequestError(f"token id {params.max_token_id()} in logit_bias or stop_token_ids"
-                               f" is outside the vocabulary [0, {vocab})", "logit_bias")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if ids and max(ids) >= vocab:
+                raise RequestError(f"token id {max(ids)} in {name} is outside the vocabulary "
+                                   f"[0, {vocab})", name)
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:

@@ -104,9 +104,6 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1)
 
-    def max_token_id(self) -> int:
-        """The largest token id these parameters name (-1 for none): checked against the vocab."""
-        return max([t for t, _ in self.logit_bias] + list(self.stop_token_ids), default=-1)
 
 
 @dataclass
