@@ -22,6 +22,17 @@ from tpserve.kernels.fused import add_rms_norm  # noqa: E402
 CAPACITY = 2 * BLOCK + 7  # a partial last block
 
 
+def _run_ranks(target, world, *args):
+    """target(rank, world, *args) in one spawned process per rank; all must finish cleanly."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+
+
 def _rank(rank, world, bufs, flags, parts, outs, lag_s):
     ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
     counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64)
@@ -40,14 +51,7 @@ def test_one_shot_all_reduce_across_rank_processes(world, dtype):
     parts = [[(torch.randn(n) * 4).to(dtype).share_memory_() for n in sizes] for _ in range(world)]
     outs = [[torch.full((n,), float("nan"), dtype=dtype).share_memory_() for n in sizes]
             for _ in range(world)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, world, bufs, flags, parts, outs, 0.2))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+    _run_ranks(_rank, world, bufs, flags, parts, outs, 0.2)
     for i, n in enumerate(sizes):
         exact = sum(parts[r][i].double() for r in range(world))
         tol = 1e-3 if dtype == torch.float16 else 1e-6  # one rounding of the fp32 sum to dtype
@@ -84,14 +88,7 @@ def test_one_shot_add_rms_norm_across_rank_processes(world, dtype, offset):
     outs = [[(torch.full(s, float("nan"), dtype=dtype).share_memory_(),
               torch.full(s, float("nan"), dtype=dtype).share_memory_()) for s in shapes]
             for _ in range(world)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_norm_rank, args=(r, world, bufs, flags, parts, hs, w, offset,
-                                                  outs, 0.2)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+    _run_ranks(_norm_rank, world, bufs, flags, parts, hs, w, offset, outs, 0.2)
     for i in range(len(shapes)):
         reduced = one_shot_all_reduce_reference([parts[r][i] for r in range(world)])
         want = add_rms_norm(hs[i], reduced, w, 1e-5, offset, use_triton=True)
@@ -132,14 +129,7 @@ def test_one_shot_plain_and_fused_calls_keep_apart():
     outs = [[(torch.zeros(x.numel(), dtype=dtype).share_memory_(),
               torch.zeros(x.numel(), dtype=dtype).share_memory_()) for x in xs[0]]
             for _ in range(world)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_both_halves_rank, args=(r, world, bufs, flags, xs, hs, w, outs))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert [p.exitcode for p in procs] == [0] * world, "a rank process failed or hung"
+    _run_ranks(_both_halves_rank, world, bufs, flags, xs, hs, w, outs)
     for i in range(4):
         reduced = one_shot_all_reduce_reference([xs[r][i] for r in range(world)])
         for r in range(world):
