@@ -249,8 +249,9 @@ def mode_of(block_k: int, gs: int, off: int, has_gidx: bool) -> int:
 def _fill(c: dict, a: dict) -> dict:
     """The compile-time constants a config implies for the shard: MODE, and EVEN_K for split-K."""
     c = {**c, "MODE": mode_of(c["BLOCK_K"], a["GROUP_SIZE"], a["GROUP_OFFSET"], a["HAS_GIDX"])}
-    if "SPLIT_K" in c:  # the split-K kernels skip row masks when tiles divide K
-        c["EVEN_K"] = a["K"] % c["BLOCK_K"] == 0
+    if "SPLIT_K" in c:  # the split-K kernels skip row masks when tiles divide K (never for
+        # g_idx shards: their config serves every layer's K, `KEY`)
+        c["EVEN_K"] = a["K"] % c["BLOCK_K"] == 0 and not a["HAS_GIDX"]
     return c
 
 
@@ -271,12 +272,19 @@ def _prune(configs, named_args, **kwargs):
             for c, kw in ok if kw["MODE"] == best]
 
 
-KEY = ["N", "K", "BITS", "GROUP_SIZE", "GROUP_OFFSET", "HAS_GIDX"]
+# Tuned per K_KEY, not K: a row-parallel act-order shard is padded per group at load, so each
+# layer's K differs by a few rows while the best config does not (tuning each layer's shard took
+# most of an act-order model's start-up); K_KEY is the unpadded width (`gptq_args`).
+KEY = ["N", "K_KEY", "BITS", "GROUP_SIZE", "GROUP_OFFSET", "HAS_GIDX"]
+
+
+TUNED: list = []  # (kernel, key) of every tuned GPTQ kernel (a test checks the key's names)
 
 
 def tuned(kernel, configs, key):
     """The autotuned kernel, configs pruned to the shard's best group mode (None under the
     interpreter, where fixed configs are used)."""
+    TUNED.append((kernel, key))
     return autotuned(kernel, configs, key, _prune)
 
 
@@ -294,7 +302,8 @@ def gptq_args(x: torch.Tensor, w, out: torch.Tensor) -> dict:
     """The arguments every GPTQ kernel takes (w: a GPTQWeight)."""
     return dict(x_ptr=x, qw_ptr=w.qweight, qz_ptr=w.qzeros, s_ptr=w.scales,
                 gidx_ptr=w.qweight if w.g_idx is None else w.g_idx, out_ptr=out, N=w.out_features,
-                K=w.in_features, G=w.scales.shape[0], stride_xk=x.stride(1),
+                K=w.in_features, G=w.scales.shape[0], K_KEY=w.x_features or w.in_features,
+                stride_xk=x.stride(1),
                 stride_qw=w.qweight.stride(0), stride_qz=w.qzeros.stride(0),
                 stride_s=w.scales.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size,
                 GROUP_OFFSET=w.group_offset, HAS_GIDX=w.g_idx is not None)

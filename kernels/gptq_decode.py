@@ -58,7 +58,7 @@ def _mm_tile_rows(acc, qw, hi, offs_w, xs_ptr, perm_ptr, qz_ptr, s_ptr, gidx_ptr
 
 @triton.jit
 def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr,
-               M, N, K, G, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
+               M, N, K, G, K_KEY, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
                WORD_GROUPS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,

@@ -81,7 +81,7 @@ def _gemv_rows(acc, qw, hi, offs_w, x_ptr, perm_ptr, qz_ptr, s_ptr, gidx_ptr, of
 
 @triton.jit
 def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 N, K, G, stride_xk, stride_qw, stride_qz, stride_s,
+                 N, K, G, K_KEY, stride_xk, stride_qw, stride_qz, stride_s,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                  HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
                  EVEN_K: tl.constexpr, H2: tl.constexpr, BLOCK_N: tl.constexpr,

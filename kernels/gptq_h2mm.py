@@ -36,7 +36,7 @@ MAX_M = 4  # the dequantization is repeated per row: beyond a few rows tl.dot wi
 
 @triton.jit
 def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 M, N, K, G, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz,
+                 M, N, K, G, K_KEY, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz,
                  stride_s, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr,
                  MODE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -37,7 +37,7 @@ DEQUANT_WHEN_K_GE_N = True
 
 
 @triton.jit
-def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G, M_KEY,
+def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G, K_KEY, M_KEY,
                     stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                     HAS_GIDX: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,

@@ -78,8 +78,8 @@ class GPTQWeight:
 
 def shape_key(w: GPTQWeight) -> tuple:
     """What a kernel's speed depends on in a shard (for choosing between kernels)."""
-    return (w.in_features, w.out_features, w.bits, w.group_size, w.group_offset,
-            w.g_idx is not None, str(w.qweight.device))
+    return (w.x_features or w.in_features, w.out_features, w.bits, w.group_size,
+            w.group_offset, w.g_idx is not None, str(w.qweight.device))
 
 
 def gptq_matmul_reference(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:

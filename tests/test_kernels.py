@@ -144,6 +144,15 @@ def test_act_order_x_gathered_before_the_kernel(m, monkeypatch):
                torch.float16)
 
 
+def test_tuning_keys_name_kernel_arguments():
+    """Triton's autotuner reads its key from the launch's arguments: every name must be one (a
+    wrong one fails only on a GPU, at the first tuned call)."""
+    from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm, gptq_prefill  # noqa: F401
+    assert len(common.TUNED) >= 4
+    for kernel, key in common.TUNED:
+        assert set(key) <= set(kernel.arg_names), (kernel.fn.__name__, key)
+
+
 def test_gptq_large_m_dequantizes_then_matmuls():
     w = random_gptq(130, 40, 4, 32, k0=64, k_total=260, act_order=True)
     w, perm = prepare_act_order(w)
