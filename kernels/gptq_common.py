@@ -264,7 +264,7 @@ def _prune(configs, named_args, **kwargs):
         kw = c.kwargs
         bk, sk = kw["BLOCK_K"], kw.get("SPLIT_K", 1)
         min_words = 16 if "SPLIT_K" in kw and "BLOCK_M" in kw else 1  # decode: tl.dot K >= 16
-        return bk // p >= min_words and (sk == 1 or a["K"] >= 2 * sk * bk)
+        return bk // p >= min_words and (sk == 1 or a["K"] >= sk * bk)  # a tile per split
 
     ok = [(c, _fill(c.kwargs, a)) for c in [c for c in configs if fits(c)] or configs]
     best = min(kw["MODE"] for _, kw in ok)

@@ -34,7 +34,8 @@ def _flush_buffer(torch):
     return torch.ones(2 * l2 // 4, dtype=torch.int32, device="cuda")
 
 
-_SLEEP = [2_000_000]  # GPU cycles to sleep while the host enqueues; grows when too short
+SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU time while the host enqueues a config's calls
+_LONGEST = SLEEP_CYCLES << 10  # ~0.5 s: past this the host is not merely slow
 
 
 def _bench(fn, quantiles=None):
@@ -42,16 +43,18 @@ def _bench(fn, quantiles=None):
 
     If the sleep ends before the host has enqueued every call (a slow host, or a call with much
     host work, such as a whole dispatch in `faster`), the later calls would be timed from their
-    launch: the run is repeated with a four times longer sleep."""
+    launch: the run is repeated with a sleep four times longer, up to ~0.5 s (then the times are
+    taken as they are, with a warning)."""
     import torch
     flush = _flush_buffer(torch)
     fn()  # compile, and any first-call work
     torch.cuda.synchronize()
-    for _ in range(6):
+    sleep = SLEEP_CYCLES
+    while True:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(CALLS)]
         awake = torch.cuda.Event()
-        torch.cuda._sleep(_SLEEP[0])  # ~1 ms of GPU time per 2M cycles
+        torch.cuda._sleep(sleep)
         awake.record()
         for a, b in events:
             flush.amax()
@@ -62,8 +65,11 @@ def _bench(fn, quantiles=None):
         torch.cuda.synchronize()
         if not late:
             break
-        _SLEEP[0] *= 4
-        log.debug("tuning: host slower than the GPU sleep; sleeping %d cycles", _SLEEP[0])
+        if sleep >= _LONGEST:
+            log.warning("tuning: the host enqueued %d calls more slowly than a %d-cycle GPU sleep; "
+                        "these timings include launch time", CALLS, sleep)
+            break
+        sleep *= 4
     times = sorted(a.elapsed_time(b) for a, b in events)
     if quantiles is None:
         return statistics.median(times)

@@ -127,3 +127,18 @@ def test_a_step_prefills_at_most_max_prefill_tokens(single):
         Engine(single, max_prefill_tokens=0)
     got = _together(Engine(single, max_prefill_tokens=10), PROMPTS, params)
     assert got == [single.generate(p, max_tokens=4, ignore_eos=True) for p in PROMPTS]
+
+
+def test_prompt_logprobs_of_a_one_token_prompt_with_the_head_on_a_rank(ranks):
+    """A greedy request asking for its prompt's logprobs, whose prompt is one token: the step must
+    still bring the logits back (one prompt row is also the one output row)."""
+    engine, events = Engine(ranks), []
+    engine.submit([5], SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=1),
+                  events.append)
+    while not (events and events[-1].finished):
+        engine._admit()
+        engine._step()
+    first = events[0].prompt_logprobs
+    assert [(lp.token, lp.logprob) for lp in first] == [(5, None)]
+    assert [t for ev in events for t in ev.token_ids] == \
+        ranks.generate([5], max_tokens=2, ignore_eos=True)

@@ -294,3 +294,55 @@ def test_incremental_text_equals_the_whole_decode(folder):
     for i in range(1, len(long) + 1):
         st.update(long[:i], final=False)
     assert decoded[0] < 20 * len(long)  # a few tokens per update, not the whole output
+
+
+class Bytes:
+    """A byte-level tokenizer: token i is the i-th byte string below; text is their bytes decoded
+    with U+FFFD for what is not UTF-8 (as byte-level BPE decoders do). `cleanup` also drops the
+    space before a full stop, so a later token can rewrite earlier text."""
+    PIECES = [b"a", b" ", b".", b"b", b"\x80", b"\xc3", b"\xa9", b".\xc3", b"\xa9\xc3", b"\xf0",
+              b"\xa9\xa9", b"a\x80"]
+
+    def __init__(self, cleanup=False):
+        self.cleanup = cleanup
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+        return text.replace(" .", ".") if self.cleanup else text
+
+
+def test_stop_text_on_bytes_that_form_characters_late_or_never():
+    """Random byte tokens (partial characters, lone continuation bytes): no update fails, a stop
+    string (U+FFFD ones too) cuts the text where the whole text has it, and without one the
+    pieces handed out add up to the whole decode."""
+    import random
+    rnd = random.Random(11)
+    tok = Bytes()
+    cases = [([4] * 8 + [11, 0], ("\ufffd",))]  # a match in the settled text, a tail after it
+    for trial in range(400):
+        out = [rnd.randrange(len(Bytes.PIECES)) for _ in range(rnd.randint(1, 30))]
+        cases.append((out, () if trial % 2 else (rnd.choice(["\ufffd", "a\ufffd", "b.", "é"]),)))
+    for out, stops in cases:
+        st, sent, hit = StopText(tok, stops), "", False
+        for i in range(1, len(out) + 1):
+            new, hit = st.update(out[:i], final=i == len(out))
+            sent += new
+            if hit:
+                break
+        full = tok.decode(out)
+        if not stops:
+            assert sent == full, (out, sent, full)
+        else:
+            assert sent == (full[:full.find(stops[0])] if stops[0] in full else full) or (
+                hit and full.startswith(sent)), (out, stops, sent, full)
+
+
+def test_a_rewriting_decoder_never_hands_out_a_partial_character():
+    """A decoder that rewrites earlier text (drops the space before a full stop) while the newest
+    token ends inside a character: the character is handed out once it is whole, never as U+FFFD
+    (`a`, ` `, `.\\xc3`, `\\xa9`, `b`)."""
+    st, sent = StopText(Bytes(cleanup=True)), ""
+    out = [0, 1, 7, 6, 3]
+    for i in range(1, len(out) + 1):
+        sent += st.update(out[:i], final=i == len(out))[0]
+    assert "\ufffd" not in sent and sent.endswith("éb"), sent

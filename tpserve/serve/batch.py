@@ -74,7 +74,7 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
         lens.append(len(new))
     plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
     with torch.inference_mode():
-        need = len(out_rows) != len(reqs) or needs_logits([r.row for r in reqs])
+        need = len(out_rows) != len(reqs) or bool(echoed) or needs_logits([r.row for r in reqs])
         logits, argmax = llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
         if len(out_rows) != len(reqs):  # prompt rows too: each request's last row
             last_rows = [b - 1 for _, b in spans]

@@ -200,17 +200,17 @@ def validation_message(err: dict, content_type: str) -> tuple[str, str | None]:
     """One line from pydantic's first error. Its loc is ("body", field, index, ..., union tag)."""
     if err["type"] == "json_invalid":
         return f"the request body is not valid JSON ({err.get('ctx', {}).get('error')})", None
-    if content_type.split(";")[0].strip() != "application/json":
-        sent = f", not '{content_type}'" if content_type else " (it came without one)"
-        return f"the request body must be JSON sent with 'Content-Type: application/json'{sent}", \
-            None
     where = []
     for x in err["loc"][1:]:
         if not isinstance(x, int) and not re.fullmatch(r"[a-z_][a-z0-9_]*", x) or x in (
                 "str", "int", "float", "bool"):
             break  # a union member's tag, not a field
         where.append(str(x))
-    if not where:
+    if not where:  # the body as a whole: not parsed (no JSON content type), or not an object
+        if content_type.split(";")[0].strip() != "application/json":
+            sent = f", not '{content_type}'" if content_type else " (it came without one)"
+            return (f"the request body must be JSON sent with 'Content-Type: application/json'"
+                    f"{sent}", None)
         return "the request body must be a JSON object", None
     path = ".".join(where)
     if err["type"] == "value_error":  # ours (`_at_most`): "holds N items; send at most M"

@@ -60,24 +60,28 @@ class StopText:
         self.search_from = 0  # stop strings count from here (min_tokens moves it)
         self.text = ""  # the output decoded for good so far
         self.prefix = self.read = 0  # output[prefix:read] decoded to the end of `text`
+        self.unsure = 0  # trailing U+FFFD of `text` that a rewrite left (a character may follow)
 
     def update(self, output: list[int], final: bool, stops_active: bool = True) -> tuple[str, bool]:
         """(new final text, whether a stop string ended the output) after `output` grew."""
         text = self._decoded(output, final)
-        # the text a stop string may end in: all but a trailing U+FFFD of the tail not yet final
-        end = len(text) if final else max(len(self.text), len(text.rstrip("\ufffd")))
+        # the text a stop string may end in: all but a trailing U+FFFD not yet final
+        end = len(text) if final else max(len(self.text) - self.unsure, len(text.rstrip("\ufffd")))
         hit, cut = False, end
         if stops_active and self.stops:
             if self.fed < self.search_from:
                 self.states, self.fed = [0] * len(self.stops), self.search_from
-            first = None  # where the earliest stop string starts
+            first, matched = None, set()  # where the earliest stop string starts
             for i, a in enumerate(self.automata):  # the final text: read once, states kept
                 self.states[i], m = a.read(self.states[i], self.text, self.fed, len(self.text))
                 if m >= 0:
+                    matched.add(i)
                     first = m - len(a.s) if first is None else min(first, m - len(a.s))
             self.fed = max(self.fed, len(self.text))
             longest = 0  # the longest stop-string prefix ending the text: held back
             for i, a in enumerate(self.automata):  # the tail: read from a copy of the state
+                if i in matched:  # its state is a whole match: an earlier start is another's
+                    continue
                 state, m = a.read(self.states[i], text, self.fed, end)
                 if m >= 0:
                     first = m - len(a.s) if first is None else min(first, m - len(a.s))
@@ -104,17 +108,18 @@ class StopText:
             self.text = decode(output, skip_special_tokens=True)
             self.prefix, self.read = max(0, len(output) - 1), len(output)  # the last as context
             self.fed = -1  # the automata read the new text again
+            self.unsure = 0 if final else len(self.text) - len(self.text.rstrip("\ufffd"))
             return self.text
         tail = after[len(before):]
         if tail and (final or not tail.endswith("\ufffd")):  # complete characters: keep them
             self.text += tail
-            self.prefix, self.read = self.read, len(output)
+            self.prefix, self.read, self.unsure = self.read, len(output), 0
             return self.text
         if len(output) - self.read > 2 * MAX_CHAR_BYTES:  # bytes that never form a character
             upto = len(output) - MAX_CHAR_BYTES
             settled = decode(output[self.prefix:upto], skip_special_tokens=True)
             if settled.startswith(before) and after.startswith(settled):  # MAX_CHAR_BYTES more
                 self.text += settled[len(before):]  # tokens left it as it was: it is final
-                self.prefix, self.read = self.read, upto
+                self.prefix, self.read, self.unsure = self.read, upto, 0
                 return self.text + after[len(settled):]
         return self.text + tail  # a partial character: shown as pending, decoded again later
