@@ -9,9 +9,9 @@
 #            `auto` picks, logits of each path and head placement against the in-process ranks,
 #            decode tok/s of each
 #   decode   decode_x2.json: Llama-3-8B shapes, tp=1 (in-process) vs tp=2 (Ray, head on rank 0,
-#            all-reduce cuda = one-shot + NCCL, and NCCL alone) vs the torch int4 peer, batch 1
-#            and 8, int8 head; then tp=2 cuda again with TPSERVE_ONE_SHOT_NORM=0 (the residual
-#            add + norm not fused into the one-shot all-reduce: the fusion's A/B)
+#            all-reduce cuda = one-shot + NCCL) vs the torch int4 peer, batch 1 and 8, int8 head,
+#            1 and 8 decode steps per call; then tp=2 again with TPSERVE_ONE_SHOT_NORM=0 (the
+#            residual add + norm not fused into the one-shot all-reduce: the fusion's A/B)
 #   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
 #            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
@@ -57,13 +57,13 @@ PY
 fi
 if has decode; then
   l8
-  timeout 400 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
-    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda nccl --decode-steps 1 8 \
+  timeout 330 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda --decode-steps 1 8 \
     --out "$OUT/decode_x2.json" > "$OUT/decode_x2.log" 2>&1; tail -10 "$OUT/decode_x2.log"
   # the A/B of the all-reduce fused with the residual add + norm: the same tp=2 runs without it
-  TPSERVE_ONE_SHOT_NORM=0 timeout 300 python3 bench/decode.py --model /tmp/l8 --tp 2 --batch 1 8 \
+  TPSERVE_ONE_SHOT_NORM=0 timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 2 --batch 1 8 \
     --backend ray --device cuda --dtype float16 --lm-head int8 --prompt-len 128 --gen 64 \
-    --allreduce cuda --decode-steps 1 8 --out "$OUT/decode_x2_unfused.json" > "$OUT/decode_x2_unfused.log" 2>&1
+    --allreduce cuda --out "$OUT/decode_x2_unfused.json" > "$OUT/decode_x2_unfused.log" 2>&1
   echo "== without the fused add + norm (TPSERVE_ONE_SHOT_NORM=0)"; tail -5 "$OUT/decode_x2_unfused.log"
 fi
 if has profile; then
