@@ -40,7 +40,7 @@ GPTQ_M, HEAD_M = (1, 4, 16), (1, 8)
 PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLAS
 # w4g128_fp32: the M = 1 GEMV without its fp16x2 path (the A/B of that path, M = 1 only);
 # w4g128_dot: M > 1 through the tl.dot decode kernel only (w4g128 takes the faster of it and the
-# fp16x2 rows kernel, measured on first use)
+# fp16x2 rows kernel, measured on first use, up to M = 4 here; the server offers it at M = 2)
 VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act", "w4_act_shard",
             "w8g128"]
 L2_BYTES = 50e6
@@ -153,6 +153,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 from tpserve.kernels import dispatch, gptq_gemv
                 gptq_gemv.USE_H2 = v != "w4g128_fp32"
                 dispatch.H2_ROWS = v != "w4g128_dot"
+                dispatch.H2_ROWS_MAX_M = 4  # the A/B at every M the fp16x2 rows kernel runs
             v_ms = ms[:1] if v == "w4g128_fp32" else [m for m in ms if m > 1 or v != "w4g128_dot"]
             for m in v_ms:
                 x = torch.randn(m, k, device=dev).half()

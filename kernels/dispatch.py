@@ -30,7 +30,11 @@ _announced: set[tuple[str, str]] = set()
 # Triton's autotuner is not thread-safe, and in-process ranks are threads that make their first
 # calls at the same moment: launches go through one lock (held only while launching, or tuning).
 _LAUNCH_LOCK = threading.Lock()
-H2_ROWS = True  # whether 2 <= M <= gptq_h2mm.MAX_M may take the fp16x2 rows kernel (for A/B)
+H2_ROWS = True  # whether 2 <= M <= H2_ROWS_MAX_M may take the fp16x2 rows kernel (for A/B)
+# The fp16x2 rows kernel runs up to gptq_h2mm.MAX_M = 4 rows, but on an H100 the tl.dot kernel won
+# every M = 4 shard shape timed (15.5 vs 35.0 us at 4096x4096, bench/README.md): offered at M = 2
+# only, it costs half the compiles and timings at start-up.
+H2_ROWS_MAX_M = 2
 
 
 def _announce(op: str, path: str) -> None:
@@ -72,10 +76,10 @@ def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None
 
 
 def _few_rows(k, x, w, perm, out, config):
-    """2 <= M <= 16: the tl.dot decode kernel; at M <= gptq_h2mm.MAX_M with fp16 x on a GPU,
+    """2 <= M <= 16: the tl.dot decode kernel; at M <= H2_ROWS_MAX_M with fp16 x on a GPU,
     whichever of it and the fp16x2 rows kernel is faster, timed on the first call per M and shard
     shape (`tuning.faster`). -> (the kernel's function, out)."""
-    if (config is not None or not x.is_cuda or not H2_ROWS or x.shape[0] > k.h2mm.MAX_M
+    if (config is not None or not x.is_cuda or not H2_ROWS or x.shape[0] > H2_ROWS_MAX_M
             or not k.uses_h2(x.dtype, w)):
         return k.decode, out
     out = k.new_out(x, w, out)
