@@ -68,7 +68,7 @@ def sweep(k, n, m, variants, iters):
                 kx = w0.x_features or w0.in_features
                 bk, sk = c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1)
                 min_words = 16 if name == "tl.dot" else 1
-                if bk * w0.bits // 32 < min_words or (sk > 1 and w0.in_features < 2 * sk * bk):
+                if bk * w0.bits // 32 < min_words or (sk > 1 and w0.in_features < sk * bk):
                     continue  # a config the autotuner would not try on this shape
                 cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                 if name == "fp16x2":
