@@ -6,7 +6,7 @@ from, and how far an act-order shard is from the aligned weight at the same conf
 M = 1 sweeps the GEMV's configs; 2 <= M <= 4 the tl.dot decode kernel's and the fp16x2 rows
 kernel's. Each line: the config, its time per variant (median device time, weights rotated past
 L2, as in bench/kernels.py), and the autotuned call's time last. Act-order shards get more
-columns: x gathered through the permutation before the kernel (+gather, `gptq_common.GATHER_X`)
+columns: x gathered through the permutation before the kernel (+gather, `gptq_launch.GATHER_X`)
 and the fp32 GEMV path (+fp32, `gptq_gemv.USE_H2` off).
 """
 
@@ -43,7 +43,7 @@ def _columns(weights, m):
 
 
 def sweep(k, n, m, variants, iters):
-    from tpserve.kernels import gptq_common, gptq_decode, gptq_gemv, gptq_h2mm
+    from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm, gptq_launch
     from tpserve.kernels.gptq_gemv import uses_h2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a plumbing check
     weights = {}
@@ -62,7 +62,7 @@ def sweep(k, n, m, variants, iters):
             row = dict(K=k, N=n, M=m, kernel=name, config=str(c))
             for v, ws, mode in _columns(weights, m):
                 w0 = ws[0][0]
-                gptq_common.GATHER_X, gptq_gemv.USE_H2 = "gather" in mode, "fp32" not in mode
+                gptq_launch.GATHER_X, gptq_gemv.USE_H2 = "gather" in mode, "fp32" not in mode
                 if name == "fp16x2" and not uses_h2(torch.float16, w0):
                     continue
                 kx = w0.x_features or w0.in_features
@@ -83,7 +83,7 @@ def sweep(k, n, m, variants, iters):
             if len(row) > 5:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    gptq_common.GATHER_X, gptq_gemv.USE_H2 = False, True
+    gptq_launch.GATHER_X, gptq_gemv.USE_H2 = False, True
     tuned = dict(K=k, N=n, M=m, kernel="autotuned", config="-")
     for v, ws in weights.items():
         kx = ws[0][0].x_features or ws[0][0].in_features

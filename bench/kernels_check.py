@@ -17,7 +17,7 @@ from tpserve.model.gptq_shard import prepare_act_order  # noqa: E402
 
 def check(dev):
     """Parity of every kernel path on this device, with fixed configs (one compile each)."""
-    from tpserve.kernels import dispatch, gptq_common, gptq_h2mm, head_kernels
+    from tpserve.kernels import dispatch, gptq_h2mm, gptq_launch, head_kernels
     from tpserve.kernels.gptq_gemv import uses_h2
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from gptq_random import random_gptq
@@ -75,6 +75,6 @@ def check(dev):
             ids = torch.randint(0, v, (33,), device=dev)
             report("rows", head_kernels.dequant_rows_triton(fmt, ids, q, s, torch.float32),
                    head_kernels.dequant_rows_reference(fmt, ids, q, s, torch.float32))
-    clean = all(not cnt.any().item() for _, cnt in gptq_common._workspaces.values())
+    clean = all(not cnt.any().item() for _, cnt in gptq_launch._workspaces.values())
     print(f"check: worst relative error {worst:.2e}; split-K tickets left zeroed: {clean}")
     return worst < 1e-2 and clean

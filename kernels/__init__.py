@@ -5,7 +5,8 @@ the loader) and a `HeadFormat`.
 Each kernel module holds a Triton kernel for CUDA beside the torch reference it is tested against
 and prints its error against it when run (`python -m tpserve.kernels.gptq_gemv`):
   gptq_weight   the GPTQ shard, its reference dequantization and matmul (torch only)
-  gptq_common   shared Triton pieces: field extraction, zeros, x loads, split-K, autotuning
+  gptq_common   shared Triton pieces: field extraction, zeros, x loads, split-K
+  gptq_launch   their host side: configs, tuning key, launch, arguments, split-K workspace
   gptq_h2       one qweight word's dot product in fp16x2 (the fast GEMV path)
   gptq_gemv     M = 1;  gptq_decode  2 <= M <= 16;  gptq_prefill  M > 16
   head_kernels  int8 and Q8_0 vocabulary tables: head matmul and row gather

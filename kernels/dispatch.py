@@ -53,7 +53,7 @@ def _kernels():
     global _triton
     if _triton is None:
         from . import gptq_decode, gptq_gemv, gptq_h2mm, gptq_prefill, tuning
-        from .gptq_common import new_out
+        from .gptq_launch import new_out
         from .gptq_weight import shape_key
         _triton = types.SimpleNamespace(gemv=gptq_gemv.gemv, uses_h2=gptq_gemv.uses_h2,
                                         decode=gptq_decode.decode_matmul, h2mm=gptq_h2mm,

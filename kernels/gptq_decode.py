@@ -21,9 +21,10 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import (KEY, MAGIC, _finish, _group_sz, _in_second, _lane, _load_xt,  # noqa: E402
-                          _next_tile, _rows_sz, _split, _word_sz, _zeros, cfg,
-                          gptq_args, launch, new_out, through_perm, tuned, workspace)
+from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_xt,  # noqa: E402
+                          _next_tile, _rows_sz, _split, _word_sz, _zeros)
+from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
+                          workspace)
 from .gptq_weight import self_check  # noqa: E402
 
 

@@ -26,8 +26,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import (KEY, _finish, _group_sz, _next_tile, _split, _word_sz, cfg,  # noqa: E402
-                          gptq_args, launch, new_out, through_perm, tuned, workspace)
+from .gptq_common import _finish, _group_sz, _next_tile, _split, _word_sz  # noqa: E402
+from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
+                          workspace)
 from .gptq_h2 import _h2_dot_rows  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 

@@ -21,8 +21,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import (KEY, MAGIC, _group_sz, _rows_sz, _zeros, cfg, gptq_args,  # noqa: E402
-                          launch, new_out, tuned)
+from .gptq_common import MAGIC, _group_sz, _rows_sz, _zeros  # noqa: E402
+from .gptq_launch import KEY, cfg, gptq_args, launch, new_out, tuned  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
 # From this many rows on, a matmul dequantizes W once and hands it to cuBLAS (a prefill of M = 512

@@ -89,7 +89,7 @@ def _check_kernel(heads, dtype, window, softcap, num_splits, block_n, slot_dtype
                                          scale, window, softcap)
     assert out.dtype == dtype and out.shape == q.shape
     assert out[0].eq(0).all(), "a lens == 0 row must be exactly zero"
-    tickets = importlib.import_module("tpserve.kernels.gptq_common")._workspaces.get(q.device)
+    tickets = importlib.import_module("tpserve.kernels.gptq_launch")._workspaces.get(q.device)
     assert tickets is None or not tickets[1].any()  # the merge's tickets are left zeroed
     # fp32: summation order only. fp16: the output rounds to fp16 (2**-11 relative) and the
     # probabilities are rounded to fp16 before the p @ V dot, each error bounded by max|v| * 2**-11.

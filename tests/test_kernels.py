@@ -38,6 +38,7 @@ def _interpreted(*names):
 common, _h2, gemv, decode, prefill, h2mm, hk = _interpreted(
     "gptq_common", "gptq_h2", "gptq_gemv", "gptq_decode", "gptq_prefill", "gptq_h2mm",
     "head_kernels")
+launch = importlib.import_module("tpserve.kernels.gptq_launch")
 gptq_matmul_triton = importlib.import_module("tpserve.kernels.dispatch").gptq_matmul_triton
 
 
@@ -95,13 +96,13 @@ def test_gptq_triton_matches_reference(case, m):
         ref = gptq.dequantize(gptq.unpack_rows(w.qweight, bits, w.in_features),
                               gptq.unpack_cols(w.qzeros, bits, n), w.scales, w.groups())
         ref = xk.float() @ ref
-        if x.device in common._workspaces:  # split-K partials never read stale values
-            common._workspaces[x.device][0].fill_(float("nan"))
+        if x.device in launch._workspaces:  # split-K partials never read stale values
+            launch._workspaces[x.device][0].fill_(float("nan"))
         out = gptq_matmul_triton(x, w, perm, out=_poisoned(m, n, dtype),
                                     config=_config(m, bk_gemv, bk_mm))
         _close(out, ref, dtype)
         if m <= 16:  # split-K leaves its tickets zeroed for the next call
-            assert not common._workspaces[x.device][1].any()
+            assert not launch._workspaces[x.device][1].any()
 
 
 @pytest.mark.parametrize("m", [2, 3])
@@ -118,19 +119,19 @@ def test_fp16x2_rows_kernel_matches_reference(case, bk, m):
     assert gemv.uses_h2(torch.float16, w)  # every case's boundaries fall between words
     x = torch.randn(m, k, dtype=torch.float16)
     ref = (x if perm is None else x[:, perm]).float() @ w.dequantize()
-    if x.device in common._workspaces:  # split-K partials never read stale values
-        common._workspaces[x.device][0].fill_(float("nan"))
+    if x.device in launch._workspaces:  # split-K partials never read stale values
+        launch._workspaces[x.device][0].fill_(float("nan"))
     out = h2mm.h2_matmul(x, w, perm, out=_poisoned(m, n, torch.float16),
                          config=dict(BLOCK_N=32, BLOCK_K=bk_gemv if bk == "gemv" else bk_mm,
                                      SPLIT_K=2))
     _close(out, ref, torch.float16)
-    assert not common._workspaces[x.device][1].any()  # tickets left zeroed
+    assert not launch._workspaces[x.device][1].any()  # tickets left zeroed
 
 
 @pytest.mark.parametrize("m", [1, 3])
 def test_act_order_x_gathered_before_the_kernel(m, monkeypatch):
     """GATHER_X: x[:, perm] taken once in torch (padded rows included), the kernel reads x plainly."""
-    monkeypatch.setattr(common, "GATHER_X", True)
+    monkeypatch.setattr(launch, "GATHER_X", True)
     w = random_gptq(130, 40, 4, 32, k0=64, k_total=260, act_order=True)
     w, perm = prepare_act_order(w)
     assert w.word_groups and w.in_features > w.x_features  # padded rows read x through perm
@@ -148,8 +149,8 @@ def test_tuning_keys_name_kernel_arguments():
     """Triton's autotuner reads its key from the launch's arguments: every name must be one (a
     wrong one fails only on a GPU, at the first tuned call)."""
     from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm, gptq_prefill  # noqa: F401
-    assert len(common.TUNED) >= 4
-    for kernel, key in common.TUNED:
+    assert len(launch.TUNED) >= 4
+    for kernel, key in launch.TUNED:
         assert set(key) <= set(kernel.arg_names), (kernel.fn.__name__, key)
 
 
