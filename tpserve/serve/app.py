@@ -82,8 +82,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     def check_model(model: str | None) -> None:
         if model is not None and model != model_name:
-            shown = model[:200].encode("utf-8", "backslashreplace").decode()  # lone surrogates
-            raise ApiError(404, f"model '{shown}' is not served here; use '{model_name}'",
+            raise ApiError(404, f"model '{model[:200]}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
 
     def check_vocab(tokens: list[int], param: str) -> None:

@@ -156,9 +156,7 @@ def refuse_unsupported(req: _Common) -> None:
     for param, bad, message in unsupported:
         if bad:
             raise ApiError(400, message, param)
-    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    if len(stops) > MAX_STOP:
-        raise ApiError(400, f"'stop' holds {len(stops)} strings; send at most {MAX_STOP}", "stop")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []  # at most MAX_STOP
     for s in stops:
         if len(s) > MAX_STOP_CHARS:
             raise ApiError(400, f"a stop string of {len(s)} characters exceeds "
@@ -169,10 +167,7 @@ def refuse_unsupported(req: _Common) -> None:
 def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    bias, seen = [], set()
-    if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
-        raise ApiError(400, f"logit_bias has {len(req.logit_bias)} entries; send at most "
-                            f"{MAX_LOGIT_BIAS}", "logit_bias")
+    bias, seen = [], set()  # at most MAX_LOGIT_BIAS entries (`_at_most`)
     for key, value in (req.logit_bias or {}).items():
         if not re.fullmatch(r"[0-9]{1,10}", key):  # ASCII digits only: int() reads others too
             raise ApiError(400, f"logit_bias key {key[:40]!r} is not a token id", "logit_bias")
