@@ -26,11 +26,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.serve.engine import QueueFull, RequestError
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
+from tpserve.serve.prompts import Prompts
 from tpserve.serve.middleware import ApiKey, BodyLimit
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
@@ -85,21 +85,6 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(404, f"model '{model[:200]}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
 
-    def check_vocab(tokens: list[int], param: str) -> None:
-        bad = [t for t in tokens if not 0 <= t < engine.cfg.vocab_size]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, "
-                                f"{engine.cfg.vocab_size})", param)
-
-    def check_length(tokens: list[int], param: str) -> None:
-        if len(tokens) > engine.max_len:
-            raise ApiError(400, f"'{param}' holds {len(tokens)} token ids, more than the context "
-                                f"of {engine.max_len}; shorten it", param)
-
-    def need_codec(param: str) -> None:
-        if codec is None:
-            raise ApiError(400, "this model has no tokenizer; send token ids", param)
-
     def submit(prompt: list[int], params, n: int, param: str) -> Pending:
         if not engine.alive:
             raise ApiError(503, "the engine is not running; see the server log")
@@ -125,58 +110,19 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         return {"prompt_tokens": prompt_len, "completion_tokens": n,
                 "total_tokens": prompt_len + n}
 
-    # The fewest tokens a text can encode to: no token covers more characters than its longest
-    # vocabulary entry (halved, for normalizers that drop characters). Longer texts than the
-    # context allows are refused before the tokenizer spends seconds on them.
-    chars_per_token = 2 * max((len(t) for t in codec.tokenizer.get_vocab(True)), default=1) \
-        if codec is not None else 1
-
-    async def encode(text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        if len(text) > chars_per_token * engine.max_len:
-            raise ApiError(400, f"the {param} has {len(text)} characters, more tokens than the "
-                                f"context of {engine.max_len} holds; shorten it", param)
-        return await run_in_threadpool(codec.encode, text, add_special_tokens)
-
-    async def chat_prompt(messages) -> list[int]:
-        need_codec("messages")
-        if not messages:
-            raise ApiError(400, "'messages' is empty; send at least one message", "messages")
-        rendered = []
-        for m in messages:
-            content = m.content or ""
-            if isinstance(content, list):
-                kinds = {p.type for p in content} - {"text"}
-                if kinds:
-                    raise ApiError(400, f"content parts of type {sorted(kinds)} are not "
-                                        f"supported; this model reads text only", "messages")
-                content = "".join(p.text or "" for p in content)
-            rendered.append({"role": check_text(m.role, "messages"),
-                             "content": check_text(content, "messages")})
-        if sum(len(m["content"]) + len(m["role"]) + 1 for m in rendered) > \
-                chars_per_token * engine.max_len:  # +1: no message renders to less than a token
-            raise ApiError(400, f"the messages hold more tokens than the context of "
-                                f"{engine.max_len}; shorten them", "messages")
-        try:
-            text = await run_in_threadpool(codec.render_chat, rendered)
-        except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
-            raise ApiError(400, f"the chat template cannot render these messages: {e}",
-                           "messages") from None
-        return await encode(text, "messages", add_special_tokens=False)
+    prompts = Prompts(engine, codec)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
         if isinstance(req.prompt, str):
-            need_codec("prompt")
-            prompt, prompt_text = await encode(check_text(req.prompt, "prompt"), "prompt"), \
-                req.prompt
+            prompt = await prompts.text(check_text(req.prompt, "prompt"), "prompt")
+            prompt_text = req.prompt
         else:
             prompt = req.prompt
-            check_length(prompt, "prompt")  # before the vocabulary check and the echo's decode
-            check_vocab(prompt, "prompt")
-            prompt_text = (await run_in_threadpool(codec.decode, prompt)
-                           if codec is not None and req.echo else "")
+            prompts.token_ids(prompt, "prompt")  # before the echo's decode
+            prompt_text = await prompts.decode(prompt) if codec is not None and req.echo else ""
         echo, k = bool(req.echo), req.logprobs
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)
@@ -210,7 +156,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
-        prompt = await chat_prompt(req.messages)
+        prompt = await prompts.chat(req.messages)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
@@ -265,20 +211,18 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
-            tokens = await chat_prompt(req.messages)
+            tokens = await prompts.chat(req.messages)
         else:
-            need_codec("prompt")
-            tokens = await encode(check_text(req.prompt, "prompt"), "prompt",
-                                  req.add_special_tokens)
+            tokens = await prompts.text(check_text(req.prompt, "prompt"), "prompt",
+                                        req.add_special_tokens)
         return {"count": len(tokens), "max_model_len": engine.max_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
-        need_codec("tokens")
-        check_length(req.tokens, "tokens")
-        check_vocab(req.tokens, "tokens")
-        return {"prompt": await run_in_threadpool(codec.decode, req.tokens)}
+        prompts.need_codec("tokens")
+        prompts.token_ids(req.tokens, "tokens")
+        return {"prompt": await prompts.decode(req.tokens)}
 
     @app.get("/version")
     async def get_version():

@@ -1,0 +1,73 @@
+"""What a request's prompt becomes before the engine sees it: text encoded, chat messages rendered
+through the template and encoded, token ids checked, each refused with a 400 that names the field
+before it costs the event loop or the tokenizer much (`app.py` routes through one `Prompts`)."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+
+from tpserve.serve.openai_protocol import ApiError, check_text
+
+
+class Prompts:
+    def __init__(self, engine, codec):
+        self.engine, self.codec = engine, codec
+        # The fewest tokens a text can encode to: no token covers more characters than its
+        # longest vocabulary entry (halved, for normalizers that drop characters). Longer texts
+        # than the context allows are refused before the tokenizer spends seconds on them.
+        self.chars_per_token = 2 * max((len(t) for t in codec.tokenizer.get_vocab(True)),
+                                       default=1) if codec is not None else 1
+
+    def need_codec(self, param: str) -> None:
+        if self.codec is None:
+            raise ApiError(400, "this model has no tokenizer; send token ids", param)
+
+    def token_ids(self, tokens: list[int], param: str) -> list[int]:
+        """tokens, if the context holds them and the vocabulary has each (checked in that order:
+        the cheap bound first)."""
+        max_len, vocab = self.engine.max_len, self.engine.cfg.vocab_size
+        if len(tokens) > max_len:
+            raise ApiError(400, f"'{param}' holds {len(tokens)} token ids, more than the context "
+                                f"of {max_len}; shorten it", param)
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+        return tokens
+
+    async def decode(self, tokens: list[int]) -> str:
+        return await run_in_threadpool(self.codec.decode, tokens)
+
+    async def text(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """A text's token ids (encoded off the event loop); the caller has checked the text."""
+        self.need_codec(param)
+        if len(text) > self.chars_per_token * self.engine.max_len:
+            raise ApiError(400, f"the {param} has {len(text)} characters, more tokens than the "
+                                f"context of {self.engine.max_len} holds; shorten it", param)
+        return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
+
+    async def chat(self, messages) -> list[int]:
+        """The token ids of chat messages rendered through the model's template."""
+        self.need_codec("messages")
+        if not messages:
+            raise ApiError(400, "'messages' is empty; send at least one message", "messages")
+        rendered = []
+        for m in messages:
+            content = m.content or ""
+            if isinstance(content, list):
+                kinds = {p.type for p in content} - {"text"}
+                if kinds:
+                    raise ApiError(400, f"content parts of type {sorted(kinds)} are not "
+                                        f"supported; this model reads text only", "messages")
+                content = "".join(p.text or "" for p in content)
+            rendered.append({"role": check_text(m.role, "messages"),
+                             "content": check_text(content, "messages")})
+        if sum(len(m["content"]) + len(m["role"]) + 1 for m in rendered) > \
+                self.chars_per_token * self.engine.max_len:  # +1: a message renders to a token
+            raise ApiError(400, f"the messages hold more tokens than the context of "
+                                f"{self.engine.max_len}; shorten them", "messages")
+        try:
+            text = await run_in_threadpool(self.codec.render_chat, rendered)
+        except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
+            raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                           "messages") from None
+        return await self.text(text, "messages", add_special_tokens=False)
