@@ -35,7 +35,7 @@ def _flush_buffer(torch):
 
 
 SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU time while the host enqueues a config's calls
-_LONGEST = SLEEP_CYCLES << 10  # ~0.5 s: past this the host is not merely slow
+_LONGEST = SLEEP_CYCLES << 10  # ~1 s: past this the host is not merely slow
 
 
 def _bench(fn, quantiles=None):
@@ -43,7 +43,7 @@ def _bench(fn, quantiles=None):
 
     If the sleep ends before the host has enqueued every call (a slow host, or a call with much
     host work, such as a whole dispatch in `faster`), the later calls would be timed from their
-    launch: the run is repeated with a sleep four times longer, up to ~0.5 s (then the times are
+    launch: the run is repeated with a sleep four times longer, up to ~1 s (then the times are
     taken as they are, with a warning)."""
     import torch
     flush = _flush_buffer(torch)
