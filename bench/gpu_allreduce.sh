@@ -12,6 +12,9 @@
 #            all-reduce cuda = one-shot + NCCL) vs the torch int4 peer, batch 1 and 8, int8 head,
 #            1 and 8 decode steps per call; then tp=2 again with TPSERVE_ONE_SHOT_NORM=0 (the
 #            residual add + norm not fused into the one-shot all-reduce: the fusion's A/B)
+#   pdl      decode_pdl.json / decode_nopdl.json: the same tp=1 and tp=2 decode runs (batch 1 and 8,
+#            1 and 8 decode steps per call, the peer in the first) with programmatic dependent
+#            launch on and off (TPSERVE_PDL=0): kernels/pdl.py's A/B; then graph vs eager tokens
 #   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
 #            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
@@ -65,6 +68,21 @@ if has decode; then
     --backend ray --device cuda --dtype float16 --lm-head int8 --prompt-len 128 --gen 64 \
     --allreduce cuda --out "$OUT/decode_x2_unfused.json" > "$OUT/decode_x2_unfused.log" 2>&1
   echo "== without the fused add + norm (TPSERVE_ONE_SHOT_NORM=0)"; tail -5 "$OUT/decode_x2_unfused.log"
+fi
+if has pdl; then
+  l8
+  timeout 240 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda \
+    --decode-steps 1 8 --out "$OUT/decode_pdl.json" > "$OUT/decode_pdl.log" 2>&1
+  echo "== PDL on"; grep -A12 "^ tp " "$OUT/decode_pdl.log" | grep -v INFO | head -12
+  TPSERVE_PDL=0 timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray \
+    --device cuda --dtype float16 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda \
+    --decode-steps 1 8 --out "$OUT/decode_nopdl.json" > "$OUT/decode_nopdl.log" 2>&1
+  echo "== PDL off (TPSERVE_PDL=0)"; grep -A10 "^ tp " "$OUT/decode_nopdl.log" | grep -v INFO | head -10
+  python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
+  timeout 120 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
+    --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 > "$OUT/graph_vs_eager_pdl.log" 2>&1
+  grep -i "identical\|differ\|error" "$OUT/graph_vs_eager_pdl.log" | head
 fi
 if has profile; then
   l8

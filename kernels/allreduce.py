@@ -41,7 +41,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import pdl  # noqa: E402
 from .fused import _normalised  # noqa: E402
+from .pdl import release  # noqa: E402
 
 BLOCK = 2048  # elements a program pushes and sums; 4 KB of fp16
 MAX_BLOCKS = 512  # flags per rank: capacity / BLOCK must stay below it
@@ -82,7 +84,9 @@ def _exchange(x, pid, offs, mask, epoch, phase_base, bufs_ptr, flags_ptr, capaci
 
 @triton.jit
 def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capacity,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+                     RANK: tl.constexpr, WORLD: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    release(PDL)  # the GEMV after it loads its weights while this waits for its peers (pdl.py)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -98,8 +102,9 @@ def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capac
 def _one_shot_norm_kernel(x_ptr, h_ptr, w_ptr, sum_ptr, out_ptr, bufs_ptr, flags_ptr,
                           counters_ptr, n, capacity, stride_h, eps, offset,
                           RANK: tl.constexpr, WORLD: tl.constexpr, MODE: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          PDL: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program: its all-reduce (as above), then `fused.add_rms_norm` of h and it."""
+    release(PDL)  # the GEMV after it loads its weights while this waits for its peers (pdl.py)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -131,7 +136,8 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         raise ValueError(f"one-shot all-reduce of {n} elements exceeds its capacity {capacity}")
     if n:
         _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, bufs, flags, counters, n, capacity,
-                                                   RANK=rank, WORLD=world, BLOCK=BLOCK,
+                                                   RANK=rank, WORLD=world, PDL=pdl.flag(x),
+                                                   BLOCK=BLOCK,
                                                    num_warps=4)
     return out
 
@@ -158,7 +164,7 @@ def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | No
     if t:
         _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,
                                     n, capacity, h.stride(0), float(eps), float(offset or 0.0),
-                                    RANK=rank, WORLD=world, MODE=mode,
+                                    RANK=rank, WORLD=world, MODE=mode, PDL=pdl.flag(x),
                                     BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
 

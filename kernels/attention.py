@@ -28,7 +28,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import pdl  # noqa: E402
 from .gptq_launch import workspace  # noqa: E402
+from .pdl import release  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -125,7 +127,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+    release(PDL)  # the output projection's GEMV may load its weights now (pdl.py)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     n = tl.load(lens_ptr + b).to(tl.int32)
@@ -248,7 +251,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=precision,
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl.flag(q),
         BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps)
     return out
 

@@ -34,6 +34,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import pdl  # noqa: E402
+from .pdl import release  # noqa: E402
+
 
 def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
     return x.is_cuda if use_triton is None else use_triton
@@ -57,7 +60,8 @@ def add_rms_norm_reference(h, r, w, eps: float, offset: float | None = None):
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_s,
                      stride_o, eps, offset, MODE: tl.constexpr, ADD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     PDL: tl.constexpr, BLOCK: tl.constexpr):
+    release(PDL)  # the GEMV after it may load its weights now (pdl.py)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -100,7 +104,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, x2, x2 if w is None else w, out, n, x2.stride(0),
                                          0, 0, out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                                         ADD=False, BLOCK=triton.next_power_of_2(n), num_warps=4)
+                                         ADD=False, PDL=pdl.flag(x2), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return out.view(shape)
 
 
@@ -118,7 +122,7 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: 
     if t:
         _rms_norm_kernel[(t,)](h, r, total, h if w is None else w, out, n, h.stride(0), r.stride(0),
                                total.stride(0), out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                               ADD=True, BLOCK=triton.next_power_of_2(n), num_warps=4)
+                               ADD=True, PDL=pdl.flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
 
 
@@ -238,7 +242,9 @@ def silu_mul_reference(gate, up):
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, PDL: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    release(PDL)  # the down projection's GEMV may load its weights now (pdl.py)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -259,7 +265,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = Non
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),
-                                                     up.stride(0), BLOCK=block, num_warps=4)
+                                                     up.stride(0), PDL=pdl.flag(gate), BLOCK=block,
+                                                     num_warps=4)
     return out
 
 

@@ -26,6 +26,7 @@ from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_xt
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
 from .gptq_weight import self_check  # noqa: E402
+from .pdl import options as pdl_options, release, wait  # noqa: E402
 
 
 @triton.jit
@@ -63,17 +64,19 @@ def _mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr
                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
                WORD_GROUPS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr,
+               PDL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Decode (2 <= M <= 16): one tl.dot per field p, x[:, p::P] (BLOCK_M x BLOCK_K / P)."""
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
+    release(PDL)
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
     k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
                                            SPLIT_K, BLOCK_K, P)
+    wait(PDL)  # the first tile of weights is loaded (pdl.py)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
@@ -153,7 +156,7 @@ def decode_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
         M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt,
-        WORD_GROUPS=w.g_idx is not None and w.word_groups)
+        WORD_GROUPS=w.g_idx is not None and w.word_groups) | pdl_options(x)
     launch(_mm_kernel, _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
            config, INTERPRET_CONFIG)

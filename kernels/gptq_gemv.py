@@ -30,6 +30,7 @@ from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
+from .pdl import options as pdl_options, release, wait  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
 @triton.jit
@@ -85,15 +86,17 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                  N, K, G, K_KEY, stride_xk, stride_qw, stride_qz, stride_s,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                  HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
-                 EVEN_K: tl.constexpr, H2: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
+    release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
                                            SPLIT_K, BLOCK_K, P)
+    wait(PDL)  # the first tile of weights is loaded; x and the workspace come from other kernels
     acc = tl.zeros([KW, BLOCK_N], tl.float32)
     corr = tl.zeros([BLOCK_N], tl.float32)  # -sum_k z * s * x of two-group tiles
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -179,7 +182,7 @@ def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor
     h2 = uses_h2(x.dtype, w)
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))
     args = gptq_args(x, w, out) | dict(perm_ptr=x if perm is None else perm,
-                                       HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2)
+                                       HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2) | pdl_options(x)
     launch(_gemv_kernel, _tuned, args,
            lambda c: (triton.cdiv(w.out_features, c["BLOCK_N"]), c["SPLIT_K"]), config,
            INTERPRET_CONFIG)

@@ -31,6 +31,7 @@ from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tu
                           workspace)
 from .gptq_h2 import _h2_dot_rows  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
+from .pdl import options as pdl_options, release, wait  # noqa: E402
 
 MAX_M = 4  # the dequantization is repeated per row: beyond a few rows tl.dot wins
 
@@ -40,16 +41,19 @@ def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                  M, N, K, G, K_KEY, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz,
                  stride_s, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr,
-                 MODE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 MODE: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
+    release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
     k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
                                            SPLIT_K, BLOCK_K, P)
+    wait(PDL)  # the first tile of weights is loaded (pdl.py)
     acc = tl.zeros([BLOCK_M, KW, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
@@ -94,7 +98,8 @@ def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0),
         BLOCK_M=triton.next_power_of_2(m),
-        perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt)
+        perm_ptr=x if perm is None else perm, HAS_PERM=perm is not None, ws_ptr=ws,
+        cnt_ptr=cnt) | pdl_options(x)
     launch(_h2mm_kernel, _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]), config, INTERPRET_CONFIG)
     return out
