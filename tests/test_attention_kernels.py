@@ -112,6 +112,18 @@ def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
 
 
+def test_decode_kernel_reads_only_the_splits_that_hold_keys(monkeypatch):
+    """The merge reads the splits holding keys and nothing of the empty ones, which store nothing:
+    their scratch rows are poisoned here (NaN), and 8 splits share 3 key blocks."""
+    empty = torch.empty
+
+    def poisoned(*shape, **kw):
+        return empty(*shape, **kw).fill_(float("nan")) if kw.get("dtype") == torch.float32 else \
+            empty(*shape, **kw)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    _check_kernel("gqa4", torch.float16, None, None, num_splits=8, block_n=16)
+
+
 def test_decode_kernel_wide_group():
     _check_kernel("mqa20", torch.float16, None, 2.0, num_splits=2, block_n=16)
 
