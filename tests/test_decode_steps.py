@@ -142,3 +142,23 @@ def test_prompt_logprobs_of_a_one_token_prompt_with_the_head_on_a_rank(ranks):
     assert [(lp.token, lp.logprob) for lp in first] == [(5, None)]
     assert [t for ev in events for t in ev.token_ids] == \
         ranks.generate([5], max_tokens=2, ignore_eos=True)
+
+
+@pytest.mark.parametrize("vocab,chunks", [(4096, 128), (1000, 40), (96, 32)])
+def test_greedy_in_slices_is_torch_argmax(vocab, chunks):
+    """The two-pass argmax (`rank_head.greedy`, what a captured step runs on a GPU) gives
+    torch.argmax's index: the first maximum, also where the maximum is tied across slices or
+    within one, at a slice's edges, and where a row holds NaN or only -inf."""
+    from tpserve.model.rank_head import _chunks, greedy
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, vocab, generator=gen).round(decimals=1)  # ties within a row are common
+    w = vocab // chunks
+    rows[1, [w - 1, 3 * w]] = 50.0  # tied across slices: the earlier, at a slice's last column
+    rows[2, [5 * w, 5 * w + 1]] = 50.0  # tied within a slice, at its first column
+    rows[3, -1] = 50.0  # the last column
+    rows[4, 7] = float("nan")
+    rows[5] = float("-inf")
+    rows[6] = 0.0
+    got = greedy(rows, chunks)
+    assert torch.equal(got, rows.argmax(-1)), (got, rows.argmax(-1))
+    assert _chunks(128256) == 128 and _chunks(151936) == 128 and _chunks(1031) == 0  # a prime

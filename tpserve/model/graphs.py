@@ -21,6 +21,7 @@ import time
 import torch
 
 from tpserve.model.kv_cache import DecodeMeta
+from tpserve.model.rank_head import greedy
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class _Bucket:
                     return model.run(self.x, None, meta), None
                 h = model.run(head.embed(self.rows[3]), None, meta)
                 logits = head.logits(h)  # None on a rank without the head
-                return (h, None) if logits is None else (logits, logits.argmax(-1))
+                return (h, None) if logits is None else (logits, greedy(logits))
             self.out, self.tokens = self._capture(pool, step)  # with the head, out is the logits
             return
         state_box, h = {}, None

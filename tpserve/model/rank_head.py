@@ -22,6 +22,29 @@ import torch
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 
+def _chunks(vocab: int) -> int:
+    """A divisor of `vocab` near 128 (0 if none in [32, 512]): chunks for `greedy`."""
+    for d in sorted(range(32, 513), key=lambda d: abs(d - 128)):
+        if vocab % d == 0:
+            return d
+    return 0
+
+
+def greedy(logits: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """logits [b, vocab] -> their argmax [b] (int64): torch.argmax's answer (the first maximum; a
+    NaN counts as the maximum), in two passes on a GPU: each of `chunks` slices of a row reduced
+    to its (max, first index), then the first best slice. torch reduces a row in one thread block:
+    ~28 us per decode step for a 128k vocabulary on an H200, in a step of ~2.5 ms."""
+    b, v = logits.shape
+    c = _chunks(v) if chunks is None else chunks
+    if c <= 1 or not (logits.is_cuda or chunks):
+        return logits.argmax(-1)
+    assert v % c == 0, (v, c)
+    vals, idx = logits.reshape(b, c, v // c).max(-1)  # [b, c]: per slice, its first maximum
+    best = vals.argmax(-1, keepdim=True)  # the first slice holding the row's maximum
+    return (best * (v // c) + idx.gather(1, best)).squeeze(1)
+
+
 HEAD_AT = ("auto", "coordinator", "rank0")  # where Ray ranks' head runs; auto: rank0 for same-host GPUs
 MAX_DECODE_STEPS = 64  # greedy decode steps one message may ask for (`decode_ids`)
 
@@ -68,7 +91,7 @@ def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
             return graphs.run_ids(ids, plan)
         out = model(head.embed(ids.to(model.device)), plan)
         logits = head.logits(out if plan.out_rows is None else out[plan.out_rows])
-    return logits, None if logits is None else logits.argmax(-1)
+    return logits, None if logits is None else greedy(logits)
 
 
 def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: int
@@ -95,7 +118,7 @@ def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: 
         for k in range(steps):  # eager (CPU ranks): the same steps, one at a time
             logits = head.logits(model(head.embed(cur), plan.advanced(k)))
             if logits is not None:
-                cur = logits.argmax(-1)
+                cur = greedy(logits)
                 out.append(cur)
         return torch.stack(out) if out else None
 
