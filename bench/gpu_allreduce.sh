@@ -15,6 +15,10 @@
 #   pdl      decode_pdl.json / decode_nopdl.json: the same tp=1 and tp=2 decode runs (batch 1 and 8,
 #            1 and 8 decode steps per call, the peer in the first) with programmatic dependent
 #            launch on and off (TPSERVE_PDL=0): kernels/pdl.py's A/B; then graph vs eager tokens
+#   step     after a change to the decode step: decode_step.json (tp 1 and 2, batch 1 and 8, 1 and 8
+#            decode steps per call, the torch int4 peer), a short tp=2 profile (prof/rank0.*), graph
+#            vs eager tokens, `tpserve verify` at tp 2 over Ray against transformers, the fused
+#            kernels' and attention's self-checks
 #   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
 #            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
@@ -83,6 +87,26 @@ if has pdl; then
   timeout 120 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
     --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 > "$OUT/graph_vs_eager_pdl.log" 2>&1
   grep -i "identical\|differ\|error" "$OUT/graph_vs_eager_pdl.log" | head
+fi
+if has step; then
+  (for m in fused attention; do echo "== $m"; timeout 100 python3 -m tpserve.kernels.$m 2>&1 | grep -v Warning; done \
+    > "$OUT/selfchecks.log" 2>&1) &
+  l8
+  timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda \
+    --decode-steps 1 8 --out "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1
+  grep -A12 "^ tp " "$OUT/decode_step.log" | grep -v INFO | head -12
+  TPSERVE_PROFILE=60:8:$OUT/prof timeout 100 python3 bench/decode.py --model /tmp/l8 --tp 2 --batch 1 \
+    --backend ray --device cuda --dtype float16 --lm-head int8 --prompt-len 128 --gen 72 \
+    > "$OUT/profile_x2.log" 2>&1; rm -f "$OUT"/prof/rank1*
+  python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
+  timeout 90 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
+    --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 > "$OUT/graph_vs_eager.log" 2>&1
+  grep -i "identical\|differ\|error" "$OUT/graph_vs_eager.log" | head
+  timeout 90 python3 -m tpserve.cli verify --model /tmp/small --tp 2 --backend ray --device cuda \
+    --dtype float16 --reference transformers --max-tokens 8 > "$OUT/verify_small_tp2_hf.txt" 2>&1
+  echo "verify tp2 ray vs transformers: exit $?"; grep -A4 "prompt  tokens" "$OUT/verify_small_tp2_hf.txt"
+  wait; grep -ciE "error|traceback|nan " "$OUT/selfchecks.log"
 fi
 if has profile; then
   l8

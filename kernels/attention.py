@@ -139,7 +139,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     per = tl.cdiv(last - first, NUM_SPLITS)  # this split's contiguous share of the key blocks
     start = first + split * per
     end = tl.minimum(start + per, last)
-    used = tl.cdiv(last - first, tl.maximum(per, 1))  # splits holding keys (the rest are empty)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -178,29 +177,26 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # part [B, H, S, D], ml [2, B, H, S]
         l_at = tl.num_programs(0) * num_heads * NUM_SPLITS  # where ml's sums start
-        mine = (g * 0 + split) < used  # an empty split stores nothing: the merge reads `used`
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask & mine[:, None])
-        tl.store(ml_ptr + row, m_i, mask=gmask & mine)
-        tl.store(ml_ptr + l_at + row, l_i, mask=gmask & mine)
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask)
+        tl.store(ml_ptr + row, m_i, mask=gmask)
+        tl.store(ml_ptr + l_at + row, l_i, mask=gmask)
         tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
         tile = b * tl.num_programs(1) + kvh
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, used, GROUP,
+            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP,
                    HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
             tl.store(cnt_ptr + tile, 0)  # left zeroed for the next call
 
 
 @triton.jit
-def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, used,
-           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[b, h] for the kv head's query heads h from the (max, sum, acc) of the first `used`
-    splits, those holding keys, in split order (read at L2: other programs wrote them). The split
-    count is static (a captured step's grid) and sized for the longest sequence; a short one's
-    keys fill a few splits, and reading only those is most of this kernel's time saved."""
+def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP: tl.constexpr,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+           BLOCK_S: tl.constexpr):
+    """out[b, h] for the kv head's query heads h from every split's (max, sum, acc), in split
+    order (read at L2: other programs wrote them)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    smask, dmask = (s < NUM_SPLITS) & (s < used), d < HEAD_DIM
+    smask, dmask = s < NUM_SPLITS, d < HEAD_DIM
     for gi in range(GROUP):
         h = kvh * GROUP + gi
         row = (b * num_heads + h) * NUM_SPLITS

@@ -112,9 +112,9 @@ def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
 
 
-def test_decode_kernel_reads_only_the_splits_that_hold_keys(monkeypatch):
-    """The merge reads the splits holding keys and nothing of the empty ones, which store nothing:
-    their scratch rows are poisoned here (NaN), and 8 splits share 3 key blocks."""
+def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch):
+    """Every scratch row the merge reads was written by its split, empty splits included: the
+    scratch is poisoned here (NaN), and 8 splits share 3 key blocks."""
     empty = torch.empty
 
     def poisoned(*shape, **kw):
