@@ -147,10 +147,11 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
                    help="prompt tokens one step prefills (whole prompts; a longer one runs alone)")
-    p.add_argument("--decode-steps", type=int, default=1,
+    p.add_argument("--decode-steps", type=int, default=8,
                    help="greedy decode steps the ranks run per engine step where they hold the "
-                        "head (each step's token feeds the next on the device; tokens stream in "
-                        "bursts of this many; 1: one step at a time)")
+                        "head, while every running request decodes greedily and none waits (each "
+                        "step's token feeds the next on the device; tokens stream in bursts of up "
+                        "to this many; 1: one step at a time)")
     p.add_argument("--verify", action="store_true",
                    help="check the deployment against tp=1 (`tpserve verify`) before serving")
     p.set_defaults(func=cmd_launch)
