@@ -53,9 +53,10 @@ def enabled(device_index: int | None) -> bool:
 
 
 def options(x) -> dict:
-    """Launch arguments for a kernel with a `PDL` constexpr that is launched with PDL."""
+    """Launch arguments for a kernel with a `PDL` constexpr that is launched with PDL (the launch
+    option only where on: a Triton without PDL does not know it)."""
     on = x.is_cuda and enabled(x.device.index)
-    return {"PDL": on, "launch_pdl": on}
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def flag(x) -> bool:

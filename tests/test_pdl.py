@@ -79,7 +79,7 @@ def test_gemv_reads_only_weights_before_waiting(ptx_ops, name):
 
 def test_off_without_a_gpu_or_when_asked(monkeypatch):
     x = torch.zeros(2)
-    assert pdl.options(x) == {"PDL": False, "launch_pdl": False}
+    assert pdl.options(x) == {"PDL": False}  # no launch option a Triton without PDL would refuse
     assert pdl.flag(x) is False
     monkeypatch.setenv(pdl.ENV, "0")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
