@@ -34,7 +34,7 @@ BAD = [  # (path, body, message fragment, param)
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens=0 must be a positive",
      "max_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -2}, "max_tokens=-2", "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature=-1.0 must be >= 0",
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature=-1.0 must be in [0, 1e+06]",
      "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p=0.0 must be in (0, 1]", "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p=1.5 must be in (0, 1]", "top_p"),

@@ -194,6 +194,10 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
     ("/v1/chat/completions", {"messages": [{"role": ""}] * 300_000},
      "'messages' holds 300000 items; send at most 4096"),
     ("/tokenize", {"messages": [{"role": ""}] * 300_000}, "'messages' holds 300000 items"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}] * 300_000}]},
+     "'messages.0.content' holds 300000 items; send at most 4096"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": 1e39},
+     "temperature=1e+39 must be in [0, 1e+06]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 25}, "top_logprobs=25 must be"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -206,7 +210,7 @@ def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
     r = env.client.post(path, json=body)
     assert r.status_code == 400 and sentence in r.json()["error"]["message"], r.text
     param = sentence.split("'")[1] if sentence.startswith("'") else sentence.split("=")[0]
-    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["param"] == param.split(".")[0]  # the top-level field
 
 
 def test_token_ids_beyond_the_context_are_refused_before_any_decode(env):
@@ -225,6 +229,8 @@ def test_a_body_over_the_limit_is_refused_unread(env):
     r = env.client.post("/v1/completions", content=big,
                         headers={"content-type": "application/json"})
     assert r.status_code == 413 and "exceeds 16 MiB" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"  # the client's to fix
+    assert 'code="413"' in env.client.get("/metrics").text  # counted like any refusal
 
     def chunks():  # no Content-Length: counted as it arrives
         for _ in range(MAX_BODY_BYTES // (1 << 20) + 2):

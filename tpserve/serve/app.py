@@ -50,7 +50,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
             "root": model_name, "max_model_len": engine.max_len}
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, metrics=metrics)
     if api_key:  # outermost: an unauthenticated caller is refused before the body counts
         app.add_middleware(ApiKey, key=api_key, metrics=metrics)
 

@@ -19,12 +19,14 @@ class BodyLimit:
     """ASGI middleware: bodies over MAX_BODY_BYTES get 413, by their Content-Length before any
     byte is read, else (chunked) as soon as the bytes received pass the limit."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, metrics: Metrics | None = None):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def _refuse(self, scope, receive, send):
         body = error_body(413, f"the request body exceeds {self.limit >> 20} MiB; send a "
                                f"shorter prompt", code="request_too_large")
+        if self.metrics is not None:
+            self.metrics.http_error(413)
         await JSONResponse(body, 413)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):

@@ -17,12 +17,13 @@ from tpserve.serve.sampling import MAX_STOP_IDS, SamplingParams, TokenLogprob
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
-               415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                503: "server_error"}
 MAX_N = 128  # OpenAI's own bound on n
 MAX_STOP, MAX_STOP_CHARS = 16, 512  # stop strings per request, characters per stop string
 MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
 MAX_MESSAGES = 4096  # chat messages per request
+MAX_PARTS = 4096  # content parts per chat message
 MAX_IDS = 1 << 20  # token ids in a prompt or a /detokenize body (the context bounds them again)
 
 
@@ -97,7 +98,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], _at_most(MAX_PARTS)] | None = None
 
 
 class ChatRequest(_Common):

@@ -26,6 +26,9 @@ MAX_STOP_IDS = 1024  # stop_token_ids per request: each decode step checks them
 # repetition_penalty in [1/100, 100]: logits are divided or multiplied by it in fp32, where a
 # penalty of 1e-300 is 0 (every logit inf, NaN probabilities, token 0 every time)
 MIN_REPETITION_PENALTY = 0.01
+# Above this, logits / temperature would round to 0 or overflow in fp32 (1e39 is inf there, and
+# a banned token's -inf / inf is NaN): sampling is uniform long before it.
+MAX_TEMPERATURE = 1e6
 # Below this temperature sampling is greedy: dividing by it would overflow fp32 logits.
 MIN_TEMPERATURE = 1e-5
 
@@ -70,7 +73,7 @@ class SamplingParams:
     def __post_init__(self):
         _check(_is_int(self.max_tokens) and self.max_tokens > 0,
                f"max_tokens={self.max_tokens!r} must be a positive integer")
-        _number("temperature", self.temperature, 0, note=" (0 means greedy)")
+        _number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 means greedy)")
         _number("top_p", self.top_p, 0, 1, lo_open=True)
         _check(_is_int(self.top_k) and self.top_k >= 0,
                f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
