@@ -41,9 +41,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import pdl  # noqa: E402
 from .fused import _normalised  # noqa: E402
-from .pdl import release  # noqa: E402
+from .pdl import flag as pdl_flag, release  # noqa: E402
 
 BLOCK = 2048  # elements a program pushes and sums; 4 KB of fp16
 MAX_BLOCKS = 512  # flags per rank: capacity / BLOCK must stay below it
@@ -136,7 +135,7 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         raise ValueError(f"one-shot all-reduce of {n} elements exceeds its capacity {capacity}")
     if n:
         _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, bufs, flags, counters, n, capacity,
-                                                   RANK=rank, WORLD=world, PDL=pdl.flag(x),
+                                                   RANK=rank, WORLD=world, PDL=pdl_flag(x),
                                                    BLOCK=BLOCK,
                                                    num_warps=4)
     return out
@@ -164,7 +163,7 @@ def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | No
     if t:
         _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,
                                     n, capacity, h.stride(0), float(eps), float(offset or 0.0),
-                                    RANK=rank, WORLD=world, MODE=mode, PDL=pdl.flag(x),
+                                    RANK=rank, WORLD=world, MODE=mode, PDL=pdl_flag(x),
                                     BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
 

@@ -28,9 +28,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import pdl  # noqa: E402
 from .gptq_launch import workspace  # noqa: E402
-from .pdl import release  # noqa: E402
+from .pdl import flag as pdl_flag, release  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -251,7 +250,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl.flag(q),
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl_flag(q),
         BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps)
     return out
 

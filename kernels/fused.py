@@ -34,8 +34,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import pdl  # noqa: E402
-from .pdl import release  # noqa: E402
+from .pdl import flag as pdl_flag, release  # noqa: E402
 
 
 def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
@@ -104,7 +103,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, x2, x2 if w is None else w, out, n, x2.stride(0),
                                          0, 0, out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                                         ADD=False, PDL=pdl.flag(x2), BLOCK=triton.next_power_of_2(n), num_warps=4)
+                                         ADD=False, PDL=pdl_flag(x2), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return out.view(shape)
 
 
@@ -122,7 +121,7 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: 
     if t:
         _rms_norm_kernel[(t,)](h, r, total, h if w is None else w, out, n, h.stride(0), r.stride(0),
                                total.stride(0), out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                               ADD=True, PDL=pdl.flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
+                               ADD=True, PDL=pdl_flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
 
 
@@ -265,7 +264,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = Non
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),
-                                                     up.stride(0), PDL=pdl.flag(gate), BLOCK=block,
+                                                     up.stride(0), PDL=pdl_flag(gate), BLOCK=block,
                                                      num_warps=4)
     return out
 
