@@ -99,17 +99,6 @@ def _group_sz(s_ptr, qz_ptr, g, offs_n, n_mask, stride_s, stride_qz, BITS: tl.co
 
 
 @triton.jit
-def _tile_sz(s_ptr, qz_ptr, k, k_hi, G, offs_n, n_mask, stride_s, stride_qz, BITS: tl.constexpr,
-             GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr):
-    """Scale and zero of the tile at row k in MODE 0 (one group per tile), 0 where k >= k_hi: the
-    kernels load them a tile ahead, with the words (the first tile's before the PDL wait: scales
-    and zeros are weights too), so a tile's compute never waits on a dependent load."""
-    g = tl.minimum((k + GROUP_OFFSET) // GROUP_SIZE, G - 1)
-    more = (tl.zeros_like(offs_n) + k) < k_hi
-    return _group_sz(s_ptr, qz_ptr, g, offs_n, n_mask & more, stride_s, stride_qz, BITS)
-
-
-@triton.jit
 def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s, stride_qz,
              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
              HAS_GIDX: tl.constexpr, TWO: tl.constexpr):

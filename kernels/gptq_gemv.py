@@ -25,8 +25,8 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import (MAGIC, _finish, _in_second, _lane, _load_x,  # noqa: E402
-                          _next_tile, _rows_sz, _split, _tile_sz, _word_sz, _zeros)
+from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
+                          _next_tile, _rows_sz, _split, _word_sz, _zeros)
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
@@ -96,18 +96,14 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
     n_mask = offs_n < N
     k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
                                            SPLIT_K, BLOCK_K, P)
-    if MODE == 0:  # the first tile's scale and zero
-        s_nx, z_nx = _tile_sz(s_ptr, qz_ptr, k_lo, k_hi, G, offs_n, n_mask, stride_s, stride_qz,
-                              BITS, GROUP_SIZE, GROUP_OFFSET)
     wait(PDL)  # the first tile of weights is loaded; x and the workspace come from other kernels
     acc = tl.zeros([KW, BLOCK_N], tl.float32)
     corr = tl.zeros([BLOCK_N], tl.float32)  # -sum_k z * s * x of two-group tiles
     for k0 in range(k_lo, k_hi, BLOCK_K):
         qw, hi, nxt = _next_tile(qw_ptr, nxt, offs_w, w_hi, offs_n, n_mask, stride_qw, KW)
         if MODE == 0:
-            s, z = s_nx, z_nx
-            s_nx, z_nx = _tile_sz(s_ptr, qz_ptr, k0 + BLOCK_K, k_hi, G, offs_n, n_mask, stride_s,
-                                  stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET)
+            s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
+                             stride_s, stride_qz, BITS)
             if H2:
                 part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z[None, :], K, stride_xk, BITS,
                                HAS_PERM, EVEN_K)

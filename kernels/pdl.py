@@ -6,7 +6,7 @@ behind a norm, an attention or an all-reduce that is itself waiting for a peer G
 is launched with PDL (`options`) and runs in two parts:
 
   1. as soon as every program of the kernel before it has started: load the first tile of
-     weights and its scales and zeros, which no kernel writes;
+     weights, which no kernel writes;
   2. `wait`: block until the kernel before it has completed and its writes are visible, then
      read x, use the split-K workspace, write the output.
 

@@ -26,8 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm
 
-# x is the only 16-bit operand here (scales compiled as fp32), so its loads are the b16 ones
-PTRS = dict(x_ptr="*fp16", perm_ptr="*i32", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp32",
+PTRS = dict(x_ptr="*fp16", perm_ptr="*i32", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16",
             gidx_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32")
 COMMON = dict(BITS=4, GROUP_SIZE=128, GROUP_OFFSET=0, HAS_GIDX=False, HAS_PERM=False, MODE=0,
               EVEN_K=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4)
@@ -69,8 +68,8 @@ def test_gemv_reads_only_weights_before_waiting(ptx_ops, name):
     assert ops.index("griddepcontrol.launch_dependents") < cut
     before = [o for o in ops[:cut] if o != "griddepcontrol.launch_dependents"]
     after = ops[cut + 1:]
-    # weights (qweight and qzeros words, scales: b32 here) are all that is read early: no x
-    # (b16), no workspace (fp32 .cg loads), no stores or atomics (the split-K tickets)
+    # qweight words (b32) are all that is read early: no x or scale (b16), no workspace (fp32
+    # .cg loads), no stores or atomics (the split-K tickets)
     assert before and all(o.startswith("ld.global") and o.endswith("b32") and ".cg" not in o
                           for o in before), before
     assert any(o.startswith("st.global") for o in after)
