@@ -5,8 +5,9 @@ so the CPU path never needs a GPU.
 GPTQ: y[M, N] = x[M, K] @ W[K, N] for one rank's shard (`GPTQWeight`), by M: the GEMV (M = 1),
 the batched decode kernels (M <= 16: tl.dot, or fp16x2 rows up to M = 4 where timed faster),
 prefill (M > 16). The torch reference dequantizes the shard
-and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA (and for 2/3 bits)
-`gptq_matmul_cpu` computes the same product with per-group broadcasts.
+and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA 4-bit shards take
+torch's int4 CPU kernel (`gptq_cpu.py`), others (and 2/3 bits) `gptq_matmul_cpu`, the reference's
+product with per-group broadcasts.
 Act-order shards are sorted by group once at load (the loader returns the permutation) and the
 permutation is passed to every call.
 
@@ -21,7 +22,7 @@ import types
 
 import torch
 
-from . import head_kernels as hk
+from . import gptq_cpu, head_kernels as hk
 from .gptq_weight import GPTQWeight, gptq_matmul_cpu
 from .head_kernels import HeadFormat
 
@@ -99,8 +100,13 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
         with _LAUNCH_LOCK:
             y = gptq_matmul_triton(x2, w, perm)
     else:
-        _announce("GPTQ matmul", f"torch ({w.bits}-bit on {x.device.type})")
-        y = gptq_matmul_cpu(x2 if perm is None else x2.index_select(1, perm), w)
+        x2 = x2 if perm is None else x2.index_select(1, perm)
+        if gptq_cpu.applies(x2, w):
+            _announce("GPTQ matmul", f"torch int4 CPU kernel ({x.device.type})")
+            y = gptq_cpu.int4_matmul(x2, w)
+        else:
+            _announce("GPTQ matmul", f"torch ({w.bits}-bit on {x.device.type})")
+            y = gptq_matmul_cpu(x2, w)
     return y.view(*shape[:-1], w.out_features)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,8 @@ class GPTQWeight:
     out_features: int
     x_features: int | None = None  # x's width when it differs from in_features (padded rows)
     word_groups: bool = False  # every word's rows lie in one group (g_idx shards padded at load)
+    # the shard in torch's int4 CPU kernel layout, made on its first CPU call (`gptq_cpu.py`)
+    cpu_pack: object = field(default=None, repr=False, compare=False)
 
     def groups(self) -> torch.Tensor:
         """Local group index of every local row [K]."""

@@ -1,0 +1,83 @@
+"""4-bit shards on CPU ranks: torch's int4 CPU GEMM (`aten._weight_int4pack_mm_for_cpu`, the
+kernel gpt-fast and torchao run on CPUs), instead of dequantizing the whole shard on every call
+(`gptq_weight.gptq_matmul_cpu`: 411 vs 41 ms at M = 1 on a 2048x8192 shard in fp32, 613 vs 10 ms
+in bf16, on a 2-core EPYC). bf16 x at any M; fp32 and fp16 x up to SMALL_M rows (decode).
+
+That kernel's format: w = (q - 8) * scale + zero per (group, column), groups of 32, 64, 128 or 256
+rows counted from row 0, N a multiple of 16. A GPTQ shard maps onto it exactly in real numbers,
+(q - z) * s = (q - 8) * s + (8 - z) * s, so zero = (8 - z) * s, stored in x's dtype (one rounding;
+in bf16 at most 1/64 of a quantization step). A shard that starts inside a group is padded in front
+with `group_offset` rows, and one that ends inside a group behind, as `gptq_matmul_cpu` pads them:
+x gets zero columns there, so those rows add nothing. Columns past N up to a multiple of 16 hold
+q = 0, scale 0, zero 0, and are sliced off.
+
+The packed weight is made on a shard's first CPU call and kept beside the GPTQ tensors (the
+reference and the other paths still read those): a CPU rank holds its 4-bit weights twice.
+Shards with g_idx (act-order not sorted to plain groups), other group sizes, 2/3/8 bits, or a torch
+without the op take `gptq_matmul_cpu`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .gptq_weight import GPTQWeight, unpack
+
+GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows of fp32 / fp16 x it takes: its time grows with M in those dtypes (bf16 is its fast path), and
+# the per-group broadcast overtakes it between 8 and 16 rows (2048x8192, fp32: 324 vs 670 ms at 8
+# rows, 460 vs 339 at 16, on a 2-core EPYC); a prefill takes the broadcast.
+SMALL_M = 8
+_OPS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+@dataclass
+class Int4CpuPack:
+    """A shard in the CPU kernel's layout (see the module docstring)."""
+
+    packed: torch.Tensor  # uint8 [N16, K' / 2], K' = rows with the front and back padding
+    front: int  # zero columns of x in front (the shard's group_offset)
+    back: int  # zero columns of x behind (the last group's tail)
+    scales: torch.Tensor  # fp32 [G, N16]
+    zeros: torch.Tensor  # fp32 [G, N16], (8 - z) * s
+    by_dtype: dict = field(default_factory=dict)  # x dtype -> [G, N16, 2] scales and zeros
+
+
+def applies(x: torch.Tensor, w: GPTQWeight) -> bool:
+    """Whether `int4_matmul` runs x @ w (else `gptq_matmul_cpu`)."""
+    return (_OPS and not x.is_cuda and w.bits == 4 and w.g_idx is None
+            and w.group_size in GROUP_SIZES and x.dtype in DTYPES
+            and (x.dtype == torch.bfloat16 or x.shape[0] <= SMALL_M))
+
+
+def pack(w: GPTQWeight) -> Int4CpuPack:
+    """The shard in the CPU kernel's layout."""
+    k, n, gs, off = w.in_features, w.out_features, w.group_size, w.group_offset
+    groups = -(-(k + off) // gs)
+    back, n16 = groups * gs - off - k, -(-n // 16) * 16
+    q = unpack(w.qweight, 4, k)  # [K, N]
+    q = torch.nn.functional.pad(q, (0, n16 - n, off, back))  # padded rows meet zero columns of x
+    z = unpack(w.qzeros.T, 4, n).T[:groups].float()
+    s = w.scales[:groups].float()
+    scales = torch.nn.functional.pad(s, (0, n16 - n))
+    zeros = torch.nn.functional.pad((8 - z) * s, (0, n16 - n))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous(), 1)
+    return Int4CpuPack(packed, off, back, scales, zeros)
+
+
+def int4_matmul(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
+    """x [M, K] @ w -> [M, N] in x.dtype, for a shard where `applies`; packs it on first use."""
+    p = w.cpu_pack
+    if p is None:
+        p = w.cpu_pack = pack(w)
+    sz = p.by_dtype.get(x.dtype)
+    if sz is None:
+        sz = p.by_dtype[x.dtype] = torch.stack([p.scales, p.zeros], -1).to(x.dtype).contiguous()
+    if p.front or p.back:
+        x = torch.nn.functional.pad(x, (p.front, p.back))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), p.packed, w.group_size, sz)
+    return y[:, :w.out_features]
