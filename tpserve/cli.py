@@ -70,14 +70,16 @@ def cmd_launch(args) -> int:
     from tpserve.errors import TpserveError
     from tpserve.serve.batch import check_decode_steps
     from tpserve.serve.engine import Engine
-    from tpserve.serve.app import build_app, serve
+    from tpserve.serve.app import build_app
+    from tpserve.serve.server import serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
         args.model = args.model_tag
     options_from_args(args)  # a bad --tp/--device/... is one sentence, before anything starts
     check_decode_steps(args.decode_steps)
     for flag, value in (("--max-queue", args.max_queue), ("--max-prefill-tokens",
-                                                          args.max_prefill_tokens)):
+                                                          args.max_prefill_tokens),
+                        ("--max-connections", args.max_connections)):
         if value < 1:
             raise TpserveError(f"{flag} {value} must be at least 1")
     check_port(args.host, args.port)
@@ -103,7 +105,8 @@ def cmd_launch(args) -> int:
                         api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
         log.info("serving %r at http://%s:%d/v1 (tp=%d, backend=%s)", name, args.host, args.port,
                  args.tp, args.backend)
-        serve(app, args.host, args.port, log_level=args.log_level)
+        serve(app, args.host, args.port, log_level=args.log_level,
+              max_connections=args.max_connections)
     finally:
         log.info("shutting down: stopping the engine and the ranks")
         engine.stop()
@@ -138,6 +141,9 @@ def cmd_generate(args) -> int:
 
 
 def _launch_arguments(p: argparse.ArgumentParser) -> None:
+    from tpserve.serve.middleware import BODY_READ_TIMEOUT_S
+    from tpserve.serve.server import DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S
+
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -145,6 +151,10 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
                                       "/metrics, /version (or TPSERVE_API_KEY)")
     p.add_argument("--served-model-name", help="model id in the API (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"HTTP connections served at once; a request beyond them gets 503 (a "
+                        f"connection must send its headers within {HEADER_READ_TIMEOUT_S:g} s, "
+                        f"its body within {BODY_READ_TIMEOUT_S:g} s)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
                    help="prompt tokens one step prefills (whole prompts; a longer one runs alone)")
     p.add_argument("--decode-steps", type=int, default=8,

@@ -1,56 +1,59 @@
 """OpenAI-compatible HTTP API over the engine (the wire format is `openai_protocol`).
 
     app = build_app(Engine(llm, codec).start(), codec, "my-model", api_key=None)
-    serve(app, "0.0.0.0", 8000)   # blocks; returns after SIGINT/SIGTERM and a graceful drain
+    serve(app, "0.0.0.0", 8000)   # tpserve.serve.server: blocks until SIGINT/SIGTERM
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with SSE), GET /v1/models,
 GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics.
 Errors have OpenAI's shape, `{"error": {message, type, param, code}}`: 400 for a bad request,
-401 for a missing or wrong API key, 404 for a model not served here, 429 (with Retry-After) when
-the queue is full, 503 when the engine failed or is not running.
+401 for a missing or wrong API key, 404 for a model not served here, 408 or 413 for a body too
+slow or too large (`middleware`), 429 (with Retry-After) when the queue is full, 503 when the
+engine failed or is not running.
 
 Engine events arrive on the engine thread; each request gets an asyncio.Queue fed through
-`loop.call_soon_threadsafe`. A request with n choices is n engine requests. When a streaming
-client goes away its requests are cancelled: the engine frees their KV slots before the next step.
+`loop.call_soon_threadsafe`. A request with n choices is n engine requests, queued all or none
+(a 429 queues nothing); only choice 0's computes the prompt's logprobs (echo), which every choice
+shares (`logprobs`). A request's logprobs are bounded (MAX_LOGPROB_ENTRIES) before it is queued,
+and a whole answer with logprobs is built off the event loop. When a client goes away its
+requests are cancelled: the engine frees their KV slots before the next step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
 import uuid
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.serve.engine import QueueFull, RequestError
+from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs,
+                                    check_logprob_budget)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
 from tpserve.serve.prompts import Prompts
-from tpserve.serve.middleware import ApiKey, BodyLimit
+from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, ApiKey, BodyLimit
 from tpserve.serve.openai_protocol import (
-    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
-    check_text, completion_logprobs, error_body, refuse_unsupported, sampling_params,
-    validation_message)
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
+    error_body, refuse_unsupported, sampling_params, validation_message)
 from tpserve.serve.sampling import MAX_SEED
-from tpserve.serve.streams import Pending, collect, stream
+from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
 RETRY_AFTER_S = 1
 
 
 def build_app(engine, codec, model_name: str, api_key: str | None = None,
-              metrics: Metrics | None = None, version: str = "") -> FastAPI:
+              metrics: Metrics | None = None, version: str = "",
+              body_timeout: float = BODY_READ_TIMEOUT_S) -> FastAPI:
     """The HTTP app over a started engine. codec may be None (then only token-id prompts)."""
     metrics = metrics or Metrics(engine, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
             "root": model_name, "max_model_len": engine.max_len}
-    app.add_middleware(BodyLimit, metrics=metrics)
+    app.add_middleware(BodyLimit, metrics=metrics, timeout=body_timeout)
     if api_key:  # outermost: an unauthenticated caller is refused before the body counts
         app.add_middleware(ApiKey, key=api_key, metrics=metrics)
 
@@ -92,16 +95,18 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(400, f"n={n} exceeds the server's queue of {engine.max_queue} "
                                 f"requests (--max-queue); ask for fewer choices", "n")
         pending = Pending(metrics, n)
-        try:
-            for i in range(n):  # choice i samples with seed + i: n different, repeatable answers
-                p = params if params.seed is None or i == 0 else dataclasses.replace(
-                    params, seed=(params.seed + i) % (MAX_SEED + 1))
-                pending.ids.append(engine.submit(prompt, p, pending.callback(i)))
+        # Choice i samples with seed + i: n different, repeatable answers. The prompt's logprobs
+        # (echo) are the same for every choice: choice 0 computes them, the others reuse them.
+        choices = [params] + [dataclasses.replace(
+            params, prompt_logprobs=None,
+            seed=None if params.seed is None else (params.seed + i) % (MAX_SEED + 1))
+            for i in range(1, n)]
+        try:  # all choices are queued, or none
+            pending.ids = engine.submit_many(prompt, choices, [pending.callback(i)
+                                                               for i in range(n)])
         except QueueFull as e:
-            pending.cancel(engine)
             raise ApiError(429, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RequestError as e:  # empty or too long prompt, token id outside the vocab
-            pending.cancel(engine)
             raise ApiError(400, str(e), param if e.param == "prompt" else e.param) from None
         pending.engine = engine
         return pending
@@ -123,34 +128,22 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             prompt = req.prompt
             prompts.token_ids(prompt, "prompt")  # before the echo's decode
             prompt_text = await prompts.decode(prompt) if codec is not None and req.echo else ""
-        echo, k = bool(req.echo), req.logprobs
+        echo, k, n = bool(req.echo), req.logprobs, req.n or 1
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)
-        pending = submit(prompt, params, req.n or 1, "prompt")
+        check_logprob_budget(n, len(prompt) if echo else 0, params.max_tokens, k)
+        pending = submit(prompt, params, n, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
-        offsets = {}
-
-        def choice(i, text, lps, reason, first):
-            if echo and first:
-                text, lps = prompt_text + text, (lps[1] or []) + (lps[0] or [])
-            else:
-                lps = lps[0]
-            out = None
-            if k is not None:
-                out = completion_logprobs(lps or [], codec, offsets.get(i, 0))
-                offsets[i] = offsets.get(i, 0) + sum(map(len, out["tokens"]))
-            return {"index": i, "text": text, "logprobs": out, "finish_reason": reason}
+        out = CompletionChoices(codec, prompt_text, echo, k)
         if req.stream:
-            def chunks(i, ev, first):
-                if ev.text or ev.finished or (k is not None and ev.logprobs) or (echo and first):
-                    yield choice(i, ev.text, (ev.logprobs, ev.prompt_logprobs), ev.finish_reason,
-                                 first)
-            return stream(pending, req, len(prompt), head, [], chunks, usage)
+            return stream(pending, req, len(prompt), head, [], out.chunks, usage)
         results = await collect(pending, request)
-        return {**head, "choices": [choice(i, r.text, (r.logprobs, r.prompt_logprobs), r.reason,
-                                           True) for i, r in enumerate(results)],
-                "usage": usage(len(prompt), sum(r.tokens for r in results))}
+
+        def body():
+            return {**head, "choices": out.choices(results),
+                    "usage": usage(len(prompt), sum(r.tokens for r in results))}
+        return body() if k is None else await built_off_the_loop(body)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -162,22 +155,25 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                            if m is not None), None)
         if max_tokens is None:
             max_tokens = max(1, engine.max_len - len(prompt))
-        k = (req.top_logprobs or 0) if req.logprobs else None
+        k, n = (req.top_logprobs or 0) if req.logprobs else None, req.n or 1
+        tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None
+                        else "max_tokens")
         try:
             params = sampling_params(req, max_tokens, k)
         except ApiError as e:  # the chat names of the fields sampling_params knows otherwise
-            rename = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
-                      if req.max_completion_tokens is not None else "max_tokens"}
+            rename = {"logprobs": "top_logprobs", "max_tokens": tokens_param}
             if e.param in rename:
                 e.message = e.message.replace(f"{e.param}=", f"{rename[e.param]}=", 1)
                 e.param = rename[e.param]
             raise
-        pending = submit(prompt, params, req.n or 1, "messages")
+        check_logprob_budget(n, 0, max_tokens, k, "top_logprobs", tokens_param)
+        pending = submit(prompt, params, n, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name}
+        texts = TokenTexts(codec)
 
         def logprobs(lps):
-            return None if k is None else {"content": chat_logprobs(lps or [], codec)}
+            return None if k is None else {"content": chat_logprobs(lps or [], texts)}
         if req.stream:
             def chunks(i, ev, first):
                 if ev.text or (k is not None and ev.logprobs):
@@ -187,14 +183,17 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                     yield {"index": i, "delta": {}, "logprobs": None,
                            "finish_reason": ev.finish_reason}
             roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(req.n or 1)]
+                      "finish_reason": None} for i in range(n)]
             return stream(pending, req, len(prompt), head, roles, chunks, usage)
         results = await collect(pending, request)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": logprobs(r.logprobs), "finish_reason": r.reason}
-                            for i, r in enumerate(results)],
-                "usage": usage(len(prompt), sum(r.tokens for r in results))}
+
+        def body():
+            return {**head, "object": "chat.completion",
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                                 "logprobs": logprobs(r.logprobs), "finish_reason": r.reason}
+                                for i, r in enumerate(results)],
+                    "usage": usage(len(prompt), sum(r.tokens for r in results))}
+        return body() if k is None else await built_off_the_loop(body)
 
     @app.get("/v1/models")
     async def models():
@@ -240,25 +239,3 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          graceful_timeout: float = 10.0) -> None:
-    """Serve until SIGINT or SIGTERM, then give in-flight requests `graceful_timeout` seconds.
-
-    Blocks, and returns normally after a signal (uvicorn re-raises the signal it caught once it
-    has stopped; here that lands in a handler, so the caller's cleanup runs, e.g.
-    `engine.stop()`). Stopping the engine is the caller's job.
-    """
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=graceful_timeout))
-    if threading.current_thread() is not threading.main_thread():
-        server.run()
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    saved = {s: signal.signal(s, server.handle_exit) for s in sigs}
-    try:
-        server.run()
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)

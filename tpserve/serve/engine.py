@@ -7,7 +7,7 @@ requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler
 running request decodes greedily and none waits, a burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
-into asyncio queues. Without the thread (`start()` not called), `generate()` drives the same steps
+into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the thread (`start()` not called), `generate()` drives the same steps
 in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
 """
 
@@ -114,16 +114,30 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:
-        self.check(prompt, params)
-        stop_text = StopText(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        return self.submit_many(prompt, [params], [on_event])[0]
+
+    def submit_many(self, prompt: list[int], params: list[SamplingParams],
+                    on_events: list[Callable[[Event], None]]) -> list[int]:
+        """One request per params (the n choices of one prompt), queued all or none: where the
+        queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw)."""
+        for p in params:
+            self.check(prompt, p)
+        stops = [StopText(self.tokenizer, p.stop) if self.tokenizer is not None else None
+                 for p in params]
         with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            req = Request(next(self._ids), list(prompt), params, on_event, stop_text)
-            req.row = SampleRow(params, req.prompt, req.output, tuple(self.cfg.eos_token_ids))
-            self.waiting.append(req)
+            if len(self.waiting) + len(params) > self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later"
+                                if len(params) == 1 else
+                                f"the request queue is full for {len(params)} choices "
+                                f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
+            reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
+                    for p, on_event, stop in zip(params, on_events, stops)]
+            for req in reqs:
+                req.row = SampleRow(req.params, req.prompt, req.output,
+                                    tuple(self.cfg.eos_token_ids))
+            self.waiting.extend(reqs)
         self._wake.set()
-        return req.id
+        return [req.id for req in reqs]
 
     def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
         """Blocking: one request through the batching loop (in this thread if none runs)."""

@@ -1,9 +1,11 @@
 """ASGI middlewares of the HTTP app, both answering before a route reads the request:
-`BodyLimit` refuses bodies over MAX_BODY_BYTES (413), `ApiKey` checks the bearer key on every path
-but OPEN_PATHS."""
+`BodyLimit` reads each body whole, refusing one over MAX_BODY_BYTES (413) or one that does not
+arrive within BODY_READ_TIMEOUT_S (408); `ApiKey` checks the bearer key on every path but
+OPEN_PATHS."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi.responses import JSONResponse
@@ -12,45 +14,60 @@ from tpserve.serve.metrics import Metrics
 from tpserve.serve.openai_protocol import error_body
 
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread
+# A body not received whole within this is refused (408): a client that declares a body and
+# sends it slowly, or never, would otherwise hold its connection and a task for ever.
+BODY_READ_TIMEOUT_S = 30.0
 OPEN_PATHS = ("/health", "/metrics", "/version")  # for load balancers and scrapers, no key
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over MAX_BODY_BYTES get 413, by their Content-Length before any
-    byte is read, else (chunked) as soon as the bytes received pass the limit."""
+    """ASGI middleware: reads each request body whole before the app sees it. Over `limit` bytes
+    it answers 413, by its Content-Length before any byte is read, else (chunked) as soon as the
+    bytes received pass the limit; not received whole within `timeout` seconds, 408 (and closes
+    the connection)."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES, metrics: Metrics | None = None):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, metrics: Metrics | None = None,
+                 timeout: float = BODY_READ_TIMEOUT_S):
+        self.app, self.limit, self.metrics, self.timeout = app, limit, metrics, timeout
 
-    async def _refuse(self, scope, receive, send):
-        body = error_body(413, f"the request body exceeds {self.limit >> 20} MiB; send a "
-                               f"shorter prompt", code="request_too_large")
+    async def _refuse(self, scope, receive, send, status: int, message: str, code: str,
+                      headers: dict | None = None):
         if self.metrics is not None:
-            self.metrics.http_error(413)
-        await JSONResponse(body, 413)(scope, receive, send)
+            self.metrics.http_error(status)
+        await JSONResponse(error_body(status, message, code=code), status, headers=headers)(
+            scope, receive, send)
+
+    async def _read(self, receive) -> list[dict] | None:
+        """The body as one message (or the disconnect that cut it); None past the limit."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return [message]  # a disconnect passes through
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                return await self._refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, seen = [], 0  # chunked: read it here, up to the limit
-        while True:
-            last = await receive()
-            if last["type"] != "http.request":
-                break
-            seen += len(last.get("body", b""))
-            if seen > self.limit:
-                return await self._refuse(scope, receive, send)
-            chunks.append(last.get("body", b""))
-            if not last.get("more_body"):
-                break
-        replay = [last if last["type"] != "http.request" else  # a disconnect passes through
-                  {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        length = dict(scope["headers"]).get(b"content-length")
+        too_large = (413, f"the request body exceeds {self.limit >> 20} MiB; send a shorter "
+                          f"prompt", "request_too_large")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send, *too_large)
+        try:
+            replay = await asyncio.wait_for(self._read(receive), self.timeout)
+        except asyncio.TimeoutError:
+            return await self._refuse(
+                scope, receive, send, 408, f"the request body did not arrive within "
+                f"{self.timeout:g} s; send it whole, without pauses", "request_timeout",
+                {"Connection": "close"})
+        if replay is None:
+            return await self._refuse(scope, receive, send, *too_large)
 
         async def replayed():
             return replay.pop(0) if replay else await receive()

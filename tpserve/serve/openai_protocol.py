@@ -1,4 +1,5 @@
-"""The OpenAI wire format: request bodies, their validation, errors, and logprobs in both shapes.
+"""The OpenAI wire format: request bodies, their validation and errors (the logprobs of a response:
+`tpserve.serve.logprobs`).
 
 Every parameter that changes the answer is either honoured or refused with a 400 that names it;
 none is silently dropped. Numbers are checked by `SamplingParams` (finite, in range, seeds in
@@ -13,11 +14,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, StrictInt
 
 from tpserve.errors import TpserveError
-from tpserve.serve.sampling import MAX_STOP_IDS, SamplingParams, TokenLogprob
+from tpserve.serve.sampling import MAX_STOP_IDS, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               408: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                503: "server_error"}
 MAX_N = 128  # OpenAI's own bound on n
 MAX_STOP, MAX_STOP_CHARS = 16, 512  # stop strings per request, characters per stop string
@@ -216,33 +218,3 @@ def validation_message(err: dict, content_type: str) -> tuple[str, str | None]:
     if path == "prompt":  # a union: pydantic's first message names only one of its types
         return "'prompt' must be a string or a list of token ids", "prompt"
     return f"'{path}' is invalid: {err['msg']}", where[0]
-
-
-# ---- logprobs in the two OpenAI shapes -----------------------------------------------------
-def token_text(codec, token: int) -> str:
-    return codec.decode([token], skip_special_tokens=False) if codec is not None else str(token)
-
-
-def completion_logprobs(lps: list[TokenLogprob], codec, offset: int) -> dict:
-    """/v1/completions: parallel lists; `offset` is where the first token's text starts."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for lp in lps:
-        text = token_text(codec, lp.token)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append(None if lp.logprob is None else {  # echo's first token: None
-            token_text(codec, t): v for t, v in [(lp.token, lp.logprob), *lp.top]})
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def _chat_entry(codec, token: int, logprob: float) -> dict:
-    text = token_text(codec, token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-
-def chat_logprobs(lps: list[TokenLogprob], codec) -> list[dict]:
-    """/v1/chat/completions: `choices[i].logprobs.content`, one entry per token."""
-    return [{**_chat_entry(codec, lp.token, lp.logprob),
-             "top_logprobs": [_chat_entry(codec, t, v) for t, v in lp.top]} for lp in lps]

@@ -1,5 +1,6 @@
 """Engine events onto the event loop: one `Pending` per HTTP request (n choices, n engine
-requests), gathered whole (`collect`) or sent as server-sent events (`stream`).
+requests), gathered whole (`collect`) or sent as server-sent events (`stream`); a whole answer
+that is large (logprobs) is built and encoded off the event loop (`built_off_the_loop`).
 
 Latency metrics are observed here, on the engine thread, as each event is made: time to first
 token, the gap between tokens, and the request's end-to-end time.
@@ -13,7 +14,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from tpserve.serve.engine import Event
 from tpserve.serve.metrics import Metrics
@@ -48,10 +50,6 @@ class Pending:
             except RuntimeError:  # the event loop is closed: the server has shut down
                 self.closed = True
         return on_event
-
-    def cancel(self, engine) -> None:
-        for rid in self.ids:
-            engine.cancel(rid)
 
     async def events(self):
         """(choice, event, first event of that choice?) until every choice has finished."""
@@ -139,3 +137,44 @@ def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict]
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# JSON as Starlette's JSONResponse writes it. A body is encoded in pieces: containers are walked
+# down to WALK_DEPTH (the body, its choices, a choice, its logprobs), the lists below PIECE items
+# per json.dumps call. One call holds the GIL throughout (encoding 68 MB at once took 3 s), so
+# pieces let the event loop run between them while a worker thread encodes.
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+WALK_DEPTH, PIECE = 4, 1024
+
+
+def encode(obj) -> bytes:
+    out: list[str] = []
+    _encode(obj, out, 0)
+    return "".join(out).encode("utf-8")
+
+
+def _encode(obj, out: list[str], depth: int) -> None:
+    if isinstance(obj, dict) and obj and depth < WALK_DEPTH:
+        sep = "{"
+        for key, value in obj.items():
+            out.append(f"{sep}{_dumps(key)}:")
+            _encode(value, out, depth + 1)
+            sep = ","
+        out.append("}")
+    elif isinstance(obj, list) and obj and (depth < WALK_DEPTH or len(obj) > PIECE):
+        out.append("[")
+        if depth < WALK_DEPTH:
+            for j, item in enumerate(obj):
+                out.append("," if j else "")
+                _encode(item, out, depth + 1)
+        else:
+            out.append(",".join(_dumps(obj[j:j + PIECE])[1:-1] for j in range(0, len(obj), PIECE)))
+        out.append("]")
+    else:
+        out.append(_dumps(obj))
+
+
+async def built_off_the_loop(build) -> Response:
+    """The JSON response of build() -> dict, built and encoded in a worker thread: a body of many
+    logprobs takes seconds, while /health and the other requests keep being served."""
+    return Response(await run_in_threadpool(lambda: encode(build())), media_type="application/json")

@@ -1,0 +1,354 @@
+"""Requests that try to cost the server more than they should, against the demo model at tp=1
+behind real HTTP: many logprobs, slow or many connections, choices that do not fit the queue.
+
+    python -m pytest tests/test_hostile_requests.py -q
+"""
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from serving import MODEL, Server, served_demo, sse
+
+import tpserve
+from tpserve.demo import demo_path
+from tpserve.serve import app as app_module
+from tpserve.serve import batch, logprobs
+from tpserve.serve.app import build_app
+from tpserve.serve.engine import Engine, QueueFull
+from tpserve.serve.logprobs import CompletionChoices, check_logprob_budget
+from tpserve.serve.openai_protocol import ApiError
+from tpserve.serve.requests import Event
+from tpserve.serve.sampling import SamplingParams, TokenLogprob
+from tpserve.serve.server import server_config
+
+PROMPT = "Hello there"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from served_demo(tmp_path_factory, lambda llm, codec: {}, tp=1)
+
+
+@pytest.fixture
+def prompt_logprob_calls(monkeypatch):
+    """The engine's prompt-logprob computations, one entry per engine request that asked."""
+    calls, real = [], batch.prompt_logprobs
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(batch, "prompt_logprobs", counted)
+    return calls
+
+
+# ---- logprobs ------------------------------------------------------------------------------
+def test_prompt_logprobs_are_computed_once_per_request(env, prompt_logprob_calls):
+    """n choices echo the same prompt logprobs: choice 0 computes them, the others share them."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 3,
+            "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    one = env.client.post("/v1/completions", json=body).json()["choices"][0]
+    n_prompt = len(env.codec.encode(PROMPT))
+    echoed = {key: v[:n_prompt] for key, v in one["logprobs"].items()}
+    del prompt_logprob_calls[:]
+    r = env.client.post("/v1/completions", json={**body, "n": 4})
+    assert r.status_code == 200, r.text
+    assert len(prompt_logprob_calls) == 1
+    shared = {key: v[:n_prompt] for key, v in r.json()["choices"][0]["logprobs"].items()}
+    for c in r.json()["choices"]:
+        lp = c["logprobs"]
+        assert c["text"].startswith(PROMPT) and len(lp["tokens"]) == n_prompt + 3
+        assert {key: v[:n_prompt] for key, v in lp.items()} == shared
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i]))
+                                     for i in range(len(lp["tokens"]))]
+    # The same as one choice's own (a prefill batched with others sums in another order).
+    assert (shared["tokens"], shared["text_offset"]) == (echoed["tokens"], echoed["text_offset"])
+    assert shared["token_logprobs"][1:] == pytest.approx(echoed["token_logprobs"][1:], abs=1e-4)
+
+    del prompt_logprob_calls[:]
+    chunks = sse(env.client, "/v1/completions", {**body, "n": 4, "stream": True})
+    assert len(prompt_logprob_calls) == 1
+    firsts = {}
+    for c in chunks:
+        firsts.setdefault(c["choices"][0]["index"], c["choices"][0])
+    assert sorted(firsts) == [0, 1, 2, 3]
+    for c in firsts.values():
+        assert c["text"].startswith(PROMPT)
+        assert {key: v[:n_prompt] for key, v in c["logprobs"].items()} == \
+            {key: v[:n_prompt] for key, v in firsts[0]["logprobs"].items()}
+    assert firsts[0]["logprobs"]["tokens"][:n_prompt] == echoed["tokens"]
+
+
+def test_streamed_choices_wait_for_the_prompt_logprobs_of_choice_0(env):
+    """A choice whose first event comes before choice 0's is held until choice 0's brings the
+    prompt's logprobs, then sent with them."""
+    prompt = env.codec.encode("ab", add_special_tokens=False)
+    prompt_lps = [TokenLogprob(prompt[0], None, [])] + [
+        TokenLogprob(t, -0.5, [(t, -0.5), (7, -1.5)]) for t in prompt[1:]]
+    out = CompletionChoices(env.codec, "ab", echo=True, k=1)
+
+    def event(choice, token, finished=False, first_of_0=False):
+        return Event(choice, [token], env.codec.decode([token]), finished,
+                     "length" if finished else None, logprobs=[TokenLogprob(token, -1.0, [])],
+                     prompt_logprobs=prompt_lps if first_of_0 else None)
+    a, b, c, d = env.codec.encode("ABCD", add_special_tokens=False)
+    assert list(out.chunks(1, event(1, a), True)) == []
+    assert list(out.chunks(1, event(1, b, finished=True), False)) == []
+    sent = list(out.chunks(0, event(0, c, first_of_0=True), True))
+    assert [c["index"] for c in sent] == [0, 1, 1]
+    assert [c["text"] for c in sent] == ["abC", "abA", "B"]
+    assert sent[0]["logprobs"]["tokens"][:len(prompt)] == \
+        sent[1]["logprobs"]["tokens"][:len(prompt)] == [env.codec.decode([t]) for t in prompt]
+    assert sent[1]["logprobs"]["token_logprobs"] == [None, *[-0.5] * (len(prompt) - 1), -1.0]
+    assert sent[2]["logprobs"]["text_offset"] == [3] and sent[2]["finish_reason"] == "length"
+    assert [c["index"] for c in out.chunks(1, event(1, d), False)] == [1]  # none held now
+
+
+def test_the_logprob_budget_names_the_figures_and_the_fix():
+    with pytest.raises(ApiError) as e:
+        check_logprob_budget(128, 5000, 16, 20)
+    assert (e.value.status, e.value.param) == (400, "logprobs")
+    assert e.value.message == (
+        "n=128 choices x (5000 echoed prompt tokens + 16 max_tokens) x (20 logprobs + 1) = "
+        "13,483,008 logprob entries, over the 4,194,304 this server returns for one request; "
+        "ask for fewer choices, tokens or logprobs")
+    check_logprob_budget(128, 1022, 2, 20)  # the demo's largest request fits
+    check_logprob_budget(128, 10**6, 10**6, None)  # no logprobs asked: nothing to bound
+
+
+@pytest.mark.parametrize("path,body,param,sentence", [
+    ("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 20, "n": 128,
+                         "max_tokens": 16}, "logprobs",
+     "n=128 choices x (2 echoed prompt tokens + 16 max_tokens) x (20 logprobs + 1) = 48,384"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 5, "n": 8, "max_tokens": 100,
+                         "stream": True}, "logprobs",
+     "n=8 choices x 100 max_tokens x (5 logprobs + 1) = 4,800 logprob entries, over the 1,000"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 20, "n": 4,
+                              "max_completion_tokens": 50}, "top_logprobs",
+     "n=4 choices x 50 max_completion_tokens x (20 top_logprobs + 1) = 4,200"),
+])
+def test_requests_over_the_logprob_budget_are_refused_before_the_engine(
+        env, monkeypatch, path, body, param, sentence):
+    monkeypatch.setattr(logprobs, "MAX_LOGPROB_ENTRIES", 1000)  # the demo's context is short
+    if path == "/v1/completions":
+        body = {**body, "prompt": env.codec.encode(PROMPT)[:2]}
+    submitted, real = [], env.engine.submit_many
+    monkeypatch.setattr(env.engine, "submit_many", lambda *a: submitted.append(a) or real(*a))
+    r = env.client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert sentence in err["message"] and err["param"] == param, err
+    assert err["message"].endswith("ask for fewer choices, tokens or logprobs")
+    assert submitted == []
+    small = {**body, "n": 1, "max_tokens": 2, "max_completion_tokens": None}  # within budget
+    assert env.client.post(path, json=small).status_code == 200 and len(submitted) == 1
+
+
+def test_whole_answers_with_logprobs_are_built_off_the_event_loop(env, monkeypatch):
+    on_loop = []
+    for module, name in ((logprobs, "completion_logprobs"), (app_module, "chat_logprobs")):
+        def spy(*args, real=getattr(module, name)):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:  # a worker thread: no event loop runs here
+                on_loop.append(False)
+            return real(*args)
+        monkeypatch.setattr(module, name, spy)
+    r = env.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 2,
+                                                 "echo": True, "logprobs": 2})
+    assert r.status_code == 200 and len(r.json()["choices"][1]["logprobs"]["tokens"]) > 2
+    r = env.client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2,
+                                                      "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"]) == 2
+    assert on_loop and not any(on_loop), on_loop
+
+
+# ---- slow and many connections -------------------------------------------------------------
+@contextlib.contextmanager
+def served(config: uvicorn.Config):
+    """uvicorn with `config` in a thread, on a port the OS picked -> (host, port)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield server, sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def read_until(conn: socket.socket, end: bytes) -> bytes:
+    conn.settimeout(10)
+    out = b""
+    while not out.endswith(end):
+        chunk = conn.recv(65536)
+        assert chunk, f"the server closed the connection after {out[-300:]!r}"
+        out += chunk
+    return out
+
+
+def read_until_closed(conn: socket.socket, within: float) -> bytes:
+    """What the server sends until it closes the connection; fails after `within` seconds."""
+    conn.settimeout(within)
+    out = b""
+    try:
+        while chunk := conn.recv(65536):
+            out += chunk
+    except socket.timeout:
+        pytest.fail(f"the server kept the connection open for {within} s; it sent {out[:300]!r}")
+    return out
+
+
+REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s")
+
+
+@pytest.mark.parametrize("head,sent", [
+    (b"Content-Length: 100\r\n\r\n", b'{"prompt":'),
+    (b"Transfer-Encoding: chunked\r\n\r\n", b'a\r\n{"prompt":\r\n'),
+])
+def test_a_body_that_stalls_is_refused_with_408(env, head, sent):
+    server = Server(build_app(env.engine, env.codec, MODEL, body_timeout=0.5))
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n" + head + sent)
+            t0 = time.monotonic()
+            reply = read_until_closed(conn, 5)
+        assert 0.4 < time.monotonic() - t0 < 3
+        status, _, body = reply.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower()
+        err = json.loads(body)["error"]
+        assert err["message"].startswith("the request body did not arrive within 0.5 s")
+        assert err["type"] == "invalid_request_error"
+        metrics = httpx.get(f"{server.url}/metrics").text  # this app's own
+        assert metric(metrics, "tpserve_http_errors_total", code="408") == 1
+    finally:
+        server.close()
+
+
+def test_headers_that_do_not_arrive_in_time_close_the_connection(env):
+    T = 0.25  # the header deadline here; 120 streamed tokens take longer
+    app = build_app(env.engine, env.codec, MODEL)
+    with served(server_config(app, log_level="warning", header_timeout=T)) as (_, addr):
+        for sent in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection(addr) as conn:
+                conn.sendall(sent)
+                t0 = time.monotonic()
+                assert read_until_closed(conn, 5) == b""
+                assert 0.8 * T < time.monotonic() - t0 < T + 2.5
+        # A keep-alive connection: a whole request is answered, however long it runs; then the
+        # next request's headers have the same deadline.
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 120, "ignore_eos": True,
+                           "stream": True}).encode()
+        with socket.create_connection(addr) as conn:
+            conn.sendall(REQUEST % (len(body), body))
+            t0 = time.monotonic()
+            reply = read_until(conn, b"\r\n0\r\n\r\n")  # the end of a chunked body
+            assert time.monotonic() - t0 > T, "the stream must outlast the header deadline"
+            assert reply.startswith(b"HTTP/1.1 200 ") and b"data: [DONE]" in reply
+            time.sleep(0.5 * T)  # under the deadline and the keep-alive timeout: still served
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_until(conn, b'"ok"}').startswith(b"HTTP/1.1 200 ")
+            conn.sendall(b"GET /health HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            assert read_until_closed(conn, 5) == b""
+            assert 0.8 * T < time.monotonic() - t0 < T + 2.5
+
+
+def test_connections_beyond_max_connections_get_503(env):
+    app = build_app(env.engine, env.codec, MODEL)
+    with served(server_config(app, log_level="warning", max_connections=2)) as (server, addr):
+        url = f"http://{addr[0]}:{addr[1]}/health"
+        with socket.create_connection(addr) as idle:
+            assert httpx.get(url).status_code == 200  # 2 connections: the idle one and this
+            with socket.create_connection(addr):
+                deadline = time.monotonic() + 5
+                while len(server.server_state.connections) < 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                assert httpx.get(url).status_code == 503
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+# ---- choices that do not fit the queue -----------------------------------------------------
+def test_choices_are_queued_all_or_none(env):
+    engine = Engine(env.llm, max_queue=3)  # never started: it runs no step, queued stays queued
+    engine.submit([1, 2], SamplingParams(max_tokens=2), lambda ev: None)
+    with pytest.raises(QueueFull, match=r"full for 3 choices \(1 of 3 waiting\)"):
+        engine.submit_many([1, 2], [SamplingParams(max_tokens=2)] * 3, [lambda ev: None] * 3)
+    assert len(engine.waiting) == 1 and engine.stats.requests_cancelled == 0
+    ids = engine.submit_many([1, 2], [SamplingParams(max_tokens=2)] * 2, [lambda ev: None] * 2)
+    assert len(ids) == 2 and len(engine.waiting) == 3
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted({"model_name": MODEL, **labels}.items()))
+    return float(re.search(rf"^{name}{{{want}}} (\S+)$", text, re.M).group(1))
+
+
+def test_a_429_for_choices_that_do_not_fit_counts_no_cancellation(env):
+    """One KV slot held by a long request, one request waiting, a queue of 2: a request of n=2
+    gets 429, and nothing of it shows as a cancellation or an abort in /metrics."""
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32, num_slots=1)
+    engine = Engine(llm, tokenizer=env.codec, max_queue=2).start()
+    server = Server(build_app(engine, env.codec, MODEL))
+    body = {"prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c, \
+                c.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # kept: a closed iterator closes the connection
+            assert next(line for line in lines if line.startswith("data: "))
+            with c.stream("POST", "/v1/completions", json=body) as waiting:
+                assert waiting.status_code == 200 and engine.queue_depth == 1
+                before = c.get("/metrics").text
+                r = c.post("/v1/completions", json={**body, "stream": False, "n": 2})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                steps = engine.stats.steps  # the engine drops cancelled requests between steps
+                deadline = time.monotonic() + 30
+                while engine.stats.steps < steps + 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                after = c.get("/metrics").text
+                for name, labels in (("tpserve_requests_cancelled_total", {}),
+                                     ("tpserve_request_success_total", {"finished_reason":
+                                                                        "abort"}),
+                                     ("tpserve_queue_depth", {})):
+                    assert metric(after, name, **labels) == metric(before, name, **labels), name
+                assert engine.queue_depth == 1 and len(engine.running) == 1
+    finally:
+        server.close()
+        engine.stop()
+        llm.close()
+
+
+def test_launch_passes_max_connections_to_the_server(env, monkeypatch, caplog):
+    from tpserve.cli import main
+    from tpserve.serve import server
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port, **kw: got.update(kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = ["launch", "--backend", "local", "--tp", "1", "--port", port]
+    assert main([*argv, "--max-connections", "0"]) == 2
+    assert "--max-connections 0 must be at least 1" in caplog.text and not got
+    assert main([*argv, "--max-connections", "3"]) == 0 and got["max_connections"] == 3

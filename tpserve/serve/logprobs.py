@@ -1,0 +1,127 @@
+"""Logprobs in OpenAI's two shapes, how many one response may carry, and the choices of a
+/v1/completions request, whose echoed prompt is built once for all of them.
+
+A request with n choices is n engine requests, but only choice 0's asks for the prompt's logprobs
+(echo): the echoed part of every choice's logprobs is the same (tokens, logprobs, text offsets),
+so it is built once and shared. Each token's text is decoded once per response (`TokenTexts`): a
+response with 20 logprobs per token names the same vocabulary entries many times.
+"""
+
+from __future__ import annotations
+
+from tpserve.serve.openai_protocol import ApiError
+from tpserve.serve.requests import Event
+from tpserve.serve.sampling import TokenLogprob
+
+# Logprob entries (a token's own, or one of its top alternatives) one response may carry: each is
+# built on the server and becomes ~15-30 bytes of JSON (4M entries: ~100 MB).
+MAX_LOGPROB_ENTRIES = 1 << 22
+
+
+def check_logprob_budget(n: int, echoed: int, max_tokens: int, k: int | None,
+                         param: str = "logprobs", tokens_param: str = "max_tokens") -> None:
+    """Refuse (400) a request whose logprobs would pass MAX_LOGPROB_ENTRIES, before it runs:
+    n choices x (echoed prompt tokens + max_tokens) x (k + 1) entries."""
+    if k is None:
+        return
+    total = n * (echoed + max_tokens) * (k + 1)
+    if total > MAX_LOGPROB_ENTRIES:
+        tokens = (f"({echoed} echoed prompt tokens + {max_tokens} {tokens_param})" if echoed
+                  else f"{max_tokens} {tokens_param}")
+        raise ApiError(400, f"n={n} choices x {tokens} x ({k} {param} + 1) = {total:,} logprob "
+                            f"entries, over the {MAX_LOGPROB_ENTRIES:,} this server returns for "
+                            f"one request; ask for fewer choices, tokens or logprobs", param)
+
+
+class TokenTexts:
+    """A token's text (its id where there is no tokenizer), decoded once per response."""
+
+    def __init__(self, codec):
+        self.codec, self.texts, self.utf8 = codec, {}, {}
+
+    def __call__(self, token: int) -> str:
+        text = self.texts.get(token)
+        if text is None:
+            text = self.texts[token] = (str(token) if self.codec is None else
+                                        self.codec.decode([token], skip_special_tokens=False))
+        return text
+
+    def bytes(self, token: int) -> list[int]:
+        out = self.utf8.get(token)
+        if out is None:
+            out = self.utf8[token] = list(self(token).encode("utf-8"))
+        return out
+
+
+def completion_logprobs(lps: list[TokenLogprob], texts: TokenTexts, offset: int) -> dict:
+    """/v1/completions: parallel lists; `offset` is where the first token's text starts."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in lps:
+        text = texts(lp.token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(None if lp.logprob is None else {  # echo's first token: None
+            texts(t): v for t, v in [(lp.token, lp.logprob), *lp.top]})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(lps: list[TokenLogprob], texts: TokenTexts) -> list[dict]:
+    """/v1/chat/completions: `choices[i].logprobs.content`, one entry per token."""
+    def entry(token, logprob):
+        return {"token": texts(token), "logprob": logprob, "bytes": texts.bytes(token)}
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in lps]
+
+
+class CompletionChoices:
+    """The choices of one /v1/completions request, whole (`choices`) or streamed (`chunks`).
+    With echo, the prompt's text leads each choice, and with logprobs the prompt's logprobs,
+    which choice 0's engine request alone computes (`echoed`)."""
+
+    def __init__(self, codec, prompt_text: str, echo: bool, k: int | None):
+        self.texts, self.prompt_text, self.echo, self.k = TokenTexts(codec), prompt_text, echo, k
+        self.echoed: dict | None = None  # the prompt's logprobs, shared by every choice
+        self.echoed_chars = 0  # where the first generated token's text starts
+        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.held: list[tuple] = []  # streamed events that came before choice 0's first
+
+    def _echo(self, prompt_lps: list[TokenLogprob] | None) -> None:
+        self.echoed = completion_logprobs(prompt_lps or [], self.texts, 0)
+        self.echoed_chars = sum(map(len, self.echoed["tokens"]))
+
+    def choice(self, i: int, text: str, lps: list | None, reason: str | None, first: bool):
+        """Choice i, or one streamed chunk of it: `text` and `lps` are its new tokens'."""
+        echo = self.echo and first
+        out = None
+        if self.k is not None:
+            start = self.echoed_chars if echo else self.offsets.get(i, 0)
+            out = completion_logprobs(lps or [], self.texts, start)
+            self.offsets[i] = start + sum(map(len, out["tokens"]))
+            if echo:  # new lists over the shared items: each choice's own tokens follow
+                out = {key: self.echoed[key] + out[key] for key in out}
+        return {"index": i, "text": self.prompt_text + text if echo else text, "logprobs": out,
+                "finish_reason": reason}
+
+    def choices(self, results: list) -> list[dict]:
+        """Every choice of the whole answer (`streams.Choice` per choice)."""
+        if self.echo and self.k is not None:
+            self._echo(results[0].prompt_logprobs)
+        return [self.choice(i, r.text, r.logprobs, r.reason, True) for i, r in enumerate(results)]
+
+    def chunks(self, i: int, ev: Event, first: bool):
+        """The streamed chunks of choice i's event. While choice 0's first event (with the
+        prompt's logprobs) has not come, the other choices' events wait; chunks carry their
+        index, so choices may interleave in any order."""
+        events = [(i, ev, first)]
+        if self.echo and self.k is not None and self.echoed is None:
+            if i != 0:
+                self.held.append((i, ev, first))
+                return
+            self._echo(ev.prompt_logprobs)
+            events, self.held = events + self.held, []
+        for i, ev, first in events:
+            if ev.text or ev.finished or (self.k is not None and ev.logprobs) or \
+                    (self.echo and first):
+                yield self.choice(i, ev.text, ev.logprobs, ev.finish_reason, first)
