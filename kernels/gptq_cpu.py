@@ -1,7 +1,7 @@
 """4-bit shards on CPU ranks: torch's int4 CPU GEMM (`aten._weight_int4pack_mm_for_cpu`, the
 kernel gpt-fast and torchao run on CPUs), instead of dequantizing the whole shard on every call
 (`gptq_weight.gptq_matmul_cpu`: 411 vs 41 ms at M = 1 on a 2048x8192 shard in fp32, 613 vs 10 ms
-in bf16, on a 2-core EPYC). bf16 x at any M; fp32 and fp16 x up to SMALL_M rows (decode).
+in bf16, on a 2-core EPYC). bf16 x at any M; fp32 and fp16 x up to SMALL_M rows (small decode batches).
 
 That kernel's format: w = (q - 8) * scale + zero per (group, column), groups of 32, 64, 128 or 256
 rows counted from row 0, N a multiple of 16. A GPTQ shard maps onto it exactly in real numbers,
@@ -27,10 +27,12 @@ from .gptq_weight import GPTQWeight, unpack
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows of fp32 / fp16 x it takes: its time grows with M in those dtypes (bf16 is its fast path), and
-# the per-group broadcast overtakes it between 8 and 16 rows (2048x8192, fp32: 324 vs 670 ms at 8
-# rows, 460 vs 339 at 16, on a 2-core EPYC); a prefill takes the broadcast.
-SMALL_M = 8
+# Rows of fp32 / fp16 x it takes: its time grows with M in those dtypes (bf16 is its fast path),
+# while the per-group broadcast's dequantization is paid once per call and spreads over more
+# threads. On a 2-core EPYC it still wins at 8 rows (2048x8192 fp32: 324 vs 670 ms; 460 vs 339 at
+# 16); on 16 cores, decode at batch 8 over 2 and 4 ranks was slower with it (bench/README.md), so
+# batches above 4 rows and prefill take the broadcast.
+SMALL_M = 4
 _OPS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
