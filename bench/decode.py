@@ -1,7 +1,8 @@
 """End-to-end decode: time to first token and tokens/s at tp 1/2/4, batch 1 and 8.
 
     python bench/decode.py [--model PATH] [--tp 1 2 4] [--batch 1 8] [--device cpu|cuda] \
-        [--backend ray|local] [--prompt-len 128] [--gen 64] [--out bench/results/decode.json]
+        [--backend ray|local] [--prompt-len 128] [--gen 64] [--temperature 0 0.8] \
+        [--out bench/results/decode.json]
 
 Without --model it runs the embedded demo checkpoint. Each configuration loads the model once,
 warms up, then measures: TTFT (one prefill of prompt-len tokens + the first sampled token) and
@@ -26,10 +27,18 @@ from tpserve.serve.engine import Engine
 from tpserve.serve.sampling import SamplingParams
 
 
-def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float, float]:
+def sampling(temperature: float, gen: int, seed: int) -> SamplingParams:
+    """Greedy at temperature 0, else sampled as a chat client would (top_p 0.95, seeded)."""
+    if not temperature:
+        return SamplingParams(max_tokens=gen, ignore_eos=True)
+    return SamplingParams(max_tokens=gen, ignore_eos=True, temperature=temperature, top_p=0.95,
+                          seed=seed)
+
+
+def run_batch(engine: Engine, prompts: list[list[int]], gen: int,
+              temperature: float = 0.0) -> tuple[float, float]:
     """len(prompts) sequences admitted together, `gen` tokens each: (seconds from submission to
     the last sequence's first token, decode tokens/s after it), from the engine's token events."""
-    params = SamplingParams(max_tokens=gen, ignore_eos=True)
     first, last, done = {}, {}, threading.Semaphore(0)
 
     def on_event(ev):
@@ -39,8 +48,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float
             last[ev.request_id] = now
             done.release()
     t0 = time.perf_counter()
-    for p in prompts:
-        engine.submit(p, params, on_event)
+    for i, p in enumerate(prompts):
+        engine.submit(p, sampling(temperature, gen, i), on_event)
     for _ in prompts:
         done.acquire()
     start = max(first.values())
@@ -48,7 +57,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], gen: int) -> tuple[float
 
 
 def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_head="auto",
-              bandwidth=None, allreduce="auto", decode_steps=(1,), head_at="auto") -> list[dict]:
+              bandwidth=None, allreduce="auto", decode_steps=(1,), head_at="auto",
+              temperatures=(0.0,)) -> list[dict]:
     opts = {"progress": False, "allreduce": allreduce, "head_at": head_at} if backend == "ray" \
         else {}
     llm = tpserve.load(path, tp=tp, backend=backend, device=device, dtype=dtype,
@@ -60,20 +70,20 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
     llm.generate(prompt[:16], max_tokens=4, ignore_eos=True)  # warm-up (kernels, autotune)
     rows = []
-    for k, b in ((k, b) for k in decode_steps for b in batches):
+    for t, k, b in ((t, k, b) for t in temperatures for k in decode_steps for b in batches):
         engine = Engine(llm, decode_steps=k).start()
         prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(b)]
-        run_batch(engine, prompts, 4)  # warm this batch shape
-        ttft = min(run_batch(engine, prompts, 1)[0] for _ in range(3))
+        run_batch(engine, prompts, 4, t)  # warm this batch shape
+        ttft = min(run_batch(engine, prompts, 1, t)[0] for _ in range(3))
         stats = llm.executor.stats
         ar0 = (stats.allreduce_seconds, stats.allreduce_count)
         s0, steps0 = engine.stats.step_seconds, engine.stats.steps
         # Decode rate as the peer measures it: the tokens after the first, per second.
-        tps = run_batch(engine, prompts, gen)[1]
+        tps = run_batch(engine, prompts, gen, t)[1]
         step_s = engine.stats.step_seconds - s0
         coord = getattr(llm.executor, "coord", None)
         row = {"tp": tp, "backend": backend, "device": device, "batch": b, "lm_head": lm_head,
-               "decode_steps": k,
+               "decode_steps": k, "temperature": t,
                "allreduce": f"{coord.path} ({coord.carry})" if coord else "local",
                "ttft_ms": 1e3 * ttft, "decode_tok_s": tps,
                "step_ms": 1e3 * step_s / max(1, engine.stats.steps - steps0)}
@@ -240,6 +250,9 @@ def main() -> int:
                     help="where Ray ranks' head runs (decode bursts need it on rank 0)")
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
                     help="greedy decode steps per engine step to compare (e.g. 1 8)")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[0.0],
+                    help="0: greedy; > 0: sampled (top_p 0.95, seeded), where each step's logits "
+                         "go to the sampler (e.g. 0 0.8)")
     ap.add_argument("--allreduce", nargs="+", default=["auto"],
                     help="all-reduce paths to compare at tp > 1 over Ray (e.g. cuda nccl)")
     ap.add_argument("--peer", nargs="+", choices=["none", "transformers", "torch-int4"],
@@ -274,14 +287,15 @@ def main() -> int:
             for ar in args.allreduce if backend == "ray" and tp > 1 else ["auto"]:
                 rows += bench_one(path, tp, backend, args.device, dtype, args.batch,
                                   args.prompt_len, args.gen, head, bandwidth, ar,
-                                  args.decode_steps, args.head_at)
-    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'batch':>5} {'TTFT ms':>8} "
+                                  args.decode_steps, args.head_at, args.temperature)
+    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'temp':>4} {'batch':>5} {'TTFT ms':>8} "
           f"{'tok/s':>8} {'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else "-"
         fl = f"{100 * r['of_floor']:.0f}%" if "of_floor" in r else "-"
         print(f"{r['tp']:>3} {r['backend']:>17} {r.get('lm_head', '-'):>5} "
-              f"{r.get('allreduce', '-'):>22} {r.get('decode_steps', 1):>2} {r['batch']:>5} "
+              f"{r.get('allreduce', '-'):>22} {r.get('decode_steps', 1):>2} "
+              f"{r.get('temperature', 0):>4g} {r['batch']:>5} "
               f"{r['ttft_ms']:>8.1f} {r['decode_tok_s']:>8.1f} {r.get('step_ms', 0):>8.2f} "
               f"{share:>12} {fl:>8}")
     for r in rows:  # tpserve / each peer, same batch, same run
@@ -291,6 +305,7 @@ def main() -> int:
                 r[key] = r["decode_tok_s"] / peer["decode_tok_s"]
                 r[key + "_ttft"] = r["ttft_ms"] / peer["ttft_ms"]
                 print(f"tp={r['tp']} head={r['lm_head']} {r['allreduce']} k={r['decode_steps']} "
+                      f"temperature={r['temperature']:g} "
                       f"batch={r['batch']}: "
                       f"tok/s {r[key]:.2f}x "
                       f"{peer['backend']}, TTFT {r[key + '_ttft']:.2f}x")

@@ -24,6 +24,10 @@
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
+#   sampled  decode_sampled.json: tp 1 and 2 greedy vs sampled (temperature 0.8, top_p 0.95,
+#            seeded), batch 1 and 8, 1 and 8 steps per call: what a sampled request's per-step
+#            trip to the coordinator's sampler costs (bursts are greedy-only; at tp=2 rank 0 ships
+#            the step's fp32 logits to the coordinator)
 set -u
 . bench/gpu_env.sh
 if has bench; then
@@ -126,4 +130,11 @@ if has cpu; then
       --dtype float32 --prompt-len 32 --gen 16 --out "$OUT/decode_cpu16_$m.json" > "$OUT/decode_cpu16_$m.log" 2>&1
     echo "== CPU ranks, $m"; tail -8 "$OUT/decode_cpu16_$m.log"
   done
+fi
+if has sampled; then
+  l8
+  timeout 330 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda --decode-steps 1 8 \
+    --temperature 0 0.8 --out "$OUT/decode_sampled.json" > "$OUT/decode_sampled.log" 2>&1
+  grep -A17 "^ tp " "$OUT/decode_sampled.log" | grep -v INFO
 fi
