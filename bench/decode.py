@@ -288,7 +288,8 @@ def main() -> int:
                 rows += bench_one(path, tp, backend, args.device, dtype, args.batch,
                                   args.prompt_len, args.gen, head, bandwidth, ar,
                                   args.decode_steps, args.head_at, args.temperature)
-    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'temp':>4} {'batch':>5} {'TTFT ms':>8} "
+    print(f"{'tp':>3} {'backend':>17} {'head':>5} {'all-reduce':>22} {'k':>2} {'temp':>4} "
+          f"{'batch':>5} {'TTFT ms':>8} "
           f"{'tok/s':>8} {'step ms':>8} {'all-reduce %':>12} {'of floor':>8}")
     for r in rows:
         share = f"{100 * r['allreduce_share']:.0f}%" if "allreduce_share" in r else "-"

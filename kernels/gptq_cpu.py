@@ -1,7 +1,8 @@
 """4-bit shards on CPU ranks: torch's int4 CPU GEMM (`aten._weight_int4pack_mm_for_cpu`, the
 kernel gpt-fast and torchao run on CPUs), instead of dequantizing the whole shard on every call
 (`gptq_weight.gptq_matmul_cpu`: 411 vs 41 ms at M = 1 on a 2048x8192 shard in fp32, 613 vs 10 ms
-in bf16, on a 2-core EPYC). bf16 x at any M; fp32 and fp16 x up to SMALL_M rows (small decode batches).
+in bf16, on a 2-core EPYC). bf16 x at any M; fp32 and fp16 x up to SMALL_M rows (small decode
+batches).
 
 That kernel's format: w = (q - 8) * scale + zero per (group, column), groups of 32, 64, 128 or 256
 rows counted from row 0, N a multiple of 16. A GPTQ shard maps onto it exactly in real numbers,

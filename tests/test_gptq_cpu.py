@@ -16,7 +16,7 @@ SHAPES = [(512, 96, 128, 0), (200, 72, 64, 32), (256, 64, 32, 0), (300, 40, 128,
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to max |y|
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, gptq_cpu.SMALL_M])
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_int4_cpu_kernel_matches_the_dequantized_shard(shape, dtype, m):
@@ -36,14 +36,16 @@ def test_int4_cpu_kernel_matches_the_dequantized_shard(shape, dtype, m):
 def test_dispatch_takes_it_for_4_bit_shards_only():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 256, generator=g)
-    four, eight = random_weight(256, 48, 4, 64, generator=g), random_weight(256, 48, 8, 64, generator=g)
+    four = random_weight(256, 48, 4, 64, generator=g)
+    eight = random_weight(256, 48, 8, 64, generator=g)
     small_groups = random_weight(256, 48, 4, 16, generator=g)  # the kernel takes 32..256
     for w in (four, eight, small_groups):
         torch.testing.assert_close(gptq_matmul(x, w), x @ w.dequantize(), rtol=1e-5, atol=1e-5)
     assert four.cpu_pack is not None
     big = torch.randn(gptq_cpu.SMALL_M + 1, 256, generator=g)  # fp32 prefill: the broadcast path
     assert not gptq_cpu.applies(big, four) and gptq_cpu.applies(big.bfloat16(), four)
-    torch.testing.assert_close(gptq_matmul(big, four), big @ four.dequantize(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gptq_matmul(big, four), big @ four.dequantize(), rtol=1e-5,
+                               atol=1e-5)
     assert eight.cpu_pack is None and small_groups.cpu_pack is None
     # act-order: x read through the permutation first, as on the GPU
     perm = torch.randperm(256, generator=g)

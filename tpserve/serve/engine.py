@@ -7,8 +7,8 @@ requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler
 running request decodes greedily and none waits, a burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
-into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the thread (`start()` not called), `generate()` drives the same steps
-in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
+into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the
+thread (`start()` not called), `generate()` drives the same steps in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
 """
 
 from __future__ import annotations
