@@ -9,8 +9,10 @@ lm_head in the head's format: `tpserve.model.head.Head`) on rank 0 instead, stil
   zeros, and one all-reduce of that [T, width] tensor hands every rank the step tensor (adding
   zeros is exact, so this is a broadcast on whatever path the group uses, inside a CUDA graph on
   NCCL);
-- rank 0's step ends with the final norm, the lm_head and the argmax; only the argmax (and the fp32
-  logits where a request needs them: sampling, penalties, logprobs) goes back to the coordinator.
+- rank 0's step ends with the final norm, the lm_head and the argmax; only the argmax goes back to
+  the coordinator, or where a request needs more (sampling, penalties, logprobs), rank 0 samples
+  the step itself and sends the tokens and logprobs (`tpserve.serve.rank_sampling`); the fp32
+  logits travel only for a prompt's echoed logprobs.
 
 At tp=1 in one process the same object puts the head into the rank's captured decode step.
 """

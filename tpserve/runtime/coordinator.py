@@ -7,7 +7,9 @@ a torch.distributed rendezvous it hosts (`torch_dist.DistDriver`; on `cuda` the 
 other's receive buffers through it for the one-shot kernel). Per step it sends
 `{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`), or,
 where rank 0 holds the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token
-ids and waits for the argmax (and the fp32 logits, in row chunks where large); on
+ids and waits for the argmax (and the fp32 logits, in row chunks where large), or, for a step
+rank 0 samples, `{op: params}` messages with the new requests' sampling parameters, then the step
+with `sample` entries, and waits for the sampled tokens (`tpserve.serve.rank_sampling`); on
 the zmq path it meanwhile collects the tp partials of reduction `seq`, sums them
 (`comm.reduce_sum`) and sends the sum back to every rank. On the other paths the result header
 carries the step's reduction count and time. Every receive has a deadline (re-armed while the
@@ -162,6 +164,22 @@ class Coordinator:
                               f"the argmax{' and the logits' if logits else ''}")
         if logits:  # the logits came in row chunks where they exceed one frame
             return [out[0], out[1] if len(out) == 2 else torch.cat(out[1:])]
+        return out
+
+    def sample_ids(self, ids: torch.Tensor, plan: StepPlan, entries: list, params: list[list],
+                   logits: bool) -> list[torch.Tensor]:
+        """Token ids [T] -> rank 0's sampled [tokens, logprobs, top ids, top logprobs] of each
+        sequence (`tpserve.serve.rank_sampling`), and the fp32 logits of `plan.out_rows` where
+        `logits`. `params`: the new requests' parameters, sent to rank 0 ahead of the step."""
+        for chunk in params:
+            self.sock.send_multipart([self.identities[0], *encode({"op": "params",
+                                                                   "params": chunk})])
+        out = self._step({"ids": True, "logits": logits, "sample": entries}, ids, plan)
+        if len(out) < 4 + logits or not logits and len(out) != 4:
+            raise RankFailure(f"rank 0 answered sampling step {self.step_id} with {len(out)} "
+                              f"tensors")
+        if logits:  # the logits came in row chunks where they exceed one frame
+            return out[:4] + [out[4] if len(out) == 5 else torch.cat(out[4:])]
         return out
 
     def _step(self, flags: dict, x: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:

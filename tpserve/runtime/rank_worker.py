@@ -28,6 +28,7 @@ from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
 from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, uint
+from tpserve.serve.rank_sampling import RankSampler
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class RankWorker:
         self.gpu = 0  # Ray exposes only this rank's GPU unless `see_gpus` widened the view
         self.model: RankModel | None = None
         self.head: RankHead | None = None  # set where the coordinator places its head here
+        self.sampler: RankSampler | None = None  # rank 0's, with the head
         self.steps = 0
         self.last_step = 0
         self.profiler = StepProfiler(rank)  # TPSERVE_PROFILE: a window of steps, else nothing
@@ -148,6 +150,9 @@ class RankWorker:
                 torch.cuda.set_device(self.gpu)
             head = Head.load(self.path, self.cfg, self.quant, self.dtype, self.device, lm_head)
         self.head = RankHead(head, self.comm, self.model.width, self.dtype, self.model.device)
+        # rank 0 samples the steps whose requests need more than the argmax (`rank_sampling`)
+        self.sampler = None if head is None else RankSampler(self.cfg.eos_token_ids,
+                                                             self.cfg.vocab_size)
         return {"nbytes": self.head.nbytes,
                 "format": None if head is None else HeadFormat(head.lm_head.mode).value}
 
@@ -186,6 +191,11 @@ class RankWorker:
                     if h["op"] == "setup":
                         self._join(sock, h)
                         continue
+                    if h["op"] == "params":  # sampling parameters for the next step (rank 0)
+                        if self.sampler is None:
+                            raise WireError("sampling parameters reached a rank without the head")
+                        self.sampler.take(h.get("params"))
+                        continue
                     ids = h.get("ids") is True
                     if h["op"] != "step" or len(ts) != 1 or ts[0].dim() != 2 - ids:
                         raise WireError(f"expected a step with one {2 - ids}-D tensor, got "
@@ -195,12 +205,16 @@ class RankWorker:
                     if ids:
                         self._check_ids(ts[0])
                     plan = _plan_from_wire(h.get("plan"), ts[0].shape[0])
+                    if h.get("sample") is not None and self.sampler is not None:
+                        if not ids:
+                            raise WireError("a sampling step must be a step of token ids")
+                        self.sampler.check(h["sample"], len(plan.slots))
                     steps = uint(h, "steps") or 1
                     if steps > MAX_DECODE_STEPS:
                         raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
                     if steps > 1:
                         if not (ids and plan.is_decode and h.get("logits") is False and
-                                plan.out_rows in (None, list(range(len(plan.slots))))):
+                                h.get("sample") is None and plan.out_rows in (None, list(range(len(plan.slots))))):
                             raise WireError(f"{steps} steps in one message need a decode step "
                                             f"of token ids with no logits")
                         try:  # the burst's last step must fit too: refused whole, never half run
@@ -219,8 +233,13 @@ class RankWorker:
                         out = [] if toks is None else [toks]
                     elif ids:
                         logits, argmax = step_ids(self.model, self.head, ts[0], plan)
-                        out = [argmax] + (chunk_rows(logits) if logits is not None and
-                                          h.get("logits") is not False else [])
+                        shipped = (chunk_rows(logits) if logits is not None and
+                                   h.get("logits") is not False else [])
+                        if h.get("sample") is not None and logits is not None:  # rank 0
+                            out = self.sampler.sample(logits, argmax, ts[0], plan,
+                                                      h["sample"]) + shipped
+                        else:
+                            out = [argmax] + shipped
                     else:
                         out = self.model(ts[0].to(self.device, self.dtype), plan)
                         out = [out if plan.out_rows is None else out[plan.out_rows]]

@@ -22,6 +22,7 @@ from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT, malformed
+from tpserve.serve.rank_sampling import SampleSync
 from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, rank_order,
                                            reserve, start_ranks)
 
@@ -56,6 +57,7 @@ class RayExecutor:
         self.placement_timeout_s, self.curve, self.allreduce = placement_timeout_s, curve, allreduce
         self.lm_head, self.head_at = lm_head, head_at
         self.head_bytes, self.head_format = 0, None  # the head's, where rank 0 holds it
+        self._sync = SampleSync()  # what rank 0's sampler holds, where it holds the head
         self.started_ray = ensure_ray(address, tp, device)
         self.actors, self.pg, self.coord, self.serving, self.nodes = [], None, None, [], []
         self.failures = self.recoveries = 0
@@ -128,6 +130,7 @@ class RayExecutor:
         t0 = time.perf_counter()
         log.warning("rebuilding the rank group after: %s", self._dead or "a failed step")
         self._release()
+        self._sync.reset()  # the new rank 0 holds no request's sampling state
         self.recoveries += 1
         self._start(progress=False)
         log.warning("rank group rebuilt in %.1fs; serving again", time.perf_counter() - t0)
@@ -182,6 +185,24 @@ class RayExecutor:
             self.failures += 1  # a rank that answers garbage is rebuilt like a dead one
             raise RankFailure(f"rank 0 answered step {self.coord.step_id} with {wrong}")
         return logits, argmax
+
+    def sample_ids(self, ids: torch.Tensor, plan: StepPlan, reqs, need_logits: bool):
+        """A step of token ids whose requests rank 0 samples (`tpserve.serve.rank_sampling`) ->
+        ((token, logprob) per request, the fp32 logits of `plan.out_rows` where need_logits);
+        None where the head runs at the coordinator."""
+        if not self.head_bytes:
+            return None
+        entries, params = self._sync.entries(reqs)
+        out = self._guarded(self.coord.sample_ids, ids, plan, entries, params, need_logits)
+        wrong = SampleSync.malformed(out, len(reqs), self.vocab)
+        rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
+        if wrong is None and need_logits and (out[4].shape != (rows, self.vocab)
+                                              or out[4].dtype != torch.float32):
+            wrong = f"logits {list(out[4].shape)} {out[4].dtype} for {rows} rows"
+        if wrong:
+            self.failures += 1
+            raise RankFailure(f"rank 0 answered sampling step {self.coord.step_id} with {wrong}")
+        return SampleSync.results(reqs, out), (out[4] if need_logits else None)
 
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
         if not self.head_bytes:

@@ -20,7 +20,7 @@ import torch
 from tpserve.errors import TpserveError
 
 VERSION = 1
-OPS = {"hello", "setup", "ready", "step", "reduce", "sum", "result", "error", "stop"}
+OPS = {"hello", "setup", "ready", "params", "step", "reduce", "sum", "result", "error", "stop"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 _NAMES = {v: k for k, v in DTYPES.items()}

@@ -11,17 +11,14 @@ for each request (stops, events, slots) is the engine's business, not this modul
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import MAX_DECODE_STEPS
 from tpserve.serve.requests import Request
-from tpserve.serve.sampling import needs_logits, prompt_logprobs, sample
-
-log = logging.getLogger(__name__)
+from tpserve.serve.rank_sampling import sample_each
+from tpserve.serve.sampling import needs_logits, prompt_logprobs
 
 
 def check_decode_steps(k) -> int:
@@ -73,9 +70,16 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
         starts.append(req.position)
         lens.append(len(new))
     plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
+    ids = torch.as_tensor(ids, dtype=torch.long)
     with torch.inference_mode():
         need = len(out_rows) != len(reqs) or bool(echoed) or needs_logits([r.row for r in reqs])
-        logits, argmax = llm.step(torch.as_tensor(ids, dtype=torch.long), plan, need)
+        on_rank = getattr(llm.executor, "sample_ids", None) if need else None
+        ranked = on_rank(ids, plan, reqs, bool(echoed)) if on_rank is not None else None
+        if ranked is not None:  # rank 0 sampled (`rank_sampling`); logits only for echo
+            sampled, logits = ranked
+            return sampled, {i: prompt_logprobs(logits[spans[i][0]:spans[i][1]], reqs[i].prompt,
+                                                reqs[i].params.prompt_logprobs) for i in echoed}
+        logits, argmax = llm.step(ids, plan, need)
         if len(out_rows) != len(reqs):  # prompt rows too: each request's last row
             last_rows = [b - 1 for _, b in spans]
             last = logits[last_rows]
@@ -97,16 +101,4 @@ def sample_rows(logits: torch.Tensor, reqs: list[Request],
     Parameters are validated before they get here; should one row still break the batched
     sampler, the rows are redone one by one so only that request fails, never the step.
     """
-    try:
-        return list(zip(*sample(logits, [r.row for r in reqs], argmax)))
-    except Exception as e:
-        log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
-    out = []
-    for i, req in enumerate(reqs):
-        try:
-            toks, lps = (sample(None, [req.row], argmax[i:i + 1]) if logits is None
-                         else sample(logits[i:i + 1], [req.row]))
-            out.append((toks[0], lps[0]))
-        except Exception as e:
-            out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
-    return out
+    return sample_each(logits, [r.row for r in reqs], argmax)

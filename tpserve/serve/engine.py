@@ -34,6 +34,9 @@ PROMPT_LOGITS_BYTES = 1 << 30
 # next would pass this; a single longer prompt still runs, alone): every free slot prefilling
 # a long prompt in one step would need activations for all of them at once.
 DEFAULT_MAX_PREFILL_TOKENS = 8192
+# Request ids, unique in the process: engines over one LLM share its executor, whose rank-0
+# sampler keeps state by request id (`tpserve.serve.rank_sampling`).
+_REQUEST_IDS = itertools.count()
 
 
 class Engine:
@@ -53,7 +56,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stats = Stats()
-        self._ids = itertools.count()
+        self._ids = _REQUEST_IDS
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False

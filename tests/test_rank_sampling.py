@@ -1,0 +1,142 @@
+"""Sampling on rank 0 (tpserve/serve/rank_sampling.py): over real Ray ranks that hold the head, a
+step whose requests need more than the argmax is sampled where the logits are, and gives the
+tokens and logprobs of the coordinator's sampler (the in-process ranks: the same seeded streams,
+penalties, biases, min_tokens and logprobs), without the logits crossing to the coordinator. The
+wire pieces refuse malformed input."""
+
+import threading
+
+import pytest
+import torch
+
+import tpserve
+from tpserve.runtime.wire import WireError
+from tpserve.serve import rank_sampling
+from tpserve.serve.engine import Engine
+from tpserve.serve.rank_sampling import RankSampler, SampleSync, params_from_wire, params_to_wire
+from tpserve.serve.requests import Request
+from tpserve.serve.sampling import SamplingParams
+
+from test_peer_fixtures import FIXTURES
+
+PATH = FIXTURES / "llama_g128_sym"
+PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45], [9, 9, 9, 9]]
+PARAMS = [SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=11, logprobs=3),
+          SamplingParams(max_tokens=7, temperature=1.2, top_k=20, seed=5, repetition_penalty=1.3,
+                         frequency_penalty=0.5, logit_bias=((7, 5.0), (9, -100.0))),
+          SamplingParams(max_tokens=6, ignore_eos=False, min_tokens=4, temperature=0.6, seed=2,
+                         presence_penalty=1.0, prompt_logprobs=2),
+          SamplingParams(max_tokens=8, logprobs=2)]  # greedy, in a sampled step
+
+
+def _run(llm, prompts, params) -> list[tuple]:
+    """Requests admitted in one step, run to their ends: (tokens, logprobs, prompt logprobs)."""
+    engine, done = Engine(llm), threading.Semaphore(0)
+    out = [([], [], None) for _ in prompts]
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        def on_event(ev, i=i):
+            toks, lps, _ = out[i]
+            toks.extend(ev.token_ids)
+            lps.extend((lp.token, round(lp.logprob, 4), [(t, round(v, 4)) for t, v in lp.top])
+                       for lp in ev.logprobs or [])
+            if ev.prompt_logprobs is not None:
+                out[i] = (toks, lps, [(lp.token, lp.logprob and round(lp.logprob, 4))
+                                      for lp in ev.prompt_logprobs])
+            if ev.finished:
+                done.release()
+        engine.submit(p, sp, on_event)
+    engine.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(ray_cluster):
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="rank0",
+                       max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def single():
+    llm = tpserve.load(PATH, tp=2, dtype=torch.float32, max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()
+
+
+def test_rank0_samples_what_the_coordinator_samples(ranks, single, monkeypatch):
+    calls = []
+    real = ranks.executor.coord.sample_ids
+
+    def counted(ids, plan, entries, params, logits):
+        calls.append(logits)
+        return real(ids, plan, entries, params, logits)
+    monkeypatch.setattr(ranks.executor.coord, "sample_ids", counted)
+    got = _run(ranks, PROMPTS, PARAMS)
+    want = _run(single, PROMPTS, PARAMS)
+    assert got == want
+    assert [len(t) for t, _, _ in got] == [9, 7, len(got[2][0]), 8] and len(got[2][0]) >= 4
+    assert len(got[0][1]) == 9 and all(len(top) == 3 for _, _, top in got[0][1])
+    # every step of these requests was sampled on rank 0; the logits crossed only for the prompt
+    # step, where request 2 echoes its prompt's logprobs
+    assert len(calls) == max(len(t) for t, _, _ in got) and calls.count(True) == 1
+
+
+def test_seeded_requests_repeat_and_a_new_group_starts_clean(ranks):
+    params = [PARAMS[0], PARAMS[1]]
+    first = _run(ranks, PROMPTS[:2], params)
+    assert _run(ranks, PROMPTS[:2], params) == first  # fresh requests: fresh generators
+    ranks.executor._sync.sent = {10 ** 9: 0}  # as after a step the new group never saw
+    ranks.executor.recover()
+    assert ranks.executor._sync.sent == {}
+    assert _run(ranks, PROMPTS[:2], params) == first
+
+
+def _req(rid, params, output=()):
+    r = Request(rid, [1, 2, 3], params, lambda ev: None, None)
+    r.output.extend(output)
+    return r
+
+
+def test_the_coordinator_sends_parameters_once_and_tokens_since_the_last_step(monkeypatch):
+    sync = SampleSync()
+    a, b = _req(1, PARAMS[0]), _req(2, PARAMS[1])
+    entries, params = sync.entries([a, b])
+    assert entries == [[1, []], [2, []]]
+    assert [p[0] for m in params for p in m] == [1, 2]
+    assert params_from_wire(params[0][0][1]) == PARAMS[0]
+    a.output.extend([5, 6])  # e.g. a burst's tokens
+    b.output.append(7)
+    entries, params = sync.entries([a, b])
+    assert entries == [[1, [5, 6]], [2, [7]]] and params == []
+    entries, params = sync.entries([b])  # a finished: forgotten
+    assert entries == [[2, []]] and sync.sent == {2: 1}
+    monkeypatch.setattr(rank_sampling, "PARAMS_BYTES", 1)  # one request per params message
+    _, params = SampleSync().entries([a, b])
+    assert [[p[0] for p in m] for m in params] == [[1], [2]]
+
+
+@pytest.mark.parametrize("bad", [
+    "x", [[1]], [[1, [5]], [2, [5]], [3, [5]]], [[1, [256]]], [[1, [-1]]], [["a", []]],
+    [[1, [5], {}]], [[1, None]]])
+def test_malformed_sampling_entries_are_refused(bad):
+    with pytest.raises(WireError):
+        RankSampler((2,), 256).check(bad, 1 if len(bad) != 3 else 2)
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -1.0}, {"nonsense": 1}, {"logit_bias": [[1]]}, {"top_p": "x"}, [1, 2],
+    {"stop": ["x"]}])
+def test_malformed_sampling_parameters_are_refused(bad):
+    with pytest.raises(WireError):
+        RankSampler((2,), 256).take([[1, bad]])
+
+
+def test_parameters_survive_the_wire():
+    for p in PARAMS:
+        assert params_from_wire(params_to_wire(p)) == p

@@ -1,0 +1,218 @@
+"""Sampling on rank 0, where the ranks' step holds the head (`tpserve.model.rank_head`).
+
+Without it a step with a sampled request (temperature, penalties, logprobs) makes rank 0 send the
+step's fp32 logits to the coordinator, whose sampler picks the tokens: batch x vocab x 4 bytes a
+step (4 MB at batch 8 with a 128K vocabulary), and a sort of each row on the host for top-p. Here
+rank 0 runs the same batched sampler (`sampling.sample`) on its device and sends back the tokens
+and the logprobs asked for:
+
+- the coordinator (`SampleSync`) sends rank 0 the parameters of the step's new requests (`op:
+  params` messages of at most PARAMS_BYTES each, ahead of the step on the same socket), then the
+  step with, per request, its id and the output tokens rank 0 has not seen yet (usually the one
+  sampled last step);
+- rank 0 (`RankSampler`) keeps a `SampleRow` per request between steps, so a seeded request's
+  generator and a penalized one's token counts live where its logits are; a request absent from
+  a sampling step is dropped (every running request is in every step). A request is new to rank 0
+  only at its prefill, where the step's token ids are its prompt;
+- rank 0 answers [tokens [B] (-1: this row could not be sampled), the chosen tokens' logprobs [B],
+  the top ids [B, K] and their logprobs [B, K]] (K: the most logprobs a row asked for), and where a
+  request echoes its prompt's logprobs, the step's logits as before (the coordinator computes
+  those; no generator is involved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import msgpack
+import torch
+
+from tpserve.errors import TpserveError
+from tpserve.runtime.wire import WireError
+from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob, sample
+
+log = logging.getLogger(__name__)
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"stop"}
+PARAMS_BYTES = 256 << 10  # the parameters one `params` message carries (a header is <= 1 MiB)
+MAX_PENDING = 1 << 16  # parameters rank 0 holds for requests not stepped yet
+
+
+def sample_each(logits: torch.Tensor | None, rows: list[SampleRow],
+                argmax: torch.Tensor | None = None) -> list[tuple]:
+    """(token, logprob) per row; (None, message) for a row that cannot be sampled. Should one row
+    break the batched sampler, the rows are redone one by one so only that row fails."""
+    try:
+        return list(zip(*sample(logits, rows, argmax)))
+    except Exception as e:
+        log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            toks, lps = (sample(None, [row], argmax[i:i + 1]) if logits is None
+                         else sample(logits[i:i + 1], [row]))
+            out.append((toks[0], lps[0]))
+        except Exception as e:
+            out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
+    return out
+
+
+def params_to_wire(p: SamplingParams) -> dict:
+    """What rank 0 needs of a request's parameters (stop strings are text: the coordinator's)."""
+    d = {name: getattr(p, name) for name in _FIELDS}
+    d["stop_token_ids"] = list(p.stop_token_ids)
+    d["logit_bias"] = [[t, b] for t, b in p.logit_bias]
+    return d
+
+
+def params_from_wire(d) -> SamplingParams:
+    if not isinstance(d, dict) or not set(d) <= _FIELDS:
+        raise WireError("sampling parameters must be a map of SamplingParams fields")
+    try:
+        d = {**d, "stop_token_ids": tuple(d.get("stop_token_ids", ())),
+             "logit_bias": tuple((t, b) for t, b in d.get("logit_bias", ()))}
+        return SamplingParams(**d)  # checks every value, as at the HTTP boundary
+    except Exception as e:
+        raise WireError(f"sampling parameters refused: {e}") from None
+
+
+class SampleSync:
+    """The coordinator's side: what rank 0's sampler holds of each request."""
+
+    def __init__(self):
+        self.sent: dict[int, int] = {}  # request id -> output tokens rank 0 has
+
+    def entries(self, reqs) -> tuple[list[list], list[list]]:
+        """([id, new output tokens] per request (engine `Request`s) of a sampling step, the
+        `params` messages' contents for the requests rank 0 has not seen); requests not in the
+        step are forgotten, as rank 0 forgets them."""
+        out, sent, messages, size = [], {}, [[]], 0
+        for r in reqs:
+            have = self.sent.get(r.id)
+            if have is None:
+                p = [r.id, params_to_wire(r.params)]
+                n = len(msgpack.packb(p))
+                if size + n > PARAMS_BYTES and messages[-1]:
+                    messages.append([])
+                    size = 0
+                messages[-1].append(p)
+                size += n
+            out.append([r.id, r.output[have or 0:]])
+            sent[r.id] = len(r.output)
+        self.sent = sent
+        return out, [m for m in messages if m]
+
+    def reset(self) -> None:
+        """A new rank group: rank 0 holds nothing."""
+        self.sent = {}
+
+    @staticmethod
+    def results(reqs, out: list[torch.Tensor]) -> list[tuple]:
+        """Rank 0's answer -> (token, logprob) per request as `sample_each` gives them."""
+        toks, lp, top_ids, top_vals = (t.tolist() for t in out[:4])
+        res = []
+        for i, r in enumerate(reqs):
+            if toks[i] < 0:
+                res.append((None, "sampling failed for this request on rank 0 (see its log)"))
+                continue
+            k = r.params.logprobs
+            res.append((toks[i], None if k is None else TokenLogprob(
+                toks[i], lp[i], list(zip(top_ids[i][:k], top_vals[i][:k])))))
+        return res
+
+    @staticmethod
+    def malformed(out: list[torch.Tensor], rows: int, vocab: int) -> str | None:
+        """What is wrong with rank 0's answer to a sampling step of `rows` requests."""
+        if len(out) < 4:
+            return f"{len(out)} tensors"
+        toks, lp, top_ids, top_vals = out[:4]
+        k = top_ids.shape[-1] if top_ids.dim() == 2 else -1
+        if toks.shape != (rows,) or toks.dtype != torch.int64 or lp.shape != (rows,) or \
+                top_ids.shape != (rows, k) or top_ids.dtype != torch.int64 or \
+                top_vals.shape != (rows, k) or not lp.is_floating_point() or \
+                not top_vals.is_floating_point():
+            return f"sampled tensors {[list(t.shape) for t in out[:4]]} for {rows} rows"
+        if rows and not (-1 <= int(toks.min()) and int(toks.max()) < vocab):
+            return "sampled token ids outside the vocabulary"
+        if top_ids.numel() and not (-1 <= int(top_ids.min()) and int(top_ids.max()) < vocab):
+            return "logprob token ids outside the vocabulary"
+        return None
+
+
+class RankSampler:
+    """Rank 0's side: a `SampleRow` per running request, kept between steps."""
+
+    def __init__(self, eos_token_ids, vocab: int):
+        self.eos, self.vocab = tuple(eos_token_ids), vocab
+        self.rows: dict[int, SampleRow] = {}
+        self.pending: dict[int, SamplingParams] = {}  # from `params` messages, for the next step
+
+    def take(self, params) -> None:
+        """A `params` message: [[request id, parameters], ...] (WireError if malformed)."""
+        if not isinstance(params, list) or len(self.pending) + len(params) > MAX_PENDING:
+            raise WireError("a params message is a list of [request id, parameters]")
+        for e in params:
+            if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)):
+                raise WireError("a params entry is [request id, parameters]")
+            self.pending[e[0]] = params_from_wire(e[1])
+
+    def check(self, entries, sequences: int) -> None:
+        """A step's sampling entries, by shape (WireError: the step is dropped unrun)."""
+        if not isinstance(entries, list) or len(entries) != sequences or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)
+                and isinstance(e[1], list)
+                and all(isinstance(t, int) and 0 <= t < self.vocab for t in e[1])
+                for e in entries):
+            raise WireError(f"a sampling step of {sequences} sequences needs [request id, output "
+                            f"token ids] for each")
+
+    def _rows(self, entries, ids: torch.Tensor, lens: list[int]) -> list[SampleRow]:
+        rows, kept, start = [], {}, 0
+        pending, self.pending = self.pending, {}
+        for (rid, new), n in zip(entries, lens):
+            row = self.rows.get(rid)
+            if row is None:
+                if rid not in pending or new:
+                    raise TpserveError(f"request {rid} is new to rank 0 but is not at its "
+                                       f"prefill with its parameters")
+                row = SampleRow(pending[rid], ids[start:start + n].tolist(), [], self.eos)
+            if rid in kept:
+                raise TpserveError(f"request {rid} appears twice in one step")
+            row.output.extend(new)
+            kept[rid] = row
+            rows.append(row)
+            start += n
+        self.rows = kept
+        return rows
+
+    def sample(self, logits: torch.Tensor, argmax: torch.Tensor | None, ids: torch.Tensor,
+               plan, entries) -> list[torch.Tensor]:
+        """The step's logits (rows `plan.out_rows`) -> [tokens, logprobs, top ids, top logprobs]
+        of each sequence's last row (the module docstring)."""
+        rows = self._rows(entries, ids, list(plan.lens))
+        out_rows = plan.out_rows if plan.out_rows is not None else range(plan.num_tokens)
+        ends, start, j = [], 0, 0
+        for n in plan.lens:  # each sequence's last out row, in the order the rows were laid
+            start += n
+            while j < len(out_rows) and out_rows[j] < start:
+                j += 1
+            if j == 0 or ends and ends[-1] == j - 1:
+                raise TpserveError("a sampling step needs an output row in every sequence")
+            ends.append(j - 1)
+        last = torch.as_tensor(ends, device=logits.device)
+        res = sample_each(logits[last], rows, None if argmax is None else argmax[last])
+        k = max((r.params.logprobs or 0 for r in rows), default=0)
+        toks = torch.full((len(rows),), -1, dtype=torch.int64)
+        lp = torch.zeros(len(rows), dtype=torch.float32)
+        top_ids = torch.full((len(rows), k), -1, dtype=torch.int64)
+        top_vals = torch.zeros((len(rows), k), dtype=torch.float32)
+        for i, (tok, p) in enumerate(res):
+            if tok is None:
+                log.error("rank 0 could not sample request %s: %s", entries[i][0], p)
+                continue
+            toks[i] = tok
+            if p is not None:
+                lp[i] = p.logprob
+                for c, (t, v) in enumerate(p.top[:k]):
+                    top_ids[i, c], top_vals[i, c] = t, v
+        return [toks, lp, top_ids, top_vals]
