@@ -140,3 +140,22 @@ def test_malformed_sampling_parameters_are_refused(bad):
 def test_parameters_survive_the_wire():
     for p in PARAMS:
         assert params_from_wire(params_to_wire(p)) == p
+
+
+def test_a_greedy_request_joins_a_sampling_step_mid_stream(ranks, single):
+    """A greedy request decodes by the argmax alone; a sampled one arrives, and from then on rank
+    0 samples steps holding both: the greedy one is new to rank 0 there, past its prefill."""
+    def run(llm):
+        engine, toks = Engine(llm), {0: [], 1: []}
+        engine.submit(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True),
+                      lambda ev: toks[0].extend(ev.token_ids))
+        for _ in range(3):
+            engine._admit()
+            engine._step()
+        engine.submit(PROMPTS[1], PARAMS[1], lambda ev: toks[1].extend(ev.token_ids))
+        while engine.running or engine.waiting:
+            engine._admit()
+            engine._step()
+        return toks
+    got = run(ranks)
+    assert got == run(single) and len(got[0]) == 8

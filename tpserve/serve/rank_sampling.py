@@ -13,7 +13,8 @@ and the logprobs asked for:
 - rank 0 (`RankSampler`) keeps a `SampleRow` per request between steps, so a seeded request's
   generator and a penalized one's token counts live where its logits are; a request absent from
   a sampling step is dropped (every running request is in every step). A request is new to rank 0
-  only at its prefill, where the step's token ids are its prompt;
+  at its prefill (the step's token ids are its prompt), or, when it decoded by the argmax alone
+  so far, in the first step a neighbour samples (then its prompt is not needed);
 - rank 0 answers [tokens [B] (-1: this row could not be sampled), the chosen tokens' logprobs [B],
   the top ids [B, K] and their logprobs [B, K]] (K: the most logprobs a row asked for), and where a
   request echoes its prompt's logprobs, the step's logits as before (the coordinator computes
@@ -172,10 +173,15 @@ class RankSampler:
         for (rid, new), n in zip(entries, lens):
             row = self.rows.get(rid)
             if row is None:
-                if rid not in pending or new:
-                    raise TpserveError(f"request {rid} is new to rank 0 but is not at its "
-                                       f"prefill with its parameters")
-                row = SampleRow(pending[rid], ids[start:start + n].tolist(), [], self.eos)
+                if rid not in pending:
+                    raise TpserveError(f"request {rid} is new to rank 0 but came without its "
+                                       f"sampling parameters")
+                # At its prefill (no output yet) the step's token ids are its prompt. A request
+                # new here later decoded greedily by the argmax alone so far (one that samples,
+                # is penalized or wants logprobs comes here from its prefill on): its prompt,
+                # which only a repetition penalty reads, is not needed.
+                prompt = [] if new else ids[start:start + n].tolist()
+                row = SampleRow(pending[rid], prompt, [], self.eos)
             if rid in kept:
                 raise TpserveError(f"request {rid} appears twice in one step")
             row.output.extend(new)
