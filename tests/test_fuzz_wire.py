@@ -239,3 +239,31 @@ def test_a_rank_drops_decode_bursts_it_cannot_run(tmp_path):
         assert router.poll(10000), "the rank stopped answering"
         assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
         assert worker.last_step == 0  # none of them ran
+
+
+def test_a_rank_drops_sampling_messages_it_cannot_use(tmp_path):
+    """Sampling parameters (`op: params`) that fail SamplingParams' checks, or reach a rank
+    without the sampler, and sampling steps whose entries do not fit the plan, are dropped: no
+    parameters kept, no step run, the rank keeps serving."""
+    from tpserve.model.config import load_configs
+    from tpserve.model.rank_head import RankHead
+    from tpserve.serve.rank_sampling import RankSampler
+    plan = {"slots": [0, 1], "starts": [3, 5], "lens": [1, 1]}
+    with bare_rank(tmp_path, b"r0", timeout_s=2) as (router, worker):
+        def send(h, ts=()):
+            router.send_multipart([b"r0", *bytes_frames(h, ts)])
+        send({"op": "params", "params": [[1, {"temperature": 0.5}]]})  # no sampler here
+        worker.cfg, _ = load_configs(FIXTURES / "llama_g128_sym")
+        worker.head = RankHead(None, worker.comm, worker.cfg.hidden_size, torch.float32, "cpu")
+        worker.sampler = RankSampler((2,), worker.cfg.vocab_size)
+        for params in ([[1, {"temperature": -1.0}]], [[1, {"nonsense": 1}]], "x", [[1]],
+                       [[1, {"logit_bias": [[1]]}]], [[1, {"stop": ["x"]}]]):
+            send({"op": "params", "params": params})
+        for n, entries in enumerate(([[1, []]], [[1, []], [2, [256]]], [[1, []], ["2", []]],
+                                     [[1, []], [2, 5]], "x"), 1):
+            send({"op": "step", "step": n, "ids": True, "plan": plan, "logits": False,
+                  "sample": entries}, [torch.tensor([1, 2])])
+        send({"op": "setup", "path": "zmq", "comm": {}})
+        assert router.poll(10000), "the rank stopped answering"
+        assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
+        assert worker.last_step == 0 and worker.sampler.pending == {}
