@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq_weight import GPTQWeight, unpack
+from .gptq_weight import GPTQWeight, unpack, whole_groups
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,9 +59,9 @@ def applies(x: torch.Tensor, w: GPTQWeight) -> bool:
 
 def pack(w: GPTQWeight) -> Int4CpuPack:
     """The shard in the CPU kernel's layout."""
-    k, n, gs, off = w.in_features, w.out_features, w.group_size, w.group_offset
-    groups = -(-(k + off) // gs)
-    back, n16 = groups * gs - off - k, -(-n // 16) * 16
+    k, n, off = w.in_features, w.out_features, w.group_offset
+    groups, back = whole_groups(w)
+    n16 = -(-n // 16) * 16
     q = unpack(w.qweight, 4, k)  # [K, N]
     q = torch.nn.functional.pad(q, (0, n16 - n, off, back))  # padded rows meet zero columns of x
     z = unpack(w.qzeros.T, 4, n).T[:groups].float()

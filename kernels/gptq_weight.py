@@ -89,6 +89,13 @@ def gptq_matmul_reference(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
     return x @ w.dequantize(x.dtype)
 
 
+def whole_groups(w: GPTQWeight) -> tuple[int, int]:
+    """(groups the shard's rows touch, rows after its last row up to that group's end): with
+    `group_offset` rows in front, the padding that makes every group whole."""
+    groups = -(-(w.in_features + w.group_offset) // w.group_size)
+    return groups, groups * w.group_size - w.group_offset - w.in_features
+
+
 def gptq_matmul_cpu(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
     """The reference's product without its per-row gathers of zeros and scales: rows padded to whole
     groups (group_offset in front, the last group's tail behind) so that (q - z) * s broadcasts per
@@ -97,10 +104,9 @@ def gptq_matmul_cpu(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
     if w.g_idx is not None:
         return gptq_matmul_reference(x, w)
     k, n, gs, off = w.in_features, w.out_features, w.group_size, w.group_offset
-    groups = -(-(k + off) // gs)
+    groups, tail = whole_groups(w)
     q = unpack(w.qweight, w.bits, k)
     z = unpack(w.qzeros.T, w.bits, n).T[:groups]
-    tail = groups * gs - off - k
     if off or tail:
         q = torch.nn.functional.pad(q, (0, 0, off, tail))
         x = torch.nn.functional.pad(x, (off, tail))

@@ -47,3 +47,25 @@ def demo_checkpoint(tmp_path_factory):
     os.environ["TPSERVE_CACHE"] = str(cache)
     from tpserve import demo
     return demo.demo_path()
+
+
+SMALL = FIXTURES / "llama_g128_sym"  # the GPTQModel fixture the head-on-rank-0 tests run
+
+
+@pytest.fixture(scope="module")
+def ranks(ray_cluster):
+    """SMALL over real Ray ranks at tp=2 with the head on rank 0: steps of token ids."""
+    import tpserve
+    llm = tpserve.load(SMALL, tp=2, backend="ray", dtype=torch.float32, head_at="rank0",
+                       max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def single():
+    """SMALL on the in-process ranks at tp=2, one step at a time: the tokens to match."""
+    import tpserve
+    llm = tpserve.load(SMALL, tp=2, dtype=torch.float32, max_model_len=40, num_slots=4)
+    yield llm
+    llm.close()

@@ -7,31 +7,11 @@ import threading
 import pytest
 import torch
 
-import tpserve
 from tpserve.errors import TpserveError
 from tpserve.serve.engine import Engine
 from tpserve.serve.sampling import SamplingParams
 
-from test_peer_fixtures import FIXTURES
-
-PATH = FIXTURES / "llama_g128_sym"
 PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45]]
-
-
-@pytest.fixture(scope="module")
-def ranks(ray_cluster):
-    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="rank0",
-                       max_model_len=40, num_slots=4)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def single():
-    """One step at a time on the in-process ranks: the tokens to match."""
-    llm = tpserve.load(PATH, tp=2, dtype=torch.float32, max_model_len=40, num_slots=4)
-    yield llm
-    llm.close()
 
 
 def _together(engine: Engine, prompts, params) -> list[list[int]]:

@@ -7,9 +7,7 @@ wire pieces refuse malformed input."""
 import threading
 
 import pytest
-import torch
 
-import tpserve
 from tpserve.runtime.wire import WireError
 from tpserve.serve import rank_sampling
 from tpserve.serve.engine import Engine
@@ -17,9 +15,6 @@ from tpserve.serve.rank_sampling import RankSampler, SampleSync, params_from_wir
 from tpserve.serve.requests import Request
 from tpserve.serve.sampling import SamplingParams
 
-from test_peer_fixtures import FIXTURES
-
-PATH = FIXTURES / "llama_g128_sym"
 PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45], [9, 9, 9, 9]]
 PARAMS = [SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=11, logprobs=3),
           SamplingParams(max_tokens=7, temperature=1.2, top_k=20, seed=5, repetition_penalty=1.3,
@@ -52,21 +47,6 @@ def _run(llm, prompts, params) -> list[tuple]:
     finally:
         engine.stop()
     return out
-
-
-@pytest.fixture(scope="module")
-def ranks(ray_cluster):
-    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="rank0",
-                       max_model_len=40, num_slots=4)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def single():
-    llm = tpserve.load(PATH, tp=2, dtype=torch.float32, max_model_len=40, num_slots=4)
-    yield llm
-    llm.close()
 
 
 def test_rank0_samples_what_the_coordinator_samples(ranks, single, monkeypatch):

@@ -214,7 +214,8 @@ class RankWorker:
                         raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
                     if steps > 1:
                         if not (ids and plan.is_decode and h.get("logits") is False and
-                                h.get("sample") is None and plan.out_rows in (None, list(range(len(plan.slots))))):
+                                h.get("sample") is None and
+                                plan.out_rows in (None, list(range(len(plan.slots))))):
                             raise WireError(f"{steps} steps in one message need a decode step "
                                             f"of token ids with no logits")
                         try:  # the burst's last step must fit too: refused whole, never half run

@@ -86,19 +86,8 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
             argmax = None if argmax is None else argmax[last_rows]
         else:
             last = logits
-        sampled = sample_rows(last, reqs, argmax)
+        sampled = sample_each(last, [r.row for r in reqs], argmax)
         prompt_lps = {i: prompt_logprobs(logits[spans[i][0]:spans[i][1]], reqs[i].prompt,
                                          reqs[i].params.prompt_logprobs) for i in echoed}
     return sampled, prompt_lps
 
-
-def sample_rows(logits: torch.Tensor, reqs: list[Request],
-                argmax: torch.Tensor | None = None) -> list[tuple]:
-    """(token, logprob) per request; (None, message) for a row that cannot be sampled.
-    `argmax`: the logits' argmax where the step computed it with the head (greedy rows take
-    it; `logits` may then be None, see `needs_logits`).
-
-    Parameters are validated before they get here; should one row still break the batched
-    sampler, the rows are redone one by one so only that request fails, never the step.
-    """
-    return sample_each(logits, [r.row for r in reqs], argmax)

@@ -8,7 +8,8 @@ running request decodes greedily and none waits, a burst of up to `decode_steps`
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the
-thread (`start()` not called), `generate()` drives the same steps in the caller's thread: that is `LLM.generate`, so there is one generation loop and one stop logic.
+thread (`start()` not called), `generate()` drives the same steps in the caller's thread: that is
+`LLM.generate`, so there is one generation loop and one stop logic.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class Engine:
             self._cancelled.add(request_id)
         self._wake.set()
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400)."""
+    def check(self, prompt: list[int], params: list[SamplingParams]) -> None:
+        """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400):
+        the prompt once, then each choice's parameters."""
         vocab = self.cfg.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty; send at least one token")
@@ -100,13 +102,18 @@ class Engine:
         if len(prompt) + 1 > self.max_len:
             raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds "
                                f"{self.max_len}; shorten the prompt")
-        if len(prompt) + params.max_tokens > self.max_len:
-            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} "
+        for p in params:
+            self._check_params(len(prompt), p)
+
+    def _check_params(self, n: int, params: SamplingParams) -> None:
+        vocab = self.cfg.vocab_size
+        if n + params.max_tokens > self.max_len:
+            raise RequestError(f"prompt of {n} tokens + max_tokens={params.max_tokens} "
                                f"exceeds the context of {self.max_len}; shorten one of them",
                                "max_tokens")
-        if params.prompt_logprobs is not None and len(prompt) * vocab * 4 > PROMPT_LOGITS_BYTES:
-            raise RequestError(f"prompt_logprobs over a prompt of {len(prompt)} tokens needs its "
-                               f"{len(prompt)} x {vocab} fp32 logits at once, over the "
+        if params.prompt_logprobs is not None and n * vocab * 4 > PROMPT_LOGITS_BYTES:
+            raise RequestError(f"prompt_logprobs over a prompt of {n} tokens needs its "
+                               f"{n} x {vocab} fp32 logits at once, over the "
                                f"{PROMPT_LOGITS_BYTES >> 20} MiB this server allows a request; "
                                f"shorten the prompt or leave prompt_logprobs out", "prompt_logprobs")
         for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
@@ -123,8 +130,7 @@ class Engine:
                     on_events: list[Callable[[Event], None]]) -> list[int]:
         """One request per params (the n choices of one prompt), queued all or none: where the
         queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw)."""
-        for p in params:
-            self.check(prompt, p)
+        self.check(prompt, params)
         stops = [StopText(self.tokenizer, p.stop) if self.tokenizer is not None else None
                  for p in params]
         with self._lock:

@@ -41,8 +41,11 @@ MAX_PENDING = 1 << 16  # parameters rank 0 holds for requests not stepped yet
 
 def sample_each(logits: torch.Tensor | None, rows: list[SampleRow],
                 argmax: torch.Tensor | None = None) -> list[tuple]:
-    """(token, logprob) per row; (None, message) for a row that cannot be sampled. Should one row
-    break the batched sampler, the rows are redone one by one so only that row fails."""
+    """(token, logprob) per row; (None, message) for a row that cannot be sampled. `argmax`: the
+    logits' argmax where the step computed it with the head (greedy rows take it; `logits` may
+    then be None, see `needs_logits`). Parameters are validated before they get here; should one
+    row still break the batched sampler, the rows are redone one by one so only that row fails,
+    never the step."""
     try:
         return list(zip(*sample(logits, rows, argmax)))
     except Exception as e:
