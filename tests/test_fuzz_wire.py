@@ -252,7 +252,12 @@ def test_a_rank_drops_sampling_messages_it_cannot_use(tmp_path):
     with bare_rank(tmp_path, b"r0", timeout_s=2) as (router, worker):
         def send(h, ts=()):
             router.send_multipart([b"r0", *bytes_frames(h, ts)])
+        def next_answer_is_ready():  # a setup after the messages: its answer comes first
+            send({"op": "setup", "path": "zmq", "comm": {}})
+            assert router.poll(10000), "the rank stopped answering"
+            return decode(router.recv_multipart()[1:])[0]["op"] == "ready"
         send({"op": "params", "params": [[1, {"temperature": 0.5}]]})  # no sampler here
+        assert next_answer_is_ready()  # handled before the sampler below exists
         worker.cfg, _ = load_configs(FIXTURES / "llama_g128_sym")
         worker.head = RankHead(None, worker.comm, worker.cfg.hidden_size, torch.float32, "cpu")
         worker.sampler = RankSampler((2,), worker.cfg.vocab_size)
@@ -263,7 +268,5 @@ def test_a_rank_drops_sampling_messages_it_cannot_use(tmp_path):
                                      [[1, []], [2, 5]], "x"), 1):
             send({"op": "step", "step": n, "ids": True, "plan": plan, "logits": False,
                   "sample": entries}, [torch.tensor([1, 2])])
-        send({"op": "setup", "path": "zmq", "comm": {}})
-        assert router.poll(10000), "the rank stopped answering"
-        assert decode(router.recv_multipart()[1:])[0]["op"] == "ready"
+        assert next_answer_is_ready()
         assert worker.last_step == 0 and worker.sampler.pending == {}
