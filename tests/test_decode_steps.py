@@ -1,6 +1,7 @@
-"""Several greedy decode steps per engine step (`Engine(decode_steps=k)`, `Executor.decode_ids`):
-over real Ray ranks that hold the head, each step's argmax feeds the next on the ranks, and the
-tokens are those of one step at a time, whatever stops a request inside a burst."""
+"""Several decode steps per engine step (`Engine(decode_steps=k)`: `Executor.decode_ids`, and
+`sample_burst` where rank 0 samples): over real Ray ranks that hold the head, each step's token
+feeds the next on the ranks, and the tokens are those of one step at a time, whatever stops a
+request inside a burst."""
 
 import threading
 
@@ -58,13 +59,15 @@ def test_a_burst_is_one_message_and_stops_at_the_context_end(ranks, single):
     assert long == single.generate(PROMPTS[0], max_tokens=32, ignore_eos=True)
 
 
-def test_rows_that_need_logits_run_one_step_at_a_time(ranks, single):
+def test_sampled_rows_burst_where_rank0_samples(ranks, single):
+    """A sampled row beside a greedy one: rank 0 samples the burst (`rank_sampling`), with the
+    tokens one step at a time gives."""
     coord = ranks.executor.coord
     before = coord.step_id
     sampled = SamplingParams(max_tokens=6, temperature=0.7, seed=3)
     got = _together(Engine(ranks, decode_steps=8), PROMPTS[:2],
                     [SamplingParams(max_tokens=6, ignore_eos=True), sampled])
-    assert coord.step_id - before == 6  # no burst while a row samples from the logits
+    assert coord.step_id - before == 2  # the prompts, then one burst of 5
     assert got[0] == single.generate(PROMPTS[0], max_tokens=6, ignore_eos=True)
     assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
 

@@ -268,5 +268,7 @@ def test_a_rank_drops_sampling_messages_it_cannot_use(tmp_path):
                                      [[1, []], [2, 5]], "x"), 1):
             send({"op": "step", "step": n, "ids": True, "plan": plan, "logits": False,
                   "sample": entries}, [torch.tensor([1, 2])])
+            send({"op": "step", "step": n, "ids": True, "plan": plan, "logits": False,
+                  "steps": 2, "sample": entries}, [torch.tensor([1, 2])])  # a sampled burst
         assert next_answer_is_ready()
         assert worker.last_step == 0 and worker.sampler.pending == {}

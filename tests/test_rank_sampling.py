@@ -24,9 +24,9 @@ PARAMS = [SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=11, logp
           SamplingParams(max_tokens=8, logprobs=2)]  # greedy, in a sampled step
 
 
-def _run(llm, prompts, params) -> list[tuple]:
+def _run(llm, prompts, params, decode_steps=1) -> list[tuple]:
     """Requests admitted in one step, run to their ends: (tokens, logprobs, prompt logprobs)."""
-    engine, done = Engine(llm), threading.Semaphore(0)
+    engine, done = Engine(llm, decode_steps=decode_steps), threading.Semaphore(0)
     out = [([], [], None) for _ in prompts]
     for i, (p, sp) in enumerate(zip(prompts, params)):
         def on_event(ev, i=i):
@@ -67,6 +67,28 @@ def test_rank0_samples_what_the_coordinator_samples(ranks, single, monkeypatch):
     assert len(calls) == max(len(t) for t, _, _ in got) and calls.count(True) == 1
 
 
+def test_rank0_samples_bursts_as_it_samples_single_steps(ranks, single, monkeypatch):
+    """With --decode-steps, sampled requests decode in bursts on rank 0 (each step's sampled
+    tokens fed to the next there): the same seeded tokens, penalties, min_tokens and logprobs
+    as the coordinator's sampler one step at a time, and a stop inside a burst ends its request
+    there."""
+    bursts = []
+    real = ranks.executor.coord.sample_ids
+
+    def counted(ids, plan, entries, params, logits, steps=1):
+        bursts.append(steps)
+        return real(ids, plan, entries, params, logits, steps)
+    monkeypatch.setattr(ranks.executor.coord, "sample_ids", counted)
+    params = PARAMS[:3] + [SamplingParams(max_tokens=9, temperature=0.9, seed=3, logprobs=2,
+                                          stop_token_ids=tuple(range(0, 256, 2)))]
+    got = _run(ranks, PROMPTS, params, decode_steps=4)
+    assert got == _run(single, PROMPTS, params)
+    assert [len(t) for t, _, _ in got[:2]] == [9, 7] and len(got[2][0]) >= 4
+    assert len(got[3][0]) < 9 and got[3][0][-1] % 2 == 0  # stopped by its last token
+    assert bursts[0] == 1 and max(bursts) == 4  # the prefill alone, then bursts of 4
+    assert len(bursts) < max(len(t) for t, _, _ in got)
+
+
 def test_seeded_requests_repeat_and_a_new_group_starts_clean(ranks):
     params = [PARAMS[0], PARAMS[1]]
     first = _run(ranks, PROMPTS[:2], params)
@@ -99,6 +121,30 @@ def test_the_coordinator_sends_parameters_once_and_tokens_since_the_last_step(mo
     monkeypatch.setattr(rank_sampling, "PARAMS_BYTES", 1)  # one request per params message
     _, params = SampleSync().entries([a, b])
     assert [[p[0] for p in m] for m in params] == [[1], [2]]
+
+
+def test_after_a_sampled_burst_rank0_holds_each_output_token_once():
+    """Rank 0 feeds a burst's tokens to its rows itself, all but the last; the coordinator then
+    sends only what rank 0 lacks, so the penalty counts see each token once."""
+    import torch
+    from tpserve.model.kv_cache import StepPlan
+    sync, sampler = SampleSync(), RankSampler((2,), 256)
+    r = _req(1, PARAMS[1], output=[5])
+    plan = StepPlan(slots=[0], starts=[3], lens=[1])
+    for steps in (4, 3):
+        entries, params = sync.entries([r])
+        for m in params:
+            sampler.take(m)
+        burst = sampler.burst(torch.tensor(r.output[-1:]), plan, entries)
+        for _ in range(steps):
+            burst(torch.randn(1, 256), None)
+        toks = burst.result()[0][:, 0].tolist()
+        assert len(toks) == steps
+        r.output.extend(toks)
+        sync.advance([r], steps)
+    entries, _ = sync.entries([r])
+    sampler.sample(torch.randn(1, 256), None, torch.tensor(r.output[-1:]), plan, entries)
+    assert sampler.rows[1].output == r.output and len(r.output) == 8
 
 
 @pytest.mark.parametrize("bad", [

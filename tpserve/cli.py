@@ -158,10 +158,11 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
                    help="prompt tokens one step prefills (whole prompts; a longer one runs alone)")
     p.add_argument("--decode-steps", type=int, default=8,
-                   help="greedy decode steps the ranks run per engine step where they hold the "
-                        "head, while every running request decodes greedily and none waits (each "
-                        "step's token feeds the next on the device; tokens stream in bursts of up "
-                        "to this many; 1: one step at a time)")
+                   help="decode steps the ranks run per engine step where they hold the head, "
+                        "while every running request decodes and none waits: greedy ones, or "
+                        "sampled ones where rank 0 samples (Ray ranks) (each step's token feeds "
+                        "the next on the ranks; tokens stream in bursts of up to this many; 1: "
+                        "one step at a time)")
     p.add_argument("--verify", action="store_true",
                    help="check the deployment against tp=1 (`tpserve verify`) before serving")
     p.set_defaults(func=cmd_launch)

@@ -48,7 +48,7 @@ def greedy(logits: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
 
 
 HEAD_AT = ("auto", "coordinator", "rank0")  # where Ray ranks' head runs; auto: rank0 for same-host GPUs
-MAX_DECODE_STEPS = 64  # greedy decode steps one message may ask for (`decode_ids`)
+MAX_DECODE_STEPS = 64  # decode steps one message may ask for (`decode_ids`)
 
 
 class RankHead:
@@ -96,33 +96,38 @@ def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
     return logits, None if logits is None else greedy(logits)
 
 
-def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: int
-               ) -> torch.Tensor | None:
-    """`steps` greedy decode steps of `model` from token ids [b] (host, one per sequence of the
-    decode plan `plan`): each step's argmax is the next step's token ids on the device, and each
-    step is one position further (`plan.advanced`). -> the argmax of every step [steps, b] on the
-    device (None on ranks without the head). The host is not waited on between steps, so a
-    captured step's replays queue back to back; tokens after a sequence's stop are the caller's
-    to drop (their cache rows lie past its end, where nothing reads them)."""
-    graphs, toks = model.graphs, None
+def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: int,
+               pick=None) -> torch.Tensor | None:
+    """`steps` decode steps of `model` from token ids [b] (host, one per sequence of the decode
+    plan `plan`), each one position further (`plan.advanced`). Greedy (`pick` None): each step's
+    argmax is the next step's token ids on the device, and the host is not waited on between
+    steps, so a captured step's replays queue back to back. Sampled (rank 0 of a sampled burst,
+    `rank_sampling.RankSampler.burst`): `pick(logits, argmax)` -> the next step's token ids [b].
+    -> what each step fed forward [steps, b] (None on ranks without the head). Tokens after a
+    sequence's stop are the caller's to drop (their cache rows lie past its end, where nothing
+    reads them)."""
+    graphs, out = model.graphs, []
+    graphed = graphs is not None and graphs.with_head
+    cur = ids if graphed else ids.to(model.device)
     with torch.inference_mode():
-        if graphs is not None and graphs.with_head:
-            for k in range(steps):
-                pk = plan.advanced(k)
+        for k in range(steps):
+            pk = plan.advanced(k)
+            if graphed:
                 model.cache.check(pk)
-                t = graphs.run_ids(ids if k == 0 else None, pk)[1]
-                if t is not None:
-                    if toks is None:
-                        toks = torch.empty((steps, len(ids)), dtype=torch.int64, device=t.device)
-                    toks[k].copy_(t)
-            return toks
-        cur, out = ids.to(model.device), []
-        for k in range(steps):  # eager (CPU ranks): the same steps, one at a time
-            logits = head.logits(model(head.embed(cur), plan.advanced(k)))
-            if logits is not None:
-                cur = greedy(logits)
-                out.append(cur)
-        return torch.stack(out) if out else None
+                logits, argmax = graphs.run_ids(cur, pk)  # cur None: the last argmax, on device
+            else:  # eager (CPU ranks): the same steps, one at a time
+                logits = head.logits(model(head.embed(cur), pk))
+                argmax = None if logits is None else greedy(logits)
+            if argmax is None:  # a rank without the head: its ids are never read
+                cur = None if graphed else cur
+                continue
+            if pick is None:
+                out.append(argmax.clone() if graphed else argmax)  # the replay reuses its buffer
+                cur = None if graphed else argmax
+            else:
+                out.append(pick(logits, argmax))
+                cur = out[-1] if graphed else out[-1].to(model.device)
+    return torch.stack(out) if out else None
 
 
 def malformed(argmax: torch.Tensor, logits: torch.Tensor | None, plan: StepPlan,

@@ -167,14 +167,19 @@ class Coordinator:
         return out
 
     def sample_ids(self, ids: torch.Tensor, plan: StepPlan, entries: list, params: list[list],
-                   logits: bool) -> list[torch.Tensor]:
+                   logits: bool, steps: int = 1) -> list[torch.Tensor]:
         """Token ids [T] -> rank 0's sampled [tokens, logprobs, top ids, top logprobs] of each
         sequence (`tpserve.serve.rank_sampling`), and the fp32 logits of `plan.out_rows` where
-        `logits`. `params`: the new requests' parameters, sent to rank 0 ahead of the step."""
+        `logits`. `params`: the new requests' parameters, sent to rank 0 ahead of the step.
+        steps > 1: a sampled decode burst (no logits); each tensor gains a leading [steps]."""
+        if steps > MAX_DECODE_STEPS or steps > 1 and logits:
+            raise TpserveError(f"a sampled burst of {steps} decode steps with logits={logits}: "
+                               f"at most {MAX_DECODE_STEPS} steps, never with logits")
         for chunk in params:
             self.sock.send_multipart([self.identities[0], *encode({"op": "params",
                                                                    "params": chunk})])
-        out = self._step({"ids": True, "logits": logits, "sample": entries}, ids, plan)
+        flags = {"ids": True, "logits": logits, "sample": entries}
+        out = self._step(flags if steps == 1 else {**flags, "steps": steps}, ids, plan)
         if len(out) < 4 + logits or not logits and len(out) != 4:
             raise RankFailure(f"rank 0 answered sampling step {self.step_id} with {len(out)} "
                               f"tensors")

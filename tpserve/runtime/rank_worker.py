@@ -214,7 +214,6 @@ class RankWorker:
                         raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
                     if steps > 1:
                         if not (ids and plan.is_decode and h.get("logits") is False and
-                                h.get("sample") is None and
                                 plan.out_rows in (None, list(range(len(plan.slots))))):
                             raise WireError(f"{steps} steps in one message need a decode step "
                                             f"of token ids with no logits")
@@ -229,9 +228,13 @@ class RankWorker:
                 self.comm.seq = 0
                 self.profiler.before(self.steps)
                 try:
-                    if steps > 1:
-                        toks = decode_ids(self.model, self.head, ts[0], plan, steps)
-                        out = [] if toks is None else [toks]
+                    if steps > 1:  # a decode burst: greedy, or sampled on rank 0
+                        burst = (self.sampler.burst(ts[0], plan, h["sample"])
+                                 if h.get("sample") is not None and self.sampler is not None
+                                 else None)
+                        toks = decode_ids(self.model, self.head, ts[0], plan, steps, burst)
+                        out = (burst.result() if burst is not None and toks is not None
+                               else [] if toks is None else [toks])
                     elif ids:
                         logits, argmax = step_ids(self.model, self.head, ts[0], plan)
                         shipped = (chunk_rows(logits) if logits is not None and

@@ -204,6 +204,22 @@ class RayExecutor:
             raise RankFailure(f"rank 0 answered sampling step {self.coord.step_id} with {wrong}")
         return SampleSync.results(reqs, out), (out[4] if need_logits else None)
 
+    def sample_burst(self, ids: torch.Tensor, plan: StepPlan, reqs, steps: int
+                     ) -> list[list[tuple]] | None:
+        """`steps` decode steps of `reqs` that rank 0 samples in one message, each step's tokens
+        feeding the next on rank 0 (`rank_sampling.SampledBurst`) -> per step, (token, logprob)
+        per request; None where the head runs at the coordinator."""
+        if not self.head_bytes:
+            return None
+        entries, params = self._sync.entries(reqs)
+        out = self._guarded(self.coord.sample_ids, ids, plan, entries, params, False, steps)
+        wrong = SampleSync.malformed(out, len(reqs), self.vocab, steps)
+        if wrong:
+            self.failures += 1
+            raise RankFailure(f"rank 0 answered sampled burst {self.coord.step_id} with {wrong}")
+        self._sync.advance(reqs, steps)
+        return [SampleSync.results(reqs, [t[k] for t in out]) for k in range(steps)]
+
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
         if not self.head_bytes:
             return None

@@ -4,8 +4,9 @@ A step lays each request's new tokens (its last token while it decodes, its whol
 starts: prefill) side by side in one `StepPlan`, runs one `LLM.step` (embedding, every rank, every
 layer, every all-reduce, the head: at the coordinator or on rank 0) and samples each request's last
 row with the batched sampler, which takes the step's argmax as it is where every row is plain
-greedy. A decode burst asks the executor for K greedy decode steps at once (`Executor.decode_ids`):
-where the ranks hold the head, each step's token feeds the next on the ranks. What the tokens mean
+greedy. A decode burst asks the executor for K decode steps at once: greedy ones
+(`Executor.decode_ids`) where the ranks hold the head, sampled ones where rank 0 also samples
+(`RayExecutor.sample_burst`); each step's token feeds the next on the ranks. What the tokens mean
 for each request (stops, events, slots) is the engine's business, not this module's.
 """
 
@@ -29,27 +30,33 @@ def check_decode_steps(k) -> int:
     return k
 
 
-def burst_len(reqs: list[Request], decode_steps: int, waiting: bool, max_len: int) -> int:
-    """How many greedy decode steps the ranks may run in one go (`Executor.decode_ids`): more
-    than 1 only while every running request decodes greedily without logits, no request
-    waits (a burst would delay its admission, and a request that stops early would hold its
-    slot to the burst's end), and each has at least that many tokens left before its limit."""
-    if decode_steps == 1 or waiting or \
-            any(not r.output for r in reqs) or needs_logits([r.row for r in reqs]):
+def burst_len(reqs: list[Request], decode_steps: int, waiting: bool, max_len: int,
+              sampled: bool = False) -> int:
+    """How many decode steps the ranks may run in one go: more than 1 only while every running
+    request decodes, greedily without logits (`Executor.decode_ids`) or, where `sampled` (rank 0
+    holds the head and samples: `sample_burst`), in any way; no request waits (a burst would
+    delay its admission, and a request that stops early would hold its slot to the burst's end);
+    and each has at least that many tokens left before its limit."""
+    if decode_steps == 1 or waiting or any(not r.output for r in reqs) or \
+            not sampled and needs_logits([r.row for r in reqs]):
         return 1
     left = min(min(r.params.max_tokens - len(r.output),
                    max_len - len(r.prompt) - len(r.output)) for r in reqs)
     return max(1, min(decode_steps, left))
 
 
-def decode_burst(executor, reqs: list[Request], k: int) -> list[list[int]] | None:
-    """k decode steps of `reqs` in one executor call -> k rows of one token per request; None
-    where the executor cannot (the caller steps one at a time)."""
+def decode_burst(executor, reqs: list[Request], k: int) -> list[list[tuple]] | None:
+    """k decode steps of `reqs` in one executor call -> k rows of (token, logprob) per request,
+    as `sample_each` gives them; None where the executor cannot (the caller steps one at a
+    time)."""
     plan = StepPlan(slots=[r.slot for r in reqs], starts=[r.position for r in reqs],
                     lens=[1] * len(reqs))
     ids = torch.as_tensor([r.output[-1] for r in reqs], dtype=torch.long)
+    if needs_logits([r.row for r in reqs]):  # sampled: rank 0 samples each step
+        burst = getattr(executor, "sample_burst", None)
+        return None if burst is None else burst(ids, plan, reqs, k)
     toks = executor.decode_ids(ids, plan, k)
-    return None if toks is None else toks.tolist()
+    return None if toks is None else [[(t, None) for t in row] for row in toks.tolist()]
 
 
 def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:

@@ -4,7 +4,8 @@ One thread runs the step loop. Between steps, waiting requests take free KV slot
 prompts are prefilled together in the next step, beside the running sequences' decode tokens);
 finished requests leave and free their slots. Each step is one executor call for the running
 requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler, or, where every
-running request decodes greedily and none waits, a burst of up to `decode_steps` decode steps.
+running request decodes greedily (or rank 0 samples: Ray ranks holding the head) and none
+waits, a burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the
@@ -51,6 +52,9 @@ class Engine:
                                f"integer (--max-prefill-tokens)")
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
+        # Sampled requests decode in bursts too where rank 0 holds the head and samples.
+        self._sampled_bursts = bool(getattr(self.executor, "sample_burst", None) and
+                                    getattr(self.executor, "head_bytes", 0))
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))
@@ -216,7 +220,8 @@ class Engine:
 
     def _step(self) -> None:
         reqs = list(self.running)
-        k = burst_len(reqs, self.decode_steps, bool(self.waiting), self.max_len)
+        k = burst_len(reqs, self.decode_steps, bool(self.waiting), self.max_len,
+                      self._sampled_bursts)
         if k > 1 and self._decode_burst(reqs, k):
             return
         t0 = time.perf_counter()
@@ -237,9 +242,13 @@ class Engine:
             return False
         live = {r.id for r in reqs}
         for row in toks:  # a request that stops drops the tokens computed after it
-            for req, tok in zip(reqs, row):
-                if req.id in live:
-                    self._advance(req, tok, None, None)
+            for req, (tok, lp) in zip(reqs, row):
+                if req.id not in live:
+                    continue
+                if tok is None:
+                    self._fail(req, lp)
+                else:
+                    self._advance(req, tok, lp, None)
             live = {r.id for r in self.running}
         self._timed(k, time.perf_counter() - t0)
         return True

@@ -106,6 +106,13 @@ class SampleSync:
         self.sent = sent
         return out, [m for m in messages if m]
 
+    def advance(self, reqs, steps: int) -> None:
+        """After a sampled burst of `steps` decode steps: rank 0 fed each request the tokens it
+        picked but the last, as the coordinator would have (`SampledBurst`)."""
+        for r in reqs:
+            if r.id in self.sent:
+                self.sent[r.id] += steps - 1
+
     def reset(self) -> None:
         """A new rank group: rank 0 holds nothing."""
         self.sent = {}
@@ -125,15 +132,18 @@ class SampleSync:
         return res
 
     @staticmethod
-    def malformed(out: list[torch.Tensor], rows: int, vocab: int) -> str | None:
-        """What is wrong with rank 0's answer to a sampling step of `rows` requests."""
+    def malformed(out: list[torch.Tensor], rows: int, vocab: int, steps: int = 1) -> str | None:
+        """What is wrong with rank 0's answer to a sampling step of `rows` requests (a sampled
+        burst of `steps` > 1 decode steps: each tensor with a leading [steps])."""
         if len(out) < 4:
             return f"{len(out)} tensors"
         toks, lp, top_ids, top_vals = out[:4]
-        k = top_ids.shape[-1] if top_ids.dim() == 2 else -1
-        if toks.shape != (rows,) or toks.dtype != torch.int64 or lp.shape != (rows,) or \
-                top_ids.shape != (rows, k) or top_ids.dtype != torch.int64 or \
-                top_vals.shape != (rows, k) or not lp.is_floating_point() or \
+        lead = () if steps == 1 else (steps,)
+        k = top_ids.shape[-1] if top_ids.dim() == 2 + len(lead) else -1
+        if toks.shape != (*lead, rows) or toks.dtype != torch.int64 or \
+                lp.shape != (*lead, rows) or top_ids.shape != (*lead, rows, k) or \
+                top_ids.dtype != torch.int64 or top_vals.shape != (*lead, rows, k) or \
+                not lp.is_floating_point() or \
                 not top_vals.is_floating_point():
             return f"sampled tensors {[list(t.shape) for t in out[:4]]} for {rows} rows"
         if rows and not (-1 <= int(toks.min()) and int(toks.max()) < vocab):
@@ -225,3 +235,32 @@ class RankSampler:
                 for c, (t, v) in enumerate(p.top[:k]):
                     top_ids[i, c], top_vals[i, c] = t, v
         return [toks, lp, top_ids, top_vals]
+
+    def burst(self, ids: torch.Tensor, plan, entries) -> "SampledBurst":
+        """The `pick` of a sampled decode burst (`rank_head.decode_ids`) over this sampler."""
+        return SampledBurst(self, ids, plan, entries)
+
+
+class SampledBurst:
+    """Rank 0's side of a sampled decode burst: each step's rows sampled as one step of
+    `RankSampler.sample`, each token it picked handed to its row as the next step's new output,
+    as the coordinator hands it in step-by-step decoding (so the seeded streams and penalty
+    counts are those of single steps). A row that could not be sampled (-1) feeds token 0 on and
+    gets no output; the coordinator fails its request there."""
+
+    def __init__(self, sampler: RankSampler, ids: torch.Tensor, plan, entries):
+        self.sampler, self.ids, self.plan, self.entries = sampler, ids, plan, entries
+        self.steps: list[list[torch.Tensor]] = []
+
+    def __call__(self, logits: torch.Tensor, argmax: torch.Tensor | None) -> torch.Tensor:
+        out = self.sampler.sample(logits, argmax, self.ids, self.plan, self.entries)
+        toks = out[0]
+        self.entries = [[rid, [t] if t >= 0 else []]
+                        for (rid, _), t in zip(self.entries, toks.tolist())]
+        self.steps.append(out)
+        return toks.clamp(min=0)
+
+    def result(self) -> list[torch.Tensor]:
+        """[tokens, logprobs, top ids, top logprobs], each with a leading [steps] dimension."""
+        return [torch.stack(t) for t in zip(*self.steps)]
+
