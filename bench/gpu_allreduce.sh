@@ -25,8 +25,8 @@
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
 #   sampled  decode_sampled.json: tp 1 and 2 greedy vs sampled (temperature 0.8, top_p 0.95,
-#            seeded), batch 1 and 8, 1 and 8 steps per call: what sampling costs (bursts are
-#            greedy-only; at tp=2 rank 0 samples each step, tpserve/serve/rank_sampling.py)
+#            seeded), batch 1 and 8, 1 and 8 steps per call: what sampling costs (rank 0 samples,
+#            tpserve/serve/rank_sampling.py, in bursts of 8 steps per call where asked)
 set -u
 . bench/gpu_env.sh
 if has bench; then

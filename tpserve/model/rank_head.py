@@ -137,6 +137,12 @@ def malformed(argmax: torch.Tensor, logits: torch.Tensor | None, plan: StepPlan,
     want = (rows,) if steps == 1 else (steps, rows)
     if argmax.shape != want or rows and not 0 <= int(argmax.min()) <= int(argmax.max()) < vocab:
         return f"argmax {list(argmax.shape)} for {list(want)} rows of a {vocab}-token vocabulary"
-    if logits is not None and (logits.shape != (rows, vocab) or logits.dtype != torch.float32):
+    return None if logits is None else malformed_logits(logits, plan, vocab)
+
+
+def malformed_logits(logits: torch.Tensor, plan: StepPlan, vocab: int) -> str | None:
+    """What is wrong with the logits rank 0 shipped for a step's rows `plan.out_rows`."""
+    rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
+    if logits.shape != (rows, vocab) or logits.dtype != torch.float32:
         return f"logits {list(logits.shape)} {logits.dtype} for {rows} rows x {vocab}"
     return None

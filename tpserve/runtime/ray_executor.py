@@ -21,7 +21,7 @@ from tpserve.runtime.executor import CommStats, RankPlacement
 from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
-from tpserve.model.rank_head import HEAD_AT, malformed
+from tpserve.model.rank_head import HEAD_AT, malformed, malformed_logits
 from tpserve.serve.rank_sampling import SampleSync
 from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, rank_order,
                                            reserve, start_ranks)
@@ -194,11 +194,8 @@ class RayExecutor:
             return None
         entries, params = self._sync.entries(reqs)
         out = self._guarded(self.coord.sample_ids, ids, plan, entries, params, need_logits)
-        wrong = SampleSync.malformed(out, len(reqs), self.vocab)
-        rows = plan.num_tokens if plan.out_rows is None else len(plan.out_rows)
-        if wrong is None and need_logits and (out[4].shape != (rows, self.vocab)
-                                              or out[4].dtype != torch.float32):
-            wrong = f"logits {list(out[4].shape)} {out[4].dtype} for {rows} rows"
+        wrong = SampleSync.malformed(out, len(reqs), self.vocab) or (
+            malformed_logits(out[4], plan, self.vocab) if need_logits else None)
         if wrong:
             self.failures += 1
             raise RankFailure(f"rank 0 answered sampling step {self.coord.step_id} with {wrong}")
