@@ -352,3 +352,37 @@ def test_launch_passes_max_connections_to_the_server(env, monkeypatch, caplog):
     assert main([*argv, "--max-connections", "0"]) == 2
     assert "--max-connections 0 must be at least 1" in caplog.text and not got
     assert main([*argv, "--max-connections", "3"]) == 0 and got["max_connections"] == 3
+
+
+def test_the_body_limit_follows_the_context():
+    """JSON is parsed on the event loop, so the body limit is what the longest prompt the
+    context holds could take, not a fixed 16 MiB: the longest prompt fits, written as token ids
+    (the largest ids, indented) or as escaped CJK text (at least one character per token)."""
+    from tpserve.serve.middleware import body_limit
+    assert body_limit(1024) == 1 << 20 and body_limit(131072) == 4 << 20
+    for n in (1024, 8192, 131072):
+        ids = json.dumps({"model": "m", "prompt": [128255] * n, "max_tokens": 1}, indent=4)
+        text = json.dumps({"model": "m", "prompt": "\u4e2d" * (2 * n)}, ensure_ascii=True)
+        assert max(len(ids), len(text)) <= body_limit(n), n
+
+
+def test_launch_takes_a_body_limit(env, monkeypatch, caplog):
+    from starlette.testclient import TestClient
+    from tpserve.cli import main
+    from tpserve.serve import server
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port, **kw: got.update(app=app))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = ["launch", "--backend", "local", "--tp", "1", "--port", port]
+    assert main([*argv, "--max-body-mb", "0"]) == 2
+    assert "--max-body-mb 0 must be in [1, 1024]" in caplog.text and not got
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 1, "pad": "x" * (3 << 19)})  # 1.5 MiB
+    for flags, refused in (([], True), (["--max-body-mb", "2"], False)):
+        assert main([*argv, *flags]) == 0
+        with TestClient(got.pop("app")) as client:  # its engine has stopped: 503 past the limit
+            r = client.post("/v1/completions", content=body,
+                            headers={"content-type": "application/json"})
+        assert r.status_code == (413 if refused else 503), (flags, r.text)
+

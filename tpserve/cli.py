@@ -71,6 +71,7 @@ def cmd_launch(args) -> int:
     from tpserve.serve.batch import check_decode_steps
     from tpserve.serve.engine import Engine
     from tpserve.serve.app import build_app
+    from tpserve.serve.middleware import MAX_BODY_MB, body_limit
     from tpserve.serve.server import serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
@@ -82,6 +83,9 @@ def cmd_launch(args) -> int:
                         ("--max-connections", args.max_connections)):
         if value < 1:
             raise TpserveError(f"{flag} {value} must be at least 1")
+    if args.max_body_mb is not None and not 1 <= args.max_body_mb <= MAX_BODY_MB:
+        raise TpserveError(f"--max-body-mb {args.max_body_mb} must be in [1, {MAX_BODY_MB}]; "
+                           f"leave it out for a limit that follows the context")
     check_port(args.host, args.port)
     path, llm, codec = _load(args)
     if args.verify:
@@ -101,8 +105,12 @@ def cmd_launch(args) -> int:
     engine = Engine(llm, codec, max_queue=args.max_queue, decode_steps=args.decode_steps,
                     max_prefill_tokens=args.max_prefill_tokens).start()
     try:
+        limit = (body_limit(engine.max_len) if args.max_body_mb is None
+                 else args.max_body_mb << 20)
         app = build_app(engine, codec, name, version=__version__,
-                        api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"))
+                        api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"),
+                        max_body_bytes=limit)
+        log.info("request bodies up to %d MiB (--max-body-mb)", limit >> 20)
         log.info("serving %r at http://%s:%d/v1 (tp=%d, backend=%s)", name, args.host, args.port,
                  args.tp, args.backend)
         serve(app, args.host, args.port, log_level=args.log_level,
@@ -141,7 +149,7 @@ def cmd_generate(args) -> int:
 
 
 def _launch_arguments(p: argparse.ArgumentParser) -> None:
-    from tpserve.serve.middleware import BODY_READ_TIMEOUT_S
+    from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, BYTES_PER_TOKEN, MIN_BODY_BYTES
     from tpserve.serve.server import DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S
 
     _common(p)
@@ -155,6 +163,11 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"HTTP connections served at once; a request beyond them gets 503 (a "
                         f"connection must send its headers within {HEADER_READ_TIMEOUT_S:g} s, "
                         f"its body within {BODY_READ_TIMEOUT_S:g} s)")
+    p.add_argument("--max-body-mb", type=int, default=None,
+                   help=f"request bodies over this many MiB get 413 unread (default: "
+                        f"{BYTES_PER_TOKEN} bytes per token of the context, at least "
+                        f"{MIN_BODY_BYTES >> 20}; JSON is parsed on the event loop, so a larger "
+                        f"limit lets one request stall the others longer)")
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
                    help="prompt tokens one step prefills (whole prompts; a longer one runs alone)")
     p.add_argument("--decode-steps", type=int, default=8,

@@ -34,7 +34,7 @@ from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs
                                     check_logprob_budget)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
 from tpserve.serve.prompts import Prompts
-from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, ApiKey, BodyLimit
+from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, ApiKey, BodyLimit, body_limit
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
     error_body, refuse_unsupported, sampling_params, validation_message)
@@ -46,14 +46,17 @@ RETRY_AFTER_S = 1
 
 def build_app(engine, codec, model_name: str, api_key: str | None = None,
               metrics: Metrics | None = None, version: str = "",
-              body_timeout: float = BODY_READ_TIMEOUT_S) -> FastAPI:
-    """The HTTP app over a started engine. codec may be None (then only token-id prompts)."""
+              body_timeout: float = BODY_READ_TIMEOUT_S, max_body_bytes: int | None = None
+              ) -> FastAPI:
+    """The HTTP app over a started engine. codec may be None (then only token-id prompts).
+    max_body_bytes: the request body limit (413 above it); None: `body_limit(engine.max_len)`."""
     metrics = metrics or Metrics(engine, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "tpserve",
             "root": model_name, "max_model_len": engine.max_len}
-    app.add_middleware(BodyLimit, metrics=metrics, timeout=body_timeout)
+    limit = body_limit(engine.max_len) if max_body_bytes is None else max_body_bytes
+    app.add_middleware(BodyLimit, limit=limit, metrics=metrics, timeout=body_timeout)
     if api_key:  # outermost: an unauthenticated caller is refused before the body counts
         app.add_middleware(ApiKey, key=api_key, metrics=metrics)
 
