@@ -1,6 +1,7 @@
 """Each all-reduce path under the real Ray executor: same logits as the in-process ranks."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ def local2():
 @pytest.mark.parametrize("requested,path", [("auto", "shm"), ("zmq", "zmq"), ("gloo", "gloo")])
 def test_each_path_over_ray_gives_the_in_process_logits(ray_cluster, local2, caplog, requested,
                                                         path):
-    before = set(shm.SHM_DIR.glob(shm.PREFIX + "*"))
+    ours = f"{shm.PREFIX}{os.getpid()}-*"  # this driver's segments, not another run's
+    before = set(shm.SHM_DIR.glob(ours))
     with caplog.at_level(logging.INFO, logger="tpserve.runtime.ray_executor"):
         llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, allreduce=requested)
     try:
@@ -36,7 +38,7 @@ def test_each_path_over_ray_gives_the_in_process_logits(ray_cluster, local2, cap
         assert stats.allreduce_count == 2 * llm.cfg.num_layers and stats.dropped_messages == 0
     finally:
         llm.close()
-    assert set(shm.SHM_DIR.glob(shm.PREFIX + "*")) == before  # no segment left behind
+    assert set(shm.SHM_DIR.glob(ours)) == before  # no segment left behind
 
 
 def test_an_impossible_choice_fails_before_any_rank_starts(ray_cluster):

@@ -5,8 +5,10 @@ penalties, biases, min_tokens and logprobs), without the logits crossing to the 
 wire pieces refuse malformed input."""
 
 import threading
+from pathlib import Path
 
 import pytest
+import torch
 
 from tpserve.runtime.wire import WireError
 from tpserve.serve import rank_sampling
@@ -87,6 +89,27 @@ def test_rank0_samples_bursts_as_it_samples_single_steps(ranks, single, monkeypa
     assert len(got[3][0]) < 9 and got[3][0][-1] % 2 == 0  # stopped by its last token
     assert bursts[0] == 1 and max(bursts) == 4  # the prefill alone, then bursts of 4
     assert len(bursts) < max(len(t) for t, _, _ in got)
+
+
+def test_one_rank_in_process_samples_in_its_step_and_in_bursts(single, monkeypatch):
+    """tp=1 in-process: the head is in the rank's step (captured with it on a GPU), and so is the
+    sampling, as on rank 0 of Ray ranks: single steps and bursts give the coordinator's tokens."""
+    import tpserve
+    small = Path(__file__).parent / "fixtures" / "llama_g128_sym"  # conftest's SMALL
+    one = tpserve.load(small, tp=1, dtype=torch.float32, max_model_len=40, num_slots=4)
+    try:
+        bursts = []
+        real = one.executor.sample_burst
+
+        def counted(ids, plan, reqs, steps):
+            bursts.append(steps)
+            return real(ids, plan, reqs, steps)
+        monkeypatch.setattr(one.executor, "sample_burst", counted)
+        want = _run(single, PROMPTS, PARAMS)
+        assert _run(one, PROMPTS, PARAMS) == want and not bursts
+        assert _run(one, PROMPTS, PARAMS, decode_steps=4) == want and max(bursts) == 4
+    finally:
+        one.close()
 
 
 def test_seeded_requests_repeat_and_a_new_group_starts_clean(ranks):

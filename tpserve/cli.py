@@ -173,7 +173,8 @@ def _launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int, default=8,
                    help="decode steps the ranks run per engine step where they hold the head, "
                         "while every running request decodes and none waits: greedy ones, or "
-                        "sampled ones where rank 0 samples (Ray ranks) (each step's token feeds "
+                        "sampled ones where the ranks sample (rank 0 holding the head, or tp=1 "
+                        "in-process) (each step's token feeds "
                         "the next on the ranks; tokens stream in bursts of up to this many; 1: "
                         "one step at a time)")
     p.add_argument("--verify", action="store_true",

@@ -17,6 +17,7 @@ from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
 from tpserve.model.rank_head import RankHead, decode_ids, step_ids
 from tpserve.model.shard_plan import ShardPlan
+from tpserve.serve.rank_sampling import RankSampler, SampleSync
 
 
 class LocalExecutor:
@@ -32,12 +33,16 @@ class LocalExecutor:
         self.group = LocalGroup(tp)
         self.ranks = [build_rank_model(path, cfg, quant, self.plan, self.group.comm(r), dtype, device,
                                        num_slots, max_len) for r in range(tp)]
-        self.rank_head = None
+        self.rank_head = self.sampler = None
+        if tp == 1 and head is not None:
+            # At tp=1 the coordinator's head joins the rank's step (`step_ids` below) and, on a
+            # GPU, its graphs; the step's sampling too (`sample_ids`, `sample_burst`), as on rank
+            # 0 of Ray ranks that hold the head.
+            r0 = self.ranks[0]
+            self.rank_head = RankHead(head, r0.comm, r0.width, dtype, r0.device)
+            self.sampler = RankSampler(cfg.eos_token_ids, cfg.vocab_size)
+        self._sync = SampleSync()
         if cuda_graphs and str(device).startswith("cuda"):
-            # At tp=1 the coordinator's head joins the rank's graphs (`step_ids` below).
-            if tp == 1 and head is not None:
-                r0 = self.ranks[0]
-                self.rank_head = RankHead(head, r0.comm, r0.width, dtype, r0.device)
             # One rank after the other, before any step: tuning and capture never run concurrently.
             for rank in self.ranks:
                 rank.capture_graphs(self.rank_head)
@@ -54,21 +59,49 @@ class LocalExecutor:
         out = self.ranks[0](h, plan, capture) if self.tp == 1 else self._step_all(h, plan, capture)
         return out if plan.out_rows is None else out[plan.out_rows]
 
-    head_bytes = 0  # the head is the caller's (its captured copy at tp=1 is the same tables)
+    head_bytes = 0  # the head is the caller's (rank 0's copy at tp=1 is the same tables)
 
     def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True):
-        """A step from token ids to (fp32 logits, argmax) where the head was captured with the
-        rank (tp=1 on a GPU): decode steps replay that graph; else None."""
+        """A step from token ids to (fp32 logits, argmax) where the head is in the rank's step
+        (tp=1): on a GPU, decode steps replay its captured graph; else None."""
         if self.rank_head is None:
             return None
         return step_ids(self.ranks[0], self.rank_head, ids, plan)
 
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
-        """`steps` greedy decode steps in the captured step with the head (tp=1 on a GPU), each
+        """`steps` greedy decode steps in the step with the head (tp=1; captured on a GPU), each
         step's argmax fed to the next on the device -> [steps, b] on the host; else None."""
         if self.rank_head is None:
             return None
         return decode_ids(self.ranks[0], self.rank_head, ids, plan, steps).cpu()
+
+    def sample_ids(self, ids: torch.Tensor, plan: StepPlan, reqs, need_logits: bool):
+        """A step of token ids sampled where its logits are (tp=1: `RankSampler`, as on rank 0 of
+        Ray ranks) -> ((token, logprob) per request, the logits of `plan.out_rows` where
+        need_logits); None where the head is not in the step."""
+        if self.rank_head is None:
+            return None
+        entries = self._entries(reqs)
+        logits, argmax = step_ids(self.ranks[0], self.rank_head, ids, plan)
+        out = self.sampler.sample(logits, argmax, ids, plan, entries)
+        return SampleSync.results(reqs, out), (logits if need_logits else None)
+
+    def sample_burst(self, ids: torch.Tensor, plan: StepPlan, reqs, steps: int):
+        """`steps` sampled decode steps, each step's tokens fed to the next
+        (`rank_sampling.SampledBurst`) -> per step, (token, logprob) per request; else None."""
+        if self.rank_head is None:
+            return None
+        burst = self.sampler.burst(ids, plan, self._entries(reqs))
+        decode_ids(self.ranks[0], self.rank_head, ids, plan, steps, burst)
+        self._sync.advance(reqs, steps)
+        out = burst.result()
+        return [SampleSync.results(reqs, [t[k] for t in out]) for k in range(steps)]
+
+    def _entries(self, reqs) -> list[list]:
+        entries, params = self._sync.entries(reqs)
+        for chunk in params:
+            self.sampler.take(chunk)
+        return entries
 
     def _step_all(self, h: torch.Tensor, plan: StepPlan, capture: list | None) -> torch.Tensor:
         """Every rank on its thread (they meet in each all-reduce); rank 0's output."""

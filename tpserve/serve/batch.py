@@ -4,10 +4,11 @@ A step lays each request's new tokens (its last token while it decodes, its whol
 starts: prefill) side by side in one `StepPlan`, runs one `LLM.step` (embedding, every rank, every
 layer, every all-reduce, the head: at the coordinator or on rank 0) and samples each request's last
 row with the batched sampler, which takes the step's argmax as it is where every row is plain
-greedy. A decode burst asks the executor for K decode steps at once: greedy ones
-(`Executor.decode_ids`) where the ranks hold the head, sampled ones where rank 0 also samples
-(`RayExecutor.sample_burst`); each step's token feeds the next on the ranks. What the tokens mean
-for each request (stops, events, slots) is the engine's business, not this module's.
+greedy; where the ranks sample (`sample_ids`: rank 0 of Ray ranks holding the head, or one
+in-process rank), they sample it. A decode burst asks the executor for K decode steps at once:
+greedy ones (`Executor.decode_ids`) where the ranks hold the head, sampled ones where they also
+sample (`sample_burst`); each step's token feeds the next on the ranks. What the tokens mean for
+each request (stops, events, slots) is the engine's business, not this module's.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ One thread runs the step loop. Between steps, waiting requests take free KV slot
 prompts are prefilled together in the next step, beside the running sequences' decode tokens);
 finished requests leave and free their slots. Each step is one executor call for the running
 requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler, or, where every
-running request decodes greedily (or rank 0 samples: Ray ranks holding the head) and none
-waits, a burst of up to `decode_steps` decode steps.
+running request decodes greedily (or sampled where the ranks sample: rank 0 holding the head)
+and none waits, a burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the
@@ -52,9 +52,8 @@ class Engine:
                                f"integer (--max-prefill-tokens)")
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
-        # Sampled requests decode in bursts too where rank 0 holds the head and samples.
-        self._sampled_bursts = bool(getattr(self.executor, "sample_burst", None) and
-                                    getattr(self.executor, "head_bytes", 0))
+        # Sampled requests decode in bursts too where the ranks sample (`sample_burst`).
+        self._sampled_bursts = getattr(self.executor, "sample_burst", None) is not None
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))

@@ -19,6 +19,9 @@ and the logprobs asked for:
   the top ids [B, K] and their logprobs [B, K]] (K: the most logprobs a row asked for), and where a
   request echoes its prompt's logprobs, the step's logits as before (the coordinator computes
   those; no generator is involved).
+
+A single in-process rank (tp=1, `LocalExecutor`), whose step holds the head too, samples the same
+way: the same `SampleSync` and `RankSampler`, without the wire.
 """
 
 from __future__ import annotations
@@ -221,20 +224,18 @@ class RankSampler:
         last = torch.as_tensor(ends, device=logits.device)
         res = sample_each(logits[last], rows, None if argmax is None else argmax[last])
         k = max((r.params.logprobs or 0 for r in rows), default=0)
-        toks = torch.full((len(rows),), -1, dtype=torch.int64)
-        lp = torch.zeros(len(rows), dtype=torch.float32)
-        top_ids = torch.full((len(rows), k), -1, dtype=torch.int64)
-        top_vals = torch.zeros((len(rows), k), dtype=torch.float32)
-        for i, (tok, p) in enumerate(res):
+        for (tok, p), (rid, _) in zip(res, entries):
             if tok is None:
-                log.error("rank 0 could not sample request %s: %s", entries[i][0], p)
-                continue
-            toks[i] = tok
-            if p is not None:
-                lp[i] = p.logprob
-                for c, (t, v) in enumerate(p.top[:k]):
-                    top_ids[i, c], top_vals[i, c] = t, v
-        return [toks, lp, top_ids, top_vals]
+                log.error("rank 0 could not sample request %s: %s", rid, p)
+        lps = [p if tok is not None else None for tok, p in res]
+        tops = [[] if p is None else p.top[:k] for p in lps]
+        pad = [(-1, 0.0)] * k
+        return [torch.tensor([-1 if tok is None else tok for tok, _ in res], dtype=torch.int64),
+                torch.tensor([0.0 if p is None else p.logprob for p in lps], dtype=torch.float32),
+                torch.tensor([[t for t, _ in (top + pad)[:k]] for top in tops],
+                             dtype=torch.int64).view(len(rows), k),
+                torch.tensor([[v for _, v in (top + pad)[:k]] for top in tops],
+                             dtype=torch.float32).view(len(rows), k)]
 
     def burst(self, ids: torch.Tensor, plan, entries) -> "SampledBurst":
         """The `pick` of a sampled decode burst (`rank_head.decode_ids`) over this sampler."""
