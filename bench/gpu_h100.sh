@@ -11,6 +11,9 @@
 #   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
 #                                   transformers bf16, batch 1/8/32, dense and int8 heads, 1 and 8
 #                                   decode steps per call (BATCH, HEADS, STEPS, PEERS override)
+#   bash bench/gpu_h100.sh sampled  Llama-3-8B shapes, tp=1 in-process: greedy vs sampled
+#                                   (temperature 0.8, top_p 0.95, seeded), batch 1 and 8, 1 and 8
+#                                   decode steps per call (sampled bursts), the peer in the same run
 #   bash bench/gpu_h100.sh startup  Llama-3-8B shapes: launch to healthy twice, from a cold Triton
 #                                   cache (tuning + graph capture) and a warm one
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
@@ -58,4 +61,11 @@ if has decode; then
     --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head ${HEADS:-dense int8} --prompt-len 128 --gen 128 \
     --decode-steps ${STEPS:-1 8} \
     --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"
+fi
+if has sampled; then
+  l8
+  python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 --backend local --device cuda \
+    --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 128 --decode-steps 1 8 \
+    --temperature 0 0.8 --out "$OUT/decode_sampled_h100.json" > "$OUT/decode_sampled.log" 2>&1
+  tail -12 "$OUT/decode_sampled.log"
 fi
