@@ -24,6 +24,9 @@
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
+#   cpuhead  decode_cpu16_head_{coordinator,rank0}.json: CPU ranks on this host's cores, demo
+#            model, tp 2 and 4, 8 decode steps per call, greedy and sampled, with the head at the
+#            coordinator (what `auto` picks for CPU ranks: no bursts) and on rank 0 (bursts)
 #   sampled  decode_sampled.json: tp 1 and 2 greedy vs sampled (temperature 0.8, top_p 0.95,
 #            seeded), batch 1 and 8, 1 and 8 steps per call: what sampling costs (rank 0 samples,
 #            tpserve/serve/rank_sampling.py, in bursts of 8 steps per call where asked)
@@ -128,6 +131,14 @@ if has cpu; then
     timeout 280 python3 bench/decode.py $arg --tp 1 2 4 --batch 1 8 --backend ray --device cpu \
       --dtype float32 --prompt-len 32 --gen 16 --out "$OUT/decode_cpu16_$m.json" > "$OUT/decode_cpu16_$m.log" 2>&1
     echo "== CPU ranks, $m"; tail -8 "$OUT/decode_cpu16_$m.log"
+  done
+fi
+if has cpuhead; then
+  for h in coordinator rank0; do
+    timeout 280 python3 bench/decode.py --tp 2 4 --batch 1 8 --backend ray --device cpu --dtype float32 \
+      --prompt-len 32 --gen 32 --decode-steps 8 --temperature 0 0.8 --head-at $h \
+      --out "$OUT/decode_cpu16_head_$h.json" > "$OUT/decode_cpu16_head_$h.log" 2>&1
+    echo "== head at $h"; grep -A9 "^ tp " "$OUT/decode_cpu16_head_$h.log" | grep -v INFO
   done
 fi
 if has sampled; then
