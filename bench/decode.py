@@ -99,26 +99,26 @@ def bench_one(path, tp, backend, device, dtype, batches, prompt_len, gen, lm_hea
     return rows
 
 
-def _greedy_tokens(path, tp, device, dtype, steps: int, graphs: bool, decode_steps: int = 1
-                   ) -> list[list[int]]:
+def _greedy_tokens(path, tp, device, dtype, steps: int, graphs: bool, decode_steps: int = 1,
+                   temperature: float = 0.0) -> list[list[int]]:
     """One sequence alone, then four admitted together that leave the batch at different steps
     (buckets 4, 2 and 1; the batch is the same in every run, so each step has the same shape).
-    decode_steps > 1: the engine runs that many steps per call where it can (`decode_ids`)."""
+    decode_steps > 1: the engine runs that many steps per call where it can (`decode_ids`, or
+    `sample_burst`). temperature > 0: sampled (`sampling`, seeded per sequence) instead."""
     llm = tpserve.load(path, tp=tp, device=device, dtype=dtype, num_slots=4,
                        max_model_len=steps + 40, cuda_graphs=graphs)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, llm.cfg.vocab_size, (n,), generator=g).tolist()
                for n in (32, 7, 19, 3)]
     engine = Engine(llm, decode_steps=decode_steps)
-    single = engine.generate(prompts[0], SamplingParams(max_tokens=steps, ignore_eos=True))
+    single = engine.generate(prompts[0], sampling(temperature, steps, 0))
     out, done = [[] for _ in prompts], threading.Semaphore(0)
     for i, prompt in enumerate(prompts):
         def on_event(ev, i=i):
             out[i].extend(ev.token_ids)
             if ev.finished:
                 done.release()
-        engine.submit(prompt, SamplingParams(max_tokens=max(1, steps - 25 * i), ignore_eos=True),
-                      on_event)
+        engine.submit(prompt, sampling(temperature, max(1, steps - 25 * i), i + 1), on_event)
     engine.start()  # all four are waiting: the first step admits them together
     for _ in prompts:
         done.acquire()
@@ -133,8 +133,9 @@ def _first_differences(a, b) -> list[int | None]:
 
 def check_graphs(path, tps, device, dtype, steps: int) -> None:
     """The captured decode step and the eager one give identical greedy tokens, also where the
-    captured steps run 8 at a time, each fed the last one's argmax on the device. On a difference,
-    each mode runs again, to tell a captured-step bug from a mode that differs from itself."""
+    captured steps run 8 at a time, each fed the last one's argmax on the device; seeded sampled
+    tokens are the same at 8 steps per call as at 1. On a greedy difference, each mode runs
+    again, to tell a captured-step bug from a mode that differs from itself."""
     for tp in tps:
         run = lambda graphs: _greedy_tokens(path, tp, device, dtype, steps, graphs)  # noqa: E731
         graph, eager = run(True), run(False)
@@ -144,6 +145,12 @@ def check_graphs(path, tps, device, dtype, steps: int) -> None:
             f"DIFFERENT (first differing step per sequence: {_first_differences(burst, eager)})"))
         if burst != eager:
             raise SystemExit(f"8 captured steps per call and eager decode disagree at tp={tp}")
+        sampled = [_greedy_tokens(path, tp, device, dtype, steps, True, k, 0.8) for k in (8, 1)]
+        print(f"sampled (seeded), graph, 8 steps per call vs 1, tp={tp}: " + (
+            "identical" if sampled[0] == sampled[1] else
+            f"DIFFERENT (first differing step per sequence: {_first_differences(*sampled)})"))
+        if sampled[0] != sampled[1]:
+            raise SystemExit(f"sampled bursts and single sampled steps disagree at tp={tp}")
         same = graph == eager
         print(f"graph vs eager, tp={tp}, {steps} greedy steps, batch 1 and 4: " + (
             "identical" if same else
@@ -249,7 +256,8 @@ def main() -> int:
     ap.add_argument("--head-at", default="auto", choices=["auto", "coordinator", "rank0"],
                     help="where Ray ranks' head runs (decode bursts need it on rank 0)")
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
-                    help="greedy decode steps per engine step to compare (e.g. 1 8)")
+                    help="decode steps per engine call to compare (e.g. 1 8): bursts where the "
+                         "ranks hold the head, greedy or sampled")
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.0],
                     help="0: greedy; > 0: sampled (top_p 0.95, seeded), where each step's logits "
                          "go to the sampler (e.g. 0 0.8)")

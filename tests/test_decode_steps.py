@@ -72,6 +72,19 @@ def test_sampled_rows_burst_where_rank0_samples(ranks, single):
     assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
 
 
+def test_sampled_rows_step_one_at_a_time_where_the_ranks_do_not_sample(single, monkeypatch):
+    """In-process ranks at tp=2 hold no head: the engine asks for a sampled burst, gets none, and
+    steps one at a time, with the same tokens."""
+    calls, real = [], single.step
+    monkeypatch.setattr(single, "step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sampled = SamplingParams(max_tokens=6, temperature=0.7, seed=3)
+    got = _together(Engine(single, decode_steps=8), PROMPTS[:2],
+                    [SamplingParams(max_tokens=6, ignore_eos=True), sampled])
+    assert len(calls) == 6
+    monkeypatch.undo()
+    assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
+
+
 def test_no_burst_while_a_request_waits_for_a_slot(ranks, single):
     """Four slots, five requests: the fifth waits, so the four step one at a time (a burst would
     hold a finished request's slot and the queue); alone, the fifth bursts."""

@@ -4,6 +4,7 @@ tokens and logprobs of the coordinator's sampler (the in-process ranks: the same
 penalties, biases, min_tokens and logprobs), without the logits crossing to the coordinator. The
 wire pieces refuse malformed input."""
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tpserve.serve.rank_sampling import RankSampler, SampleSync, params_from_wir
 from tpserve.serve.requests import Request
 from tpserve.serve.sampling import SamplingParams
 
+SMALL = Path(__file__).parent / "fixtures" / "llama_g128_sym"  # conftest's SMALL
 PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45], [9, 9, 9, 9]]
 PARAMS = [SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=11, logprobs=3),
           SamplingParams(max_tokens=7, temperature=1.2, top_k=20, seed=5, repetition_penalty=1.3,
@@ -91,12 +93,69 @@ def test_rank0_samples_bursts_as_it_samples_single_steps(ranks, single, monkeypa
     assert len(bursts) < max(len(t) for t, _, _ in got)
 
 
+def test_a_stop_inside_a_sampled_burst_ends_its_request_there(ranks, single):
+    """A request whose stop id comes in the middle of a burst of 4 ends at that token; the tokens
+    rank 0 sampled after it are dropped, and its neighbour decodes on as before."""
+    a = SamplingParams(max_tokens=12, temperature=0.8, seed=21, ignore_eos=True)
+    b = SamplingParams(max_tokens=12, temperature=1.1, top_k=30, seed=4, ignore_eos=True,
+                       logprobs=2)
+    ref = _run(single, PROMPTS[:2], [a, b])
+    toks = ref[1][0]
+    # the prompt step samples token 0, the first burst tokens 1-4, the second 5-8: stop at 5-7
+    i = next(i for i in (6, 7, 5) if toks[i] not in toks[:i])
+    got = _run(ranks, PROMPTS[:2], [a, dataclasses.replace(b, stop_token_ids=(toks[i],))],
+               decode_steps=4)
+    assert got[0] == ref[0] and len(got[0][0]) == 12
+    assert got[1] == (toks[:i + 1], ref[1][1][:i + 1], None)
+
+
+def test_a_row_that_fails_inside_a_burst_fails_only_its_request(monkeypatch):
+    """A row the sampler cannot sample mid-burst (-1 from rank 0) fails its request at that step
+    with an error event; the other request's tokens are those of a run without the fault."""
+    import tpserve
+    one = tpserve.load(SMALL, tp=1, dtype=torch.float32, max_model_len=40, num_slots=4)
+    a = SamplingParams(max_tokens=10, temperature=0.8, seed=21, ignore_eos=True)
+    b = SamplingParams(max_tokens=10, temperature=0.9, seed=77, ignore_eos=True)
+
+    def run():
+        engine, done, out = Engine(one, decode_steps=4), threading.Semaphore(0), [[], []]
+        ends = [None, None]
+        for i, (p, sp) in enumerate(zip(PROMPTS[:2], (a, b))):
+            def on_event(ev, i=i):
+                out[i].extend(ev.token_ids)
+                if ev.finished:
+                    ends[i] = ev.finish_reason
+                    done.release()
+            engine.submit(p, sp, on_event)
+        engine.start()
+        try:
+            assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        finally:
+            engine.stop()
+        return out, ends
+    try:
+        want, ends = run()
+        assert ends == ["length", "length"]
+        real, calls = rank_sampling.sample, []
+
+        def faulty(logits, rows, argmax=None):  # b's row breaks from the 4th sampling call on
+            calls.append(len(rows))
+            if len(calls) > 3 and any(r.params.seed == 77 for r in rows):
+                raise RuntimeError("injected")
+            return real(logits, rows, argmax)
+        monkeypatch.setattr(rank_sampling, "sample", faulty)
+        got, ends = run()
+        assert ends == ["length", "error"] and got[0] == want[0]
+        assert 0 < len(got[1]) < 10 and got[1] == want[1][:len(got[1])]
+    finally:
+        one.close()
+
+
 def test_one_rank_in_process_samples_in_its_step_and_in_bursts(single, monkeypatch):
     """tp=1 in-process: the head is in the rank's step (captured with it on a GPU), and so is the
     sampling, as on rank 0 of Ray ranks: single steps and bursts give the coordinator's tokens."""
     import tpserve
-    small = Path(__file__).parent / "fixtures" / "llama_g128_sym"  # conftest's SMALL
-    one = tpserve.load(small, tp=1, dtype=torch.float32, max_model_len=40, num_slots=4)
+    one = tpserve.load(SMALL, tp=1, dtype=torch.float32, max_model_len=40, num_slots=4)
     try:
         bursts = []
         real = one.executor.sample_burst
@@ -176,6 +235,17 @@ def test_after_a_sampled_burst_rank0_holds_each_output_token_once():
 def test_malformed_sampling_entries_are_refused(bad):
     with pytest.raises(WireError):
         RankSampler((2,), 256).check(bad, 1 if len(bad) != 3 else 2)
+
+
+def test_sampling_entries_name_each_request_once_and_known():
+    """A burst refused halfway could not be undone (the other ranks run its steps), so a step
+    naming a request twice, or one rank 0 has neither seen nor been sent, is refused whole."""
+    sampler = RankSampler((2,), 256)
+    sampler.take([[1, params_to_wire(PARAMS[0])]])
+    sampler.check([[1, [5]]], 1)
+    for bad in ([[1, [5]], [1, [6]]], [[1, [5]], [2, []]]):
+        with pytest.raises(WireError, match="twice|without its sampling parameters"):
+            sampler.check(bad, 2)
 
 
 @pytest.mark.parametrize("bad", [

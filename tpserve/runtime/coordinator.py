@@ -9,7 +9,8 @@ other's receive buffers through it for the one-shot kernel). Per step it sends
 where rank 0 holds the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token
 ids and waits for the argmax (and the fp32 logits, in row chunks where large), or, for a step
 rank 0 samples, `{op: params}` messages with the new requests' sampling parameters, then the step
-with `sample` entries, and waits for the sampled tokens (`tpserve.serve.rank_sampling`); on
+with `sample` entries (and `steps: S` for a sampled burst), and waits for the sampled tokens
+(`tpserve.serve.rank_sampling`); on
 the zmq path it meanwhile collects the tp partials of reduction `seq`, sums them
 (`comm.reduce_sum`) and sends the sum back to every rank. On the other paths the result header
 carries the step's reduction count and time. Every receive has a deadline (re-armed while the

@@ -57,6 +57,18 @@ class Executor(Protocol):
         step's input, one position further (`rank_head.decode_ids`). -> argmax [steps, b] on the
         host, or None where the ranks do not hold the head (the caller steps one at a time)."""
 
+    def sample_ids(self, ids: torch.Tensor, plan: StepPlan, reqs, need_logits: bool):
+        """A step of token ids whose requests (engine `Request`s) the ranks sample where the
+        logits are (`tpserve.serve.rank_sampling`) -> ((token, logprob) per request, the fp32
+        logits of `plan.out_rows` where need_logits); None where they do not (the caller
+        samples `step_ids`' or `step`'s logits)."""
+
+    def sample_burst(self, ids: torch.Tensor, plan: StepPlan, reqs, steps: int
+                     ) -> list[list[tuple]] | None:
+        """`steps` decode steps of `reqs` sampled by the ranks, each step's tokens fed to the
+        next there -> per step, (token, logprob) per request; None where the ranks do not sample
+        (the caller steps one at a time)."""
+
     def health(self) -> str | None:
         """None while every rank serves; else a sentence naming the dead or stuck ranks."""
 

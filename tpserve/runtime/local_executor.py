@@ -129,7 +129,10 @@ class LocalExecutor:
         return [RankPlacement(r, "local", str(m.device)) for r, m in enumerate(self.ranks)]
 
     def recover(self) -> None:
-        pass
+        """After a failed step (the engine failed its requests): the sampler starts clean."""
+        self._sync.reset()
+        if self.sampler is not None:
+            self.sampler.rows, self.sampler.pending = {}, {}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -33,11 +33,12 @@ def check_decode_steps(k) -> int:
 
 def burst_len(reqs: list[Request], decode_steps: int, waiting: bool, max_len: int,
               sampled: bool = False) -> int:
-    """How many decode steps the ranks may run in one go: more than 1 only while every running
-    request decodes, greedily without logits (`Executor.decode_ids`) or, where `sampled` (rank 0
-    holds the head and samples: `sample_burst`), in any way; no request waits (a burst would
-    delay its admission, and a request that stops early would hold its slot to the burst's end);
-    and each has at least that many tokens left before its limit."""
+    """How many decode steps to ask the ranks for in one go (they may answer None: then one):
+    more than 1 only while every running request decodes, greedily without logits
+    (`Executor.decode_ids`) or, where `sampled` (the executor has `sample_burst`), in any way;
+    no request waits (a burst would delay its admission, and a request that stops early would
+    hold its slot to the burst's end); and each has at least that many tokens left before its
+    limit."""
     if decode_steps == 1 or waiting or any(not r.output for r in reqs) or \
             not sampled and needs_logits([r.row for r in reqs]):
         return 1

@@ -52,7 +52,9 @@ class Engine:
                                f"integer (--max-prefill-tokens)")
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
-        # Sampled requests decode in bursts too where the ranks sample (`sample_burst`).
+        # Whether to try bursts of sampled requests: the executor's `sample_burst` answers None
+        # where its ranks do not sample (the head at the coordinator; tp > 1 in-process), and the
+        # engine then steps one at a time.
         self._sampled_bursts = getattr(self.executor, "sample_burst", None) is not None
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots

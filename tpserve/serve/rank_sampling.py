@@ -18,7 +18,10 @@ and the logprobs asked for:
 - rank 0 answers [tokens [B] (-1: this row could not be sampled), the chosen tokens' logprobs [B],
   the top ids [B, K] and their logprobs [B, K]] (K: the most logprobs a row asked for), and where a
   request echoes its prompt's logprobs, the step's logits as before (the coordinator computes
-  those; no generator is involved).
+  those; no generator is involved);
+- a sampled burst is one decode step message with `steps: S` (no logits) and the same entries:
+  rank 0 feeds each step's tokens to the next (`SampledBurst`) and answers the same four tensors
+  with a leading [S].
 
 A single in-process rank (tp=1, `LocalExecutor`), whose step holds the head too, samples the same
 way: the same `SampleSync` and `RankSampler`, without the wire.
@@ -111,7 +114,8 @@ class SampleSync:
 
     def advance(self, reqs, steps: int) -> None:
         """After a sampled burst of `steps` decode steps: rank 0 fed each request the tokens it
-        picked but the last, as the coordinator would have (`SampledBurst`)."""
+        picked but the last, as the coordinator would have (`SampledBurst`); fewer to a request
+        whose row failed, which fails there and is not stepped again."""
         for r in reqs:
             if r.id in self.sent:
                 self.sent[r.id] += steps - 1
@@ -174,7 +178,9 @@ class RankSampler:
             self.pending[e[0]] = params_from_wire(e[1])
 
     def check(self, entries, sequences: int) -> None:
-        """A step's sampling entries, by shape (WireError: the step is dropped unrun)."""
+        """A step's sampling entries (WireError: the step is dropped unrun, never stopped halfway,
+        which a burst's later steps could not be): by shape, and each request once, known here
+        or with its parameters sent ahead."""
         if not isinstance(entries, list) or len(entries) != sequences or not all(
                 isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)
                 and isinstance(e[1], list)
@@ -182,6 +188,13 @@ class RankSampler:
                 for e in entries):
             raise WireError(f"a sampling step of {sequences} sequences needs [request id, output "
                             f"token ids] for each")
+        ids = [e[0] for e in entries]
+        if len(set(ids)) != len(ids):
+            raise WireError("a sampling step names a request twice")
+        unknown = [i for i in ids if i not in self.rows and i not in self.pending]
+        if unknown:
+            raise WireError(f"request {unknown[0]} is new to rank 0 but came without its sampling "
+                            f"parameters")
 
     def _rows(self, entries, ids: torch.Tensor, lens: list[int]) -> list[SampleRow]:
         rows, kept, start = [], {}, 0
@@ -252,9 +265,19 @@ class SampledBurst:
     def __init__(self, sampler: RankSampler, ids: torch.Tensor, plan, entries):
         self.sampler, self.ids, self.plan, self.entries = sampler, ids, plan, entries
         self.steps: list[list[torch.Tensor]] = []
+        params = [sampler.rows[rid].params if rid in sampler.rows else sampler.pending.get(rid)
+                  for rid, _ in entries]
+        self.k = max((p.logprobs or 0 for p in params if p is not None), default=0)  # as `sample`
 
     def __call__(self, logits: torch.Tensor, argmax: torch.Tensor | None) -> torch.Tensor:
-        out = self.sampler.sample(logits, argmax, self.ids, self.plan, self.entries)
+        try:
+            out = self.sampler.sample(logits, argmax, self.ids, self.plan, self.entries)
+        except Exception as e:  # every rank runs the burst's steps: fail its rows, not the ranks
+            log.error("rank 0 could not sample step %d of a burst (%s: %s); its requests fail",
+                      len(self.steps), type(e).__name__, e)
+            b, k = len(self.entries), self.k
+            out = [torch.full((b,), -1, dtype=torch.int64), torch.zeros(b),
+                   torch.full((b, k), -1, dtype=torch.int64), torch.zeros(b, k)]
         toks = out[0]
         self.entries = [[rid, [t] if t >= 0 else []]
                         for (rid, _), t in zip(self.entries, toks.tolist())]
