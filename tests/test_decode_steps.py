@@ -3,6 +3,7 @@
 feeds the next on the ranks, and the tokens are those of one step at a time, whatever stops a
 request inside a burst."""
 
+import logging
 import threading
 
 import pytest
@@ -59,28 +60,32 @@ def test_a_burst_is_one_message_and_stops_at_the_context_end(ranks, single):
     assert long == single.generate(PROMPTS[0], max_tokens=32, ignore_eos=True)
 
 
-def test_sampled_rows_burst_where_rank0_samples(ranks, single):
+def test_sampled_rows_burst_where_rank0_samples(ranks, single, caplog):
     """A sampled row beside a greedy one: rank 0 samples the burst (`rank_sampling`), with the
     tokens one step at a time gives."""
+    caplog.set_level(logging.INFO, logger="tpserve.serve.engine")
     coord = ranks.executor.coord
     before = coord.step_id
     sampled = SamplingParams(max_tokens=6, temperature=0.7, seed=3)
     got = _together(Engine(ranks, decode_steps=8), PROMPTS[:2],
                     [SamplingParams(max_tokens=6, ignore_eos=True), sampled])
     assert coord.step_id - before == 2  # the prompts, then one burst of 5
+    assert "decode: bursts of up to 8 steps per call" in caplog.text
     assert got[0] == single.generate(PROMPTS[0], max_tokens=6, ignore_eos=True)
     assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
 
 
-def test_sampled_rows_step_one_at_a_time_where_the_ranks_do_not_sample(single, monkeypatch):
-    """In-process ranks at tp=2 hold no head: the engine asks for a sampled burst, gets none, and
-    steps one at a time, with the same tokens."""
+def test_sampled_rows_step_one_at_a_time_where_the_ranks_do_not_sample(single, monkeypatch,
+                                                                       caplog):
+    """In-process ranks at tp=2 hold no head: the engine steps one at a time (and says so), with
+    the same tokens."""
+    caplog.set_level(logging.INFO, logger="tpserve.serve.engine")
     calls, real = [], single.step
     monkeypatch.setattr(single, "step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     sampled = SamplingParams(max_tokens=6, temperature=0.7, seed=3)
     got = _together(Engine(single, decode_steps=8), PROMPTS[:2],
                     [SamplingParams(max_tokens=6, ignore_eos=True), sampled])
-    assert len(calls) == 6
+    assert len(calls) == 6 and "decode: one step per call (the head runs at the" in caplog.text
     monkeypatch.undo()
     assert got[1] == single.generate(PROMPTS[1], max_tokens=6, temperature=0.7, seed=3)
 

@@ -43,6 +43,7 @@ class Executor(Protocol):
         """Run one step on every rank: h [T, hidden] -> the final hidden rows `plan.out_rows`."""
 
     head_bytes: int  # bytes of the head the ranks hold (`tpserve.model.rank_head`), else 0
+    ranks_sample: bool  # the head is in the ranks' step, which samples: steps can burst
 
     def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True
                  ) -> tuple[torch.Tensor | None, torch.Tensor] | None:

@@ -61,6 +61,11 @@ class LocalExecutor:
 
     head_bytes = 0  # the head is the caller's (rank 0's copy at tp=1 is the same tables)
 
+    @property
+    def ranks_sample(self) -> bool:
+        """Whether the head is in the rank's step (tp=1), which samples too."""
+        return self.rank_head is not None
+
     def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True):
         """A step from token ids to (fp32 logits, argmax) where the head is in the rank's step
         (tp=1): on a GPU, decode steps replay its captured graph; else None."""

@@ -201,6 +201,11 @@ class RayExecutor:
             raise RankFailure(f"rank 0 answered sampling step {self.coord.step_id} with {wrong}")
         return SampleSync.results(reqs, out), (out[4] if need_logits else None)
 
+    @property
+    def ranks_sample(self) -> bool:
+        """Whether rank 0 holds the head, and samples."""
+        return bool(self.head_bytes)
+
     def sample_burst(self, ids: torch.Tensor, plan: StepPlan, reqs, steps: int
                      ) -> list[list[tuple]] | None:
         """`steps` decode steps of `reqs` that rank 0 samples in one message, each step's tokens

@@ -52,10 +52,8 @@ class Engine:
                                f"integer (--max-prefill-tokens)")
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
-        # Whether to try bursts of sampled requests: the executor's `sample_burst` answers None
-        # where its ranks do not sample (the head at the coordinator; tp > 1 in-process), and the
-        # engine then steps one at a time.
-        self._sampled_bursts = getattr(self.executor, "sample_burst", None) is not None
+        # Bursts (greedy or sampled) need the head in the ranks' step, where they also sample.
+        self._sampled_bursts = bool(getattr(self.executor, "ranks_sample", False))
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))
@@ -71,6 +69,11 @@ class Engine:
 
     # ---- API -----------------------------------------------------------------------------
     def start(self) -> "Engine":
+        if self.decode_steps > 1:
+            log.info("decode: %s", f"bursts of up to {self.decode_steps} steps per call while "
+                     f"every request decodes and none waits (the ranks hold the head)"
+                     if self._sampled_bursts else "one step per call (the head runs at the "
+                     "coordinator; --head-at rank0 puts it on rank 0, where steps can burst)")
         self._thread = threading.Thread(target=self._loop, name="tpserve-engine", daemon=True)
         self._thread.start()
         return self
