@@ -4,11 +4,11 @@ feeds the next on the ranks, and the tokens are those of one step at a time, wha
 request inside a burst."""
 
 import logging
-import threading
 
 import pytest
 import torch
 
+from engine_runs import run_together, tokens
 from tpserve.errors import TpserveError
 from tpserve.serve.engine import Engine
 from tpserve.serve.sampling import SamplingParams
@@ -18,20 +18,7 @@ PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45]]
 
 def _together(engine: Engine, prompts, params) -> list[list[int]]:
     """Requests admitted in one step, run to their ends by the engine's loop."""
-    out, done = [[] for _ in prompts], threading.Semaphore(0)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        def on_event(ev, i=i):
-            out[i].extend(ev.token_ids)
-            if ev.finished:
-                done.release()
-        engine.submit(p, sp, on_event)
-    engine.start()
-    try:
-        for _ in prompts:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
-    return out
+    return [tokens(evs) for evs in run_together(engine, prompts, params)]
 
 
 def test_bursts_give_the_tokens_of_single_steps(ranks, single):

@@ -340,15 +340,21 @@ def test_a_429_for_choices_that_do_not_fit_counts_no_cancellation(env):
         llm.close()
 
 
-def test_launch_passes_max_connections_to_the_server(env, monkeypatch, caplog):
-    from tpserve.cli import main
+def _launch_without_serving(monkeypatch) -> tuple[list[str], dict]:
+    """`tpserve launch` argv on a free port, and what it hands the server (`app` and the keyword
+    arguments) in place of serving."""
     from tpserve.serve import server
     got = {}
-    monkeypatch.setattr(server, "serve", lambda app, host, port, **kw: got.update(kw))
+    monkeypatch.setattr(server, "serve", lambda app, host, port, **kw: got.update(kw, app=app))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    argv = ["launch", "--backend", "local", "--tp", "1", "--port", port]
+    return ["launch", "--backend", "local", "--tp", "1", "--port", port], got
+
+
+def test_launch_passes_max_connections_to_the_server(env, monkeypatch, caplog):
+    from tpserve.cli import main
+    argv, got = _launch_without_serving(monkeypatch)
     assert main([*argv, "--max-connections", "0"]) == 2
     assert "--max-connections 0 must be at least 1" in caplog.text and not got
     assert main([*argv, "--max-connections", "3"]) == 0 and got["max_connections"] == 3
@@ -369,13 +375,7 @@ def test_the_body_limit_follows_the_context():
 def test_launch_takes_a_body_limit(env, monkeypatch, caplog):
     from starlette.testclient import TestClient
     from tpserve.cli import main
-    from tpserve.serve import server
-    got = {}
-    monkeypatch.setattr(server, "serve", lambda app, host, port, **kw: got.update(app=app))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    argv = ["launch", "--backend", "local", "--tp", "1", "--port", port]
+    argv, got = _launch_without_serving(monkeypatch)
     assert main([*argv, "--max-body-mb", "0"]) == 2
     assert "--max-body-mb 0 must be in [1, 1024]" in caplog.text and not got
     body = json.dumps({"prompt": PROMPT, "max_tokens": 1, "pad": "x" * (3 << 19)})  # 1.5 MiB

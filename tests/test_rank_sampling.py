@@ -5,12 +5,12 @@ penalties, biases, min_tokens and logprobs), without the logits crossing to the 
 wire pieces refuse malformed input."""
 
 import dataclasses
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine_runs import run_together, tokens
 from tpserve.runtime.wire import WireError
 from tpserve.serve import rank_sampling
 from tpserve.serve.engine import Engine
@@ -30,26 +30,14 @@ PARAMS = [SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=11, logp
 
 def _run(llm, prompts, params, decode_steps=1) -> list[tuple]:
     """Requests admitted in one step, run to their ends: (tokens, logprobs, prompt logprobs)."""
-    engine, done = Engine(llm, decode_steps=decode_steps), threading.Semaphore(0)
-    out = [([], [], None) for _ in prompts]
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        def on_event(ev, i=i):
-            toks, lps, _ = out[i]
-            toks.extend(ev.token_ids)
-            lps.extend((lp.token, round(lp.logprob, 4), [(t, round(v, 4)) for t, v in lp.top])
-                       for lp in ev.logprobs or [])
-            if ev.prompt_logprobs is not None:
-                out[i] = (toks, lps, [(lp.token, lp.logprob and round(lp.logprob, 4))
-                                      for lp in ev.prompt_logprobs])
-            if ev.finished:
-                done.release()
-        engine.submit(p, sp, on_event)
-    engine.start()
-    try:
-        for _ in prompts:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    out = []
+    for evs in run_together(Engine(llm, decode_steps=decode_steps), prompts, params):
+        lps = [(lp.token, round(lp.logprob, 4), [(t, round(v, 4)) for t, v in lp.top])
+               for ev in evs for lp in ev.logprobs or []]
+        prompt = next(([(lp.token, lp.logprob and round(lp.logprob, 4))
+                        for lp in ev.prompt_logprobs]
+                       for ev in evs if ev.prompt_logprobs is not None), None)
+        out.append((tokens(evs), lps, prompt))
     return out
 
 
@@ -118,21 +106,8 @@ def test_a_row_that_fails_inside_a_burst_fails_only_its_request(monkeypatch):
     b = SamplingParams(max_tokens=10, temperature=0.9, seed=77, ignore_eos=True)
 
     def run():
-        engine, done, out = Engine(one, decode_steps=4), threading.Semaphore(0), [[], []]
-        ends = [None, None]
-        for i, (p, sp) in enumerate(zip(PROMPTS[:2], (a, b))):
-            def on_event(ev, i=i):
-                out[i].extend(ev.token_ids)
-                if ev.finished:
-                    ends[i] = ev.finish_reason
-                    done.release()
-            engine.submit(p, sp, on_event)
-        engine.start()
-        try:
-            assert done.acquire(timeout=60) and done.acquire(timeout=60)
-        finally:
-            engine.stop()
-        return out, ends
+        evs = run_together(Engine(one, decode_steps=4), PROMPTS[:2], (a, b), timeout=60)
+        return [tokens(e) for e in evs], [e[-1].finish_reason for e in evs]
     try:
         want, ends = run()
         assert ends == ["length", "length"]
