@@ -98,9 +98,7 @@ class LocalExecutor:
             return None
         burst = self.sampler.burst(ids, plan, self._entries(reqs))
         decode_ids(self.ranks[0], self.rank_head, ids, plan, steps, burst)
-        self._sync.advance(reqs, steps)
-        out = burst.result()
-        return [SampleSync.results(reqs, [t[k] for t in out]) for k in range(steps)]
+        return self._sync.burst_results(reqs, burst.result(), steps)
 
     def _entries(self, reqs) -> list[list]:
         entries, params = self._sync.entries(reqs)
@@ -137,7 +135,7 @@ class LocalExecutor:
         """After a failed step (the engine failed its requests): the sampler starts clean."""
         self._sync.reset()
         if self.sampler is not None:
-            self.sampler.rows, self.sampler.pending = {}, {}
+            self.sampler.reset()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

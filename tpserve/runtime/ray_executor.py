@@ -219,8 +219,7 @@ class RayExecutor:
         if wrong:
             self.failures += 1
             raise RankFailure(f"rank 0 answered sampled burst {self.coord.step_id} with {wrong}")
-        self._sync.advance(reqs, steps)
-        return [SampleSync.results(reqs, [t[k] for t in out]) for k in range(steps)]
+        return self._sync.burst_results(reqs, out, steps)
 
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
         if not self.head_bytes:

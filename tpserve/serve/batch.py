@@ -35,7 +35,7 @@ def burst_len(reqs: list[Request], decode_steps: int, waiting: bool, max_len: in
               sampled: bool = False) -> int:
     """How many decode steps to ask the ranks for in one go (they may answer None: then one):
     more than 1 only while every running request decodes, greedily without logits
-    (`Executor.decode_ids`) or, where `sampled` (the executor has `sample_burst`), in any way;
+    (`Executor.decode_ids`) or, where `sampled` (`Executor.ranks_sample`), in any way;
     no request waits (a burst would delay its admission, and a request that stops early would
     hold its slot to the burst's end); and each has at least that many tokens left before its
     limit."""
@@ -54,9 +54,8 @@ def decode_burst(executor, reqs: list[Request], k: int) -> list[list[tuple]] | N
     plan = StepPlan(slots=[r.slot for r in reqs], starts=[r.position for r in reqs],
                     lens=[1] * len(reqs))
     ids = torch.as_tensor([r.output[-1] for r in reqs], dtype=torch.long)
-    if needs_logits([r.row for r in reqs]):  # sampled: rank 0 samples each step
-        burst = getattr(executor, "sample_burst", None)
-        return None if burst is None else burst(ids, plan, reqs, k)
+    if needs_logits([r.row for r in reqs]):  # sampled: the ranks sample each step
+        return executor.sample_burst(ids, plan, reqs, k)
     toks = executor.decode_ids(ids, plan, k)
     return None if toks is None else [[(t, None) for t in row] for row in toks.tolist()]
 
@@ -82,8 +81,7 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
     ids = torch.as_tensor(ids, dtype=torch.long)
     with torch.inference_mode():
         need = len(out_rows) != len(reqs) or bool(echoed) or needs_logits([r.row for r in reqs])
-        on_rank = getattr(llm.executor, "sample_ids", None) if need else None
-        ranked = on_rank(ids, plan, reqs, bool(echoed)) if on_rank is not None else None
+        ranked = llm.executor.sample_ids(ids, plan, reqs, bool(echoed)) if need else None
         if ranked is not None:  # rank 0 sampled (`rank_sampling`); logits only for echo
             sampled, logits = ranked
             return sampled, {i: prompt_logprobs(logits[spans[i][0]:spans[i][1]], reqs[i].prompt,

@@ -53,7 +53,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = check_decode_steps(decode_steps)
         # Bursts (greedy or sampled) need the head in the ranks' step, where they also sample.
-        self._sampled_bursts = bool(getattr(self.executor, "ranks_sample", False))
+        self._sampled_bursts = self.executor.ranks_sample
         self.max_len = self.executor.max_len
         self.num_slots = self.executor.num_slots
         self.free_slots = list(range(self.num_slots))

@@ -120,6 +120,12 @@ class SampleSync:
             if r.id in self.sent:
                 self.sent[r.id] += steps - 1
 
+    def burst_results(self, reqs, out: list[torch.Tensor], steps: int) -> list[list[tuple]]:
+        """Rank 0's answer to a sampled burst -> per step, (token, logprob) per request; what
+        rank 0 holds of each request is advanced past the burst."""
+        self.advance(reqs, steps)
+        return [self.results(reqs, [t[k] for t in out]) for k in range(steps)]
+
     def reset(self) -> None:
         """A new rank group: rank 0 holds nothing."""
         self.sent = {}
@@ -249,6 +255,10 @@ class RankSampler:
                              dtype=torch.int64).view(len(rows), k),
                 torch.tensor([[v for _, v in (top + pad)[:k]] for top in tops],
                              dtype=torch.float32).view(len(rows), k)]
+
+    def reset(self) -> None:
+        """A rebuilt group or a failed step: no request is known here any more."""
+        self.rows, self.pending = {}, {}
 
     def burst(self, ids: torch.Tensor, plan, entries) -> "SampledBurst":
         """The `pick` of a sampled decode burst (`rank_head.decode_ids`) over this sampler."""
