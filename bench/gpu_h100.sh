@@ -17,6 +17,8 @@
 #   bash bench/gpu_h100.sh startup  Llama-3-8B shapes: launch to healthy twice, from a cold Triton
 #                                   cache (tuning + graph capture) and a warm one
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
+#   bash bench/gpu_h100.sh prefill  where a 128-token prompt's first token's time goes (8B shapes):
+#                                   wall vs GPU busy time, launches, kernels by GPU time
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -54,6 +56,11 @@ if has profile; then
   for b in 1 8; do timeout 200 python3 bench/profile_step.py --model /tmp/l8 --batch $b --lm-head int8 \
     > "$OUT/profile_b$b.log" 2>&1; grep "^batch" "$OUT/profile_b$b.log"; done
   sed -n '/Self CUDA/,+22p' "$OUT/profile_b1.log" | head -26
+fi
+if has prefill; then
+  l8
+  timeout 200 python3 bench/profile_step.py --model /tmp/l8 --prefill 128 --lm-head int8 \
+    > "$OUT/profile_prefill128.log" 2>&1; grep -A30 "^prefill" "$OUT/profile_prefill128.log" | cut -c1-150
 fi
 if has decode; then
   l8

@@ -1,7 +1,10 @@
 """Where a decode step's time goes: the whole step (engine, host), the captured rank step
-alone, the head + sampler, and a torch.profiler kernel table of the captured step.
+alone, the head + sampler, and a torch.profiler kernel table of the captured step. With
+`--prefill N`: where a first token's time goes instead (an N-token prompt, one new token): wall
+time against the GPU's busy time, kernel launches, and the kernels by GPU time.
 
     python bench/profile_step.py --model PATH [--device cuda] [--steps 8] [--batch 1]
+    python bench/profile_step.py --model PATH --prefill 128
 """
 
 from __future__ import annotations
@@ -47,6 +50,32 @@ def time_parts(llm, batch: int) -> None:
           f"{eager:.3f} ms, eager head {head:.3f} ms")
 
 
+def profile_prefill(llm, n: int, device: str) -> None:
+    """TTFT's parts for an n-token prompt: wall ms of `generate(max_tokens=1)` (median of 10), the
+    GPU's busy ms inside one (kernel time summed), the launches, and the kernels by GPU time."""
+    import statistics
+    import time
+    ids = list(range(3, 3 + n))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    walls = []
+    for _ in range(11):
+        sync()
+        t0 = time.perf_counter()
+        llm.generate(ids, max_tokens=1, ignore_eos=True)
+        sync()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        llm.generate(ids, max_tokens=1, ignore_eos=True)
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3
+    print(f"prefill {n} tokens: wall {statistics.median(walls[1:]):.2f} ms (median of 10), GPU busy "
+          f"{busy:.2f} ms in {len(kernels)} kernels ({busy / statistics.median(walls[1:]):.0%})")
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=70))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -55,11 +84,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lm-head", default="auto")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="profile a first token of an N-token prompt instead of decode steps")
     args = ap.parse_args()
     llm = tpserve.load(args.model, tp=1, device=args.device, dtype=getattr(torch, args.dtype),
-                       max_model_len=256, num_slots=max(8, args.batch), lm_head=args.lm_head)
+                       max_model_len=max(256, 2 * args.prefill), num_slots=max(8, args.batch), lm_head=args.lm_head)
     ids = list(range(3, 131))
     llm.generate(ids, max_tokens=4, ignore_eos=True)
+    if args.prefill:
+        profile_prefill(llm, args.prefill, args.device)
+        return 0
     if args.device == "cuda":
         time_parts(llm, args.batch)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])

@@ -111,14 +111,17 @@ def test_a_row_that_fails_inside_a_burst_fails_only_its_request(monkeypatch):
     try:
         want, ends = run()
         assert ends == ["length", "length"]
-        real, calls = rank_sampling.sample, []
+        calls = []
 
-        def faulty(logits, rows, argmax=None):  # b's row breaks from the 4th sampling call on
-            calls.append(len(rows))
-            if len(calls) > 3 and any(r.params.seed == 77 for r in rows):
-                raise RuntimeError("injected")
-            return real(logits, rows, argmax)
-        monkeypatch.setattr(rank_sampling, "sample", faulty)
+        def faulty(real):  # b's row breaks from the 4th sampling call on, batched or alone
+            def call(logits, rows, argmax=None):
+                calls.append(len(rows))
+                if len(calls) > 3 and any(r.params.seed == 77 for r in rows):
+                    raise RuntimeError("injected")
+                return real(logits, rows, argmax)
+            return call
+        for name in ("sample", "sample_tensors"):
+            monkeypatch.setattr(rank_sampling, name, faulty(getattr(rank_sampling, name)))
         got, ends = run()
         assert ends == ["length", "error"] and got[0] == want[0]
         assert 0 < len(got[1]) < 10 and got[1] == want[1][:len(got[1])]
@@ -225,7 +228,7 @@ def test_sampling_entries_name_each_request_once_and_known():
 
 @pytest.mark.parametrize("bad", [
     {"temperature": -1.0}, {"nonsense": 1}, {"logit_bias": [[1]]}, {"top_p": "x"}, [1, 2],
-    {"stop": ["x"]}])
+    {"stop": ["x"]}, {"logit_bias": [[256, 1.0]]}])
 def test_malformed_sampling_parameters_are_refused(bad):
     with pytest.raises(WireError):
         RankSampler((2,), 256).take([[1, bad]])

@@ -166,10 +166,14 @@ class DecodeGraphs:
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token ids [b] (host) -> (fp32 logits [b, vocab], their argmax [b]) on the device; both
         None on a rank without the head. ids None: the step after the last one of the same
-        batch, fed that step's argmax on the device (no host round trip)."""
+        batch, fed that step's argmax on the device (no host round trip); ids on the device (a
+        sampled burst's picks): copied from there, likewise."""
         bucket, b = self.bucket(plan), len(plan.slots)
-        bucket.load(plan, ids)
-        if ids is None and bucket.tokens is not None:
+        on_device = ids is not None and ids.device.type != "cpu"
+        bucket.load(plan, None if on_device else ids)
+        if on_device:
+            bucket.rows[3, :b].copy_(ids)  # stream-ordered after the step that picked them
+        elif ids is None and bucket.tokens is not None:
             bucket.rows[3, :b].copy_(bucket.tokens[:b])  # stream-ordered after the last replay
         bucket.replay(self.model.comm)
         if bucket.tokens is None:

@@ -102,7 +102,8 @@ def decode_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan, steps: 
     plan `plan`), each one position further (`plan.advanced`). Greedy (`pick` None): each step's
     argmax is the next step's token ids on the device, and the host is not waited on between
     steps, so a captured step's replays queue back to back. Sampled (rank 0 of a sampled burst,
-    `rank_sampling.RankSampler.burst`): `pick(logits, argmax)` -> the next step's token ids [b].
+    `rank_sampling.RankSampler.burst`): `pick(logits, argmax)` -> the next step's token ids [b]
+    (on the device: then the host queues the next step without waiting for this one).
     -> what each step fed forward [steps, b] (None on ranks without the head). Tokens after a
     sequence's stop are the caller's to drop (their cache rows lie past its end, where nothing
     reads them)."""

@@ -37,7 +37,8 @@ import torch
 
 from tpserve.errors import TpserveError
 from tpserve.runtime.wire import WireError
-from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob, sample
+from tpserve.serve.sampling import (SampleRow, SamplingParams, TokenLogprob, sample,
+                                    sample_tensors)
 
 log = logging.getLogger(__name__)
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"stop"}
@@ -56,6 +57,12 @@ def sample_each(logits: torch.Tensor | None, rows: list[SampleRow],
         return list(zip(*sample(logits, rows, argmax)))
     except Exception as e:
         log.error("batched sampling failed (%s: %s); sampling row by row", type(e).__name__, e)
+    return one_by_one(logits, rows, argmax)
+
+
+def one_by_one(logits: torch.Tensor | None, rows: list[SampleRow],
+               argmax: torch.Tensor | None = None) -> list[tuple]:
+    """`sample_each` after the batched sampler failed: each row alone."""
     out = []
     for i, row in enumerate(rows):
         try:
@@ -181,7 +188,11 @@ class RankSampler:
         for e in params:
             if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)):
                 raise WireError("a params entry is [request id, parameters]")
-            self.pending[e[0]] = params_from_wire(e[1])
+            p = params_from_wire(e[1])
+            if any(t >= self.vocab for t, _ in p.logit_bias):  # an index on the device
+                raise WireError(f"logit_bias names a token outside the {self.vocab}-token "
+                                f"vocabulary")
+            self.pending[e[0]] = p
 
     def check(self, entries, sequences: int) -> None:
         """A step's sampling entries (WireError: the step is dropped unrun, never stopped halfway,
@@ -229,7 +240,7 @@ class RankSampler:
     def sample(self, logits: torch.Tensor, argmax: torch.Tensor | None, ids: torch.Tensor,
                plan, entries) -> list[torch.Tensor]:
         """The step's logits (rows `plan.out_rows`) -> [tokens, logprobs, top ids, top logprobs]
-        of each sequence's last row (the module docstring)."""
+        of each sequence's last row (the module docstring), on the logits' device."""
         rows = self._rows(entries, ids, list(plan.lens))
         out_rows = plan.out_rows if plan.out_rows is not None else range(plan.num_tokens)
         ends, start, j = [], 0, 0
@@ -240,10 +251,25 @@ class RankSampler:
             if j == 0 or ends and ends[-1] == j - 1:
                 raise TpserveError("a sampling step needs an output row in every sequence")
             ends.append(j - 1)
-        last = torch.as_tensor(ends, device=logits.device)
-        res = sample_each(logits[last], rows, None if argmax is None else argmax[last])
+        if ends != list(range(len(out_rows))):  # a prefill's, or a step with extra rows
+            last = torch.as_tensor(ends, device=logits.device)
+            logits, argmax = logits[last], None if argmax is None else argmax[last]
+        return self.sample_rows(logits, argmax, rows, [rid for rid, _ in entries])[0]
+
+    def sample_rows(self, logits: torch.Tensor, argmax: torch.Tensor | None,
+                    rows: list[SampleRow], rids: list[int]) -> tuple[list[torch.Tensor], bool]:
+        """One logits row per sampled row -> ([tokens, logprobs, top ids, top logprobs], whether
+        they are on the host): on the logits' device without waiting for it, or, where the
+        batched sampler fails, row by row on the host, -1 for a row that cannot be sampled."""
         k = max((r.params.logprobs or 0 for r in rows), default=0)
-        for (tok, p), (rid, _) in zip(res, entries):
+        try:
+            s = sample_tensors(logits, rows, argmax)
+            return [s.tokens, s.chosen, s.top_ids, s.top_vals], False
+        except Exception as e:
+            log.error("batched sampling failed (%s: %s); sampling row by row",
+                      type(e).__name__, e)
+        res = one_by_one(logits, rows, argmax)
+        for (tok, p), rid in zip(res, rids):
             if tok is None:
                 log.error("rank 0 could not sample request %s: %s", rid, p)
         lps = [p if tok is not None else None for tok, p in res]
@@ -254,7 +280,7 @@ class RankSampler:
                 torch.tensor([[t for t, _ in (top + pad)[:k]] for top in tops],
                              dtype=torch.int64).view(len(rows), k),
                 torch.tensor([[v for _, v in (top + pad)[:k]] for top in tops],
-                             dtype=torch.float32).view(len(rows), k)]
+                             dtype=torch.float32).view(len(rows), k)], True
 
     def reset(self) -> None:
         """A rebuilt group or a failed step: no request is known here any more."""
@@ -269,32 +295,53 @@ class SampledBurst:
     """Rank 0's side of a sampled decode burst: each step's rows sampled as one step of
     `RankSampler.sample`, each token it picked handed to its row as the next step's new output,
     as the coordinator hands it in step-by-step decoding (so the seeded streams and penalty
-    counts are those of single steps). A row that could not be sampled (-1) feeds token 0 on and
-    gets no output; the coordinator fails its request there."""
+    counts are those of single steps). The picks stay on the device (`SampleRow.feed`) and the
+    next step reads them there, so the host queues the burst's steps without waiting for any;
+    the rows' `output` lists catch up at `result`. A row that could not be sampled (-1, only
+    where the batched sampler failed and the rows were sampled one by one on the host) feeds
+    token 0 on and gets no output; the coordinator fails its request there."""
 
     def __init__(self, sampler: RankSampler, ids: torch.Tensor, plan, entries):
         self.sampler, self.ids, self.plan, self.entries = sampler, ids, plan, entries
+        self.rids = [rid for rid, _ in entries]
+        self.rows: list[SampleRow] | None = None
         self.steps: list[list[torch.Tensor]] = []
+        self.failed: list[int] = []  # rows the last step could not sample (host-known)
         params = [sampler.rows[rid].params if rid in sampler.rows else sampler.pending.get(rid)
-                  for rid, _ in entries]
+                  for rid in self.rids]
         self.k = max((p.logprobs or 0 for p in params if p is not None), default=0)  # as `sample`
 
     def __call__(self, logits: torch.Tensor, argmax: torch.Tensor | None) -> torch.Tensor:
         try:
-            out = self.sampler.sample(logits, argmax, self.ids, self.plan, self.entries)
+            if self.rows is None:
+                self.rows = self.sampler._rows(self.entries, self.ids, list(self.plan.lens))
+            else:
+                last = self.steps[-1][0]
+                for i, row in enumerate(self.rows):
+                    if i not in self.failed:
+                        row.feed(last[i:i + 1].to(logits.device))
+            out, on_host = self.sampler.sample_rows(logits, argmax, self.rows, self.rids)
+            self.failed = [i for i, t in enumerate(out[0].tolist()) if t < 0] if on_host else []
         except Exception as e:  # every rank runs the burst's steps: fail its rows, not the ranks
             log.error("rank 0 could not sample step %d of a burst (%s: %s); its requests fail",
                       len(self.steps), type(e).__name__, e)
             b, k = len(self.entries), self.k
             out = [torch.full((b,), -1, dtype=torch.int64), torch.zeros(b),
                    torch.full((b, k), -1, dtype=torch.int64), torch.zeros(b, k)]
-        toks = out[0]
-        self.entries = [[rid, [t] if t >= 0 else []]
-                        for (rid, _), t in zip(self.entries, toks.tolist())]
+            self.failed = list(range(b))
         self.steps.append(out)
-        return toks.clamp(min=0)
+        return out[0].clamp(min=0)
 
     def result(self) -> list[torch.Tensor]:
-        """[tokens, logprobs, top ids, top logprobs], each with a leading [steps] dimension."""
-        return [torch.stack(t) for t in zip(*self.steps)]
-
+        """[tokens, logprobs, top ids, top logprobs], each with a leading [steps] dimension, on
+        the host; each row's `output` takes the tokens it was fed (all but the last step's)."""
+        out = [torch.stack([t.cpu() for t in col]) for col in zip(*self.steps)]
+        toks = out[0][:-1].T.tolist()
+        for row, fed in zip(self.rows or [], toks):
+            n = 0
+            for t in fed:
+                if t >= 0 and n < row.lag:
+                    row.output.append(t)
+                    n += 1
+            row.lag = 0
+        return out

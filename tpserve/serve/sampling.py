@@ -5,7 +5,9 @@ per sequence. Every per-request knob becomes a [B] tensor (temperature, top-k, t
 penalties) or a sparse index list (logit_bias, tokens banned by min_tokens), so the math is the
 same few kernels whatever the batch holds. Only seeded rows draw their noise one row at a time,
 from their own `torch.Generator` (torch has no batched per-row generator). Only the chosen ids and
-the requested logprobs come back to the host.
+the requested logprobs come back to the host. `sample_tensors` does the same and leaves them on
+the device: it never waits for the device (the host lists it needs go up through pinned memory),
+so rank 0 queues a sampled decode burst's steps back to back (`rank_sampling.SampledBurst`).
 
 Sampling is the Gumbel-max trick in its exponential form: argmax(p / q), q ~ Exp(1), draws from
 p exactly and needs no cumulative sums.
@@ -122,6 +124,23 @@ class SampleRow:
     counts: torch.Tensor | None = None  # [vocab] float: occurrences in the output
     seen: torch.Tensor | None = None  # [vocab] bool: in the prompt (repetition_penalty)
     counted: int = 0  # output tokens in `counts`
+    # Output tokens sampled in a burst and fed back on the device (counted there where the row
+    # is penalized), not yet in `output`: `rank_sampling.SampledBurst` appends them at its end.
+    lag: int = 0
+
+    def length(self) -> int:
+        """Output tokens so far, those still on the device included."""
+        return len(self.output) + self.lag
+
+    def feed(self, token: torch.Tensor) -> None:
+        """The token [1] this row was given last step, still on the device: counted where the
+        row is penalized (no host round trip); it joins `output` when the burst settles."""
+        if self.params.penalized:
+            if self.counts is None or self.counted != self.length():
+                raise TpserveError("a penalized row's counts fell behind its output")
+            self.counts.index_add_(0, token, torch.ones(1, device=token.device))
+            self.counted += 1
+        self.lag += 1
 
 
 @dataclass
@@ -131,43 +150,61 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the k most likely tokens, most likely first
 
 
+@dataclass
+class Sampled:
+    """One step's picks on the logits' device."""
+    tokens: torch.Tensor  # [B] int64
+    chosen: torch.Tensor  # [B] fp32: each token's logprob (0 where no row asked for logprobs)
+    top_ids: torch.Tensor  # [B, K] int64: the K most likely tokens (K: the most a row asked for)
+    top_vals: torch.Tensor  # [B, K] fp32: their logprobs
+
+
 def make_generator(seed: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
 
 
+def _dev(values, dtype, device) -> torch.Tensor:
+    """A host list as a tensor on `device`; onto a GPU through pinned memory, so the host does not
+    wait for the device's queue to drain (a plain copy from a list would)."""
+    if torch.device(device).type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _row_counts(r: SampleRow, vocab: int, device) -> torch.Tensor:
     """r.counts brought up to r.output (only the tokens since the last step are added); the
     prompt's tokens in r.seen, once."""
     if r.counts is None or r.counts.device != device or r.counts.numel() != vocab \
-            or r.counted > len(r.output):
+            or r.counted > r.length():
+        if r.lag:
+            raise TpserveError("a penalized row's counts cannot be rebuilt inside a burst")
         r.counts, r.counted = torch.zeros(vocab, device=device), 0
         r.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        r.seen[torch.as_tensor(r.prompt, dtype=torch.long, device=device)] = True
+        r.seen[_dev(r.prompt, torch.long, device)] = True
     new = r.output[r.counted:]
     if new:
-        idx = torch.as_tensor(new, dtype=torch.long, device=device)
-        r.counts.index_add_(0, idx, torch.ones(len(new), device=device))
+        r.counts.index_add_(0, _dev(new, torch.long, device), torch.ones(len(new), device=device))
         r.counted = len(r.output)
     return r.counts
 
 
 def _per_row(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return _dev(values, torch.float32, device)[:, None]
 
 
 def _sparse_add(x: torch.Tensor, triples: list[tuple[int, int, float]]) -> None:
     """x[row, col] += value for each triple, in one indexed add."""
     if triples:
         rows, cols, vals = zip(*triples)
-        idx = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
-        x.index_put_(idx, torch.tensor(vals, dtype=x.dtype, device=x.device), accumulate=True)
+        idx = (_dev(rows, torch.long, x.device), _dev(cols, torch.long, x.device))
+        x.index_put_(idx, _dev(vals, x.dtype, x.device), accumulate=True)
 
 
 def _processed(rows: list[SampleRow]) -> bool:
     """Whether any row asks for a logit bias, a penalty or a banned token (min_tokens)."""
-    return any(r.params.logit_bias or r.params.penalized or len(r.output) < r.params.min_tokens
+    return any(r.params.logit_bias or r.params.penalized or r.length() < r.params.min_tokens
                for r in rows)
 
 
@@ -190,19 +227,19 @@ def process(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
         x = x - _per_row([p.frequency_penalty for p in params], x.device) * out
         x = x - _per_row([p.presence_penalty for p in params], x.device) * (out > 0)
-    banned = [(i, t) for i, r in enumerate(rows) if len(r.output) < r.params.min_tokens
+    banned = [(i, t) for i, r in enumerate(rows) if r.length() < r.params.min_tokens
               for t in set(r.params.stop_token_ids) | set(
                   () if r.params.ignore_eos else r.eos_token_ids) if t < x.shape[1]]
     if banned:
         i, t = zip(*banned)
-        x[torch.tensor(i, device=x.device), torch.tensor(t, device=x.device)] = float("-inf")
+        x[_dev(i, torch.long, x.device), _dev(t, torch.long, x.device)] = float("-inf")
     return x
 
 
 def truncate(y: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """top-k, then top-p on what top-k kept: [B, vocab] logits with the cut tokens at -inf."""
     vocab = y.shape[1]
-    k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=y.device)
+    k = _dev([min(p.top_k, vocab) or vocab for p in params], torch.long, y.device)
     top_p = _per_row([p.top_p for p in params], y.device)
     ordered, order = y.sort(-1, descending=True)
     keep = torch.arange(vocab, device=y.device)[None, :] < k[:, None]
@@ -232,15 +269,18 @@ def needs_logits(rows: list[SampleRow]) -> bool:
                                    for r in rows)
 
 
-def sample(logits: torch.Tensor | None, rows: list[SampleRow],
-           argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row of fp32 logits [B, vocab], and its logprobs where a row asked.
-    `argmax`, when the caller has it (the head ran in the ranks' step), is `logits.argmax(-1)`;
-    logits may be None where `needs_logits(rows)` is False and the argmax is given."""
+def sample_tensors(logits: torch.Tensor | None, rows: list[SampleRow],
+                   argmax: torch.Tensor | None = None) -> Sampled:
+    """One token per row of fp32 logits [B, vocab] and the logprobs the rows ask for, left on
+    the logits' device; the host never waits for the device here. `argmax`, when the caller has
+    it (the head ran in the ranks' step), is `logits.argmax(-1)`; logits may be None where
+    `needs_logits(rows)` is False and the argmax is given."""
+    params = [r.params for r in rows]
+    if argmax is not None:  # a captured step's output buffer, which its next replay overwrites
+        argmax = argmax.clone()
     if logits is None:  # the caller asked `needs_logits` already: the argmax is every token
         assert argmax is not None
-        return argmax.tolist(), [None] * len(rows)
-    params = [r.params for r in rows]
+        return Sampled(argmax, *_no_logprobs(argmax))
     x = process(logits, rows)
     if x is not logits:
         # A row whose every logit is now -inf (a hostile bias or penalty) falls back to the raw
@@ -258,26 +298,55 @@ def sample(logits: torch.Tensor | None, rows: list[SampleRow],
         if any(p.min_p for p in params):
             floor = _per_row([p.min_p for p in params], x.device) * probs.amax(-1, keepdim=True)
             probs = probs.masked_fill(probs < floor, 0)
-        greedy = torch.tensor([p.greedy for p in params], device=x.device)
+        greedy = _dev([p.greedy for p in params], torch.bool, x.device)
         tokens = torch.where(greedy, tokens, _draw(probs, rows))
-    k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-    if k is None:
-        return tokens.tolist(), [None] * len(rows)
-    return tokens.tolist(), logprobs_of(logits, tokens, [p.logprobs for p in params])
+    if all(p.logprobs is None for p in params):
+        return Sampled(tokens, *_no_logprobs(tokens))
+    return Sampled(tokens, *logprob_tensors(logits, tokens,
+                                            max(p.logprobs or 0 for p in params)))
+
+
+def _no_logprobs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b = tokens.shape[0]
+    return (torch.zeros(b, device=tokens.device),
+            torch.zeros(b, 0, dtype=torch.long, device=tokens.device),
+            torch.zeros(b, 0, device=tokens.device))
+
+
+def sample(logits: torch.Tensor | None, rows: list[SampleRow],
+           argmax: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """`sample_tensors` on the host: one token per row, and its logprobs where a row asked."""
+    s = sample_tensors(logits, rows, argmax)
+    return s.tokens.tolist(), token_logprobs(s, [r.params.logprobs for r in rows])
+
+
+def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's logprobs (before penalties, temperature and truncation) of `tokens` [B], and
+    the top k of each row: ([B], [B, k] ids, [B, k] logprobs), on the logits' device."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    return chosen, top_i, top_v
+
+
+def token_logprobs(s: Sampled, ks: list[int | None]) -> list[TokenLogprob | None]:
+    """`Sampled` on the host: row i's logprobs with its top ks[i] (None: it asked for none)."""
+    if all(k is None for k in ks):
+        return [None] * len(ks)
+    chosen, top_i, top_v, tokens = (t.tolist() for t in (s.chosen, s.top_ids, s.top_vals,
+                                                           s.tokens))
+    return [None if k is None else TokenLogprob(tokens[i], chosen[i],
+                                                list(zip(top_i[i][:k], top_v[i][:k])))
+            for i, k in enumerate(ks)]
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor,
                 ks: list[int | None]) -> list[TokenLogprob | None]:
-    """The model's logprobs (before penalties, temperature and truncation) of `tokens` [B] and the
-    top k[i] of each row i (None: no logprobs for that row)."""
-    lp = logits.float().log_softmax(-1)
-    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    """The model's logprobs of `tokens` [B] and the top k[i] of each row i (None: no logprobs
+    for that row)."""
     kmax = max((k for k in ks if k is not None), default=0)
-    top_v, top_i = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())
-    top_v, top_i, tokens = top_v.tolist(), top_i.tolist(), tokens.tolist()
-    return [None if k is None else TokenLogprob(tokens[i], chosen[i],
-                                                list(zip(top_i[i][:k], top_v[i][:k])))
-            for i, k in enumerate(ks)]
+    return token_logprobs(Sampled(tokens, *logprob_tensors(logits, tokens, kmax)), ks)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
