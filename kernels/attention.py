@@ -91,14 +91,20 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
     b, maxlen = len(lens), max(lens, default=0)
     if t == 0:
         return torch.empty_like(q)
-    seq = torch.repeat_interleave(torch.arange(b, device=q.device),
-                                  torch.tensor(lens, device=q.device))
-    starts = torch.tensor(cu[:-1], device=q.device)
-    rows = seq * maxlen + torch.arange(t, device=q.device) - starts[seq]  # packed -> padded row
+    if b == 1:  # one sequence (a first token's prefill): nothing to pad, views only
+        rows = None
 
-    def pad(x):  # (T, heads, D) -> (B, heads, maxlen, D)
-        out = x.new_zeros(b * maxlen, x.shape[1], d).index_copy_(0, rows, x)
-        return out.view(b, maxlen, x.shape[1], d).transpose(1, 2)
+        def pad(x):  # (T, heads, D) -> (1, heads, T, D)
+            return x.transpose(0, 1)[None]
+    else:
+        seq = torch.repeat_interleave(torch.arange(b, device=q.device),
+                                      torch.tensor(lens, device=q.device))
+        starts = torch.tensor(cu[:-1], device=q.device)
+        rows = seq * maxlen + torch.arange(t, device=q.device) - starts[seq]  # packed -> padded
+
+        def pad(x):  # (T, heads, D) -> (B, heads, maxlen, D)
+            out = x.new_zeros(b * maxlen, x.shape[1], d).index_copy_(0, rows, x)
+            return out.view(b, maxlen, x.shape[1], d).transpose(1, 2)
 
     qp, kp, vp = pad(q), pad(k), pad(v)
     qpos = torch.arange(maxlen, device=q.device)
@@ -114,6 +120,8 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
         s = (qg.float() @ kp.float().transpose(-1, -2)).view(b, kvh, kv_group, maxlen, maxlen)
         p = _masked_scores(s * scale, mask, softcap).softmax(-1)
         o = (p.view(b, kvh, kv_group * maxlen, maxlen) @ vp.float()).view(b, h, maxlen, d)
+    if rows is None:
+        return o[0].transpose(0, 1).to(q.dtype)
     return o.transpose(1, 2).reshape(b * maxlen, h, d)[rows].to(q.dtype)
 
 

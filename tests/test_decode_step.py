@@ -42,19 +42,28 @@ def test_padded_decode_step_matches_the_exact_one_and_spares_the_real_slots(demo
         llm.close()
 
 
+# A step mixing a continued prefill, a fresh prefill and decode rows: slots 2 and 0 batch
+# together, the long decode row (slot 1) alone (group_sequences). And steps of first prefills
+# only (every start 0), which attend on the step's own q/k/v without reading the cache: one
+# sequence (no padding) and three of different lengths.
+MIXED = StepPlan(slots=[2, 0, 3, 1], starts=[5, 0, 12, 30], lens=[4, 7, 1, 1])
+FRESH = [StepPlan(slots=[2], starts=[0], lens=[9]),
+         StepPlan(slots=[3, 0, 1], starts=[0, 0, 0], lens=[5, 11, 1])]
+
+
+@pytest.mark.parametrize("plan,kv_group", [(MIXED, None), (FRESH[0], 3), (FRESH[1], 3),
+                                           (FRESH[1], None)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (4, None), (None, 5.0)])
-def test_a_mixed_step_attends_like_each_sequence_alone(window, softcap):
-    """Batched attention of a step mixing a continued prefill, a fresh prefill and a decode row
-    (padded into one batch) against a naive loop over sequences and heads; every cache entry a
-    sequence must not see (other slots, its own slot past its end) holds NaN."""
+def test_a_step_attends_like_each_sequence_alone(plan, kv_group, window, softcap):
+    """Batched attention of a step against a naive loop over sequences and heads; every cache
+    entry a sequence must not see (other slots, its own slot past its end) holds NaN. kv_group
+    3: q head h reads kv head h // 3; None: through kv_map (an uneven split's)."""
     from tpserve.model.kv_cache import KVCache, attention
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, hd, slots, max_len = 6, 2, 8, 4, 40
     cache = KVCache(1, slots, max_len, kv_heads, hd, torch.float32, "cpu")
     cache.k[0].fill_(float("nan"))
     cache.v[0].fill_(float("nan"))
-    # slots 2 and 0 batch together, the long decode row (slot 1) alone (group_sequences)
-    plan = StepPlan(slots=[2, 0, 3, 1], starts=[5, 0, 12, 30], lens=[4, 7, 1, 1])
     for slot, start in zip(plan.slots, plan.starts):  # what earlier steps left in the cache
         cache.k[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
         cache.v[0][slot, :start] = torch.randn(start, kv_heads, hd, generator=gen)
@@ -62,8 +71,10 @@ def test_a_mixed_step_attends_like_each_sequence_alone(window, softcap):
     q = torch.randn(t, heads, hd, generator=gen)
     k, v = torch.randn(t, kv_heads, hd, generator=gen), torch.randn(t, kv_heads, hd, generator=gen)
     kv_map = torch.tensor([h * kv_heads // heads for h in range(heads)])  # uneven-safe map
+    if kv_group is None:
+        kv_map = kv_map.flip(0)  # a map that is not h // group
     before = {s: (cache.k[0][s].clone(), cache.v[0][s].clone()) for s in plan.slots}
-    got = attention(q, k, v, cache, 0, plan, kv_map, 0.3, window, softcap)
+    got = attention(q, k, v, cache, 0, plan, kv_map, 0.3, window, softcap, kv_group)
 
     row = 0
     for slot, start, n in zip(plan.slots, plan.starts, plan.lens):

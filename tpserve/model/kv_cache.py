@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.errors import TpserveError
+from tpserve.kernels.attention import prefill_attention
 
 
 @dataclass
@@ -36,6 +37,19 @@ class StepPlan:
             self._positions = torch.cat([torch.arange(s, s + n) for s, n in
                                          zip(self.starts, self.lens)]).to(device)
         return self._positions
+
+    @property
+    def is_fresh(self) -> bool:
+        """Every sequence starts at position 0 (first prefills): its keys are this step's own."""
+        return not any(self.starts)
+
+    def row_slots(self, device) -> torch.Tensor:
+        """int64 [T]: each row's cache slot, in plan order."""
+        key = ("row_slots", str(device))
+        if key not in self._masks:
+            self._masks[key] = torch.repeat_interleave(
+                torch.tensor(self.slots), torch.tensor(self.lens)).to(device)
+        return self._masks[key]
 
     def attention_groups(self, device) -> list["BatchLayout"]:
         """The step's sequences as the padded batches attention runs over (`group_sequences`);
@@ -225,15 +239,25 @@ class BatchLayout:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
               plan: StepPlan, kv_map: torch.Tensor, scale: float, window: int | None = None,
-              softcap: float | None = None) -> torch.Tensor:
+              softcap: float | None = None, kv_group: int | None = None) -> torch.Tensor:
     """q (T, heads, hd), k/v (T, kv_heads, hd) of this step -> (T, heads, hd).
 
     Writes k/v into the cache, then every sequence's queries attend to its cached keys (causal;
     within `window` positions when set), as few padded batches as `group_sequences` allows
     (usually one): queries padded to the batch's longest, keys read from each sequence's slot up
     to the batch's longest context, one masked attention per batch. kv_map gives each q head its
-    kv head.
+    kv head; kv_group, where q head h reads kv head h // kv_group (else None).
     """
+    if plan.is_fresh:
+        # First prefills: each sequence's keys are its own rows of this step, so attention runs
+        # on q/k/v as they are (no cache read, no mask tensor: causal, a few launches per layer).
+        rows = (plan.row_slots(q.device), plan.positions(q.device))
+        cache.k[layer].index_put_(rows, k)
+        cache.v[layer].index_put_(rows, v)
+        if kv_group is None:  # q heads do not read kv head h // group: one kv head per q head
+            k, v, kv_group = k.index_select(1, kv_map), v.index_select(1, kv_map), 1
+        cu = torch.tensor([0, *accumulate(plan.lens)])
+        return prefill_attention(q, k, v, cu, scale, window, softcap, kv_group)
     groups = plan.attention_groups(q.device)
     if groups[0].rows is None:  # one batch of every row in plan order
         return _attend(q, k, v, cache, layer, groups[0], kv_map, scale, window, softcap)

@@ -130,7 +130,7 @@ class Attention(torch.nn.Module):
                 k, v = self._kv(proj, t)
                 k = rotary(k, cos, sin)
             o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
-                          self.softcap)
+                          self.softcap, self.kv_group if self.batched_decode else None)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
     def _kv(self, proj, t: int):
