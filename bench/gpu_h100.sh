@@ -19,6 +19,8 @@
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
 #   bash bench/gpu_h100.sh prefill  where a 128-token prompt's first token's time goes (8B shapes):
 #                                   wall vs GPU busy time, launches, kernels by GPU time
+#   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
+#                                   against the torch int4 peer and transformers bf16, same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -61,6 +63,13 @@ if has prefill; then
   l8
   timeout 200 python3 bench/profile_step.py --model /tmp/l8 --prefill 128 --lm-head int8 \
     > "$OUT/profile_prefill128.log" 2>&1; grep -A30 "^prefill" "$OUT/profile_prefill128.log" | cut -c1-150
+fi
+if has ttft; then
+  l8
+  timeout 240 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 --backend local --device cuda \
+    --dtype float16 --peer torch-int4 transformers --lm-head int8 --prompt-len 128 --gen 32 \
+    --decode-steps 8 --out "$OUT/decode_ttft.json" > "$OUT/decode_ttft.log" 2>&1
+  grep -v INFO "$OUT/decode_ttft.log" | tail -12
 fi
 if has decode; then
   l8
