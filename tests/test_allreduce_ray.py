@@ -35,7 +35,11 @@ def test_each_path_over_ray_gives_the_in_process_logits(ray_cluster, local2, cap
         # fp32 partials of two ranks: every path sums them exactly as the in-process ranks do
         assert torch.equal(llm.logits(IDS), local2)
         stats = llm.executor.stats
-        assert stats.allreduce_count == 2 * llm.cfg.num_layers and stats.dropped_messages == 0
+        # two a layer, and one that hands rank 0's embedded rows to the others: `--head-at auto`
+        # puts the head on rank 0 for CPU ranks on the driver's host, whatever the path
+        assert llm.head is None
+        assert stats.allreduce_count == 2 * llm.cfg.num_layers + 1
+        assert stats.dropped_messages == 0
     finally:
         llm.close()
     assert set(shm.SHM_DIR.glob(ours)) == before  # no segment left behind
@@ -71,8 +75,17 @@ def test_the_head_on_rank0_gives_the_coordinators_logits_and_tokens(ray_cluster,
         llm.close()
 
 
-def test_the_head_stays_at_the_coordinator_for_cpu_ranks(ray_cluster):
-    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32)
+def test_auto_puts_the_head_on_rank0_for_cpu_ranks_and_coordinator_keeps_it(ray_cluster, caplog):
+    """CPU ranks on the driver's host: `auto` places the head on rank 0 (its bursts measured as
+    fast or faster, bench/README.md) and says so; `coordinator` keeps it at the coordinator."""
+    with caplog.at_level(logging.INFO, logger="tpserve.runtime.ray_executor"):
+        llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32)
+    try:
+        assert llm.head is None and llm.executor.head_bytes > 0
+        assert any("is on rank 0" in r.getMessage() for r in caplog.records)
+    finally:
+        llm.close()
+    llm = tpserve.load(PATH, tp=2, backend="ray", dtype=torch.float32, head_at="coordinator")
     try:
         assert llm.head is not None and llm.executor.head_bytes == 0
     finally:

@@ -96,8 +96,10 @@ class RayExecutor:
         self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
         self._load(progress)
-        # auto: rank 0 where its whole step is one graph (GPU ranks on this host, NCCL or tp=1)
-        self._place_head(device == "cuda" and local and (path in ("cuda", "nccl") or tp == 1))
+        # auto: rank 0 where its whole step is one graph (GPU ranks on this host, NCCL or tp=1),
+        # and for CPU ranks on this host, where rank 0's decode bursts measured as fast or faster
+        # than the coordinator's head (bench/README.md, "Head placement, CPU ranks")
+        self._place_head(local and (device == "cpu" or path in ("cuda", "nccl") or tp == 1))
         self.serving = [a.serve.remote(self.coord.address, self.coord.client_keys(r),
                                        path != "zmq") for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()
@@ -157,12 +159,12 @@ class RayExecutor:
         log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
                  sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
-    def _place_head(self, one_graph: bool) -> None:
-        """The head on rank 0 where `head_at` says (`auto`: where each rank's step is one graph),
+    def _place_head(self, auto_rank0: bool) -> None:
+        """The head on rank 0 where `head_at` says (`auto`: see the caller),
         decided at the first start and kept by a rebuilt group (the caller holds no head then)."""
         import ray
         if self.head_at == "auto":
-            self.head_at = "rank0" if one_graph else "coordinator"
+            self.head_at = "rank0" if auto_rank0 else "coordinator"
         if self.head_at == "coordinator":
             self.head_bytes, self.head_format = 0, None
             return
