@@ -107,10 +107,12 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
             return out.view(b, maxlen, x.shape[1], d).transpose(1, 2)
 
     qp, kp, vp = pad(q), pad(k), pad(v)
-    qpos = torch.arange(maxlen, device=q.device)
-    mask = qpos[None, :] <= qpos[:, None]  # (maxlen, maxlen): query row, key column
-    if window is not None:
-        mask &= qpos[None, :] > qpos[:, None] - window
+    mask = None  # plain causal attention needs none (SDPA's is_causal)
+    if window is not None or softcap is not None:
+        qpos = torch.arange(maxlen, device=q.device)
+        mask = qpos[None, :] <= qpos[:, None]  # (maxlen, maxlen): query row, key column
+        if window is not None:
+            mask &= qpos[None, :] > qpos[:, None] - window
     if softcap is None:
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=None if window is None else mask,
                                            is_causal=window is None, scale=scale,

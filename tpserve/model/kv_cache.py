@@ -249,15 +249,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
     kv head; kv_group, where q head h reads kv head h // kv_group (else None).
     """
     if plan.is_fresh:
-        # First prefills: each sequence's keys are its own rows of this step, so attention runs
-        # on q/k/v as they are (no cache read, no mask tensor: causal, a few launches per layer).
         rows = (plan.row_slots(q.device), plan.positions(q.device))
         cache.k[layer].index_put_(rows, k)
         cache.v[layer].index_put_(rows, v)
-        if kv_group is None:  # q heads do not read kv head h // group: one kv head per q head
-            k, v, kv_group = k.index_select(1, kv_map), v.index_select(1, kv_map), 1
-        cu = torch.tensor([0, *accumulate(plan.lens)])
-        return prefill_attention(q, k, v, cu, scale, window, softcap, kv_group)
+        return fresh_attention(q, k, v, plan, kv_map, scale, window, softcap, kv_group)
     groups = plan.attention_groups(q.device)
     if groups[0].rows is None:  # one batch of every row in plan order
         return _attend(q, k, v, cache, layer, groups[0], kv_map, scale, window, softcap)
@@ -266,6 +261,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
         out[lay.rows] = _attend(q[lay.rows], k[lay.rows], v[lay.rows], cache, layer, lay, kv_map,
                                 scale, window, softcap)
     return out
+
+
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+                    kv_map: torch.Tensor, scale: float, window: int | None = None,
+                    softcap: float | None = None, kv_group: int | None = None) -> torch.Tensor:
+    """`attention` of a step of first prefills (`plan.is_fresh`), whose k/v the caller has
+    written to the cache: each sequence's keys are its own rows of this step, so attention runs on
+    q/k/v as they are (no cache read, no mask tensor where plain causal; one sequence unpadded)."""
+    if kv_group is None:  # q heads do not read kv head h // group: one kv head per q head
+        k, v, kv_group = k.index_select(1, kv_map), v.index_select(1, kv_map), 1
+    cu = torch.tensor([0, *accumulate(plan.lens)])
+    return prefill_attention(q, k, v, cu, scale, window, softcap, kv_group)
 
 
 def _attend(q, k, v, cache: KVCache, layer: int, lay: BatchLayout, kv_map, scale, window,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
 from tpserve.kernels.fused import add_rms_norm, rms_norm, rotary, rotary_store, silu_mul
-from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention
+from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention, fresh_attention
 from tpserve.model.linear import Linear, MergedLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -118,6 +118,16 @@ class Attention(torch.nn.Module):
                                  decode.positions)
             o = decode_attention(q, k_cache, v_cache, decode.slots, decode.lens, self.kv_group,
                                  self.scale, self.window, self.softcap)
+        elif plan.is_fresh and len(plan.slots) == 1 and not self.shares_kv:
+            # One sequence's first prefill: rope on q and k and the cache write in one kernel,
+            # then attention on its rows of the cache (views: its keys are this step's own).
+            k, v = self._kv(proj, t)
+            slot, dev = plan.slots[0], q.device
+            q = rotary_store(q, k, v, cos, sin, k_cache, v_cache, plan.row_slots(dev),
+                             plan.positions(dev))
+            o = fresh_attention(q, k_cache[slot, :t], v_cache[slot, :t], plan, self.kv_map,
+                                self.scale, self.window, self.softcap,
+                                self.kv_group if self.batched_decode else None)
         else:
             q = rotary(q, cos, sin)
             if self.shares_kv:
