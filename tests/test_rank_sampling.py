@@ -207,6 +207,28 @@ def test_after_a_sampled_burst_rank0_holds_each_output_token_once():
     assert sampler.rows[1].output == r.output and len(r.output) == 8
 
 
+def test_a_sampled_burst_reads_nothing_back_from_the_device_between_steps():
+    """Rank 0 queues a sampled burst's steps without waiting for the GPU because its sampler
+    reads nothing back to the host: on the meta device (tensors without data: any read fails) the
+    burst's steps run with penalties, logit_bias, min_tokens, top-k/p, min_p and logprobs beside a
+    greedy row, and each step's picks stay on the device for the next."""
+    import torch
+    from tpserve.model.kv_cache import StepPlan
+    sampler = RankSampler((2,), 256)
+    busy = SamplingParams(max_tokens=10, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05,
+                          repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3,
+                          logit_bias=((5, 2.0),), min_tokens=3, logprobs=3)
+    sampler.take([[1, params_to_wire(busy)], [2, params_to_wire(SamplingParams(max_tokens=10))]])
+    plan = StepPlan(slots=[0, 1], starts=[4, 4], lens=[1, 1])
+    burst = sampler.burst(torch.tensor([7, 8]), plan, [[1, [9]], [2, [9]]])
+    for _ in range(4):
+        picks = burst(torch.randn(2, 256, device="meta"),
+                      torch.zeros(2, dtype=torch.long, device="meta"))
+        assert picks.device.type == "meta" and picks.shape == (2,)
+    assert [r.lag for r in sampler.rows.values()] == [3, 3]  # fed on the device, not the host
+    assert sampler.rows[1].counted == 4  # the token sent ahead and three fed picks
+
+
 @pytest.mark.parametrize("bad", [
     "x", [[1]], [[1, [5]], [2, [5]], [3, [5]]], [[1, [256]]], [[1, [-1]]], [["a", []]],
     [[1, [5], {}]], [[1, None]]])

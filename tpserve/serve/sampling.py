@@ -168,8 +168,8 @@ def make_generator(seed: int, device) -> torch.Generator:
 def _dev(values, dtype, device) -> torch.Tensor:
     """A host list as a tensor on `device`; onto a GPU through pinned memory, so the host does not
     wait for the device's queue to drain (a plain copy from a list would)."""
-    if torch.device(device).type == "cpu":
-        return torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
