@@ -278,3 +278,39 @@ def test_a_greedy_request_joins_a_sampling_step_mid_stream(ranks, single):
         return toks
     got = run(ranks)
     assert got == run(single) and len(got[0]) == 8
+
+
+def test_rank0_lets_go_of_sampling_rows_at_a_step_that_samples_nothing(ranks, single):
+    """A penalized request holds a row with device tensors on rank 0; once it has finished and a
+    step samples nothing, rank 0 and the coordinator drop their rows (they would stay until the
+    next sampling step, forever under greedy traffic), and a request sampled after that gets the
+    tokens of the coordinator's sampler."""
+    one = __import__("tpserve").load(SMALL, tp=1, dtype=torch.float32, max_model_len=40,
+                                     num_slots=4)
+
+    def run(llm, held):
+        engine, toks = Engine(llm), {}
+
+        def until_done():
+            while engine.running or engine.waiting:
+                engine._admit()
+                engine._step()
+        for i, (prompt, p) in enumerate([(PROMPTS[0], PARAMS[1]),
+                                         (PROMPTS[1], SamplingParams(max_tokens=4)),
+                                         (PROMPTS[2], PARAMS[0])]):
+            engine.submit(prompt, p, lambda ev, i=i: toks.setdefault(i, []).extend(ev.token_ids))
+            until_done()
+            sampler = getattr(llm.executor, "sampler", None)  # in-process: inspectable
+            held.append((len(llm.executor._sync.sent),
+                         *(() if sampler is None else (len(sampler.rows),))))
+        return toks
+    try:
+        held_ray, held_one = [], []
+        got = run(ranks, held_ray)
+        assert got == run(single, []) == run(one, held_one) and len(got[2]) == 9
+        # after the penalized request's last (sampling) step its row is still held; the greedy
+        # request's steps sample nothing and drop it, on both sides
+        assert held_ray[:2] == [(1,), (0,)]
+        assert held_one[:2] == [(1, 1), (0, 0)]
+    finally:
+        one.close()

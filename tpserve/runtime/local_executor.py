@@ -71,6 +71,7 @@ class LocalExecutor:
         (tp=1): on a GPU, decode steps replay its captured graph; else None."""
         if self.rank_head is None:
             return None
+        self._forget()
         return step_ids(self.ranks[0], self.rank_head, ids, plan)
 
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
@@ -78,7 +79,14 @@ class LocalExecutor:
         step's argmax fed to the next on the device -> [steps, b] on the host; else None."""
         if self.rank_head is None:
             return None
+        self._forget()
         return decode_ids(self.ranks[0], self.rank_head, ids, plan, steps).cpu()
+
+    def _forget(self) -> None:
+        """A step that samples nothing (every running request is in it, and none samples): the
+        sampler lets go of its rows, finished requests' ones among them, as rank 0 does."""
+        self._sync.reset()
+        self.sampler.reset()
 
     def sample_ids(self, ids: torch.Tensor, plan: StepPlan, reqs, need_logits: bool):
         """A step of token ids sampled where its logits are (tp=1: `RankSampler`, as on rank 0 of

@@ -226,6 +226,10 @@ class RankWorker:
                     continue
                 self.last_step = self.comm.step = h["step"]
                 self.comm.seq = 0
+                if ids and h.get("sample") is None and self.sampler is not None:
+                    # a step that samples nothing holds every running request and none samples:
+                    # the rows go (finished requests' ones too), as the coordinator's do
+                    self.sampler.reset()
                 self.profiler.before(self.steps)
                 try:
                     if steps > 1:  # a decode burst: greedy, or sampled on rank 0

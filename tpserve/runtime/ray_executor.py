@@ -180,6 +180,7 @@ class RayExecutor:
     def step_ids(self, ids: torch.Tensor, plan: StepPlan, need_logits: bool = True):
         if not self.head_bytes:
             return None  # the head runs at the coordinator
+        self._sync.reset()  # a step that samples nothing: rank 0 lets go of its rows too
         out = self._guarded(self.coord.step_ids, ids, plan, need_logits)
         argmax, logits = out[0], (out[1] if need_logits else None)
         wrong = malformed(argmax, logits, plan, self.vocab)
@@ -228,6 +229,7 @@ class RayExecutor:
             return None
         if steps == 1:
             return self.step_ids(ids, plan, False)[1].view(1, -1)
+        self._sync.reset()  # as `step_ids`
         toks = self._guarded(self.coord.step_ids, ids, plan, False, steps)[0]
         wrong = malformed(toks, None, plan, self.vocab, steps)
         if wrong:

@@ -283,7 +283,8 @@ class RankSampler:
                              dtype=torch.float32).view(len(rows), k)], True
 
     def reset(self) -> None:
-        """A rebuilt group or a failed step: no request is known here any more."""
+        """A rebuilt group, a failed step, or a step that samples nothing (all its rows greedy,
+        so none has state worth keeping): no request is known here any more."""
         self.rows, self.pending = {}, {}
 
     def burst(self, ids: torch.Tensor, plan, entries) -> "SampledBurst":
