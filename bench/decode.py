@@ -24,7 +24,7 @@ import torch
 
 import tpserve
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 
 def sampling(temperature: float, gen: int, seed: int) -> SamplingParams:

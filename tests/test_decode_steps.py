@@ -11,7 +11,7 @@ import torch
 from engine_runs import run_together, tokens
 from tpserve.errors import TpserveError
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45]]
 

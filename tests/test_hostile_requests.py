@@ -27,7 +27,8 @@ from tpserve.serve.engine import Engine, QueueFull
 from tpserve.serve.logprobs import CompletionChoices, check_logprob_budget
 from tpserve.serve.openai_protocol import ApiError
 from tpserve.serve.requests import Event
-from tpserve.serve.sampling import SamplingParams, TokenLogprob
+from tpserve.serve.sampling import TokenLogprob
+from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.server import server_config
 
 PROMPT = "Hello there"

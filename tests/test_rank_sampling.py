@@ -12,11 +12,12 @@ import torch
 
 from engine_runs import run_together, tokens
 from tpserve.runtime.wire import WireError
-from tpserve.serve import rank_sampling
+from tpserve.serve import rank_sampling, sample_sync
 from tpserve.serve.engine import Engine
-from tpserve.serve.rank_sampling import RankSampler, SampleSync, params_from_wire, params_to_wire
+from tpserve.serve.rank_sampling import RankSampler
+from tpserve.serve.sample_sync import SampleSync, params_from_wire, params_to_wire
 from tpserve.serve.requests import Request
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 SMALL = Path(__file__).parent / "fixtures" / "llama_g128_sym"  # conftest's SMALL
 PROMPTS = [[1, 17, 42, 99, 3, 250, 128, 64], [5, 6, 7], [200, 2, 11, 90, 45], [9, 9, 9, 9]]
@@ -178,7 +179,7 @@ def test_the_coordinator_sends_parameters_once_and_tokens_since_the_last_step(mo
     assert entries == [[1, [5, 6]], [2, [7]]] and params == []
     entries, params = sync.entries([b])  # a finished: forgotten
     assert entries == [[2, []]] and sync.sent == {2: 1}
-    monkeypatch.setattr(rank_sampling, "PARAMS_BYTES", 1)  # one request per params message
+    monkeypatch.setattr(sample_sync, "PARAMS_BYTES", 1)  # one request per params message
     _, params = SampleSync().entries([a, b])
     assert [[p[0] for p in m] for m in params] == [[1], [2]]
 

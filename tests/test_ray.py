@@ -7,7 +7,7 @@ import torch
 
 import tpserve
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 from test_peer_fixtures import FIXTURES
 

@@ -10,7 +10,7 @@ import torch
 
 import tpserve
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 from test_peer_fixtures import FIXTURES
 
@@ -139,7 +139,7 @@ NODE_LOSS_CHILD = """
 import json, sys, threading, time, torch, tpserve
 from ray.cluster_utils import Cluster
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 # three one-slot nodes: tp=2 spread over two of them, the third takes over after a node is lost
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tpserve.errors import TpserveError
-from tpserve.serve.sampling import SampleRow, SamplingParams, process, sample, truncate
+from tpserve.serve.sampling import SampleRow, process, sample, truncate
+from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.stop import StopText
 
 V = 50

@@ -14,7 +14,7 @@ from tpserve.model.head import Head
 from tpserve.model.kv_cache import StepPlan
 from tpserve.options import DeployOptions
 from tpserve.serve.engine import Engine
-from tpserve.serve.sampling import SamplingParams
+from tpserve.serve.sampling_params import SamplingParams
 
 log = logging.getLogger("tpserve")
 

@@ -17,7 +17,8 @@ from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import build_rank_model
 from tpserve.model.rank_head import RankHead, decode_ids, step_ids
 from tpserve.model.shard_plan import ShardPlan
-from tpserve.serve.rank_sampling import RankSampler, SampleSync
+from tpserve.serve.rank_sampling import RankSampler
+from tpserve.serve.sample_sync import SampleSync
 
 
 class LocalExecutor:

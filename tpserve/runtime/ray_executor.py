@@ -22,7 +22,7 @@ from tpserve.runtime.profiling import StepProfiler
 from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT, malformed, malformed_logits
-from tpserve.serve.rank_sampling import SampleSync
+from tpserve.serve.sample_sync import SampleSync
 from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, rank_order,
                                            reserve, start_ranks)
 

@@ -38,7 +38,7 @@ from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, ApiKey, BodyLimit, bod
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
     error_body, refuse_unsupported, sampling_params, validation_message)
-from tpserve.serve.sampling import MAX_SEED
+from tpserve.serve.sampling_params import MAX_SEED
 from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
 RETRY_AFTER_S = 1

@@ -25,7 +25,8 @@ from typing import Callable
 from tpserve.errors import TpserveError
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
 from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
-from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob
+from tpserve.serve.sampling import SampleRow, TokenLogprob
+from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)

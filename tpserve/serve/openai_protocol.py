@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, StrictInt
 
 from tpserve.errors import TpserveError
-from tpserve.serve.sampling import MAX_STOP_IDS, SamplingParams
+from tpserve.serve.sampling_params import MAX_STOP_IDS, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",

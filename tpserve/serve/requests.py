@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tpserve.errors import TpserveError
-from tpserve.serve.sampling import SampleRow, SamplingParams, TokenLogprob
+from tpserve.serve.sampling import SampleRow, TokenLogprob
+from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.stop import StopText
 
 FINISH_REASONS = ("stop", "length", "error")
