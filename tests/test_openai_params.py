@@ -140,7 +140,8 @@ def test_chat_logprobs(env):
 HOSTILE = [  # each is refused (400) or served; none may fail or change another request
     {"temperature": math.nan}, {"temperature": -math.inf}, {"top_p": math.nan},
     {"seed": 2**70}, {"prompt": "\ud800"}, {"temperature": 1e-300}, {"temperature": 1e300},
-    {"top_k": 10**12, "temperature": 1.0}, {"repetition_penalty": 1e300, "temperature": 2.0},
+    {"top_k": 10**12, "temperature": 1.0}, {"top_k": 2**64, "temperature": 1.0},
+    {"repetition_penalty": 1e300, "temperature": 2.0},
     {"repetition_penalty": 1e-300, "temperature": 1.0},
     {"logit_bias": {str(t): -100 for t in range(320)}, "temperature": 1.0},
     {"min_p": 1.0, "temperature": 5.0}, {"max_tokens": 10**9}, {"n": 10**6},

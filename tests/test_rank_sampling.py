@@ -315,3 +315,15 @@ def test_rank0_lets_go_of_sampling_rows_at_a_step_that_samples_nothing(ranks, si
         assert held_one[:2] == [(1, 1), (0, 0)]
     finally:
         one.close()
+
+
+def test_top_k_beyond_the_wire_is_refused_where_the_request_enters():
+    """A top_k of 2**64 once passed validation, then broke the msgpack message that carries the
+    parameters to rank 0 inside the step, failing every running request; it is a 400-style
+    TpserveError naming top_k now, and the largest allowed value crosses the wire."""
+    import msgpack
+    from tpserve.errors import TpserveError
+    with pytest.raises(TpserveError, match="top_k=18446744073709551616 must be an integer in"):
+        SamplingParams(top_k=2**64, temperature=1.0)
+    top = SamplingParams(top_k=2**31 - 1, temperature=1.0)
+    assert params_from_wire(msgpack.unpackb(msgpack.packb(params_to_wire(top)))) == top

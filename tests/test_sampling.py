@@ -147,7 +147,7 @@ def test_hostile_rows_never_fail_the_batch():
     everything = tuple((t, -100.0) for t in range(V))
     params = [SamplingParams(logit_bias=everything, temperature=1.0),
               SamplingParams(temperature=1e-30),
-              SamplingParams(temperature=1e6, top_k=10**12),
+              SamplingParams(temperature=1e6, top_k=2**31 - 1),
               SamplingParams(repetition_penalty=100.0, temperature=2.0),
               SamplingParams(min_p=1.0, temperature=1.0),
               SamplingParams()]

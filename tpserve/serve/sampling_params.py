@@ -11,6 +11,9 @@ from tpserve.errors import TpserveError
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+# top_k above any vocabulary keeps every token; bounded so the value fits the wire to rank 0
+# (msgpack's integers stop at 2**64 - 1) and the sampler's int64 tensors
+MAX_TOP_K = 2**31 - 1
 MAX_STOP_IDS = 1024  # stop_token_ids per request: each decode step checks them
 # repetition_penalty in [1/100, 100]: logits are divided or multiplied by it in fp32, where a
 # penalty of 1e-300 is 0 (every logit inf, NaN probabilities, token 0 every time)
@@ -64,8 +67,8 @@ class SamplingParams:
                f"max_tokens={self.max_tokens!r} must be a positive integer")
         _number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 means greedy)")
         _number("top_p", self.top_p, 0, 1, lo_open=True)
-        _check(_is_int(self.top_k) and self.top_k >= 0,
-               f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
+               f"top_k={self.top_k!r} must be an integer in [0, {MAX_TOP_K}] (0 turns it off)")
         _number("min_p", self.min_p, 0, 1)
         _check(self.seed is None or _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
                f"seed={self.seed!r} must be an integer in [0, 2**63 - 1]")
