@@ -218,7 +218,7 @@ class SampledBurst:
                 last = self.steps[-1][0]
                 for i, row in enumerate(self.rows):
                     if i not in self.failed:
-                        row.feed(last[i:i + 1].to(logits.device))
+                        row.feed(last, i)
             out, on_host = self.sampler.sample_rows(logits, argmax, self.rows, self.rids)
             self.failed = [i for i, t in enumerate(out[0].tolist()) if t < 0] if on_host else []
         except Exception as e:  # every rank runs the burst's steps: fail its rows, not the ranks

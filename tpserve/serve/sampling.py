@@ -44,13 +44,14 @@ class SampleRow:
         """Output tokens so far, those still on the device included."""
         return len(self.output) + self.lag
 
-    def feed(self, token: torch.Tensor) -> None:
-        """The token [1] this row was given last step, still on the device: counted where the
-        row is penalized (no host round trip); it joins `output` when the burst settles."""
+    def feed(self, tokens: torch.Tensor, i: int) -> None:
+        """tokens[i], the token this row was given last step, still on the device: counted where
+        the row is penalized (no host round trip); it joins `output` when the burst settles."""
         if self.params.penalized:
             if self.counts is None or self.counted != self.length():
                 raise TpserveError("a penalized row's counts fell behind its output")
-            self.counts.index_add_(0, token, torch.ones(1, device=token.device))
+            dev = self.counts.device
+            self.counts.index_add_(0, tokens[i:i + 1].to(dev), torch.ones(1, device=dev))
             self.counted += 1
         self.lag += 1
 
