@@ -290,6 +290,60 @@ def test_connections_beyond_max_connections_get_503(env):
             assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
 
 
+BIG = 32 << 20  # more than the loopback's send and receive buffers hold together
+
+
+async def big_response_app(scope, receive, send):
+    """An ASGI app answering /big with BIG bytes in 1 MiB chunks, anything else with 'ok'."""
+    if scope["type"] != "http":
+        return
+    big = scope["path"] == "/big"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(BIG if big else 2).encode())]})
+    for i in range(BIG >> 20 if big else 1):
+        await send({"type": "http.response.body", "body": bytes(1 << 20) if big else b"ok",
+                    "more_body": big and i < (BIG >> 20) - 1})
+
+
+def small_window_connection(addr) -> socket.socket:
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    conn.connect(addr)
+    return conn
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_a_slow_reader_is_not():
+    T = 0.5  # the write-stall deadline here
+    config = server_config(big_response_app, log_level="warning", max_connections=1,
+                           write_timeout=T)
+    with served(config) as (server, addr):
+        url = f"http://{addr[0]}:{addr[1]}/health"
+        with small_window_connection(addr) as stalled:
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+            time.sleep(0.2)
+            assert httpx.get(url).status_code == 503  # the stalled response holds the one slot
+            t0 = time.monotonic()
+            while server.server_state.connections:
+                assert time.monotonic() - t0 < 3 * T + 2, "the stalled connection was kept"
+                time.sleep(0.02)
+            assert time.monotonic() - t0 > 0.5 * T
+            assert httpx.get(url).status_code == 200  # its slot is free again
+            # Aborted: what the kernel held still arrives, then the end, short of the body.
+            assert len(read_until_closed(stalled, 5)) < BIG
+        # A client that reads slowly but steadily, for longer than the deadline, gets it all.
+        with small_window_connection(addr) as slow:
+            slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            slow.settimeout(5)
+            got, t0 = 0, time.monotonic()
+            while got < BIG:
+                chunk = slow.recv(1 << 20)
+                assert chunk, f"the server closed a reading client's connection after {got} bytes"
+                got += len(chunk) if got else len(chunk) - chunk.index(b"\r\n\r\n") - 4
+                if time.monotonic() - t0 < 2 * T:
+                    time.sleep(0.05)  # slower than the socket drains, for two deadlines
+            assert got == BIG and time.monotonic() - t0 > 2 * T
+
+
 # ---- choices that do not fit the queue -----------------------------------------------------
 def test_choices_are_queued_all_or_none(env):
     engine = Engine(env.llm, max_queue=3)  # never started: it runs no step, queued stays queued

@@ -71,7 +71,8 @@ def cmd_launch(args) -> int:
     from tpserve.serve.batch import check_decode_steps
     from tpserve.serve.engine import Engine
     from tpserve.serve.app import build_app
-    from tpserve.serve.middleware import MAX_BODY_MB, body_limit
+    from tpserve.serve.limits import MAX_BODY_MB
+    from tpserve.serve.middleware import body_limit
     from tpserve.serve.server import serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
@@ -149,8 +150,8 @@ def cmd_generate(args) -> int:
 
 
 def _launch_arguments(p: argparse.ArgumentParser) -> None:
-    from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, BYTES_PER_TOKEN, MIN_BODY_BYTES
-    from tpserve.serve.server import DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S
+    from tpserve.serve.limits import (BODY_READ_TIMEOUT_S, BYTES_PER_TOKEN,
+                                      DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S, MIN_BODY_BYTES)
 
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

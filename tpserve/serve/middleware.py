@@ -10,16 +10,9 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
+from tpserve.serve.limits import BODY_READ_TIMEOUT_S, BYTES_PER_TOKEN, MIN_BODY_BYTES
 from tpserve.serve.metrics import Metrics
 from tpserve.serve.openai_protocol import error_body
-
-# A request body over `body_limit` is refused (413) unread. Parsing JSON runs on the event loop
-# at up to ~60 ns a byte (1 s for 16 MiB of unknown fields on a 2-core EPYC), stalling every
-# connection meanwhile, so the limit follows the context: BYTES_PER_TOKEN per token of it (a prompt
-# as token ids takes ~7 bytes a token, as text ~4, as escaped CJK text ~9), at least MIN_BODY_BYTES.
-BYTES_PER_TOKEN = 32
-MIN_BODY_BYTES = 1 << 20
-MAX_BODY_MB = 1024  # --max-body-mb's upper bound
 
 
 def body_limit(max_len: int) -> int:
@@ -28,9 +21,6 @@ def body_limit(max_len: int) -> int:
     return max(MIN_BODY_BYTES, mib << 20)
 
 
-# A body not received whole within this is refused (408): a client that declares a body and
-# sends it slowly, or never, would otherwise hold its connection and a task for ever.
-BODY_READ_TIMEOUT_S = 30.0
 OPEN_PATHS = ("/health", "/metrics", "/version")  # for load balancers and scrapers, no key
 
 

@@ -2,42 +2,86 @@
 
     serve(build_app(...), "0.0.0.0", 8000)   # blocks; returns after SIGINT/SIGTERM and a drain
 
-uvicorn bounds neither the connections it holds nor the time a client takes to send its request:
-a client that connects and sends nothing, or part of its headers, or part of a declared body,
-holds its connection (and for a body, a task) forever. Here:
+uvicorn bounds neither the connections it holds nor the time a client takes to send its request
+or to read its response: a client that connects and sends nothing, or part of its headers, or
+part of a declared body, or that stops reading a response larger than the socket's buffers, holds
+its connection (and a task, and the response's bytes) forever. Here:
 - at most `max_connections` (`--max-connections`) are served; a request beyond them gets uvicorn's
   503 (its `limit_concurrency`);
 - a connection idle after a response is closed after KEEP_ALIVE_S;
 - a connection whose request headers have not all arrived HEADER_READ_TIMEOUT_S after it opened,
-  or after the first byte following its previous response, is closed (`HeaderDeadline`);
-- a body not received whole within BODY_READ_TIMEOUT_S gets 408 (`middleware.BodyLimit`).
+  or after the first byte following its previous response, is closed (`Bounded`);
+- a body not received whole within BODY_READ_TIMEOUT_S gets 408 (`middleware.BodyLimit`);
+- a connection whose unsent response bytes do not drain for WRITE_STALL_TIMEOUT_S is aborted
+  (`Bounded`), also after the response ended (closing waits for the buffer to drain).
+The bounds live in `limits.py`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import signal
+import struct
+import termios
 import threading
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-DEFAULT_MAX_CONNECTIONS = 1024
-KEEP_ALIVE_S = 5.0
-HEADER_READ_TIMEOUT_S = 10.0
+from tpserve.serve.limits import (DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S, KEEP_ALIVE_S,
+                                  WRITE_STALL_TIMEOUT_S)
 
 
-class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request headers are not all in within
-    `timeout` seconds (uvicorn 0.54 has no such deadline). It tells that the headers are in by
-    uvicorn's `cycle`, which it makes for each request once its headers are parsed
-    (tests/test_hostile_requests.py checks this against the installed uvicorn)."""
+class Bounded(H11Protocol):
+    """uvicorn's h11 protocol with two deadlines uvicorn 0.54 lacks (tests/test_hostile_requests.py
+    checks both against the installed uvicorn).
+
+    Headers: a connection whose request headers are not all in within `timeout` seconds is
+    closed. The headers are in once uvicorn holds a new `cycle`, which it makes for each request
+    once its headers are parsed.
+
+    Writes: the transport's write buffer pauses the protocol as soon as it holds any byte the
+    socket did not take (high-water mark 0: the kernel's send buffer is the buffer), and while
+    paused uvicorn writes nothing more. A pause that sees no byte drain for `write_timeout`
+    seconds (the transport's buffer and the socket's send queue together) aborts the connection (`transport.abort()`: `close()` would wait for the buffer to
+    drain, for ever for a client that reads nothing). A slow reader that keeps draining keeps its
+    connection."""
 
     timeout = HEADER_READ_TIMEOUT_S
+    write_timeout = WRITE_STALL_TIMEOUT_S
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._deadline = None
+        transport.set_write_buffer_limits(high=0)
+        self._deadline = self._stall = None
         self._arm()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._watch_writes(None)
+
+    def resume_writing(self) -> None:
+        self._unwatch_writes()
+        super().resume_writing()
+
+    def _watch_writes(self, unsent: int | None) -> None:
+        """Abort if as many bytes are unsent as `unsent` (the count one period ago), else look
+        again one period later."""
+        self._stall = None
+        buffered = self.transport.get_write_buffer_size()
+        if buffered == 0:
+            return
+        left = buffered + _kernel_unsent(self.transport)
+        if unsent is not None and left >= unsent:  # nothing drained in a whole period
+            self.transport.abort()  # connection_lost follows, failing the response's sends
+            return
+        self._stall = self.loop.call_later(self.write_timeout, self._watch_writes, left)
+
+    def _unwatch_writes(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
@@ -48,6 +92,7 @@ class HeaderDeadline(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._unwatch_writes()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -65,12 +110,27 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()  # as nginx on client_header_timeout: no response
 
 
+def _kernel_unsent(transport) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged (Linux's SIOCOUTQ;
+    0 where it is not available). A client reading slowly drains this queue long before the
+    socket counts as writable again, so the transport's own buffer alone would look stalled."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
 def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                   graceful_timeout: float = 10.0, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                  header_timeout: float = HEADER_READ_TIMEOUT_S) -> uvicorn.Config:
+                  header_timeout: float = HEADER_READ_TIMEOUT_S,
+                  write_timeout: float = WRITE_STALL_TIMEOUT_S) -> uvicorn.Config:
     """uvicorn's config for `app` with the bounds above (no WebSocket: tpserve serves none, and
     the header deadline would close an upgraded connection)."""
-    protocol = type("HeaderDeadline", (HeaderDeadline,), {"timeout": header_timeout})
+    protocol = type("Bounded", (Bounded,), {"timeout": header_timeout,
+                                            "write_timeout": write_timeout})
     # uvicorn refuses a request once its connections, its own included, reach limit_concurrency
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                           ws="none", limit_concurrency=max_connections + 1,
