@@ -327,3 +327,20 @@ def test_top_k_beyond_the_wire_is_refused_where_the_request_enters():
         SamplingParams(top_k=2**64, temperature=1.0)
     top = SamplingParams(top_k=2**31 - 1, temperature=1.0)
     assert params_from_wire(msgpack.unpackb(msgpack.packb(params_to_wire(top)))) == top
+
+
+def test_parameters_too_large_for_the_wire_are_refused_where_the_request_enters(single,
+                                                                                 monkeypatch):
+    """Parameters that cannot make one `params` message to rank 0 would fail inside a step, and
+    with them every request of the step: the engine refuses them when they arrive, naming the
+    fields to shorten."""
+    from tpserve.serve.requests import RequestError
+    many = SamplingParams(logit_bias=tuple((i, 1.0) for i in range(30_000)))
+    assert "over the 256 KiB" in sample_sync.wire_problem(many)
+    assert sample_sync.wire_problem(SamplingParams(logit_bias=((1, 1.0),))) is None
+    engine = Engine(single)  # never started: `check` runs where a request arrives
+    bias = SamplingParams(logit_bias=tuple((i, 1.0) for i in range(64)))
+    engine.check([1, 2, 3], [bias])  # fits the wire
+    monkeypatch.setattr(sample_sync, "PARAMS_BYTES", 256)
+    with pytest.raises(RequestError, match="send fewer logit_bias or stop_token_ids entries"):
+        engine.check([1, 2, 3], [bias])

@@ -26,6 +26,7 @@ from tpserve.errors import TpserveError
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
 from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
+from tpserve.serve.sample_sync import wire_problem
 from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.stop import StopText
 
@@ -130,6 +131,9 @@ class Engine:
             if ids and max(ids) >= vocab:
                 raise RequestError(f"token id {max(ids)} in {name} is outside the vocabulary "
                                    f"[0, {vocab})", name)
+        problem = wire_problem(params)
+        if problem is not None:
+            raise RequestError(f"the request cannot run: {problem}")
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:

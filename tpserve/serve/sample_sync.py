@@ -25,6 +25,21 @@ def params_to_wire(p: SamplingParams) -> dict:
     return d
 
 
+def wire_problem(p: SamplingParams) -> str | None:
+    """Why `p` could not travel to rank 0 in a `params` message, or None. The engine asks when a
+    request arrives: a parameter that failed to serialize inside a step would fail every request
+    of that step, not only its own."""
+    try:
+        n = len(msgpack.packb([0, params_to_wire(p)]))
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"its sampling parameters cannot be sent to the sampling rank ({e})"
+    if n > PARAMS_BYTES:
+        return (f"its sampling parameters take {n} bytes on the wire, over the "
+                f"{PARAMS_BYTES >> 10} KiB one request may send to the sampling rank; send fewer "
+                f"logit_bias or stop_token_ids entries")
+    return None
+
+
 def params_from_wire(d) -> SamplingParams:
     if not isinstance(d, dict) or not set(d) <= _FIELDS:
         raise WireError("sampling parameters must be a map of SamplingParams fields")
