@@ -84,6 +84,7 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
     """Every choice's whole output. With `request` (Starlette's), a client that disconnects
     before the end cancels the choices, as a closed stream does (its work would be thrown away)."""
     out = [Choice() for _ in range(pending.n)]
+    texts: list[list[str]] = [[] for _ in out]  # joined once at the end: += copies every time
 
     async def gather() -> list[Choice]:
         async with contextlib.aclosing(pending.events()) as events:
@@ -91,11 +92,13 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
                 if ev.finish_reason == "error":
                     raise ApiError(503, f"the engine failed this request: {ev.error}")
                 c = out[i]
-                c.text += ev.text
+                texts[i].append(ev.text)
                 c.tokens += len(ev.token_ids)
                 c.reason = ev.finish_reason
                 c.logprobs += ev.logprobs or []
                 c.prompt_logprobs = c.prompt_logprobs or ev.prompt_logprobs
+        for c, parts in zip(out, texts):
+            c.text = "".join(parts)
         return out
     if request is None:
         return await gather()
