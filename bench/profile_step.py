@@ -74,6 +74,27 @@ def profile_prefill(llm, n: int, device: str) -> None:
           f"{busy:.2f} ms in {len(kernels)} kernels ({busy / statistics.median(walls[1:]):.0%})")
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=70))
+    host_profile(lambda: llm.generate(ids, max_tokens=1, ignore_eos=True), sync)
+
+
+def host_profile(fn, sync) -> None:
+    """Where the host's time goes in `fn` (cProfile, the last of 3 calls): by own time, and the
+    calls that wait for the GPU (synchronize, .item(), .tolist(), .cpu())."""
+    import cProfile
+    import pstats
+    for _ in range(2):
+        fn()
+    sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    sync()
+    pr.disable()
+    st = pstats.Stats(pr)
+    print(f"host: {st.total_tt * 1e3:.2f} ms in {st.total_calls} Python calls (cProfile slows "
+          f"them); by own time:")
+    st.sort_stats("tottime").print_stats(22)
+    st.sort_stats("cumulative").print_stats(30)
 
 
 def main() -> int:
