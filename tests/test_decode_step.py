@@ -42,6 +42,38 @@ def test_padded_decode_step_matches_the_exact_one_and_spares_the_real_slots(demo
         llm.close()
 
 
+def test_a_prompt_as_decode_rows_prefills_as_the_eager_step_does(demo_checkpoint):
+    """What a captured prefill runs (`graphs.prefill_rows`): one sequence's tokens as decode rows
+    of one slot, row i at position start + i attending to its first start + i + 1 keys, padded to
+    the bucket with rows aimed at the scratch slot. Its last row and the slot's cache rows equal
+    the eager prefill's, for a first prompt and for a chunk continuing one."""
+    llm = tpserve.load(demo_checkpoint, tp=2, dtype=torch.float32, num_slots=4)
+    try:
+        ex, scratch = llm.executor, llm.executor.ranks[0].cache.num_slots
+        run_rows = ex.ranks[0].run_prefill_rows
+        calls = []
+        ex.ranks[0].run_prefill_rows = lambda *a: calls.append(1) or run_rows(*a)
+        first, more = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]
+        got = {}
+        for slot, sizes in ((0, []), (1, [16])):  # the same two steps, eager and as rows
+            for rank in ex.ranks:  # a GPU rank's buckets (`run_prefill_rows`); none on CPU
+                rank.prefill_sizes = sizes
+            for start, toks in ((0, first), (len(first), more)):
+                plan = StepPlan([slot], [start], [len(toks)])
+                got[slot, start] = ex.step(llm.head.embed(torch.tensor(toks)), plan)[-1]
+        assert len(calls) == 2  # slot 1's steps ran as rows
+        for start in (0, len(first)):
+            assert torch.allclose(got[1, start], got[0, start], rtol=1e-4, atol=1e-4)
+        n = len(first) + len(more)
+        for rank in ex.ranks:
+            for k, v in zip(rank.cache.groups[""].k, rank.cache.groups[""].v):
+                assert torch.allclose(k[1, :n], k[0, :n], rtol=1e-5, atol=1e-5)
+                assert torch.allclose(v[1, :n], v[0, :n], rtol=1e-5, atol=1e-5)
+                assert not k[2:scratch].any()  # slots no sequence owns: untouched
+    finally:
+        llm.close()
+
+
 # A step mixing a continued prefill, a fresh prefill and decode rows: slots 2 and 0 batch
 # together, the long decode row (slot 1) alone (group_sequences). And steps of first prefills
 # only (every start 0), which attend on the step's own q/k/v without reading the cache: one

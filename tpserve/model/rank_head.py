@@ -83,14 +83,17 @@ class RankHead:
 def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One step of `model` (a `RankModel`) from token ids [T] (host) -> (fp32 logits of the rows
-    `plan.out_rows`, their argmax); both None on ranks without the head. A decode step replays the
-    captured graph that holds the head where there is one."""
+    `plan.out_rows`, their argmax); both None on ranks without the head. A decode step, or one
+    sequence's short prefill, replays the captured graph that holds the head where there is one."""
     graphs = model.graphs
     with torch.inference_mode():  # the graphs' static buffers are inference tensors
         if graphs is not None and graphs.with_head and plan.is_decode and (
                 plan.out_rows is None or plan.out_rows == list(range(len(plan.slots)))):
             model.cache.check(plan)
             return graphs.run_ids(ids, plan)
+        if graphs is not None and graphs.with_head and graphs.takes_prefill(plan):
+            model.cache.check(plan)
+            return graphs.run_prefill(ids, plan)
         out = model(head.embed(ids.to(model.device)), plan)
         logits = head.logits(out if plan.out_rows is None else out[plan.out_rows])
     return logits, None if logits is None else greedy(logits)
