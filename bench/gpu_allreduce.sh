@@ -19,6 +19,10 @@
 #            decode steps per call, the torch int4 peer), a short tp=2 profile (prof/rank0.*), graph
 #            vs eager tokens, `tpserve verify` at tp 2 over Ray against transformers, the fused
 #            kernels' and attention's self-checks
+#   ttft     decode_ttft_x2.json: Llama-3-8B shapes, prompt 128: TTFT and tok/s of tp 1 and 2 over Ray
+#            (head on rank 0, all-reduce cuda: one-sequence prefills replay captured graphs with
+#            the all-reduces inside) against the torch int4 peer and transformers bf16, batch 1
+#            and 8; then `tpserve verify` at tp=2 over Ray against transformers (small checkpoint)
 #   profile  where a tp=2 Ray decode step's time goes on each rank (TPSERVE_PROFILE, batch 1, 8B
 #            shapes): prof/rank{0,1}.txt (kernels by GPU time) and .trace.json (timeline)
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
@@ -113,6 +117,17 @@ if has step; then
     --dtype float16 --reference transformers --max-tokens 8 > "$OUT/verify_small_tp2_hf.txt" 2>&1
   echo "verify tp2 ray vs transformers: exit $?"; grep -A4 "prompt  tokens" "$OUT/verify_small_tp2_hf.txt"
   wait; grep -ciE "error|traceback|nan " "$OUT/selfchecks.log"
+fi
+if has ttft; then
+  l8
+  timeout 300 python3 bench/decode.py --model /tmp/l8 --tp 1 2 --batch 1 8 --backend ray --device cuda \
+    --dtype float16 --peer torch-int4 transformers --lm-head int8 --prompt-len 128 --gen 32 --allreduce cuda \
+    --decode-steps 8 --out "$OUT/decode_ttft_x2.json" > "$OUT/decode_ttft_x2.log" 2>&1
+  grep -v INFO "$OUT/decode_ttft_x2.log" | tail -14
+  python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
+  timeout 120 python3 -m tpserve.cli verify --model /tmp/small --tp 2 --backend ray --device cuda \
+    --dtype float16 --reference transformers --max-tokens 8 > "$OUT/verify_small_tp2_hf.txt" 2>&1
+  echo "verify tp2 ray vs transformers: exit $?"; head -4 "$OUT/verify_small_tp2_hf.txt"
 fi
 if has profile; then
   l8
