@@ -1,5 +1,5 @@
-"""Fused elementwise kernels of a decode step: RMSNorm, rotary embedding (alone, or with the KV
-cache write), SiLU-gated product.
+"""Fused elementwise kernels of a decode step: RMSNorm (alone, or after the residual add),
+SiLU-gated product; the rotary embedding's are in `rotary.py`.
 
 Each replaces a chain of 4-7 torch kernels (a decode step on one GPU is otherwise bound by ~35
 tiny launches per layer) with one Triton kernel, beside a torch reference with the same rounding:
@@ -9,14 +9,10 @@ tiny launches per layer) with one Triton kernel, beside a torch reference with t
   cast; w None: no scale.
 - `add_rms_norm(h, r, w, eps, offset)`: the residual add and the next half's RMSNorm in one pass:
   (h + r, rms_norm(h + r)), the sum rounded to the dtype before it is normalised (as torch does).
-- `rotary(x, cos, sin)`: x (T, heads, hd) * cos + rotate_half(x) * sin, cos/sin (T, hd), each
-  product rounded to x's dtype as torch rounds it.
-- `rotary_store(q, k, v, cos, sin, k_cache, v_cache, slots, positions)`: a decode step's q rotated,
-  its k rotated and v copied into each sequence's cache row (slot, position).
 - `silu_mul(gate, up)`: silu(gate) * up, silu rounded to the dtype first (as torch).
 
-CUDA tensors run the kernels, CPU tensors the references; `use_triton=True` runs a kernel on CPU tensors
-under TRITON_INTERPRET=1 (the tests: the interpreter is slow and wrong in bf16, so the model's CPU
+CUDA tensors run the kernels, CPU tensors the references (`use_triton`, shared with `rotary.py`);
+`use_triton=True` runs a kernel on CPU tensors under TRITON_INTERPRET=1 (the tests: the interpreter is slow and wrong in bf16, so the model's CPU
 path never takes it).
 `python -m tpserve.kernels.fused` prints each kernel's error against its reference.
 """
@@ -37,7 +33,7 @@ import triton.language as tl  # noqa: E402
 from .pdl import flag as pdl_flag, release  # noqa: E402
 
 
-def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
+def use_triton_for(x: torch.Tensor, use_triton: bool | None) -> bool:
     return x.is_cuda if use_triton is None else use_triton
 
 
@@ -92,7 +88,7 @@ def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None,
              use_triton: bool | None = None):
-    if not _use_triton(x, use_triton) or (offset is None and w is not None and w.dtype != x.dtype):
+    if not use_triton_for(x, use_triton) or (offset is None and w is not None and w.dtype != x.dtype):
         return rms_norm_reference(x, w, eps, offset)
     shape, n = x.shape, x.shape[-1]
     x2 = x.reshape(-1, n)
@@ -110,7 +106,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: float,
                  offset: float | None = None, use_triton: bool | None = None):
     """(h + r, its RMSNorm), both [T, n]: a residual add and the next half's norm in one kernel."""
-    if (not _use_triton(h, use_triton) or h.dim() != 2 or r.shape != h.shape or r.dtype != h.dtype
+    if (not use_triton_for(h, use_triton) or h.dim() != 2 or r.shape != h.shape or r.dtype != h.dtype
             or h.stride(-1) != 1 or r.stride(-1) != 1
             or (offset is None and w is not None and w.dtype != h.dtype)):
         return add_rms_norm_reference(h, r, w, eps, offset)
@@ -123,115 +119,6 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: 
                                total.stride(0), out.stride(0), eps, float(offset or 0.0), MODE=mode,
                                ADD=True, PDL=pdl_flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
-
-
-# ---- rotary ------------------------------------------------------------------------------------
-
-def rotary_reference(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-@triton.jit
-def _rotate(src, dst, cos_row, sin_row, h, d, mask, HALF: tl.constexpr):
-    """dst[h, :] = rotary(src[h, :]) for the heads h (pointer offsets by head: src + h, dst + h)."""
-    x1 = tl.load(src + d, mask=mask, other=0.0)
-    x2 = tl.load(src + d + HALF, mask=mask, other=0.0)
-    dmask = d < HALF
-    c1 = tl.load(cos_row + d, mask=dmask, other=0.0)
-    c2 = tl.load(cos_row + d + HALF, mask=dmask, other=0.0)
-    s1 = tl.load(sin_row + d, mask=dmask, other=0.0)
-    s2 = tl.load(sin_row + d + HALF, mask=dmask, other=0.0)
-    # Each product rounded to the dtype, then the sum: torch's three roundings.
-    dt = x1.dtype
-    a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(dt)
-    b1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt)
-    a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt)
-    b2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(dt)
-    tl.store(dst + d, (a1.to(tl.float32) + b1.to(tl.float32)).to(dt), mask=mask)
-    tl.store(dst + d + HALF, (a2.to(tl.float32) + b2.to(tl.float32)).to(dt), mask=mask)
-
-
-@triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, stride_ct,
-                   stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]  # first half
-    _rotate(x_ptr + t * stride_xt + h * stride_xh, out_ptr + t * stride_ot + h * stride_oh,
-            cos_ptr + t * stride_ct, sin_ptr + t * stride_ct, h, d, (h < heads) & (d < HALF), HALF)
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           use_triton: bool | None = None) -> torch.Tensor:
-    """x (T, heads, hd); cos/sin (T, hd) in x's dtype."""
-    if not _use_triton(x, use_triton) or x.stride(-1) != 1 or cos.stride(-1) != 1 or cos.dtype != x.dtype:
-        return rotary_reference(x, cos, sin)
-    t, heads, hd = x.shape
-    out = torch.empty((t, heads, hd), dtype=x.dtype, device=x.device)
-    if t:
-        _rotary_kernel[(t,)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
-                             out.stride(0), out.stride(1), HALF=hd // 2,
-                             BLOCK_H=triton.next_power_of_2(heads),
-                             BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
-    return out
-
-
-def rotary_store_reference(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
-    k_cache[slots, positions] = rotary_reference(k, cos, sin)
-    v_cache[slots, positions] = v
-    return rotary_reference(q, cos, sin)
-
-
-@triton.jit
-def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
-                         pos_ptr, q_heads, kv_heads, stride_qt, stride_qh, stride_kt, stride_kh,
-                         stride_vt, stride_vh, stride_ct, stride_ot, stride_oh, stride_cs,
-                         stride_cp, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    """Program (t, 0): q rotated into qo; (t, 1): k rotated into its cache row; (t, 2): v copied."""
-    t, part = tl.program_id(0), tl.program_id(1)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    cache_row = tl.load(slot_ptr + t) * stride_cs + tl.load(pos_ptr + t) * stride_cp
-    if part == 0:
-        _rotate(q_ptr + t * stride_qt + h * stride_qh, qo_ptr + t * stride_ot + h * stride_oh,
-                cos_ptr + t * stride_ct, sin_ptr + t * stride_ct, h, d,
-                (h < q_heads) & (d < HALF), HALF)
-    elif part == 1:
-        _rotate(k_ptr + t * stride_kt + h * stride_kh, kc_ptr + cache_row + h * stride_ch,
-                cos_ptr + t * stride_ct, sin_ptr + t * stride_ct, h, d,
-                (h < kv_heads) & (d < HALF), HALF)
-    else:
-        dd = tl.arange(0, 2 * BLOCK_D)[None, :]
-        mask = (h < kv_heads) & (dd < 2 * HALF)
-        x = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=mask)
-        tl.store(vc_ptr + cache_row + h * stride_ch + dd, x, mask=mask)
-
-
-def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slots: torch.Tensor, positions: torch.Tensor, use_triton: bool | None = None):
-    """One token per row (a decode step): k_cache[slots, positions] = rotary(k), v_cache[...] = v,
-    and rotary(q) returned; one launch instead of four. q (T, heads, hd), k/v (T, kv_heads, hd),
-    caches (slots, max_len, kv_heads, hd), slots/positions int64 (T,)."""
-    ok = (_use_triton(q, use_triton) and cos.dtype == q.dtype == k_cache.dtype == v.dtype
-          and all(x.stride(-1) == 1 for x in (q, k, v, cos, sin)) and k_cache.stride() ==
-          v_cache.stride() and k_cache.stride(-1) == 1 and cos.stride() == sin.stride())
-    if not ok:
-        return rotary_store_reference(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
-    t, heads, hd = q.shape
-    out = torch.empty((t, heads, hd), dtype=q.dtype, device=q.device)
-    if t:
-        _rotary_store_kernel[(t, 3)](
-            q, k, v, cos, sin, out, k_cache, v_cache, slots, positions, heads, k.shape[1],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(max(heads, k.shape[1])),
-            BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
-    return out
 
 
 # ---- SiLU-gated product ------------------------------------------------------------------------
@@ -257,7 +144,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, PDL: tl.const
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
     """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection)."""
-    if not _use_triton(gate, use_triton) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
+    if not use_triton_for(gate, use_triton) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
         return silu_mul_reference(gate, up)
     t, n = gate.shape
     out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
@@ -282,20 +169,8 @@ if __name__ == "__main__":
         r = torch.randn(5, 4096, device=dev, dtype=dtype)
         got, want = (add_rms_norm(x, r, w, 1e-6, use_triton=True), add_rms_norm_reference(x, r, w, 1e-6))
         errs.append(max((got[0] - want[0]).abs().max(), (got[1] - want[1]).abs().max()))
-        q = torch.randn(5, 32, 128, device=dev, dtype=dtype)
-        cos, sin = torch.randn(5, 128, device=dev, dtype=dtype), torch.randn(5, 128, device=dev,
-                                                                           dtype=dtype)
-        errs.append((rotary(q, cos, sin, use_triton=True) - rotary_reference(q, cos, sin)).abs().max())
-        k, v = torch.randn(5, 8, 128, device=dev, dtype=dtype), torch.randn(5, 8, 128, device=dev,
-                                                                            dtype=dtype)
-        at = (torch.tensor([3, 0, 1, 2, 4], device=dev), torch.tensor([7, 1, 0, 9, 0], device=dev))
-        caches = [torch.zeros(5, 10, 8, 128, device=dev, dtype=dtype) for _ in range(4)]
-        qr = rotary_store(q, k, v, cos, sin, caches[0], caches[1], *at, use_triton=True)
-        qw = rotary_store_reference(q, k, v, cos, sin, caches[2], caches[3], *at)
-        errs.append(max((qr - qw).abs().max(), (caches[0] - caches[2]).abs().max(),
-                        (caches[1] - caches[3]).abs().max()))
         gu = torch.randn(5, 2 * 14336, device=dev, dtype=dtype)
         g, u = gu.split(14336, dim=-1)
         errs.append((silu_mul(g, u, use_triton=True) - silu_mul_reference(g, u)).abs().max())
-        print(f"{dtype}: max |kernel - reference| norm/gemma-norm/add-norm/rotary/rotary_store/silu_mul "
+        print(f"{dtype}: max |kernel - reference| norm/gemma-norm/add-norm/silu_mul "
               f"{' '.join(f'{float(e):.2e}' for e in errs)}")

@@ -19,6 +19,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from tpserve.kernels.prefill_attention import prefill_attention  # noqa: E402
+
 att = importlib.import_module("tpserve.kernels.attention")
 if not isinstance(att._decode_kernel, InterpretedFunction):  # imported earlier without the flag
     att = importlib.reload(att)
@@ -173,7 +175,7 @@ def _prefill_problem(dtype, heads="gqa4"):
 def test_prefill_matches_per_sequence_sdpa(dtype, heads, window):
     q, k, v, cu, group = _prefill_problem(dtype, heads)
     scale = q.shape[-1] ** -0.5
-    got = att.prefill_attention(q, k, v, cu, scale, window, kv_group=group)
+    got = prefill_attention(q, k, v, cu, scale, window, kv_group=group)
     ref = _sdpa_per_sequence(q.float(), k.float(), v.float(), cu, scale, window, group)
     tol = 2e-5 if dtype == torch.float32 else 8e-3  # fp16: SDPA's fp16 math on CPU, output rounding
     assert got.dtype == dtype and (got.float() - ref).abs().max().item() < tol
@@ -185,7 +187,7 @@ def test_prefill_matches_decode_reference_per_position(window, softcap):
     covers the soft-cap path, which SDPA cannot express."""
     q, k, v, cu, group = _prefill_problem(torch.float32)
     scale = q.shape[-1] ** -0.5 * 3
-    got = att.prefill_attention(q, k, v, cu, scale, window, softcap, kv_group=group)
+    got = prefill_attention(q, k, v, cu, scale, window, softcap, kv_group=group)
     b, kvh, d = len(cu) - 1, k.shape[1], k.shape[2]
     kc = torch.zeros(b, int((cu[1:] - cu[:-1]).max()), kvh, d)
     vc = torch.zeros_like(kc)
@@ -202,4 +204,4 @@ def test_prefill_matches_decode_reference_per_position(window, softcap):
 def test_prefill_empty_batch():
     q = torch.zeros(0, 4, 16)
     k = torch.zeros(0, 2, 16)
-    assert att.prefill_attention(q, k, k, torch.tensor([0]), 1.0, kv_group=2).shape == (0, 4, 16)
+    assert prefill_attention(q, k, k, torch.tensor([0]), 1.0, kv_group=2).shape == (0, 4, 16)

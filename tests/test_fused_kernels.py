@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tpserve.kernels.fused import (add_rms_norm, rms_norm, rms_norm_reference, rotary,  # noqa: E402
-                                   rotary_reference, rotary_store, silu_mul, silu_mul_reference)
+from tpserve.kernels.fused import (add_rms_norm, rms_norm, rms_norm_reference,  # noqa: E402
+                                   silu_mul, silu_mul_reference)
+from tpserve.kernels.rotary import rotary, rotary_reference, rotary_store  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

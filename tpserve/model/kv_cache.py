@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.errors import TpserveError
-from tpserve.kernels.attention import prefill_attention
+from tpserve.kernels.prefill_attention import prefill_attention
 
 
 @dataclass
