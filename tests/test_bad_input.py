@@ -120,15 +120,15 @@ def test_bad_requests_to_the_python_api(ckpt):
     with pytest.raises(TpserveError, match="backend='mpi'"):
         tpserve.load(ckpt, backend="mpi")
     # prompt_logprobs computes every prompt row's logits at once: a bounded amount per request
-    from tpserve.serve import engine
+    from tpserve.serve import request_checks as checks
     vocab = llm.cfg.vocab_size
-    limit, engine.PROMPT_LOGITS_BYTES = engine.PROMPT_LOGITS_BYTES, 10 * vocab * 4
+    limit, checks.PROMPT_LOGITS_BYTES = checks.PROMPT_LOGITS_BYTES, 10 * vocab * 4
     try:
         with pytest.raises(TpserveError, match="prompt_logprobs over a prompt of 11 tokens"):
             llm.generate(list(range(1, 12)), max_tokens=2, prompt_logprobs=1)
         assert len(llm.generate(list(range(1, 11)), max_tokens=2, prompt_logprobs=1)) == 2
     finally:
-        engine.PROMPT_LOGITS_BYTES = limit
+        checks.PROMPT_LOGITS_BYTES = limit
     # the model still works after the rejected requests
     assert len(llm.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
 

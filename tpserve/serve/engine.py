@@ -24,16 +24,14 @@ from typing import Callable
 
 from tpserve.errors import TpserveError
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
-from tpserve.serve.requests import Event, QueueFull, Request, RequestError, Stats
+from tpserve.serve import request_checks
+from tpserve.serve.request_checks import check_request
+from tpserve.serve.requests import Event, QueueFull, Request, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
-from tpserve.serve.sample_sync import wire_problem
 from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
-# prompt_logprobs: the fp32 logits of every prompt row are computed (and, with the head on rank 0,
-# shipped) at once; a request may ask for this much of them (2048 tokens of a 128K vocabulary).
-PROMPT_LOGITS_BYTES = 1 << 30
 # Prompt tokens one step prefills (whole prompts: the requests admitted for the step until the
 # next would pass this; a single longer prompt still runs, alone): every free slot prefilling
 # a long prompt in one step would need activations for all of them at once.
@@ -101,39 +99,8 @@ class Engine:
         self._wake.set()
 
     def check(self, prompt: list[int], params: list[SamplingParams]) -> None:
-        """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400):
-        the prompt once, then each choice's parameters."""
-        vocab = self.cfg.vocab_size
-        if not prompt:
-            raise RequestError("the prompt is empty; send at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(prompt) + 1 > self.max_len:
-            raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds "
-                               f"{self.max_len}; shorten the prompt")
-        for p in params:
-            self._check_params(len(prompt), p)
-
-    def _check_params(self, n: int, params: SamplingParams) -> None:
-        vocab = self.cfg.vocab_size
-        if n + params.max_tokens > self.max_len:
-            raise RequestError(f"prompt of {n} tokens + max_tokens={params.max_tokens} "
-                               f"exceeds the context of {self.max_len}; shorten one of them",
-                               "max_tokens")
-        if params.prompt_logprobs is not None and n * vocab * 4 > PROMPT_LOGITS_BYTES:
-            raise RequestError(f"prompt_logprobs over a prompt of {n} tokens needs its "
-                               f"{n} x {vocab} fp32 logits at once, over the "
-                               f"{PROMPT_LOGITS_BYTES >> 20} MiB this server allows a request; "
-                               f"shorten the prompt or leave prompt_logprobs out", "prompt_logprobs")
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
-                          ("stop_token_ids", params.stop_token_ids)):
-            if ids and max(ids) >= vocab:
-                raise RequestError(f"token id {max(ids)} in {name} is outside the vocabulary "
-                                   f"[0, {vocab})", name)
-        problem = wire_problem(params)
-        if problem is not None:
-            raise RequestError(f"the request cannot run: {problem}")
+        """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400)."""
+        check_request(prompt, params, self.cfg.vocab_size, self.max_len)
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:
@@ -205,7 +172,8 @@ class Engine:
                 tokens += len(req.prompt)
                 if req.params.prompt_logprobs is not None:
                     logit_bytes += len(req.prompt) * self.cfg.vocab_size * 4
-                if new and (tokens > self.max_prefill_tokens or logit_bytes > PROMPT_LOGITS_BYTES):
+                if new and (tokens > self.max_prefill_tokens or
+                            logit_bytes > request_checks.PROMPT_LOGITS_BYTES):
                     break  # the next step takes it
                 self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
