@@ -29,7 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpserve.serve.engine import QueueFull, RequestError
+from tpserve.serve.engine import QueueFull
+from tpserve.serve.requests import RequestError
 from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs,
                                     check_logprob_budget)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
