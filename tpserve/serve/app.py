@@ -30,15 +30,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.serve.engine import QueueFull
-from tpserve.serve.requests import RequestError
+from tpserve.serve.limits import BODY_READ_TIMEOUT_S
 from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs,
                                     check_logprob_budget)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
 from tpserve.serve.prompts import Prompts
-from tpserve.serve.middleware import BODY_READ_TIMEOUT_S, ApiKey, BodyLimit, body_limit
+from tpserve.serve.middleware import ApiKey, BodyLimit, body_limit
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
     error_body, refuse_unsupported, sampling_params, validation_message)
+from tpserve.serve.requests import RequestError
 from tpserve.serve.sampling_params import MAX_SEED
 from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
