@@ -23,8 +23,8 @@ from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT, malformed, malformed_logits
 from tpserve.serve.sample_sync import SampleSync
-from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, rank_order,
-                                           reserve, start_ranks)
+from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, load_ranks,
+                                           rank_order, reserve, start_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RayExecutor:
                                  allreduce=path)
         self.coord.stats = self._comm_stats  # counters survive a rebuilt rank group
         self.coord.health_check = self._raise_if_dead
-        self._load(progress)
+        self.load_info = load_ranks(self.actors, progress)
         # auto: rank 0 where its whole step is one graph (GPU ranks on this host, NCCL or tp=1),
         # and for CPU ranks on this host, where rank 0's decode bursts measured as fast or faster
         # than the coordinator's head (bench/README.md, "Head placement, CPU ranks")
@@ -136,28 +136,6 @@ class RayExecutor:
         self.recoveries += 1
         self._start(progress=False)
         log.warning("rank group rebuilt in %.1fs; serving again", time.perf_counter() - t0)
-
-    def _load(self, progress: bool) -> None:
-        import ray
-        pending = {a.load.remote(): r for r, a in enumerate(self.actors)}
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.tp, desc="loading ranks", unit="rank")
-        t0, self.load_info = time.perf_counter(), []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            r = pending.pop(done[0])
-            try:
-                self.load_info.append(ray.get(done[0]))
-            except ray.exceptions.RayTaskError as e:
-                raise TpserveError(f"rank {r} failed to load: {e.cause}") from None
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
-        log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
-                 sum(i["bytes_read"] for i in self.load_info) / 1e6)
 
     def _place_head(self, auto_rank0: bool) -> None:
         """The head on rank 0 where `head_at` says (`auto`: see the caller),

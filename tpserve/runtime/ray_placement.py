@@ -1,4 +1,5 @@
-"""Ray placement: start or join a cluster, reserve a bundle per rank, start the RankWorker actors.
+"""Ray placement: start or join a cluster, reserve a bundle per rank, start the RankWorker actors
+and load their shards.
 
 Without an address tpserve starts a private local cluster (the executor stops it on close); with
 `address` (or RAY_ADDRESS, as inside a Ray Job) it joins that cluster. Ranks are ordered by node id
@@ -8,13 +9,16 @@ the checkpoint readable there and, on GPUs, every GPU of the node's ranks visibl
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import torch
 
 from tpserve.errors import TpserveError
 from tpserve.runtime.rank_worker import RankWorker
 
+log = logging.getLogger(__name__)
 PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
 
 
@@ -95,3 +99,29 @@ def check_nodes(actors: list, nodes: list[dict], path, device: str) -> None:
             gpus.setdefault(i["node_id"], set()).update(i["gpu_ids"])
         ray.get([a.see_gpus.remote(sorted(gpus[i["node_id"]], key=lambda g: (len(g), g)))
                  for a, i in zip(actors, nodes)])
+
+
+def load_ranks(actors: list, progress: bool) -> list[dict]:
+    """Every rank loads its shards (in parallel; a bar counts ranks done) -> their load infos, in
+    the order they finished. A rank that fails names itself and the cause."""
+    import ray
+    pending = {a.load.remote(): r for r, a in enumerate(actors)}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(actors), desc="loading ranks", unit="rank")
+    t0, infos = time.perf_counter(), []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        r = pending.pop(done[0])
+        try:
+            infos.append(ray.get(done[0]))
+        except ray.exceptions.RayTaskError as e:
+            raise TpserveError(f"rank {r} failed to load: {e.cause}") from None
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    log.info("ranks loaded in %.1fs, %.1f MB read", time.perf_counter() - t0,
+             sum(i["bytes_read"] for i in infos) / 1e6)
+    return infos
