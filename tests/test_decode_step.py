@@ -42,34 +42,44 @@ def test_padded_decode_step_matches_the_exact_one_and_spares_the_real_slots(demo
         llm.close()
 
 
-def test_a_prompt_as_decode_rows_prefills_as_the_eager_step_does(demo_checkpoint):
-    """What a captured prefill runs (`graphs.prefill_rows`): one sequence's tokens as decode rows
-    of one slot, row i at position start + i attending to its first start + i + 1 keys, padded to
-    the bucket with rows aimed at the scratch slot. Its last row and the slot's cache rows equal
-    the eager prefill's, for a first prompt and for a chunk continuing one."""
-    llm = tpserve.load(demo_checkpoint, tp=2, dtype=torch.float32, num_slots=4)
+def test_prefill_steps_as_decode_rows_run_as_the_eager_step_does(demo_checkpoint):
+    """What a captured prefill step runs (`graphs.prefill_rows`): the step's tokens as decode
+    rows, row i of a sequence at position start + i attending to its first start + i + 1 keys,
+    padded to the bucket with rows aimed at the scratch slot. Its rows and the cache rows equal
+    the eager step's, for a first prompt, a chunk continuing it, and a step that prefills a new
+    prompt beside a decode row; a prompt ending past the bucket runs eagerly."""
+    llm = tpserve.load(demo_checkpoint, tp=2, dtype=torch.float32, num_slots=5)
     try:
         ex, scratch = llm.executor, llm.executor.ranks[0].cache.num_slots
         run_rows = ex.ranks[0].run_prefill_rows
         calls = []
         ex.ranks[0].run_prefill_rows = lambda *a: calls.append(1) or run_rows(*a)
-        first, more = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]
+        first, more, new = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19]
+        n = len(first) + len(more)
+
+        def steps(a: int, b: int):  # the same steps on slots a and b
+            return [(StepPlan([a], [0], [len(first)]), first),
+                    (StepPlan([a], [len(first)], [len(more)]), more),
+                    (StepPlan([a, b], [n, 0], [1, len(new)]), [20] + new)]
         got = {}
-        for slot, sizes in ((0, []), (1, [16])):  # the same two steps, eager and as rows
+        for sizes, (a, b) in (([], (0, 2)), ([16], (1, 3))):  # eager; as rows
             for rank in ex.ranks:  # a GPU rank's buckets (`run_prefill_rows`); none on CPU
                 rank.prefill_sizes = sizes
-            for start, toks in ((0, first), (len(first), more)):
-                plan = StepPlan([slot], [start], [len(toks)])
-                got[slot, start] = ex.step(llm.head.embed(torch.tensor(toks)), plan)[-1]
-        assert len(calls) == 2  # slot 1's steps ran as rows
-        for start in (0, len(first)):
-            assert torch.allclose(got[1, start], got[0, start], rtol=1e-4, atol=1e-4)
-        n = len(first) + len(more)
+            got[a] = [ex.step(llm.head.embed(torch.tensor(t)), p) for p, t in steps(a, b)]
+        assert len(calls) == 3  # slots 1 and 3's steps ran as rows
+        for want, rows in zip(got[0], got[1]):
+            assert torch.allclose(rows, want, rtol=1e-4, atol=1e-4)
         for rank in ex.ranks:
             for k, v in zip(rank.cache.groups[""].k, rank.cache.groups[""].v):
-                assert torch.allclose(k[1, :n], k[0, :n], rtol=1e-5, atol=1e-5)
-                assert torch.allclose(v[1, :n], v[0, :n], rtol=1e-5, atol=1e-5)
-                assert not k[2:scratch].any()  # slots no sequence owns: untouched
+                for eager, rows, m in ((0, 1, n + 1), (2, 3, len(new))):
+                    assert torch.allclose(k[rows, :m], k[eager, :m], rtol=1e-5, atol=1e-5)
+                    assert torch.allclose(v[rows, :m], v[eager, :m], rtol=1e-5, atol=1e-5)
+                assert not k[4:scratch].any()  # a slot no sequence owns: untouched
+        # a prompt chunk ending past the largest bucket (at 17 of 16 positions) runs eagerly; a
+        # new prompt beside it later as rows
+        ex.step(llm.head.embed(torch.tensor([1, 2, 3, 4])), StepPlan([1], [n + 1], [4]))
+        ex.step(llm.head.embed(torch.tensor([3] * 4)), StepPlan([4], [0], [4]))
+        assert len(calls) == 4
     finally:
         llm.close()
 

@@ -19,7 +19,7 @@ import torch
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.graphs import (PREFILL_GRAPH_TOKENS, DecodeGraphs, bucket_for, buckets_for,
-                                  prefill_buckets, prefill_rows)
+                                  prefill_buckets, prefill_fits, prefill_rows)
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
@@ -54,8 +54,8 @@ class RankModel(torch.nn.Module):
         self.num_halves = 2 * len(layers)
         self.batched_decode = all(layer.self_attn.batched_decode for layer in layers)
         self.buckets = buckets_for(cache.num_slots)  # decode batch sizes a GPU step runs at
-        # one-sequence prefills a GPU step runs as decode rows (`run_prefill_rows`), captured
-        # where the decode step holds the head
+        # token buckets of the prefill steps a GPU rank runs as decode rows (`run_prefill_rows`),
+        # captured where the decode step holds the head
         self.prefill_sizes = (prefill_buckets(min(PREFILL_GRAPH_TOKENS, cache.max_len))
                               if self.device.type == "cuda" and self.batched_decode else [])
         self.graphs = None
@@ -78,8 +78,7 @@ class RankModel(torch.nn.Module):
             if self.device.type == "cuda":
                 return self.run_padded(x, plan)
             return self.run(x, None, plan.decode_meta(self.device))
-        if capture is None and self.prefill_sizes and len(plan.slots) == 1 and \
-                plan.num_tokens <= self.prefill_sizes[-1]:
+        if capture is None and self.prefill_sizes and prefill_fits(plan, self.prefill_sizes[-1]):
             return self.run_prefill_rows(x, plan)
         return self.run(x, plan, None, capture)
 
@@ -104,10 +103,9 @@ class RankModel(torch.nn.Module):
         return self.run(padded, None, self.padded_meta(plan, size))[:b]
 
     def run_prefill_rows(self, x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """One sequence's prefill as a captured one runs it (`graphs.prefill_rows`): its tokens
-        as decode rows of its slot, padded to the prefill bucket. The eager step of a GPU rank
-        whose graphs prefill takes this path too, so eager and captured steps give the same
-        numbers."""
+        """A prefill step as a captured one runs it (`graphs.prefill_rows`): its tokens as
+        decode rows, padded to the prefill bucket. The eager step of a GPU rank whose graphs
+        prefill takes this path too, so eager and captured steps give the same numbers."""
         n = x.shape[0]
         size = bucket_for(self.prefill_sizes, n)
         padded = x.new_zeros(size, x.shape[1])

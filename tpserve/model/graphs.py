@@ -41,7 +41,9 @@ def bucket_for(buckets: list[int], batch: int) -> int:
 
 
 def prefill_rows(plan) -> tuple[list[int], list[int]]:
-    """A step's tokens as decode rows: (cache slot, position) of each, in plan order."""
+    """A step's tokens as decode rows: (cache slot, position) of each, in plan order. Row i at
+    position p attends to its slot's first p + 1 keys: the step writes every row's k/v before
+    attention runs, so for a prompt's rows that is causal attention over the prompt."""
     slots, positions = [], []
     for slot, start, n in zip(plan.slots, plan.starts, plan.lens):
         slots += [slot] * n
@@ -50,14 +52,11 @@ def prefill_rows(plan) -> tuple[list[int], list[int]]:
 
 
 class _Bucket:
-    """One static shape's graphs and their static tensors. `rows` [5, size] int64 holds the plan
-    (slots, positions, lens: `DecodeMeta.host`), the token ids and, for a prefill bucket, the row
-    whose logits the head computes; it is filled by one copy from a pinned host buffer per step.
-
-    A decode bucket's rows are sequences (one token each); a prefill bucket's rows are the tokens
-    of one sequence, each a row at its own position with its own length (position + 1): the
-    step's cache write stores every token's k/v before attention runs, so each row attending to
-    its first position + 1 keys is causal attention over the prompt (`prefill_rows`)."""
+    """One static shape's graphs and their static tensors. `rows` [4, size] int64 holds the plan
+    (slots, positions, lens: `DecodeMeta.host`) and the token ids; it is filled by one copy from a
+    pinned host buffer per step. A decode bucket's rows are sequences (one token each); a
+    prefill bucket's rows are the step's tokens (`prefill_rows`), and its graph ends at their
+    hidden rows (the head runs on the rows the step needs, outside it)."""
 
     def __init__(self, model, size: int, width: int, whole: bool, head, pool,
                  prefill: bool = False):
@@ -67,9 +66,9 @@ class _Bucket:
         dev, dtype = model.device, model.layers[0].attn_norm.weight.dtype
         # the step's input rows (a graph with the head reads token ids from `rows` instead)
         self.x = torch.zeros(size, width, dtype=dtype, device=dev) if head is None else None
-        self.rows = torch.zeros(5, size, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(4, size, dtype=torch.int64, device=dev)
         self.rows[0].fill_(self.scratch)  # warm-up and capture write to the scratch slot only
-        self.staging = torch.zeros(5, size, dtype=torch.int64, pin_memory=True)
+        self.staging = torch.zeros(4, size, dtype=torch.int64, pin_memory=True)
         self.copied = torch.cuda.Event()
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.reduced: list[torch.Tensor] = []  # static all-reduce results, one per half
@@ -84,8 +83,8 @@ class _Bucket:
                 if head is None:
                     return model.run(self.x, None, meta), None
                 h = model.run(head.embed(self.rows[3]), None, meta)
-                if self.prefill:  # the head on the prompt's last row only
-                    h = h.index_select(0, self.rows[4, :1])
+                if self.prefill:
+                    return h, None
                 logits = head.logits(h)  # None on a rank without the head
                 return (h, None) if logits is None else (logits, greedy(logits))
             self.out, self.tokens = self._capture(pool, step)  # with the head, out is the logits
@@ -122,13 +121,12 @@ class _Bucket:
 
     def load(self, plan, ids: torch.Tensor | None = None) -> None:
         """The step's plan (and token ids) into `rows`: one host-to-device copy. A prefill
-        bucket takes the plan's tokens as rows (`prefill_rows`) and its last row's logits."""
+        bucket takes the plan's tokens as rows (`prefill_rows`)."""
         self.copied.synchronize()  # the previous step's copy has left the staging buffer
         slots, positions = prefill_rows(plan) if self.prefill else (plan.slots, plan.starts)
         self.staging[:3] = DecodeMeta.host(slots, positions, self.size, self.scratch)
         if ids is not None:
             self.staging[3, :len(slots)] = ids
-        self.staging[4, 0] = len(slots) - 1
         self.rows.copy_(self.staging, non_blocking=True)
         self.copied.record()
 
@@ -145,8 +143,15 @@ class _Bucket:
         return self.out
 
 
+def prefill_fits(plan, max_tokens: int) -> bool:
+    """Whether `plan` runs as token rows (`prefill_rows`) within `max_tokens`: at most that many
+    tokens, and each sequence bringing more than one ends within that many positions."""
+    return plan.num_tokens <= max_tokens and all(
+        n == 1 or s + n <= max_tokens for s, n in zip(plan.starts, plan.lens))
+
+
 def prefill_buckets(max_tokens: int) -> list[int]:
-    """Token counts of the captured one-sequence prefills: 16, 32, 64, ... up to max_tokens."""
+    """Token counts of the captured prefill steps: 16, 32, 64, ... up to max_tokens."""
     sizes, n = [], 16
     while n <= max_tokens:
         sizes.append(n)
@@ -154,23 +159,25 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return sizes
 
 
-# Prompts (and prompt chunks) of one sequence up to this many tokens prefill through a captured
-# graph where the decode step holds the head (a first token costs ~441 kernel launches from
-# Python eagerly, ~24 ms of host time on an H200 for ~14 ms of GPU work at 128 tokens). Its
-# attention reads each row's keys in turn, O(tokens^2) reads: beyond a few hundred tokens the
-# eager path's flash attention wins.
+# Steps of up to this many tokens that prefill (first prompts, prompt chunks, beside decode rows)
+# replay a captured graph where the decode step holds the head, if each prompt ends within
+# this many positions (a first token costs ~441 kernel launches from Python eagerly, ~24 ms of
+# host time on an H200 for ~14 ms of GPU work at 128 tokens). The rows' attention reads each
+# row's keys in turn, O(tokens x positions) reads: beyond a few hundred the eager path's flash
+# attention wins.
 PREFILL_GRAPH_TOKENS = 256
 
 
 class DecodeGraphs:
     """Every bucket's graphs. With `head` (a `RankHead`: the coordinator's embedding, final norm
     and lm_head on this GPU, or on rank 0 of this group) a whole-step graph runs from token ids to
-    fp32 logits and their argmax, and only token ids cross to the host; then one sequence's
-    prefill of up to `model.prefill_sizes[-1]` tokens replays a graph too (`prefill_rows`)."""
+    fp32 logits and their argmax, and only token ids cross to the host; then a step that
+    prefills short prompts (`takes_prefill`) replays a graph of its tokens as decode rows
+    (`prefill_rows`) padded to a token bucket (`model.prefill_sizes`)."""
 
     def __init__(self, model, buckets: list[int], head=None):
         t0 = time.perf_counter()
-        self.model = model
+        self.model, self.head = model, head
         width = model.width
         whole = model.comm.capturable
         self.with_head = head is not None and whole
@@ -189,23 +196,28 @@ class DecodeGraphs:
         log.info("captured %d CUDA graphs (%s) for decode batch buckets %s%s in %.1fs",
                  n, "whole step, embedding to argmax" if self.with_head else
                  "whole step" if whole else "one per segment between all-reduces",
-                 sorted(self.buckets), f" and one-sequence prefills of {sizes} tokens"
+                 sorted(self.buckets), f" and prefill steps of {sizes} tokens"
                  if sizes else "", time.perf_counter() - t0)
 
     def takes_prefill(self, plan) -> bool:
-        """Whether a captured prefill runs `plan`: one sequence of 2 to the largest bucket's
-        tokens, the logits of its last row only."""
-        n = plan.num_tokens
-        return (len(plan.slots) == 1 and 1 < n <= max(self.prefill, default=0)
-                and plan.out_rows == [n - 1])
+        """Whether a captured prefill runs `plan`: a step that is not a decode step, of at most
+        the largest bucket's tokens, each of whose prompts (sequences bringing more than one
+        token) ends within that many positions (`prefill_fits`)."""
+        return bool(self.prefill) and not plan.is_decode and \
+            prefill_fits(plan, max(self.prefill))
 
-    def run_prefill(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [T] (host) of a plan `takes_prefill` takes -> (fp32 logits [1, vocab] of its
-        last row, their argmax [1]) on the device; both None on a rank without the head."""
+    def run_prefill(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor | None,
+                                                            torch.Tensor | None]:
+        """Token ids [T] (host) of a plan `takes_prefill` takes -> (fp32 logits of the rows
+        `plan.out_rows`, their argmax) on the device; both None on a rank without the head. The
+        head runs after the replay, on those rows only."""
         bucket = self.prefill[bucket_for(sorted(self.prefill), plan.num_tokens)]
         bucket.load(plan, ids)
-        bucket.replay(self.model.comm)
-        return (None, None) if bucket.tokens is None else (bucket.out, bucket.tokens)
+        h = bucket.replay(self.model.comm)[:plan.num_tokens]
+        if plan.out_rows is not None:
+            h = h.index_select(0, torch.tensor(plan.out_rows).to(h.device, non_blocking=True))
+        logits = self.head.logits(h)
+        return (None, None) if logits is None else (logits, greedy(logits))
 
     def bucket(self, plan) -> _Bucket:
         return self.buckets[bucket_for(self.model.buckets, len(plan.slots))]
