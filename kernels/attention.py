@@ -1,7 +1,8 @@
 """Attention over the slot KV cache: one decode kernel for all sequences of a step; batched prefill.
 
 Run `python -m tpserve.kernels.attention` to print the decode kernel's error against the torch
-reference (without CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+reference (on a machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter
+runs the kernel on the CPU).
 
 Decode (flash-decoding): program (b, kv head, split) loads the kv_group query heads that share one
 kv head as a [16, D] tile (padded for tl.dot; the kv tile is read once for the whole group) and

@@ -1,7 +1,8 @@
 """GPTQ batched decode (2 <= M <= 16), 4- and 8-bit: y[M, N] = x[M, K] @ W[K, N].
 
-Run `python -m tpserve.kernels.gptq_decode` to print its error against the torch reference
-(without CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+Run `python -m tpserve.kernels.gptq_decode` to print its error against the torch reference (on a
+machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernel
+on the CPU).
 
 Per field p of the words a tl.dot of x[:, p::P] (BLOCK_M x BLOCK_K / P) with the unpacked field: a
 sum over K may be taken in any order, so no interleave is needed. Group modes and split-K as in

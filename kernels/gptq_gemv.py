@@ -1,7 +1,8 @@
 """GPTQ decode GEMV (M = 1), 4- and 8-bit: y[1, N] = x[1, K] @ W[K, N].
 
-Run `python -m tpserve.kernels.gptq_gemv` to print its error against the torch reference (without
-CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+Run `python -m tpserve.kernels.gptq_gemv` to print its error against the torch reference (on a
+machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernel
+on the CPU).
 
 fp16 x, tiles in one group or two whose boundary falls between words, or act-order rows padded
 to whole words per group at load (H2): the word's dot product in fp16x2 arithmetic (`gptq_h2.py`),

@@ -1,7 +1,8 @@
 """GPTQ decode for a few rows (2 <= M <= 4) in fp16x2 arithmetic: y[M, N] = x[M, K] @ W[K, N].
 
-Run `python -m tpserve.kernels.gptq_h2mm` to print its error against the torch reference (without
-CUDA it sets TRITON_INTERPRET=1 and runs the kernel on the CPU).
+Run `python -m tpserve.kernels.gptq_h2mm` to print its error against the torch reference (on a
+machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernel
+on the CPU).
 
 The M = 1 GEMV's fp16x2 word product (`gptq_h2.py`) for BLOCK_M rows of fp16 x at once: each
 thread holds words of [KW, BLOCK_N] and accumulates [BLOCK_M, KW, BLOCK_N] in fp32, one FFMA per

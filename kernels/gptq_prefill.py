@@ -1,7 +1,8 @@
 """GPTQ prefill (M > 16), 4- and 8-bit: y[M, N] = x[M, K] @ W[K, N].
 
-Run `python -m tpserve.kernels.gptq_prefill` to print its error against the torch reference
-(without CUDA it sets TRITON_INTERPRET=1 and runs the kernels on the CPU).
+Run `python -m tpserve.kernels.gptq_prefill` to print its error against the torch reference (on a
+machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernels
+on the CPU).
 
   16 < M < DEQUANT_MIN_M  `_prefill_kernel`: a [BLOCK_K, BLOCK_N] tile unpacked row by row (each
                           word read by its P rows, from L1), one tl.dot per tile.

@@ -1,7 +1,8 @@
 """Quantized lm_head and embedding: int8 per output channel and Q8_0, Triton kernels beside torch.
 
-Run `python -m tpserve.kernels.head_kernels` to print the error against the torch reference (without
-CUDA it sets TRITON_INTERPRET=1 and runs the kernels on the CPU).
+Run `python -m tpserve.kernels.head_kernels` to print the error against the torch reference (on a
+machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernels
+on the CPU).
 
 Formats of a [V, H] weight (V rows = vocabulary, H = hidden size):
   int8  q int8 [V, H], scale [V] (fp32 or fp16): W[v] = q[v] * scale[v], symmetric, |q| <= 127.

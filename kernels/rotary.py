@@ -6,7 +6,8 @@ rounding (see `fused.py` for the other fused kernels and how CUDA / CPU tensors 
 - `rotary_store(q, k, v, cos, sin, k_cache, v_cache, slots, positions)`: a decode step's q rotated,
   its k rotated and v copied into each row's cache entry (slot, position): one launch for four.
 
-`python -m tpserve.kernels.rotary` prints each kernel's error against its reference.
+`python -m tpserve.kernels.rotary` prints each kernel's error against its reference (without CUDA:
+`TRITON_INTERPRET=1 python -m tpserve.kernels.rotary`).
 """
 
 from __future__ import annotations
