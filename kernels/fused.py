@@ -11,9 +11,9 @@ tiny launches per layer) with one Triton kernel, beside a torch reference with t
   (h + r, rms_norm(h + r)), the sum rounded to the dtype before it is normalised (as torch does).
 - `silu_mul(gate, up)`: silu(gate) * up, silu rounded to the dtype first (as torch).
 
-CUDA tensors run the kernels, CPU tensors the references (`use_triton`, shared with `rotary.py`);
-`use_triton=True` runs a kernel on CPU tensors under TRITON_INTERPRET=1 (the tests: the interpreter is slow and wrong in bf16, so the model's CPU
-path never takes it).
+CUDA tensors run the kernels, CPU tensors the references (`use_triton_for`, shared with
+`rotary.py`); `use_triton=True` runs a kernel on CPU tensors under TRITON_INTERPRET=1 (the tests:
+the interpreter is slow and wrong in bf16, so the model's CPU path never takes it).
 `python -m tpserve.kernels.fused` prints each kernel's error against its reference (without CUDA:
 `TRITON_INTERPRET=1 python -m tpserve.kernels.fused`).
 """
