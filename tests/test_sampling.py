@@ -11,6 +11,7 @@ import torch
 from tpserve.errors import TpserveError
 from tpserve.serve.sampling import SampleRow, process, sample, truncate
 from tpserve.serve.sampling_params import SamplingParams
+from tpserve.serve import stop
 from tpserve.serve.stop import StopText
 
 V = 50
@@ -195,6 +196,25 @@ def test_stop_text_never_leaks_the_start_of_a_stop_string():
     assert st.update([ord(c) for c in "ab}B"], final=True) == ("ab}B", False)  # length: flush
 
 
+@pytest.mark.parametrize("stops,active_from", [(("zz", "xyx"), 0), ((), 0), (("zz",), 20000)])
+def test_stop_text_keeps_a_bounded_window_of_a_long_output(stops, active_from):
+    """Per token the engine hands StopText the whole output; the text it keeps (and copies when
+    a token's text is appended) stays a window behind what was handed out, not the whole output
+    (with stop strings, without, and while min_tokens keeps them inactive), while what it hands
+    out adds up to the text and a late stop string still cuts it."""
+    text = ("ab" * 7 + "c") * 3000 + "xyzz tail"
+    st, out, sent, longest, hit = StopText(Chars(), stops), [], "", 0, False
+    for i, ch in enumerate(text):
+        out.append(ord(ch))
+        new, hit = st.update(out, final=i == len(text) - 1, stops_active=i >= active_from)
+        sent += new
+        longest = max(longest, len(st.text))
+        if hit:
+            break
+    assert (hit, sent) == ((True, text[:text.index("zz")]) if stops else (False, text))
+    assert longest <= 2 * stop.TRIM_CHARS + 8 < len(text) // 4
+
+
 def _stop_reference(text: str, stops, search_from: int, final: bool):
     """What a stream may hand out of `text` so far, by brute force: cut at the earliest stop
     string (counted from search_from), else hold back the longest stop-string prefix that ends
@@ -214,9 +234,11 @@ def _stop_reference(text: str, stops, search_from: int, final: bool):
     return text[:cut], False
 
 
-def test_stop_strings_match_a_brute_force_reference():
+@pytest.mark.parametrize("trim", [stop.TRIM_CHARS, 1])  # 1: the kept text cut often
+def test_stop_strings_match_a_brute_force_reference(trim, monkeypatch):
     """Random outputs over a small alphabet (stop strings overlap themselves and each other) and
     min_tokens: what StopText hands out, token by token, is what the brute-force search allows."""
+    monkeypatch.setattr(stop, "TRIM_CHARS", trim)
     import random
     rnd = random.Random(3)
     for trial in range(300):
@@ -269,10 +291,12 @@ def test_only_plain_greedy_rows_go_without_logits():
 
 @pytest.mark.parametrize("folder", ["gemma2_g32_sym", "mistral_v2_asym_g128", "qwen3_8bit_g64",
                                     "llama_g128_sym"])
-def test_incremental_text_equals_the_whole_decode(folder):
+@pytest.mark.parametrize("trim", [stop.TRIM_CHARS, 1])  # 1: the kept text cut often
+def test_incremental_text_equals_the_whole_decode(folder, trim, monkeypatch):
     """StopText decodes only the new tokens (with the previous ones as context); what it hands
     out, token by token, must be the text of decoding the whole output at once, for these
     tokenizers' decoders (byte-level, metaspace), partial characters and special tokens included."""
+    monkeypatch.setattr(stop, "TRIM_CHARS", trim)
     import random
     from test_peer_fixtures import FIXTURES
     from tpserve.serve.text import TextCodec
@@ -312,10 +336,12 @@ class Bytes:
         return text.replace(" .", ".") if self.cleanup else text
 
 
-def test_stop_text_on_bytes_that_form_characters_late_or_never():
+@pytest.mark.parametrize("trim", [stop.TRIM_CHARS, 1])  # 1: the kept text cut often
+def test_stop_text_on_bytes_that_form_characters_late_or_never(trim, monkeypatch):
     """Random byte tokens (partial characters, lone continuation bytes): no update fails, a stop
     string (U+FFFD ones too) cuts the text where the whole text has it, and without one the
     pieces handed out add up to the whole decode."""
+    monkeypatch.setattr(stop, "TRIM_CHARS", trim)
     import random
     rnd = random.Random(11)
     tok = Bytes()
