@@ -6,8 +6,9 @@
 #     --platform manylinux2014_x86_64 -d .whl fastapi starlette uvicorn h11 click anyio sniffio \
 #     prometheus-client annotated-doc annotated-types typing-inspection typing-extensions \
 #     opentelemetry-api importlib-metadata zipp pydantic==2.13.4 pydantic-core==2.46.4
-#   bash bench/gpu_h100.sh checks   kernel parity, graph vs eager tokens, verify at tp 1/2 over the
-#                                   in-process and Ray backends (small checkpoints)
+#   bash bench/gpu_h100.sh checks   kernel parity, captured prefill steps vs the eager step, graph
+#                                   vs eager tokens, verify at tp 1/2 over the in-process and Ray
+#                                   backends (small checkpoints)
 #   bash bench/gpu_h100.sh decode   Llama-3-8B shapes: tpserve tp=1 vs the torch int4 peer and
 #                                   transformers bf16, batch 1/8/32, dense and int8 heads, 1 and 8
 #                                   decode steps per call (BATCH, HEADS, STEPS, PEERS override)
