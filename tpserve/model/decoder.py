@@ -96,28 +96,25 @@ class RankModel(torch.nn.Module):
         """The eager decode step at its batch bucket's shape, as the captured step runs it: kernel
         choices (split-K, attention splits) depend on the batch size, so eager and captured steps
         give the same numbers only at the same shape."""
-        b = x.shape[0]
-        size = bucket_for(self.buckets, b)
-        padded = x.new_zeros(size, x.shape[1])
-        padded[:b] = x
-        return self.run(padded, None, self.padded_meta(plan, size))[:b]
+        return self._run_rows(x, plan.slots, plan.starts, self.buckets)
 
     def run_prefill_rows(self, x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """A prefill step as a captured one runs it (`graphs.prefill_rows`): its tokens as
         decode rows, padded to the prefill bucket. The eager step of a GPU rank whose graphs
         prefill takes this path too, so eager and captured steps give the same numbers."""
+        return self._run_rows(x, *prefill_rows(plan), self.prefill_sizes)
+
+    def _run_rows(self, x: torch.Tensor, slots: list[int], positions: list[int],
+                  buckets: list[int]) -> torch.Tensor:
+        """x's rows as decode rows at (slot, position), padded to the smallest of `buckets` that
+        holds them, the padding aimed at the scratch slot -> the real rows' output."""
         n = x.shape[0]
-        size = bucket_for(self.prefill_sizes, n)
+        size = bucket_for(buckets, n)
         padded = x.new_zeros(size, x.shape[1])
         padded[:n] = x
-        meta = DecodeMeta.build(*prefill_rows(plan), self.device, size,
+        meta = DecodeMeta.build(slots, positions, self.device, size,
                                 scratch_slot=self.cache.num_slots)
         return self.run(padded, None, meta)[:n]
-
-    def padded_meta(self, plan: StepPlan, size: int) -> DecodeMeta:
-        """The plan of a decode step padded to `size` rows, the padding aimed at the scratch slot."""
-        return DecodeMeta.build(plan.slots, plan.starts, self.device, size,
-                                scratch_slot=self.cache.num_slots)
 
     def begin(self, x, plan: StepPlan | None, decode: DecodeMeta | None) -> StepState:
         cfg, t = self.cfg, x.shape[0]

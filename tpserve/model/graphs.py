@@ -204,14 +204,14 @@ class DecodeGraphs:
         the largest bucket's tokens, each of whose prompts (sequences bringing more than one
         token) ends within that many positions (`prefill_fits`)."""
         return bool(self.prefill) and not plan.is_decode and \
-            prefill_fits(plan, max(self.prefill))
+            prefill_fits(plan, self.model.prefill_sizes[-1])
 
     def run_prefill(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor | None,
                                                             torch.Tensor | None]:
         """Token ids [T] (host) of a plan `takes_prefill` takes -> (fp32 logits of the rows
         `plan.out_rows`, their argmax) on the device; both None on a rank without the head. The
         head runs after the replay, on those rows only."""
-        bucket = self.prefill[bucket_for(sorted(self.prefill), plan.num_tokens)]
+        bucket = self.prefill[bucket_for(self.model.prefill_sizes, plan.num_tokens)]
         bucket.load(plan, ids)
         h = bucket.replay(self.model.comm)[:plan.num_tokens]
         if plan.out_rows is not None:

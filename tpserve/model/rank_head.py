@@ -83,8 +83,9 @@ class RankHead:
 def step_ids(model, head: RankHead, ids: torch.Tensor, plan: StepPlan
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One step of `model` (a `RankModel`) from token ids [T] (host) -> (fp32 logits of the rows
-    `plan.out_rows`, their argmax); both None on ranks without the head. A decode step, or one
-    sequence's short prefill, replays the captured graph that holds the head where there is one."""
+    `plan.out_rows`, their argmax); both None on ranks without the head. A decode step, or a
+    short prefill step (`DecodeGraphs.takes_prefill`), replays a captured graph where there is
+    one."""
     graphs = model.graphs
     with torch.inference_mode():  # the graphs' static buffers are inference tensors
         if graphs is not None and graphs.with_head and plan.is_decode and (

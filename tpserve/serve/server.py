@@ -43,9 +43,9 @@ class Bounded(H11Protocol):
     Writes: the transport's write buffer pauses the protocol as soon as it holds any byte the
     socket did not take (high-water mark 0: the kernel's send buffer is the buffer), and while
     paused uvicorn writes nothing more. A pause that sees no byte drain for `write_timeout`
-    seconds (the transport's buffer and the socket's send queue together) aborts the connection (`transport.abort()`: `close()` would wait for the buffer to
-    drain, for ever for a client that reads nothing). A slow reader that keeps draining keeps its
-    connection."""
+    seconds (the transport's buffer and the socket's send queue together) aborts the connection
+    (`transport.abort()`: `close()` would wait for the buffer to drain, for ever for a client that
+    reads nothing). A slow reader that keeps draining keeps its connection."""
 
     timeout = HEADER_READ_TIMEOUT_S
     write_timeout = WRITE_STALL_TIMEOUT_S

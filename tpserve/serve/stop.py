@@ -61,7 +61,7 @@ class StopText:
         self.automata = [_Automaton(s) for s in self.stops]
         self.states = [0] * len(self.stops)  # after the text's [search_from:fed]
         self.fed = -1  # < search_from: (re)start the automata there
-        self.sent = 0  # characters already handed out; always a prefix of the final text
+        self.sent = 0  # characters handed out: what they were is always a prefix of the final text
         self.search_from = 0  # stop strings count from here (min_tokens moves it)
         self.base = 0  # the whole text's position of text[0]
         self.text = ""  # the output decoded for good so far, from `base` on
