@@ -19,7 +19,11 @@
 #                                   cache (tuning + graph capture) and a warm one
 #   bash bench/gpu_h100.sh profile  where a decode step's time goes, batch 1 and 8 (8B shapes)
 #   bash bench/gpu_h100.sh prefill  where a 128-token prompt's first token's time goes (8B shapes):
-#                                   wall vs GPU busy time, launches, kernels by GPU time
+#                                   wall vs GPU busy time, launches, kernels by GPU time; then
+#                                   the same for one step of eight 128-token prompts
+#   bash bench/gpu_h100.sh gemm     the prefill GEMM paths at M = 32, 128, 256, 1024 on the 8B
+#                                   shapes (each forced: tl.dot kernel variants, dequantize +
+#                                   cuBLAS, bf16 cuBLAS)
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
 #                                   against the torch int4 peer and transformers bf16, same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
@@ -45,6 +49,7 @@ if has checks; then
       --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify_tp${tp}_${backend}.err"
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
+  timeout 120 python3 bench/moe_check.py 2>&1 | grep -v INFO | tail -3  # routed experts: eager
   wait $selfchecks  # the full log comes back in $OUT; here only what went wrong, if anything
   echo "kernel self-checks: $(grep -c '^== ' "$OUT/kernel_selfchecks.log") modules ran"
   grep -iE -B3 "error|traceback|fail|nan " "$OUT/kernel_selfchecks.log" | head -30
@@ -64,6 +69,13 @@ if has prefill; then
   l8
   timeout 200 python3 bench/profile_step.py --model /tmp/l8 --prefill 128 --lm-head int8 \
     > "$OUT/profile_prefill128.log" 2>&1; grep -A30 "^prefill" "$OUT/profile_prefill128.log" | cut -c1-150
+  timeout 200 python3 bench/profile_step.py --model /tmp/l8 --prefill 128 --batch 8 --lm-head int8 \
+    > "$OUT/profile_prefill128x8.log" 2>&1; grep -A30 "^prefill" "$OUT/profile_prefill128x8.log" | cut -c1-150
+fi
+if has gemm; then
+  timeout 400 python3 bench/kernels.py --prefill 32 128 256 1024 --no-head --iters 40 \
+    --out "$OUT/prefill_paths.json" > "$OUT/prefill_paths.log" 2>&1
+  echo "gemm rc=$?"; grep "^prefill" "$OUT/prefill_paths.log"
 fi
 if has ttft; then
   l8

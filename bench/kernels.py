@@ -178,16 +178,26 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
         rows.append(_row("prefill", k, n, m, "bf16 F.linear", tb, 2 * n * k, x, n, copy_bw, tb, None))
         ws = [make_variant("w4g128", k, n, dev) for _ in range(2)]
         xh = x.half()
-        from tpserve.kernels import gptq_prefill
-        chosen = gptq_prefill.DEQUANT_MIN_M
-        chosen_kn = gptq_prefill.DEQUANT_WHEN_K_GE_N
-        for variant, threshold in (("w4g128 tl.dot", 1 << 30), ("w4g128 dequant+cuBLAS", 1)):
-            gptq_prefill.DEQUANT_MIN_M = threshold  # force one path, whatever M and shape
-            gptq_prefill.DEQUANT_WHEN_K_GE_N = threshold == 1
+        from tpserve.kernels import gptq_prefill as gp
+        chosen = gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N, gp.SCALED_TILES, gp.WORDS_ONCE
+        # (variant, dequantize threshold, scaled tiles, words loaded once): each path forced
+        for variant, threshold, scaled, words in (
+                ("w4g128 tl.dot", 1 << 30, True, True),
+                ("w4g128 tl.dot unscaled", 1 << 30, False, True),
+                ("w4g128 tl.dot unscaled, word per row", 1 << 30, False, False),
+                ("w4g128 dequant+cuBLAS", 1, True, True)):
+            gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N = threshold, threshold == 1
+            gp.SCALED_TILES, gp.WORDS_ONCE = scaled, words
             t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
-            rows.append(_row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb,
-                             None))
-        gptq_prefill.DEQUANT_MIN_M, gptq_prefill.DEQUANT_WHEN_K_GE_N = chosen, chosen_kn
+            r = _row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb, None)
+            w0 = ws[0][0]
+            ref = xh.float() @ w0.dequantize().float()
+            r["rel_err"] = ((gptq_matmul(xh, w0).float() - ref).abs().max() / ref.abs().max()).item()
+            r["tflops"] = 2 * m * k * n / t / 1e6
+            rows.append(r)
+            print(f"prefill {k}x{n} M={m} {variant}: {t:.1f} us ({t / tb:.2f}x bf16 {tb:.1f} us, "
+                  f"{r['tflops']:.0f} TFLOP/s, rel err {r['rel_err']:.1e})", flush=True)
+        gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N, gp.SCALED_TILES, gp.WORDS_ONCE = chosen
         del wb, ws
 
 

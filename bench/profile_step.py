@@ -4,7 +4,7 @@ alone, the head + sampler, and a torch.profiler kernel table of the captured ste
 time against the GPU's busy time, kernel launches, and the kernels by GPU time.
 
     python bench/profile_step.py --model PATH [--device cuda] [--steps 8] [--batch 1]
-    python bench/profile_step.py --model PATH --prefill 128
+    python bench/profile_step.py --model PATH --prefill 128 [--batch 8]
 """
 
 from __future__ import annotations
@@ -50,31 +50,43 @@ def time_parts(llm, batch: int) -> None:
           f"{eager:.3f} ms, eager head {head:.3f} ms")
 
 
-def profile_prefill(llm, n: int, device: str) -> None:
+def profile_prefill(llm, n: int, device: str, batch: int = 1) -> None:
     """TTFT's parts for an n-token prompt: wall ms of `generate(max_tokens=1)` (median of 10), the
-    GPU's busy ms inside one (kernel time summed), the launches, and the kernels by GPU time."""
+    GPU's busy ms inside one (kernel time summed), the launches, and the kernels by GPU time.
+    batch > 1: one step of `batch` n-token prompts (`LLM.step`, first tokens to the host)."""
     import statistics
     import time
+
+    from tpserve.model.kv_cache import StepPlan
     ids = list(range(3, 3 + n))
+    if batch == 1:
+        def first():
+            llm.generate(ids, max_tokens=1, ignore_eos=True)
+    else:
+        plan = StepPlan(slots=list(range(batch)), starts=[0] * batch, lens=[n] * batch)
+        step_ids = torch.tensor([t + b for b in range(batch) for t in ids])
+
+        def first():
+            llm.step(step_ids, plan)[0].argmax(-1).tolist()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     walls = []
     for _ in range(11):
         sync()
         t0 = time.perf_counter()
-        llm.generate(ids, max_tokens=1, ignore_eos=True)
+        first()
         sync()
         walls.append((time.perf_counter() - t0) * 1e3)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
-        llm.generate(ids, max_tokens=1, ignore_eos=True)
+        first()
         sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3
-    print(f"prefill {n} tokens: wall {statistics.median(walls[1:]):.2f} ms (median of 10), GPU busy "
+    print(f"prefill {batch} x {n} tokens: wall {statistics.median(walls[1:]):.2f} ms (median of 10), GPU busy "
           f"{busy:.2f} ms in {len(kernels)} kernels ({busy / statistics.median(walls[1:]):.0%})")
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=24, max_name_column_width=70))
-    host_profile(lambda: llm.generate(ids, max_tokens=1, ignore_eos=True), sync)
+    host_profile(first, sync)
 
 
 def host_profile(fn, sync) -> None:
@@ -113,7 +125,7 @@ def main() -> int:
     ids = list(range(3, 131))
     llm.generate(ids, max_tokens=4, ignore_eos=True)
     if args.prefill:
-        profile_prefill(llm, args.prefill, args.device)
+        profile_prefill(llm, args.prefill, args.device, args.batch)
         return 0
     if args.device == "cuda":
         time_parts(llm, args.batch)

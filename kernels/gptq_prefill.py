@@ -38,15 +38,40 @@ DEQUANT_WHEN_K_GE_N = True
 
 
 @triton.jit
+def _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+            WORDS: tl.constexpr):
+    """The tile's fields [BLOCK_K, BLOCK_N] as the fp32 2**23 + q. WORDS: its BLOCK_K / P rows of
+    words loaded once and split by P shifts (row k = word k // P, field k % P: a reshape); else
+    each word read by its P rows (P loads, from L1)."""
+    P: tl.constexpr = 32 // BITS
+    if WORDS:
+        KW: tl.constexpr = BLOCK_K // P
+        offs_w = k0 // P + tl.arange(0, KW)
+        qw = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                     mask=(offs_w < tl.cdiv(K, P))[:, None] & n_mask[None, :], other=0)
+        shifts = tl.arange(0, P) * BITS
+        q = (qw[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (BLOCK_K, q.shape[2]))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        qw = tl.load(qw_ptr + (offs_k // P)[:, None] * stride_qw + offs_n[None, :],
+                     mask=(offs_k < K)[:, None] & n_mask[None, :], other=0)
+        q = (qw >> ((offs_k % P) * BITS)[:, None]) & ((1 << BITS) - 1)
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G, K_KEY, M_KEY,
                     stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                     HAS_GIDX: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    SCALED: tl.constexpr, WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr):
-    """Prefill (M > 16): a [BLOCK_K, BLOCK_N] tile unpacked row by row (each word read by its P
-    rows, from L1) and one tl.dot per tile; x (already permuted for act-order) read contiguously."""
-    P: tl.constexpr = 32 // BITS
+    """Prefill (M > 16): a [BLOCK_K, BLOCK_N] tile of W unpacked and dequantized, one tl.dot per
+    tile; x (already permuted for act-order) read contiguously. SCALED: the tile is scaled before
+    the dot, so the dots accumulate in one chain (on Hopper, asynchronous wgmma overlapping the
+    next tile's unpacking); else (q - z) goes into the dot and its product is scaled per tile."""
     # Grouped launch order: GROUP_M row blocks share each weight tile while it is in L2.
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -61,17 +86,18 @@ def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        qw = tl.load(qw_ptr + (offs_k // P)[:, None] * stride_qw + offs_n[None, :],
-                     mask=k_mask[:, None] & n_mask[None, :], other=0)
-        q = ((qw >> ((offs_k % P) * BITS)[:, None]) & ((1 << BITS) - 1)) | 0x4B000000
-        q = q.to(tl.float32, bitcast=True)  # 2**23 + q
+        q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, WORDS)  # 2**23 + q
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if MODE == 0:
             s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
                              stride_s, stride_qz, BITS)
-            w = (q - (z + MAGIC)[None, :]).to(xt.dtype)
-            acc += tl.dot(xt, w, input_precision=DOT_PRECISION) * s[None, :]
+            if SCALED:
+                w = ((q - (z + MAGIC)[None, :]) * s[None, :]).to(xt.dtype)
+                acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+            else:
+                w = (q - (z + MAGIC)[None, :]).to(xt.dtype)
+                acc += tl.dot(xt, w, input_precision=DOT_PRECISION) * s[None, :]
         else:
             if MODE == 1:
                 g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
@@ -110,8 +136,12 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K, stride_qw, str
 
 
 _CONFIGS = [cfg(128, 64, None, 8, 3, bm=128, group_m=8), cfg(128, 64, None, 4, 3, bm=64, group_m=8),
-            cfg(64, 64, None, 4, 4, bm=128, group_m=8), cfg(128, 32, None, 8, 4, bm=128, group_m=8)]
-_tuned = tuned(_prefill_kernel, _CONFIGS, ["M_KEY"] + KEY)
+            cfg(64, 64, None, 4, 4, bm=128, group_m=8), cfg(128, 32, None, 8, 4, bm=128, group_m=8),
+            cfg(256, 64, None, 8, 3, bm=128, group_m=8), cfg(128, 128, None, 8, 3, bm=64, group_m=8)]
+_tuned = tuned(_prefill_kernel, _CONFIGS, ["M_KEY"] + KEY + ["SCALED", "WORDS"])
+# A/B switches (bench/kernels.py --prefill): scale each tile before its dot, load words once
+SCALED_TILES = True
+WORDS_ONCE = True
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
@@ -144,7 +174,8 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
         return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=triton.next_power_of_2(m), stride_xm=x.stride(0), stride_om=out.stride(0),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=SCALED_TILES,
+        WORDS=WORDS_ONCE)
     launch(_prefill_kernel, _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]),), config,
            INTERPRET_CONFIG)

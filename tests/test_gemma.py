@@ -103,9 +103,12 @@ def test_shards_straddle_groups_and_shared_layers_own_no_cache(refs):
     expert = llm.executor.ranks[1].layers[0].moe.experts.experts[0]
     assert expert.down.group_offset == 24  # rank 1 holds rows 24..48 of a group-32 down_proj
     assert isinstance(llm.executor.ranks[0].layers[0].moe.router.proj, torch.Tensor)  # dequantized
+    # the experts' routing is read on the host: a GPU rank must not capture these steps
+    assert "routed experts" in llm.executor.ranks[0].not_capturable
     llm.close()
     llm = tpserve.load(refs["gemma4_ple_kvshare"][0], tp=4, dtype=torch.float32)
     cache = llm.executor.ranks[0].cache
+    assert llm.executor.ranks[0].not_capturable is None
     assert {t: len(c.k) for t, c in cache.groups.items()} == {S: 1, F: 1}  # layers 0 and 1 only
     assert cache.groups[F].k[0].shape[-1] == 16 and cache.groups[S].k[0].shape[-1] == 8
     assert cache.where[2][0] is cache.groups[S] and cache.where[3][0] is cache.groups[F]

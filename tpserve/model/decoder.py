@@ -12,6 +12,7 @@ rank 0 where the coordinator places them there (`tpserve.model.rank_head`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from tpserve.model.graphs import (PREFILL_GRAPH_TOKENS, DecodeGraphs, bucket_for
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +56,11 @@ class RankModel(torch.nn.Module):
         self.rotary, self.cache, self.ple_dim = rotary, cache, ple_dim
         self.num_halves = 2 * len(layers)
         self.batched_decode = all(layer.self_attn.batched_decode for layer in layers)
+        # Why the steps cannot be captured (None: they can, on a GPU): routed experts read their
+        # routing on the host to pick the experts a step runs (`moe.Experts`), which a CUDA
+        # graph cannot do.
+        self.not_capturable = ("its routed experts (MoE) pick the experts each step runs on the "
+                               "host" if any(layer.moe is not None for layer in layers) else None)
         self.buckets = buckets_for(cache.num_slots)  # decode batch sizes a GPU step runs at
         # token buckets of the prefill steps a GPU rank runs as decode rows (`run_prefill_rows`),
         # captured where the decode step holds the head
@@ -173,6 +181,10 @@ class RankModel(torch.nn.Module):
         logits."""
         self.graphs = None
         if self.device.type == "cuda" and self.batched_decode:
+            if self.not_capturable:
+                log.info("no CUDA graphs: the model's steps run eagerly, since %s",
+                         self.not_capturable)
+                return
             self.graphs = DecodeGraphs(self, self.buckets, head)
 
 
