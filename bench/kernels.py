@@ -179,25 +179,22 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
         ws = [make_variant("w4g128", k, n, dev) for _ in range(2)]
         xh = x.half()
         from tpserve.kernels import gptq_prefill as gp
-        chosen = gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N, gp.SCALED_TILES, gp.WORDS_ONCE
-        # (variant, dequantize threshold, scaled tiles, words loaded once): each path forced
-        for variant, threshold, scaled, words in (
-                ("w4g128 tl.dot", 1 << 30, True, True),
-                ("w4g128 tl.dot unscaled", 1 << 30, False, True),
-                ("w4g128 tl.dot unscaled, word per row", 1 << 30, False, False),
-                ("w4g128 dequant+cuBLAS", 1, True, True)):
-            gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N = threshold, threshold == 1
-            gp.SCALED_TILES, gp.WORDS_ONCE = scaled, words
-            t = device_time_us([lambda w=w: gptq_matmul(xh, w[0]) for w in ws], dev, iters)
+        import triton
+        out = torch.empty(m, n, dtype=torch.float16, device=dev)
+        for variant, run in (  # each path forced, then the one gptq_matmul picks
+                ("w4g128 tl.dot", lambda w: gp._tl_dot(xh, w, out, triton.next_power_of_2(m), None)),
+                ("w4g128 dequant+cuBLAS",
+                 lambda w: torch.matmul(xh, gp.dequantize_triton(w, xh.dtype), out=out)),
+                ("w4g128 gptq_matmul", lambda w: gptq_matmul(xh, w))):
+            t = device_time_us([lambda w=w: run(w[0]) for w in ws], dev, iters)
             r = _row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb, None)
             w0 = ws[0][0]
             ref = xh.float() @ w0.dequantize().float()
-            r["rel_err"] = ((gptq_matmul(xh, w0).float() - ref).abs().max() / ref.abs().max()).item()
+            r["rel_err"] = ((run(w0).float() - ref).abs().max() / ref.abs().max()).item()
             r["tflops"] = 2 * m * k * n / t / 1e6
             rows.append(r)
             print(f"prefill {k}x{n} M={m} {variant}: {t:.1f} us ({t / tb:.2f}x bf16 {tb:.1f} us, "
                   f"{r['tflops']:.0f} TFLOP/s, rel err {r['rel_err']:.1e})", flush=True)
-        gp.DEQUANT_MIN_M, gp.DEQUANT_WHEN_K_GE_N, gp.SCALED_TILES, gp.WORDS_ONCE = chosen
         del wb, ws
 
 

@@ -35,7 +35,7 @@ def main() -> int:
     for tp in (1, 2):
         llm = tpserve.load(path, tp=tp, device=args.device, dtype=torch.float32)
         graphs = [r.graphs for r in llm.executor.ranks]
-        err = (llm.logits(tg.PROMPT) - ref_logits).abs().max().item()
+        err = (llm.logits(tg.PROMPT).cpu() - ref_logits).abs().max().item()
         tokens = llm.generate(tg.PROMPT, max_tokens=tg.STEPS, ignore_eos=True)
         good = err < 1e-3 and tokens == ref_tokens and all(g is None for g in graphs)
         ok &= good

@@ -23,6 +23,15 @@ def cfg(bn, bk, sk=None, warps=4, stages=2, bm=None, group_m=None):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+# The prefill kernel's split-K partials (SPLIT_K x M x N fp32) are bounded: 64 MB. Splitting pays
+# where the output grid is small (few tiles for the SMs); a large M x N has tiles enough.
+PREFILL_WS_FLOATS = 1 << 24
+
+
+def prefill_split_fits(m_key: int, n: int, split_k: int) -> bool:
+    return split_k == 1 or m_key * n * split_k <= PREFILL_WS_FLOATS
+
+
 def _fill(c: dict, a: dict) -> dict:
     """The compile-time constants a config implies for the shard: MODE, and EVEN_K for split-K."""
     c = {**c, "MODE": mode_of(c["BLOCK_K"], a["GROUP_SIZE"], a["GROUP_OFFSET"], a["HAS_GIDX"])}
@@ -40,7 +49,11 @@ def _prune(configs, named_args, **kwargs):
     def fits(c):
         kw = c.kwargs
         bk, sk = kw["BLOCK_K"], kw.get("SPLIT_K", 1)
-        min_words = 16 if "SPLIT_K" in kw and "BLOCK_M" in kw else 1  # decode: tl.dot K >= 16
+        prefill = "GROUP_M" in kw
+        if prefill and not prefill_split_fits(a["M_KEY"], a["N"], sk):
+            return False
+        # the batched decode kernel's tl.dot per field: K >= 16 words
+        min_words = 16 if "SPLIT_K" in kw and "BLOCK_M" in kw and not prefill else 1
         return bk // p >= min_words and (sk == 1 or a["K"] >= sk * bk)  # a tile per split
 
     ok = [(c, _fill(c.kwargs, a)) for c in [c for c in configs if fits(c)] or configs]

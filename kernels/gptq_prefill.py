@@ -4,9 +4,16 @@ Run `python -m tpserve.kernels.gptq_prefill` to print its error against the torc
 machine without CUDA run it as `TRITON_INTERPRET=1 python -m ...`: the interpreter runs the kernels
 on the CPU).
 
-  16 < M < DEQUANT_MIN_M  `_prefill_kernel`: a [BLOCK_K, BLOCK_N] tile unpacked row by row (each
-                          word read by its P rows, from L1), one tl.dot per tile.
-  M >= DEQUANT_MIN_M      W dequantized once (`_dequant_kernel`), then cuBLAS.
+Two paths:
+  tl.dot    `_prefill_kernel`: each [BLOCK_K, BLOCK_N] tile of words loaded once, unpacked,
+            dequantized and scaled in registers, one tl.dot per tile; split-K where the output
+            grid is small.
+  dequant   W dequantized once to x's dtype (`_dequant_kernel`), then cuBLAS.
+Below DEQUANT_MIN_M rows the faster of the two is timed once per (M class, shard shape) on the
+first call (`tuning.faster`): on an H200 the tl.dot kernel won where N >> K and dequantize +
+cuBLAS where K >= N (bench/README.md). From DEQUANT_MIN_M rows on the tensor-core work is large
+enough for cuBLAS to win everywhere (each tl.dot program dequantizes its tiles again per BLOCK_M
+rows), and no timing is spent on each new M class of a long prompt.
 Act-order: x is permuted once (x[:, perm]) and read contiguously.
 """
 
@@ -22,58 +29,70 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import MAGIC, _group_sz, _rows_sz, _zeros  # noqa: E402
-from .gptq_launch import KEY, cfg, gptq_args, launch, new_out, tuned  # noqa: E402
-from .gptq_weight import self_check  # noqa: E402
+from .gptq_common import MAGIC, _finish, _group_sz, _rows_sz, _zeros, mode_of  # noqa: E402
+from .gptq_launch import (KEY, MAX_SPLIT_K, cfg, gptq_args, launch, new_out,  # noqa: E402
+                          prefill_split_fits, tuned, workspace)
+from .gptq_weight import self_check, shape_key  # noqa: E402
+from .tuning import faster  # noqa: E402
 
-# From this many rows on, a matmul dequantizes W once and hands it to cuBLAS (a prefill of M = 512
-# on 4096x14336 took 364 us in the tl.dot kernel, bf16 cuBLAS 87 us, dequantizing ~40 us).
 DEQUANT_MIN_M = 256
-# ... and below it wherever K >= N: on an H100 at M = 32-128, dequantize + cuBLAS took 41-44 us vs
-# 62-67 us in the tl.dot kernel on 4096x4096 and 137-146 vs 203-210 us on 14336x4096, while on
-# 4096x28672 the tl.dot kernel won (163-191 vs 248-254 us) and 4096x6144 was even
-# (bench/kernels.py --prefill).
-DEQUANT_WHEN_K_GE_N = True
-
 
 
 @triton.jit
 def _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-            WORDS: tl.constexpr):
-    """The tile's fields [BLOCK_K, BLOCK_N] as the fp32 2**23 + q. WORDS: its BLOCK_K / P rows of
-    words loaded once and split by P shifts (row k = word k // P, field k % P: a reshape); else
-    each word read by its P rows (P loads, from L1)."""
+            EVEN_K: tl.constexpr):
+    """The tile's fields [BLOCK_K, BLOCK_N] as the fp32 2**23 + q: its BLOCK_K / P rows of words
+    loaded once and split by P shifts (row k is field k % P of word k // P: a reshape)."""
     P: tl.constexpr = 32 // BITS
-    if WORDS:
-        KW: tl.constexpr = BLOCK_K // P
-        offs_w = k0 // P + tl.arange(0, KW)
+    offs_w = k0 // P + tl.arange(0, BLOCK_K // P)
+    if EVEN_K:
+        qw = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :], mask=n_mask[None, :],
+                     other=0)
+    else:
         qw = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
                      mask=(offs_w < tl.cdiv(K, P))[:, None] & n_mask[None, :], other=0)
-        shifts = tl.arange(0, P) * BITS
-        q = (qw[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (BLOCK_K, q.shape[2]))
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        qw = tl.load(qw_ptr + (offs_k // P)[:, None] * stride_qw + offs_n[None, :],
-                     mask=(offs_k < K)[:, None] & n_mask[None, :], other=0)
-        q = (qw >> ((offs_k % P) * BITS)[:, None]) & ((1 << BITS) - 1)
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+    q = (qw[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return (tl.reshape(q, (BLOCK_K, q.shape[2])) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G, K_KEY, M_KEY,
-                    stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
+def _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s, stride_qz,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
+             HAS_GIDX: tl.constexpr, MODE: tl.constexpr):
+    """Scale (fp32) and zero of a tile's rows at columns offs_n: [1, BLOCK_N] for a tile in one
+    group (MODE 0), else [BLOCK_K, BLOCK_N] (two groups selected at the boundary, or per row)."""
+    if MODE == 0:
+        s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
+                         stride_s, stride_qz, BITS)
+        return s[None, :], z[None, :]
+    elif MODE == 1:
+        g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
+        g1 = tl.minimum(g0 + 1, G - 1)
+        in1 = (offs_k >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
+        s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                     _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+        return tl.where(in1, s1[None, :], s0[None, :]), z
+    else:
+        return _rows_sz(s_ptr, qz_ptr, gidx_ptr, offs_k, k_mask, offs_n, n_mask, stride_s,
+                        stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX)
+
+
+@triton.jit
+def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G,
+                    K_KEY, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                     HAS_GIDX: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    SCALED: tl.constexpr, WORDS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
-    """Prefill (M > 16): a [BLOCK_K, BLOCK_N] tile of W unpacked and dequantized, one tl.dot per
-    tile; x (already permuted for act-order) read contiguously. SCALED: the tile is scaled before
-    the dot, so the dots accumulate in one chain (on Hopper, asynchronous wgmma overlapping the
-    next tile's unpacking); else (q - z) goes into the dot and its product is scaled per tile."""
+                    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Prefill (M > 16): each [BLOCK_K, BLOCK_N] tile of W unpacked, dequantized and scaled, then
+    one tl.dot, so the dots accumulate in one chain (on Hopper asynchronous wgmma, overlapping the
+    next tile's unpacking); x (already permuted for act-order) read contiguously. SPLIT_K programs
+    share a tile of outputs (their partials summed in split order, gptq_common._finish): a small
+    output grid would leave most SMs idle while each program streams all of K."""
     # Grouped launch order: GROUP_M row blocks share each weight tile while it is in L2.
-    pid = tl.program_id(0)
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * n_n)) * GROUP_M
     size_m = tl.minimum(n_m - first_m, GROUP_M)
@@ -82,79 +101,69 @@ def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, M, N, K, G,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
+    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, WORDS)  # 2**23 + q
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if MODE == 0:
-            s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
-                             stride_s, stride_qz, BITS)
-            if SCALED:
-                w = ((q - (z + MAGIC)[None, :]) * s[None, :]).to(xt.dtype)
-                acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
-            else:
-                w = (q - (z + MAGIC)[None, :]).to(xt.dtype)
-                acc += tl.dot(xt, w, input_precision=DOT_PRECISION) * s[None, :]
+        q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K)  # 2**23 + q
+        if EVEN_K:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None], other=0.0)
         else:
-            if MODE == 1:
-                g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
-                g1 = tl.minimum(g0 + 1, G - 1)
-                in1 = (offs_k >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
-                s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
-                             _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
-                s = tl.where(in1, s1[None, :], s0[None, :])
-            else:
-                s, z = _rows_sz(s_ptr, qz_ptr, gidx_ptr, offs_k, k_mask, offs_n, n_mask, stride_s,
-                                stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX)
-            w = ((q - (z + MAGIC)) * s).to(xt.dtype)
-            acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        s, z = _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s,
+                        stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE)
+        w = ((q - (z + MAGIC)) * s).to(xt.dtype)
+        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+    _finish(acc, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr,
+            offs_m[:, None] * N + offs_n[None, :], m_mask[:, None] & n_mask[None, :], cnt_ptr, pid,
+            pid_k, M * N, SPLIT_K)
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K, stride_qw, stride_qz, stride_s,
-                    stride_w, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                    GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K, G, stride_qw, stride_qz,
+                    stride_s, stride_w, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, MODE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W [K, N] = (q - z) * s in w's dtype: the first half of the large-M path (then cuBLAS)."""
-    P: tl.constexpr = 32 // BITS
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    qw = tl.load(qw_ptr + (offs_k // P)[:, None] * stride_qw + offs_n[None, :], mask=mask, other=0)
-    q = ((qw >> ((offs_k % P) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-    s, z = _rows_sz(s_ptr, qz_ptr, gidx_ptr, offs_k, offs_k < K, offs_n, offs_n < N, stride_s,
-                    stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX)
+    k_mask, n_mask = offs_k < K, offs_n < N
+    q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, False)
+    s, z = _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s,
+                    stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE)
     tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-             ((q - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
+             ((q - (z + MAGIC)) * s).to(w_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & n_mask[None, :])
 
 
-_CONFIGS = [cfg(128, 64, None, 8, 3, bm=128, group_m=8), cfg(128, 64, None, 4, 3, bm=64, group_m=8),
-            cfg(64, 64, None, 4, 4, bm=128, group_m=8), cfg(128, 32, None, 8, 4, bm=128, group_m=8),
-            cfg(256, 64, None, 8, 3, bm=128, group_m=8), cfg(128, 128, None, 8, 3, bm=64, group_m=8)]
-_tuned = tuned(_prefill_kernel, _CONFIGS, ["M_KEY"] + KEY + ["SCALED", "WORDS"])
-# A/B switches (bench/kernels.py --prefill): scale each tile before its dot, load words once
-SCALED_TILES = True
-WORDS_ONCE = True
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, BLOCK_M): split-K for grids of few output tiles
+# (K >> N, or small M: 4096x4096 at M = 128 is 32 tiles of 128 x 128 for 132 SMs).
+_CONFIGS = [cfg(128, 64, 1, 8, 3, bm=128, group_m=8), cfg(128, 64, 1, 4, 3, bm=64, group_m=8),
+            cfg(256, 64, 1, 8, 3, bm=128, group_m=8), cfg(64, 64, 1, 4, 4, bm=128, group_m=8),
+            cfg(128, 64, 2, 8, 3, bm=128, group_m=8), cfg(128, 64, 4, 4, 3, bm=64, group_m=8),
+            cfg(64, 64, 4, 4, 4, bm=64, group_m=8), cfg(128, 128, 8, 8, 3, bm=64, group_m=8)]
+_tuned = tuned(_prefill_kernel, _CONFIGS, ["M_KEY"] + KEY)
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
 
 
 def dequantize_triton(w, dtype: torch.dtype) -> torch.Tensor:
     """W [K, N] of a 4/8-bit GPTQWeight in `dtype` (a fresh tensor)."""
     k, n = w.in_features, w.out_features
     out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
-    bk, bn = 32, 128
+    bk, bn = 64, 128
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         w.qweight, w.qzeros, w.scales, w.qweight if w.g_idx is None else w.g_idx, out, n, k,
-        w.qweight.stride(0), w.qzeros.stride(0), w.scales.stride(0), out.stride(0), BITS=w.bits,
-        GROUP_SIZE=w.group_size, GROUP_OFFSET=w.group_offset, HAS_GIDX=w.g_idx is not None,
-        BLOCK_K=bk, BLOCK_N=bn)
+        w.scales.shape[0], w.qweight.stride(0), w.qzeros.stride(0), w.scales.stride(0),
+        out.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size, GROUP_OFFSET=w.group_offset,
+        HAS_GIDX=w.g_idx is not None, MODE=mode_of(bk, w.group_size, w.group_offset,
+                                                    w.g_idx is not None),
+        BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return out
 
 
@@ -162,26 +171,41 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K], M > 16 (fp16, bf16 or fp32) @ the 4/8-bit GPTQWeight w -> out [M, N] in x.dtype.
 
-    `config` fixes the tl.dot kernel's block sizes (tests); without one, M >= DEQUANT_MIN_M (or
-    K >= N, see DEQUANT_WHEN_K_GE_N) goes through dequantization + cuBLAS and the rest through the
-    autotuned kernel.
+    `config` fixes the tl.dot kernel's block sizes (tests); without one, M >= DEQUANT_MIN_M goes
+    through dequantization + cuBLAS, smaller M on a GPU through whichever path was faster for
+    its M class and shape (timed on the first call), elsewhere (the interpreter) through the
+    tl.dot kernel.
     """
     out = new_out(x, w, out)
     if perm is not None:
         x = x.index_select(1, perm)
     m, n = out.shape
-    if config is None and (m >= DEQUANT_MIN_M or DEQUANT_WHEN_K_GE_N and w.in_features >= n):
+    if config is None and m >= DEQUANT_MIN_M:
         return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
+    m_key = triton.next_power_of_2(m)
+    if config is None and x.is_cuda:
+        calls = {"tl.dot": lambda: _tl_dot(x, w, out, m_key, None),
+                 "dequantize + cuBLAS": lambda: torch.matmul(x, dequantize_triton(w, x.dtype),
+                                                             out=out)}
+        if faster(("prefill", m_key, x.dtype) + shape_key(w), calls) != "tl.dot":
+            return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
+    return _tl_dot(x, w, out, m_key, config)
+
+
+def _tl_dot(x, w, out, m_key, config):
+    m, n = out.shape
+    splits = [config.get("SPLIT_K", 1)] if config else [c.kwargs["SPLIT_K"] for c in _CONFIGS]
+    split = max(s for s in splits if prefill_split_fits(m_key, n, s))
+    ws, cnt = workspace(x.device, triton.cdiv(split * m * n, MAX_SPLIT_K),
+                        triton.cdiv(m, 16) * triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
-        M=m, M_KEY=triton.next_power_of_2(m), stride_xm=x.stride(0), stride_om=out.stride(0),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SCALED=SCALED_TILES,
-        WORDS=WORDS_ONCE)
+        M=m, M_KEY=m_key, stride_xm=x.stride(0), stride_om=out.stride(0),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ws_ptr=ws, cnt_ptr=cnt)
     launch(_prefill_kernel, _tuned, args,
-           lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]),), config,
-           INTERPRET_CONFIG)
+           lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
+           config, INTERPRET_CONFIG)
     return out
 
 
 if __name__ == "__main__":
-    for DEQUANT_WHEN_K_GE_N in (True, False):  # both paths at these M
-        self_check(prefill_matmul, ms=(17, 40))
+    self_check(prefill_matmul, ms=(17, 40, DEQUANT_MIN_M))  # the tl.dot kernel, then dequant
