@@ -15,15 +15,25 @@ def masked_scores(s: torch.Tensor, valid: torch.Tensor, softcap: float | None) -
     return s.masked_fill(~valid, float("-inf"))
 
 
-def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_group=1):
+def padded_rows(lens: list[int]) -> torch.Tensor:
+    """int64 [T] (host): the row of each packed token in the [B * max(lens)] padded layout."""
+    maxlen = max(lens)
+    return torch.cat([torch.arange(n) + i * maxlen for i, n in enumerate(lens)])
+
+
+def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_group=1,
+                      rows=None):
     """Causal attention of fresh sequences packed back to back (each starts at position 0).
 
     q [T, H, D], k/v [T, KVH, D] with H = KVH * kv_group (q head h reads kv head h // kv_group),
-    cu_seqlens int [B + 1] (sequence i is rows cu[i]:cu[i+1]) -> [T, H, D] in q's dtype.
-    Padded to [B, maxlen] for one scaled_dot_product_attention call. Padding needs no mask of its
-    own: causality already hides padded keys from every real query, and padded query rows are
-    dropped. window: keys at positions > pos - window; softcap: scores = tanh(s / cap) * cap, which
-    SDPA cannot do, so that path computes the fp32 scores explicitly ([B, H, maxlen, maxlen]).
+    cu_seqlens int [B + 1] (host; sequence i is rows cu[i]:cu[i+1]) -> [T, H, D] in q's dtype.
+    Padded to [B, maxlen] for one scaled_dot_product_attention call (sequences of one length are
+    that layout already: views only). Padding needs no mask of its own: causality already hides
+    padded keys from every real query, and padded query rows are dropped. `rows`: the padding's
+    `padded_rows` on q's device, where the caller keeps them for every layer of a step (else made
+    here, on the host, and copied without waiting for the GPU). window: keys at positions > pos -
+    window; softcap: scores = tanh(s / cap) * cap, which SDPA cannot do, so that path computes the
+    fp32 scores explicitly ([B, H, maxlen, maxlen]).
     """
     t, h, d = q.shape
     kvh = k.shape[1]
@@ -33,16 +43,14 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
     b, maxlen = len(lens), max(lens, default=0)
     if t == 0:
         return torch.empty_like(q)
-    if b == 1:  # one sequence (a first token's prefill): nothing to pad, views only
+    if t == b * maxlen:  # one sequence, or several of one length: nothing to pad, views only
         rows = None
 
-        def pad(x):  # (T, heads, D) -> (1, heads, T, D)
-            return x.transpose(0, 1)[None]
+        def pad(x):  # (T, heads, D) -> (B, heads, maxlen, D)
+            return x.view(b, maxlen, x.shape[1], d).transpose(1, 2)
     else:
-        seq = torch.repeat_interleave(torch.arange(b, device=q.device),
-                                      torch.tensor(lens, device=q.device))
-        starts = torch.tensor(cu[:-1], device=q.device)
-        rows = seq * maxlen + torch.arange(t, device=q.device) - starts[seq]  # packed -> padded
+        if rows is None:
+            rows = padded_rows(lens).to(q.device, non_blocking=True)
 
         def pad(x):  # (T, heads, D) -> (B, heads, maxlen, D)
             out = x.new_zeros(b * maxlen, x.shape[1], d).index_copy_(0, rows, x)
@@ -65,5 +73,5 @@ def prefill_attention(q, k, v, cu_seqlens, scale, window=None, softcap=None, kv_
         p = masked_scores(s * scale, mask, softcap).softmax(-1)
         o = (p.view(b, kvh, kv_group * maxlen, maxlen) @ vp.float()).view(b, h, maxlen, d)
     if rows is None:
-        return o[0].transpose(0, 1).to(q.dtype)
+        return o.transpose(1, 2).reshape(t, h, d).to(q.dtype)
     return o.transpose(1, 2).reshape(b * maxlen, h, d)[rows].to(q.dtype)

@@ -159,9 +159,13 @@ def _sdpa_per_sequence(q, k, v, cu, scale, window, group):
     return out
 
 
-def _prefill_problem(dtype, heads="gqa4"):
+# ragged (padded to the longest), and of one length (viewed as [B, len] without padding)
+PREFILL_LENS = {"ragged": [5, 1, 12, 8], "even": [6, 6, 6]}
+
+
+def _prefill_problem(dtype, heads="gqa4", lens="ragged"):
     h, kvh, d = HEADS[heads]
-    lens = [5, 1, 12, 8]
+    lens = PREFILL_LENS[lens]
     gen = torch.Generator().manual_seed(1)
     t = sum(lens)
     q, k, v = (torch.randn(t, n, d, generator=gen).to(dtype) for n in (h, kvh, kvh))
@@ -172,8 +176,9 @@ def _prefill_problem(dtype, heads="gqa4"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads", ["gqa4", "mha"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_prefill_matches_per_sequence_sdpa(dtype, heads, window):
-    q, k, v, cu, group = _prefill_problem(dtype, heads)
+@pytest.mark.parametrize("lens", PREFILL_LENS)
+def test_prefill_matches_per_sequence_sdpa(dtype, heads, window, lens):
+    q, k, v, cu, group = _prefill_problem(dtype, heads, lens)
     scale = q.shape[-1] ** -0.5
     got = prefill_attention(q, k, v, cu, scale, window, kv_group=group)
     ref = _sdpa_per_sequence(q.float(), k.float(), v.float(), cu, scale, window, group)
@@ -182,10 +187,11 @@ def test_prefill_matches_per_sequence_sdpa(dtype, heads, window):
 
 
 @pytest.mark.parametrize("window,softcap", [(None, 2.0), (4, 3.0), (None, None)])
-def test_prefill_matches_decode_reference_per_position(window, softcap):
+@pytest.mark.parametrize("lens", PREFILL_LENS)
+def test_prefill_matches_decode_reference_per_position(window, softcap, lens):
     """Each prefill query equals a decode step over a cache holding its sequence's keys so far:
     covers the soft-cap path, which SDPA cannot express."""
-    q, k, v, cu, group = _prefill_problem(torch.float32)
+    q, k, v, cu, group = _prefill_problem(torch.float32, lens=lens)
     scale = q.shape[-1] ** -0.5 * 3
     got = prefill_attention(q, k, v, cu, scale, window, softcap, kv_group=group)
     b, kvh, d = len(cu) - 1, k.shape[1], k.shape[2]

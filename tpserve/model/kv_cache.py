@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.errors import TpserveError
-from tpserve.kernels.prefill_attention import prefill_attention
+from tpserve.kernels.prefill_attention import padded_rows, prefill_attention
 
 
 @dataclass
@@ -34,8 +34,8 @@ class StepPlan:
 
     def positions(self, device="cpu") -> torch.Tensor:
         if self._positions is None or self._positions.device != torch.device(device):
-            self._positions = torch.cat([torch.arange(s, s + n) for s, n in
-                                         zip(self.starts, self.lens)]).to(device)
+            self._positions = torch.cat([torch.arange(s, s + n) for s, n in zip(
+                self.starts, self.lens)]).to(device, non_blocking=True)
         return self._positions
 
     @property
@@ -48,7 +48,14 @@ class StepPlan:
         key = ("row_slots", str(device))
         if key not in self._masks:
             self._masks[key] = torch.repeat_interleave(
-                torch.tensor(self.slots), torch.tensor(self.lens)).to(device)
+                torch.tensor(self.slots), torch.tensor(self.lens)).to(device, non_blocking=True)
+        return self._masks[key]
+
+    def padded_rows(self, device) -> torch.Tensor:
+        """`prefill_attention.padded_rows` of the step's sequences on `device`, for every layer."""
+        key = ("padded_rows", str(device))
+        if key not in self._masks:
+            self._masks[key] = padded_rows(self.lens).to(device, non_blocking=True)
         return self._masks[key]
 
     def attention_groups(self, device) -> list["BatchLayout"]:
@@ -219,9 +226,10 @@ class BatchLayout:
         keys = int(ends.max())
         qpos = starts[:, None] + torch.arange(n)[None, :]
         owned = torch.arange(keys)[None, :] < ends[:, None]
-        rows = None if seqs == list(range(len(plan.lens))) else rows.to(device)
-        return cls(slots.to(device), rows, *(t.to(device) for t in (
-            slots[seq], starts[seq] + col, seq, col, qpos, owned)), n, keys)
+        rows = None if seqs == list(range(len(plan.lens))) else rows.to(device, non_blocking=True)
+        return cls(slots.to(device, non_blocking=True), rows, *(
+            t.to(device, non_blocking=True)
+            for t in (slots[seq], starts[seq] + col, seq, col, qpos, owned)), n, keys)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[B, n, keys] bool: query row j of sequence i (position starts[i] + j) sees key
@@ -272,7 +280,8 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ste
     if kv_group is None:  # q heads do not read kv head h // group: one kv head per q head
         k, v, kv_group = k.index_select(1, kv_map), v.index_select(1, kv_map), 1
     cu = torch.tensor([0, *accumulate(plan.lens)])
-    return prefill_attention(q, k, v, cu, scale, window, softcap, kv_group)
+    rows = plan.padded_rows(q.device) if len(set(plan.lens)) > 1 else None
+    return prefill_attention(q, k, v, cu, scale, window, softcap, kv_group, rows)
 
 
 def _attend(q, k, v, cache: KVCache, layer: int, lay: BatchLayout, kv_map, scale, window,
