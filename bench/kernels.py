@@ -43,6 +43,8 @@ PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLA
 # fp16x2 rows kernel, measured on first use, up to M = 4 here; the server offers it at M = 2)
 VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act", "w4_act_shard",
             "w8g128"]
+# Not in the default table: one few-rows kernel forced at M >= 2 (w4g128 is dispatch's pick)
+FORCED = {"w4g128_per_field": "decode", "w4g128_per_tile": "rows"}
 L2_BYTES = 50e6
 SHAPES = None  # --shapes
 
@@ -155,9 +157,17 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 dispatch.H2_ROWS = v != "w4g128_dot"
                 dispatch.H2_ROWS_MAX_M = 4  # the A/B at every M the fp16x2 rows kernel runs
             v_ms = ms[:1] if v == "w4g128_fp32" else [m for m in ms if m > 1 or v != "w4g128_dot"]
+            if v in FORCED:
+                v_ms = [m for m in ms if 2 <= m <= 16]
             for m in v_ms:
                 x = torch.randn(m, k, device=dev).half()
-                fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
+                if v in FORCED:
+                    from tpserve.kernels import gptq_decode, gptq_prefill
+                    run = dict(decode=gptq_decode.decode_matmul,
+                               rows=gptq_prefill.rows_matmul)[FORCED[v]]
+                    fns = [lambda w=w, p=p: run(x, w, p) for w, p in ws]
+                else:
+                    fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
                 t = device_time_us(fns, dev, iters)
                 r = _row("gemm", k, n, m, v, t, first[0].nbytes, x, n, copy_bw, base[m], tiny.get(m))
                 if (k, n) == shapes[0]:  # the autotuned configs, against the reference
@@ -252,7 +262,8 @@ def main():
     ap.add_argument("--no-head", action="store_true", help="GPTQ shapes only")
     ap.add_argument("--shapes", help="GPTQ shapes KxN,... (default: the table's)")
     ap.add_argument("--m", type=int, nargs="+", help="GPTQ M values (default 1 4 16)")
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, help="GPTQ variants (default: all)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS + list(FORCED),
+                    help="GPTQ variants (default: all but the forced few-rows kernels)")
     ap.add_argument("--prefill", type=int, nargs="+", metavar="M",
                     help="only the prefill paths (tl.dot vs dequant + cuBLAS vs bf16) at these M, "
                          "on the Llama-3-8B layer shapes")

@@ -3,7 +3,8 @@ reference otherwise; each choice is logged once. Triton modules are imported on 
 so the CPU path never needs a GPU.
 
 GPTQ: y[M, N] = x[M, K] @ W[K, N] for one rank's shard (`GPTQWeight`), by M: the GEMV (M = 1),
-the batched decode kernels (M <= 16: tl.dot, or fp16x2 rows up to M = 4 where timed faster),
+the batched decode kernels (M <= 16: the fastest, timed per M and shape, of a tl.dot per field,
+the prefill kernel's tl.dot per tile, and fp16x2 rows at M = 2),
 prefill (M > 16). The torch reference dequantizes the shard
 and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA 4-bit shards take
 torch's int4 CPU kernel (`gptq_cpu.py`), others (and 2/3 bits) `gptq_matmul_cpu`, the reference's
@@ -58,6 +59,7 @@ def _kernels():
         from .gptq_weight import shape_key
         _triton = types.SimpleNamespace(gemv=gptq_gemv.gemv, uses_h2=gptq_gemv.uses_h2,
                                         decode=gptq_decode.decode_matmul, h2mm=gptq_h2mm,
+                                        rows=gptq_prefill.rows_matmul,
                                         prefill=gptq_prefill.prefill_matmul, faster=tuning.faster,
                                         new_out=new_out, shape_key=shape_key)
     return _triton
@@ -78,17 +80,19 @@ def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None
 
 
 def _few_rows(k, x, w, perm, out, config):
-    """2 <= M <= 16: the tl.dot decode kernel; at M <= H2_ROWS_MAX_M with fp16 x on a GPU,
-    whichever of it and the fp16x2 rows kernel is faster, timed on the first call per M and shard
-    shape (`tuning.faster`). -> (the kernel's function, out)."""
-    if (config is not None or not x.is_cuda or not H2_ROWS or x.shape[0] > H2_ROWS_MAX_M
-            or not k.uses_h2(x.dtype, w)):
+    """2 <= M <= 16: on a GPU, whichever is faster for this M and shard shape (timed on the first
+    call, `tuning.faster`) of the tl.dot decode kernel (a dot per field), the prefill kernel's
+    tile-at-once dot with decode configs, and at M <= H2_ROWS_MAX_M with fp16 x the fp16x2 rows
+    kernel; elsewhere (the interpreter, fixed configs) the decode kernel.
+    -> (the kernel's function, out)."""
+    if config is not None or not x.is_cuda:
         return k.decode, out
     out = k.new_out(x, w, out)
-    calls = {"fp16x2": lambda: k.h2mm.h2_matmul(x, w, perm, out),
-             "tl.dot": lambda: k.decode(x, w, perm, out)}
-    fp16x2 = k.faster((x.shape[0], perm is not None) + k.shape_key(w), calls) == "fp16x2"
-    return (k.h2mm.h2_matmul if fp16x2 else k.decode), out
+    kernels = {"tl.dot per field": k.decode, "tl.dot per tile": k.rows}
+    if H2_ROWS and x.shape[0] <= H2_ROWS_MAX_M and k.uses_h2(x.dtype, w):
+        kernels["fp16x2"] = k.h2mm.h2_matmul
+    calls = {name: (lambda f=f: f(x, w, perm, out)) for name, f in kernels.items()}
+    return kernels[k.faster((x.shape[0], perm is not None, x.dtype) + k.shape_key(w), calls)], out
 
 
 def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None) -> torch.Tensor:

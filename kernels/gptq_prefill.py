@@ -150,6 +150,11 @@ _CONFIGS = [cfg(128, 64, 1, 8, 3, bm=128, group_m=8), cfg(128, 64, 1, 4, 3, bm=6
             cfg(64, 64, 4, 4, 4, bm=64, group_m=8), cfg(128, 128, 8, 8, 3, bm=64, group_m=8)]
 _tuned = tuned(_prefill_kernel, _CONFIGS, ["M_KEY"] + KEY)
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+# The same kernel for a decode step's few rows (2 <= M <= 16, one BLOCK_M of 16): weight-streaming
+# bound, so deep tiles along K and split-K for bytes in flight on every SM.
+_ROWS_CONFIGS = [cfg(64, 128, 4, 4, 3, bm=16, group_m=1), cfg(128, 128, 4, 4, 3, bm=16, group_m=1),
+                 cfg(64, 256, 2, 4, 3, bm=16, group_m=1), cfg(128, 128, 8, 4, 4, bm=16, group_m=1)]
+_tuned_rows = tuned(_prefill_kernel, _ROWS_CONFIGS, ["M_KEY"] + KEY)
 
 
 def dequantize_triton(w, dtype: torch.dtype) -> torch.Tensor:
@@ -192,18 +197,30 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     return _tl_dot(x, w, out, m_key, config)
 
 
-def _tl_dot(x, w, out, m_key, config):
+def rows_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K], 2 <= M <= 16, @ w -> out [M, N] through the prefill kernel with decode configs
+    (one tl.dot per tile, where `gptq_decode.py` takes one per field); a candidate of
+    `dispatch.gptq_matmul_triton` for few rows, timed against the others on first use."""
+    out = new_out(x, w, out)
+    if perm is not None:
+        x = x.index_select(1, perm)
+    return _tl_dot(x, w, out, x.shape[0], config, rows=True)
+
+
+def _tl_dot(x, w, out, m_key, config, rows=False):
     m, n = out.shape
-    splits = [config.get("SPLIT_K", 1)] if config else [c.kwargs["SPLIT_K"] for c in _CONFIGS]
+    configs = _ROWS_CONFIGS if rows else _CONFIGS
+    splits = [config.get("SPLIT_K", 1)] if config else [c.kwargs["SPLIT_K"] for c in configs]
     split = max(s for s in splits if prefill_split_fits(m_key, n, s))
     ws, cnt = workspace(x.device, triton.cdiv(split * m * n, MAX_SPLIT_K),
                         triton.cdiv(m, 16) * triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m_key, stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ws_ptr=ws, cnt_ptr=cnt)
-    launch(_prefill_kernel, _tuned, args,
+    launch(_prefill_kernel, _tuned_rows if rows else _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
-           config, INTERPRET_CONFIG)
+           config, dict(INTERPRET_CONFIG, BLOCK_M=16, SPLIT_K=2) if rows else INTERPRET_CONFIG)
     return out
 
 

@@ -161,6 +161,25 @@ def test_gptq_large_m_dequantizes_then_matmuls():
     _close(y, x[:, perm] @ w.dequantize(), torch.float32)
 
 
+@pytest.mark.parametrize("m", [2, 5])
+@pytest.mark.parametrize("case", GPTQ_CASES)
+def test_prefill_kernel_for_few_rows_matches_reference(case, m):
+    """The few-rows candidate (the prefill kernel with BLOCK_M 16 and split-K) in every group
+    mode, its split-K tickets left zeroed."""
+    bits, k, n, gs, k0, act, _, bk_mm = GPTQ_CASES[case]
+    w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
+    perm = None
+    if act:
+        w, perm = prepare_act_order(w)
+    x = torch.randn(m, k, dtype=torch.float16)
+    ref = (x if perm is None else x[:, perm]).float() @ w.dequantize()
+    out = prefill.rows_matmul(x, w, perm, out=_poisoned(m, n, torch.float16),
+                              config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk_mm, GROUP_M=1,
+                                          SPLIT_K=2))
+    _close(out, ref, torch.float16)
+    assert not launch._workspaces[x.device][1].any()
+
+
 @pytest.mark.parametrize("case", GPTQ_CASES)
 def test_dequantize_kernel_matches_reference(case):
     """The large-M path's first half, in every group mode: one group per tile, two with the
