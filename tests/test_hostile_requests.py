@@ -122,6 +122,9 @@ def test_the_logprob_budget_names_the_figures_and_the_fix():
         "n=128 choices x (5000 echoed prompt tokens + 16 max_tokens) x (20 logprobs + 1) = "
         "13,483,008 logprob entries, over the 4,194,304 this server returns for one request; "
         "ask for fewer choices, tokens or logprobs")
+    with pytest.raises(ApiError) as e:  # a product past Python's int-to-str limit: still a 400
+        check_logprob_budget(2, 0, int("9" * 4000), 1)
+    assert "= more than 10^30 logprob entries" in e.value.message
     check_logprob_budget(128, 1022, 2, 20)  # the demo's largest request fits
     check_logprob_budget(128, 10**6, 10**6, None)  # no logprobs asked: nothing to bound
 
@@ -152,6 +155,58 @@ def test_requests_over_the_logprob_budget_are_refused_before_the_engine(
     assert submitted == []
     small = {**body, "n": 1, "max_tokens": 2, "max_completion_tokens": None}  # within budget
     assert env.client.post(path, json=small).status_code == 200 and len(submitted) == 1
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 1}),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "n": 2}),
+])
+def test_a_max_tokens_of_thousands_of_digits_is_a_400(env, path, body):
+    """The logprob budget's product of such a number cannot be printed by Python (4300-digit
+    limit): it once became a 500 that echoed the exception."""
+    r = env.client.post(path, content=json.dumps(body)[:-1] + ', "max_tokens": ' + "9" * 4000
+                        + "}", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert "internal error" not in r.text
+
+
+def test_a_streamed_echo_with_logprobs_is_encoded_off_the_event_loop(env, monkeypatch):
+    """The first chunk of a streamed echo carries the prompt's logprobs (seconds of JSON at a
+    long prompt and many choices): encoded in pieces in a worker thread, as whole answers are."""
+    from tpserve.serve import streams
+    monkeypatch.setattr(streams, "PIECE", 1)  # the demo's prompts are short: every list is "long"
+    on_loop, real = [], streams.encode
+
+    def spy(obj):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(obj)
+    monkeypatch.setattr(streams, "encode", spy)
+    body = {"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 2, "ignore_eos": True,
+            "temperature": 0}
+    whole = env.client.post("/v1/completions", json=body).json()["choices"][0]
+    on_loop.clear()
+    chunks = sse(env.client, "/v1/completions", {**body, "stream": True})
+    assert on_loop and not any(on_loop), on_loop
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == whole["logprobs"]["tokens"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+
+
+def test_tokenizing_a_long_prompt_lets_other_threads_run(env):
+    """Tokenizers' encode held the GIL for the whole call (a 4M-character prompt froze the event
+    loop for seconds); the codec's encode releases it, with the same ids."""
+    text = ("lorem ipsum dolor sit amet " * 40_000)[:1_000_000]
+    assert env.codec.encode(text[:5000]) == env.codec.tokenizer.encode(text[:5000]).ids
+    ticks, worker = 0, threading.Thread(target=env.codec.encode, args=(text,))
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.001)
+        ticks += 1
+    assert ticks >= 20, f"the main thread ran {ticks} times while the prompt was encoded"
 
 
 def test_whole_answers_with_logprobs_are_built_off_the_event_loop(env, monkeypatch):

@@ -21,6 +21,7 @@ requests are cancelled: the engine frees their KV slots before the next step.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 
@@ -43,6 +44,7 @@ from tpserve.serve.requests import RequestError
 from tpserve.serve.sampling_params import MAX_SEED
 from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 
 
@@ -86,7 +88,10 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):  # Starlette re-raises it after, so uvicorn logs it
-        return error(500, f"internal error: {type(e).__name__}: {e}")
+        # The client learns a reference, not the exception's text (paths, device messages).
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s: %s: %s", ref, type(e).__name__, e)
+        return error(500, f"internal error (reference {ref}); the server's log has the details")
 
     def check_model(model: str | None) -> None:
         if model is not None and model != model_name:

@@ -28,7 +28,9 @@ def check_logprob_budget(n: int, echoed: int, max_tokens: int, k: int | None,
     if total > MAX_LOGPROB_ENTRIES:
         tokens = (f"({echoed} echoed prompt tokens + {max_tokens} {tokens_param})" if echoed
                   else f"{max_tokens} {tokens_param}")
-        raise ApiError(400, f"n={n} choices x {tokens} x ({k} {param} + 1) = {total:,} logprob "
+        count = f"{total:,}" if total < 10 ** 30 else "more than 10^30"  # str() of a 4300-digit
+        # product raises (Python's int-to-str limit): a huge max_tokens would become a 500
+        raise ApiError(400, f"n={n} choices x {tokens} x ({k} {param} + 1) = {count} logprob "
                             f"entries, over the {MAX_LOGPROB_ENTRIES:,} this server returns for "
                             f"one request; ask for fewer choices, tokens or logprobs", param)
 

@@ -116,6 +116,14 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _many_logprobs(choice: dict) -> bool:
+    """Whether a chunk's logprobs hold more than PIECE entries in a list (the echoed prompt's
+    logprobs ride in a choice's first chunk): encoded in pieces, in a worker thread."""
+    lp = choice.get("logprobs")
+    return isinstance(lp, dict) and any(isinstance(v, list) and len(v) > PIECE
+                                        for v in lp.values())
+
+
 def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict], chunks,
            usage) -> StreamingResponse:
     """SSE: the `first` choices, then what chunks(choice, event, first?) yields per event, a usage
@@ -133,7 +141,11 @@ def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict]
                     break
                 n += len(ev.token_ids)
                 for c in chunks(i, ev, is_first):
-                    yield _sse({**head, "choices": [c]})
+                    obj = {**head, "choices": [c]}
+                    if _many_logprobs(c):  # an echoed prompt's: seconds of JSON, off the loop
+                        yield f"data: {(await run_in_threadpool(encode, obj)).decode()}\n\n"
+                    else:
+                        yield _sse(obj)
             else:
                 if include_usage:
                     yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
