@@ -370,9 +370,22 @@ def small_window_connection(addr) -> socket.socket:
 def test_a_client_that_stops_reading_is_cut_off_and_a_slow_reader_is_not():
     T = 0.5  # the write-stall deadline here
     config = server_config(big_response_app, log_level="warning", max_connections=1,
-                           write_timeout=T)
+                           write_timeout=T, min_drain=16 << 10)  # 32 KB/s at least
     with served(config) as (server, addr):
         url = f"http://{addr[0]}:{addr[1]}/health"
+        # A client that reads a little now and then (~20 KB/s) to keep its connection is cut off.
+        with small_window_connection(addr) as drip:
+            start = time.monotonic()
+            drip.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            drip.settimeout(5)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            while server.server_state.connections:  # (the kernel's queue still reaches it after)
+                assert drip.recv(2048), "closed"
+                assert time.monotonic() - t0 < 6 * T + 2, "the dripping reader was kept"
+                time.sleep(0.1)
+            assert time.monotonic() - start > T  # a whole period of too little drained
+            assert httpx.get(url).status_code == 200  # its slot is free again
         with small_window_connection(addr) as stalled:
             stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
             time.sleep(0.2)

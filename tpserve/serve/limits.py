@@ -11,6 +11,10 @@ HEADER_READ_TIMEOUT_S = 10.0  # a request's headers must all arrive within this
 # without draining a byte, the connection is aborted (uvicorn has no write timeout, and closing a
 # connection waits for its buffer to drain, so such a client would hold its connection for ever).
 WRITE_STALL_TIMEOUT_S = 30.0
+# ... and one that drains fewer than this many bytes in such a period (while more are waiting) is
+# aborted too: ~1 KB/s, far below any real reader, above a client that reads a segment now and
+# then to keep its connection (1024 of them would hold every connection).
+WRITE_MIN_DRAIN_BYTES = 32 << 10
 # A body not received whole within this is refused (408): a client that declares a body and
 # sends it slowly, or never, would otherwise hold its connection and a task for ever.
 BODY_READ_TIMEOUT_S = 30.0
