@@ -193,8 +193,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
         out = torch.empty(m, n, dtype=torch.float16, device=dev)
         for variant, run in (  # each path forced, then the one gptq_matmul picks
                 ("w4g128 tl.dot", lambda w: gp._tl_dot(xh, w, out, triton.next_power_of_2(m), None)),
-                ("w4g128 dequant+cuBLAS",
-                 lambda w: torch.matmul(xh, gp.dequantize_triton(w, xh.dtype), out=out)),
+                ("w4g128 dequant+cuBLAS", lambda w: gp._dequant_matmul(xh, w, out)),
                 ("w4g128 gptq_matmul", lambda w: gptq_matmul(xh, w))):
             t = device_time_us([lambda w=w: run(w[0]) for w in ws], dev, iters)
             r = _row("prefill", k, n, m, variant, t, ws[0][0].nbytes, x, n, copy_bw, tb, None)

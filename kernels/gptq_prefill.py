@@ -186,15 +186,18 @@ def prefill_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
         x = x.index_select(1, perm)
     m, n = out.shape
     if config is None and m >= DEQUANT_MIN_M:
-        return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
+        return _dequant_matmul(x, w, out)
     m_key = triton.next_power_of_2(m)
     if config is None and x.is_cuda:
         calls = {"tl.dot": lambda: _tl_dot(x, w, out, m_key, None),
-                 "dequantize + cuBLAS": lambda: torch.matmul(x, dequantize_triton(w, x.dtype),
-                                                             out=out)}
+                 "dequantize + cuBLAS": lambda: _dequant_matmul(x, w, out)}
         if faster(("prefill", m_key, x.dtype) + shape_key(w), calls) != "tl.dot":
-            return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
+            return _dequant_matmul(x, w, out)
     return _tl_dot(x, w, out, m_key, config)
+
+
+def _dequant_matmul(x, w, out):
+    return torch.matmul(x, dequantize_triton(w, x.dtype), out=out)
 
 
 def rows_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,

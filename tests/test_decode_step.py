@@ -100,7 +100,8 @@ def test_a_step_attends_like_each_sequence_alone(plan, kv_group, window, softcap
     """Batched attention of a step against a naive loop over sequences and heads; every cache
     entry a sequence must not see (other slots, its own slot past its end) holds NaN. kv_group
     3: q head h reads kv head h // 3; None: through kv_map (an uneven split's)."""
-    from tpserve.model.kv_cache import KVCache, attention
+    from tpserve.model.cache_attention import attention
+    from tpserve.model.kv_cache import KVCache
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, hd, slots, max_len = 6, 2, 8, 4, 40
     cache = KVCache(1, slots, max_len, kv_heads, hd, torch.float32, "cpu")
@@ -137,7 +138,7 @@ def test_a_step_attends_like_each_sequence_alone(plan, kv_group, window, softcap
 
 
 def test_a_long_prompt_does_not_pad_the_decode_rows_beside_it():
-    from tpserve.model.kv_cache import group_sequences
+    from tpserve.model.cache_attention import group_sequences
     # 31 decode rows at position 1000 and one 512-token prompt: two batches, not one 32 x 512
     starts, lens = [1000] * 31 + [0], [1] * 31 + [512]
     assert sorted(map(sorted, group_sequences(starts, lens))) == [list(range(31)), [31]]

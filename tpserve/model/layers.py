@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tpserve.kernels.attention import decode_attention
 from tpserve.kernels.fused import add_rms_norm, rms_norm, silu_mul
 from tpserve.kernels.rotary import rotary, rotary_store
-from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan, attention, fresh_attention
+from tpserve.model.cache_attention import attention, fresh_attention
+from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan
 from tpserve.model.linear import Linear, MergedLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}

@@ -143,7 +143,9 @@ def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict]
                 for c in chunks(i, ev, is_first):
                     obj = {**head, "choices": [c]}
                     if _many_logprobs(c):  # an echoed prompt's: seconds of JSON, off the loop
-                        yield f"data: {(await run_in_threadpool(encode, obj)).decode()}\n\n"
+                        yield b"data: "  # the body's bytes go out as they are, not copied
+                        yield await run_in_threadpool(encode, obj)
+                        yield b"\n\n"
                     else:
                         yield _sse(obj)
             else:
