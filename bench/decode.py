@@ -135,14 +135,20 @@ def check_prefill_rows(path, device, dtype) -> None:
     """tp=1: captured prefill steps (the step's tokens as decode rows, `graphs.prefill_rows`)
     against the eager step's attention (flash attention on the step's own q/k/v, or over the
     cache): the out rows' logits within 1e-2 of the largest, the same argmax. One prompt of 2-256
-    tokens, two prompts together, a prompt beside a decode row."""
+    tokens, two prompts together, a prompt beside a decode row, eight 128-token prompts (1024
+    tokens) and five ragged ones."""
     from tpserve.model.kv_cache import StepPlan
-    llm = tpserve.load(path, tp=1, device=device, dtype=dtype, num_slots=2, max_model_len=512)
+    llm = tpserve.load(path, tp=1, device=device, dtype=dtype, num_slots=8, max_model_len=512)
     ex, g = llm.executor, torch.Generator().manual_seed(2)
     rank, head = ex.ranks[0], ex.rank_head
     plans = [StepPlan([0], [0], [n], out_rows=[n - 1]) for n in (2, 16, 37, 128, 200, 256)]
     plans.append(StepPlan([1, 0], [0, 0], [37, 100], out_rows=[36, 136]))
     plans.append(StepPlan([0, 1], [100, 0], [1, 60], out_rows=[0, 60]))  # decode row + prompt
+    plans.append(StepPlan(list(range(8)), [0] * 8, [128] * 8,
+                          out_rows=[128 * i + 127 for i in range(8)]))
+    lens = [200, 256, 100, 37, 250]
+    plans.append(StepPlan([3, 1, 4, 0, 2], [0] * 5, lens,
+                          out_rows=[sum(lens[:i + 1]) - 1 for i in range(5)]))
     worst = 0.0
     for plan in plans:
         ids = torch.randint(3, llm.cfg.vocab_size, (plan.num_tokens,), generator=g)
@@ -156,7 +162,8 @@ def check_prefill_rows(path, device, dtype) -> None:
             raise SystemExit(f"captured prefill {plan}: max rel {rel:.2e}, argmax "
                              f"{argmax.tolist()} vs eager {ref.argmax(-1).tolist()}")
     print(f"captured prefill steps vs eager attention ({len(plans)} steps: one prompt of 2-256 "
-          f"tokens, two prompts, a prompt beside a decode row): max rel {worst:.1e}, same argmax")
+          f"tokens, two prompts, a prompt beside a decode row, 8x128 and 5 ragged prompts): max "
+          f"rel {worst:.1e}, same argmax")
     llm.close()
 
 

@@ -47,7 +47,9 @@ def test_prefill_steps_as_decode_rows_run_as_the_eager_step_does(demo_checkpoint
     rows, row i of a sequence at position start + i attending to its first start + i + 1 keys,
     padded to the bucket with rows aimed at the scratch slot. Its rows and the cache rows equal
     the eager step's, for a first prompt, a chunk continuing it, and a step that prefills a new
-    prompt beside a decode row; a prompt ending past the bucket runs eagerly."""
+    prompt beside a decode row; a step of prompts with more tokens than the positions a prompt may
+    end within (several short prompts) runs as rows too; a prompt ending past those positions
+    runs eagerly."""
     llm = tpserve.load(demo_checkpoint, tp=2, dtype=torch.float32, num_slots=5)
     try:
         ex, scratch = llm.executor, llm.executor.ranks[0].cache.num_slots
@@ -62,9 +64,11 @@ def test_prefill_steps_as_decode_rows_run_as_the_eager_step_does(demo_checkpoint
                     (StepPlan([a], [len(first)], [len(more)]), more),
                     (StepPlan([a, b], [n, 0], [1, len(new)]), [20] + new)]
         got = {}
-        for sizes, (a, b) in (([], (0, 2)), ([16], (1, 3))):  # eager; as rows
-            for rank in ex.ranks:  # a GPU rank's buckets (`run_prefill_rows`); none on CPU
-                rank.prefill_sizes = sizes
+        def buckets(sizes):  # a GPU rank's buckets (`run_prefill_rows`); none on CPU
+            for rank in ex.ranks:
+                rank.prefill_sizes, rank.prefill_positions = sizes, 16
+        for sizes, (a, b) in (([], (0, 2)), ([16, 32], (1, 3))):  # eager; as rows
+            buckets(sizes)
             got[a] = [ex.step(llm.head.embed(torch.tensor(t)), p) for p, t in steps(a, b)]
         assert len(calls) == 3  # slots 1 and 3's steps ran as rows
         for want, rows in zip(got[0], got[1]):
@@ -75,11 +79,21 @@ def test_prefill_steps_as_decode_rows_run_as_the_eager_step_does(demo_checkpoint
                     assert torch.allclose(k[rows, :m], k[eager, :m], rtol=1e-5, atol=1e-5)
                     assert torch.allclose(v[rows, :m], v[eager, :m], rtol=1e-5, atol=1e-5)
                 assert not k[4:scratch].any()  # a slot no sequence owns: untouched
-        # a prompt chunk ending past the largest bucket (at 17 of 16 positions) runs eagerly; a
-        # new prompt beside it later as rows
-        ex.step(llm.head.embed(torch.tensor([1, 2, 3, 4])), StepPlan([1], [n + 1], [4]))
-        ex.step(llm.head.embed(torch.tensor([3] * 4)), StepPlan([4], [0], [4]))
+        # two new prompts of 24 tokens together, each ending within 16 positions: as rows, as
+        # the eager step (on other slots) gives them
+        two = llm.head.embed(torch.arange(30, 54))
+        rows = ex.step(two, StepPlan([4, 3], [0, 0], [12, 12]))
         assert len(calls) == 4
+        buckets([])
+        want = ex.step(two, StepPlan([0, 2], [0, 0], [12, 12]))
+        assert torch.allclose(rows, want, rtol=1e-4, atol=1e-4)
+        # a prompt chunk ending past the positions (at 17 of 16) runs eagerly; a new prompt
+        # beside it later as rows
+        buckets([16, 32])
+        ex.step(llm.head.embed(torch.tensor([1, 2, 3, 4])), StepPlan([1], [n + 1], [4]))
+        assert len(calls) == 4
+        ex.step(llm.head.embed(torch.tensor([3] * 4)), StepPlan([4], [0], [4]))
+        assert len(calls) == 5
     finally:
         llm.close()
 

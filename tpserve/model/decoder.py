@@ -19,8 +19,9 @@ import torch
 
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
-from tpserve.model.graphs import (PREFILL_GRAPH_TOKENS, DecodeGraphs, bucket_for, buckets_for,
-                                  prefill_buckets, prefill_fits, prefill_rows)
+from tpserve.model.graphs import (PREFILL_GRAPH_POSITIONS, PREFILL_GRAPH_TOKENS, DecodeGraphs,
+                                  bucket_for, buckets_for, prefill_buckets, prefill_fits,
+                                  prefill_rows)
 from tpserve.model.kv_cache import DecodeMeta, LayerCaches, StepPlan
 from tpserve.model.layers import DecoderLayer, LayerLoader
 from tpserve.model.rope import Rotary
@@ -63,8 +64,11 @@ class RankModel(torch.nn.Module):
                                "host" if any(layer.moe is not None for layer in layers) else None)
         self.buckets = buckets_for(cache.num_slots)  # decode batch sizes a GPU step runs at
         # token buckets of the prefill steps a GPU rank runs as decode rows (`run_prefill_rows`),
-        # captured where the decode step holds the head
-        self.prefill_sizes = (prefill_buckets(min(PREFILL_GRAPH_TOKENS, cache.max_len))
+        # captured where the decode step holds the head, for prompts ending within
+        # `prefill_positions` (`graphs.prefill_fits`)
+        self.prefill_positions = min(PREFILL_GRAPH_POSITIONS, cache.max_len)
+        self.prefill_sizes = (prefill_buckets(min(PREFILL_GRAPH_TOKENS,
+                                                  cache.num_slots * self.prefill_positions))
                               if self.device.type == "cuda" and self.batched_decode else [])
         self.graphs = None
 
@@ -86,9 +90,14 @@ class RankModel(torch.nn.Module):
             if self.device.type == "cuda":
                 return self.run_padded(x, plan)
             return self.run(x, None, plan.decode_meta(self.device))
-        if capture is None and self.prefill_sizes and prefill_fits(plan, self.prefill_sizes[-1]):
+        if capture is None and self.prefill_fits(plan):
             return self.run_prefill_rows(x, plan)
         return self.run(x, plan, None, capture)
+
+    def prefill_fits(self, plan: StepPlan) -> bool:
+        """Whether `plan` runs as token rows in a prefill bucket (`graphs.prefill_fits`)."""
+        return bool(self.prefill_sizes) and prefill_fits(plan, self.prefill_sizes[-1],
+                                                         self.prefill_positions)
 
     def run(self, x, plan: StepPlan | None, decode: DecodeMeta | None, capture=None):
         """The step as a loop over layer halves, each all-reduce at its call site."""

@@ -143,11 +143,11 @@ class _Bucket:
         return self.out
 
 
-def prefill_fits(plan, max_tokens: int) -> bool:
-    """Whether `plan` runs as token rows (`prefill_rows`) within `max_tokens`: at most that many
-    tokens, and each sequence bringing more than one ends within that many positions."""
+def prefill_fits(plan, max_tokens: int, max_positions: int) -> bool:
+    """Whether `plan` runs as token rows (`prefill_rows`): at most `max_tokens` tokens, and each
+    sequence bringing more than one ends within `max_positions` positions."""
     return plan.num_tokens <= max_tokens and all(
-        n == 1 or s + n <= max_tokens for s, n in zip(plan.starts, plan.lens))
+        n == 1 or s + n <= max_positions for s, n in zip(plan.starts, plan.lens))
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -159,13 +159,17 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return sizes
 
 
-# Steps of up to this many tokens that prefill (first prompts, prompt chunks, beside decode rows)
-# replay a captured graph where the decode step holds the head, if each prompt ends within
-# this many positions (a first token costs ~441 kernel launches from Python eagerly, ~24 ms of
-# host time on an H200 for ~14 ms of GPU work at 128 tokens). The rows' attention reads each
-# row's keys in turn, O(tokens x positions) reads: beyond a few hundred the eager path's flash
-# attention wins.
-PREFILL_GRAPH_TOKENS = 256
+# Steps that prefill (first prompts, prompt chunks, beside decode rows) replay a captured graph
+# of their tokens as decode rows where the decode step holds the head: up to PREFILL_GRAPH_TOKENS
+# tokens, if each prompt ends within PREFILL_GRAPH_POSITIONS positions. Eagerly a 128-token
+# prompt costs ~441 kernel launches from Python (~24 ms of host time on an H200 for ~14 ms of GPU
+# work), eight of them in one step ~600 larger ones (41 ms wall for 30 ms of GPU work). The
+# rows' attention reads each row's keys in turn: its cost is the sum of the rows' contexts (eight
+# 128-token prompts: 66K key reads per head, one 256-token prompt 33K), where the eager path's
+# flash attention costs the square of each prompt: a prompt ending past a few hundred positions
+# attends faster eagerly, however few tokens the step has.
+PREFILL_GRAPH_TOKENS = 1024
+PREFILL_GRAPH_POSITIONS = 256
 
 
 class DecodeGraphs:
@@ -202,9 +206,8 @@ class DecodeGraphs:
     def takes_prefill(self, plan) -> bool:
         """Whether a captured prefill runs `plan`: a step that is not a decode step, of at most
         the largest bucket's tokens, each of whose prompts (sequences bringing more than one
-        token) ends within that many positions (`prefill_fits`)."""
-        return bool(self.prefill) and not plan.is_decode and \
-            prefill_fits(plan, self.model.prefill_sizes[-1])
+        token) ends within the model's `prefill_positions` (`prefill_fits`)."""
+        return bool(self.prefill) and not plan.is_decode and self.model.prefill_fits(plan)
 
     def run_prefill(self, ids: torch.Tensor, plan) -> tuple[torch.Tensor | None,
                                                             torch.Tensor | None]:
