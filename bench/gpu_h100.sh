@@ -24,6 +24,9 @@
 #   bash bench/gpu_h100.sh gemm     the prefill GEMM paths at M = 32, 128, 256, 1024 on the 8B
 #                                   shapes (each forced: tl.dot kernel variants, dequantize +
 #                                   cuBLAS, bf16 cuBLAS)
+#   bash bench/gpu_h100.sh fewrows  the fp16x2 rows kernel's self-check, then M = 2 and 4 on the 8B
+#                                   shapes: dispatch's pick, the fp16x2 rows kernel and the tl.dot
+#                                   decode kernel forced, tinygemm and bf16 in the same run
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
 #                                   against the torch int4 peer and transformers bf16, same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
@@ -76,6 +79,13 @@ if has gemm; then
   timeout 400 python3 bench/kernels.py --prefill 32 128 256 1024 --no-head --iters 40 \
     --out "$OUT/prefill_paths.json" > "$OUT/prefill_paths.log" 2>&1
   echo "gemm rc=$?"; grep "^prefill" "$OUT/prefill_paths.log"
+fi
+if has fewrows; then
+  timeout 120 python3 -m tpserve.kernels.gptq_h2mm 2>&1 | grep -v Warning | tail -12
+  timeout 400 python3 bench/kernels.py --m 2 4 --variants w4g128 w4g128_fp16x2 w4g128_per_field \
+    --no-head --iters 60 --shapes 4096x4096,4096x6144,4096x28672,14336x4096 \
+    --out "$OUT/kernels_few_rows.json" > "$OUT/kernels_few_rows.log" 2>&1
+  echo "fewrows rc=$?"; grep -E "gemm|won|faster" "$OUT/kernels_few_rows.log" | cut -c1-140
 fi
 if has ttft; then
   l8

@@ -33,11 +33,9 @@ _announced: set[tuple[str, str]] = set()
 # calls at the same moment: launches go through one lock (held only while launching, or tuning).
 _LAUNCH_LOCK = threading.Lock()
 H2_ROWS = True  # whether 2 <= M <= H2_ROWS_MAX_M may take the fp16x2 rows kernel (for A/B)
-# The fp16x2 rows kernel runs up to gptq_h2mm.MAX_M = 4 rows, but on an H100 the tl.dot kernel
-# was faster at M = 4 wherever timed (every config at 4096x4096: best 15.5 vs 35.0 us; the table's
-# w4g128 and w4g128_dot rows equal on the other shapes, bench/README.md): offered at M = 2 only,
-# it costs half the compiles and timings at start-up.
-H2_ROWS_MAX_M = 2
+# The fp16x2 rows kernel runs up to gptq_h2mm.MAX_M = 4 rows (each word dequantized once for all
+# of them); whether it wins is timed per M and shape on first use.
+H2_ROWS_MAX_M = 4
 
 
 def _announce(op: str, path: str) -> None:

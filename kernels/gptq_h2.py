@@ -118,10 +118,10 @@ def _h2_word(qw, x0, x1, x2, x3, z, BITS: tl.constexpr):
 
 
 @triton.jit
-def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
-            HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z [.., BLOCK_N]
-    (per column, or per word row and column for a tile of two groups)."""
+def _x_pairs(x_ptr, perm_ptr, offs_w, K, stride_xk, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    """One row of x as the pairs (x[k + j], x[k + j + P/2]) of each word row k = P * offs_w, as
+    int32 bits [KW, 1]: four pairs at 4 bits, two at 8 (the last two repeat the first two)."""
     P: tl.constexpr = 32 // BITS
     H: tl.constexpr = P // 2
     r = offs_w * P
@@ -135,41 +135,96 @@ def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
                    _load_rows(x_ptr, perm_ptr, r + 6, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
         x3 = _pair(_load_rows(x_ptr, perm_ptr, r + 3, K, stride_xk, HAS_PERM, EVEN_K),
                    _load_rows(x_ptr, perm_ptr, r + 7, K, stride_xk, HAS_PERM, EVEN_K))[:, None]
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
+            HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z [.., BLOCK_N]
+    (per column, or per word row and column for a tile of two groups)."""
+    x0, x1, x2, x3 = _x_pairs(x_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM, EVEN_K)
     return _h2_word(qw, x0, x1, x2, x3, z, BITS)
 
 
-@triton.jit
-def _x_rows(x_ptr, perm_ptr, offs_m, m_mask, rows, K, stride_xm, stride_xk,
-            HAS_PERM: tl.constexpr):
-    """x[offs_m, rows] (columns through perm) as [BLOCK_M, len(rows)] fp16; 0 past M and K."""
-    r_mask = rows < K
-    if HAS_PERM:
-        rows = tl.load(perm_ptr + rows, mask=r_mask, other=0)
-    return tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * stride_xk,
-                   mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+def _rows_asm(bits: int, rows: int) -> str:
+    """The word's dot product with `rows` rows of x: the word's fields dequantized once (as in
+    _ASM4 / _ASM8), then P/2 fp16x2 FMAs and one fp32 sum per row. Operands: $0 .. $rows-1 the
+    rows' sums (fp32 bits), $rows the word, then each row's x pairs (P/2 per row), then the
+    negated zero pair(s). The sums go to their outputs last: an output may share a register with
+    an input of a later row."""
+    pairs, w = 32 // bits // 2, rows
+    nz = rows + 1 + pairs * rows
+    fs = ", ".join(f"s{m}" for m in range(rows))
+    lines = ["{", ".reg .b32 q, t0, t1, t2, t3, a, c16, c256;", ".reg .b16 l, h;",
+             f".reg .f32 fl, fh, {fs};", "mov.b32 c16, 0x2C002C00;", "mov.b32 c256, 0x1C001C00;",
+             f"shr.u32 q, ${w}, 8;"]
+    if bits == 4:
+        lines += [f"lop3.b32 t0, ${w}, 0x000f000f, 0x64006400, 0xea;",
+                  f"lop3.b32 t1, ${w}, 0x00f000f0, 0x64006400, 0xea;",
+                  "lop3.b32 t2, q, 0x000f000f, 0x64006400, 0xea;",
+                  "lop3.b32 t3, q, 0x00f000f0, 0x64006400, 0xea;",
+                  f"fma.rn.f16x2 t0, t0, c16, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz + 1};",
+                  f"fma.rn.f16x2 t2, t2, c16, ${nz};", f"fma.rn.f16x2 t3, t3, c256, ${nz + 1};"]
+    else:
+        lines += [f"lop3.b32 t0, ${w}, 0x00ff00ff, 0x64006400, 0xea;",
+                  "lop3.b32 t1, q, 0x00ff00ff, 0x64006400, 0xea;",
+                  f"fma.rn.f16x2 t0, t0, c256, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz};"]
+    for m in range(rows):
+        x = [f"${rows + 1 + pairs * m + j}" for j in range(pairs)]
+        lines.append(f"mul.rn.f16x2 a, t0, {x[0]};")
+        lines += [f"fma.rn.f16x2 a, t{j}, {x[j]}, a;" for j in range(1, pairs)]
+        lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;",
+                  f"add.f32 s{m}, fl, fh;"]
+    return "\n".join(lines + [f"mov.b32 ${m}, s{m};" for m in range(rows)] + ["}"])
+
+
+_ASM4_R2 = tl.constexpr(_rows_asm(4, 2))
+_ASM4_R4 = tl.constexpr(_rows_asm(4, 4))
+_ASM8_R2 = tl.constexpr(_rows_asm(8, 2))
+_ASM8_R4 = tl.constexpr(_rows_asm(8, 4))
+_C2_4 = tl.constexpr("=r,=r," + ",".join(["r"] * 11))  # 2 sums; word, 2 x 4 pairs, 2 zeros
+_C4_4 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 19))  # 4 sums; word, 4 x 4 pairs, 2 zeros
+_C2_8 = tl.constexpr("=r,=r," + ",".join(["r"] * 6))  # 2 sums; word, 2 x 2 pairs, 1 zero
+_C4_8 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 10))  # 4 sums; word, 4 x 2 pairs, 1 zero
 
 
 @triton.jit
-def _h2_dot_rows(qw, offs_w, x_ptr, perm_ptr, offs_m, m_mask, z, K, stride_xm, stride_xk,
-                 BITS: tl.constexpr, HAS_PERM: tl.constexpr):
-    """`_h2_dot` for BLOCK_M rows of x at once: fp32 [BLOCK_M, KW, BLOCK_N]."""
-    P: tl.constexpr = 32 // BITS
-    H: tl.constexpr = P // 2
-    r = offs_w * P
-    x0 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r, K, stride_xm, stride_xk, HAS_PERM),
-               _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + H, K, stride_xm, stride_xk,
-                       HAS_PERM))[:, :, None]
-    x1 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 1, K, stride_xm, stride_xk, HAS_PERM),
-               _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 1 + H, K, stride_xm, stride_xk,
-                       HAS_PERM))[:, :, None]
-    x2, x3 = x0, x1
+def _as_f32(t):
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _h2_word2(qw, a0, a1, a2, a3, b0, b1, b2, b3, z, BITS: tl.constexpr):
+    """`_h2_word` for two rows of x (pairs a*, b*), the word dequantized once -> two fp32 sums."""
+    if INTERPRET:
+        return _h2_word(qw, a0, a1, a2, a3, z, BITS), _h2_word(qw, b0, b1, b2, b3, z, BITS)
     if BITS == 4:
-        x2 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 2, K, stride_xm, stride_xk,
-                           HAS_PERM),
-                   _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 6, K, stride_xm, stride_xk,
-                           HAS_PERM))[:, :, None]
-        x3 = _pair(_x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 3, K, stride_xm, stride_xk,
-                           HAS_PERM),
-                   _x_rows(x_ptr, perm_ptr, offs_m, m_mask, r + 7, K, stride_xm, stride_xk,
-                           HAS_PERM))[:, :, None]
-    return _h2_word(qw[None, :, :], x0, x1, x2, x3, z, BITS)
+        ya, yb = tl.inline_asm_elementwise(
+            _ASM4_R2, _C2_4, [qw, a0, a1, a2, a3, b0, b1, b2, b3, _nz(z, 16, BITS),
+                              _nz(z, 256, BITS)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        ya, yb = tl.inline_asm_elementwise(
+            _ASM8_R2, _C2_8, [qw, a0, a1, b0, b1, _nz(z, 256, BITS)], dtype=(tl.int32, tl.int32),
+            is_pure=True, pack=1)
+    return _as_f32(ya), _as_f32(yb)
+
+
+@triton.jit
+def _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, z,
+              BITS: tl.constexpr):
+    """`_h2_word` for four rows of x (pairs a*, b*, c*, d*), the word dequantized once -> four
+    fp32 sums."""
+    if INTERPRET:
+        return (_h2_word(qw, a0, a1, a2, a3, z, BITS), _h2_word(qw, b0, b1, b2, b3, z, BITS),
+                _h2_word(qw, c0, c1, c2, c3, z, BITS), _h2_word(qw, d0, d1, d2, d3, z, BITS))
+    if BITS == 4:
+        ya, yb, yc, yd = tl.inline_asm_elementwise(
+            _ASM4_R4, _C4_4, [qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                              _nz(z, 16, BITS), _nz(z, 256, BITS)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        ya, yb, yc, yd = tl.inline_asm_elementwise(
+            _ASM8_R4, _C4_8, [qw, a0, a1, b0, b1, c0, c1, d0, d1, _nz(z, 256, BITS)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    return _as_f32(ya), _as_f32(yb), _as_f32(yc), _as_f32(yd)

@@ -104,12 +104,13 @@ def test_gptq_triton_matches_reference(case, m):
         assert not launch._workspaces[x.device][1].any()  # split-K left its tickets zeroed
 
 
-@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("m", [2, 3, 4])
 @pytest.mark.parametrize("bk", ["gemv", "mm"])
 @pytest.mark.parametrize("case", GPTQ_CASES)
 def test_fp16x2_rows_kernel_matches_reference(case, bk, m):
-    """The fp16x2 kernel for 2 <= M <= 4 in every group mode it meets: one group per tile, two
-    with the boundary between words, several per tile (BLOCK_K > group size), padded act-order."""
+    """The fp16x2 kernel for 2 <= M <= 4 (each word dequantized once for 2 or 4 rows; M = 3 with
+    a fourth row that is dropped) in every group mode it meets: one group per tile, two with the
+    boundary between words, several per tile (BLOCK_K > group size), padded act-order."""
     bits, k, n, gs, k0, act, bk_gemv, bk_mm = GPTQ_CASES[case]
     w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
     perm = None
