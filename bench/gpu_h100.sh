@@ -43,7 +43,7 @@ if has checks; then
   selfchecks=$!
   python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
   timeout 240 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
-    --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 | tail -8
+    --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 | tee "$OUT/checks.log" | tail -12
   gpus=$(nvidia-smi -L | wc -l)
   for tp in 1 2; do for backend in local ray; do
     # Ray gives each rank a GPU of its own; on one GPU, tp=2 runs in-process (sharing it).
