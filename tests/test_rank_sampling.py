@@ -5,6 +5,8 @@ penalties, biases, min_tokens and logprobs), without the logits crossing to the 
 wire pieces refuse malformed input."""
 
 import dataclasses
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,10 @@ from engine_runs import run_together, tokens
 from tpserve.runtime.wire import WireError
 from tpserve.serve import rank_sampling, sample_sync
 from tpserve.serve.engine import Engine
-from tpserve.serve.rank_sampling import RankSampler
+from tpserve.serve.rank_sampling import RankSampler, sample_each
 from tpserve.serve.sample_sync import SampleSync, params_from_wire, params_to_wire
 from tpserve.serve.requests import Request
+from tpserve.serve.sampling import SampleRow
 from tpserve.serve.sampling_params import SamplingParams
 
 SMALL = Path(__file__).parent / "fixtures" / "llama_g128_sym"  # conftest's SMALL
@@ -344,3 +347,18 @@ def test_parameters_too_large_for_the_wire_are_refused_where_the_request_enters(
     monkeypatch.setattr(sample_sync, "PARAMS_BYTES", 256)
     with pytest.raises(RequestError, match="send fewer logit_bias or stop_token_ids entries"):
         engine.check([1, 2, 3], [bias])
+
+
+def test_a_row_that_breaks_the_sampler_fails_alone_and_its_client_gets_a_reference(caplog):
+    """A row the batched sampler cannot take (an output token past the vocabulary, penalized)
+    fails alone, the other row is sampled; the failed row's message is a reference the log
+    repeats beside the exception, not the exception's text."""
+    logits = torch.randn(2, 50)
+    ok = SampleRow(SamplingParams(temperature=0), [1, 2], [])
+    bad = SampleRow(SamplingParams(frequency_penalty=1.0, temperature=0.5, seed=3), [1], [10**6])
+    with caplog.at_level(logging.ERROR, logger="tpserve.serve.rank_sampling"):
+        (tok, _), (none, message) = sample_each(logits, [ok, bad])
+    assert tok == int(logits[0].argmax()) and none is None
+    assert "IndexError" not in message and "index" not in message, message
+    ref = re.search(r"reference ([0-9a-f]{12})", message).group(1)
+    assert any(ref in r.getMessage() and "IndexError" in r.getMessage() for r in caplog.records)

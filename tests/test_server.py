@@ -5,6 +5,7 @@ the demo checkpoint at tp=2 with in-process ranks (the Ray path is tested elsewh
 """
 
 import asyncio
+import logging
 import re
 import time
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from serving import MODEL, Server, served_demo, sse
 
+from tpserve.runtime.coordinator import RankFailure
 from tpserve.serve.engine import Engine
 from tpserve.serve.app import build_app
 
@@ -209,24 +211,37 @@ def test_engine_not_running_is_503(env):
         server.close()
 
 
-def test_engine_error_is_503_or_error_chunk(env, monkeypatch):
+def test_engine_error_is_503_or_error_chunk(env, monkeypatch, caplog):
+    """A failed step fails its requests with a 503 (or a streamed error chunk) and the engine
+    serves on. A tpserve error's own sentence (a lost rank) reaches the client; any other
+    exception's text (paths, device messages) does not: the client gets a reference that the
+    server's log repeats beside the exception."""
     executor, calls = env.llm.executor, []
     real_step = executor.step
+    failure = [RankFailure("rank 1 (node n1) stopped answering; the engine rebuilds the group")]
 
     def step(h, plan):  # two good steps, then every step fails
         calls.append(1)
         if len(calls) > 2:
-            raise RuntimeError("rank 1 lost")
+            raise failure[0]
         return real_step(h, plan)
     monkeypatch.setattr(executor, "step", step)
     chunks = sse(env.client, "/v1/completions",
                  {"prompt": PROMPT, "max_tokens": 8, "stream": True, "ignore_eos": True})
-    assert "rank 1 lost" in chunks[-1]["error"]["message"]
+    assert "rank 1 (node n1) stopped answering" in chunks[-1]["error"]["message"]
     assert all("error" not in c for c in chunks[:-1])
     r = env.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
     assert r.status_code == 503, r.text
-    assert "rank 1 lost" in r.json()["error"]["message"]
+    assert "rank 1 (node n1) stopped answering" in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "server_error"
+    failure[0] = RuntimeError("CUDA error at /home/op/secret/kernels.py:12")
+    with caplog.at_level(logging.ERROR, logger="tpserve.serve.engine"):
+        r = env.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 503 and "secret" not in message and "CUDA" not in message, message
+    ref = re.search(r"reference ([0-9a-f]{12})", message).group(1)
+    assert any(ref in rec.getMessage() and "/home/op/secret" in rec.getMessage()
+               for rec in caplog.records)
     monkeypatch.undo()
     assert env.client.get("/health").status_code == 200  # the engine survives a failed step
     assert complete(env.client, prompt=IDS, max_tokens=N, temperature=0)["choices"][0]["text"] \

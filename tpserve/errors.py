@@ -5,6 +5,9 @@ raised as a `TpserveError` whose message is one sentence naming the thing and th
 invariants stay plain asserts.
 """
 
+import logging
+import uuid
+
 
 class TpserveError(ValueError):
     """A problem with user input, reported in one sentence."""
@@ -16,3 +19,16 @@ class CheckpointError(TpserveError):
 
 class ConfigError(TpserveError):
     """config.json or the quantization config is invalid or unsupported."""
+
+
+def client_message(what: str, e: BaseException, log: logging.Logger) -> str:
+    """What a client is told of `e`, which failed `what` ("this request's step"): a
+    `TpserveError`'s own sentence (written for users: a dead rank, a bad input), else a reference
+    that the log line written here repeats with the exception, never the exception's text (paths,
+    device and library messages are the operator's business)."""
+    if isinstance(e, TpserveError):
+        log.error("%s failed: %s", what, e)
+        return str(e)
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s failed (reference %s): %s: %s", what, ref, type(e).__name__, e)
+    return f"{what} failed (reference {ref}); the server's log has the details"

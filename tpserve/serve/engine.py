@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Callable
 
-from tpserve.errors import TpserveError
+from tpserve.errors import TpserveError, client_message
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
 from tpserve.serve import request_checks
 from tpserve.serve.request_checks import check_request
@@ -191,8 +191,7 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failed step fails every request in it, loudly
-                log.error("step failed: %s: %s", type(e).__name__, e)
-                self._fail_all(str(e) if isinstance(e, TpserveError) else f"{type(e).__name__}: {e}")
+                self._fail_all(client_message("the engine's step", e, log))
                 self._recover()
 
     def _step(self) -> None:

@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from tpserve.errors import TpserveError
+from tpserve.errors import TpserveError, client_message
 from tpserve.runtime.wire import WireError
 from tpserve.serve.sample_sync import params_from_wire
 from tpserve.serve.sampling import SampleRow, sample, sample_tensors
@@ -67,7 +67,7 @@ def one_by_one(logits: torch.Tensor | None, rows: list[SampleRow],
                          else sample(logits[i:i + 1], [row]))
             out.append((toks[0], lps[0]))
         except Exception as e:
-            out.append((None, f"sampling failed for this request: {type(e).__name__}: {e}"))
+            out.append((None, client_message("sampling this request", e, log)))
     return out
 
 
