@@ -228,3 +228,61 @@ def _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
             _ASM8_R4, _C4_8, [qw, a0, a1, b0, b1, c0, c1, d0, d1, _nz(z, 256, BITS)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return _as_f32(ya), _as_f32(yb), _as_f32(yc), _as_f32(yd)
+
+
+# A 4-bit word's eight fields dequantized to fp16 for a tensor-core dot: the lop3 + HFMA2 of
+# _ASM4 give (q - z) / 16 exactly per pair of fields, one HMUL2 by 16 s rounds (q - z) s once (as
+# fp32 (q - z) s rounded to fp16 does). $0-$7: fields 0-7 (fp16); $8 the word; $9, $10 the negated
+# zero pairs (low fields, fields 4 bits up); $11 the pair (16 s, 16 s).
+_DEQ4 = tl.constexpr("""{
+.reg .b32 q, t0, t1, t2, t3, c16, c256;
+mov.b32 c16, 0x2C002C00;
+mov.b32 c256, 0x1C001C00;
+shr.u32 q, $8, 8;
+lop3.b32 t0, $8, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 t1, $8, 0x00f000f0, 0x64006400, 0xea;
+lop3.b32 t2, q, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 t3, q, 0x00f000f0, 0x64006400, 0xea;
+fma.rn.f16x2 t0, t0, c16, $9;
+fma.rn.f16x2 t1, t1, c256, $10;
+fma.rn.f16x2 t2, t2, c16, $9;
+fma.rn.f16x2 t3, t3, c256, $10;
+mul.rn.f16x2 t0, t0, $11;
+mul.rn.f16x2 t1, t1, $11;
+mul.rn.f16x2 t2, t2, $11;
+mul.rn.f16x2 t3, t3, $11;
+mov.b32 {$0, $4}, t0;
+mov.b32 {$1, $5}, t1;
+mov.b32 {$2, $6}, t2;
+mov.b32 {$3, $7}, t3;
+}""")
+
+
+@triton.jit
+def _h2_tile(qw, z, s):
+    """A tile of 4-bit words [KW, BLOCK_N] (one group: z, s fp32 [1, BLOCK_N]) as the fp16
+    weights (q - z) s [8 KW, BLOCK_N], row 8 w + f being field f of word row w: eight fields per
+    word from one asm (~13 instructions per word where shifts, masks and fp32 arithmetic per
+    field take ~48), joined and laid out for the dot."""
+    KW: tl.constexpr = qw.shape[0]
+    BLOCK_N: tl.constexpr = qw.shape[1]
+    if INTERPRET:  # the same numbers: (q - z) s is exact in fp32, rounded once to fp16
+        f0 = ((((qw >> 0) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f1 = ((((qw >> 4) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f2 = ((((qw >> 8) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f3 = ((((qw >> 12) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f4 = ((((qw >> 16) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f5 = ((((qw >> 20) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f6 = ((((qw >> 24) & 15).to(tl.float32) - z) * s).to(tl.float16)
+        f7 = ((((qw >> 28) & 15).to(tl.float32) - z) * s).to(tl.float16)
+    else:
+        s16 = (s * 16.0).to(tl.float16)
+        f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+            _DEQ4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
+            [qw, _nz(z, 16, 4), _nz(z, 256, 4), _pair(s16, s16)], dtype=(tl.float16,) * 8,
+            is_pure=True, pack=1)
+    # join's new axis is the last: the innermost join pairs fields 4 apart, the outermost 1
+    # apart, so that the flattened last axis runs over fields 0..7 in order
+    f = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+    f = tl.permute(tl.reshape(f, (KW, BLOCK_N, 8)), (0, 2, 1))
+    return tl.reshape(f, (KW * 8, BLOCK_N))

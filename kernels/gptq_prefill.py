@@ -32,10 +32,27 @@ import triton.language as tl  # noqa: E402
 from .gptq_common import MAGIC, _finish, _group_sz, _rows_sz, _zeros, mode_of  # noqa: E402
 from .gptq_launch import (KEY, MAX_SPLIT_K, cfg, gptq_args, launch, new_out,  # noqa: E402
                           prefill_split_fits, tuned, workspace)
+from .gptq_h2 import _h2_tile  # noqa: E402
 from .gptq_weight import self_check, shape_key  # noqa: E402
 from .tuning import faster  # noqa: E402
 
+# fp16 x and 4-bit words: tiles in one group dequantized in fp16x2 (`gptq_h2._h2_tile`); False
+# for the A/B (bench/kernels.py's w4g128_nodeq variant)
+USE_H2 = True
 DEQUANT_MIN_M = 256
+
+
+@triton.jit
+def _tile_words(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The tile's BLOCK_K / P rows of words [BLOCK_K / P, BLOCK_N] (0 past K)."""
+    P: tl.constexpr = 32 // BITS
+    offs_w = k0 // P + tl.arange(0, BLOCK_K // P)
+    if EVEN_K:
+        return tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                       mask=n_mask[None, :], other=0)
+    return tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                   mask=(offs_w < tl.cdiv(K, P))[:, None] & n_mask[None, :], other=0)
 
 
 @triton.jit
@@ -44,15 +61,27 @@ def _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS: tl.constexpr, BLOCK_
     """The tile's fields [BLOCK_K, BLOCK_N] as the fp32 2**23 + q: its BLOCK_K / P rows of words
     loaded once and split by P shifts (row k is field k % P of word k // P: a reshape)."""
     P: tl.constexpr = 32 // BITS
-    offs_w = k0 // P + tl.arange(0, BLOCK_K // P)
-    if EVEN_K:
-        qw = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :], mask=n_mask[None, :],
-                     other=0)
-    else:
-        qw = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
-                     mask=(offs_w < tl.cdiv(K, P))[:, None] & n_mask[None, :], other=0)
+    qw = _tile_words(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K)
     q = (qw[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & ((1 << BITS) - 1)
     return (tl.reshape(q, (BLOCK_K, q.shape[2])) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, K, G,
+                  stride_qw, stride_s, stride_qz, dtype: tl.constexpr, BITS: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr,
+                  MODE: tl.constexpr, H2: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """W's tile [BLOCK_K, BLOCK_N] = (q - z) s in `dtype`. H2 (fp16, 4 bits) and a tile in one
+    group: eight fields per word in fp16x2 (`gptq_h2._h2_tile`); else fields split by shifts and
+    dequantized in fp32."""
+    s, z = _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s,
+                    stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE)
+    if H2 and MODE == 0:
+        return _h2_tile(_tile_words(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K,
+                                    EVEN_K), z, s)
+    q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K)  # 2**23 + q
+    return ((q - (z + MAGIC)) * s).to(dtype)
 
 
 @triton.jit
@@ -84,7 +113,7 @@ def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt
                     K_KEY, M_KEY, stride_xm, stride_xk, stride_om, stride_qw, stride_qz, stride_s,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                     HAS_GIDX: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    H2: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
     """Prefill (M > 16): each [BLOCK_K, BLOCK_N] tile of W unpacked, dequantized and scaled, then
     one tl.dot, so the dots accumulate in one chain (on Hopper asynchronous wgmma, overlapping the
@@ -108,16 +137,15 @@ def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K)  # 2**23 + q
         if EVEN_K:
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=m_mask[:, None], other=0.0)
         else:
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        s, z = _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s,
-                        stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE)
-        w = ((q - (z + MAGIC)) * s).to(xt.dtype)
+        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, K,
+                          G, stride_qw, stride_s, stride_qz, xt.dtype, BITS, GROUP_SIZE,
+                          GROUP_OFFSET, HAS_GIDX, MODE, H2, BLOCK_K, EVEN_K)
         acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
     _finish(acc, out_ptr, offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr,
             offs_m[:, None] * N + offs_n[None, :], m_mask[:, None] & n_mask[None, :], cnt_ptr, pid,
@@ -128,17 +156,16 @@ def _prefill_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt
 def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, gidx_ptr, w_ptr, N, K, G, stride_qw, stride_qz,
                     stride_s, stride_w, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                     GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, MODE: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                    H2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W [K, N] = (q - z) * s in w's dtype: the first half of the large-M path (then cuBLAS)."""
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask, n_mask = offs_k < K, offs_n < N
-    q = _unpack(qw_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, False)
-    s, z = _tile_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, G, stride_s,
-                    stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE)
-    tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-             ((q - (z + MAGIC)) * s).to(w_ptr.dtype.element_ty),
+    w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, gidx_ptr, k0, offs_k, k_mask, offs_n, n_mask, K, G,
+                      stride_qw, stride_s, stride_qz, w_ptr.dtype.element_ty, BITS, GROUP_SIZE,
+                      GROUP_OFFSET, HAS_GIDX, MODE, H2, BLOCK_K, False)
+    tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w,
              mask=k_mask[:, None] & n_mask[None, :])
 
 
@@ -168,7 +195,7 @@ def dequantize_triton(w, dtype: torch.dtype) -> torch.Tensor:
         out.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size, GROUP_OFFSET=w.group_offset,
         HAS_GIDX=w.g_idx is not None, MODE=mode_of(bk, w.group_size, w.group_offset,
                                                     w.g_idx is not None),
-        BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+        H2=USE_H2 and dtype == torch.float16 and w.bits == 4, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return out
 
 
@@ -220,7 +247,8 @@ def _tl_dot(x, w, out, m_key, config, rows=False):
                         triton.cdiv(m, 16) * triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m_key, stride_xm=x.stride(0), stride_om=out.stride(0),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ws_ptr=ws, cnt_ptr=cnt)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        H2=USE_H2 and x.dtype == torch.float16 and w.bits == 4, ws_ptr=ws, cnt_ptr=cnt)
     launch(_prefill_kernel, _tuned_rows if rows else _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
            config, dict(INTERPRET_CONFIG, BLOCK_M=16, SPLIT_K=2) if rows else INTERPRET_CONFIG)
