@@ -27,9 +27,9 @@
 #   bash bench/gpu_h100.sh fewrows  the fp16x2 rows kernel's self-check, then M = 2 and 4 on the 8B
 #                                   shapes: dispatch's pick, the fp16x2 rows kernel and the tl.dot
 #                                   decode kernel forced, tinygemm and bf16 in the same run
-#   bash bench/gpu_h100.sh tiles    the tl.dot kernels' fp16x2 tile dequantization against fp32
-#                                   tiles: self-check, few rows (M = 4, 16) and prefill (M = 128,
-#                                   1024) on the 8B shapes, tinygemm and bf16 in the same run
+#   bash bench/gpu_h100.sh tiles    the prefill kernel's fp16x2 tile dequantization against fp32
+#                                   tiles: self-check, then M = 128 and 1024 on the 8B shapes,
+#                                   bf16 in the same run
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
 #                                   against the torch int4 peer and transformers bf16, same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
@@ -92,10 +92,6 @@ if has fewrows; then
 fi
 if has tiles; then
   timeout 120 python3 -m tpserve.kernels.gptq_prefill 2>&1 | grep -v Warning | tail -8
-  timeout 200 python3 bench/kernels.py --m 4 16 --variants w4g128 w4g128_per_tile w4g128_per_tile_fp32 \
-    --no-head --iters 60 --shapes 4096x28672,14336x4096 \
-    --out "$OUT/kernels_tiles_rows.json" > "$OUT/kernels_tiles_rows.log" 2>&1
-  echo "rows rc=$?"; grep -E "gemm" "$OUT/kernels_tiles_rows.log" | grep -v "M=1 " | cut -c1-140
   timeout 300 python3 bench/kernels.py --prefill 128 1024 --no-head --iters 40 \
     --out "$OUT/kernels_tiles_prefill.json" > "$OUT/kernels_tiles_prefill.log" 2>&1
   echo "prefill rc=$?"; grep "^prefill" "$OUT/kernels_tiles_prefill.log" | cut -c1-140

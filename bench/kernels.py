@@ -44,8 +44,7 @@ PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLA
 VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act", "w4_act_shard",
             "w8g128"]
 # Not in the default table: one few-rows kernel forced at M >= 2 (w4g128 is dispatch's pick)
-FORCED = {"w4g128_per_field": "decode", "w4g128_per_tile": "rows", "w4g128_fp16x2": "h2mm",
-          "w4g128_per_tile_fp32": "rows_fp32"}  # the per-tile kernel, tiles dequantized in fp32
+FORCED = {"w4g128_per_field": "decode", "w4g128_per_tile": "rows", "w4g128_fp16x2": "h2mm"}
 L2_BYTES = 50e6
 SHAPES = None  # --shapes
 
@@ -157,8 +156,6 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 gptq_gemv.USE_H2 = v != "w4g128_fp32"
                 dispatch.H2_ROWS = v != "w4g128_dot"
                 dispatch.H2_ROWS_MAX_M = 4  # the A/B at every M the fp16x2 rows kernel runs
-                from tpserve.kernels import gptq_prefill
-                gptq_prefill.USE_H2 = True  # a forced variant below may switch it off
             v_ms = ms[:1] if v == "w4g128_fp32" else [m for m in ms if m > 1 or v != "w4g128_dot"]
             if v in FORCED:
                 v_ms = [m for m in ms if 2 <= m <= (4 if FORCED[v] == "h2mm" else 16)]
@@ -166,9 +163,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 x = torch.randn(m, k, device=dev).half()
                 if v in FORCED:
                     from tpserve.kernels import gptq_decode, gptq_h2mm, gptq_prefill
-                    gptq_prefill.USE_H2 = FORCED[v] != "rows_fp32"
                     run = dict(decode=gptq_decode.decode_matmul, rows=gptq_prefill.rows_matmul,
-                               rows_fp32=gptq_prefill.rows_matmul,
                                h2mm=gptq_h2mm.h2_matmul)[FORCED[v]]
                     fns = [lambda w=w, p=p: run(x, w, p) for w, p in ws]
                 else:

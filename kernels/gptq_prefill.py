@@ -36,8 +36,10 @@ from .gptq_h2 import _h2_tile  # noqa: E402
 from .gptq_weight import self_check, shape_key  # noqa: E402
 from .tuning import faster  # noqa: E402
 
-# fp16 x and 4-bit words: tiles in one group dequantized in fp16x2 (`gptq_h2._h2_tile`); False
-# for the A/B (bench/kernels.py's w4g128_nodeq variant)
+# fp16 x and 4-bit words: the prefill kernel's tiles in one group dequantized in fp16x2
+# (`gptq_h2._h2_tile`). On an H200 (bench/README.md) 4096x28672 at M = 128 took 106 us against
+# 149 with fp32 tiles, the other 8B shapes within 4%; the few-rows configs (BLOCK_M 16) were
+# slower with it (111 vs 71 us), so `rows_matmul` keeps fp32 tiles. False: the A/B.
 USE_H2 = True
 DEQUANT_MIN_M = 256
 
@@ -248,7 +250,8 @@ def _tl_dot(x, w, out, m_key, config, rows=False):
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m_key, stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        H2=USE_H2 and x.dtype == torch.float16 and w.bits == 4, ws_ptr=ws, cnt_ptr=cnt)
+        H2=USE_H2 and not rows and x.dtype == torch.float16 and w.bits == 4, ws_ptr=ws,
+        cnt_ptr=cnt)
     launch(_prefill_kernel, _tuned_rows if rows else _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
            config, dict(INTERPRET_CONFIG, BLOCK_M=16, SPLIT_K=2) if rows else INTERPRET_CONFIG)

@@ -197,19 +197,18 @@ def test_dequantize_kernel_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["w4-g128", "w4-even", "w4-straddle64"])
-@pytest.mark.parametrize("m", [5, 40])
+@pytest.mark.parametrize("m", [17, 40])
 def test_fp16x2_tile_dequantization_gives_the_fp32_paths_weights(case, m, monkeypatch):
-    """The tl.dot kernel's fp16x2 tiles (`gptq_h2._h2_tile`: eight fields per word, joined into
-    rows 8 w + f) give the very outputs of its fp32 dequantization, few rows and prefill."""
+    """The prefill kernel's fp16x2 tiles (`gptq_h2._h2_tile`: eight fields per word, joined into
+    rows 8 w + f) give the very outputs of its fp32 dequantization."""
     bits, k, n, gs, k0, act, _, bk_mm = GPTQ_CASES[case]
     w = random_gptq(k, n, bits, gs, k0=k0, k_total=k0 + k + 60, act_order=act)
     x = torch.randn(m, k, dtype=torch.float16)
-    config = _config(m, 32, bk_mm) | dict(GROUP_M=1 if m <= 16 else 2)
-    run = prefill.rows_matmul if m <= 16 else prefill.prefill_matmul
     got = {}
     for h2 in (True, False):
         monkeypatch.setattr(prefill, "USE_H2", h2)
-        got[h2] = run(x, w, None, out=_poisoned(m, n, torch.float16), config=config)
+        got[h2] = prefill.prefill_matmul(x, w, None, out=_poisoned(m, n, torch.float16),
+                                         config=_config(m, 32, bk_mm))
     assert torch.equal(got[True], got[False])
     _close(got[True], x.float() @ w.dequantize(), torch.float16)
 
