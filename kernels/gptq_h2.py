@@ -147,6 +147,21 @@ def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
     return _h2_word(qw, x0, x1, x2, x3, z, BITS)
 
 
+def _dequant_lines(bits: int, w: int, nz: int) -> list[str]:
+    """_ASM4's / _ASM8's dequantization of word $w into the fp16x2 pairs t0..t3 (t0, t1 at 8
+    bits), (q - z) / 2**bits exactly, with the negated zero pair(s) at $nz (and $nz+1 at 4 bits)."""
+    if bits == 4:
+        return [f"lop3.b32 t0, ${w}, 0x000f000f, 0x64006400, 0xea;",
+                f"lop3.b32 t1, ${w}, 0x00f000f0, 0x64006400, 0xea;",
+                "lop3.b32 t2, q, 0x000f000f, 0x64006400, 0xea;",
+                "lop3.b32 t3, q, 0x00f000f0, 0x64006400, 0xea;",
+                f"fma.rn.f16x2 t0, t0, c16, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz + 1};",
+                f"fma.rn.f16x2 t2, t2, c16, ${nz};", f"fma.rn.f16x2 t3, t3, c256, ${nz + 1};"]
+    return [f"lop3.b32 t0, ${w}, 0x00ff00ff, 0x64006400, 0xea;",
+            "lop3.b32 t1, q, 0x00ff00ff, 0x64006400, 0xea;",
+            f"fma.rn.f16x2 t0, t0, c256, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz};"]
+
+
 def _rows_asm(bits: int, rows: int) -> str:
     """The word's dot product with `rows` rows of x: the word's fields dequantized once (as in
     _ASM4 / _ASM8), then P/2 fp16x2 FMAs and one fp32 sum per row. Operands: $0 .. $rows-1 the
@@ -154,22 +169,10 @@ def _rows_asm(bits: int, rows: int) -> str:
     negated zero pair(s). The sums go to their outputs last: an output may share a register with
     an input of a later row."""
     pairs, w = 32 // bits // 2, rows
-    nz = rows + 1 + pairs * rows
     fs = ", ".join(f"s{m}" for m in range(rows))
     lines = ["{", ".reg .b32 q, t0, t1, t2, t3, a, c16, c256;", ".reg .b16 l, h;",
              f".reg .f32 fl, fh, {fs};", "mov.b32 c16, 0x2C002C00;", "mov.b32 c256, 0x1C001C00;",
-             f"shr.u32 q, ${w}, 8;"]
-    if bits == 4:
-        lines += [f"lop3.b32 t0, ${w}, 0x000f000f, 0x64006400, 0xea;",
-                  f"lop3.b32 t1, ${w}, 0x00f000f0, 0x64006400, 0xea;",
-                  "lop3.b32 t2, q, 0x000f000f, 0x64006400, 0xea;",
-                  "lop3.b32 t3, q, 0x00f000f0, 0x64006400, 0xea;",
-                  f"fma.rn.f16x2 t0, t0, c16, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz + 1};",
-                  f"fma.rn.f16x2 t2, t2, c16, ${nz};", f"fma.rn.f16x2 t3, t3, c256, ${nz + 1};"]
-    else:
-        lines += [f"lop3.b32 t0, ${w}, 0x00ff00ff, 0x64006400, 0xea;",
-                  "lop3.b32 t1, q, 0x00ff00ff, 0x64006400, 0xea;",
-                  f"fma.rn.f16x2 t0, t0, c256, ${nz};", f"fma.rn.f16x2 t1, t1, c256, ${nz};"]
+             f"shr.u32 q, ${w}, 8;", *_dequant_lines(bits, w, rows + 1 + pairs * rows)]
     for m in range(rows):
         x = [f"${rows + 1 + pairs * m + j}" for j in range(pairs)]
         lines.append(f"mul.rn.f16x2 a, t0, {x[0]};")
@@ -234,28 +237,11 @@ def _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
 # _ASM4 give (q - z) / 16 exactly per pair of fields, one HMUL2 by 16 s rounds (q - z) s once (as
 # fp32 (q - z) s rounded to fp16 does). $0-$7: fields 0-7 (fp16); $8 the word; $9, $10 the negated
 # zero pairs (low fields, fields 4 bits up); $11 the pair (16 s, 16 s).
-_DEQ4 = tl.constexpr("""{
-.reg .b32 q, t0, t1, t2, t3, c16, c256;
-mov.b32 c16, 0x2C002C00;
-mov.b32 c256, 0x1C001C00;
-shr.u32 q, $8, 8;
-lop3.b32 t0, $8, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 t1, $8, 0x00f000f0, 0x64006400, 0xea;
-lop3.b32 t2, q, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 t3, q, 0x00f000f0, 0x64006400, 0xea;
-fma.rn.f16x2 t0, t0, c16, $9;
-fma.rn.f16x2 t1, t1, c256, $10;
-fma.rn.f16x2 t2, t2, c16, $9;
-fma.rn.f16x2 t3, t3, c256, $10;
-mul.rn.f16x2 t0, t0, $11;
-mul.rn.f16x2 t1, t1, $11;
-mul.rn.f16x2 t2, t2, $11;
-mul.rn.f16x2 t3, t3, $11;
-mov.b32 {$0, $4}, t0;
-mov.b32 {$1, $5}, t1;
-mov.b32 {$2, $6}, t2;
-mov.b32 {$3, $7}, t3;
-}""")
+_DEQ4 = tl.constexpr("\n".join([
+    "{", ".reg .b32 q, t0, t1, t2, t3, c16, c256;", "mov.b32 c16, 0x2C002C00;",
+    "mov.b32 c256, 0x1C001C00;", "shr.u32 q, $8, 8;", *_dequant_lines(4, 8, 9),
+    *[f"mul.rn.f16x2 t{j}, t{j}, $11;" for j in range(4)],
+    *[f"mov.b32 {{${j}, ${j + 4}}}, t{j};" for j in range(4)], "}"]))
 
 
 @triton.jit
