@@ -111,6 +111,8 @@ def test_a_rank_survives_garbage_and_replays_then_computes_correctly(tmp_path):
                        [msgpack.packb({"v": 2, "op": "step"})],
                        bytes_frames({"op": "step", "step": 1, "plan": {"slots": "x"}}, [h]),
                        bytes_frames({"op": "step", "step": 1, "plan": {**plan, "lens": [9]}}, [h]),
+                       *(bytes_frames({"op": "step", "step": 1, "plan": {**plan, "copies": c}}, [h])
+                         for c in ("x", [[0, 1]], [[0, 1, 99]], [[1, 1, 2]], [[0, 7, 2]])),
                        bytes_frames({"op": "sum", "step": 1, "seq": 1}, [h])):
             router.send_multipart([ident, *frames])
         router.send_multipart([ident, *bytes_frames({"op": "step", "step": 5, "plan": plan}, [h])])

@@ -23,6 +23,9 @@ class StepPlan:
     lens: list[int]
     # Rows of the step's hidden states the coordinator needs back (for logits); None: every row.
     out_rows: list[int] | None = None
+    # (src, dst, n): before the step, slot dst's first n positions become slot src's (every
+    # layer's k/v): a choice starting from the prompt another choice of its request prefilled.
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
     _positions: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -73,8 +76,11 @@ class StepPlan:
         return ends
 
     def to_wire(self) -> dict:
-        return {"slots": self.slots, "starts": self.starts, "lens": self.lens,
+        wire = {"slots": self.slots, "starts": self.starts, "lens": self.lens,
                 "out_rows": self.out_rows}
+        if self.copies:
+            wire["copies"] = [list(c) for c in self.copies]
+        return wire
 
 
 @dataclass
@@ -153,6 +159,23 @@ class LayerCaches:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.groups.values())
+
+    def check_copies(self, copies: list[tuple[int, int, int]]) -> None:
+        for src, dst, n in copies:
+            if not (0 <= src < self.num_slots and 0 <= dst < self.num_slots and src != dst
+                    and 1 <= n <= self.max_len):
+                raise TpserveError(f"KV copy of {n} positions from slot {src} to slot {dst} does "
+                                   f"not fit {self.num_slots} slots of {self.max_len} positions; "
+                                   f"the engine addressed a slot or position that does not exist")
+
+    def copy_prefixes(self, copies: list[tuple[int, int, int]]) -> None:
+        """Each (src, dst, n) of a step's plan (`StepPlan.copies`): slot dst's first n positions
+        of every layer's k and v become slot src's, before the step runs."""
+        self.check_copies(copies)
+        for src, dst, n in copies:
+            for cache in self.groups.values():
+                for t in cache.k + cache.v:
+                    t[dst, :n].copy_(t[src, :n])
 
     def check(self, plan: StepPlan) -> None:
         for slot, start, n in zip(plan.slots, plan.starts, plan.lens):

@@ -57,6 +57,7 @@ class LocalExecutor:
         `capture`, when given, receives rank 0's output of every layer (after each layer's
         all-reduce every rank holds the same h).
         """
+        self._copy(plan)
         out = self.ranks[0](h, plan, capture) if self.tp == 1 else self._step_all(h, plan, capture)
         return out if plan.out_rows is None else out[plan.out_rows]
 
@@ -73,6 +74,7 @@ class LocalExecutor:
         if self.rank_head is None:
             return None
         self._forget()
+        self._copy(plan)
         return step_ids(self.ranks[0], self.rank_head, ids, plan)
 
     def decode_ids(self, ids: torch.Tensor, plan: StepPlan, steps: int) -> torch.Tensor | None:
@@ -96,6 +98,7 @@ class LocalExecutor:
         if self.rank_head is None:
             return None
         entries = self._entries(reqs)
+        self._copy(plan)
         logits, argmax = step_ids(self.ranks[0], self.rank_head, ids, plan)
         out = self.sampler.sample(logits, argmax, ids, plan, entries)
         return SampleSync.results(reqs, out), (logits if need_logits else None)
@@ -108,6 +111,12 @@ class LocalExecutor:
         burst = self.sampler.burst(ids, plan, self._entries(reqs))
         decode_ids(self.ranks[0], self.rank_head, ids, plan, steps, burst)
         return self._sync.burst_results(reqs, burst.result(), steps)
+
+    def _copy(self, plan: StepPlan) -> None:
+        """The plan's KV copies (`StepPlan.copies`) on every rank, before its step."""
+        if plan.copies:
+            for rank in self.ranks:
+                rank.cache.copy_prefixes(plan.copies)
 
     def _entries(self, reqs) -> list[list]:
         entries, params = self._sync.entries(reqs)

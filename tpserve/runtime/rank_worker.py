@@ -89,7 +89,12 @@ def _plan_from_wire(d, num_tokens: int) -> StepPlan:
     if not all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists) or \
             len({len(x) for x in lists}) != 1:
         raise WireError("plan slots/starts/lens must be integer lists of one length")
-    plan = StepPlan(*lists, out_rows=d.get("out_rows"))
+    copies = d.get("copies", [])
+    if not isinstance(copies, list) or not all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(i, int) for i in c)
+            for c in copies):
+        raise WireError("plan copies must be [src, dst, n] integer triples")
+    plan = StepPlan(*lists, out_rows=d.get("out_rows"), copies=[tuple(c) for c in copies])
     if plan.num_tokens != num_tokens:
         raise WireError(f"plan covers {plan.num_tokens} tokens but h has {num_tokens} rows")
     if plan.out_rows is not None and (not isinstance(plan.out_rows, list) or not all(
@@ -212,6 +217,13 @@ class RankWorker:
                     steps = uint(h, "steps") or 1
                     if steps > MAX_DECODE_STEPS:
                         raise WireError(f"{steps} decode steps exceed {MAX_DECODE_STEPS}")
+                    if plan.copies:
+                        if steps > 1:
+                            raise WireError("a decode burst cannot carry KV copies")
+                        try:
+                            self.model.cache.check_copies(plan.copies)
+                        except TpserveError as e:
+                            raise WireError(str(e)) from None
                     if steps > 1:
                         if not (ids and plan.is_decode and h.get("logits") is False and
                                 plan.out_rows in (None, list(range(len(plan.slots))))):
@@ -232,6 +244,8 @@ class RankWorker:
                     self.sampler.reset()
                 self.profiler.before(self.steps)
                 try:
+                    if plan.copies:
+                        self.model.cache.copy_prefixes(plan.copies)
                     if steps > 1:  # a decode burst: greedy, or sampled on rank 0
                         burst = (self.sampler.burst(ts[0], plan, h["sample"])
                                  if h.get("sample") is not None and self.sampler is not None

@@ -1,7 +1,8 @@
 """One executor call for the engine's running requests: a batched step or a decode burst.
 
 A step lays each request's new tokens (its last token while it decodes, its whole prompt when it
-starts: prefill) side by side in one `StepPlan`, runs one `LLM.step` (embedding, every rank, every
+starts: prefill; only the prompt's last token where it copies the rest from another choice of its
+request, `StepPlan.copies`) side by side in one `StepPlan`, runs one `LLM.step` (embedding, every rank, every
 layer, every all-reduce, the head: at the coordinator or on rank 0) and samples each request's last
 row with the batched sampler, which takes the step's argmax as it is where every row is plain
 greedy; where the ranks sample (`sample_ids`: rank 0 of Ray ranks holding the head, or one
@@ -64,8 +65,11 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
     """One step of `reqs` -> ((token, logprob) per request, as `sample_rows` gives them; the
     prompt logprobs of each request `i` that asked for them, by `i`)."""
     ids, slots, starts, lens, out_rows, spans, echoed = [], [], [], [], [], [], []
+    copies = [req.copy for req in reqs if req.copy is not None]
     for i, req in enumerate(reqs):
-        new = req.output[-1:] if req.output else req.prompt  # decode token, or whole prompt
+        req.copy = None  # made by this step
+        # decode token, or the prompt (past the rows copied from another choice)
+        new = req.output[-1:] if req.output else req.prompt[req.cached:]
         first, row = len(out_rows), len(ids)
         if not req.output and req.params.prompt_logprobs is not None:
             out_rows.extend(range(row, row + len(new)))  # every prompt row: echo's logprobs
@@ -77,7 +81,7 @@ def step_batch(llm, reqs: list[Request]) -> tuple[list[tuple], dict[int, list]]:
         slots.append(req.slot)
         starts.append(req.position)
         lens.append(len(new))
-    plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows)
+    plan = StepPlan(slots=slots, starts=starts, lens=lens, out_rows=out_rows, copies=copies)
     ids = torch.as_tensor(ids, dtype=torch.long)
     with torch.inference_mode():
         need = len(out_rows) != len(reqs) or bool(echoed) or needs_logits([r.row for r in reqs])

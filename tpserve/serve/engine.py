@@ -121,6 +121,9 @@ class Engine:
                                 f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
             reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
                     for p, on_event, stop in zip(params, on_events, stops)]
+            if len(prompt) > 1 and all(p.prompt_logprobs is None for p in params):
+                for req in reqs[1:]:  # the prompt is prefilled once (`_admit`)
+                    req.share = reqs[0]
             for req in reqs:
                 req.row = SampleRow(req.params, req.prompt, req.output,
                                     tuple(self.cfg.eos_token_ids))
@@ -169,7 +172,10 @@ class Engine:
             tokens = logit_bytes = 0  # what this step's prefills take: at least one request
             while self.waiting and self.free_slots:
                 req = self.waiting[0]
-                tokens += len(req.prompt)
+                shared = self._shared_rows(req, new)
+                if shared is None:
+                    break  # after the step that runs the first choice's prompt
+                tokens += len(req.prompt) - shared
                 if req.params.prompt_logprobs is not None:
                     logit_bytes += len(req.prompt) * self.cfg.vocab_size * 4
                 if new and (tokens > self.max_prefill_tokens or
@@ -177,9 +183,25 @@ class Engine:
                     break  # the next step takes it
                 self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
+                if shared:
+                    req.cached, req.copy = shared, (req.share.slot, req.slot, shared)
+                    self.stats.prompt_tokens_shared += shared
+                req.share = None
                 new.append(req)
         self.running.extend(new)
         return new
+
+    def _shared_rows(self, req: Request, new: list[Request]) -> int | None:
+        """For a later choice of a prompt (`Request.share`): None while the first choice waits or
+        starts in this step (admit it after); the prompt's KV rows it can copy from the first
+        choice's slot (all but the last) once that one has run its prompt and still holds its
+        slot; 0 where it finished, failed or was cancelled (a prefill of its own)."""
+        src = req.share
+        if src is None:
+            return 0
+        if src in new or src in self.waiting:
+            return None
+        return len(req.prompt) - 1 if src.output and src in self.running else 0
 
     def _loop(self) -> None:
         while not self._stop:

@@ -43,7 +43,11 @@ class EngineCollector:
         e, s = self.engine, self.engine.stats
         _counter, _gauge = self._family(CounterMetricFamily), self._family(GaugeMetricFamily)
         yield _counter("tpserve_generation_tokens", "Tokens generated.", s.tokens_generated)
-        yield _counter("tpserve_prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
+        yield _counter("tpserve_prompt_tokens", "Prompt tokens of started requests.",
+                       s.prompt_tokens)
+        yield _counter("tpserve_prompt_tokens_shared", "Prompt tokens not prefilled: their KV "
+                       "rows copied from another choice (n > 1) of the same request.",
+                       s.prompt_tokens_shared)
         yield _counter("tpserve_requests_finished", "Requests finished (stop or length).",
                        s.requests_finished)
         yield _counter("tpserve_requests_failed", "Requests failed by an engine error.",

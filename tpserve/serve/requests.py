@@ -48,11 +48,18 @@ class Request:
     output: list[int] = field(default_factory=list)
     row: SampleRow | None = None
     stops: frozenset[int] | None = None  # stop_token_ids and EOS ids (the engine's, once)
+    # Another choice of the same prompt (the first of its request): where that one has run its
+    # prompt by the time this one starts, this one copies the prompt's KV rows from its slot but
+    # the last (`cached` of them, the copy itself in `copy` until the step that makes it) and
+    # prefills only its last token.
+    share: "Request | None" = field(default=None, repr=False, compare=False)
+    cached: int = 0
+    copy: tuple[int, int, int] | None = field(default=None, compare=False)
 
     @property
     def position(self) -> int:
         """Tokens already in the KV cache."""
-        return len(self.prompt) + len(self.output) - 1 if self.output else 0
+        return len(self.prompt) + len(self.output) - 1 if self.output else self.cached
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Stats:
     steps: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_shared: int = 0  # of those, copied from another choice's KV rows
     step_seconds: float = 0.0
     last_step_seconds: float = 0.0
     requests_finished: int = 0

@@ -1,0 +1,72 @@
+"""The n choices of one request prefill their prompt once: the later choices copy the first
+one's KV rows but the last (`StepPlan.copies`, applied by every rank before the step) and run
+only the prompt's last token. Their tokens are those of separate requests that each prefill the
+prompt, over real Ray ranks and the in-process ones."""
+
+import threading
+
+import pytest
+import torch
+
+import tpserve
+from engine_runs import run_together, tokens
+from tpserve.serve.engine import Engine
+from tpserve.serve.sampling_params import SamplingParams
+from test_rank_sampling import SMALL
+
+PROMPT = [1, 17, 42, 99, 3, 250, 128, 64, 7, 9]
+
+
+def _choices(llm, prompt, params) -> tuple[list[list[int]], int]:
+    """One request of len(params) choices (as the server submits n), run to its end -> each
+    choice's tokens, and the prompt tokens the engine did not prefill."""
+    engine, events, done = Engine(llm), [[] for _ in params], threading.Semaphore(0)
+
+    def on_event(ev, i):
+        events[i].append(ev)
+        if ev.finished:
+            done.release()
+    engine.submit_many(prompt, params, [lambda ev, i=i: on_event(ev, i) for i in range(len(params))])
+    engine.start()
+    try:
+        for _ in params:
+            assert done.acquire(timeout=120), "a choice did not finish"
+    finally:
+        engine.stop()
+    return [tokens(evs) for evs in events], engine.stats.prompt_tokens_shared
+
+
+def _separate(llm, prompt, params) -> list[list[int]]:
+    engine = Engine(llm)
+    got = [tokens(evs) for evs in run_together(engine, [prompt] * len(params), params)]
+    assert engine.stats.prompt_tokens_shared == 0  # one choice each: nothing to share
+    return got
+
+
+@pytest.mark.parametrize("fixture", ["ranks", "single"])
+def test_n_choices_prefill_their_prompt_once(fixture, request):
+    llm = request.getfixturevalue(fixture)
+    params = [SamplingParams(max_tokens=6, temperature=0.9, seed=s, ignore_eos=True,
+                             logprobs=1 if s == 5 else None) for s in (3, 5, 11)]
+    got, shared = _choices(llm, PROMPT, params)
+    assert shared == 2 * (len(PROMPT) - 1)
+    assert got == _separate(llm, PROMPT, params)
+    assert all(len(t) == 6 for t in got) and len({tuple(t) for t in got}) == 3
+
+
+def test_a_choice_whose_first_choice_has_ended_prefills_its_own_prompt():
+    """Two KV slots for three choices: the second copies the first's rows; the third starts
+    after the first has ended (its slot freed, its rows overwritten) and prefills the prompt
+    itself. A first choice that ends at its prompt step (one token) shares nothing."""
+    llm = tpserve.load(SMALL, tp=1, dtype=torch.float32, max_model_len=40, num_slots=2)
+    try:
+        params = [SamplingParams(max_tokens=n, temperature=0.8, seed=s, ignore_eos=True)
+                  for n, s in ((2, 1), (9, 2), (4, 3))]
+        got, shared = _choices(llm, PROMPT, params)
+        assert shared == len(PROMPT) - 1  # the second choice only
+        assert got == _separate(llm, PROMPT, params)
+        got, shared = _choices(llm, PROMPT, [SamplingParams(max_tokens=1, seed=1, temperature=0.5),
+                                             SamplingParams(max_tokens=3, seed=2, temperature=0.5)])
+        assert shared == 0 and [len(t) for t in got] == [1, 3]
+    finally:
+        llm.close()
