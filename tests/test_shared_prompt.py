@@ -70,3 +70,23 @@ def test_a_choice_whose_first_choice_has_ended_prefills_its_own_prompt():
         assert shared == 0 and [len(t) for t in got] == [1, 3]
     finally:
         llm.close()
+
+
+def test_an_echoing_first_choice_still_shares_its_prompt(single):
+    """Echo's prompt logprobs are asked of the first choice only (the server's n choices): it
+    prefills every prompt row for them, and the later choices still copy its KV rows."""
+    params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=1),
+              SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)]
+    engine, events, done = Engine(single), [[], []], threading.Semaphore(0)
+    for_choice = [lambda ev, i=i: (events[i].append(ev), ev.finished and done.release())
+                  for i in range(2)]
+    engine.submit_many(PROMPT, params, for_choice)
+    engine.start()
+    try:
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert engine.stats.prompt_tokens_shared == len(PROMPT) - 1
+    prompt_lps = [ev.prompt_logprobs for ev in events[0] if ev.prompt_logprobs is not None]
+    assert len(prompt_lps) == 1 and len(prompt_lps[0]) == len(PROMPT)
+    assert tokens(events[0]) == tokens(events[1])  # greedy: the same answer

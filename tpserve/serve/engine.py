@@ -121,8 +121,9 @@ class Engine:
                                 f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
             reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
                     for p, on_event, stop in zip(params, on_events, stops)]
-            if len(prompt) > 1 and all(p.prompt_logprobs is None for p in params):
-                for req in reqs[1:]:  # the prompt is prefilled once (`_admit`)
+            if len(prompt) > 1 and all(p.prompt_logprobs is None for p in params[1:]):
+                for req in reqs[1:]:  # the prompt is prefilled once (`_admit`; echo's prompt
+                    # logprobs, where asked for, come from the first choice's prefill)
                     req.share = reqs[0]
             for req in reqs:
                 req.row = SampleRow(req.params, req.prompt, req.output,
