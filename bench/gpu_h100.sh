@@ -30,6 +30,8 @@
 #   bash bench/gpu_h100.sh tiles    the prefill kernel's fp16x2 tile dequantization against fp32
 #                                   tiles: self-check, then M = 128 and 1024 on the 8B shapes,
 #                                   bf16 in the same run
+#   bash bench/gpu_h100.sh shared   Llama-3-8B shapes: n = 8 choices of a 500-token prompt prefilled
+#                                   once vs eight separate requests, same run
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
 #                                   against the torch int4 peer and transformers bf16, same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
@@ -95,6 +97,11 @@ if has tiles; then
   timeout 300 python3 bench/kernels.py --prefill 128 1024 --no-head --iters 40 \
     --out "$OUT/kernels_tiles_prefill.json" > "$OUT/kernels_tiles_prefill.log" 2>&1
   echo "prefill rc=$?"; grep "^prefill" "$OUT/kernels_tiles_prefill.log" | cut -c1-140
+fi
+if has shared; then
+  l8
+  timeout 240 python3 bench/shared_prompt.py --model /tmp/l8 --device cuda --dtype float16 \
+    > "$OUT/shared_prompt.log" 2>&1; grep -v INFO "$OUT/shared_prompt.log" | tail -6
 fi
 if has ttft; then
   l8
