@@ -54,6 +54,28 @@ def test_n_choices_prefill_their_prompt_once(fixture, request):
     assert all(len(t) == 6 for t in got) and len({tuple(t) for t in got}) == 3
 
 
+@pytest.mark.parametrize("fixture", ["ranks", "single"])
+def test_choices_with_a_repetition_penalty_prefill_their_own_prompts(fixture, request):
+    """A repetition penalty reads the prompt, which the ranks' sampler takes from a request's
+    prefill step: such choices do not share, and sample as separate requests do. The prompt
+    holds the token the model would pick next (not as its last token), so a choice whose
+    sampler saw only the last prompt token would pick it where the penalty forbids it."""
+    llm = request.getfixturevalue(fixture)
+    prompt = list(PROMPT)
+    for _ in range(8):
+        likely = int(llm.logits(prompt)[-1].argmax())
+        if likely in prompt[:-1]:
+            break
+        prompt = [likely] + prompt
+    else:
+        pytest.fail("no prompt holds the token the model picks after it")
+    params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, repetition_penalty=100)
+              for _ in range(3)]
+    got, shared = _choices(llm, prompt, params)
+    assert shared == 0 and got == _separate(llm, prompt, params)
+    assert all(t[0] != likely for t in got)
+
+
 def test_a_choice_whose_first_choice_has_ended_prefills_its_own_prompt():
     """Two KV slots for three choices: the second copies the first's rows; the third starts
     after the first has ended (its slot freed, its rows overwritten) and prefills the prompt

@@ -121,9 +121,13 @@ class Engine:
                                 f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
             reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
                     for p, on_event, stop in zip(params, on_events, stops)]
-            if len(prompt) > 1 and all(p.prompt_logprobs is None for p in params[1:]):
-                for req in reqs[1:]:  # the prompt is prefilled once (`_admit`; echo's prompt
-                    # logprobs, where asked for, come from the first choice's prefill)
+            # The prompt is prefilled once (`_admit`): echo's prompt logprobs, where asked for,
+            # come from the first choice's prefill; a repetition penalty reads the prompt, which
+            # rank 0's sampler takes from the prefill step's token ids (`rank_sampling`), so such
+            # choices prefill their own.
+            if len(prompt) > 1 and all(p.prompt_logprobs is None and p.repetition_penalty == 1
+                                       for p in params[1:]):
+                for req in reqs[1:]:
                     req.share = reqs[0]
             for req in reqs:
                 req.row = SampleRow(req.params, req.prompt, req.output,
