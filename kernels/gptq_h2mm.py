@@ -117,7 +117,7 @@ def h2_matmul(x: torch.Tensor, w, perm: torch.Tensor | None = None,
     out = new_out(x, w, out)
     x, perm = through_perm(x, perm)
     m, n = out.shape
-    assert 1 <= m <= MAX_M, m
+    assert 2 <= m <= MAX_M, m
     ws, cnt = workspace(x.device, m * n, triton.cdiv(n, 16))
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m, stride_xm=x.stride(0), stride_om=out.stride(0),

@@ -186,6 +186,12 @@ _ROWS_CONFIGS = [cfg(64, 128, 4, 4, 3, bm=16, group_m=1), cfg(128, 128, 4, 4, 3,
 _tuned_rows = tuned(_prefill_kernel, _ROWS_CONFIGS, ["M_KEY"] + KEY)
 
 
+def _h2_tiles(dtype: torch.dtype, w) -> bool:
+    """Whether tiles in one group take `gptq_h2._h2_tile`: fp16 out, 4-bit words, fp16 scales
+    (it multiplies by the scale in fp16: other scales would be rounded first)."""
+    return USE_H2 and dtype == torch.float16 and w.bits == 4 and w.scales.dtype == torch.float16
+
+
 def dequantize_triton(w, dtype: torch.dtype) -> torch.Tensor:
     """W [K, N] of a 4/8-bit GPTQWeight in `dtype` (a fresh tensor)."""
     k, n = w.in_features, w.out_features
@@ -197,7 +203,7 @@ def dequantize_triton(w, dtype: torch.dtype) -> torch.Tensor:
         out.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size, GROUP_OFFSET=w.group_offset,
         HAS_GIDX=w.g_idx is not None, MODE=mode_of(bk, w.group_size, w.group_offset,
                                                     w.g_idx is not None),
-        H2=USE_H2 and dtype == torch.float16 and w.bits == 4, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+        H2=_h2_tiles(dtype, w), BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return out
 
 
@@ -250,8 +256,7 @@ def _tl_dot(x, w, out, m_key, config, rows=False):
     args = gptq_args(x, w, out) | dict(
         M=m, M_KEY=m_key, stride_xm=x.stride(0), stride_om=out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        H2=USE_H2 and not rows and x.dtype == torch.float16 and w.bits == 4, ws_ptr=ws,
-        cnt_ptr=cnt)
+        H2=not rows and _h2_tiles(x.dtype, w), ws_ptr=ws, cnt_ptr=cnt)
     launch(_prefill_kernel, _tuned_rows if rows else _tuned, args,
            lambda c: (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(m, c["BLOCK_M"]), c["SPLIT_K"]),
            config, dict(INTERPRET_CONFIG, BLOCK_M=16, SPLIT_K=2) if rows else INTERPRET_CONFIG)

@@ -142,3 +142,38 @@ def test_logits_larger_than_a_frame_travel_as_row_chunks(monkeypatch):
     finally:
         coord.close()
         ctx.destroy(0)
+
+
+def test_a_rank_error_keeps_its_text_for_the_log():
+    """A rank that fails a step reports its exception's text; the coordinator's `RankFailure`
+    names the rank and the step for clients and keeps that text in `detail` (the server's log
+    only: `errors.client_message`), with the step's plan copies reaching the rank on the wire."""
+    import threading
+    coord = Coordinator(tp=1, timeout_s=5.0, transport="ipc")
+    ctx = zmq.Context()
+    try:
+        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
+        rank.send_multipart(frames({"op": "hello", "rank": 0}))
+        coord.wait_for_ranks(timeout_s=5)
+        seen = []
+
+        def fail():
+            h, _ = decode(rank.recv_multipart())
+            seen.append(h["plan"])
+            rank.send_multipart(frames({"op": "error", "step": h["step"], "rank": 0,
+                                        "message": "RuntimeError: CUDA error at /home/op/x.py"}))
+        threading.Thread(target=fail).start()
+        with pytest.raises(RankFailure) as e:
+            coord.step(torch.zeros(2, 4), StepPlan([1], [3], [2], copies=[(0, 1, 3)]))
+        assert "rank 0 failed in step" in str(e.value) and "/home/op" not in str(e.value)
+        assert e.value.detail == "RuntimeError: CUDA error at /home/op/x.py"
+        assert seen[0]["copies"] == [[0, 1, 3]]
+        # a tpserve error on the rank (a sum that did not arrive) is a sentence for users
+        threading.Thread(target=lambda: (decode(rank.recv_multipart()), rank.send_multipart(
+            frames({"op": "error", "step": coord.step_id, "rank": 0, "public": True,
+                    "message": "the sum of reduction 4 did not arrive within 3s"})))).start()
+        with pytest.raises(RankFailure, match="did not arrive within 3s"):
+            coord.step(torch.zeros(2, 4), StepPlan([1], [5], [2]))
+    finally:
+        coord.close()
+        ctx.destroy(0)

@@ -26,9 +26,10 @@ def client_message(what: str, e: BaseException, log: logging.Logger) -> str:
     `TpserveError`'s own sentence (written for users: a dead rank, a bad input), else a reference
     that the log line written here repeats with the exception, never the exception's text (paths,
     device and library messages are the operator's business)."""
-    if isinstance(e, TpserveError):
-        log.error("%s failed: %s", what, e)
+    if isinstance(e, TpserveError):  # a remote error's text (`detail`) goes to the log only
+        detail = getattr(e, "detail", None)
+        log.error("%s failed: %s%s", what, e, f" ({detail})" if detail else "")
         return str(e)
     ref = uuid.uuid4().hex[:12]
-    log.error("%s failed (reference %s): %s: %s", what, ref, type(e).__name__, e)
+    log.error("%s failed (reference %s): %s: %s", what, ref, type(e).__name__, e, exc_info=e)
     return f"{what} failed (reference {ref}); the server's log has the details"

@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 
 
 class RankFailure(TpserveError):
-    """A rank died, timed out or reported an error; in-flight requests fail with this message."""
+    """A rank died, timed out or reported an error; in-flight requests fail with this message.
+    `detail`: what the rank reported (its exception's text), for the server's log only."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
 
 
 class Coordinator:
@@ -216,7 +221,11 @@ class Coordinator:
                           rank, step)
                 continue
             if op == "error":
-                raise RankFailure(f"rank {rank} failed in step {step}: {hdr.get('message', '?')}")
+                message = str(hdr.get("message", "?"))[:2000]
+                if hdr.get("public") is True:  # a tpserve error on the rank: its own sentence
+                    raise RankFailure(f"rank {rank} failed in step {step}: {message}")
+                raise RankFailure(f"rank {rank} failed in step {step}; its error is in the "
+                                  f"server's log", detail=message)
             if op == "result" and rank == 0 and tensors:
                 self.stats.steps += 1
                 if self.data is not None:  # reductions the ranks ran among themselves

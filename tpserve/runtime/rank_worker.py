@@ -273,8 +273,11 @@ class RankWorker:
                     break
                 except Exception as e:  # report, keep serving: the coordinator decides
                     log.exception("rank %d failed in step %d", self.rank, h["step"])
+                    # a tpserve error's sentence is for users; any other text for the log only
+                    public = isinstance(e, TpserveError)
                     sock.send_multipart(encode({"op": "error", "step": h["step"], "rank": self.rank,
-                                                "message": f"{type(e).__name__}: {e}"}))
+                                                "message": str(e) if public else
+                                                f"{type(e).__name__}: {e}", "public": public}))
                 self.profiler.after(self.steps)
                 self.steps += 1
         finally:
