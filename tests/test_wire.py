@@ -1,5 +1,7 @@
 """Wire format validation and CurveZMQ admission (real ZMQ sockets, no Ray)."""
 
+import contextlib
+
 import msgpack
 import pytest
 import torch
@@ -55,6 +57,21 @@ def _dealer(ctx, addr, keys, identity=None):
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys
     s.connect(addr)
     return s
+
+
+@contextlib.contextmanager
+def _rank0_over_ipc():
+    """A tp=1 coordinator over ipc and a socket that plays its rank 0, joined."""
+    coord = Coordinator(tp=1, timeout_s=5.0, transport="ipc")
+    ctx = zmq.Context()
+    try:
+        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
+        rank.send_multipart(frames({"op": "hello", "rank": 0}))
+        coord.wait_for_ranks(timeout_s=5)
+        yield coord, rank
+    finally:
+        coord.close()
+        ctx.destroy(0)
 
 
 def test_only_this_jobs_keys_can_join_the_coordinator():
@@ -124,13 +141,7 @@ def test_logits_larger_than_a_frame_travel_as_row_chunks(monkeypatch):
     assert [len(p) for p in pieces] == [3, 3, 1] and torch.equal(torch.cat(pieces), logits)
     with pytest.raises(wire.WireError, match="more than one message carries"):
         wire.chunk_rows(torch.randn(3 * wire.MAX_TENSORS, 10))
-    coord = Coordinator(tp=1, timeout_s=5.0, transport="ipc")
-    ctx = zmq.Context()
-    try:
-        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
-        rank.send_multipart(frames({"op": "hello", "rank": 0}))
-        coord.wait_for_ranks(timeout_s=5)
-
+    with _rank0_over_ipc() as (coord, rank):
         def answer():
             h, (ids,) = decode(rank.recv_multipart())
             assert h["ids"] is True and ids.dtype == torch.int64
@@ -139,9 +150,6 @@ def test_logits_larger_than_a_frame_travel_as_row_chunks(monkeypatch):
         threading.Thread(target=answer).start()
         argmax, got = coord.step_ids(torch.arange(7), StepPlan([0], [0], [7]), logits=True)
         assert torch.equal(got, logits) and torch.equal(argmax, logits.argmax(-1))
-    finally:
-        coord.close()
-        ctx.destroy(0)
 
 
 def test_a_rank_error_keeps_its_text_for_the_log():
@@ -149,12 +157,7 @@ def test_a_rank_error_keeps_its_text_for_the_log():
     names the rank and the step for clients and keeps that text in `detail` (the server's log
     only: `errors.client_message`), with the step's plan copies reaching the rank on the wire."""
     import threading
-    coord = Coordinator(tp=1, timeout_s=5.0, transport="ipc")
-    ctx = zmq.Context()
-    try:
-        rank = _dealer(ctx, coord.address, None, identity=coord.client_keys(0)["identity"])
-        rank.send_multipart(frames({"op": "hello", "rank": 0}))
-        coord.wait_for_ranks(timeout_s=5)
+    with _rank0_over_ipc() as (coord, rank):
         seen = []
 
         def fail():
@@ -174,6 +177,3 @@ def test_a_rank_error_keeps_its_text_for_the_log():
                     "message": "the sum of reduction 4 did not arrive within 3s"})))).start()
         with pytest.raises(RankFailure, match="did not arrive within 3s"):
             coord.step(torch.zeros(2, 4), StepPlan([1], [5], [2]))
-    finally:
-        coord.close()
-        ctx.destroy(0)

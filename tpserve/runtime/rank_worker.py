@@ -22,12 +22,11 @@ from tpserve.model.config import load_configs
 from tpserve.model.head import Head
 from tpserve.model.rank_head import MAX_DECODE_STEPS, RankHead, decode_ids, step_ids
 from tpserve.errors import TpserveError
-from tpserve.model.kv_cache import StepPlan
 from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
-from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, uint
+from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, plan_from_wire, uint
 from tpserve.serve.rank_sampling import RankSampler
 
 log = logging.getLogger(__name__)
@@ -80,27 +79,6 @@ def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: floa
         from tpserve.runtime.torch_dist import DistPath
         return DistPath(setup, rank, tp, timeout_s)
     raise WireError(f"setup names an unknown all-reduce path {name!r}")
-
-
-def _plan_from_wire(d, num_tokens: int) -> StepPlan:
-    if not isinstance(d, dict):
-        raise WireError("step header has no plan map")
-    lists = [d.get(k) for k in ("slots", "starts", "lens")]
-    if not all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists) or \
-            len({len(x) for x in lists}) != 1:
-        raise WireError("plan slots/starts/lens must be integer lists of one length")
-    copies = d.get("copies", [])
-    if not isinstance(copies, list) or not all(
-            isinstance(c, list) and len(c) == 3 and all(isinstance(i, int) for i in c)
-            for c in copies):
-        raise WireError("plan copies must be [src, dst, n] integer triples")
-    plan = StepPlan(*lists, out_rows=d.get("out_rows"), copies=[tuple(c) for c in copies])
-    if plan.num_tokens != num_tokens:
-        raise WireError(f"plan covers {plan.num_tokens} tokens but h has {num_tokens} rows")
-    if plan.out_rows is not None and (not isinstance(plan.out_rows, list) or not all(
-            isinstance(i, int) and 0 <= i < num_tokens for i in plan.out_rows)):
-        raise WireError("plan out_rows must be row indices of h")
-    return plan
 
 
 class RankWorker:
@@ -209,7 +187,7 @@ class RankWorker:
                         raise WireError(f"step {h['step']} is not after step {self.last_step}")
                     if ids:
                         self._check_ids(ts[0])
-                    plan = _plan_from_wire(h.get("plan"), ts[0].shape[0])
+                    plan = plan_from_wire(h.get("plan"), ts[0].shape[0])
                     if h.get("sample") is not None and self.sampler is not None:
                         if not ids:
                             raise WireError("a sampling step must be a step of token ids")

@@ -18,6 +18,7 @@ import msgpack
 import torch
 
 from tpserve.errors import TpserveError
+from tpserve.model.kv_cache import StepPlan
 
 VERSION = 1
 OPS = {"hello", "setup", "ready", "params", "step", "reduce", "sum", "result", "error", "stop"}
@@ -120,3 +121,25 @@ def decode(frames: list, max_frame: int = MAX_FRAME) -> tuple[dict, list[torch.T
                 flat = torch.frombuffer(buf, dtype=torch.uint8)
             tensors.append(flat.view(dtype).view(shape))
     return h, tensors
+
+
+def plan_from_wire(d, num_tokens: int) -> StepPlan:
+    """A step header's plan (`StepPlan.to_wire`) for a step of `num_tokens` rows, checked."""
+    if not isinstance(d, dict):
+        raise WireError("step header has no plan map")
+    lists = [d.get(k) for k in ("slots", "starts", "lens")]
+    if not all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in lists) or \
+            len({len(x) for x in lists}) != 1:
+        raise WireError("plan slots/starts/lens must be integer lists of one length")
+    copies = d.get("copies", [])
+    if not isinstance(copies, list) or not all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(i, int) for i in c)
+            for c in copies):
+        raise WireError("plan copies must be [src, dst, n] integer triples")
+    plan = StepPlan(*lists, out_rows=d.get("out_rows"), copies=[tuple(c) for c in copies])
+    if plan.num_tokens != num_tokens:
+        raise WireError(f"plan covers {plan.num_tokens} tokens but h has {num_tokens} rows")
+    if plan.out_rows is not None and (not isinstance(plan.out_rows, list) or not all(
+            isinstance(i, int) and 0 <= i < num_tokens for i in plan.out_rows)):
+        raise WireError("plan out_rows must be row indices of h")
+    return plan
