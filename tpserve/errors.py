@@ -22,14 +22,14 @@ class ConfigError(TpserveError):
 
 
 def client_message(what: str, e: BaseException, log: logging.Logger) -> str:
-    """What a client is told of `e`, which failed `what` ("this request's step"): a
+    """What a client is told of `e`, which `what` names ("the engine's step failed"): a
     `TpserveError`'s own sentence (written for users: a dead rank, a bad input), else a reference
     that the log line written here repeats with the exception, never the exception's text (paths,
     device and library messages are the operator's business)."""
     if isinstance(e, TpserveError):  # a remote error's text (`detail`) goes to the log only
         detail = getattr(e, "detail", None)
-        log.error("%s failed: %s%s", what, e, f" ({detail})" if detail else "")
+        log.error("%s: %s%s", what, e, f" ({detail})" if detail else "")
         return str(e)
     ref = uuid.uuid4().hex[:12]
-    log.error("%s failed (reference %s): %s: %s", what, ref, type(e).__name__, e, exc_info=e)
-    return f"{what} failed (reference {ref}); the server's log has the details"
+    log.error("%s (reference %s): %s: %s", what, ref, type(e).__name__, e, exc_info=e)
+    return f"{what} (reference {ref}); the server's log has the details"

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tpserve.errors import client_message
 from tpserve.serve.engine import QueueFull
 from tpserve.serve.limits import BODY_READ_TIMEOUT_S
 from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs,
@@ -89,9 +90,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):  # Starlette re-raises it after, so uvicorn logs it
         # The client learns a reference, not the exception's text (paths, device messages).
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s: %s: %s", ref, type(e).__name__, e)
-        return error(500, f"internal error (reference {ref}); the server's log has the details")
+        return error(500, client_message("internal error", e, log))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != model_name:

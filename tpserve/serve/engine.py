@@ -218,7 +218,7 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failed step fails every request in it, loudly
-                self._fail_all(client_message("the engine's step", e, log))
+                self._fail_all(client_message("the engine's step failed", e, log))
                 self._recover()
 
     def _step(self) -> None:

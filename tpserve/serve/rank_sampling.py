@@ -67,7 +67,7 @@ def one_by_one(logits: torch.Tensor | None, rows: list[SampleRow],
                          else sample(logits[i:i + 1], [row]))
             out.append((toks[0], lps[0]))
         except Exception as e:
-            out.append((None, client_message("sampling this request", e, log)))
+            out.append((None, client_message("sampling this request failed", e, log)))
     return out
 
 
