@@ -1,7 +1,8 @@
 """4-bit shards on CPU ranks through torch's int4 CPU kernel (kernels/gptq_cpu.py), against the
 dequantized shard (`GPTQWeight.dequantize`, the reference every kernel is checked against): shards
 that start or end inside a group, N not a multiple of 16, every group size the kernel takes, and
-the shards that must keep the per-group broadcast path."""
+the shards that must keep the per-group broadcast path; small shards with fp32 / fp16 x through
+their dense copy."""
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def test_int4_cpu_kernel_matches_the_dequantized_shard(shape, dtype, m):
     assert gptq_cpu.int4_matmul(x, w).equal(y)  # packed once, reused
 
 
-def test_dispatch_takes_it_for_4_bit_shards_only():
+def test_dispatch_takes_it_for_4_bit_shards_only(monkeypatch):
+    monkeypatch.setattr(gptq_cpu, "DENSE_MAX_BYTES", 0)  # no dense copies: the 4-bit paths
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 256, generator=g)
     four = random_weight(256, 48, 4, 64, generator=g)
@@ -51,3 +53,36 @@ def test_dispatch_takes_it_for_4_bit_shards_only():
     perm = torch.randperm(256, generator=g)
     torch.testing.assert_close(gptq_matmul(x, four, perm), x[:, perm] @ four.dequantize(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_small_shards_take_a_dense_copy_in_fp32_and_fp16(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 300, generator=g)
+    perm = torch.randperm(300, generator=g)
+    shards = [random_weight(300, 40, 4, 128, 100, generator=g),  # starts inside a group
+              random_weight(300, 40, 8, 64, generator=g), random_weight(300, 40, 3, 32, generator=g)]
+    for w in shards:
+        for p in (None, perm):
+            xp = x if p is None else x[:, p]
+            ref = xp.double() @ w.dequantize(torch.float64)
+            y = gptq_matmul(x.to(dtype), w, p)
+            assert y.dtype == dtype
+            err = (y.double() - ref).abs().max() / ref.abs().max()
+            assert err < TOL[dtype], err
+        assert list(w.cpu_dense) == [dtype] and w.cpu_pack is None
+    assert not gptq_cpu.dense_applies(x.bfloat16(), shards[0])  # bf16: the int4 kernel is faster
+    big = random_weight(1024, 1040, 4, 128, generator=g)  # 4.1 MiB in fp32, 2 MiB in fp16
+    xb = torch.randn(1, 1024, generator=g)
+    assert not gptq_cpu.dense_applies(xb, big) and gptq_cpu.dense_applies(xb.half(), big)
+    torch.testing.assert_close(gptq_matmul(xb, big), xb @ big.dequantize(), rtol=1e-5, atol=1e-4)
+    assert not big.cpu_dense and big.cpu_pack is not None
+
+
+def test_a_malformed_dense_limit_is_refused_with_its_name(monkeypatch):
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(gptq_cpu.DENSE_ENV, bad)
+        with pytest.raises(ValueError, match=f"{gptq_cpu.DENSE_ENV}='{bad}'.*number >= 0"):
+            gptq_cpu._dense_max_bytes()
+    monkeypatch.setenv(gptq_cpu.DENSE_ENV, "0.5")
+    assert gptq_cpu._dense_max_bytes() == 1 << 19
