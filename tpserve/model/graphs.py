@@ -181,6 +181,8 @@ class DecodeGraphs:
 
     def __init__(self, model, buckets: list[int], head=None):
         t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        reserved = torch.cuda.memory_reserved()
         self.model, self.head = model, head
         width = model.width
         whole = model.comm.capturable
@@ -196,12 +198,14 @@ class DecodeGraphs:
                 self.buckets[size] = _Bucket(model, size, width, whole,
                                              head if self.with_head else None, pool)
         torch.cuda.synchronize()
+        # the graphs' pool and static buffers (the prefill graphs' dequantized weights included)
+        self.memory_bytes = torch.cuda.memory_reserved() - reserved
         n = sum(len(b.graphs) for b in [*self.buckets.values(), *self.prefill.values()])
-        log.info("captured %d CUDA graphs (%s) for decode batch buckets %s%s in %.1fs",
-                 n, "whole step, embedding to argmax" if self.with_head else
-                 "whole step" if whole else "one per segment between all-reduces",
+        log.info("captured %d CUDA graphs (%s) for decode batch buckets %s%s in %.1fs, holding "
+                 "%.0f MiB of GPU memory", n, "whole step, embedding to argmax" if self.with_head
+                 else "whole step" if whole else "one per segment between all-reduces",
                  sorted(self.buckets), f" and prefill steps of {sizes} tokens"
-                 if sizes else "", time.perf_counter() - t0)
+                 if sizes else "", time.perf_counter() - t0, self.memory_bytes / 2**20)
 
     def takes_prefill(self, plan) -> bool:
         """Whether a captured prefill runs `plan`: a step that is not a decode step, of at most
