@@ -47,7 +47,9 @@ def time_parts(llm, batch: int) -> None:
     head = cuda_ms(lambda: llm.head.logits(out))
     print(f"batch {batch}: graph replay {replay:.3f} ms ({'with' if rank.graphs.with_head else 'without'}"
           f" the head), LLM.step + tokens to host {step:.3f} ms, eager padded rank step "
-          f"{eager:.3f} ms, eager head {head:.3f} ms")
+          f"{eager:.3f} ms, eager head {head:.3f} ms; the captured graphs hold "
+          f"{rank.graphs.memory_bytes / 2**20:.0f} MiB of GPU memory "
+          f"(decode buckets {sorted(rank.graphs.buckets)}, prefill {sorted(rank.graphs.prefill)})")
 
 
 def profile_prefill(llm, n: int, device: str, batch: int = 1) -> None:
