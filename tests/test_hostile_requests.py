@@ -21,7 +21,7 @@ from serving import MODEL, Server, served_demo, sse
 import tpserve
 from tpserve.demo import demo_path
 from tpserve.serve import app as app_module
-from tpserve.serve import batch, logprobs
+from tpserve.serve import batch, logprobs, streams
 from tpserve.serve.app import build_app
 from tpserve.serve.engine import Engine, QueueFull
 from tpserve.serve.logprobs import CompletionChoices, check_logprob_budget
@@ -231,9 +231,12 @@ def test_whole_answers_with_logprobs_are_built_off_the_event_loop(env, monkeypat
 
 # ---- slow and many connections -------------------------------------------------------------
 @contextlib.contextmanager
-def served(config: uvicorn.Config):
-    """uvicorn with `config` in a thread, on a port the OS picked -> (host, port)."""
+def served(config: uvicorn.Config, sndbuf: int | None = None):
+    """uvicorn with `config` in a thread, on a port the OS picked -> (host, port). `sndbuf`: the
+    kernel send buffer of its connections (they inherit the listening socket's)."""
     sock = socket.socket()
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -410,6 +413,37 @@ def test_a_client_that_stops_reading_is_cut_off_and_a_slow_reader_is_not():
                 if time.monotonic() - t0 < 2 * T:
                     time.sleep(0.05)  # slower than the socket drains, for two deadlines
             assert got == BIG and time.monotonic() - t0 > 2 * T
+
+
+def test_a_stream_read_slower_than_it_is_made_is_cut_and_its_choices_cancelled(env, monkeypatch):
+    """A client that keeps its socket full but its connection alive: the request's waiting
+    events stop at BACKLOG_MAX_BYTES, its choices are cancelled long before max_tokens, and what
+    the client reads at last ends with an error chunk and [DONE]; a reading client of the same
+    request is not cut."""
+    monkeypatch.setattr(streams, "BACKLOG_MAX_BYTES", 64 << 10)
+    body = {"model": MODEL, "prompt": PROMPT, "n": 2, "max_tokens": 1000, "ignore_eos": True,
+            "stream": True, "logprobs": 5}
+    payload = json.dumps(body).encode()
+    cancelled = env.engine.stats.requests_cancelled
+    # small kernel buffers on both ends (loopback's would hold this whole generation)
+    config = uvicorn.Config(build_app(env.engine, env.codec, MODEL), log_level="warning")
+    with served(config, sndbuf=4096) as (_, addr), small_window_connection(addr) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        deadline = time.monotonic() + 60
+        while env.engine.stats.requests_cancelled < cancelled + 2:
+            assert time.monotonic() < deadline, "the slow reader's choices kept running"
+            time.sleep(0.02)
+        text = read_until(conn, b"data: [DONE]\n\n\r\n0\r\n\r\n").decode()  # the last chunk
+    events = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    assert "the stream was cut" in events[-1]["error"]["message"], events[-1]
+    tokens = sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-1])
+    assert 0 < tokens < 2 * 1000, tokens
+    assert not env.engine.running
+    # read as it comes, the same request runs to the end
+    events = sse(env.client, "/v1/completions", {**body, "max_tokens": 300})
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 2 * 300
 
 
 # ---- choices that do not fit the queue -----------------------------------------------------

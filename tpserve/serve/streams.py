@@ -2,6 +2,11 @@
 requests), gathered whole (`collect`) or sent as server-sent events (`stream`); a whole answer
 that is large (logprobs) is built and encoded off the event loop (`built_off_the_loop`).
 
+A stream's events wait in its `Pending` while the client's socket is full. A client that reads
+slower than its request is generated (but fast enough for the server's write deadline) would make
+the server hold the whole generation: past BACKLOG_MAX_BYTES of waiting events the request's
+choices are cancelled, the waiting events dropped, and the stream ends with an error chunk.
+
 Latency metrics are observed here, on the engine thread, as each event is made: time to first
 token, the gap between tokens, and the request's end-to-end time.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +27,25 @@ from tpserve.serve.engine import Event
 from tpserve.serve.metrics import Metrics
 from tpserve.serve.openai_protocol import ApiError, error_body
 
+log = logging.getLogger(__name__)
+
+
+# What one request's events may hold while they wait for its client (estimated as Python objects,
+# `held_bytes`): ~10K tokens of plain text, ~1.4K with 20 top logprobs each. Events come only from
+# running choices, so the server holds at most --max-num-seqs times this for slow readers.
+BACKLOG_MAX_BYTES = 4 << 20
+
+
+def held_bytes(ev: Event) -> int:
+    """Roughly what a waiting event holds (its objects, measured on CPython 3.11: ~400 bytes a
+    token event, ~140 a top logprob). The first event's prompt logprobs are not counted: they are
+    made once and bounded by the logprob budget at admission."""
+    return 400 + 2 * len(ev.text) + sum(150 + 140 * len(lp.top) for lp in ev.logprobs or ())
+
+
+class SlowReader(ApiError):
+    """A stream's client fell BACKLOG_MAX_BYTES behind its generation."""
+
 
 class Pending:
     def __init__(self, metrics: Metrics, n: int):
@@ -29,6 +54,9 @@ class Pending:
         self.ids: list[int] = []  # the engine's request ids, one per choice
         self.engine = None  # set once every choice is accepted; then cancel() is owed on exit
         self.closed = False
+        self.open = set(range(n))  # choices not yet finished (as the events taken so far say)
+        self.backlog = 0  # held_bytes of the events waiting in the queue (event loop's count)
+        self.cut: SlowReader | None = None
 
     def callback(self, i: int):
         arrived, last = time.monotonic(), [None]
@@ -46,26 +74,53 @@ class Pending:
             if self.closed:
                 return
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+                self.loop.call_soon_threadsafe(self._put, i, ev, held_bytes(ev))
             except RuntimeError:  # the event loop is closed: the server has shut down
                 self.closed = True
         return on_event
 
+    def _put(self, i: int, ev: Event, size: int) -> None:  # event loop
+        if self.cut is not None:
+            return
+        self.backlog += size
+        self.queue.put_nowait((i, ev, size))
+        if self.backlog > BACKLOG_MAX_BYTES:
+            held = self.backlog
+            self.cut = SlowReader(408, f"the stream was cut: its client read it slower than it "
+                                       f"was generated ({held / 2**20:.1f} MiB waited unsent); "
+                                       f"read the stream faster, or ask for fewer choices, "
+                                       f"tokens or logprobs")
+            while not self.queue.empty():  # the waiting events are dropped, their memory freed
+                self.queue.get_nowait()
+            self.backlog = 0
+            self.queue.put_nowait((None, None, 0))  # wakes the reader, which raises `cut`
+            self._cancel()
+            log.warning("cut a stream whose client read %.1f MiB slower than its generation "
+                        "(engine requests %s cancelled)", held / 2**20, self.ids)
+
+    def _cancel(self) -> None:
+        """Cancel the choices still open, once (no more events are taken in)."""
+        if self.engine is not None and not self.closed:
+            for i in self.open:
+                self.engine.cancel(self.ids[i])
+        self.closed = True
+
     async def events(self):
-        """(choice, event, first event of that choice?) until every choice has finished."""
-        open_, seen = set(range(self.n)), set()
+        """(choice, event, first event of that choice?) until every choice has finished; raises
+        `SlowReader` where the stream was cut."""
+        seen = set()
         try:
-            while open_:
-                i, ev = await self.queue.get()
+            while self.open:
+                i, ev, size = await self.queue.get()
+                self.backlog -= size
+                if self.cut is not None:
+                    raise self.cut
                 yield i, ev, i not in seen
                 seen.add(i)
                 if ev.finished:
-                    open_.discard(i)
-        finally:  # finished, failed, or the client went away (the generator is closed)
-            self.closed = True
-            if open_ and self.engine is not None:
-                for i in open_:
-                    self.engine.cancel(self.ids[i])
+                    self.open.discard(i)
+        finally:  # finished, failed, cut, or the client went away (the generator is closed)
+            self._cancel()
 
 
 @dataclass
@@ -134,23 +189,26 @@ def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict]
         for c in first:
             yield _sse({**head, "choices": [c]})
         n = 0
-        async with contextlib.aclosing(pending.events()) as events:
-            async for i, ev, is_first in events:
-                if ev.finish_reason == "error":
-                    yield _sse(error_body(503, f"the engine failed this request: {ev.error}"))
-                    break
-                n += len(ev.token_ids)
-                for c in chunks(i, ev, is_first):
-                    obj = {**head, "choices": [c]}
-                    if _many_logprobs(c):  # an echoed prompt's: seconds of JSON, off the loop
-                        yield b"data: "  # the body's bytes go out as they are, not copied
-                        yield await run_in_threadpool(encode, obj)
-                        yield b"\n\n"
-                    else:
-                        yield _sse(obj)
-            else:
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
+        try:
+            async with contextlib.aclosing(pending.events()) as events:
+                async for i, ev, is_first in events:
+                    if ev.finish_reason == "error":
+                        yield _sse(error_body(503, f"the engine failed this request: {ev.error}"))
+                        break
+                    n += len(ev.token_ids)
+                    for c in chunks(i, ev, is_first):
+                        obj = {**head, "choices": [c]}
+                        if _many_logprobs(c):  # an echoed prompt's: seconds of JSON, off the loop
+                            yield b"data: "  # the body's bytes go out as they are, not copied
+                            yield await run_in_threadpool(encode, obj)
+                            yield b"\n\n"
+                        else:
+                            yield _sse(obj)
+                else:
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
+        except SlowReader as e:
+            yield _sse(error_body(e.status, e.message))
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
