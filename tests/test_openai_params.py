@@ -203,6 +203,17 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
                               "top_logprobs": 25}, "top_logprobs=25 must be"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "max_completion_tokens": 0}, "max_completion_tokens=0 must be"),
+    # the engine's check of prompt + max_tokens against the context, in the chat's names too
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 5000}, "max_completion_tokens=5000 exceeds"),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "f", "arguments": "{}"}}]}]},
+     "'messages' with tool calls or tool results are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42",
+                                            "tool_call_id": "c1"}]},
+     "'messages' with tool calls or tool results are not supported"),
 ])
 def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
     """A list of more items than a request may hold is refused before its items are validated
@@ -262,3 +273,14 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(env):
         time.sleep(0.2)
     assert not env.engine.running and not env.engine.waiting
     assert env.engine.stats.requests_cancelled - cancelled == 4
+
+
+def test_a_chat_message_may_carry_a_name(env):
+    """`name` goes to the chat template with the message (not refused, not an error)."""
+    r = env.client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "name": "ada", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = '{"messages": [{"role": "user", "name": "\\ud800", "content": "x"}], "max_tokens": 2}'
+    r = env.client.post("/v1/chat/completions", content=body,
+                        headers={"content-type": "application/json"})  # a lone surrogate
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text

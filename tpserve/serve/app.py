@@ -169,14 +169,14 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                         else "max_tokens")
         try:
             params = sampling_params(req, max_tokens, k)
-        except ApiError as e:  # the chat names of the fields sampling_params knows otherwise
-            rename = {"logprobs": "top_logprobs", "max_tokens": tokens_param}
+            check_logprob_budget(n, 0, max_tokens, k, "top_logprobs", tokens_param)
+            pending = submit(prompt, params, n, "messages")
+        except ApiError as e:  # the chat names of fields that sampling_params and the engine's
+            rename = {"logprobs": "top_logprobs", "max_tokens": tokens_param}  # checks know
             if e.param in rename:
                 e.message = e.message.replace(f"{e.param}=", f"{rename[e.param]}=", 1)
                 e.param = rename[e.param]
             raise
-        check_logprob_budget(n, 0, max_tokens, k, "top_logprobs", tokens_param)
-        pending = submit(prompt, params, n, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name}
         texts = TokenTexts(codec)

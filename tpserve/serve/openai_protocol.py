@@ -101,6 +101,10 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     role: str
     content: str | Annotated[list[ContentPart], _at_most(MAX_PARTS)] | None = None
+    name: str | None = None  # passed to the chat template
+    # tool calls and their results: refused (`Prompts.chat`), never dropped
+    tool_calls: Annotated[list, _at_most(MAX_PARTS)] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(_Common):

@@ -52,6 +52,10 @@ class Prompts:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
         rendered = []
         for m in messages:
+            if m.tool_calls or m.tool_call_id is not None:
+                raise ApiError(400, "'messages' with tool calls or tool results are not "
+                                    "supported: tpserve has no tool-call parser; send text "
+                                    "messages only", "messages")
             content = m.content or ""
             if isinstance(content, list):
                 kinds = {p.type for p in content} - {"text"}
@@ -60,8 +64,10 @@ class Prompts:
                                         f"supported; this model reads text only", "messages")
                 content = "".join(p.text or "" for p in content)
             rendered.append({"role": check_text(m.role, "messages"),
-                             "content": check_text(content, "messages")})
-        if sum(len(m["content"]) + len(m["role"]) + 1 for m in rendered) > \
+                             "content": check_text(content, "messages")}
+                            | ({} if m.name is None else {"name": check_text(m.name, "messages")}))
+        if sum(len(m["content"]) + len(m["role"]) + len(m.get("name", "")) + 1
+               for m in rendered) > \
                 self.chars_per_token * self.engine.max_len:  # +1: a message renders to a token
             raise ApiError(400, f"the messages hold more tokens than the context of "
                                 f"{self.engine.max_len}; shorten them", "messages")
