@@ -76,20 +76,23 @@ def test_choices_with_a_repetition_penalty_prefill_their_own_prompts(fixture, re
     assert all(t[0] != likely for t in got)
 
 
-def test_a_choice_whose_first_choice_has_ended_prefills_its_own_prompt():
-    """Two KV slots for three choices: the second copies the first's rows; the third starts
-    after the first has ended (its slot freed, its rows overwritten) and prefills the prompt
-    itself. A first choice that ends at its prompt step (one token) shares nothing."""
+def test_a_choice_whose_first_choice_has_ended_takes_over_its_slot():
+    """Two KV slots for three choices: the second copies the first's rows; the third waits
+    until the first has ended and takes over its slot and prompt rows (no prefill of its own).
+    A first choice that ends at its prompt step (one token) hands its slot to the second, and
+    the third copies from that one: n choices of max_tokens=1 prefill the prompt once."""
     llm = tpserve.load(SMALL, tp=1, dtype=torch.float32, max_model_len=40, num_slots=2)
     try:
         params = [SamplingParams(max_tokens=n, temperature=0.8, seed=s, ignore_eos=True)
                   for n, s in ((2, 1), (9, 2), (4, 3))]
         got, shared = _choices(llm, PROMPT, params)
-        assert shared == len(PROMPT) - 1  # the second choice only
+        assert shared == 2 * (len(PROMPT) - 1)
         assert got == _separate(llm, PROMPT, params)
-        got, shared = _choices(llm, PROMPT, [SamplingParams(max_tokens=1, seed=1, temperature=0.5),
-                                             SamplingParams(max_tokens=3, seed=2, temperature=0.5)])
-        assert shared == 0 and [len(t) for t in got] == [1, 3]
+        params = [SamplingParams(max_tokens=n, seed=s, temperature=0.5, ignore_eos=True)
+                  for n, s in ((1, 1), (3, 2), (1, 3), (2, 4))]
+        got, shared = _choices(llm, PROMPT, params)
+        assert shared == 3 * (len(PROMPT) - 1) and [len(t) for t in got] == [1, 3, 1, 2]
+        assert got == _separate(llm, PROMPT, params)
     finally:
         llm.close()
 

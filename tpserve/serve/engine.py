@@ -200,13 +200,14 @@ class Engine:
         """For a later choice of a prompt (`Request.share`): None while the first choice waits or
         starts in this step (admit it after); the prompt's KV rows it can copy from the first
         choice's slot (all but the last) once that one has run its prompt and still holds its
-        slot; 0 where it finished, failed or was cancelled (a prefill of its own)."""
+        slot (or has taken over the slot of one that ended, `_hand_over`); 0 where it failed or
+        was cancelled (a prefill of its own)."""
         src = req.share
         if src is None:
             return 0
         if src in new or src in self.waiting:
             return None
-        return len(req.prompt) - 1 if src.output and src in self.running else 0
+        return len(req.prompt) - 1 if (src.output or src.cached) and src in self.running else 0
 
     def _loop(self) -> None:
         while not self._stop:
@@ -288,12 +289,30 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         with self._lock:
-            self.free_slots.append(req.slot)
+            if reason == "error" or not self._hand_over(req):
+                self.free_slots.append(req.slot)
         self.stats.finish_reasons[reason] += 1
         if reason == "error":
             self.stats.requests_failed += 1
         else:
             self.stats.requests_finished += 1
+
+    def _hand_over(self, req: Request) -> bool:
+        """A first choice that ends while a later choice of its prompt still waits gives that one
+        its slot, prompt rows and all (it runs the prompt's last token there, as a copy would);
+        the choices behind it copy from it. Else each would prefill the prompt again (a request
+        of n choices and max_tokens=1 would prefill it n times). Under the lock."""
+        heirs = [r for r in self.waiting if r.share is req]
+        if not heirs:
+            return False
+        heir = heirs[0]
+        self.waiting.remove(heir)
+        heir.slot, heir.cached, heir.share = req.slot, len(req.prompt) - 1, None
+        self.stats.prompt_tokens_shared += heir.cached
+        for r in heirs[1:]:
+            r.share = heir
+        self.running.append(heir)
+        return True
 
     def _fail(self, req: Request, message: str) -> None:
         self._finish(req, "error")
