@@ -8,8 +8,7 @@ Llama/Gemma-like head shapes, GQA, window, soft-cap, mixed lengths with 0, 1 and
 and cache positions no sequence may see filled with NaN. Then one CUDA-graph check: the kernel is
 captured once, new slots and lengths are written into its static inputs, and the replay must match
 the reference. Then times at B = 1, 8, 32, L = 128, 256, 512, 2048 (every sequence L long in a
-4096-position cache), H 32, KVH 8, D 128, fp16/bf16, of the kernel and of its `LEAN = False`
-form (`plain`: every split loads q and stores partial sums, the merge loops over heads): median of CUDA-event pairs around runs of back-to-back calls
+4096-position cache), H 32, KVH 8, D 128, fp16/bf16: median of CUDA-event pairs around runs of back-to-back calls
 enqueued behind a GPU sleep (host launch cost not timed), each call on another layer's cache so L2
 never holds the next call's keys. GB/s counts the k/v bytes a call must read (compare with the
 3.0 TB/s device copy bandwidth in FACTS.md). `sdpa` is F.scaled_dot_product_attention after an
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from tpserve.kernels import attention as att  # noqa: E402
 from tpserve.kernels.attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                        decode_attention_triton)
 
@@ -149,11 +147,8 @@ def bench_shape(b, n, dtype, heads, sweep):
     def rot(f, **kw):
         return lambda: f(*probs[next(it) % layers][:5], group, scale, **kw)
 
-    att.LEAN = False  # the kernel before empty splits were skipped, in the same run
-    plain_us = time_us(rot(decode_attention))
-    att.LEAN = True
     row = {"B": b, "L": n, "dtype": str(dtype)[6:], "H": h, "KVH": kvh, "D": d,
-           "triton_us": time_us(rot(decode_attention)), "triton_plain_us": plain_us,
+           "triton_us": time_us(rot(decode_attention)),
            "reference_us": time_us(rot(decode_attention_reference), reps=3, trials=3),
            "sdpa_us": time_us(lambda: sdpa_gathered(*probs[next(it) % layers][:4], group, scale,
                                                     n))}
@@ -171,8 +166,7 @@ def bench_shape(b, n, dtype, heads, sweep):
                         for bn, s, w in configs}
         row["sweep_best"] = min(row["sweep"], key=row["sweep"].get)
     best = f"  best {row['sweep_best']} {row['sweep'][row['sweep_best']]:.1f} us" if sweep else ""
-    print(f"{b:>3} {n:>5} {row['dtype']:>8} {row['triton_us']:>9.1f} {plain_us:>9.1f} "
-          f"{row['triton_GBps']:>7.0f} "
+    print(f"{b:>3} {n:>5} {row['dtype']:>8} {row['triton_us']:>9.1f} {row['triton_GBps']:>7.0f} "
           f"{row['sdpa_us']:>8.1f} {row['reference_us']:>9.1f} "
           f"{row['sdpa_us'] / row['triton_us']:>8.2f}x {row['triton_err']:>9.2e} "
           f"{row['sdpa_err']:>9.2e}{best}")
@@ -191,7 +185,7 @@ def main():
     parity_rows, ok = parity()
     graph_err = graph_check()
     ok &= graph_err <= 8e-3
-    print(f"{'B':>3} {'L':>5} {'dtype':>8} {'triton us':>9} {'plain us':>9} {'GB/s':>7} {'sdpa us':>8} "
+    print(f"{'B':>3} {'L':>5} {'dtype':>8} {'triton us':>9} {'GB/s':>7} {'sdpa us':>8} "
           f"{'ref us':>9} {'vs sdpa':>9} {'triton err':>9} {'sdpa err':>9}")
     rows = [bench_shape(b, n, dtype, (32, 8, 128), args.sweep)
             for dtype in (torch.float16, torch.bfloat16) for n in (128, 256, 512, 2048)

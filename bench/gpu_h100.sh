@@ -30,9 +30,6 @@
 #   bash bench/gpu_h100.sh tiles    the prefill kernel's fp16x2 tile dequantization against fp32
 #                                   tiles: self-check, then M = 128 and 1024 on the 8B shapes,
 #                                   bf16 in the same run
-#   bash bench/gpu_h100.sh attn     the decode attention kernel (empty splits skipped) against the
-#                                   one before: bench/attention.py, captured vs eager tokens, and
-#                                   8B decode with each (TPSERVE_LEAN_ATTENTION=0/1), then the peer
 #   bash bench/gpu_h100.sh shared   Llama-3-8B shapes: n = 8 choices of a 500-token prompt prefilled
 #                                   once vs eight separate requests, same run
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
@@ -100,24 +97,6 @@ if has tiles; then
   timeout 300 python3 bench/kernels.py --prefill 128 1024 --no-head --iters 40 \
     --out "$OUT/kernels_tiles_prefill.json" > "$OUT/kernels_tiles_prefill.log" 2>&1
   echo "prefill rc=$?"; grep "^prefill" "$OUT/kernels_tiles_prefill.log" | cut -c1-140
-fi
-if has attn; then
-  # the decode attention kernel with empty splits skipped (attention.LEAN) against the one before,
-  # in the same runs: kernel parity and times, captured vs eager tokens, decode at 8B shapes
-  timeout 300 python3 bench/attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
-  echo "attention bench rc=$?"; grep -E "^ *(1|8|32) +[0-9]+ " "$OUT/attention.log" | cut -c1-60
-  grep -E "FAIL|graph|parity and" "$OUT/attention.log" | head -5
-  python3 bench/make_checkpoint.py --preset small --out /tmp/small --device cuda >/dev/null
-  timeout 200 python3 bench/decode.py --model /tmp/small --tp 1 2 --backend local --device cuda \
-    --dtype float16 --check 128 --batch 1 4 --gen 16 --prompt-len 32 2>&1 | grep -E "identical|differ|max rel|FAIL"
-  l8
-  for lean in 0 1; do  # the peer once, in the second run
-    peer=none; [ $lean = 1 ] && peer=torch-int4
-    TPSERVE_LEAN_ATTENTION=$lean timeout 240 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
-      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
-      --gen 128 --decode-steps 8 --out "$OUT/decode_lean$lean.json" > "$OUT/decode_lean$lean.log" 2>&1
-    echo "== lean attention $lean"; grep -E "^ +1 " "$OUT/decode_lean$lean.log" | cut -c1-120
-  done
 fi
 if has shared; then
   l8

@@ -36,11 +36,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to at least this
 _MAX_SPLITS = 32
-# Splits without keys (most of them at short contexts: 32 splits for a batch of one, 3 of which
-# hold a 130-token context's keys) load and store nothing; v's loads go out with k's; the merge
-# runs its query heads unrolled. False (TPSERVE_LEAN_ATTENTION=0): the kernel before that (a
-# switch for A/B timing).
-LEAN = os.environ.get("TPSERVE_LEAN_ATTENTION", "1") != "0"
 
 
 # ---- torch references ----
@@ -81,8 +76,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr,
-                   LEAN: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
     release(PDL)  # the output projection's GEMV may load its weights now (pdl.py)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slots_ptr + b).to(tl.int64)
@@ -100,10 +94,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     j = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + g
     gmask, dmask = g < GROUP, d < HEAD_DIM
-    qmask = gmask[:, None] & dmask[None, :]
-    if LEAN:  # a split without keys loads nothing and stores no partial sums
-        qmask = (g < tl.where(start < end, GROUP, 0))[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=qmask, other=0.0)
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + slot * sk_s + kvh * sk_h
     v_base = v_ptr + slot * sv_s + kvh * sv_h
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
@@ -114,9 +106,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         valid = (pos >= lo) & (pos < n)  # every block in range holds at least one valid key
         kv_mask = valid[:, None] & dmask[None, :]  # masked loads: poison beyond lens never enters
         k = tl.load(k_base + pos[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
-        if LEAN:  # v's load issued with k's, not after the softmax
-            v = tl.load(v_base + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask,
-                        other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G, N) fp32
         if HAS_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # tanh(s/cap) * cap
@@ -125,9 +114,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not LEAN:
-            v = tl.load(v_base + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask,
-                        other=0.0)
+        v = tl.load(v_base + pos[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -139,21 +126,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # part [B, H, S, D], ml [2, B, H, S]
         l_at = tl.num_programs(0) * num_heads * NUM_SPLITS  # where ml's sums start
-        # (LEAN: an empty split's partial sums are not stored; the merge reads none of a split
-        # whose max is -inf)
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc,
-                 mask=qmask if LEAN else omask)
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask)
         tl.store(ml_ptr + row, m_i, mask=gmask)
         tl.store(ml_ptr + l_at + row, l_i, mask=gmask)
         tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
         tile = b * tl.num_programs(1) + kvh
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            if LEAN:
-                _merge_heads(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at,
-                             GROUP, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
-            else:
-                _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP,
-                       HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
+            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP,
+                   HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
             tl.store(cnt_ptr + tile, 0)  # left zeroed for the next call
 
 
@@ -176,30 +156,6 @@ def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP
         total = tl.sum(w * l, 0)
         acc = tl.load(part_ptr + (row + s[:, None]) * HEAD_DIM + d[None, :],
                       mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def _merge_heads(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """`_merge` unrolled over the query heads (their loads issued together, not one head's L2
-    round trips after another's), reading the partial sums only of splits that held keys."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask, dmask = s < NUM_SPLITS, d < HEAD_DIM
-    for gi in tl.static_range(GROUP):
-        h = kvh * GROUP + gi
-        row = (b * num_heads + h) * NUM_SPLITS
-        m = tl.load(ml_ptr + row + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(ml_ptr + l_at + row + s, mask=smask, other=0.0, cache_modifier=".cg")
-        held = smask & (m > float("-inf"))  # an empty split stored no partial sums
-        acc = tl.load(part_ptr + (row + s[:, None]) * HEAD_DIM + d[None, :],
-                      mask=held[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        m_max = tl.max(m, 0)
-        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty split: exp2(-inf) = 0
-        total = tl.sum(w * l, 0)
         o = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -245,7 +201,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl_flag(q),
-        BLOCK_S=triton.next_power_of_2(num_splits), LEAN=LEAN, num_warps=num_warps)
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps)
     return out
 
 

@@ -108,24 +108,15 @@ def test_decode_kernel_matches_reference(dtype, heads, window, softcap):
     _check_kernel(heads, dtype, window, softcap, num_splits=3, block_n=16)
 
 
-@pytest.fixture(params=[True, False], ids=["lean", "plain"])
-def lean(request, monkeypatch):
-    """Both kernels: empty splits skipped and the merge unrolled (att.LEAN, the default), and
-    the kernel before that (kept for A/B timing)."""
-    monkeypatch.setattr(att, "LEAN", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("num_splits", [1, 2, 5])  # no merge; even shares; empty splits
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_decode_kernel_splits(num_splits, slot_dtype, lean):
+def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
 
 
-def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch, lean):
-    """Every scratch row the merge reads was written by its split (the plain kernel: empty
-    splits included; the lean one reads no partial sums of an empty split): the scratch is
-    poisoned here (NaN), and 8 splits share 3 key blocks."""
+def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch):
+    """Every scratch row the merge reads was written by its split, empty splits included: the
+    scratch is poisoned here (NaN), and 8 splits share 3 key blocks."""
     empty = torch.empty
 
     def poisoned(*shape, **kw):
