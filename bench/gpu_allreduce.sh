@@ -30,6 +30,8 @@
 #            model and a Llama-3.2-1B-shaped checkpoint
 #   cpudense decode_cpu16_dense{0,4}_r{1,2}.json: demo model, fp32, tp 1/2/4, batch 1 and 8, small
 #            shards through dense copies vs torch's int4 CPU kernel, transformers in the same run
+#   cputhreads decode_cpu16_reserved{0,1}_r{1,2}.json: demo model, fp32, tp 1/2/4, batch 1 and 8,
+#            CPU ranks sharing every core vs leaving one to the driver and Ray
 #   cpuhead  decode_cpu16_head_{coordinator,rank0}.json: CPU ranks on this host's cores, demo
 #            model, tp 2 and 4, 8 decode steps per call, greedy and sampled, with the head at the
 #            coordinator (what `auto` picks for CPU ranks: no bursts) and on rank 0 (bursts)
@@ -162,6 +164,17 @@ if has cpudense; then
       --out "$OUT/decode_cpu16_dense${mb}_r$r.json" > "$OUT/decode_cpu16_dense${mb}_r$r.log" 2>&1
     echo "== CPU ranks, demo fp32, dense limit $mb MiB, round $r"
     grep -A10 "^ tp " "$OUT/decode_cpu16_dense${mb}_r$r.log" | grep -v INFO | cut -c1-110
+  done; done
+fi
+if has cputhreads; then
+  # CPU ranks' torch threads: every core shared by the ranks (TPSERVE_CPU_RESERVED_CORES=0, the
+  # old default) against one core left to the driver and Ray (1, the default), alternating
+  for r in 1 2; do for res in 0 1; do
+    TPSERVE_CPU_RESERVED_CORES=$res timeout 200 python3 bench/decode.py --batch 1 8 --dtype float32 \
+      --prompt-len 32 --gen 32 --tp 1 2 4 --backend ray --device cpu \
+      --out "$OUT/decode_cpu16_reserved${res}_r$r.json" > "$OUT/decode_cpu16_reserved${res}_r$r.log" 2>&1
+    echo "== CPU ranks, demo fp32, reserved cores $res, round $r"
+    grep -E "^ +[124] +ray" "$OUT/decode_cpu16_reserved${res}_r$r.log" | cut -c1-110
   done; done
 fi
 if has cpuhead; then

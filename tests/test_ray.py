@@ -1,5 +1,6 @@
 """The real distributed path: Ray rank actors + the ZMQ coordinator, on CPU."""
 
+import os
 import threading
 
 import pytest
@@ -56,3 +57,21 @@ def test_concurrent_requests_of_different_lengths_match_sequential_runs(ray_llm)
     assert [got[i] for i in range(len(prompts))] == want
     # they really were batched: fewer steps than tokens
     assert engine.stats.steps < engine.stats.tokens_generated
+
+
+def test_cpu_ranks_share_the_cores_left_to_them(ray_llm, monkeypatch):
+    """Each CPU rank runs (cores - TPSERVE_CPU_RESERVED_CORES) // tp torch threads, at least one
+    (more threads than cores made every small op wait for a parked thread); a malformed setting
+    is refused with its name."""
+    from tpserve.errors import TpserveError
+    from tpserve.runtime.ray_placement import RESERVED_ENV, rank_threads
+    cores = len(os.sched_getaffinity(0))
+    assert [n["threads"] for n in ray_llm.executor.nodes] == [max(1, (cores - 1) // 4)] * 4
+    monkeypatch.delenv(RESERVED_ENV, raising=False)
+    assert rank_threads(1) == max(1, cores - 1)  # one core left to the driver and Ray
+    monkeypatch.setenv(RESERVED_ENV, "0")
+    assert rank_threads(1) == cores and rank_threads(4 * cores) == 1
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(RESERVED_ENV, bad)
+        with pytest.raises(TpserveError, match=f"{RESERVED_ENV}='{bad}' is not a count of cores"):
+            rank_threads(2)

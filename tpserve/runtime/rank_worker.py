@@ -103,6 +103,7 @@ class RankWorker:
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
                 "pid": os.getpid(), "path_ok": (Path(self.path) / "config.json").is_file(),
+                "threads": torch.get_num_threads(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def see_gpus(self, visible: list[str]) -> None:

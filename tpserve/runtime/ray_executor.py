@@ -104,8 +104,10 @@ class RayExecutor:
                                        path != "zmq") for r, a in enumerate(self.actors)]
         self.coord.wait_for_ranks()
         self._dead = None
-        log.info("%d ranks serving on %s via %s, all-reduce %s", tp,
-                 sorted({i["ip"] for i in self.nodes}), self.coord.address, path)
+        log.info("%d ranks serving on %s via %s, all-reduce %s%s", tp,
+                 sorted({i["ip"] for i in self.nodes}), self.coord.address, path,
+                 f", {self.nodes[0]['threads']} torch threads each (--device cpu; "
+                 f"TPSERVE_CPU_RESERVED_CORES)" if device == "cpu" else "")
 
     # ---- failure detection and recovery --------------------------------------------------
     def _watch(self) -> None:

@@ -64,6 +64,23 @@ def rank_order(pg, tp: int, device: str, placement: str, timeout_s: float) -> li
     return sorted(range(tp), key=lambda b: (nodes[b], b))  # ranks grouped by node
 
 
+RESERVED_ENV = "TPSERVE_CPU_RESERVED_CORES"
+
+
+def rank_threads(tp: int) -> int:
+    """Torch threads of each CPU rank: the host's cores less TPSERVE_CPU_RESERVED_CORES (default
+    1: the driver's coordinator and engine, and Ray's own processes, run beside the ranks), shared
+    by the tp ranks. A rank whose threads outnumber the cores left to it waits at every parallel
+    op for a thread the OS has parked (on 2 cores at tp=1 the demo model's attention ops took
+    ~80 us each with 2 threads, ~10 with 1)."""
+    value = os.environ.get(RESERVED_ENV, "1")
+    if not value.isdigit():
+        raise TpserveError(f"{RESERVED_ENV}={value!r} is not a count of cores; set a whole "
+                           f"number >= 0 (cores left to the driver and Ray beside CPU ranks)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, ((cores or 1) - int(value)) // tp)
+
+
 def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: str,
                 device: str, num_slots: int, max_len: int, timeout_s: float) -> None:
     """A RankWorker actor for rank r in bundle `order[r]` of `pg`, each appended to `actors` as it
@@ -71,7 +88,7 @@ def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: 
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     tp, bundle = len(order), rank_bundle(device)
-    threads = max(1, (os.cpu_count() or 1) // tp) if device == "cpu" else 1
+    threads = rank_threads(tp) if device == "cpu" else 1
     remote = ray.remote(max_concurrency=2)(RankWorker)
     # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
     env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
