@@ -8,7 +8,7 @@ the prefill kernel's tl.dot per tile, and fp16x2 rows at M = 2),
 prefill (M > 16). The torch reference dequantizes the shard
 and runs a dense matmul: the oracle for the kernels (4 and 8 bits); off CUDA 4-bit shards take
 torch's int4 CPU kernel (`gptq_cpu.py`), others (and 2/3 bits) `gptq_matmul_cpu`, the reference's
-product with per-group broadcasts; small shards with fp32 / fp16 x a dense dequantized copy.
+product with per-group broadcasts; with fp32 / fp16 x a dense dequantized copy, within a budget.
 Act-order shards are sorted by group once at load (the loader returns the permutation) and the
 permutation is passed to every call.
 
@@ -103,9 +103,11 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
             y = gptq_matmul_triton(x2, w, perm)
     else:
         x2 = x2 if perm is None else x2.index_select(1, perm)
-        if gptq_cpu.dense_applies(x2, w):
-            _announce("GPTQ matmul", f"dense dequantized copies of small shards ({x.device.type})")
-            y = gptq_cpu.dense_matmul(x2, w)
+        dense = gptq_cpu.dense_copy(x2, w)
+        if dense is not None:
+            _announce("GPTQ matmul", f"dense dequantized copies, up to {gptq_cpu.DENSE_ENV} "
+                                     f"({x.device.type})")
+            y = x2 @ dense
         elif gptq_cpu.applies(x2, w):
             _announce("GPTQ matmul", f"torch int4 CPU kernel ({x.device.type})")
             y = gptq_cpu.int4_matmul(x2, w)

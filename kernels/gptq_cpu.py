@@ -18,16 +18,20 @@ Shards with g_idx (act-order not sorted to plain groups), other group sizes, 2/3
 without the op take `gptq_matmul_cpu`.
 
 fp32 and fp16 x: that kernel runs them in scalar code, 20-50x slower than bf16 (a 256x768 shard at
-M = 1 on a 2-core EPYC: 148 us in fp32, 6.5 us in bf16; 2048x2048: 3.1 ms against 58 us). A shard of
-at most DENSE_MAX_BYTES dequantized keeps that dense copy (8x its 4-bit bytes in fp32) and runs a
-dense matmul instead (9 us and 195 us there): the demo model's and the test models' shards, any bits
-or g_idx. Larger fp32 shards keep the 4-bit paths (bf16 is the fast dtype for real models on CPUs).
-TPSERVE_CPU_DENSE_MAX_MB sets the limit (MiB, default 4; 0 keeps none).
+M = 1 on a 2-core EPYC: 148 us in fp32, 6.5 us in bf16; 2048x2048: 3.1 ms against 58 us), while a
+dense matmul of the dequantized shard takes 9 us and 195 us there. So shards with fp32 / fp16 x keep
+a dense copy (8x their 4-bit bytes in fp32), made on first use, any bits or g_idx, while this
+process's copies stay within TPSERVE_CPU_DENSE_MAX_MB (default 256 MiB; 0 keeps none): the demo
+model and the test models whole (~12 MB at tp=1), the first layers of a larger model; the rest keep
+the 4-bit paths (bf16 is the fast dtype for real models on CPUs). The budget bounds the memory that
+shards routed late (MoE experts) could otherwise add while serving.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,22 +46,24 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 16); on 16 cores, decode at batch 8 over 2 and 4 ranks was slower with it (bench/README.md), so
 # batches above 4 rows and prefill take the broadcast.
 SMALL_M = 4
-DENSE_ENV = "TPSERVE_CPU_DENSE_MAX_MB"  # a shard's dense copy in x's dtype, at most (MiB; 0: none)
+DENSE_ENV = "TPSERVE_CPU_DENSE_MAX_MB"  # this process's dense copies, at most (MiB; 0: none)
 
 
 def _dense_max_bytes() -> int:
-    value = os.environ.get(DENSE_ENV, "4")
+    value = os.environ.get(DENSE_ENV, "256")
     try:
         mib = float(value)
     except ValueError:
         mib = -1.0
-    if not 0 <= mib < 1 << 20:
+    if not 0 <= mib < 1 << 30:
         raise ValueError(f"{DENSE_ENV}={value!r} is not a size in MiB; set a number >= 0 "
                          f"(0 keeps no dense copies of CPU shards)")
     return int(mib * (1 << 20))
 
 
 DENSE_MAX_BYTES = _dense_max_bytes()  # see the module docstring
+_dense = {"bytes": 0}  # what this process's copies hold (in-process ranks are threads: the lock)
+_dense_lock = threading.Lock()
 _OPS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
@@ -81,19 +87,32 @@ def applies(x: torch.Tensor, w: GPTQWeight) -> bool:
             and (x.dtype == torch.bfloat16 or x.shape[0] <= SMALL_M))
 
 
-def dense_applies(x: torch.Tensor, w: GPTQWeight) -> bool:
-    """Whether `dense_matmul` runs x @ w: fp32 / fp16 x off CUDA, the shard small when dense."""
-    return (not x.is_cuda and x.dtype in (torch.float32, torch.float16)
-            and w.in_features * w.out_features * x.element_size() <= DENSE_MAX_BYTES)
-
-
-def dense_matmul(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor:
-    """x [M, K] @ w -> [M, N] through the shard's dequantized copy in x.dtype, made on first use
-    (from the fp32 reference weight: one rounding to fp16)."""
+def dense_copy(x: torch.Tensor, w: GPTQWeight) -> torch.Tensor | None:
+    """The shard's dequantized copy in x.dtype for fp32 / fp16 x off CUDA (made on first use, from
+    the fp32 reference weight: one rounding to fp16), or None: bf16 or CUDA x, or the process's
+    DENSE_MAX_BYTES spent."""
+    if x.is_cuda or x.dtype not in (torch.float32, torch.float16):
+        return None
     d = w.cpu_dense.get(x.dtype)
     if d is None:
+        size = w.in_features * w.out_features * x.element_size()
+        with _dense_lock:
+            if _dense["bytes"] + size > DENSE_MAX_BYTES:
+                return None
+            _dense["bytes"] += size
         d = w.cpu_dense[x.dtype] = w.dequantize(torch.float32).to(x.dtype)
-    return x @ d
+        weakref.finalize(d, _release, size)  # a model closed gives its share back
+    return d
+
+
+def _release(size: int) -> None:
+    with _dense_lock:
+        _dense["bytes"] -= size
+
+
+def dense_bytes() -> int:
+    """What this process's dense copies hold."""
+    return _dense["bytes"]
 
 
 def pack(w: GPTQWeight) -> Int4CpuPack:

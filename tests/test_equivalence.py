@@ -55,6 +55,27 @@ def test_logits_and_greedy_match_transformers(refs, name, tp):
     llm.close()
 
 
+@pytest.mark.parametrize("name", ["llama_sym_g32", "llama_asym_act_g64", "qwen3_8bit_act"])
+def test_the_4_bit_cpu_paths_match_transformers_without_dense_copies(refs, name, monkeypatch):
+    """fp32 CPU shards take dense copies while the process's budget lasts (gptq_cpu.py); with no
+    budget the model runs torch's int4 CPU kernel (decode rows, 4-bit) and the per-group
+    broadcast (prefill, act-order, 8-bit): the same logits and tokens."""
+    from tpserve.kernels import gptq_cpu
+    monkeypatch.setattr(gptq_cpu, "DENSE_MAX_BYTES", 0)
+    path, ref_logits, ref_tokens = refs[name]
+    llm = tpserve.load(path, tp=2, dtype=torch.float32)
+    err = (llm.logits(PROMPT) - ref_logits).abs().max().item()
+    assert err < ATOL, f"{name}: max |logit diff| {err:.2e} >= {ATOL}"
+    assert llm.generate(PROMPT, max_tokens=16, ignore_eos=True) == ref_tokens
+    from tpserve.kernels.gptq_weight import GPTQWeight
+    weights = [m.weight for rank in llm.executor.ranks for m in rank.layers.modules()
+               if isinstance(getattr(m, "weight", None), GPTQWeight)]
+    assert weights and not any(w.cpu_dense for w in weights)
+    if name == "llama_sym_g32":  # 4-bit, no act-order: decode rows through the int4 kernel
+        assert all(w.cpu_pack is not None for w in weights)
+    llm.close()
+
+
 def test_every_row_parallel_shard_straddles_a_group_at_tp4(refs):
     # The configuration above is only a useful test if the shards really start inside groups.
     path, *_ = refs["llama_sym_g32"]

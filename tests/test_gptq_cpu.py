@@ -4,6 +4,8 @@ that start or end inside a group, N not a multiple of 16, every group size the k
 the shards that must keep the per-group broadcast path; small shards with fp32 / fp16 x through
 their dense copy."""
 
+import gc
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_dispatch_takes_it_for_4_bit_shards_only(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_small_shards_take_a_dense_copy_in_fp32_and_fp16(dtype):
+def test_shards_take_a_dense_copy_in_fp32_and_fp16_within_the_budget(dtype, monkeypatch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 300, generator=g)
     perm = torch.randperm(300, generator=g)
@@ -71,12 +73,23 @@ def test_small_shards_take_a_dense_copy_in_fp32_and_fp16(dtype):
             err = (y.double() - ref).abs().max() / ref.abs().max()
             assert err < TOL[dtype], err
         assert list(w.cpu_dense) == [dtype] and w.cpu_pack is None
-    assert not gptq_cpu.dense_applies(x.bfloat16(), shards[0])  # bf16: the int4 kernel is faster
-    big = random_weight(1024, 1040, 4, 128, generator=g)  # 4.1 MiB in fp32, 2 MiB in fp16
-    xb = torch.randn(1, 1024, generator=g)
-    assert not gptq_cpu.dense_applies(xb, big) and gptq_cpu.dense_applies(xb.half(), big)
-    torch.testing.assert_close(gptq_matmul(xb, big), xb @ big.dequantize(), rtol=1e-5, atol=1e-4)
-    assert not big.cpu_dense and big.cpu_pack is not None
+    assert gptq_cpu.dense_copy(x.bfloat16(), shards[0]) is None  # bf16: the int4 kernel is faster
+    # the process's budget: a shard that does not fit takes the int4 kernel; a copy freed with its
+    # weight gives its bytes back
+    size = 1024 * 1040 * torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(gptq_cpu, "DENSE_MAX_BYTES", gptq_cpu.dense_bytes() + size)
+    big, other = (random_weight(1024, 1040, 4, 128, generator=g) for _ in range(2))
+    xb = torch.randn(1, 1024, generator=g).to(dtype)
+    gptq_matmul(xb, big)
+    assert list(big.cpu_dense) == [dtype] and big.cpu_pack is None
+    torch.testing.assert_close(gptq_matmul(xb, other).double(),
+                               xb.double() @ other.dequantize(torch.float64),
+                               rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    assert not other.cpu_dense and other.cpu_pack is not None  # over the budget: int4 kernel
+    del big
+    gc.collect()
+    gptq_matmul(xb, other)  # another shard of the same size fits now
+    assert list(other.cpu_dense) == [dtype]
 
 
 def test_a_malformed_dense_limit_is_refused_with_its_name(monkeypatch):

@@ -444,6 +444,11 @@ def test_a_stream_read_slower_than_it_is_made_is_cut_and_its_choices_cancelled(e
     # read as it comes, the same request runs to the end
     events = sse(env.client, "/v1/completions", {**body, "max_tokens": 300})
     assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 2 * 300
+    # a whole answer is gathered as it comes: never cut, whatever the limit
+    monkeypatch.setattr(streams, "BACKLOG_MAX_BYTES", 1)
+    r = env.client.post("/v1/completions", json={**body, "max_tokens": 300, "stream": False})
+    assert r.status_code == 200, r.text
+    assert [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [300, 300]
 
 
 # ---- choices that do not fit the queue -----------------------------------------------------

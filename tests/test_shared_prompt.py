@@ -33,6 +33,7 @@ def _choices(llm, prompt, params) -> tuple[list[list[int]], int]:
             assert done.acquire(timeout=120), "a choice did not finish"
     finally:
         engine.stop()
+    assert sorted(engine.free_slots) == list(range(engine.num_slots))  # every slot came back
     return [tokens(evs) for evs in events], engine.stats.prompt_tokens_shared
 
 

@@ -97,13 +97,13 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(404, f"model '{model[:200]}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
 
-    def submit(prompt: list[int], params, n: int, param: str) -> Pending:
+    def submit(prompt: list[int], params, n: int, param: str, stream: bool) -> Pending:
         if not engine.alive:
             raise ApiError(503, "the engine is not running; see the server log")
         if 0 < engine.max_queue < n:  # its choices could never all wait in the queue: not a 429
             raise ApiError(400, f"n={n} exceeds the server's queue of {engine.max_queue} "
                                 f"requests (--max-queue); ask for fewer choices", "n")
-        pending = Pending(metrics, n)
+        pending = Pending(metrics, n, stream)
         # Choice i samples with seed + i: n different, repeatable answers. The prompt's logprobs
         # (echo) are the same for every choice: choice 0 computes them, the others reuse them.
         choices = [params] + [dataclasses.replace(
@@ -141,7 +141,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)
         check_logprob_budget(n, len(prompt) if echo else 0, params.max_tokens, k)
-        pending = submit(prompt, params, n, "prompt")
+        pending = submit(prompt, params, n, "prompt", bool(req.stream))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         out = CompletionChoices(codec, prompt_text, echo, k)
@@ -170,7 +170,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         try:
             params = sampling_params(req, max_tokens, k)
             check_logprob_budget(n, 0, max_tokens, k, "top_logprobs", tokens_param)
-            pending = submit(prompt, params, n, "messages")
+            pending = submit(prompt, params, n, "messages", bool(req.stream))
         except ApiError as e:  # the chat names of fields that sampling_params and the engine's
             rename = {"logprobs": "top_logprobs", "max_tokens": tokens_param}  # checks know
             if e.param in rename:

@@ -4,8 +4,9 @@ that is large (logprobs) is built and encoded off the event loop (`built_off_the
 
 A stream's events wait in its `Pending` while the client's socket is full. A client that reads
 slower than its request is generated (but fast enough for the server's write deadline) would make
-the server hold the whole generation: past BACKLOG_MAX_BYTES of waiting events the request's
-choices are cancelled, the waiting events dropped, and the stream ends with an error chunk.
+the server hold the whole generation: past BACKLOG_MAX_BYTES of waiting events (for a second, or
+4x that at once) the request's choices are cancelled, the waiting events dropped, and the stream
+ends with an error chunk.
 
 Latency metrics are observed here, on the engine thread, as each event is made: time to first
 token, the gap between tokens, and the request's end-to-end time.
@@ -30,10 +31,13 @@ from tpserve.serve.openai_protocol import ApiError, error_body
 log = logging.getLogger(__name__)
 
 
-# What one request's events may hold while they wait for its client (estimated as Python objects,
-# `held_bytes`): ~10K tokens of plain text, ~1.4K with 20 top logprobs each. Events come only from
-# running choices, so the server holds at most --max-num-seqs times this for slow readers.
+# What a stream's events may hold while they wait for its client (estimated as Python objects,
+# `held_bytes`): ~10K tokens of plain text, ~1.4K with 20 top logprobs each. Past it for
+# BACKLOG_GRACE_S (a burst of decode steps or of many choices' events drains faster), or past
+# 4x it at once, the stream is cut: at most 16 MiB a stream, --max-connections streams. A whole
+# (not streamed) answer is gathered as it comes, whatever the client's speed: never cut.
 BACKLOG_MAX_BYTES = 4 << 20
+BACKLOG_GRACE_S = 1.0
 
 
 def held_bytes(ev: Event) -> int:
@@ -44,18 +48,21 @@ def held_bytes(ev: Event) -> int:
 
 
 class SlowReader(ApiError):
-    """A stream's client fell BACKLOG_MAX_BYTES behind its generation."""
+    """A stream's client fell too far behind its generation (BACKLOG_MAX_BYTES)."""
 
 
 class Pending:
-    def __init__(self, metrics: Metrics, n: int):
+    def __init__(self, metrics: Metrics, n: int, stream: bool = False):
         self.loop, self.metrics, self.n = asyncio.get_running_loop(), metrics, n
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []  # the engine's request ids, one per choice
         self.engine = None  # set once every choice is accepted; then cancel() is owed on exit
-        self.closed = False
+        self.closed = False  # no more events are queued
+        self.cancelled = False  # the open choices were cancelled
         self.open = set(range(n))  # choices not yet finished (as the events taken so far say)
         self.backlog = 0  # held_bytes of the events waiting in the queue (event loop's count)
+        self.limit = BACKLOG_MAX_BYTES if stream else None
+        self.over_since: float | None = None  # when the backlog last went over the limit
         self.cut: SlowReader | None = None
 
     def callback(self, i: int):
@@ -84,7 +91,14 @@ class Pending:
             return
         self.backlog += size
         self.queue.put_nowait((i, ev, size))
-        if self.backlog > BACKLOG_MAX_BYTES:
+        if self.limit is None:
+            return
+        if self.backlog <= self.limit:
+            self.over_since = None
+            return
+        now = time.monotonic()
+        self.over_since = self.over_since or now
+        if self.backlog > 4 * self.limit or now - self.over_since >= BACKLOG_GRACE_S:
             held = self.backlog
             self.cut = SlowReader(408, f"the stream was cut: its client read it slower than it "
                                        f"was generated ({held / 2**20:.1f} MiB waited unsent); "
@@ -99,11 +113,12 @@ class Pending:
                         "(engine requests %s cancelled)", held / 2**20, self.ids)
 
     def _cancel(self) -> None:
-        """Cancel the choices still open, once (no more events are taken in)."""
-        if self.engine is not None and not self.closed:
+        """Cancel the choices still open, once; no more events are queued."""
+        self.closed = True
+        if self.engine is not None and not self.cancelled:
+            self.cancelled = True
             for i in self.open:
                 self.engine.cancel(self.ids[i])
-        self.closed = True
 
     async def events(self):
         """(choice, event, first event of that choice?) until every choice has finished; raises
