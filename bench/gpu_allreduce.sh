@@ -28,7 +28,7 @@
 #   verify   tpserve verify at tp=2 over Ray on the 8B-shaped and the straddling checkpoints
 #   cpu      decode_cpu16.json: CPU ranks over Ray on this host's cores, tp 1/2/4, on the demo
 #            model and a Llama-3.2-1B-shaped checkpoint
-#   cpudense decode_cpu16_dense{0,4}_r{1,2}.json: demo model, fp32, tp 1/2/4, batch 1 and 8, small
+#   cpudense decode_cpu16_dense{0,256}_r{1,2}.json: demo model, fp32, tp 1/2/4, batch 1 and 8, small
 #            shards through dense copies vs torch's int4 CPU kernel, transformers in the same run
 #   cputhreads decode_cpu16_reserved{0,1}_r{1,2}.json: demo model, fp32, tp 1/2/4, batch 1 and 8,
 #            CPU ranks sharing every core vs leaving one to the driver and Ray
@@ -158,7 +158,7 @@ fi
 if has cpudense; then
   # the demo model in fp32: small shards through their dense copies (default) against torch's
   # int4 CPU kernel (TPSERVE_CPU_DENSE_MAX_MB=0), alternating, transformers on the same host
-  for r in 1 2; do for mb in 0 4; do
+  for r in 1 2; do for mb in 0 256; do
     TPSERVE_CPU_DENSE_MAX_MB=$mb timeout 200 python3 bench/decode.py --batch 1 8 --dtype float32 \
       --prompt-len 32 --gen 16 --tp 1 2 4 --backend ray --device cpu --peer transformers \
       --out "$OUT/decode_cpu16_dense${mb}_r$r.json" > "$OUT/decode_cpu16_dense${mb}_r$r.log" 2>&1
