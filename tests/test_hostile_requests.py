@@ -168,6 +168,14 @@ def test_a_max_tokens_of_thousands_of_digits_is_a_400(env, path, body):
                         + "}", headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text[:300]
     assert "internal error" not in r.text
+    assert len(r.json()["error"]["message"]) < 300  # the number is not echoed whole
+
+
+def test_a_sampling_parameter_of_thousands_of_digits_is_not_echoed_whole(env):
+    r = env.client.post("/v1/completions", content='{"prompt": "x", "top_k": ' + "7" * 4000 + "}",
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("top_k=7777777777777777... (4000 characters)")
 
 
 def test_a_streamed_echo_with_logprobs_is_encoded_off_the_event_loop(env, monkeypatch):

@@ -33,3 +33,9 @@ def client_message(what: str, e: BaseException, log: logging.Logger) -> str:
     ref = uuid.uuid4().hex[:12]
     log.error("%s (reference %s): %s: %s", what, ref, type(e).__name__, e, exc_info=e)
     return f"{what} (reference {ref}); the server's log has the details"
+
+
+def shown(x) -> str:
+    """x as an error message quotes it: a long value (a number of thousands of digits) cut short."""
+    r = repr(x)
+    return r if len(r) <= 40 else f"{r[:16]}... ({len(r)} characters)"

@@ -9,6 +9,7 @@ response with 20 logprobs per token names the same vocabulary entries many times
 
 from __future__ import annotations
 
+from tpserve.errors import shown
 from tpserve.serve.openai_protocol import ApiError
 from tpserve.serve.requests import Event
 from tpserve.serve.sampling import TokenLogprob
@@ -26,8 +27,8 @@ def check_logprob_budget(n: int, echoed: int, max_tokens: int, k: int | None,
         return
     total = n * (echoed + max_tokens) * (k + 1)
     if total > MAX_LOGPROB_ENTRIES:
-        tokens = (f"({echoed} echoed prompt tokens + {max_tokens} {tokens_param})" if echoed
-                  else f"{max_tokens} {tokens_param}")
+        tokens = (f"({echoed} echoed prompt tokens + {shown(max_tokens)} {tokens_param})"
+                  if echoed else f"{shown(max_tokens)} {tokens_param}")
         count = f"{total:,}" if total < 10 ** 30 else "more than 10^30"  # str() of a 4300-digit
         # product raises (Python's int-to-str limit): a huge max_tokens would become a 500
         raise ApiError(400, f"n={n} choices x {tokens} x ({k} {param} + 1) = {count} logprob "

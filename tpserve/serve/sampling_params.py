@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tpserve.errors import TpserveError
+from tpserve.errors import TpserveError, shown
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
@@ -39,8 +39,10 @@ def _number(name: str, x, lo: float, hi: float = math.inf, lo_open: bool = False
     where = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf
              else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
     number = isinstance(x, (int, float)) and not isinstance(x, bool)
-    _check(number and math.isfinite(x), f"{name}={x!r} is not a finite number; send one {where}")
-    _check((x > lo if lo_open else x >= lo) and x <= hi, f"{name}={x!r} must be {where}{note}")
+    _check(number and math.isfinite(x),
+           f"{name}={shown(x)} is not a finite number; send one {where}")
+    _check((x > lo if lo_open else x >= lo) and x <= hi,
+           f"{name}={shown(x)} must be {where}{note}")
 
 
 @dataclass(frozen=True)
@@ -64,27 +66,28 @@ class SamplingParams:
 
     def __post_init__(self):
         _check(_is_int(self.max_tokens) and self.max_tokens > 0,
-               f"max_tokens={self.max_tokens!r} must be a positive integer")
+               f"max_tokens={shown(self.max_tokens)} must be a positive integer")
         _number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 means greedy)")
         _number("top_p", self.top_p, 0, 1, lo_open=True)
         _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
-               f"top_k={self.top_k!r} must be an integer in [0, {MAX_TOP_K}] (0 turns it off)")
+               f"top_k={shown(self.top_k)} must be an integer in [0, {MAX_TOP_K}] (0 turns it off)")
         _number("min_p", self.min_p, 0, 1)
         _check(self.seed is None or _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
-               f"seed={self.seed!r} must be an integer in [0, 2**63 - 1]")
+               f"seed={shown(self.seed)} must be an integer in [0, 2**63 - 1]")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
-               f"min_tokens={self.min_tokens!r} must be an integer in [0, max_tokens]")
+               f"min_tokens={shown(self.min_tokens)} must be an integer in [0, max_tokens]")
         _number("presence_penalty", self.presence_penalty, -2, 2)
         _number("frequency_penalty", self.frequency_penalty, -2, 2)
         _number("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
                 1 / MIN_REPETITION_PENALTY)
         for tok, bias in self.logit_bias:
-            _check(_is_int(tok) and tok >= 0, f"logit_bias key {tok!r} must be a token id >= 0")
-            _number(f"logit_bias[{tok}]", bias, -100, 100)
+            _check(_is_int(tok) and tok >= 0,
+                   f"logit_bias key {shown(tok)} must be a token id >= 0")
+            _number(f"logit_bias[{shown(tok)}]", bias, -100, 100)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             _check(k is None or _is_int(k) and 0 <= k <= MAX_LOGPROBS,
-                   f"{name}={k!r} must be an integer in [0, {MAX_LOGPROBS}]")
+                   f"{name}={shown(k)} must be an integer in [0, {MAX_LOGPROBS}]")
         _check(len(self.stop_token_ids) <= MAX_STOP_IDS,
                f"stop_token_ids has {len(self.stop_token_ids)} entries; send at most {MAX_STOP_IDS}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
