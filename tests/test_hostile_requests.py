@@ -448,6 +448,8 @@ def test_a_stream_read_slower_than_it_is_made_is_cut_and_its_choices_cancelled(e
             assert time.monotonic() < deadline, "the slow reader's choices kept running"
             time.sleep(0.02)
         text = read_until(conn, b"data: [DONE]\n\n\r\n0\r\n\r\n").decode()  # the last chunk
+        metrics = httpx.get(f"http://{addr[0]}:{addr[1]}/metrics").text
+        assert metric(metrics, "tpserve_streams_cut_total") == 1
     events = [json.loads(line[6:]) for line in text.splitlines()
               if line.startswith("data: {")]
     assert "the stream was cut" in events[-1]["error"]["message"], events[-1]

@@ -119,6 +119,10 @@ class Metrics:
         self._http_errors = Counter(
             "tpserve_http_errors", "HTTP requests answered with an error, by status code.",
             ["model_name", "code"], registry=self.registry)
+        self.streams_cut = Counter(
+            "tpserve_streams_cut", "Streams cut: their client read them slower than they were "
+            "generated (streams.BACKLOG_MAX_BYTES).", ["model_name"],
+            registry=self.registry).labels(model_name)
         self.model_name = model_name
 
     def http_error(self, status: int) -> None:

@@ -109,6 +109,7 @@ class Pending:
             self.backlog = 0
             self.queue.put_nowait((None, None, 0))  # wakes the reader, which raises `cut`
             self._cancel()
+            self.metrics.streams_cut.inc()
             log.warning("cut a stream whose client read %.1f MiB slower than its generation "
                         "(engine requests %s cancelled)", held / 2**20, self.ids)
 
