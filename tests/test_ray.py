@@ -60,18 +60,20 @@ def test_concurrent_requests_of_different_lengths_match_sequential_runs(ray_llm)
 
 
 def test_cpu_ranks_share_the_cores_left_to_them(ray_llm, monkeypatch):
-    """Each CPU rank runs (cores - TPSERVE_CPU_RESERVED_CORES) // tp torch threads, at least one
-    (more threads than cores made every small op wait for a parked thread); a malformed setting
-    is refused with its name."""
+    """Each CPU rank runs (its node's cores - TPSERVE_CPU_RESERVED_CORES) // (ranks on its node)
+    torch threads, at least one (more threads than cores made every small op wait for a parked
+    thread); a malformed setting is refused with its name."""
     from tpserve.errors import TpserveError
-    from tpserve.runtime.ray_placement import RESERVED_ENV, rank_threads
+    from tpserve.runtime.ray_placement import RESERVED_ENV, reserved_cores
+    from tpserve.runtime.rank_worker import share_threads
     cores = len(os.sched_getaffinity(0))
     assert [n["threads"] for n in ray_llm.executor.nodes] == [max(1, (cores - 1) // 4)] * 4
+    # a node of 32 cores holding one rank, one of 16 holding four, one of 4 holding eight
+    assert [share_threads(1, 1, 32), share_threads(4, 1, 16), share_threads(8, 1, 4)] == [31, 3, 1]
+    assert share_threads(2, 0, 16) == 8
     monkeypatch.delenv(RESERVED_ENV, raising=False)
-    assert rank_threads(1) == max(1, cores - 1)  # one core left to the driver and Ray
-    monkeypatch.setenv(RESERVED_ENV, "0")
-    assert rank_threads(1) == cores and rank_threads(4 * cores) == 1
+    assert reserved_cores() == 1
     for bad in ("-1", "two", "1.5"):
         monkeypatch.setenv(RESERVED_ENV, bad)
         with pytest.raises(TpserveError, match=f"{RESERVED_ENV}='{bad}' is not a count of cores"):
-            rank_threads(2)
+            reserved_cores()

@@ -66,6 +66,17 @@ class ZmqPath:
                       h["op"], h["step"], h["seq"], step, seq)
 
 
+def share_threads(ranks_here: int, reserved: int, cores: int | None = None) -> int:
+    """Torch threads of a CPU rank: its node's cores (this process's affinity) less `reserved`
+    (TPSERVE_CPU_RESERVED_CORES: the driver's coordinator and engine, Ray's own processes), shared
+    by the `ranks_here` ranks of the node, at least one. A rank whose threads outnumber the cores
+    left to it waits at every parallel op for a thread the OS has parked (on 2 cores at tp=1 the
+    demo model's attention ops took ~80 us each with 2 threads, ~10 with 1)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, ((cores or 1) - reserved) // ranks_here)
+
+
 def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: float):
     """The rank half of the data path the coordinator's setup message names."""
     if not isinstance(setup, dict):
@@ -83,7 +94,8 @@ def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: floa
 
 class RankWorker:
     def __init__(self, rank: int, tp: int, path: str, dtype: str, device: str, num_slots: int,
-                 max_len: int, timeout_s: float = 60.0, threads: int | None = None):
+                 max_len: int, timeout_s: float = 60.0, threads: int | None = None,
+                 cpu_share: tuple[int, int] | None = None):
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
         self.rank, self.tp, self.path, self.device = rank, tp, path, device
         self.dtype, self.num_slots, self.max_len = getattr(torch, dtype), num_slots, max_len
@@ -95,6 +107,8 @@ class RankWorker:
         self.steps = 0
         self.last_step = 0
         self.profiler = StepProfiler(rank)  # TPSERVE_PROFILE: a window of steps, else nothing
+        if cpu_share:
+            threads = share_threads(*cpu_share)
         if threads:
             torch.set_num_threads(threads)
 

@@ -106,8 +106,8 @@ class RayExecutor:
         self._dead = None
         log.info("%d ranks serving on %s via %s, all-reduce %s%s", tp,
                  sorted({i["ip"] for i in self.nodes}), self.coord.address, path,
-                 f", {self.nodes[0]['threads']} torch threads each (--device cpu; "
-                 f"TPSERVE_CPU_RESERVED_CORES)" if device == "cpu" else "")
+                 f", torch threads per rank {[i['threads'] for i in self.nodes]} (their node's "
+                 f"cores less TPSERVE_CPU_RESERVED_CORES, shared)" if device == "cpu" else "")
 
     # ---- failure detection and recovery --------------------------------------------------
     def _watch(self) -> None:

@@ -9,6 +9,7 @@ the checkpoint readable there and, on GPUs, every GPU of the node's ranks visibl
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -67,18 +68,14 @@ def rank_order(pg, tp: int, device: str, placement: str, timeout_s: float) -> li
 RESERVED_ENV = "TPSERVE_CPU_RESERVED_CORES"
 
 
-def rank_threads(tp: int) -> int:
-    """Torch threads of each CPU rank: the host's cores less TPSERVE_CPU_RESERVED_CORES (default
-    1: the driver's coordinator and engine, and Ray's own processes, run beside the ranks), shared
-    by the tp ranks. A rank whose threads outnumber the cores left to it waits at every parallel
-    op for a thread the OS has parked (on 2 cores at tp=1 the demo model's attention ops took
-    ~80 us each with 2 threads, ~10 with 1)."""
+def reserved_cores() -> int:
+    """TPSERVE_CPU_RESERVED_CORES (default 1): the cores of each node that its CPU ranks leave to
+    the driver's coordinator and engine and to Ray's own processes (`rank_worker.share_threads`)."""
     value = os.environ.get(RESERVED_ENV, "1")
     if not value.isdigit():
         raise TpserveError(f"{RESERVED_ENV}={value!r} is not a count of cores; set a whole "
                            f"number >= 0 (cores left to the driver and Ray beside CPU ranks)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, ((cores or 1) - int(value)) // tp)
+    return int(value)
 
 
 def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: str,
@@ -87,8 +84,12 @@ def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: 
     starts, so that the caller kills those already started when a later one fails."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.placement_group import placement_group_table
     tp, bundle = len(order), rank_bundle(device)
-    threads = rank_threads(tp) if device == "cpu" else 1
+    # CPU ranks share their node's cores: each learns how many ranks its node holds
+    nodes = placement_group_table(pg)["bundles_to_node_id"]
+    here = collections.Counter(nodes[b] for b in order)
+    reserved = reserved_cores() if device == "cpu" else 0
     remote = ray.remote(max_concurrency=2)(RankWorker)
     # The driver's TPSERVE_* settings (cache, debug hooks) reach every rank.
     env = {k: v for k, v in os.environ.items() if k.startswith("TPSERVE_")}
@@ -98,7 +99,8 @@ def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: 
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, b),
             name=f"tpserve-rank{rank}-{tag}",
             runtime_env={"env_vars": env} if env else None,
-        ).remote(rank, tp, path, dtype, device, num_slots, max_len, timeout_s, threads))
+        ).remote(rank, tp, path, dtype, device, num_slots, max_len, timeout_s,
+                 cpu_share=(here[nodes[b]], reserved) if device == "cpu" else None))
 
 
 def check_nodes(actors: list, nodes: list[dict], path, device: str) -> None:
