@@ -357,11 +357,17 @@ def test_connections_beyond_max_connections_get_503(env):
 
 
 BIG = 32 << 20  # more than the loopback's send and receive buffers hold together
+WHOLE = 16 << 20
 
 
 async def big_response_app(scope, receive, send):
     """An ASGI app answering /big with BIG bytes in 1 MiB chunks, anything else with 'ok'."""
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/whole":  # one body written at once, as a whole JSON answer is
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(WHOLE).encode())]})
+        await send({"type": "http.response.body", "body": bytes(WHOLE)})
         return
     big = scope["path"] == "/big"
     await send({"type": "http.response.start", "status": 200,
@@ -464,6 +470,34 @@ def test_a_stream_read_slower_than_it_is_made_is_cut_and_its_choices_cancelled(e
     r = env.client.post("/v1/completions", json={**body, "max_tokens": 300, "stream": False})
     assert r.status_code == 200, r.text
     assert [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [300, 300]
+
+
+def test_a_large_whole_response_must_drain_in_proportion():
+    """A whole 16 MiB body written at once (as a big logprobs answer is): a client draining ~200
+    KB/s, well above min_drain, is cut because it would hold the body far longer than max_hold;
+    one that reads as it comes gets it all."""
+    T = 0.5
+    config = server_config(big_response_app, log_level="warning", max_connections=2,
+                           write_timeout=T, min_drain=1 << 10, max_hold=4.0)  # 12% a period
+    with served(config, sndbuf=1 << 16) as (server, addr):
+        with small_window_connection(addr) as drip:
+            drip.sendall(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+            drip.settimeout(5)
+            got, t0 = 0, time.monotonic()
+            while chunk := drip.recv(20 << 10):
+                got += len(chunk)
+                assert time.monotonic() - t0 < 20, "the slow reader of a large body was kept"
+                time.sleep(0.1)
+            assert got < WHOLE // 2  # cut long before the end
+        with small_window_connection(addr) as fast:
+            fast.sendall(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+            fast.settimeout(5)
+            body = read_until(fast, b"\r\n\r\n")
+            got = len(body) - body.index(b"\r\n\r\n") - 4
+            while got < WHOLE:
+                chunk = fast.recv(1 << 20)
+                assert chunk, f"a reading client was cut after {got} bytes"
+                got += len(chunk)
 
 
 # ---- choices that do not fit the queue -----------------------------------------------------

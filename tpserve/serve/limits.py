@@ -15,6 +15,11 @@ WRITE_STALL_TIMEOUT_S = 30.0
 # aborted too: ~1 KB/s, far below any real reader, above a client that reads a segment now and
 # then to keep its connection (1024 of them would hold every connection).
 WRITE_MIN_DRAIN_BYTES = 32 << 10
+# ... and a large unsent response (a whole answer of many logprobs is written at once: up to
+# ~150 MB) must drain in proportion: at least its unsent bytes x period / WRITE_MAX_HOLD_S per
+# period (5% of them per 30 s), so a client reading at ~1 KB/s cannot hold 150 MB of the server's
+# memory for a day; a reader of 2 Mbit/s takes a 150 MB answer.
+WRITE_MAX_HOLD_S = 600.0
 # A body not received whole within this is refused (408): a client that declares a body and
 # sends it slowly, or never, would otherwise hold its connection and a task for ever.
 BODY_READ_TIMEOUT_S = 30.0

@@ -13,8 +13,9 @@ its connection (and a task, and the response's bytes) forever. Here:
   or after the first byte following its previous response, is closed (`Bounded`);
 - a body not received whole within BODY_READ_TIMEOUT_S gets 408 (`middleware.BodyLimit`);
 - a connection whose unsent response bytes do not drain for WRITE_STALL_TIMEOUT_S, or drain by
-  fewer than WRITE_MIN_DRAIN_BYTES in that time, is aborted (`Bounded`), also after the response
-  ended (closing waits for the buffer to drain).
+  fewer than WRITE_MIN_DRAIN_BYTES in that time (or, of a large response, fewer than its share of
+  WRITE_MAX_HOLD_S), is aborted (`Bounded`), also after the response ended (closing waits for the
+  buffer to drain).
 The bounds live in `limits.py`.
 """
 
@@ -30,7 +31,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tpserve.serve.limits import (DEFAULT_MAX_CONNECTIONS, HEADER_READ_TIMEOUT_S, KEEP_ALIVE_S,
-                                  WRITE_MIN_DRAIN_BYTES, WRITE_STALL_TIMEOUT_S)
+                                  WRITE_MAX_HOLD_S, WRITE_MIN_DRAIN_BYTES, WRITE_STALL_TIMEOUT_S)
 
 
 class Bounded(H11Protocol):
@@ -46,12 +47,14 @@ class Bounded(H11Protocol):
     paused uvicorn writes nothing more. A pause that sees no byte drain for `write_timeout`
     seconds (the transport's buffer and the socket's send queue together), or fewer than
     `min_drain` of them while more wait (a client reading a segment now and then to keep its
-    connection), aborts the connection (`transport.abort()`: `close()` would wait for the buffer
+    connection), or, of a large unsent response, fewer than its share `write_timeout / max_hold`
+    (a whole answer written at once), aborts the connection (`transport.abort()`: `close()` would wait for the buffer
     to drain, for ever for a client that reads nothing). A slow reader keeps its connection."""
 
     timeout = HEADER_READ_TIMEOUT_S
     write_timeout = WRITE_STALL_TIMEOUT_S
     min_drain = WRITE_MIN_DRAIN_BYTES
+    max_hold = WRITE_MAX_HOLD_S
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -69,14 +72,17 @@ class Bounded(H11Protocol):
         super().resume_writing()
 
     def _watch_writes(self, unsent: int | None) -> None:
-        """Abort if fewer than min(min_drain, unsent) bytes drained since one period ago (`unsent`
-        then), else look again one period later."""
+        """Abort if fewer bytes drained since one period ago (`unsent` then) than min_drain, or
+        than unsent x period / max_hold where that is more (a large response), at most unsent;
+        else look again one period later."""
         self._stall = None
         buffered = self.transport.get_write_buffer_size()
         if buffered == 0:
             return
         left = buffered + _kernel_unsent(self.transport)
-        if unsent is not None and unsent - left < min(self.min_drain, unsent):  # too little drained
+        need = None if unsent is None else min(
+            unsent, max(self.min_drain, int(unsent * self.write_timeout / self.max_hold)))
+        if need is not None and unsent - left < need:  # too little drained
             self.transport.abort()  # connection_lost follows, failing the response's sends
             return
         self._stall = self.loop.call_later(self.write_timeout, self._watch_writes, left)
@@ -130,12 +136,13 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
                   graceful_timeout: float = 10.0, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                   header_timeout: float = HEADER_READ_TIMEOUT_S,
                   write_timeout: float = WRITE_STALL_TIMEOUT_S,
-                  min_drain: int = WRITE_MIN_DRAIN_BYTES) -> uvicorn.Config:
+                  min_drain: int = WRITE_MIN_DRAIN_BYTES,
+                  max_hold: float = WRITE_MAX_HOLD_S) -> uvicorn.Config:
     """uvicorn's config for `app` with the bounds above (no WebSocket: tpserve serves none, and
     the header deadline would close an upgraded connection)."""
     protocol = type("Bounded", (Bounded,), {"timeout": header_timeout,
                                             "write_timeout": write_timeout,
-                                            "min_drain": min_drain})
+                                            "min_drain": min_drain, "max_hold": max_hold})
     # uvicorn refuses a request once its connections, its own included, reach limit_concurrency
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                           ws="none", limit_concurrency=max_connections + 1,
