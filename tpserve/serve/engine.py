@@ -29,6 +29,7 @@ from tpserve.serve.request_checks import check_request
 from tpserve.serve.requests import Event, QueueFull, Request, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
 from tpserve.serve.sampling_params import SamplingParams
+from tpserve.serve.shared_prompts import copy_prompt, share_prompt, shared_rows, take_over
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,7 @@ class Engine:
                                 f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
             reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
                     for p, on_event, stop in zip(params, on_events, stops)]
-            # The prompt is prefilled once (`_admit`): echo's prompt logprobs, where asked for,
-            # come from the first choice's prefill; a repetition penalty reads the prompt, which
-            # rank 0's sampler takes from the prefill step's token ids (`rank_sampling`), so such
-            # choices prefill their own.
-            if len(prompt) > 1 and all(p.prompt_logprobs is None and p.repetition_penalty == 1
-                                       for p in params[1:]):
-                for req in reqs[1:]:
-                    req.share = reqs[0]
+            share_prompt(reqs)  # prefilled once (`_admit`, `shared_prompts.py`)
             for req in reqs:
                 req.row = SampleRow(req.params, req.prompt, req.output,
                                     tuple(self.cfg.eos_token_ids))
@@ -177,7 +171,7 @@ class Engine:
             tokens = logit_bytes = 0  # what this step's prefills take: at least one request
             while self.waiting and self.free_slots:
                 req = self.waiting[0]
-                shared = self._shared_rows(req, new)
+                shared = shared_rows(req, new, self.waiting, self.running)
                 if shared is None:
                     break  # after the step that runs the first choice's prompt
                 tokens += len(req.prompt) - shared
@@ -188,26 +182,10 @@ class Engine:
                     break  # the next step takes it
                 self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
-                if shared:
-                    req.cached, req.copy = shared, (req.share.slot, req.slot, shared)
-                    self.stats.prompt_tokens_shared += shared
-                req.share = None
+                self.stats.prompt_tokens_shared += copy_prompt(req, shared)
                 new.append(req)
         self.running.extend(new)
         return new
-
-    def _shared_rows(self, req: Request, new: list[Request]) -> int | None:
-        """For a later choice of a prompt (`Request.share`): None while the first choice waits or
-        starts in this step (admit it after); the prompt's KV rows it can copy from the first
-        choice's slot (all but the last) once that one has run its prompt and still holds its
-        slot (or has taken over the slot of one that ended, `_hand_over`); 0 where it failed or
-        was cancelled (a prefill of its own)."""
-        src = req.share
-        if src is None:
-            return 0
-        if src in new or src in self.waiting:
-            return None
-        return len(req.prompt) - 1 if (src.output or src.cached) and src in self.running else 0
 
     def _loop(self) -> None:
         while not self._stop:
@@ -289,30 +267,17 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         with self._lock:
-            if reason == "error" or not self._hand_over(req):
+            heir = None if reason == "error" else take_over(req, self.waiting)
+            if heir is None:
                 self.free_slots.append(req.slot)
+        if heir is not None:  # a later choice of its prompt runs in its slot
+            self.stats.prompt_tokens_shared += heir.cached
+            self.running.append(heir)
         self.stats.finish_reasons[reason] += 1
         if reason == "error":
             self.stats.requests_failed += 1
         else:
             self.stats.requests_finished += 1
-
-    def _hand_over(self, req: Request) -> bool:
-        """A first choice that ends while a later choice of its prompt still waits gives that one
-        its slot, prompt rows and all (it runs the prompt's last token there, as a copy would);
-        the choices behind it copy from it. Else each would prefill the prompt again (a request
-        of n choices and max_tokens=1 would prefill it n times). Under the lock."""
-        heirs = [r for r in self.waiting if r.share is req]
-        if not heirs:
-            return False
-        heir = heirs[0]
-        self.waiting.remove(heir)
-        heir.slot, heir.cached, heir.share = req.slot, len(req.prompt) - 1, None
-        self.stats.prompt_tokens_shared += heir.cached
-        for r in heirs[1:]:
-            r.share = heir
-        self.running.append(heir)
-        return True
 
     def _fail(self, req: Request, message: str) -> None:
         self._finish(req, "error")
