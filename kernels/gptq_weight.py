@@ -57,7 +57,7 @@ class GPTQWeight:
     word_groups: bool = False  # every word's rows lie in one group (g_idx shards padded at load)
     # the shard in torch's int4 CPU kernel layout, made on its first CPU call (`gptq_cpu.py`)
     cpu_pack: object = field(default=None, repr=False, compare=False)
-    # small shards' dequantized weights by x dtype, made on their first fp32/fp16 CPU call
+    # dequantized copies by x dtype, made on a first fp32/fp16 CPU call within a budget (gptq_cpu)
     cpu_dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def groups(self) -> torch.Tensor:

@@ -64,8 +64,7 @@ def test_cpu_ranks_share_the_cores_left_to_them(ray_llm, monkeypatch):
     torch threads, at least one (more threads than cores made every small op wait for a parked
     thread); a malformed setting is refused with its name."""
     from tpserve.errors import TpserveError
-    from tpserve.runtime.ray_placement import RESERVED_ENV, reserved_cores
-    from tpserve.runtime.rank_worker import share_threads
+    from tpserve.runtime.ray_placement import RESERVED_ENV, reserved_cores, share_threads
     cores = len(os.sched_getaffinity(0))
     assert [n["threads"] for n in ray_llm.executor.nodes] == [max(1, (cores - 1) // 4)] * 4
     # a node of 32 cores holding one rank, one of 16 holding four, one of 4 holding eight

@@ -26,6 +26,7 @@ from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
+from tpserve.runtime.ray_placement import share_threads
 from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, plan_from_wire, uint
 from tpserve.serve.rank_sampling import RankSampler
 
@@ -64,17 +65,6 @@ class ZmqPath:
                 return ts[0].to(x.device, x.dtype)
             log.error("rank %d dropped %r (step %s seq %s) while waiting for sum %s/%s", self.rank,
                       h["op"], h["step"], h["seq"], step, seq)
-
-
-def share_threads(ranks_here: int, reserved: int, cores: int | None = None) -> int:
-    """Torch threads of a CPU rank: its node's cores (this process's affinity) less `reserved`
-    (TPSERVE_CPU_RESERVED_CORES: the driver's coordinator and engine, Ray's own processes), shared
-    by the `ranks_here` ranks of the node, at least one. A rank whose threads outnumber the cores
-    left to it waits at every parallel op for a thread the OS has parked (on 2 cores at tp=1 the
-    demo model's attention ops took ~80 us each with 2 threads, ~10 with 1)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, ((cores or 1) - reserved) // ranks_here)
 
 
 def data_path(name, setup, sock: zmq.Socket, rank: int, tp: int, timeout_s: float):

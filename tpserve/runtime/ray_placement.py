@@ -17,7 +17,6 @@ import time
 import torch
 
 from tpserve.errors import TpserveError
-from tpserve.runtime.rank_worker import RankWorker
 
 log = logging.getLogger(__name__)
 PLACEMENTS = {"strict_pack": "STRICT_PACK", "pack": "PACK", "spread": "SPREAD"}
@@ -70,12 +69,23 @@ RESERVED_ENV = "TPSERVE_CPU_RESERVED_CORES"
 
 def reserved_cores() -> int:
     """TPSERVE_CPU_RESERVED_CORES (default 1): the cores of each node that its CPU ranks leave to
-    the driver's coordinator and engine and to Ray's own processes (`rank_worker.share_threads`)."""
+    the driver's coordinator and engine and to Ray's own processes (`share_threads`)."""
     value = os.environ.get(RESERVED_ENV, "1")
     if not value.isdigit():
         raise TpserveError(f"{RESERVED_ENV}={value!r} is not a count of cores; set a whole "
                            f"number >= 0 (cores left to the driver and Ray beside CPU ranks)")
     return int(value)
+
+
+def share_threads(ranks_here: int, reserved: int, cores: int | None = None) -> int:
+    """Torch threads of a CPU rank: its node's cores (this process's affinity) less `reserved`
+    (TPSERVE_CPU_RESERVED_CORES: the driver's coordinator and engine, Ray's own processes), shared
+    by the `ranks_here` ranks of the node, at least one. A rank whose threads outnumber the cores
+    left to it waits at every parallel op for a thread the OS has parked (on 2 cores at tp=1 the
+    demo model's attention ops took ~80 us each with 2 threads, ~10 with 1)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, ((cores or 1) - reserved) // ranks_here)
 
 
 def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: str,
@@ -85,6 +95,7 @@ def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: 
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from ray.util.placement_group import placement_group_table
+    from tpserve.runtime.rank_worker import RankWorker  # it imports share_threads from here
     tp, bundle = len(order), rank_bundle(device)
     # CPU ranks share their node's cores: each learns how many ranks its node holds
     nodes = placement_group_table(pg)["bundles_to_node_id"]

@@ -48,8 +48,9 @@ class Bounded(H11Protocol):
     seconds (the transport's buffer and the socket's send queue together), or fewer than
     `min_drain` of them while more wait (a client reading a segment now and then to keep its
     connection), or, of a large unsent response, fewer than its share `write_timeout / max_hold`
-    (a whole answer written at once), aborts the connection (`transport.abort()`: `close()` would wait for the buffer
-    to drain, for ever for a client that reads nothing). A slow reader keeps its connection."""
+    (a whole answer written at once), aborts the connection (`transport.abort()`: `close()` would
+    wait for the buffer to drain, for ever for a client that reads nothing). A slow reader keeps
+    its connection."""
 
     timeout = HEADER_READ_TIMEOUT_S
     write_timeout = WRITE_STALL_TIMEOUT_S

@@ -81,7 +81,8 @@ class Pending:
             if self.closed:
                 return
             try:
-                self.loop.call_soon_threadsafe(self._put, i, ev, held_bytes(ev))
+                size = 0 if self.limit is None else held_bytes(ev)  # only streams are cut
+                self.loop.call_soon_threadsafe(self._put, i, ev, size)
             except RuntimeError:  # the event loop is closed: the server has shut down
                 self.closed = True
         return on_event
