@@ -14,7 +14,8 @@ never holds the next call's keys. GB/s counts the k/v bytes a call must read (co
 3.0 TB/s device copy bandwidth in FACTS.md). `sdpa` is F.scaled_dot_product_attention after an
 index_select gather of the batch's slots up to L (what a padded-batch engine does; no key mask,
 since every timed sequence is L long, so SDPA may use its flash kernel);
-`reference` is decode_attention_reference (fp32 einsum, reads max(lens) on the host).
+`reference` is decode_attention_reference (fp32 einsum, reads max(lens) on the host); `all splits`
+the kernel with every split of its grid used whatever the length (min_keys=1, the A/B of MIN_KEYS).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def bench_shape(b, n, dtype, heads, sweep):
 
     row = {"B": b, "L": n, "dtype": str(dtype)[6:], "H": h, "KVH": kvh, "D": d,
            "triton_us": time_us(rot(decode_attention)),
+           # every split of the grid used, whatever the length (before MIN_KEYS)
+           "every_split_us": time_us(rot(decode_attention_triton, min_keys=1)),
            "reference_us": time_us(rot(decode_attention_reference), reps=3, trials=3),
            "sdpa_us": time_us(lambda: sdpa_gathered(*probs[next(it) % layers][:4], group, scale,
                                                     n))}
@@ -162,11 +165,13 @@ def bench_shape(b, n, dtype, heads, sweep):
         configs = [(bn, s, w) for bn in (16, 32, 64, 128) for s in (1, 2, 4, 8, 16, 32)
                    for w in (4, 8)]
         row["sweep"] = {f"bn{bn}_s{s}_w{w}": time_us(rot(decode_attention_triton, block_n=bn,
-                                                         num_splits=s, num_warps=w), trials=3)
+                                                         num_splits=s, num_warps=w, min_keys=1),
+                                                     trials=3)
                         for bn, s, w in configs}
         row["sweep_best"] = min(row["sweep"], key=row["sweep"].get)
     best = f"  best {row['sweep_best']} {row['sweep'][row['sweep_best']]:.1f} us" if sweep else ""
-    print(f"{b:>3} {n:>5} {row['dtype']:>8} {row['triton_us']:>9.1f} {row['triton_GBps']:>7.0f} "
+    print(f"{b:>3} {n:>5} {row['dtype']:>8} {row['triton_us']:>9.1f} {row['every_split_us']:>9.1f} "
+          f"{row['triton_GBps']:>7.0f} "
           f"{row['sdpa_us']:>8.1f} {row['reference_us']:>9.1f} "
           f"{row['sdpa_us'] / row['triton_us']:>8.2f}x {row['triton_err']:>9.2e} "
           f"{row['sdpa_err']:>9.2e}{best}")
@@ -177,6 +182,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--sweep", action="store_true", help="time block_n x splits x warps per shape")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--lens", type=int, nargs="+", default=[128, 256, 512, 2048])
+    ap.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16"],
+                    default=["float16", "bfloat16"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU; on CPU run "
@@ -185,11 +194,12 @@ def main():
     parity_rows, ok = parity()
     graph_err = graph_check()
     ok &= graph_err <= 8e-3
-    print(f"{'B':>3} {'L':>5} {'dtype':>8} {'triton us':>9} {'GB/s':>7} {'sdpa us':>8} "
+    print(f"{'B':>3} {'L':>5} {'dtype':>8} {'triton us':>9} {'all splits':>9} {'GB/s':>7} "
+          f"{'sdpa us':>8} "
           f"{'ref us':>9} {'vs sdpa':>9} {'triton err':>9} {'sdpa err':>9}")
     rows = [bench_shape(b, n, dtype, (32, 8, 128), args.sweep)
-            for dtype in (torch.float16, torch.bfloat16) for n in (128, 256, 512, 2048)
-            for b in (1, 8, 32)]
+            for dtype in [getattr(torch, t) for t in args.dtype] for n in args.lens
+            for b in args.batch]
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                               "parity": parity_rows, "graph_err": graph_err,

@@ -11,7 +11,9 @@ kernel from lens[b] (and the window), so the grid depends only on B, the kv head
 max length: no host synchronisation, safe to capture in a CUDA graph, and the work is that of the
 actual lengths. With more than one split the last program of each (b, kv head) to finish (a
 ticket, as the split-K GEMVs take one) merges the splits' (max, sum, acc) for its query heads, in
-split order: one launch per step and layer, whatever the split count.
+split order: one launch per step and layer, whatever the split count. A sequence uses only the
+splits that get at least MIN_KEYS keys each (from its length, in the kernel; the rest exit): a
+short context runs in one program per (b, kv head), which writes the output itself.
 Prefill attention (torch) is in `prefill_attention.py`.
 """
 
@@ -36,6 +38,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to at least this
 _MAX_SPLITS = 32
+# Keys a split gets at least: the splits' merge (partials out, a ticket, the last one reading them
+# back) costs ~4 us at a batch of one on an H200, where one program reads 128 keys in ~5 us
+# (bench/README.md, "eleventh session").
+MIN_KEYS = 128
 
 
 # ---- torch references ----
@@ -72,7 +78,7 @@ def decode_attention_reference(q, k_cache, v_cache, slots, lens, kv_group, scale
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
                    sq_b, sq_h, sk_s, sk_l, sk_h, sv_s, sv_l, sv_h, so_b, so_h,
-                   scale, softcap, window, num_heads,
+                   scale, softcap, window, num_heads, min_per,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -85,10 +91,27 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     if HAS_WINDOW:
         lo = tl.maximum(n - window, 0)
     first, last = lo // BLOCK_N, tl.cdiv(n, BLOCK_N)
-    per = tl.cdiv(last - first, NUM_SPLITS)  # this split's contiguous share of the key blocks
-    start = first + split * per
-    end = tl.minimum(start + per, last)
+    # this split's contiguous share of the key blocks, at least min_per of them: a short context
+    # runs in fewer splits than the grid has (the others exit), one split writing out directly
+    per = tl.maximum(tl.cdiv(last - first, NUM_SPLITS), min_per)
+    active = tl.maximum(tl.cdiv(last - first, per), 1)  # lens 0: split 0 writes the zeros
+    if split < active:
+        _decode_split(q_ptr, k_ptr + slot * sk_s + kvh * sk_h, v_ptr + slot * sv_s + kvh * sv_h,
+                      out_ptr, part_ptr, ml_ptr, cnt_ptr, b, kvh, split, n, lo, first + split * per,
+                      tl.minimum(first + (split + 1) * per, last), active, sq_b, sq_h, sk_l, sv_l,
+                      so_b, so_h, scale, softcap,
+                      num_heads, GROUP, HEAD_DIM, BLOCK_G, BLOCK_N, BLOCK_D, NUM_SPLITS,
+                      HAS_SOFTCAP, PRECISION, BLOCK_S)
 
+
+@triton.jit
+def _decode_split(q_ptr, k_base, v_base, out_ptr, part_ptr, ml_ptr, cnt_ptr, b, kvh, split, n, lo,
+                  start, end, active, sq_b, sq_h, sk_l, sv_l, so_b, so_h, scale, softcap, num_heads, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """Key blocks [start, end) of (b, kv head) for its query heads; the output directly where
+    this is the only active split, else a partial, the last active split to finish merging."""
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_N)
@@ -96,8 +119,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     gmask, dmask = g < GROUP, d < HEAD_DIM
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
-    k_base = k_ptr + slot * sk_s + kvh * sk_h
-    v_base = v_ptr + slot * sv_s + kvh * sv_h
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -119,7 +140,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         m_i = m_new
 
     omask = gmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
+    if active == 1:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # lens == 0: acc is 0, so is the output
         tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=omask)
@@ -131,21 +152,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         tl.store(ml_ptr + l_at + row, l_i, mask=gmask)
         tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
         tile = b * tl.num_programs(1) + kvh
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP,
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == active - 1:
+            _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, active, GROUP,
                    HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
             tl.store(cnt_ptr + tile, 0)  # left zeroed for the next call
 
 
 @triton.jit
-def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, GROUP: tl.constexpr,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-           BLOCK_S: tl.constexpr):
-    """out[b, h] for the kv head's query heads h from every split's (max, sum, acc), in split
-    order (read at L2: other programs wrote them)."""
+def _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, active,
+           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[b, h] for the kv head's query heads h from the active splits' (max, sum, acc), in
+    split order (read at L2: other programs wrote them)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    smask, dmask = s < NUM_SPLITS, d < HEAD_DIM
+    smask, dmask = s < active, d < HEAD_DIM
     for gi in range(GROUP):
         h = kvh * GROUP + gi
         row = (b * num_heads + h) * NUM_SPLITS
@@ -168,11 +189,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, window=None,
-                            softcap=None, num_splits=None, block_n=None, num_warps=4):
-    """decode_attention's Triton path; num_splits / block_n override the heuristics (tests, bench).
+                            softcap=None, num_splits=None, block_n=None, num_warps=4,
+                            min_keys=MIN_KEYS):
+    """decode_attention's Triton path; num_splits / block_n / min_keys override the heuristics
+    (tests, bench).
 
-    Splits are chosen from static sizes only: enough (b, kv head, split) programs for about two
-    waves of the GPU, at most one per key block of the max length.
+    The grid's splits are chosen from static sizes only: enough (b, kv head, split) programs for
+    about two waves of the GPU, at most one per key block of the max length. In the kernel a
+    sequence uses only as many of them as give each at least `min_keys` keys (from its length).
     """
     b, h, d = q.shape
     _, max_len, kvh, d_k = k_cache.shape
@@ -198,6 +222,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         q, k_cache, v_cache, slots, lens, out, part, ml, cnt,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
+        max(1, triton.cdiv(min_keys, block_n)),
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl_flag(q),
