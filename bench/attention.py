@@ -15,7 +15,7 @@ never holds the next call's keys. GB/s counts the k/v bytes a call must read (co
 index_select gather of the batch's slots up to L (what a padded-batch engine does; no key mask,
 since every timed sequence is L long, so SDPA may use its flash kernel);
 `reference` is decode_attention_reference (fp32 einsum, reads max(lens) on the host); `all splits`
-the kernel with every split of its grid used whatever the length (min_keys=1, the A/B of MIN_KEYS).
+the kernel with every split of its grid used whatever the length (one_keys=0, the A/B of ONE_SPLIT_KEYS).
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def bench_shape(b, n, dtype, heads, sweep):
 
     row = {"B": b, "L": n, "dtype": str(dtype)[6:], "H": h, "KVH": kvh, "D": d,
            "triton_us": time_us(rot(decode_attention)),
-           # every split of the grid used, whatever the length (before MIN_KEYS)
-           "every_split_us": time_us(rot(decode_attention_triton, min_keys=1)),
+           # every split of the grid used, whatever the length (before ONE_SPLIT_KEYS)
+           "every_split_us": time_us(rot(decode_attention_triton, one_keys=0)),
            "reference_us": time_us(rot(decode_attention_reference), reps=3, trials=3),
            "sdpa_us": time_us(lambda: sdpa_gathered(*probs[next(it) % layers][:4], group, scale,
                                                     n))}
@@ -165,7 +165,7 @@ def bench_shape(b, n, dtype, heads, sweep):
         configs = [(bn, s, w) for bn in (16, 32, 64, 128) for s in (1, 2, 4, 8, 16, 32)
                    for w in (4, 8)]
         row["sweep"] = {f"bn{bn}_s{s}_w{w}": time_us(rot(decode_attention_triton, block_n=bn,
-                                                         num_splits=s, num_warps=w, min_keys=1),
+                                                         num_splits=s, num_warps=w, one_keys=0),
                                                      trials=3)
                         for bn, s, w in configs}
         row["sweep_best"] = min(row["sweep"], key=row["sweep"].get)

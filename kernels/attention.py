@@ -11,9 +11,9 @@ kernel from lens[b] (and the window), so the grid depends only on B, the kv head
 max length: no host synchronisation, safe to capture in a CUDA graph, and the work is that of the
 actual lengths. With more than one split the last program of each (b, kv head) to finish (a
 ticket, as the split-K GEMVs take one) merges the splits' (max, sum, acc) for its query heads, in
-split order: one launch per step and layer, whatever the split count. A sequence uses only the
-splits that get at least MIN_KEYS keys each (from its length, in the kernel; the rest exit): a
-short context runs in one program per (b, kv head), which writes the output itself.
+split order: one launch per step and layer, whatever the split count. A sequence of at most
+ONE_SPLIT_KEYS keys (its length, read in the kernel) runs in one program per (b, kv head), which
+writes the output itself; the grid's other splits exit.
 Prefill attention (torch) is in `prefill_attention.py`.
 """
 
@@ -38,10 +38,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _GROUP_TILE = 16  # tl.dot needs >= 16 rows: a kv head's query heads are padded to at least this
 _MAX_SPLITS = 32
-# Keys a split gets at least: the splits' merge (partials out, a ticket, the last one reading them
-# back) costs ~4 us at a batch of one on an H200, where one program reads 128 keys in ~5 us
-# (bench/README.md, "eleventh session").
-MIN_KEYS = 128
+# A context of at most this many keys runs in one program per (b, kv head): the splits' merge
+# (partials out, a ticket, the last one reading them back) costs ~4 us on an H200, where a key
+# block more in one program costs ~1 us at a batch of one (bench/README.md, "eleventh session").
+ONE_SPLIT_KEYS = 256
 
 
 # ---- torch references ----
@@ -78,7 +78,7 @@ def decode_attention_reference(q, k_cache, v_cache, slots, lens, kv_group, scale
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
                    sq_b, sq_h, sk_s, sk_l, sk_h, sv_s, sv_l, sv_h, so_b, so_h,
-                   scale, softcap, window, num_heads, min_per,
+                   scale, softcap, window, num_heads, one_blocks,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -91,10 +91,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     if HAS_WINDOW:
         lo = tl.maximum(n - window, 0)
     first, last = lo // BLOCK_N, tl.cdiv(n, BLOCK_N)
-    # this split's contiguous share of the key blocks, at least min_per of them: a short context
-    # runs in fewer splits than the grid has (the others exit), one split writing out directly
-    per = tl.maximum(tl.cdiv(last - first, NUM_SPLITS), min_per)
-    active = tl.maximum(tl.cdiv(last - first, per), 1)  # lens 0: split 0 writes the zeros
+    # this split's contiguous share of the key blocks; a context of at most one_blocks blocks runs
+    # in one program, which writes the output itself (the grid's other splits exit)
+    nb = last - first
+    per = tl.where(nb <= one_blocks, tl.maximum(nb, 1), tl.cdiv(nb, NUM_SPLITS))
+    active = tl.maximum(tl.cdiv(nb, per), 1)  # lens 0: split 0 writes the zeros
     if split < active:
         _decode_split(q_ptr, k_ptr + slot * sk_s + kvh * sk_h, v_ptr + slot * sv_s + kvh * sv_h,
                       out_ptr, part_ptr, ml_ptr, cnt_ptr, b, kvh, split, n, lo, first + split * per,
@@ -190,13 +191,13 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, window=None,
                             softcap=None, num_splits=None, block_n=None, num_warps=4,
-                            min_keys=MIN_KEYS):
-    """decode_attention's Triton path; num_splits / block_n / min_keys override the heuristics
+                            one_keys=ONE_SPLIT_KEYS):
+    """decode_attention's Triton path; num_splits / block_n / one_keys override the heuristics
     (tests, bench).
 
     The grid's splits are chosen from static sizes only: enough (b, kv head, split) programs for
     about two waves of the GPU, at most one per key block of the max length. In the kernel a
-    sequence uses only as many of them as give each at least `min_keys` keys (from its length).
+    sequence whose keys fit `one_keys` (whole key blocks) uses one of them (from its length).
     """
     b, h, d = q.shape
     _, max_len, kvh, d_k = k_cache.shape
@@ -222,7 +223,7 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         q, k_cache, v_cache, slots, lens, out, part, ml, cnt,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1), float(scale), float(softcap or 0.0), int(window or 0), h,
-        max(1, triton.cdiv(min_keys, block_n)),
+        one_keys // block_n,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl_flag(q),

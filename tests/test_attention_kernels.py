@@ -83,13 +83,13 @@ def test_reference_matches_naive_loop(heads, window, softcap):
 
 
 def _check_kernel(heads, dtype, window, softcap, num_splits, block_n, slot_dtype=torch.int64,
-                  min_keys=1):
-    """min_keys 1: every split with a key block is used (the merge, on this 40-position cache)."""
+                  one_keys=0):
+    """one_keys 0: every split with a key block is used (the merge, on this 40-position cache)."""
     q, kc, vc, slots, lens, group = _problem(heads, dtype, window)
     scale = q.shape[-1] ** -0.5
     out = att.decode_attention_triton(q, kc, vc, slots.to(slot_dtype), lens, group, scale, window,
                                       softcap, num_splits=num_splits, block_n=block_n,
-                                      min_keys=min_keys)
+                                      one_keys=one_keys)
     ref = att.decode_attention_reference(q.float(), kc.float(), vc.float(), slots, lens, group,
                                          scale, window, softcap)
     assert out.dtype == dtype and out.shape == q.shape
@@ -117,27 +117,26 @@ def test_decode_kernel_splits(num_splits, slot_dtype):
     _check_kernel("gqa4", torch.float32, 9, None, num_splits, 16, slot_dtype)
 
 
-@pytest.mark.parametrize("min_keys", [1, 32])
-def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch, min_keys):
+@pytest.mark.parametrize("one_keys", [0, 16])
+def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch, one_keys):
     """Every scratch row the merge reads was written by its split: the scratch is poisoned here
-    (NaN), and 8 splits share 3 key blocks (min_keys 1), or as many as give 2 blocks each."""
+    (NaN), and 8 splits share 3 key blocks (rows of one block run in one split with one_keys 16)."""
     empty = torch.empty
 
     def poisoned(*shape, **kw):
         return empty(*shape, **kw).fill_(float("nan")) if kw.get("dtype") == torch.float32 else \
             empty(*shape, **kw)
     monkeypatch.setattr(torch, "empty", poisoned)
-    _check_kernel("gqa4", torch.float16, None, None, num_splits=8, block_n=16, min_keys=min_keys)
+    _check_kernel("gqa4", torch.float16, None, None, num_splits=8, block_n=16, one_keys=one_keys)
 
 
 @pytest.mark.parametrize("window", [None, 9])
-@pytest.mark.parametrize("min_keys", [17, 32, 48, 1000])
-def test_decode_kernel_uses_fewer_splits_for_short_contexts(window, min_keys):
-    """A sequence uses only the splits that get min_keys keys (rounded up to key blocks): in one
-    batch, rows with one such split (written out directly) beside rows whose splits merge, the
-    grid's other splits unused; 1000 keys: one split for every row."""
-    _check_kernel("gqa4", torch.float32, window, None, num_splits=4, block_n=16, min_keys=min_keys)
-    _check_kernel("mha", torch.float16, window, 2.0, num_splits=3, block_n=8, min_keys=min_keys)
+@pytest.mark.parametrize("one_keys", [16, 32, 1000])
+def test_decode_kernel_runs_short_contexts_in_one_split(window, one_keys):
+    """A sequence of at most one_keys keys (whole blocks) runs in one split that writes the output
+    itself: in one batch, such rows beside rows whose splits merge; 1000 keys: every row."""
+    _check_kernel("gqa4", torch.float32, window, None, num_splits=4, block_n=16, one_keys=one_keys)
+    _check_kernel("mha", torch.float16, window, 2.0, num_splits=3, block_n=8, one_keys=one_keys)
 
 
 def test_decode_kernel_wide_group():
