@@ -14,8 +14,9 @@ never holds the next call's keys. GB/s counts the k/v bytes a call must read (co
 3.0 TB/s device copy bandwidth in FACTS.md). `sdpa` is F.scaled_dot_product_attention after an
 index_select gather of the batch's slots up to L (what a padded-batch engine does; no key mask,
 since every timed sequence is L long, so SDPA may use its flash kernel);
-`reference` is decode_attention_reference (fp32 einsum, reads max(lens) on the host); `all splits`
-the kernel with every split of its grid used whatever the length (one_keys=0, the A/B of ONE_SPLIT_KEYS).
+`reference` is decode_attention_reference (fp32 einsum, reads max(lens) on the host); `all
+splits` the kernel with every split of its grid used whatever the length (one_keys=0, the A/B of
+ONE_SPLIT_KEYS).
 """
 
 from __future__ import annotations
