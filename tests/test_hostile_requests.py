@@ -6,6 +6,7 @@ behind real HTTP: many logprobs, slow or many connections, choices that do not f
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -26,7 +27,7 @@ from tpserve.serve.app import build_app
 from tpserve.serve.engine import Engine, QueueFull
 from tpserve.serve.logprobs import CompletionChoices, check_logprob_budget
 from tpserve.serve.openai_protocol import ApiError
-from tpserve.serve.requests import Event
+from tpserve.serve.requests import Event, RequestError
 from tpserve.serve.sampling import TokenLogprob
 from tpserve.serve.sampling_params import SamplingParams
 from tpserve.serve.server import server_config
@@ -509,6 +510,34 @@ def test_choices_are_queued_all_or_none(env):
     assert len(engine.waiting) == 1 and engine.stats.requests_cancelled == 0
     ids = engine.submit_many([1, 2], [SamplingParams(max_tokens=2)] * 2, [lambda ev: None] * 2)
     assert len(ids) == 2 and len(engine.waiting) == 3
+
+
+def test_n_choices_share_their_parameters_checks_and_stop_automata(env):
+    """An n = 128 request with 1024 stop ids, 300 biases and 16 long stop strings cost ~0.14 s of
+    the event loop per request, even when refused for a full queue: each choice revalidated its
+    parameters and built its own stop automata. Choices now share what does not differ."""
+    stops = tuple(f"{c}{'ab' * 200}" for c in "abcdefghijklmnop")
+    vocab = env.llm.cfg.vocab_size  # the demo's: 1024 stop ids repeat its ids
+    params = SamplingParams(max_tokens=2, temperature=1.0, seed=2**63 - 2, stop=stops,
+                            stop_token_ids=tuple(t % vocab for t in range(1024)), prompt_logprobs=2,
+                            logit_bias=tuple((t, 0.5) for t in range(min(300, vocab))))
+    choices = [params] + [params.for_choice(i) for i in range(1, 4)]
+    for i, c in enumerate(choices[1:], 1):  # as dataclasses.replace makes them, but sharing
+        assert c == dataclasses.replace(params, seed=(params.seed + i) % 2**63,
+                                        prompt_logprobs=None)
+        assert c.stop_token_ids is params.stop_token_ids and c.logit_bias is params.logit_bias
+    engine = Engine(env.llm, tokenizer=env.codec, max_queue=8)  # never started
+    engine.submit_many([1, 2], choices, [lambda ev: None] * 4)
+    first, *others = engine.waiting
+    shared = first.stop_text.automata
+    assert all(a is b for r in others for a, b in zip(r.stop_text.automata, shared))
+    assert len(first.stop_text.automata) == 16
+    assert all(r.stop_text is not first.stop_text for r in others)  # each its own state
+    # a choice that differs in more than its seed is still checked on its own
+    with pytest.raises(RequestError, match="max_tokens=5000 exceeds"):
+        engine.check([1, 2], [params, dataclasses.replace(params, max_tokens=5000)])
+    with pytest.raises(QueueFull, match="full for 5 choices"):  # before any is built
+        engine.check_room(5)
 
 
 def metric(text: str, name: str, **labels) -> float:

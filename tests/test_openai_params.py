@@ -13,6 +13,8 @@ import httpx
 import pytest
 from serving import MODEL, served_demo, sse
 
+from tpserve.serve.openai_protocol import ChatRequest, CompletionRequest, DetokenizeRequest
+
 PROMPT = "Hello"
 N = 12
 
@@ -210,10 +212,40 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
         {"role": "assistant", "content": None,
          "tool_calls": [{"id": "c1", "type": "function",
                          "function": {"name": "f", "arguments": "{}"}}]}]},
-     "'messages' with tool calls or tool results are not supported"),
+     "'messages' with tool or function calls or their results are not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42",
                                             "tool_call_id": "c1"}]},
-     "'messages' with tool calls or tool results are not supported"),
+     "'messages' with tool or function calls or their results are not supported"),
+    # OpenAI's legacy function calling: refused like tool calls, not rendered without the call
+    ("/v1/chat/completions", {"messages": [
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "weather", "arguments": "{}"}}]},
+     "'messages' with tool or function calls or their results are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "function", "name": "weather",
+                                            "content": "42"}]},
+     "'messages' with tool or function calls or their results are not supported"),
+    # fields of other servers (and OpenAI's older API) that would change the answer
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "functions": [{"name": "weather"}]}, "'functions'=[{'name': "),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "guided_json": {"type": "object"}}, "'guided_json'={'type': "),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "'use_beam_search'=True is"),
+    ("/v1/completions", {"prompt": "x", "skip_special_tokens": False},
+     "'skip_special_tokens'=False is not supported by tpserve; leave it out"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "modalities": ["text", "audio"]}, "'modalities'=['text', 'audio']"),
+    # strict types, as OpenAI's: a string is not a number, a number not a boolean
+    ("/v1/completions", {"prompt": "x", "max_tokens": "2"},
+     "'max_tokens' is invalid: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0},
+     "'n' is invalid: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "x", "stream": "no"}, "'stream' is invalid"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, "'echo' is invalid"),
+    ("/v1/completions", {"prompt": "x", "seed": "12"}, "'seed' is invalid"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": True}, "'max_completion_tokens' is invalid"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+     "'logprobs' is invalid: Input should be a valid boolean"),
 ])
 def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
     """A list of more items than a request may hold is refused before its items are validated
@@ -223,6 +255,47 @@ def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
     assert r.status_code == 400 and sentence in r.json()["error"]["message"], r.text
     param = sentence.split("'")[1] if sentence.startswith("'") else sentence.split("=")[0]
     assert r.json()["error"]["param"] == param.split(".")[0]  # the top-level field
+
+
+def test_fields_that_change_nothing_are_accepted(env):
+    """Other servers' fields set to what tpserve does anyway, and fields without effect on the
+    answer, pass; a float for a float field may be an integer."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0, "top_p": 1,
+            "skip_special_tokens": True, "use_beam_search": False, "functions": [],
+            "include_stop_str_in_output": False, "user": "u", "metadata": {"a": "b"}}
+    r = env.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": [1.5] * 100_000}),
+    ("/detokenize", {"tokens": [1.5] * 100_000}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": 1}] * 4000}]}),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": ["a"] * 1000}),
+])
+def test_a_list_of_bad_items_is_one_error_not_one_per_item(env, path, body):
+    """Validation stops at a list's first bad item: pydantic's errors, one per item, were copied
+    on the event loop (~1 s per MiB of such a body, every client stalled)."""
+    from pydantic import ValidationError
+    model = {"/v1/completions": CompletionRequest, "/detokenize": DetokenizeRequest,
+             "/v1/chat/completions": ChatRequest}[path]
+    with pytest.raises(ValidationError) as e:
+        model.model_validate({"model": MODEL, "messages": [], **body})
+    assert e.value.error_count() <= 3  # a union's members each say one thing
+    r = env.client.post(path, json=body)
+    assert r.status_code == 400 and len(r.text) < 400, r.text[:400]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "x" * 900_000}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": f"k{i}" * 20} for i in range(4000)]}]}, "messages"),
+])
+def test_errors_do_not_echo_long_values(env, path, body, param):
+    r = env.client.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:400]
+    assert len(r.json()["error"]["message"]) < 400, r.json()["error"]["message"][:400]
 
 
 def test_token_ids_beyond_the_context_are_refused_before_any_decode(env):

@@ -20,7 +20,6 @@ requests are cancelled: the engine frees their KV slots before the next step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
@@ -42,7 +41,6 @@ from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
     error_body, refuse_unsupported, sampling_params, validation_message)
 from tpserve.serve.requests import RequestError
-from tpserve.serve.sampling_params import MAX_SEED
 from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
 log = logging.getLogger(__name__)
@@ -104,13 +102,12 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(400, f"n={n} exceeds the server's queue of {engine.max_queue} "
                                 f"requests (--max-queue); ask for fewer choices", "n")
         pending = Pending(metrics, n, stream)
-        # Choice i samples with seed + i: n different, repeatable answers. The prompt's logprobs
-        # (echo) are the same for every choice: choice 0 computes them, the others reuse them.
-        choices = [params] + [dataclasses.replace(
-            params, prompt_logprobs=None,
-            seed=None if params.seed is None else (params.seed + i) % (MAX_SEED + 1))
-            for i in range(1, n)]
         try:  # all choices are queued, or none
+            engine.check_room(n)  # before n choices are built and checked (again when queued)
+            # Choice i samples with seed + i: n different, repeatable answers. The prompt's
+            # logprobs (echo) are the same for every choice: choice 0 computes them, the others
+            # reuse them.
+            choices = [params] + [params.for_choice(i) for i in range(1, n)]
             pending.ids = engine.submit_many(prompt, choices, [pending.callback(i)
                                                                for i in range(n)])
         except QueueFull as e:

@@ -103,6 +103,10 @@ class Engine:
         """Refuse what cannot run here, in one sentence (the HTTP layer answers it with 400)."""
         check_request(prompt, params, self.cfg.vocab_size, self.max_len)
 
+    def check_room(self, n: int) -> None:
+        """QueueFull unless n more requests fit the queue (checked again under the lock)."""
+        QueueFull.check(len(self.waiting), n, self.max_queue)
+
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> int:
         return self.submit_many(prompt, [params], [on_event])[0]
@@ -112,14 +116,11 @@ class Engine:
         """One request per params (the n choices of one prompt), queued all or none: where the
         queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw)."""
         self.check(prompt, params)
-        stops = [StopText(self.tokenizer, p.stop) if self.tokenizer is not None else None
+        automata: dict = {}  # one stop string's automaton serves every choice (read-only)
+        stops = [StopText(self.tokenizer, p.stop, automata) if self.tokenizer is not None else None
                  for p in params]
         with self._lock:
-            if len(self.waiting) + len(params) > self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later"
-                                if len(params) == 1 else
-                                f"the request queue is full for {len(params)} choices "
-                                f"({len(self.waiting)} of {self.max_queue} waiting); retry later")
+            self.check_room(len(params))
             reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
                     for p, on_event, stop in zip(params, on_events, stops)]
             share_prompt(reqs)  # prefilled once (`_admit`, `shared_prompts.py`)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
-from tpserve.errors import TpserveError
+from tpserve.errors import TpserveError, shown
 from tpserve.serve.sampling_params import MAX_STOP_IDS, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
@@ -31,12 +31,19 @@ MAX_IDS = 1 << 20  # token ids in a prompt or a /detokenize body (the context bo
 
 def _at_most(n: int):
     """A list or object of more than n items is refused before its items are validated (pydantic
-    validates every item first: 1.3M chat messages took seconds on the event loop)."""
+    validates every item first: 1.3M chat messages took seconds on the event loop), and its
+    validation stops at the first bad item (one error, not one per item: 200K floats in a prompt
+    of token ids made 200K errors, ~1 s of the event loop)."""
     def check(v):
         if isinstance(v, (list, dict)) and len(v) > n:
             raise ValueError(f"holds {len(v)} items; send at most {n}")
         return v
     return BeforeValidator(check)
+
+
+def _list(item, n: int):
+    """A list of at most n items, its validation stopped at the first bad one (`_at_most`)."""
+    return Annotated[list[item], Field(fail_fast=True), _at_most(n)]
 
 
 class ApiError(Exception):
@@ -56,20 +63,27 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 # ---- request bodies ------------------------------------------------------------------------
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    """Strict types, as OpenAI's: "2" is not an integer, 1 not a boolean (an int is a float).
+    Unknown fields are kept aside (`model_extra`): clients send many that change nothing, and
+    those that would change the answer are refused by name (`FOREIGN`)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as OpenAI clients send many."""
+class _Common(_Body):
+    """Fields both endpoints share."""
     model: str | None = None
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     top_k: int | None = None  # extension; 0 or -1 turn it off
     min_p: float | None = 0.0  # extension
     seed: int | None = None
-    stop: str | Annotated[list[str], _at_most(MAX_STOP)] | None = None
-    stop_token_ids: Annotated[list[int], _at_most(MAX_STOP_IDS)] | None = None  # extension
+    stop: str | _list(str, MAX_STOP) | None = None
+    stop_token_ids: _list(int, MAX_STOP_IDS) | None = None  # extension
     ignore_eos: bool = False  # extension
     min_tokens: int | None = 0  # extension
     stream: bool = False
@@ -85,7 +99,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | Annotated[list[StrictInt], _at_most(MAX_IDS)]
+    prompt: str | _list(StrictInt, MAX_IDS)
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None
@@ -93,38 +107,38 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Body):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: str
-    content: str | Annotated[list[ContentPart], _at_most(MAX_PARTS)] | None = None
+    content: str | _list(ContentPart, MAX_PARTS) | None = None
     name: str | None = None  # passed to the chat template
     # tool calls and their results: refused (`Prompts.chat`), never dropped
-    tool_calls: Annotated[list, _at_most(MAX_PARTS)] | None = None
+    tool_calls: _list(Any, MAX_PARTS) | None = None
     tool_call_id: str | None = None
 
 
 class ChatRequest(_Common):
-    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)]
+    messages: _list(ChatMessage, MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)] | None = None
+    messages: _list(ChatMessage, MAX_MESSAGES) | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: Annotated[list[StrictInt], _at_most(MAX_IDS)]
+    tokens: _list(StrictInt, MAX_IDS)
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -139,13 +153,41 @@ def check_text(text: str, param: str) -> str:
     return text
 
 
+# Fields of OpenAI's older API and of other OpenAI-style servers that tpserve does not implement
+# and whose dropping would change the answer: refused unless they ask for what it does anyway
+# (the values listed). Others (user, metadata, store, service_tier, priority, ...) change nothing.
+FOREIGN = {
+    "functions": (None, []), "function_call": (None, "none"),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "structured_outputs": (None,), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None,),
+    "echo": (None, False), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
+
+
+def _same(value, ok) -> bool:
+    if ok is None or isinstance(ok, bool):
+        return value is ok
+    if isinstance(ok, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == ok
+    return value == ok
+
+
 def refuse_unsupported(req: _Common) -> None:
     """Fields whose silent dropping would change the answer are refused, not ignored."""
+    for name, value in (req.model_extra or {}).items():
+        if name in FOREIGN and not any(_same(value, ok) for ok in FOREIGN[name]):
+            raise ApiError(400, f"'{name}'={shown(value)} is not supported by tpserve; leave it "
+                                f"out", name)
     fmt = (req.response_format or {}).get("type", "text")
     unsupported = [
         ("n", req.n is not None and not 1 <= req.n <= MAX_N, f"n={req.n} must be in [1, {MAX_N}]"),
         ("response_format", fmt != "text",
-         f"response_format type '{fmt}' is not supported: tpserve has no constrained (JSON or "
+         f"response_format type {shown(fmt)} is not supported: tpserve has no constrained (JSON or "
          f"grammar) decoding; leave response_format unset or {{\"type\": \"text\"}}"),
         ("tools", bool(req.tools), "tools are not supported: tpserve has no tool-call parser; "
                                    "leave tools unset"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from starlette.concurrency import run_in_threadpool
 
+from tpserve.errors import shown
 from tpserve.serve.openai_protocol import ApiError, check_text
 
 
@@ -52,16 +53,19 @@ class Prompts:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
         rendered = []
         for m in messages:
-            if m.tool_calls or m.tool_call_id is not None:
-                raise ApiError(400, "'messages' with tool calls or tool results are not "
-                                    "supported: tpserve has no tool-call parser; send text "
-                                    "messages only", "messages")
+            if (m.tool_calls or m.tool_call_id is not None or m.role == "function"
+                    or (m.model_extra or {}).get("function_call") is not None):
+                raise ApiError(400, "'messages' with tool or function calls or their results "
+                                    "are not supported: tpserve has no tool-call parser; send "
+                                    "text messages only", "messages")
             content = m.content or ""
             if isinstance(content, list):
-                kinds = {p.type for p in content} - {"text"}
+                kinds = sorted({p.type for p in content} - {"text"})
                 if kinds:
-                    raise ApiError(400, f"content parts of type {sorted(kinds)} are not "
-                                        f"supported; this model reads text only", "messages")
+                    more = f" and {len(kinds) - 3} more" if len(kinds) > 3 else ""
+                    raise ApiError(400, f"content parts of type {', '.join(map(shown, kinds[:3]))}"
+                                        f"{more} are not supported; this model reads text only",
+                                   "messages")
                 content = "".join(p.text or "" for p in content)
             rendered.append({"role": check_text(m.role, "messages"),
                              "content": check_text(content, "messages")}

@@ -16,6 +16,14 @@ FINISH_REASONS = ("stop", "length", "error")
 class QueueFull(TpserveError):
     """The request queue is at its bound: the caller should retry later (HTTP 429)."""
 
+    @staticmethod
+    def check(waiting: int, n: int, max_queue: int) -> None:
+        """Raise unless n more requests fit a queue holding `waiting` of `max_queue`."""
+        if waiting + n > max_queue:
+            raise QueueFull(f"the request queue is full ({max_queue} waiting); retry later"
+                            if n == 1 else f"the request queue is full for {n} choices "
+                            f"({waiting} of {max_queue} waiting); retry later")
+
 
 class RequestError(TpserveError):
     """A request this engine cannot run (HTTP 400); `param` names the field at fault."""

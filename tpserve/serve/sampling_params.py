@@ -93,6 +93,17 @@ class SamplingParams:
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids={list(self.stop_token_ids)[:8]!r} must be token ids >= 0")
 
+    def for_choice(self, i: int) -> "SamplingParams":
+        """Choice i >= 1 of n: seed + i (mod 2**63), no prompt logprobs (choice 0 computes the
+        prompt's). A copy that shares the validated tuples: an n = 128 request with 1024 stop ids
+        must not validate them 127 times more."""
+        new = object.__new__(SamplingParams)
+        new.__dict__.update(self.__dict__)
+        seed = None if self.seed is None else (self.seed + i) % (MAX_SEED + 1)
+        object.__setattr__(new, "seed", seed)
+        object.__setattr__(new, "prompt_logprobs", None)
+        return new
+
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1

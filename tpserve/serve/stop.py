@@ -56,9 +56,13 @@ class _Automaton:
 
 
 class StopText:
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), automata: dict | None = None):
+        """`automata`: stop string -> its automaton, shared by the StopTexts of one request's
+        choices (an automaton is read-only; its state lives here)."""
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
-        self.automata = [_Automaton(s) for s in self.stops]
+        made = {} if automata is None else automata
+        self.automata = [made[s] if s in made else made.setdefault(s, _Automaton(s))
+                         for s in self.stops]
         self.states = [0] * len(self.stops)  # after the text's [search_from:fed]
         self.fed = -1  # < search_from: (re)start the automata there
         self.sent = 0  # characters handed out: what they were is always a prefix of the final text
