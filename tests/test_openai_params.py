@@ -127,6 +127,20 @@ def test_echo_with_logprobs_of_a_one_token_prompt(env):
     assert lp["text_offset"] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
 
 
+def test_echo_of_token_ids_with_a_special_token_lines_up_with_its_offsets(env):
+    """A token-id prompt holding a special token (the demo's <s>) is echoed with it, as its
+    logprobs' tokens are: each token's text_offset points at that token in the text."""
+    special = env.codec.tokenizer.token_to_id("<s>")
+    ids = [special] + env.codec.encode("Hello", add_special_tokens=False)
+    out = complete(env, prompt=ids, max_tokens=2, temperature=0, ignore_eos=True, echo=True,
+                   logprobs=0)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["tokens"][0] == "<s>" and choice["text"].startswith("<s>")
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert choice["text"][offset:offset + len(token)] == token
+
+
 def test_chat_logprobs(env):
     r = env.client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
@@ -136,7 +150,40 @@ def test_chat_logprobs(env):
     for entry in content:
         assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
         assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"]  # greedy: the top one
-        assert entry["bytes"] == list(entry["token"].encode())
+        if "\ufffd" not in entry["token"]:  # a whole character: its text's bytes
+            assert entry["bytes"] == list(entry["token"].encode())
+
+
+def test_chat_logprobs_bytes_of_a_partial_character(env):
+    """A byte-level token holding part of a character: its text is U+FFFD, its bytes its own
+    (the UTF-8 of the character whose first token it is), so a client can join them."""
+    ids = env.codec.encode("中", add_special_tokens=False)
+    assert len(ids) > 1  # the demo's byte-level vocabulary splits it
+    r = env.client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0,
+        "logprobs": True, "logit_bias": {str(ids[0]): 100}})
+    entry = r.json()["choices"][0]["logprobs"]["content"][0]
+    assert entry["token"] == "\ufffd" and entry["bytes"] == list("中".encode()[:1])
+    text = "中文, ñandú and 😀"
+    assert b"".join(env.codec.token_bytes(t) for t in env.codec.encode(
+        text, add_special_tokens=False)) == text.encode()
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback():
+    """A sentencepiece-style vocabulary (Llama 2, Mistral) spells bytes it has no piece for as
+    <0xHH> tokens: their bytes are that byte."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from tpserve.serve.text import TextCodec
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    codec = TextCodec(tok)
+    ids = codec.encode("a 中", add_special_tokens=False)
+    assert [tok.id_to_token(t) for t in ids][-3:] == ["<0xE4>", "<0xB8>", "<0xAD>"]
+    assert b"".join(codec.token_bytes(t) for t in ids) == "a 中".encode()
 
 
 HOSTILE = [  # each is refused (400) or served; none may fail or change another request

@@ -133,7 +133,9 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         else:
             prompt = req.prompt
             prompts.token_ids(prompt, "prompt")  # before the echo's decode
-            prompt_text = await prompts.decode(prompt) if codec is not None and req.echo else ""
+            # echoed with its special tokens, as its logprobs' tokens are (their text_offset)
+            prompt_text = (await prompts.decode(prompt, skip_special_tokens=False)
+                           if codec is not None and req.echo else "")
         echo, k, n = bool(req.echo), req.logprobs, req.n or 1
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)

@@ -50,9 +50,11 @@ class TokenTexts:
         return text
 
     def bytes(self, token: int) -> list[int]:
+        """The token's own bytes: those of a partial character, where its text shows U+FFFD."""
         out = self.utf8.get(token)
         if out is None:
-            out = self.utf8[token] = list(self(token).encode("utf-8"))
+            out = self.utf8[token] = list(str(token).encode() if self.codec is None
+                                          else self.codec.token_bytes(token))
         return out
 
 

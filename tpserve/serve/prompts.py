@@ -35,8 +35,8 @@ class Prompts:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
         return tokens
 
-    async def decode(self, tokens: list[int]) -> str:
-        return await run_in_threadpool(self.codec.decode, tokens)
+    async def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return await run_in_threadpool(self.codec.decode, tokens, skip_special_tokens)
 
     async def text(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """A text's token ids (encoded off the event loop); the caller has checked the text."""

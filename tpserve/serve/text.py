@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -16,6 +17,24 @@ FALLBACK_TEMPLATE = (
 
 def _token_str(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's bytes_to_unicode), character -> the byte it stands
+    for: printable bytes stand for themselves, the others for 256 + their rank."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(rest)}
+
+
+_BYTE_LEVEL = _byte_level_chars()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback tokens
+
+
+def _decoders(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    return [t for x in d.get("decoders", []) for t in _decoders(x)] + [d.get("type")]
 
 
 class TextCodec:
@@ -51,6 +70,24 @@ class TextCodec:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (the logprobs' `bytes`): a byte-level token may hold part of a
+        character, which its decoded text shows as U+FFFD; so may a byte-fallback token <0xE4>."""
+        piece = self.tokenizer.id_to_token(token)
+        if piece is not None:
+            kinds = self._decoder_kinds()
+            if "ByteLevel" in kinds and all(c in _BYTE_LEVEL for c in piece):
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            m = _BYTE_TOKEN.fullmatch(piece)
+            if m and "ByteFallback" in kinds:
+                return bytes([int(m.group(1), 16)])
+        return self.decode([token], skip_special_tokens=False).encode("utf-8")
+
+    def _decoder_kinds(self) -> list[str]:
+        if not hasattr(self, "_kinds"):
+            self._kinds = _decoders(json.loads(self.tokenizer.to_str()).get("decoder"))
+        return self._kinds
 
     def render_chat(self, messages: list[dict]) -> str:
         if self._template is None:
