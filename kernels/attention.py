@@ -107,10 +107,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
 
 @triton.jit
 def _decode_split(q_ptr, k_base, v_base, out_ptr, part_ptr, ml_ptr, cnt_ptr, b, kvh, split, n, lo,
-                  start, end, active, sq_b, sq_h, sk_l, sv_l, so_b, so_h, scale, softcap, num_heads, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+                  start, end, active, sq_b, sq_h, sk_l, sv_l, so_b, so_h, scale, softcap,
+                  num_heads, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
     """Key blocks [start, end) of (b, kv head) for its query heads; the output directly where
     this is the only active split, else a partial, the last active split to finish merging."""
     g = tl.arange(0, BLOCK_G)
@@ -141,10 +141,10 @@ def _decode_split(q_ptr, k_base, v_base, out_ptr, part_ptr, ml_ptr, cnt_ptr, b, 
         m_i = m_new
 
     omask = gmask[:, None] & dmask[None, :]
-    if active == 1:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # lens == 0: acc is 0, so is the output
-        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    if NUM_SPLITS == 1:  # no scratch exists (its pointers are the output's): nothing else compiled
+        _write_out(out_ptr, acc, l_i, b, heads, d, so_b, so_h, omask)
+    elif active == 1:
+        _write_out(out_ptr, acc, l_i, b, heads, d, so_b, so_h, omask)
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # part [B, H, S, D], ml [2, B, H, S]
         l_at = tl.num_programs(0) * num_heads * NUM_SPLITS  # where ml's sums start
@@ -157,6 +157,13 @@ def _decode_split(q_ptr, k_base, v_base, out_ptr, part_ptr, ml_ptr, cnt_ptr, b, 
             _merge(part_ptr, ml_ptr, out_ptr, b, kvh, so_b, so_h, num_heads, l_at, active, GROUP,
                    HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
             tl.store(cnt_ptr + tile, 0)  # left zeroed for the next call
+
+
+@triton.jit
+def _write_out(out_ptr, acc, l_i, b, heads, d, so_b, so_h, omask):
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # lens == 0: acc is 0, so is the output
+    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit

@@ -130,6 +130,24 @@ def test_decode_kernel_merges_only_what_the_splits_wrote(monkeypatch, one_keys):
     _check_kernel("gqa4", torch.float16, None, None, num_splits=8, block_n=16, one_keys=one_keys)
 
 
+def test_short_contexts_write_no_partials(monkeypatch):
+    """With every row's keys within one_keys, no split writes a partial (the scratch stays as
+    poisoned); with one_keys 0 the merging rows do write theirs."""
+    empty, scratch = torch.empty, []
+
+    def poisoned(*shape, **kw):
+        t = empty(*shape, **kw)
+        if kw.get("dtype") == torch.float32:
+            scratch.append(t.fill_(float("nan")))
+        return t
+    monkeypatch.setattr(torch, "empty", poisoned)
+    _check_kernel("gqa4", torch.float16, None, None, num_splits=4, block_n=16, one_keys=1000)
+    assert scratch and all(t.isnan().all() for t in scratch)
+    scratch.clear()
+    _check_kernel("gqa4", torch.float16, None, None, num_splits=4, block_n=16, one_keys=0)
+    assert scratch and not all(t.isnan().all() for t in scratch)
+
+
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("one_keys", [16, 32, 1000])
 def test_decode_kernel_runs_short_contexts_in_one_split(window, one_keys):

@@ -562,6 +562,10 @@ def test_a_429_for_choices_that_do_not_fit_counts_no_cancellation(env):
                 before = c.get("/metrics").text
                 r = c.post("/v1/completions", json={**body, "stream": False, "n": 2})
                 assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                # what can never run is a 400 in a full queue too: a retry would not help
+                r = c.post("/v1/completions", json={**body, "stream": False,
+                                                    "max_tokens": 10 ** 6})
+                assert r.status_code == 400 and "exceeds the context" in r.text, r.text
                 steps = engine.stats.steps  # the engine drops cancelled requests between steps
                 deadline = time.monotonic() + 30
                 while engine.stats.steps < steps + 2:

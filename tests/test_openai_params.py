@@ -281,6 +281,8 @@ def test_hostile_requests_get_one_sentence_not_a_crash(env, body, status, senten
      "'skip_special_tokens'=False is not supported by tpserve; leave it out"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "modalities": ["text", "audio"]}, "'modalities'=['text', 'audio']"),
+    ("/v1/completions", {"prompt": "x", "max_new_tokens": 5}, "'max_new_tokens'=5 is"),
+    ("/v1/completions", {"prompt": "x", "repeat_penalty": 1.3}, "'repeat_penalty'=1.3 is"),
     # strict types, as OpenAI's: a string is not a number, a number not a boolean
     ("/v1/completions", {"prompt": "x", "max_tokens": "2"},
      "'max_tokens' is invalid: Input should be a valid integer"),
@@ -302,6 +304,32 @@ def test_long_lists_and_chat_fields_get_one_sentence(env, path, body, sentence):
     assert r.status_code == 400 and sentence in r.json()["error"]["message"], r.text
     param = sentence.split("'")[1] if sentence.startswith("'") else sentence.split("=")[0]
     assert r.json()["error"]["param"] == param.split(".")[0]  # the top-level field
+
+
+def test_chat_template_kwargs_reach_the_template(env):
+    """vLLM's chat_template_kwargs (e.g. Qwen3's enable_thinking) are template variables; the
+    ones tpserve sets itself are refused."""
+    from tokenizers import Tokenizer
+
+    from tpserve.serve.text import TextCodec
+    codec = TextCodec(Tokenizer.from_str(env.codec.tokenizer.to_str()),
+                      "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert codec.render_chat(msgs, {"enable_thinking": True}) == "<think>hi"
+    assert codec.render_chat(msgs, {"enable_thinking": False}) == codec.render_chat(msgs) == "hi"
+    body = {"messages": msgs, "max_tokens": 1, "temperature": 0}
+    plain = env.client.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    r = env.client.post("/tokenize", json={"messages": msgs,
+                                           "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["tokens"] == plain, r.text
+    for key in ("messages", "add_generation_prompt", "bos_token"):
+        r = env.client.post("/v1/chat/completions",
+                            json={**body, "chat_template_kwargs": {key: "x"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+        assert f"may not set {key}" in r.json()["error"]["message"]
+    r = env.client.post("/v1/chat/completions", json={**body, "stream": None,
+                                                      "chat_template_kwargs": {"a": 1}})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text  # null: whole
 
 
 def test_fields_that_change_nothing_are_accepted(env):

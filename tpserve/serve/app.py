@@ -103,6 +103,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                                 f"requests (--max-queue); ask for fewer choices", "n")
         pending = Pending(metrics, n, stream)
         try:  # all choices are queued, or none
+            engine.check(prompt, [params])  # what can never run is a 400, also in a full queue
             engine.check_room(n)  # before n choices are built and checked (again when queued)
             # Choice i samples with seed + i: n different, repeatable answers. The prompt's
             # logprobs (echo) are the same for every choice: choice 0 computes them, the others
@@ -157,7 +158,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
-        prompt = await prompts.chat(req.messages)
+        prompt = await prompts.chat(req.messages, req.chat_template_kwargs)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
@@ -218,7 +219,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
-            tokens = await prompts.chat(req.messages)
+            tokens = await prompts.chat(req.messages, req.chat_template_kwargs)
         else:
             tokens = await prompts.text(check_text(req.prompt, "prompt"), "prompt",
                                         req.add_special_tokens)

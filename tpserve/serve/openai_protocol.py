@@ -71,7 +71,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class _Common(_Body):
@@ -84,9 +84,9 @@ class _Common(_Body):
     seed: int | None = None
     stop: str | _list(str, MAX_STOP) | None = None
     stop_token_ids: _list(int, MAX_STOP_IDS) | None = None  # extension
-    ignore_eos: bool = False  # extension
+    ignore_eos: bool | None = False  # extension
     min_tokens: int | None = 0  # extension
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed (OpenAI allows it)
     stream_options: StreamOptions | None = None
     n: int | None = 1
     presence_penalty: float | None = 0.0
@@ -123,6 +123,8 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Common):
     messages: _list(ChatMessage, MAX_MESSAGES)
+    # extension (vLLM's): more variables for the chat template, e.g. Qwen3's enable_thinking
+    chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -133,6 +135,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: _list(ChatMessage, MAX_MESSAGES) | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
     add_special_tokens: bool = True
 
 
@@ -162,11 +165,15 @@ FOREIGN = {
     "guided_grammar": (None,), "structured_outputs": (None,), "bad_words": (None, []),
     "allowed_token_ids": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "logits_processors": (None, []),
     "add_generation_prompt": (None, True), "continue_final_message": (None, False),
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None,),
-    "echo": (None, False), "modalities": (None, ["text"]), "audio": (None,),
-    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
+    "chat_template": (None,), "documents": (None,), "echo": (None, False),
+    "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    # text-generation-inference / transformers and llama.cpp spellings
+    "max_new_tokens": (None,), "do_sample": (None,), "stop_sequences": (None, []),
+    "typical_p": (None, 1), "num_beams": (None, 1), "repeat_penalty": (None, 1),
+    "mirostat": (None, 0), "grammar": (None,), "json_schema": (None,)}
 
 
 def _same(value, ok) -> bool:
@@ -230,7 +237,7 @@ def sampling_params(req: _Common, max_tokens: int | None, logprobs: int | None =
             top_k=0 if req.top_k in (None, -1) else req.top_k,
             top_p=1.0 if req.top_p is None else req.top_p, min_p=req.min_p or 0.0, seed=req.seed,
             stop_token_ids=tuple(req.stop_token_ids or ()), stop=tuple(stop),
-            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens or 0,
+            ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tpserve.errors import shown
 from tpserve.serve.openai_protocol import ApiError, check_text
+from tpserve.serve.text import RESERVED
 
 
 class Prompts:
@@ -46,8 +47,13 @@ class Prompts:
                                 f"context of {self.engine.max_len} holds; shorten it", param)
         return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
 
-    async def chat(self, messages) -> list[int]:
-        """The token ids of chat messages rendered through the model's template."""
+    async def chat(self, messages, template_kwargs: dict | None = None) -> list[int]:
+        """The token ids of chat messages rendered through the model's template, with the
+        client's `chat_template_kwargs` as more template variables."""
+        taken = sorted(set(template_kwargs or ()) & RESERVED)
+        if taken:
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}: tpserve "
+                                f"sets them", "chat_template_kwargs")
         self.need_codec("messages")
         if not messages:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
@@ -76,8 +82,10 @@ class Prompts:
             raise ApiError(400, f"the messages hold more tokens than the context of "
                                 f"{self.engine.max_len}; shorten them", "messages")
         try:
-            text = await run_in_threadpool(self.codec.render_chat, rendered)
+            text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs)
         except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
-            raise ApiError(400, f"the chat template cannot render these messages: {e}",
+            why = str(e) if len(str(e)) <= 300 else f"{str(e)[:300]}..."
+            raise ApiError(400, f"the chat template cannot render these messages: {why}",
                            "messages") from None
+        check_text(text, "chat_template_kwargs")  # the messages' text is checked above
         return await self.text(text, "messages", add_special_tokens=False)

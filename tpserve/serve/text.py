@@ -28,6 +28,9 @@ def _byte_level_chars() -> dict[str, int]:
 
 
 _BYTE_LEVEL = _byte_level_chars()
+# what tpserve gives a chat template itself (a client's chat_template_kwargs may not set them)
+RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                      "raise_exception"})
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback tokens
 
 
@@ -43,6 +46,9 @@ class TextCodec:
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self._template = None
+        # the decoders (for token_bytes), read once here: serializing a large vocabulary takes
+        # ~0.3 s, which a first logprobs request must not spend on the event loop
+        self._kinds = _decoders(json.loads(tokenizer.to_str()).get("decoder"))
 
     @classmethod
     def load(cls, path: str | Path) -> "TextCodec | None":
@@ -76,7 +82,7 @@ class TextCodec:
         character, which its decoded text shows as U+FFFD; so may a byte-fallback token <0xE4>."""
         piece = self.tokenizer.id_to_token(token)
         if piece is not None:
-            kinds = self._decoder_kinds()
+            kinds = self._kinds
             if "ByteLevel" in kinds and all(c in _BYTE_LEVEL for c in piece):
                 return bytes(_BYTE_LEVEL[c] for c in piece)
             m = _BYTE_TOKEN.fullmatch(piece)
@@ -84,12 +90,10 @@ class TextCodec:
                 return bytes([int(m.group(1), 16)])
         return self.decode([token], skip_special_tokens=False).encode("utf-8")
 
-    def _decoder_kinds(self) -> list[str]:
-        if not hasattr(self, "_kinds"):
-            self._kinds = _decoders(json.loads(self.tokenizer.to_str()).get("decoder"))
-        return self._kinds
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], extra: dict | None = None) -> str:
+        """The template's text for `messages`; `extra`: more template variables (none of
+        RESERVED)."""
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -98,7 +102,7 @@ class TextCodec:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template or FALLBACK_TEMPLATE)
-        return self._template.render(messages=messages, add_generation_prompt=True,
+        return self._template.render(**(extra or {}), messages=messages, add_generation_prompt=True,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
