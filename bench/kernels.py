@@ -270,7 +270,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="only check parity on the GPU")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-head", action="store_true", help="GPTQ shapes only")
-    ap.add_argument("--shapes", help="GPTQ shapes KxN,... (default: the table's)")
+    ap.add_argument("--shapes", help="GPTQ shapes KxN,... (default: the table's; with --shapes "
+                                     "or --m the default prefill rows are left out)")
     ap.add_argument("--m", type=int, nargs="+", help="GPTQ M values (default 1 4 16)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS + list(FORCED),
                     help="GPTQ variants (default: all but the forced few-rows kernels)")
@@ -303,6 +304,8 @@ def main():
     if args.prefill:
         PREFILL = [(kn, m) for kn in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
                    for m in args.prefill]
+    elif args.shapes or args.m:  # a focused GEMV run: the default prefill rows only cost time
+        PREFILL = []
         SHAPES = [(256, 256)]  # the GEMV table's smallest stand-in: the prefill rows are the point
         GPTQ_M, VARIANTS = (1,), ["w4g128"]
     bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw, save)
