@@ -29,8 +29,10 @@ BAD = [  # (path, body, message fragment, param)
     ("/v1/completions", {"max_tokens": 4}, "'prompt' is required", "prompt"),
     ("/v1/chat/completions", {"max_tokens": 4}, "'messages' is required", "messages"),
     ("/v1/chat/completions", {"messages": []}, "'messages' is empty", "messages"),
-    ("/v1/completions", {"prompt": 5}, "'prompt' must be a string or a list of token ids",
-     "prompt"),
+    ("/v1/completions", {"prompt": 5}, "'prompt' must be a string, a list of token ids, or a "
+     "list of either", "prompt"),
+    ("/v1/completions", {"prompt": ["a", [1, 2]]}, "'prompt' must be a string, a list of token "
+     "ids, or a list of either", "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens=0 must be a positive",
      "max_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -2}, "max_tokens=-2", "max_tokens"),

@@ -356,7 +356,7 @@ def test_a_list_of_bad_items_is_one_error_not_one_per_item(env, path, body):
              "/v1/chat/completions": ChatRequest}[path]
     with pytest.raises(ValidationError) as e:
         model.model_validate({"model": MODEL, "messages": [], **body})
-    assert e.value.error_count() <= 3  # a union's members each say one thing
+    assert e.value.error_count() <= 4  # a union's members (up to 4) each say one thing
     r = env.client.post(path, json=body)
     assert r.status_code == 400 and len(r.text) < 400, r.text[:400]
 

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tpserve.errors import client_message
 from tpserve.serve.engine import QueueFull
 from tpserve.serve.limits import BODY_READ_TIMEOUT_S
-from tpserve.serve.logprobs import (CompletionChoices, TokenTexts, chat_logprobs,
+from tpserve.serve.logprobs import (BatchChoices, CompletionChoices, TokenTexts, chat_logprobs,
                                     check_logprob_budget)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
 from tpserve.serve.prompts import Prompts
@@ -95,25 +95,34 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(404, f"model '{model[:200]}' is not served here; use '{model_name}'",
                            "model", "model_not_found")
 
-    def submit(prompt: list[int], params, n: int, param: str, stream: bool) -> Pending:
+    def submit(batch: list[list[int]], params, n: int, param: str, stream: bool) -> Pending:
+        """n choices of each prompt of `batch` (choice i: prompt i // n), queued all or none."""
         if not engine.alive:
             raise ApiError(503, "the engine is not running; see the server log")
-        if 0 < engine.max_queue < n:  # its choices could never all wait in the queue: not a 429
-            raise ApiError(400, f"n={n} exceeds the server's queue of {engine.max_queue} "
+        total = len(batch) * n
+        if 0 < engine.max_queue < total:  # its choices could never all wait in the queue: not 429
+            what = f"n={n}" if len(batch) == 1 else f"{len(batch)} prompts x n={n}"
+            raise ApiError(400, f"{what} exceeds the server's queue of {engine.max_queue} "
                                 f"requests (--max-queue); ask for fewer choices", "n")
-        pending = Pending(metrics, n, stream)
-        try:  # all choices are queued, or none
-            engine.check(prompt, [params])  # what can never run is a 400, also in a full queue
-            engine.check_room(n)  # before n choices are built and checked (again when queued)
-            # Choice i samples with seed + i: n different, repeatable answers. The prompt's
-            # logprobs (echo) are the same for every choice: choice 0 computes them, the others
-            # reuse them.
+        pending = Pending(metrics, total, stream)
+        try:
+            for prompt in batch:  # what can never run is a 400, also in a full queue
+                engine.check(prompt, [params])
+            engine.check_room(total)  # before the choices are built and checked (again when queued)
+            # Choice i of a prompt samples with seed + i: n different, repeatable answers, each
+            # prompt's those of a request of its own. The prompt's logprobs (echo) are the same
+            # for every choice: choice 0 computes them, the others reuse them.
             choices = [params] + [params.for_choice(i) for i in range(1, n)]
-            pending.ids = engine.submit_many(prompt, choices, [pending.callback(i)
-                                                               for i in range(n)])
-        except QueueFull as e:
-            raise ApiError(429, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except RequestError as e:  # empty or too long prompt, token id outside the vocab
+            for g, prompt in enumerate(batch):
+                pending.ids += engine.submit_many(prompt, choices, [pending.callback(g * n + i)
+                                                                    for i in range(n)])
+        except (QueueFull, RequestError) as e:
+            pending.closed = True  # a batch's prompts queued before this one are withdrawn
+            for rid in pending.ids:
+                engine.cancel(rid)
+            if isinstance(e, QueueFull):
+                raise ApiError(429, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            # empty or too long prompt, token id outside the vocab
             raise ApiError(400, str(e), param if e.param == "prompt" else e.param) from None
         pending.engine = engine
         return pending
@@ -128,30 +137,24 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
-        if isinstance(req.prompt, str):
-            prompt = await prompts.text(check_text(req.prompt, "prompt"), "prompt")
-            prompt_text = req.prompt
-        else:
-            prompt = req.prompt
-            prompts.token_ids(prompt, "prompt")  # before the echo's decode
-            # echoed with its special tokens, as its logprobs' tokens are (their text_offset)
-            prompt_text = (await prompts.decode(prompt, skip_special_tokens=False)
-                           if codec is not None and req.echo else "")
         echo, k, n = bool(req.echo), req.logprobs, req.n or 1
+        batch = await prompts.completion(req.prompt, echo)  # [(token ids, echo text)]
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
                                  k if echo and k is not None else None)
-        check_logprob_budget(n, len(prompt) if echo else 0, params.max_tokens, k)
-        pending = submit(prompt, params, n, "prompt", bool(req.stream))
+        check_logprob_budget(n * len(batch), max(len(p) for p, _ in batch) if echo else 0,
+                             params.max_tokens, k)
+        pending = submit([p for p, _ in batch], params, n, "prompt", bool(req.stream))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
-        out = CompletionChoices(codec, prompt_text, echo, k)
+        out = BatchChoices([CompletionChoices(codec, text, echo, k) for _, text in batch], n)
+        prompt_len = sum(len(p) for p, _ in batch)  # usage counts each prompt once
         if req.stream:
-            return stream(pending, req, len(prompt), head, [], out.chunks, usage)
+            return stream(pending, req, prompt_len, head, [], out.chunks, usage)
         results = await collect(pending, request)
 
         def body():
             return {**head, "choices": out.choices(results),
-                    "usage": usage(len(prompt), sum(r.tokens for r in results))}
+                    "usage": usage(prompt_len, sum(r.tokens for r in results))}
         return body() if k is None else await built_off_the_loop(body)
 
     @app.post("/v1/chat/completions")
@@ -170,7 +173,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         try:
             params = sampling_params(req, max_tokens, k)
             check_logprob_budget(n, 0, max_tokens, k, "top_logprobs", tokens_param)
-            pending = submit(prompt, params, n, "messages", bool(req.stream))
+            pending = submit([prompt], params, n, "messages", bool(req.stream))
         except ApiError as e:  # the chat names of fields that sampling_params and the engine's
             rename = {"logprobs": "top_logprobs", "max_tokens": tokens_param}  # checks know
             if e.param in rename:

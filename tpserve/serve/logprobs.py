@@ -130,3 +130,21 @@ class CompletionChoices:
             if ev.text or ev.finished or (self.k is not None and ev.logprobs) or \
                     (self.echo and first):
                 yield self.choice(i, ev.text, ev.logprobs, ev.finish_reason, first)
+
+
+class BatchChoices:
+    """The choices of a batch of prompts (`CompletionChoices` each): choice i is prompt i // n's
+    choice i % n, OpenAI's order; one prompt is a batch of one."""
+
+    def __init__(self, parts: list[CompletionChoices], n: int):
+        self.parts, self.n = parts, n
+
+    def choices(self, results: list) -> list[dict]:
+        n = self.n
+        return [{**c, "index": g * n + c["index"]} for g, part in enumerate(self.parts)
+                for c in part.choices(results[g * n:(g + 1) * n])]
+
+    def chunks(self, i: int, ev: Event, first: bool):
+        g = i // self.n
+        for c in self.parts[g].chunks(i % self.n, ev, first):  # held events keep their own index
+            yield {**c, "index": g * self.n + c["index"]}

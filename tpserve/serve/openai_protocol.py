@@ -27,6 +27,7 @@ MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
 MAX_MESSAGES = 4096  # chat messages per request
 MAX_PARTS = 4096  # content parts per chat message
 MAX_IDS = 1 << 20  # token ids in a prompt or a /detokenize body (the context bounds them again)
+MAX_PROMPTS = 128  # prompts in one /v1/completions batch (their n choices each also in the queue)
 
 
 def _at_most(n: int):
@@ -99,7 +100,9 @@ class _Common(_Body):
 
 
 class CompletionRequest(_Common):
-    prompt: str | _list(StrictInt, MAX_IDS)
+    # one prompt (text or token ids), or a batch of them (OpenAI's list of prompts)
+    prompt: (str | _list(StrictInt, MAX_IDS) | _list(str, MAX_PROMPTS)
+             | _list(_list(StrictInt, MAX_IDS), MAX_PROMPTS))
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None
@@ -269,5 +272,6 @@ def validation_message(err: dict, content_type: str) -> tuple[str, str | None]:
     if err["type"] == "missing":
         return f"'{path}' is required", where[0]
     if path == "prompt":  # a union: pydantic's first message names only one of its types
-        return "'prompt' must be a string or a list of token ids", "prompt"
+        return ("'prompt' must be a string, a list of token ids, or a list of either (a batch "
+                "of prompts)", "prompt")
     return f"'{path}' is invalid: {err['msg']}", where[0]

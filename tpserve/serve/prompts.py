@@ -36,6 +36,21 @@ class Prompts:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
         return tokens
 
+    async def completion(self, prompt, echo: bool) -> list[tuple[list[int], str]]:
+        """/v1/completions' prompt (a text, token ids, or a batch of either) -> per prompt, its
+        token ids and the text its echo starts with."""
+        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        out = []
+        for p in prompt if batch else [prompt]:
+            if isinstance(p, str):
+                out.append((await self.text(check_text(p, "prompt"), "prompt"), p))
+            else:
+                self.token_ids(p, "prompt")  # before the echo's decode
+                # echoed with its special tokens, as its logprobs' tokens are (their text_offset)
+                out.append((p, await self.decode(p, skip_special_tokens=False)
+                            if self.codec is not None and echo else ""))
+        return out
+
     async def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return await run_in_threadpool(self.codec.decode, tokens, skip_special_tokens)
 
