@@ -33,7 +33,9 @@ BAD = [  # (path, body, message fragment, param)
      "list of either", "prompt"),
     ("/v1/completions", {"prompt": ["a", [1, 2]]}, "'prompt' must be a string, a list of token "
      "ids, or a list of either", "prompt"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens=0 must be a positive",
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens=0 returns nothing without "
+     "echo", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens=-1 must be a positive",
      "max_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -2}, "max_tokens=-2", "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature=-1.0 must be in [0, 1e+06]",

@@ -74,3 +74,46 @@ def test_a_batch_is_queued_all_or_none(env):
     r = env.client.post("/v1/completions", json={"prompt": ["a"] * 129})
     assert r.status_code == 400 and "'prompt' holds 129 items; send at most 128" in r.text
     assert env.engine.queue_depth == 0 and not env.engine.running
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompts(env, stream):
+    """What evaluation harnesses send for log-likelihoods (a batch of token-id prompts, echo,
+    logprobs, max_tokens 0): each prompt's own tokens and logprobs, nothing generated; the same
+    prompt logprobs as a request that generates one token."""
+    prompts = [env.codec.encode(p) for p in PROMPTS]
+    body = {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    if stream:
+        choices = {}
+        chunks = sse(env.client, "/v1/completions", {"model": MODEL, **body, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+        for chunk in chunks[:-1]:
+            for c in chunk["choices"]:
+                got = choices.setdefault(c["index"], {"text": "", "logprobs": {}})
+                got["text"] += c["text"]
+                got["finish_reason"] = c["finish_reason"]
+                for key, v in (c["logprobs"] or {}).items():
+                    got["logprobs"].setdefault(key, []).extend(v)
+        choices = [choices[i] for i in sorted(choices)]
+        usage = chunks[-1]["usage"]
+    else:
+        out = complete(env, **body)
+        choices, usage = out["choices"], out["usage"]
+    assert usage["completion_tokens"] == 0
+    assert usage["prompt_tokens"] == sum(map(len, prompts))
+    assert len(choices) == len(prompts)
+    for p, c in zip(prompts, choices):
+        one = complete(env, prompt=p, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        ref = one["choices"][0]["logprobs"]
+        assert c["text"] == env.codec.decode(p, skip_special_tokens=False)
+        assert c["finish_reason"] == "length"
+        lp = c["logprobs"]
+        assert lp["tokens"] == ref["tokens"][:len(p)] and lp["token_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx(ref["token_logprobs"][1:len(p)],
+                                                          abs=1e-4)
+
+
+def test_max_tokens_0_without_echo_is_refused(env):
+    r = env.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and "max_tokens=0 returns nothing without echo" in r.text
+    assert r.json()["error"]["param"] == "max_tokens"

@@ -138,23 +138,31 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         check_model(req.model)
         refuse_unsupported(req)
         echo, k, n = bool(req.echo), req.logprobs, req.n or 1
+        # echo with max_tokens 0 scores the prompt (as OpenAI's legacy API and vLLM do; what
+        # evaluation harnesses send for log-likelihoods): one step runs, its token is dropped
+        scoring = echo and req.max_tokens == 0
+        if req.max_tokens == 0 and not echo:
+            raise ApiError(400, "max_tokens=0 returns nothing without echo; send max_tokens >= 1, "
+                                "or echo=true to score the prompt", "max_tokens")
         batch = await prompts.completion(req.prompt, echo)  # [(token ids, echo text)]
-        params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, k,
-                                 k if echo and k is not None else None)
+        params = sampling_params(req, 1 if scoring else 16 if req.max_tokens is None
+                                 else req.max_tokens, k, k if echo and k is not None else None)
         check_logprob_budget(n * len(batch), max(len(p) for p, _ in batch) if echo else 0,
                              params.max_tokens, k)
         pending = submit([p for p, _ in batch], params, n, "prompt", bool(req.stream))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
-        out = BatchChoices([CompletionChoices(codec, text, echo, k) for _, text in batch], n)
+        out = BatchChoices([CompletionChoices(codec, text, echo, k, not scoring)
+                            for _, text in batch], n)
         prompt_len = sum(len(p) for p, _ in batch)  # usage counts each prompt once
+        counted = (lambda p, _: usage(p, 0)) if scoring else usage
         if req.stream:
-            return stream(pending, req, prompt_len, head, [], out.chunks, usage)
+            return stream(pending, req, prompt_len, head, [], out.chunks, counted)
         results = await collect(pending, request)
 
         def body():
             return {**head, "choices": out.choices(results),
-                    "usage": usage(prompt_len, sum(r.tokens for r in results))}
+                    "usage": counted(prompt_len, sum(r.tokens for r in results))}
         return body() if k is None else await built_off_the_loop(body)
 
     @app.post("/v1/chat/completions")

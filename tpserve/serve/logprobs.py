@@ -85,8 +85,11 @@ class CompletionChoices:
     With echo, the prompt's text leads each choice, and with logprobs the prompt's logprobs,
     which choice 0's engine request alone computes (`echoed`)."""
 
-    def __init__(self, codec, prompt_text: str, echo: bool, k: int | None):
+    def __init__(self, codec, prompt_text: str, echo: bool, k: int | None, output: bool = True):
+        """output False: the prompt is scored (echo, max_tokens 0): the generated token is not
+        shown, the choice ends for `length`."""
         self.texts, self.prompt_text, self.echo, self.k = TokenTexts(codec), prompt_text, echo, k
+        self.output = output
         self.echoed: dict | None = None  # the prompt's logprobs, shared by every choice
         self.echoed_chars = 0  # where the first generated token's text starts
         self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
@@ -98,6 +101,8 @@ class CompletionChoices:
 
     def choice(self, i: int, text: str, lps: list | None, reason: str | None, first: bool):
         """Choice i, or one streamed chunk of it: `text` and `lps` are its new tokens'."""
+        if not self.output:
+            text, lps, reason = "", [], reason and "length"
         echo = self.echo and first
         out = None
         if self.k is not None:
@@ -127,8 +132,8 @@ class CompletionChoices:
             self._echo(ev.prompt_logprobs)
             events, self.held = events + self.held, []
         for i, ev, first in events:
-            if ev.text or ev.finished or (self.k is not None and ev.logprobs) or \
-                    (self.echo and first):
+            if ev.finished or (self.echo and first) or self.output and (
+                    ev.text or (self.k is not None and ev.logprobs)):
                 yield self.choice(i, ev.text, ev.logprobs, ev.finish_reason, first)
 
 
