@@ -332,6 +332,21 @@ def test_chat_template_kwargs_reach_the_template(env):
     assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text  # null: whole
 
 
+def test_add_generation_prompt_false_ends_with_the_messages(env):
+    """vLLM's add_generation_prompt: false renders the messages without opening the assistant's
+    turn (the demo's template appends <|assistant|> otherwise)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    opened = env.client.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    r = env.client.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False})
+    closed = r.json()["tokens"]
+    assert env.codec.decode(opened, skip_special_tokens=False).endswith("<|assistant|>")
+    assert not env.codec.decode(closed, skip_special_tokens=False).endswith("<|assistant|>")
+    assert opened[:len(closed)] == closed and len(closed) < len(opened)
+    r = env.client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2,
+                                                      "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+
+
 def test_fields_that_change_nothing_are_accepted(env):
     """Other servers' fields set to what tpserve does anyway, and fields without effect on the
     answer, pass; a float for a float field may be an integer."""

@@ -169,7 +169,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse_unsupported(req)
-        prompt = await prompts.chat(req.messages, req.chat_template_kwargs)
+        prompt = await prompts.chat(req.messages, req.chat_template_kwargs,
+                                    req.add_generation_prompt)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
@@ -230,7 +231,8 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
-            tokens = await prompts.chat(req.messages, req.chat_template_kwargs)
+            tokens = await prompts.chat(req.messages, req.chat_template_kwargs,
+                                        req.add_generation_prompt)
         else:
             tokens = await prompts.text(check_text(req.prompt, "prompt"), "prompt",
                                         req.add_special_tokens)

@@ -126,8 +126,10 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Common):
     messages: _list(ChatMessage, MAX_MESSAGES)
-    # extension (vLLM's): more variables for the chat template, e.g. Qwen3's enable_thinking
+    # extensions (vLLM's): more variables for the chat template, e.g. Qwen3's enable_thinking;
+    # whether the template opens the assistant's turn (false: the prompt ends with the messages)
     chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
+    add_generation_prompt: bool | None = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -139,6 +141,7 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: _list(ChatMessage, MAX_MESSAGES) | None = None
     chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
+    add_generation_prompt: bool | None = True
     add_special_tokens: bool = True
 
 
@@ -169,7 +172,7 @@ FOREIGN = {
     "allowed_token_ids": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "logits_processors": (None, []),
-    "add_generation_prompt": (None, True), "continue_final_message": (None, False),
+    "continue_final_message": (None, False),
     "chat_template": (None,), "documents": (None,), "echo": (None, False),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,),

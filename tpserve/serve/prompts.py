@@ -62,7 +62,8 @@ class Prompts:
                                 f"context of {self.engine.max_len} holds; shorten it", param)
         return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
 
-    async def chat(self, messages, template_kwargs: dict | None = None) -> list[int]:
+    async def chat(self, messages, template_kwargs: dict | None = None,
+                   add_generation_prompt: bool | None = True) -> list[int]:
         """The token ids of chat messages rendered through the model's template, with the
         client's `chat_template_kwargs` as more template variables."""
         taken = sorted(set(template_kwargs or ()) & RESERVED)
@@ -97,7 +98,8 @@ class Prompts:
             raise ApiError(400, f"the messages hold more tokens than the context of "
                                 f"{self.engine.max_len}; shorten them", "messages")
         try:
-            text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs)
+            text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs,
+                                           add_generation_prompt is not False)
         except Exception as e:  # TpserveError from raise_exception, or a jinja2 error
             why = str(e) if len(str(e)) <= 300 else f"{str(e)[:300]}..."
             raise ApiError(400, f"the chat template cannot render these messages: {why}",

@@ -91,9 +91,10 @@ class TextCodec:
         return self.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
-    def render_chat(self, messages: list[dict], extra: dict | None = None) -> str:
+    def render_chat(self, messages: list[dict], extra: dict | None = None,
+                    add_generation_prompt: bool = True) -> str:
         """The template's text for `messages`; `extra`: more template variables (none of
-        RESERVED)."""
+        RESERVED); add_generation_prompt: whether it ends opening the assistant's turn."""
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -102,7 +103,8 @@ class TextCodec:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template or FALLBACK_TEMPLATE)
-        return self._template.render(**(extra or {}), messages=messages, add_generation_prompt=True,
+        return self._template.render(**(extra or {}), messages=messages,
+                                     add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
