@@ -347,6 +347,27 @@ def test_add_generation_prompt_false_ends_with_the_messages(env):
     assert r.status_code == 200, r.text
 
 
+def test_continue_final_message_ends_with_the_last_message(env):
+    """vLLM's continue_final_message: the prompt ends where the last assistant message's text
+    does (the template's end-of-turn after it cut), for the model to continue it."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    body = {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True}
+    r = env.client.post("/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    text = env.codec.decode(r.json()["tokens"], skip_special_tokens=False)
+    full = env.codec.decode(env.client.post("/tokenize", json={
+        "messages": msgs, "add_generation_prompt": False}).json()["tokens"],
+        skip_special_tokens=False)
+    assert text.endswith("The answer is") and full.startswith(text) and len(full) > len(text)
+    r = env.client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    for bad, fragment in (({**body, "add_generation_prompt": True}, "set add_generation_prompt"),
+                          ({**body, "messages": msgs[:1]}, "needs a last assistant message")):
+        r = env.client.post("/v1/chat/completions", json={**bad, "max_tokens": 2})
+        assert r.status_code == 400 and fragment in r.text, r.text
+        assert r.json()["error"]["param"] == "continue_final_message"
+
+
 def test_fields_that_change_nothing_are_accepted(env):
     """Other servers' fields set to what tpserve does anyway, and fields without effect on the
     answer, pass; a float for a float field may be an integer."""

@@ -170,7 +170,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         check_model(req.model)
         refuse_unsupported(req)
         prompt = await prompts.chat(req.messages, req.chat_template_kwargs,
-                                    req.add_generation_prompt)
+                                    req.add_generation_prompt, req.continue_final_message)
         # No max_tokens: the rest of the context, as in vLLM.
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
@@ -232,7 +232,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if req.messages is not None:
             tokens = await prompts.chat(req.messages, req.chat_template_kwargs,
-                                        req.add_generation_prompt)
+                                        req.add_generation_prompt, req.continue_final_message)
         else:
             tokens = await prompts.text(check_text(req.prompt, "prompt"), "prompt",
                                         req.add_special_tokens)

@@ -130,6 +130,7 @@ class ChatRequest(_Common):
     # whether the template opens the assistant's turn (false: the prompt ends with the messages)
     chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False  # the last (assistant) message is continued
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -142,6 +143,7 @@ class TokenizeRequest(_Body):
     messages: _list(ChatMessage, MAX_MESSAGES) | None = None
     chat_template_kwargs: Annotated[dict[str, Any], _at_most(64)] | None = None
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     add_special_tokens: bool = True
 
 
@@ -172,7 +174,6 @@ FOREIGN = {
     "allowed_token_ids": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1),
     "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "logits_processors": (None, []),
-    "continue_final_message": (None, False),
     "chat_template": (None,), "documents": (None,), "echo": (None, False),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,),

@@ -63,13 +63,19 @@ class Prompts:
         return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
 
     async def chat(self, messages, template_kwargs: dict | None = None,
-                   add_generation_prompt: bool | None = True) -> list[int]:
+                   add_generation_prompt: bool | None = True,
+                   continue_final: bool | None = False) -> list[int]:
         """The token ids of chat messages rendered through the model's template, with the
-        client's `chat_template_kwargs` as more template variables."""
+        client's `chat_template_kwargs` as more template variables; `continue_final`: the text
+        ends where the last (assistant) message's does, for the model to continue it."""
         taken = sorted(set(template_kwargs or ()) & RESERVED)
         if taken:
             raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}: tpserve "
                                 f"sets them", "chat_template_kwargs")
+        if continue_final and add_generation_prompt is not False:
+            raise ApiError(400, "continue_final_message continues the last message, which a "
+                                "generation prompt would close; set add_generation_prompt to "
+                                "false with it", "continue_final_message")
         self.need_codec("messages")
         if not messages:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
@@ -105,4 +111,12 @@ class Prompts:
             raise ApiError(400, f"the chat template cannot render these messages: {why}",
                            "messages") from None
         check_text(text, "chat_template_kwargs")  # the messages' text is checked above
+        if continue_final:
+            last = rendered[-1]["content"]
+            end = text.rfind(last) + len(last) if last else -1
+            if rendered[-1]["role"] != "assistant" or not last or end < len(last):
+                raise ApiError(400, "continue_final_message needs a last assistant message with "
+                                    "text that the chat template renders as sent",
+                               "continue_final_message")
+            text = text[:end]
         return await self.text(text, "messages", add_special_tokens=False)
