@@ -115,7 +115,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             choices = [params] + [params.for_choice(i) for i in range(1, n)]
             for g, prompt in enumerate(batch):
                 pending.ids += engine.submit_many(prompt, choices, [pending.callback(g * n + i)
-                                                                    for i in range(n)])
+                                                                    for i in range(n)], True)
         except (QueueFull, RequestError) as e:
             pending.closed = True  # a batch's prompts queued before this one are withdrawn
             for rid in pending.ids:

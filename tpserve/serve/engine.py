@@ -46,8 +46,7 @@ class Engine:
     def __init__(self, llm, tokenizer=None, max_queue: int = 256, decode_steps: int = 1,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.llm, self.executor, self.head, self.cfg = llm, llm.executor, llm.head, llm.cfg
-        self.tokenizer = tokenizer
-        self.max_queue = max_queue
+        self.tokenizer, self.max_queue = tokenizer, max_queue
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise TpserveError(f"max_prefill_tokens={max_prefill_tokens!r} must be a positive "
                                f"integer (--max-prefill-tokens)")
@@ -55,8 +54,7 @@ class Engine:
         self.decode_steps = check_decode_steps(decode_steps)
         # Bursts (greedy or sampled) need the head in the ranks' step, where they also sample.
         self._sampled_bursts = self.executor.ranks_sample
-        self.max_len = self.executor.max_len
-        self.num_slots = self.executor.num_slots
+        self.max_len, self.num_slots = self.executor.max_len, self.executor.num_slots
         self.free_slots = list(range(self.num_slots))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -112,10 +110,12 @@ class Engine:
         return self.submit_many(prompt, [params], [on_event])[0]
 
     def submit_many(self, prompt: list[int], params: list[SamplingParams],
-                    on_events: list[Callable[[Event], None]]) -> list[int]:
+                    on_events: list[Callable[[Event], None]], checked: bool = False) -> list[int]:
         """One request per params (the n choices of one prompt), queued all or none: where the
-        queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw)."""
-        self.check(prompt, params)
+        queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw);
+        `checked`: the caller ran `check` (HTTP, on choice 0: `for_choice` relaxes the others)."""
+        if not checked:
+            self.check(prompt, params)
         automata: dict = {}  # one stop string's automaton serves every choice (read-only)
         stops = [StopText(self.tokenizer, p.stop, automata) if self.tokenizer is not None else None
                  for p in params]

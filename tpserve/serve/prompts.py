@@ -110,7 +110,8 @@ class Prompts:
             why = str(e) if len(str(e)) <= 300 else f"{str(e)[:300]}..."
             raise ApiError(400, f"the chat template cannot render these messages: {why}",
                            "messages") from None
-        check_text(text, "chat_template_kwargs")  # the messages' text is checked above
+        if template_kwargs:  # the messages' text is checked above; only these may add more
+            check_text(text, "chat_template_kwargs")
         if continue_final:
             last = rendered[-1]["content"]
             end = text.rfind(last) + len(last) if last else -1

@@ -24,19 +24,8 @@ def check_request(prompt: list[int], params: list[SamplingParams], vocab: int,
     if len(prompt) + 1 > max_len:
         raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds "
                            f"{max_len}; shorten the prompt")
-    checked: list[SamplingParams] = []
-    for p in params:  # n choices differ only in their seeds (and choice 0's prompt logprobs)
-        if not any(_same_but_seed(p, q) for q in checked):
-            _check_params(len(prompt), p, vocab, max_len)
-            checked.append(p)
-
-
-def _same_but_seed(a: SamplingParams, b: SamplingParams) -> bool:
-    """Whether a and b differ at most in their seeds (which every check allows: a seed is in
-    range by construction, and moves the wire size `wire_problem` checks by at most 8 bytes,
-    far inside its margin: the largest parameters HTTP admits encode to ~21 KB of 256 KB)."""
-    return all(x is y or x == y for k, x in vars(a).items() if k != "seed"
-               for y in (vars(b)[k],))
+    for p in params:
+        _check_params(len(prompt), p, vocab, max_len)
 
 
 def _check_params(n: int, params: SamplingParams, vocab: int, max_len: int) -> None:

@@ -61,8 +61,10 @@ class StopText:
         choices (an automaton is read-only; its state lives here)."""
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
         made = {} if automata is None else automata
-        self.automata = [made[s] if s in made else made.setdefault(s, _Automaton(s))
-                         for s in self.stops]
+        for s in self.stops:
+            if s not in made:
+                made[s] = _Automaton(s)
+        self.automata = [made[s] for s in self.stops]
         self.states = [0] * len(self.stops)  # after the text's [search_from:fed]
         self.fed = -1  # < search_from: (re)start the automata there
         self.sent = 0  # characters handed out: what they were is always a prefix of the final text

@@ -90,7 +90,6 @@ class TextCodec:
                 return bytes([int(m.group(1), 16)])
         return self.decode([token], skip_special_tokens=False).encode("utf-8")
 
-
     def render_chat(self, messages: list[dict], extra: dict | None = None,
                     add_generation_prompt: bool = True) -> str:
         """The template's text for `messages`; `extra`: more template variables (none of
