@@ -34,6 +34,10 @@
 #                                   once vs eight separate requests, same run
 #   bash bench/gpu_h100.sh ttft     Llama-3-8B shapes, prompt 128: TTFT and tok/s of tpserve tp=1
 #                                   against the torch int4 peer and transformers bf16, same run
+#   bash bench/gpu_h100.sh actorder Llama-3-8B shapes with act-order: tp=1 decode with the MLP's
+#                                   channels in down_proj's group order and in the checkpoint's
+#                                   (TPSERVE_MLP_GROUP_ORDER=0), then the aligned checkpoint, batch
+#                                   1 and 8, the torch int4 peer beside the aligned run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -116,6 +120,22 @@ if has decode; then
     --dtype float16 --peer torch-int4 ${PEERS:-} --lm-head ${HEADS:-dense int8} --prompt-len 128 --gen 128 \
     --decode-steps ${STEPS:-1 8} \
     --out "$OUT/decode_h100.json" > "$OUT/decode.log" 2>&1; tail -16 "$OUT/decode.log"
+fi
+if has actorder; then
+  [ -e /tmp/l8act/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b-act --out /tmp/l8act \
+    --device cuda >/dev/null
+  for order in 1 0; do
+    TPSERVE_MLP_GROUP_ORDER=$order timeout 200 python3 bench/decode.py --model /tmp/l8act --tp 1 \
+      --batch ${BATCH:-1 8} --backend local --device cuda --dtype float16 --peer none --lm-head int8 \
+      --prompt-len 128 --gen 128 --decode-steps 8 --out "$OUT/decode_act_order$order.json" \
+      > "$OUT/decode_act_order$order.log" 2>&1
+    echo "act-order, MLP group order $order:"; grep -v INFO "$OUT/decode_act_order$order.log" | tail -3
+  done
+  rm -rf /tmp/l8act; l8
+  timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch ${BATCH:-1 8} --backend local \
+    --device cuda --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 128 \
+    --decode-steps 8 --out "$OUT/decode_aligned.json" > "$OUT/decode_aligned.log" 2>&1
+  echo "aligned:"; grep -v INFO "$OUT/decode_aligned.log" | tail -7
 fi
 if has sampled; then
   l8

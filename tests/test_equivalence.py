@@ -28,6 +28,7 @@ CASES = {
     "qwen2_3bit_bias": dict(arch="qwen2", bits=3, group_size=32),
     "qwen3_8bit_act": dict(arch="qwen3", bits=8, group_size=64, desc_act=True),
     "llama_mixed_dense_down": dict(arch="llama", skip=("down_proj.weight",)),
+    "llama_act_dense_gate": dict(arch="llama", desc_act=True, skip=("gate_proj.weight",)),
 }
 
 
@@ -84,6 +85,36 @@ def test_every_row_parallel_shard_straddles_a_group_at_tp4(refs):
         layer = rank.layers[0]
         assert layer.self_attn.o_proj.weight.group_offset != 0
         assert layer.mlp.down_proj.weight.group_offset != 0
+    llm.close()
+
+
+@pytest.mark.parametrize("name", ["llama_asym_act_g64", "llama_act_dense_gate"])
+def test_act_order_mlp_channels_in_group_order_give_aligned_down_shards(refs, name):
+    """With an act-order down_proj, each rank takes its MLP channels in down_proj's group order:
+    its down shard is a run of whole groups (no g_idx, no gather of x) and its gate/up columns are
+    the checkpoint's columns of the same channels, at tp = 3 where the spans start inside groups."""
+    path, *_ = refs[name]
+    ref = tiny.reference_model(path)
+    llm = tpserve.load(path, tp=3, dtype=torch.float32)
+    inter = ref.config.intermediate_size
+    for i, ref_layer in enumerate(ref.model.layers):
+        channels = [rank.layers[i].mlp.channels for rank in llm.executor.ranks]
+        joined = torch.cat(channels)
+        assert sorted(joined.tolist()) == list(range(inter))
+        assert not torch.equal(joined, torch.arange(inter))  # a real reorder
+        gate_ref, up_ref = ref_layer.mlp.gate_proj.weight.T, ref_layer.mlp.up_proj.weight.T
+        down_ref = ref_layer.mlp.down_proj.weight.T  # [K, N]
+        offsets = []
+        for rank, ch in zip(llm.executor.ranks, channels):
+            mlp = rank.layers[i].mlp
+            down = mlp.down_proj
+            assert down.perm is None and down.weight.g_idx is None
+            offsets.append(down.weight.group_offset)
+            lin = mlp.linears()
+            torch.testing.assert_close(lin["mlp.down_proj"][1], down_ref[ch], rtol=0, atol=1e-6)
+            torch.testing.assert_close(lin["mlp.gate_proj"][1], gate_ref[:, ch], rtol=0, atol=1e-6)
+            torch.testing.assert_close(lin["mlp.up_proj"][1], up_ref[:, ch], rtol=0, atol=1e-6)
+        assert any(offsets)  # some rank's run starts inside a group
     llm.close()
 
 

@@ -86,6 +86,54 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
         in_features=k1 - k0, out_features=n1 - n0)
 
 
+def group_order(ckpt: Checkpoint, prefix: str, in_features: int) -> torch.Tensor | None:
+    """The order of an act-order layer's input rows that sorts them by group (stable), or None
+    where the layer has no g_idx or its rows are in group order already.
+
+    An MLP's intermediate channels may be taken in any order, so long as gate/up's output columns
+    and down's input rows follow the same one: taking them in down_proj's group order makes every
+    rank's down shard a run of whole groups (GPTQ puts group_size rows in each group), read by the
+    aligned kernels without a gather of x, where the checkpoint's order would leave each rank an
+    arbitrary subset of every group (`tpserve.model.layers.GatedMLP`)."""
+    if f"{prefix}.g_idx" not in ckpt:
+        return None
+    g = ckpt.read(f"{prefix}.g_idx", shape=(in_features,)).long()
+    order = torch.argsort(g, stable=True)
+    return None if torch.equal(order, torch.arange(in_features, device=g.device)) else order
+
+
+def read_gptq_rows(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_features: int,
+                   out_features: int, rows: torch.Tensor, cols: tuple[int, int]) -> GPTQWeight:
+    """Input rows `rows` (global ids, in that order) x columns [n0, n1) of an act-order layer,
+    with their g_idx (the Linear sorts them, `prepare_act_order`; rows already in group order
+    become an aligned shard with a group offset). The layer's packed rows are read whole."""
+    w = read_gptq_shard(ckpt, prefix, quant, in_features, out_features, (0, in_features), cols)
+    if w.g_idx is None:
+        raise CheckpointError(f"tensor '{prefix}.g_idx' is in group order; read it by span")
+    rows = rows.to(w.qweight.device)
+    g = w.g_idx.long()[rows]
+    g_first, g_last = int(g.min()), int(g.max())
+    step = max(1, (1 << 25) // max(1, in_features))  # unpack a bounded block of columns at a time
+    words = torch.cat([gptq.pack_rows(gptq.unpack_rows(w.qweight[:, c:c + step], w.bits,
+                                                       in_features)[rows], w.bits)
+                       for c in range(0, w.out_features, step)], 1)
+    return GPTQWeight(qweight=words, qzeros=w.qzeros[g_first:g_last + 1].contiguous(),
+                      scales=w.scales[g_first:g_last + 1].contiguous(),
+                      g_idx=(g - g_first).to(torch.int32), group_offset=0, bits=w.bits,
+                      group_size=w.group_size, in_features=len(rows), out_features=w.out_features)
+
+
+def select_columns(w: GPTQWeight, cols: torch.Tensor) -> GPTQWeight:
+    """Output columns `cols` of a GPTQ shard, in that order (qzeros unpacked and repacked)."""
+    cols = cols.to(w.qweight.device)
+    zeros = gptq.unpack_cols(w.qzeros, w.bits, w.out_features)[:, cols]
+    return GPTQWeight(qweight=w.qweight[:, cols].contiguous(), qzeros=gptq.pack_cols(zeros, w.bits),
+                      scales=w.scales[:, cols].contiguous(), g_idx=w.g_idx,
+                      group_offset=w.group_offset, bits=w.bits, group_size=w.group_size,
+                      in_features=w.in_features, out_features=len(cols), x_features=w.x_features,
+                      word_groups=w.word_groups)
+
+
 def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
     """Rows sorted by group, so that x[:, perm] @ w_sorted == x @ w. Returns (w_sorted, perm).
 

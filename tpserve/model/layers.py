@@ -6,6 +6,8 @@ which reads one rank's part of each linear as the shard plan says.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,7 @@ from tpserve.kernels.fused import add_rms_norm, rms_norm, silu_mul
 from tpserve.kernels.rotary import rotary, rotary_store
 from tpserve.model.cache_attention import attention, fresh_attention
 from tpserve.model.kv_cache import DecodeMeta, KVCache, StepPlan
+from tpserve.model.gptq_shard import group_order
 from tpserve.model.linear import Linear, MergedLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -48,17 +51,32 @@ class LayerLoader:
         self.dtype, self.device, self.norm_offset = dtype, device, norm_offset
 
     def linear(self, layer: int, name: str, in_features: int, out_features: int,
-               bias: bool = False, prefix: str | None = None) -> Linear:
-        rows, cols = self.plan.linear_spans(self.rank, name, in_features, out_features, layer)
+               bias: bool = False, prefix: str | None = None, rows=None) -> Linear:
+        """`rows` (an index tensor) replaces the plan's row span (an MLP's channels)."""
+        span, cols = self.plan.linear_spans(self.rank, name, in_features, out_features, layer)
+        rows = span if rows is None else rows
         return Linear.load(self.ckpt, prefix or f"model.layers.{layer}.{name}", self.quant,
                            in_features, out_features, rows, cols, self.dtype, bias, self.rank)
 
     def merged(self, layer: int, names: list[str], in_features: int, outs: list[int],
-               bias: bool = False) -> MergedLinear:
-        spans = [self.plan.linear_spans(self.rank, n, in_features, o, layer)[1]
-                 for n, o in zip(names, outs)]
+               bias: bool = False, cols=None) -> MergedLinear:
+        """`cols` (an index tensor) replaces every part's column span (an MLP's channels)."""
+        spans = [self.plan.linear_spans(self.rank, n, in_features, o, layer)[1] if cols is None
+                 else cols for n, o in zip(names, outs)]
         return MergedLinear.load(self.ckpt, [f"model.layers.{layer}.{n}" for n in names],
                                  self.quant, in_features, list(zip(outs, spans)), self.dtype, bias)
+
+    def mlp_channels(self, layer: int, prefix: str, inter: int, hidden: int):
+        """This rank's intermediate channels in down_proj's group order (an index tensor), or None
+        (the plan's span in checkpoint order) where down_proj is not act-order
+        (`gptq_shard.group_order`). TPSERVE_MLP_GROUP_ORDER=0 keeps the checkpoint's order (A/B)."""
+        if os.environ.get("TPSERVE_MLP_GROUP_ORDER", "1") == "0":
+            return None
+        order = group_order(self.ckpt, f"model.layers.{layer}.{prefix}.down_proj", inter)
+        if order is None:
+            return None
+        k0, k1 = self.plan.linear_spans(self.rank, f"{prefix}.down_proj", inter, hidden, layer)[0]
+        return order[k0:k1]
 
     def norm(self, name: str, size: int, weighted: bool = True) -> RMSNorm:
         w = self.ckpt.read(name, shape=(size,)).to(self.dtype) if weighted else None
@@ -166,16 +184,22 @@ class Attention(torch.nn.Module):
 
 
 class GatedMLP(torch.nn.Module):
-    """down(act(gate(x)) * up(x)); gate/up as one GEMV; returns down's partial product."""
+    """down(act(gate(x)) * up(x)); gate/up as one GEMV; returns down's partial product.
+
+    The intermediate channels are free to reorder (gate/up's columns and down's rows alike): with
+    an act-order down_proj they are taken in its group order, so that each rank's down shard holds
+    whole groups and runs the aligned kernels, at any tp (`LayerLoader.mlp_channels`)."""
 
     def __init__(self, load: LayerLoader, layer: int, activation: str, prefix: str = "mlp",
                  width: int | None = None):
         super().__init__()
         hidden, inter = load.cfg.hidden_size, width or load.cfg.intermediate_size
         self.prefix, self.act = prefix, ACTIVATIONS[activation]
+        self.channels = load.mlp_channels(layer, prefix, inter, hidden)
         self.gate_up_proj = load.merged(layer, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], hidden,
-                                        [inter, inter], load.cfg.mlp_bias)
-        self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias)
+                                        [inter, inter], load.cfg.mlp_bias, cols=self.channels)
+        self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
+                                     rows=self.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)

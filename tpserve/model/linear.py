@@ -22,22 +22,40 @@ from tpserve.kernels import gptq_matmul
 from tpserve.model import gptq
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import QuantConfig
-from tpserve.model.gptq_shard import GPTQWeight, prepare_act_order, read_gptq_shard
+from tpserve.model.gptq_shard import (GPTQWeight, prepare_act_order, read_gptq_rows,
+                                     read_gptq_shard, select_columns)
+
+Span = tuple[int, int] | torch.Tensor  # [a, b), or the indices to take, in order (MLP channels)
+
+
+def _whole(span: Span, size: int) -> tuple[int, int]:
+    return (0, size) if isinstance(span, torch.Tensor) else span
 
 
 def read_linear_weight(ckpt: Checkpoint, prefix: str, quant: QuantConfig | None,
-                       in_features: int, out_features: int, rows: tuple[int, int],
-                       cols: tuple[int, int], dtype: torch.dtype) -> GPTQWeight | torch.Tensor:
-    """The [rows x cols] shard of linear `prefix`: GPTQ if the checkpoint has it, else dense."""
+                       in_features: int, out_features: int, rows: Span, cols: Span,
+                       dtype: torch.dtype) -> GPTQWeight | torch.Tensor:
+    """The [rows x cols] shard of linear `prefix`: GPTQ if the checkpoint has it, else dense.
+    rows or cols may be an index tensor instead of a span (an MLP's channels in group order)."""
     if f"{prefix}.qweight" in ckpt:
         quant = quant.for_module(prefix) if quant is not None else None
         if quant is None:
             raise CheckpointError(f"tensor '{prefix}.qweight' is GPTQ-packed but the quantization "
                                   f"config is missing or excludes it; fix quantize_config.json")
-        return read_gptq_shard(ckpt, prefix, quant, in_features, out_features, rows, cols)
+        if isinstance(rows, torch.Tensor):
+            return read_gptq_rows(ckpt, prefix, quant, in_features, out_features, rows,
+                                  _whole(cols, out_features))
+        w = read_gptq_shard(ckpt, prefix, quant, in_features, out_features, rows,
+                            _whole(cols, out_features))
+        return select_columns(w, cols) if isinstance(cols, torch.Tensor) else w
     if f"{prefix}.weight" in ckpt:
-        w = ckpt.read(f"{prefix}.weight", rows=cols, cols=rows, shape=(out_features, in_features))
-        return w.to(dtype)
+        w = ckpt.read(f"{prefix}.weight", rows=_whole(cols, out_features),
+                      cols=_whole(rows, in_features), shape=(out_features, in_features))
+        if isinstance(cols, torch.Tensor):
+            w = w[cols.to(w.device)]
+        if isinstance(rows, torch.Tensor):
+            w = w[:, rows.to(w.device)]
+        return w.contiguous().to(dtype)
     raise CheckpointError(f"neither '{prefix}.qweight' nor '{prefix}.weight' is in {ckpt.path}; "
                           f"the checkpoint does not match config.json")
 
@@ -83,7 +101,7 @@ class Linear(torch.nn.Module):
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
-             out_features: int, rows: tuple[int, int], cols: tuple[int, int], dtype: torch.dtype,
+             out_features: int, rows: Span, cols: Span, dtype: torch.dtype,
              bias: bool = False, rank: int = 0) -> "Linear":
         w = read_linear_weight(ckpt, prefix, quant, in_features, out_features, rows, cols, dtype)
         return cls(w, _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank,
@@ -97,7 +115,7 @@ class Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
-        """W as fp32 [K, N], rows in checkpoint order (for `tpserve verify`)."""
+        """W as fp32 [K, N], rows in the order x has them (for `tpserve verify`)."""
         if not isinstance(self.weight, GPTQWeight):
             return self.weight.float().T
         w = self.weight.dequantize(torch.float32)
@@ -112,10 +130,11 @@ class Linear(torch.nn.Module):
 def _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank, dtype):
     if not bias:
         return None
-    if rows != (0, in_features):
+    if isinstance(rows, torch.Tensor) or rows != (0, in_features):
         # Row-parallel: the bias is replicated in the checkpoint but must enter the sum once.
         return ckpt.read(f"{prefix}.bias", shape=(out_features,)).to(dtype) if rank == 0 else None
-    return ckpt.read(f"{prefix}.bias", rows=cols, shape=(out_features,)).to(dtype)
+    b = ckpt.read(f"{prefix}.bias", rows=_whole(cols, out_features), shape=(out_features,))
+    return (b[cols.to(b.device)] if isinstance(cols, torch.Tensor) else b).to(dtype)
 
 
 class MergedLinear(torch.nn.Module):
@@ -138,7 +157,7 @@ class MergedLinear(torch.nn.Module):
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefixes: list[str], quant: QuantConfig | None,
-             in_features: int, outs: list[tuple[int, tuple[int, int]]], dtype: torch.dtype,
+             in_features: int, outs: list[tuple[int, Span]], dtype: torch.dtype,
              bias: bool = False) -> "MergedLinear":
         """outs: per prefix (out_features, this rank's columns)."""
         whole = (0, in_features)
