@@ -304,10 +304,10 @@ def main():
     if args.prefill:
         PREFILL = [(kn, m) for kn in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
                    for m in args.prefill]
-    elif args.shapes or args.m:  # a focused GEMV run: the default prefill rows only cost time
-        PREFILL = []
         SHAPES = [(256, 256)]  # the GEMV table's smallest stand-in: the prefill rows are the point
         GPTQ_M, VARIANTS = (1,), ["w4g128"]
+    elif args.shapes or args.m:  # a focused GEMV run: the default prefill rows only cost time
+        PREFILL = []
     bench_gptq(dev, smoke, 5 if smoke else args.iters, rows, copy_bw, save)
     if not args.no_head:
         bench_head(dev, smoke, 5 if smoke else args.iters, rows, copy_bw)

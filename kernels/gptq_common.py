@@ -99,57 +99,50 @@ def _group_sz(s_ptr, qz_ptr, g, offs_n, n_mask, stride_s, stride_qz, BITS: tl.co
 
 
 @triton.jit
-def _word_groups(gidx_ptr, k0, offs_w, w_hi, G, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                 GROUP_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, TWO: tl.constexpr):
-    """The groups of a tile's word rows, where every word's rows lie in one group (the fp16x2
-    paths): (two, g0, g1, in1, g_w). `two`: the tile holds at most two groups, g0 and g1, and in1
-    [KW, 1] says which word rows are in g1; else g_w [KW] is each word row's group. TWO: a shard
-    starting inside a group (the boundary between words). Act-order rows padded at load: two
-    groups where the tile's first and last words say so (rows sorted: nearly every tile)."""
-    P: tl.constexpr = 32 // BITS
-    KW: tl.constexpr = offs_w.shape[0]
-    g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
-    g1 = tl.minimum(g0 + 1, G - 1)
-    g_w = (offs_w * P + GROUP_OFFSET) // GROUP_SIZE
-    in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
-    two = TWO
-    if HAS_GIDX:
-        # rows sorted by group: the tile's first and last words hold its lowest and highest
-        # group (two scalar loads, no reductions across the program's threads)
-        w_first = k0 // P
-        g0 = tl.load(gidx_ptr + w_first * P)
-        g1 = tl.load(gidx_ptr + (tl.minimum(w_first + KW, w_hi) - 1) * P)
-        g_w = tl.load(gidx_ptr + offs_w * P, mask=offs_w < w_hi, other=0)
-        in1 = (g_w > g0)[:, None]
-        two = g1 - g0 <= 1
-    return two, g0, g1, in1, g_w
-
-
-@triton.jit
 def _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s, stride_qz,
              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
              HAS_GIDX: tl.constexpr, TWO: tl.constexpr):
     """Scale (fp32) and zero per (word row, column), [len(offs_w), BLOCK_N], where every word's
-    rows lie in one group (`_word_groups`): two groups selected per word row, else gathered."""
-    two, g0, g1, in1, g_w = _word_groups(gidx_ptr, k0, offs_w, w_hi, G, BITS, GROUP_SIZE,
-                                         GROUP_OFFSET, HAS_GIDX, TWO)
-    if two:
-        s0, z0 = _group_sz(s_ptr, qz_ptr, g0, offs_n, n_mask, stride_s, stride_qz, BITS)
-        s1, z1 = _group_sz(s_ptr, qz_ptr, g1, offs_n, n_mask, stride_s, stride_qz, BITS)
+    rows lie in one group (the fp16x2 paths). TWO: the tile holds two groups, their boundary between
+    words (selected per row from two loads). Act-order rows padded at load: the same selection where
+    the tile's words hold at most two groups (their g_idx; sorted rows, so nearly every tile), else
+    gathered per word; other weights: gathered per word (its rows' group)."""
+    P: tl.constexpr = 32 // BITS
+    if TWO:
+        g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
+        g1 = tl.minimum(g0 + 1, G - 1)
+        in1 = (offs_w * P >= (g0 + 1) * GROUP_SIZE - GROUP_OFFSET)[:, None]
+        z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                     _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+        s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         s = tl.where(in1, s1[None, :], s0[None, :])
-        z = tl.where(in1, z1[None, :], z0[None, :])
     else:
-        s, z = _gather_sz(s_ptr, qz_ptr, g_w, offs_w < w_hi, offs_n, n_mask, stride_s, stride_qz,
-                          BITS)
+        w_ok = offs_w < w_hi
+        m2 = w_ok[:, None] & n_mask[None, :]
+        if HAS_GIDX:
+            g_w = tl.load(gidx_ptr + offs_w * P, mask=w_ok, other=0)
+            # rows sorted by group: the tile's first and last words hold its lowest and highest
+            # group (two scalar loads, no reductions across the program's threads)
+            w_first = k0 // P
+            g0 = tl.load(gidx_ptr + w_first * P)
+            g1 = tl.load(gidx_ptr + (tl.minimum(w_first + offs_w.shape[0], w_hi) - 1) * P)
+            if g1 - g0 <= 1:  # a tile mostly holds one group or two
+                in1 = (g_w > g0)[:, None]
+                z = tl.where(in1, _zeros(qz_ptr, g1, offs_n, n_mask, stride_qz, BITS)[None, :],
+                             _zeros(qz_ptr, g0, offs_n, n_mask, stride_qz, BITS)[None, :])
+                s0 = tl.load(s_ptr + g0 * stride_s + offs_n, mask=n_mask, other=0.0)
+                s1 = tl.load(s_ptr + g1 * stride_s + offs_n, mask=n_mask, other=0.0)
+                s = tl.where(in1, s1.to(tl.float32)[None, :], s0.to(tl.float32)[None, :])
+            else:
+                z = _zeros(qz_ptr, g_w[:, None], offs_n[None, :], m2, stride_qz, BITS)
+                s = tl.load(s_ptr + g_w[:, None] * stride_s + offs_n[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+        else:
+            g_w = ((offs_w * P + GROUP_OFFSET) // GROUP_SIZE)[:, None]
+            z = _zeros(qz_ptr, g_w, offs_n[None, :], m2, stride_qz, BITS)
+            s = tl.load(s_ptr + g_w * stride_s + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
     return s, z
-
-
-@triton.jit
-def _gather_sz(s_ptr, qz_ptr, g, r_mask, offs_n, n_mask, stride_s, stride_qz, BITS: tl.constexpr):
-    """Scale (fp32) and zero of groups g [R] per (row, column): [R, BLOCK_N] each."""
-    m2 = r_mask[:, None] & n_mask[None, :]
-    s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0)
-    return s.to(tl.float32), _zeros(qz_ptr, g[:, None], offs_n[None, :], m2, stride_qz, BITS)
 
 
 @triton.jit
@@ -161,7 +154,9 @@ def _rows_sz(s_ptr, qz_ptr, gidx_ptr, rows, r_mask, offs_n, n_mask, stride_s, st
         g = tl.load(gidx_ptr + rows, mask=r_mask, other=0)
     else:
         g = (rows + GROUP_OFFSET) // GROUP_SIZE
-    return _gather_sz(s_ptr, qz_ptr, g, r_mask, offs_n, n_mask, stride_s, stride_qz, BITS)
+    m2 = r_mask[:, None] & n_mask[None, :]
+    s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=m2, other=0.0)
+    return s.to(tl.float32), _zeros(qz_ptr, g[:, None], offs_n[None, :], m2, stride_qz, BITS)
 
 
 @triton.jit

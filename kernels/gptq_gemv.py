@@ -27,10 +27,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,  # noqa: E402
-                          _next_tile, _rows_sz, _split, _zeros)
+                          _next_tile, _rows_sz, _split, _word_sz, _zeros)
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
-from .gptq_h2 import _h2_dot, _nz_pairs, _word_snz  # noqa: E402
+from .gptq_h2 import _h2_dot  # noqa: E402
 from .pdl import options as pdl_options, release, wait  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -106,8 +106,7 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
             s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
                              stride_s, stride_qz, BITS)
             if H2:
-                nzl, nzh = _nz_pairs(z[None, :], BITS)
-                part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, nzl, nzh, K, stride_xk, BITS,
+                part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z[None, :], K, stride_xk, BITS,
                                HAS_PERM, EVEN_K)
                 acc += part * (s * (1 << BITS))[None, :]
             else:
@@ -118,12 +117,10 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
                     part += (_lane(qw, hi, p, BITS) * c - (z + MAGIC * c)[None, :]) * xv[:, None]
                 acc += part * s[None, :]
         elif (MODE == 1 or HAS_GIDX) and H2:  # each word in one group: z, s per word row
-            s16, nzl, nzh = _word_snz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask,
-                                      G, stride_s, stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET,
-                                      HAS_GIDX, MODE == 1)
-            part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, nzl, nzh, K, stride_xk, BITS, HAS_PERM,
-                           EVEN_K)
-            acc += part * s16
+            s, z = _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s,
+                            stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE == 1)
+            part = _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS, HAS_PERM, EVEN_K)
+            acc += part * s * (1 << BITS)
         elif MODE == 1:
             g0 = (k0 + GROUP_OFFSET) // GROUP_SIZE
             acc, corr = _gemv_two(acc, corr, qw, hi, offs_w, k0, x_ptr, perm_ptr, qz_ptr, s_ptr,

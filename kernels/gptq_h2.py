@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gptq_common import INTERPRET, _gather_sz, _group_sz, _load_rows, _word_groups
+from .gptq_common import INTERPRET, _load_rows
 
 # The word's dot product in fp16x2 (see the module docstring). $0: fp32 bits of the sum;
 # $1: the word; then the x pairs (x[k + j], x[k + j + P/2]) for j < P/2; then the negated zeros
@@ -98,31 +98,22 @@ def _nz(z, MUL: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _nz_pairs(z, BITS: tl.constexpr):
-    """The asm's negated zero pairs of zeros z (fp32): for the low fields and the fields 4 bits up
-    at 4 bits; the one pair twice at 8 bits."""
-    if BITS == 4:
-        return _nz(z, 16, BITS), _nz(z, 256, BITS)
-    nz = _nz(z, 256, BITS)
-    return nz, nz
-
-
-@triton.jit
-def _h2_word(qw, x0, x1, x2, x3, nzl, nzh, BITS: tl.constexpr):
+def _h2_word(qw, x0, x1, x2, x3, z, BITS: tl.constexpr):
     """sum over one word's P rows of (q - z) / 2**BITS * x, as fp32 (broadcast over qw, the x
-    pairs (x[k + j], x[k + j + P/2]) as int32 bits, and z's pairs `_nz_pairs`); x2, x3 and nzh
-    unused at 8 bits."""
+    pairs (x[k + j], x[k + j + P/2]) as int32 bits, and z); x2, x3 unused at 8 bits."""
     if BITS == 4:
+        nz_lo, nz_hi = _nz(z, 16, BITS), _nz(z, 256, BITS)
         if INTERPRET:
-            return (_emu_pair(qw, x0, nzl, 0, 0, 16, BITS) + _emu_pair(qw, x1, nzh, 4, 4, 256, BITS)
-                    + _emu_pair(qw, x2, nzl, 8, 0, 16, BITS)
-                    + _emu_pair(qw, x3, nzh, 12, 4, 256, BITS))
-        return tl.inline_asm_elementwise(_ASM4, "=r,r,r,r,r,r,r,r", [qw, x0, x1, x2, x3, nzl, nzh],
+            return (_emu_pair(qw, x0, nz_lo, 0, 0, 16, BITS) + _emu_pair(qw, x1, nz_hi, 4, 4, 256, BITS)
+                    + _emu_pair(qw, x2, nz_lo, 8, 0, 16, BITS)
+                    + _emu_pair(qw, x3, nz_hi, 12, 4, 256, BITS))
+        return tl.inline_asm_elementwise(_ASM4, "=r,r,r,r,r,r,r,r", [qw, x0, x1, x2, x3, nz_lo, nz_hi],
                                          dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
     else:
+        nz = _nz(z, 256, BITS)
         if INTERPRET:
-            return _emu_pair(qw, x0, nzl, 0, 0, 256, BITS) + _emu_pair(qw, x1, nzl, 8, 0, 256, BITS)
-        return tl.inline_asm_elementwise(_ASM8, "=r,r,r,r,r", [qw, x0, x1, nzl], dtype=tl.int32,
+            return _emu_pair(qw, x0, nz, 0, 0, 256, BITS) + _emu_pair(qw, x1, nz, 8, 0, 256, BITS)
+        return tl.inline_asm_elementwise(_ASM8, "=r,r,r,r,r", [qw, x0, x1, nz], dtype=tl.int32,
                                          is_pure=True, pack=1).to(tl.float32, bitcast=True)
 
 
@@ -148,39 +139,12 @@ def _x_pairs(x_ptr, perm_ptr, offs_w, K, stride_xk, BITS: tl.constexpr, HAS_PERM
 
 
 @triton.jit
-def _h2_dot(qw, offs_w, x_ptr, perm_ptr, nzl, nzh, K, stride_xk, BITS: tl.constexpr,
+def _h2_dot(qw, offs_w, x_ptr, perm_ptr, z, K, stride_xk, BITS: tl.constexpr,
             HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z's pairs
-    [.., BLOCK_N] (per column, or per word row and column, `_word_snz`)."""
+    """sum over each word's P rows of (q - z) / 2**BITS * x, as fp32 [KW, BLOCK_N]; z [.., BLOCK_N]
+    (per column, or per word row and column for a tile of two groups)."""
     x0, x1, x2, x3 = _x_pairs(x_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM, EVEN_K)
-    return _h2_word(qw, x0, x1, x2, x3, nzl, nzh, BITS)
-
-
-@triton.jit
-def _word_snz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s, stride_qz,
-              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
-              HAS_GIDX: tl.constexpr, TWO: tl.constexpr):
-    """For the fp16x2 paths where a tile's words are not all in one group (`_word_groups`):
-    2**BITS times the scale and the zero's pairs (`_nz_pairs`), per word row and column. Where
-    the tile holds two groups (nearly always), both groups' pairs and scales are made once per
-    column and each word row selects its own: three selects a word, where making a word's pairs
-    from its own zero took ~10 instructions."""
-    two, g0, g1, in1, g_w = _word_groups(gidx_ptr, k0, offs_w, w_hi, G, BITS, GROUP_SIZE,
-                                         GROUP_OFFSET, HAS_GIDX, TWO)
-    if two:
-        s0, z0 = _group_sz(s_ptr, qz_ptr, g0, offs_n, n_mask, stride_s, stride_qz, BITS)
-        s1, z1 = _group_sz(s_ptr, qz_ptr, g1, offs_n, n_mask, stride_s, stride_qz, BITS)
-        l0, h0 = _nz_pairs(z0[None, :], BITS)
-        l1, h1 = _nz_pairs(z1[None, :], BITS)
-        s = tl.where(in1, (s1 * (1 << BITS))[None, :], (s0 * (1 << BITS))[None, :])
-        nzl = tl.where(in1, l1, l0)
-        nzh = tl.where(in1, h1, h0)
-    else:
-        s, z = _gather_sz(s_ptr, qz_ptr, g_w, offs_w < w_hi, offs_n, n_mask, stride_s, stride_qz,
-                          BITS)
-        s = s * (1 << BITS)
-        nzl, nzh = _nz_pairs(z, BITS)
-    return s, nzl, nzh
+    return _h2_word(qw, x0, x1, x2, x3, z, BITS)
 
 
 def _dequant_lines(bits: int, w: int, nz: int) -> list[str]:
@@ -234,40 +198,37 @@ def _as_f32(t):
 
 
 @triton.jit
-def _h2_word2(qw, a0, a1, a2, a3, b0, b1, b2, b3, nzl, nzh, BITS: tl.constexpr):
+def _h2_word2(qw, a0, a1, a2, a3, b0, b1, b2, b3, z, BITS: tl.constexpr):
     """`_h2_word` for two rows of x (pairs a*, b*), the word dequantized once -> two fp32 sums."""
     if INTERPRET:
-        return (_h2_word(qw, a0, a1, a2, a3, nzl, nzh, BITS),
-                _h2_word(qw, b0, b1, b2, b3, nzl, nzh, BITS))
+        return _h2_word(qw, a0, a1, a2, a3, z, BITS), _h2_word(qw, b0, b1, b2, b3, z, BITS)
     if BITS == 4:
         ya, yb = tl.inline_asm_elementwise(
-            _ASM4_R2, _C2_4, [qw, a0, a1, a2, a3, b0, b1, b2, b3, nzl, nzh],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+            _ASM4_R2, _C2_4, [qw, a0, a1, a2, a3, b0, b1, b2, b3, _nz(z, 16, BITS),
+                              _nz(z, 256, BITS)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     else:
         ya, yb = tl.inline_asm_elementwise(
-            _ASM8_R2, _C2_8, [qw, a0, a1, b0, b1, nzl], dtype=(tl.int32, tl.int32),
+            _ASM8_R2, _C2_8, [qw, a0, a1, b0, b1, _nz(z, 256, BITS)], dtype=(tl.int32, tl.int32),
             is_pure=True, pack=1)
     return _as_f32(ya), _as_f32(yb)
 
 
 @triton.jit
-def _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, nzl, nzh,
+def _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, z,
               BITS: tl.constexpr):
     """`_h2_word` for four rows of x (pairs a*, b*, c*, d*), the word dequantized once -> four
     fp32 sums."""
     if INTERPRET:
-        return (_h2_word(qw, a0, a1, a2, a3, nzl, nzh, BITS),
-                _h2_word(qw, b0, b1, b2, b3, nzl, nzh, BITS),
-                _h2_word(qw, c0, c1, c2, c3, nzl, nzh, BITS),
-                _h2_word(qw, d0, d1, d2, d3, nzl, nzh, BITS))
+        return (_h2_word(qw, a0, a1, a2, a3, z, BITS), _h2_word(qw, b0, b1, b2, b3, z, BITS),
+                _h2_word(qw, c0, c1, c2, c3, z, BITS), _h2_word(qw, d0, d1, d2, d3, z, BITS))
     if BITS == 4:
         ya, yb, yc, yd = tl.inline_asm_elementwise(
             _ASM4_R4, _C4_4, [qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
-                              nzl, nzh],
+                              _nz(z, 16, BITS), _nz(z, 256, BITS)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
         ya, yb, yc, yd = tl.inline_asm_elementwise(
-            _ASM8_R4, _C4_8, [qw, a0, a1, b0, b1, c0, c1, d0, d1, nzl],
+            _ASM8_R4, _C4_8, [qw, a0, a1, b0, b1, c0, c1, d0, d1, _nz(z, 256, BITS)],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     return _as_f32(ya), _as_f32(yb), _as_f32(yc), _as_f32(yd)
 

@@ -28,10 +28,10 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .gptq_common import _finish, _group_sz, _next_tile, _split  # noqa: E402
+from .gptq_common import _finish, _group_sz, _next_tile, _split, _word_sz  # noqa: E402
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
-from .gptq_h2 import _h2_word2, _h2_word4, _nz_pairs, _word_snz, _x_pairs  # noqa: E402
+from .gptq_h2 import _h2_word2, _h2_word4, _x_pairs  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 from .pdl import options as pdl_options, release, wait  # noqa: E402
 
@@ -69,23 +69,23 @@ def _h2mm_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
         if MODE == 0:
             s, z = _group_sz(s_ptr, qz_ptr, (k0 + GROUP_OFFSET) // GROUP_SIZE, offs_n, n_mask,
                              stride_s, stride_qz, BITS)
-            s = (s * (1 << BITS))[None, :]
-            nzl, nzh = _nz_pairs(z[None, :], BITS)
+            s = s[None, :]
+            z = z[None, :]
         else:  # each word in one group: z, s per word row (two groups, or gathered per word)
-            s, nzl, nzh = _word_snz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G,
-                                    stride_s, stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX,
-                                    MODE == 1)
+            s, z = _word_sz(s_ptr, qz_ptr, gidx_ptr, k0, offs_w, w_hi, offs_n, n_mask, G, stride_s,
+                            stride_qz, BITS, GROUP_SIZE, GROUP_OFFSET, HAS_GIDX, MODE == 1)
+        s = s * (1 << BITS)
         a0, a1, a2, a3 = _x_pairs(x_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM, EVEN_K)
         b0, b1, b2, b3 = _x_pairs(x1_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM, EVEN_K)
         if BLOCK_M == 2:
-            ya, yb = _h2_word2(qw, a0, a1, a2, a3, b0, b1, b2, b3, nzl, nzh, BITS)
+            ya, yb = _h2_word2(qw, a0, a1, a2, a3, b0, b1, b2, b3, z, BITS)
         else:
             c0, c1, c2, c3 = _x_pairs(x2_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM,
                                       EVEN_K)
             d0, d1, d2, d3 = _x_pairs(x3_ptr, perm_ptr, offs_w, K, stride_xk, BITS, HAS_PERM,
                                       EVEN_K)
             ya, yb, yc, yd = _h2_word4(qw, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1,
-                                       d2, d3, nzl, nzh, BITS)
+                                       d2, d3, z, BITS)
             acc2 += yc * s
             acc3 += yd * s
         acc0 += ya * s
