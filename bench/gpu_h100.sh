@@ -61,6 +61,12 @@ if has checks; then
       --max-tokens 8 --json > "$OUT/verify_tp${tp}_${backend}.json" 2> "$OUT/verify_tp${tp}_${backend}.err"
     echo "verify tp=$tp $backend: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_tp${tp}_${backend}.json" 2>&1 | tail -1)"
   done; done
+  python3 bench/make_checkpoint.py --preset small-act --out /tmp/small-act --device cuda >/dev/null
+  for tp in 1 2; do  # act-order: MLP channels in group order, norms writing x in the GEMVs' order
+    timeout 180 python3 -m tpserve.cli verify --model /tmp/small-act --tp $tp --backend local --device cuda \
+      --max-tokens 8 --json > "$OUT/verify_act_tp${tp}.json" 2> "$OUT/verify_act_tp${tp}.err"
+    echo "verify act-order tp=$tp local: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']))" "$OUT/verify_act_tp${tp}.json" 2>&1 | tail -1)"
+  done
   timeout 120 python3 bench/moe_check.py 2>&1 | grep -v INFO | tail -3  # routed experts: eager
   wait $selfchecks  # the full log comes back in $OUT; here only what went wrong, if anything
   echo "kernel self-checks: $(grep -c '^== ' "$OUT/kernel_selfchecks.log") modules ran"
@@ -124,7 +130,7 @@ fi
 if has actorder; then
   [ -e /tmp/l8act/config.json ] || python3 bench/make_checkpoint.py --preset llama3-8b-act --out /tmp/l8act \
     --device cuda >/dev/null
-  for order in 1 0; do
+  for order in ${ORDERS:-1 0}; do
     TPSERVE_MLP_GROUP_ORDER=$order timeout 200 python3 bench/decode.py --model /tmp/l8act --tp 1 \
       --batch ${BATCH:-1 8} --backend local --device cuda --dtype float16 --peer none --lm-head int8 \
       --prompt-len 128 --gen 128 --decode-steps 8 --out "$OUT/decode_act_order$order.json" \

@@ -6,7 +6,7 @@ Presets: llama3-8b (Llama-3-8B shapes, 4-bit g128), llama3-8b-act (the same with
 qwen-straddle (Qwen2-style with q/k/v biases and intermediate 13696: tp=2 splits down_proj at
 6848, 64 rows into a group of 128), llama3-1b (Llama-3.2-1B shapes, tied embeddings), llama3-70b
 (Llama-3-70B shapes: 80 layers, hidden 8192, 64/8 heads, intermediate 28672; `--layers` cuts it
-for quick runs), small (a 2-layer model for smoke tests).
+for quick runs), small (a 2-layer model for smoke tests), small-act (the same with act-order).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PRESETS = {
     "small": ({**LLAMA3_8B, "num_hidden_layers": 2, "hidden_size": 1024, "intermediate_size": 2816,
                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}, GPTQ4),
 }
+PRESETS["small-act"] = (PRESETS["small"][0], {**GPTQ4, "desc_act": True})
 
 
 def main() -> int:

@@ -11,6 +11,9 @@ tiny launches per layer) with one Triton kernel, beside a torch reference with t
   (h + r, rms_norm(h + r)), the sum rounded to the dtype before it is normalised (as torch does).
 - `silu_mul(gate, up)`: silu(gate) * up, silu rounded to the dtype first (as torch).
 
+Both norms take `perm`: the normalised row written in the order perm gives (out[j] = norm[perm[j]]),
+for an act-order GEMV that would otherwise gather x through its row permutation in every program.
+
 CUDA tensors run the kernels, CPU tensors the references (`use_triton_for`, shared with
 `rotary.py`); `use_triton=True` runs a kernel on CPU tensors under TRITON_INTERPRET=1 (the tests:
 the interpreter is slow and wrong in bf16, so the model's CPU path never takes it).
@@ -40,42 +43,54 @@ def use_triton_for(x: torch.Tensor, use_triton: bool | None) -> bool:
 
 # ---- RMSNorm -----------------------------------------------------------------------------------
 
-def rms_norm_reference(x, w, eps: float, offset: float | None = None):
+def rms_norm_reference(x, w, eps: float, offset: float | None = None, perm=None):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset is None:
-        return w * xf.to(x.dtype)
-    return (xf if w is None else xf * (offset + w.float())).to(x.dtype)
+        out = w * xf.to(x.dtype)
+    else:
+        out = (xf if w is None else xf * (offset + w.float())).to(x.dtype)
+    return out if perm is None else out.index_select(-1, perm)
 
 
-def add_rms_norm_reference(h, r, w, eps: float, offset: float | None = None):
+def add_rms_norm_reference(h, r, w, eps: float, offset: float | None = None, perm=None):
     s = h + r
-    return s, rms_norm_reference(s, w, eps, offset)
+    return s, rms_norm_reference(s, w, eps, offset, perm)
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, n, stride_x, stride_r, stride_s,
-                     stride_o, eps, offset, MODE: tl.constexpr, ADD: tl.constexpr,
-                     PDL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, perm_ptr, out_ptr, n, stride_x, stride_r,
+                     stride_s, stride_o, eps, offset, MODE: tl.constexpr, ADD: tl.constexpr,
+                     PERM: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
     release(PDL)  # the GEMV after it may load its weights now (pdl.py)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = _row(x_ptr + row * stride_x, r_ptr + row * stride_r, cols, mask, ADD)
     if ADD:  # x + r rounded to the dtype (the residual stream), stored, then normalised
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
-    tl.store(out_ptr + row * stride_o + cols, _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE),
-             mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    if PERM:  # the row again through perm (the same sum, the same rounding), from L1
+        cols = tl.load(perm_ptr + cols, mask=mask, other=0)
+        x = _row(x_ptr + row * stride_x, r_ptr + row * stride_r, cols, mask, ADD)
+    tl.store(out_ptr + row * stride_o + tl.arange(0, BLOCK),
+             _scaled(x, rstd, w_ptr, cols, mask, offset, MODE), mask=mask)
 
 
 @triton.jit
-def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
-    """The RMSNorm of row x (0 where masked), scaled by MODE's weight, in x's dtype."""
-    xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    y = xf * r
+def _row(x_ptr, r_ptr, cols, mask, ADD: tl.constexpr):
+    """x[cols], or x[cols] + r[cols] rounded to the dtype (the residual stream)."""
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _scaled(x, rstd, w_ptr, cols, mask, offset, MODE: tl.constexpr):
+    """x * rstd scaled by MODE's weight at cols, in x's dtype."""
+    y = x.to(tl.float32) * rstd
     if MODE == 0:  # llama: cast, then scale in the input dtype
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = y.to(x.dtype) * w
@@ -87,10 +102,18 @@ def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
     return out
 
 
+@triton.jit
+def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
+    """The RMSNorm of row x (0 where masked), scaled by MODE's weight, in x's dtype."""
+    xf = x.to(tl.float32)
+    return _scaled(x, 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps), w_ptr, cols, mask, offset,
+                   MODE)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None,
-             use_triton: bool | None = None):
+             use_triton: bool | None = None, perm: torch.Tensor | None = None):
     if not use_triton_for(x, use_triton) or (offset is None and w is not None and w.dtype != x.dtype):
-        return rms_norm_reference(x, w, eps, offset)
+        return rms_norm_reference(x, w, eps, offset, perm)
     shape, n = x.shape, x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -98,27 +121,31 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     mode = 2 if w is None else (0 if offset is None else 1)
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, x2, x2, x2 if w is None else w, out, n, x2.stride(0),
-                                         0, 0, out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                                         ADD=False, PDL=pdl_flag(x2), BLOCK=triton.next_power_of_2(n), num_warps=4)
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, x2, x2 if w is None else w,
+                                         x2 if perm is None else perm, out, n, x2.stride(0), 0, 0,
+                                         out.stride(0), eps, float(offset or 0.0), MODE=mode,
+                                         ADD=False, PERM=perm is not None, PDL=pdl_flag(x2),
+                                         BLOCK=triton.next_power_of_2(n), num_warps=4)
     return out.view(shape)
 
 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: float,
-                 offset: float | None = None, use_triton: bool | None = None):
+                 offset: float | None = None, use_triton: bool | None = None,
+                 perm: torch.Tensor | None = None):
     """(h + r, its RMSNorm), both [T, n]: a residual add and the next half's norm in one kernel."""
     if (not use_triton_for(h, use_triton) or h.dim() != 2 or r.shape != h.shape or r.dtype != h.dtype
             or h.stride(-1) != 1 or r.stride(-1) != 1
             or (offset is None and w is not None and w.dtype != h.dtype)):
-        return add_rms_norm_reference(h, r, w, eps, offset)
+        return add_rms_norm_reference(h, r, w, eps, offset, perm)
     t, n = h.shape
     total = torch.empty_like(h, memory_format=torch.contiguous_format)
     out = torch.empty_like(total)
     mode = 2 if w is None else (0 if offset is None else 1)
     if t:
-        _rms_norm_kernel[(t,)](h, r, total, h if w is None else w, out, n, h.stride(0), r.stride(0),
-                               total.stride(0), out.stride(0), eps, float(offset or 0.0), MODE=mode,
-                               ADD=True, PDL=pdl_flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
+        _rms_norm_kernel[(t,)](h, r, total, h if w is None else w, h if perm is None else perm, out,
+                               n, h.stride(0), r.stride(0), total.stride(0), out.stride(0), eps,
+                               float(offset or 0.0), MODE=mode, ADD=True, PERM=perm is not None,
+                               PDL=pdl_flag(h), BLOCK=triton.next_power_of_2(n), num_warps=4)
     return total, out
 
 

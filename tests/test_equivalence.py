@@ -5,6 +5,8 @@ summation order (a row-parallel product is split into tp partial sums; attention
 That is ~1e-6 relative; we allow 1e-4 absolute on logits of magnitude ~1-10.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,6 +117,27 @@ def test_act_order_mlp_channels_in_group_order_give_aligned_down_shards(refs, na
             torch.testing.assert_close(lin["mlp.gate_proj"][1], gate_ref[:, ch], rtol=0, atol=1e-6)
             torch.testing.assert_close(lin["mlp.up_proj"][1], up_ref[:, ch], rtol=0, atol=1e-6)
         assert any(offsets)  # some rank's run starts inside a group
+    llm.close()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_act_order_norms_write_x_in_the_order_of_the_gemvs_they_feed(tp):
+    """q/k/v and gate/up of an act-order checkpoint (GPTQModel's: the parts of each share one
+    group order, so they merge) read x without a gather: their norms write it in the GEMV's row
+    order (test_peer_fixtures compares this checkpoint's logits with transformers'); o_proj, fed
+    by attention, keeps its gather."""
+    path = Path(__file__).parent / "fixtures" / "llama_g32_sym_act"
+    llm = tpserve.load(path, tp=tp, dtype=torch.float32)
+    hidden = llm.executor.ranks[0].layers[0].attn_norm.weight.numel()
+    for rank in llm.executor.ranks:
+        for layer in rank.layers:
+            for norm, merged in ((layer.attn_norm, layer.self_attn.qkv_proj),
+                                 (layer.mlp_norm, layer.mlp.gate_up_proj)):
+                linear = merged.joined
+                assert linear.perm is None and linear.input_order is not None
+                assert norm.out_perm is linear.input_order
+                assert sorted(norm.out_perm.tolist()) == list(range(hidden))
+            assert layer.self_attn.o_proj.perm is not None
     llm.close()
 
 

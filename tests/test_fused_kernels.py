@@ -48,6 +48,28 @@ def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, offset):
     assert total.data_ptr() != h.data_ptr()  # h itself is left as it was
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("offset", [None, 1.0])
+def test_norms_write_their_output_in_a_given_column_order(dtype, offset):
+    """perm (an act-order GEMV's row order): out[:, j] = norm(x)[:, perm[j]], alone and after the
+    residual add, the row's statistics unchanged; 40 columns in a 64-wide block (masked lanes)."""
+    torch.manual_seed(2)
+    h, r = torch.randn(3, 40, dtype=dtype) * 2, torch.randn(3, 40, dtype=dtype)
+    w = torch.randn(40, dtype=dtype)
+    perm = torch.randperm(40)
+    tol = dict(rtol=2e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+    plain = rms_norm(h, w, 1e-6, offset, use_triton=True)
+    got = rms_norm(h, w, 1e-6, offset, use_triton=True, perm=perm)
+    assert torch.equal(got, plain[:, perm])
+    assert torch.allclose(rms_norm(h, w, 1e-6, offset, perm=perm).float(), plain[:, perm].float(), **tol)
+    total, normed = add_rms_norm(h, r, w, 1e-6, offset, use_triton=True, perm=perm)
+    assert torch.equal(total, h + r)  # the residual stream itself is not permuted
+    want = rms_norm_reference(h + r, w, 1e-6, offset)[:, perm]
+    assert torch.allclose(normed.float(), want.float(), **tol)
+    assert torch.equal(add_rms_norm(h, r, w, 1e-6, offset, perm=perm)[1],
+                       rms_norm_reference(h + r, w, 1e-6, offset, perm))
+
+
 def test_rms_norm_without_weight_and_on_strided_rows():
     x = torch.randn(4, 2 * 32)[:, :32]  # a column slice: rows are not contiguous
     assert torch.allclose(rms_norm(x, None, 1e-6, 0.0, use_triton=True), x / x.pow(2).mean(-1, True).add(1e-6).sqrt(),

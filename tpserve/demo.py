@@ -73,11 +73,14 @@ LINEAR_SHAPES = {  # name -> (K, N) from the config
     "mlp.down_proj": lambda c, h, i, q, kv: (i, h)}
 
 
-def _gptq_layer(w: torch.Tensor, quant: dict, gen: torch.Generator) -> dict:
-    """Round-to-nearest GPTQ tensors of W [K, N] (v1 zeros; act-order when quant says so)."""
+SAME_INPUT = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _gptq_layer(w: torch.Tensor, quant: dict, perm: torch.Tensor | None) -> dict:
+    """Round-to-nearest GPTQ tensors of W [K, N] (v1 zeros; act-order rows in `perm`'s order)."""
     k, bits, gs = w.shape[0], quant["bits"], quant["group_size"]
-    perm = (torch.randperm(k, generator=gen).to(w.device) if quant.get("desc_act")
-            else torch.arange(k, device=w.device))
+    perm = torch.arange(k, device=w.device) if perm is None else perm.to(w.device)
     q_perm, zeros, scales = gptq.quantize(w[perm], bits, gs, quant.get("sym", True))
     q = torch.empty_like(q_perm)
     q[perm] = q_perm
@@ -120,10 +123,14 @@ def write_random_checkpoint(path: Path, config: dict, quant: dict, seed: int = 0
         p = f"model.layers.{i}"
         t[f"{p}.input_layernorm.weight"] = torch.ones(h).half()
         t[f"{p}.post_attention_layernorm.weight"] = torch.ones(h).half()
+        orders = {}  # act-order: one row order per input, as GPTQ's (q/k/v share one, gate/up one)
         for name, shape in LINEAR_SHAPES.items():
             k, n = shape(c, h, inter, q_out, kv_out)
             w = torch.randn(k, n, generator=gen).to(device) / k**0.5  # [K, N], variance-preserving
-            for key, v in _gptq_layer(w, quant, gen).items():
+            source = "qkv" if name in SAME_INPUT["qkv"] else "gate_up" if name in SAME_INPUT["gate_up"] else name
+            if quant.get("desc_act") and source not in orders:
+                orders[source] = torch.randperm(k, generator=gen)
+            for key, v in _gptq_layer(w, quant, orders.get(source)).items():
                 t[f"{p}.{name}.{key}"] = v
             if bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
                 t[f"{p}.{name}.bias"] = (0.02 * torch.randn(n, generator=gen)).half()

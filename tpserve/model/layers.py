@@ -28,18 +28,22 @@ class RMSNorm(torch.nn.Module):
     offset None (llama family, as transformers): cast back, then multiply by w. A float offset
     (Gemma): multiply by (offset + w) in fp32, then cast back; Gemma 2/3 store w as an offset from
     1, Gemma 4 as is (offset 0). weight None: no scale at all (Gemma 4's v norm).
+
+    `out_perm`: the output's columns in this order (the act-order GEMV it feeds reads x so,
+    `DecoderLayer.fold_input_orders`).
     """
 
     def __init__(self, weight: torch.Tensor | None, eps: float, offset: float | None = None):
         super().__init__()
         self.weight, self.eps, self.offset = weight, eps, offset
+        self.out_perm: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset)
+        return rms_norm(x, self.weight, self.eps, self.offset, perm=self.out_perm)
 
     def after_add(self, h: torch.Tensor, r: torch.Tensor):
         """(h + r, norm(h + r)) in one kernel on a GPU."""
-        return add_rms_norm(h, r, self.weight, self.eps, self.offset)
+        return add_rms_norm(h, r, self.weight, self.eps, self.offset, perm=self.out_perm)
 
 
 class LayerLoader:
@@ -228,7 +232,17 @@ class DecoderLayer(torch.nn.Module):
         self.mlp_norm, self.mlp, self.mlp_out = mlp_norm, mlp, mlp_out
         self.moe, self.per_layer, self.layer_scalar = moe, per_layer, layer_scalar
         self.layer_type = layer_type
+        self.fold_input_orders()
 
+    def fold_input_orders(self) -> None:
+        """An act-order q/k/v or gate/up GEMV reads x through its rows' permutation, gathered in
+        every program of the kernel; its norm (the only producer of its input) writes x in that
+        order instead: one gather in the norm kernel, aligned reads in the GEMV."""
+        for norm, merged in ((self.attn_norm, getattr(self.self_attn, "qkv_proj", None)),
+                             (self.mlp_norm, getattr(self.mlp, "gate_up_proj", None))):
+            linear = getattr(merged, "joined", None)
+            if isinstance(norm, RMSNorm) and norm.out_perm is None and linear is not None:
+                norm.out_perm = linear.take_input_order()
     def attn_partial(self, h, cos, sin, cache, index: int, plan, decode, normed=None):
         """`normed`: attn_norm(h) where the caller already has it."""
         x = self.attn_norm(h) if normed is None else normed

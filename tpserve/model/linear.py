@@ -95,9 +95,20 @@ class Linear(torch.nn.Module):
     def __init__(self, weight: GPTQWeight | torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.perm = None
+        self.input_order = None  # x arrives in this order of its columns (its producer's work)
         if isinstance(weight, GPTQWeight) and weight.g_idx is not None:
             weight, self.perm = prepare_act_order(weight)
         self.weight, self.bias = weight, bias
+
+    def take_input_order(self) -> torch.Tensor | None:
+        """The act-order permutation x is read through, handed to x's producer, which then
+        writes x in that order (None: nothing to hand over: no permutation, or rows padded
+        per group, whose x has fewer columns than the weight has rows)."""
+        if self.perm is None or self.perm.numel() != (self.weight.x_features
+                                                      or self.weight.in_features):
+            return None
+        self.input_order, self.perm = self.perm, None
+        return self.input_order
 
     @classmethod
     def load(cls, ckpt: Checkpoint, prefix: str, quant: QuantConfig | None, in_features: int,
@@ -119,7 +130,7 @@ class Linear(torch.nn.Module):
         if not isinstance(self.weight, GPTQWeight):
             return self.weight.float().T
         w = self.weight.dequantize(torch.float32)
-        if self.perm is None:
+        if self.perm is None:  # (with an input order, x arrives permuted as these rows are)
             return w
         # act-order rows were sorted by group at load (x[:, perm] @ w), and padded to whole words
         # with rows of exact zeros that read x through perm like the others: sum them back

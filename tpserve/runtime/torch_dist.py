@@ -136,7 +136,7 @@ class DistPath:
         if (one is None or not one.fuse_norm or x.dim() != 2 or not x.is_contiguous() or h.shape != x.shape
                 or h.dtype != x.dtype or h.stride(-1) != 1
                 or x.numel() * x.element_size() > ONE_SHOT_BYTES or x.shape[0] > MAX_BLOCKS
-                or x.shape[1] > NORM_MAX_WIDTH
+                or x.shape[1] > NORM_MAX_WIDTH or norm.out_perm is not None
                 or (norm.offset is None and norm.weight is not None
                     and norm.weight.dtype != x.dtype)):
             return None
