@@ -71,7 +71,10 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
 
     r0, r1 = k0 * bits // 32, gptq.packed_len(k1, bits)
     qwords = ckpt.read(f"{prefix}.qweight", rows=(r0, r1), cols=(n0, n1))
-    q = gptq.unpack_rows(qwords, bits, k1 - k0, bit_offset=k0 * bits - r0 * 32)
+    if (k0 * bits) % 32 or ((k1 - k0) * bits) % 32:  # a slice starting or ending mid-word:
+        # unpacked and repacked from local row 0 (whole words are already the shard's packing)
+        qwords = gptq.pack_rows(gptq.unpack_rows(qwords, bits, k1 - k0,
+                                                 bit_offset=k0 * bits - r0 * 32), bits)
 
     offset = k0 % gs if g_idx is None else 0
     if offset and os.environ.get(BREAK_GROUP_OFFSET_ENV) == "1":
@@ -79,7 +82,7 @@ def read_gptq_shard(ckpt: Checkpoint, prefix: str, quant: QuantConfig, in_featur
                     BREAK_GROUP_OFFSET_ENV, offset, prefix)
         offset = 0
     return GPTQWeight(
-        qweight=gptq.pack_rows(q, bits), qzeros=gptq.pack_cols(zeros, bits),
+        qweight=qwords.contiguous(), qzeros=gptq.pack_cols(zeros, bits),
         scales=(scales if scale_dtype is None else scales.to(scale_dtype)).contiguous(),
         g_idx=None if g_idx is None else (g_idx - g_first).to(torch.int32),
         group_offset=offset, bits=bits, group_size=gs,
