@@ -127,7 +127,7 @@ def write_random_checkpoint(path: Path, config: dict, quant: dict, seed: int = 0
         for name, shape in LINEAR_SHAPES.items():
             k, n = shape(c, h, inter, q_out, kv_out)
             w = torch.randn(k, n, generator=gen).to(device) / k**0.5  # [K, N], variance-preserving
-            source = "qkv" if name in SAME_INPUT["qkv"] else "gate_up" if name in SAME_INPUT["gate_up"] else name
+            source = next((s for s, names in SAME_INPUT.items() if name in names), name)
             if quant.get("desc_act") and source not in orders:
                 orders[source] = torch.randperm(k, generator=gen)
             for key, v in _gptq_layer(w, quant, orders.get(source)).items():

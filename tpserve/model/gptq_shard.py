@@ -156,16 +156,19 @@ def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
     g_sorted = g[perm]
     g_first, g_last = int(g_sorted[0]), int(g_sorted[-1])
     g_sorted -= g_first
-    q = gptq.unpack_rows(w.qweight, w.bits, k)[perm]
     first = int((g_sorted == 0).sum())
     rows = torch.arange(k, device=g.device)
+    in_order = torch.equal(perm, rows)  # e.g. an MLP's rows read in group order (GatedMLP)
     qzeros = w.qzeros[g_first:g_last + 1].contiguous()
     scales = w.scales[g_first:g_last + 1].contiguous()
     if first <= gs and torch.equal(g_sorted, (rows + gs - first) // gs):
-        sorted_w = GPTQWeight(qweight=gptq.pack_rows(q, w.bits), qzeros=qzeros, scales=scales,
+        words = w.qweight if in_order else gptq.pack_rows(
+            gptq.unpack_rows(w.qweight, w.bits, k)[perm], w.bits)
+        sorted_w = GPTQWeight(qweight=words, qzeros=qzeros, scales=scales,
                               g_idx=None, group_offset=(gs - first) % gs, bits=w.bits,
                               group_size=gs, in_features=k, out_features=w.out_features)
-        return sorted_w, None if torch.equal(perm, rows) else perm
+        return sorted_w, None if in_order else perm
+    q = gptq.unpack_rows(w.qweight, w.bits, k)[perm]
     word_groups = w.bits in (4, 8)
     if word_groups:
         zeros = gptq.unpack_cols(qzeros, w.bits, w.out_features)
@@ -174,7 +177,7 @@ def prepare_act_order(w: GPTQWeight) -> tuple[GPTQWeight, torch.Tensor | None]:
                       g_idx=g_sorted.to(torch.int32), group_offset=0, bits=w.bits, group_size=gs,
                       in_features=q.shape[0], out_features=w.out_features, x_features=k,
                       word_groups=word_groups), \
-        None if q.shape[0] == k and torch.equal(perm, rows) else perm
+        None if q.shape[0] == k and in_order else perm
 
 
 def _pad_groups(q, g_sorted, perm, zeros, p: int):

@@ -243,6 +243,7 @@ class DecoderLayer(torch.nn.Module):
             linear = getattr(merged, "joined", None)
             if isinstance(norm, RMSNorm) and norm.out_perm is None and linear is not None:
                 norm.out_perm = linear.take_input_order()
+
     def attn_partial(self, h, cos, sin, cache, index: int, plan, decode, normed=None):
         """`normed`: attn_norm(h) where the caller already has it."""
         x = self.attn_norm(h) if normed is None else normed
