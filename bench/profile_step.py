@@ -52,6 +52,39 @@ def time_parts(llm, batch: int) -> None:
           f"(decode buckets {sorted(rank.graphs.buckets)}, prefill {sorted(rank.graphs.prefill)})")
 
 
+def replay_kernels(llm, batch: int, replays: int = 5) -> None:
+    """The captured decode step's kernels, grouped by (name, grid, block): calls per step, mean
+    us, us per step (kernels that overlap under PDL each count their own span), ordered by the
+    step's total; from a chrome trace of `replays` replays."""
+    import collections
+    import json
+    import os
+    import tempfile
+    rank = llm.executor.ranks[0]
+    bucket = rank.graphs.buckets[batch]
+    bucket.replay(rank.comm)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            bucket.replay(rank.comm)
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"]
+    os.unlink(path)
+    groups = collections.defaultdict(list)
+    for e in events:
+        a = e.get("args", {})
+        groups[(e["name"][:48], tuple(a.get("grid", ())), tuple(a.get("block", ())))].append(e["dur"])
+    print(f"batch {batch}: {len(events) / replays:.0f} kernels a step, their spans summed "
+          f"{sum(e['dur'] for e in events) / replays / 1e3:.3f} ms a step")
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    for (name, grid, block), durs in rows[:40]:
+        print(f"  {name:48s} grid {str(grid):16s} block {str(block):14s} {len(durs) / replays:6.1f}/step "
+              f"{sum(durs) / len(durs):8.2f} us  {sum(durs) / replays:9.1f} us/step")
+
+
 def profile_prefill(llm, n: int, device: str, batch: int = 1) -> None:
     """TTFT's parts for an n-token prompt: wall ms of `generate(max_tokens=1)` (median of 10), the
     GPU's busy ms inside one (kernel time summed), the launches, and the kernels by GPU time.
@@ -131,6 +164,7 @@ def main() -> int:
         return 0
     if args.device == "cuda":
         time_parts(llm, args.batch)
+        replay_kernels(llm, args.batch)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=acts) as prof:
         llm.generate(ids, max_tokens=args.steps, ignore_eos=True)

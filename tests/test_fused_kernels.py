@@ -50,19 +50,22 @@ def test_add_rms_norm_is_the_residual_add_then_the_norm(dtype, offset):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("offset", [None, 1.0])
-def test_norms_write_their_output_in_a_given_column_order(dtype, offset):
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_norms_write_their_output_in_a_given_column_order(dtype, offset, chunk):
     """perm (an act-order GEMV's row order): out[:, j] = norm(x)[:, perm[j]], alone and after the
-    residual add, the row's statistics unchanged; 40 columns in a 64-wide block (masked lanes)."""
+    residual add, the row's statistics unchanged; 40 columns in a 64-wide block (masked lanes), in
+    one program per row or in three (chunk 16: each writes 16 output columns, the last 8, and
+    stores its own columns of the residual sum)."""
     torch.manual_seed(2)
     h, r = torch.randn(3, 40, dtype=dtype) * 2, torch.randn(3, 40, dtype=dtype)
     w = torch.randn(40, dtype=dtype)
     perm = torch.randperm(40)
     tol = dict(rtol=2e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
     plain = rms_norm(h, w, 1e-6, offset, use_triton=True)
-    got = rms_norm(h, w, 1e-6, offset, use_triton=True, perm=perm)
+    got = rms_norm(h, w, 1e-6, offset, use_triton=True, perm=perm, chunk=chunk)
     assert torch.equal(got, plain[:, perm])
     assert torch.allclose(rms_norm(h, w, 1e-6, offset, perm=perm).float(), plain[:, perm].float(), **tol)
-    total, normed = add_rms_norm(h, r, w, 1e-6, offset, use_triton=True, perm=perm)
+    total, normed = add_rms_norm(h, r, w, 1e-6, offset, use_triton=True, perm=perm, chunk=chunk)
     assert torch.equal(total, h + r)  # the residual stream itself is not permuted
     want = rms_norm_reference(h + r, w, 1e-6, offset)[:, perm]
     assert torch.allclose(normed.float(), want.float(), **tol)
