@@ -179,6 +179,29 @@ def test_a_sampling_parameter_of_thousands_of_digits_is_not_echoed_whole(env):
     assert r.json()["error"]["message"].startswith("top_k=7777777777777777... (4000 characters)")
 
 
+DIGITS = "9" * 4000
+
+
+@pytest.mark.parametrize("path,body,quoted", [
+    ("/v1/completions", '{"prompt": "x", "max_tokens": %s}', "max_tokens=9999"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], '
+                             '"max_completion_tokens": %s}', "max_completion_tokens=9999"),
+    ("/v1/completions", '{"prompt": "x", "stop_token_ids": [%s]}', "token id 9999"),
+    ("/v1/completions", '{"prompt": [%s]}', "token id 9999"),
+    ("/v1/completions", '{"prompt": [[1], [%s]]}', "token id 9999"),
+    ("/detokenize", '{"tokens": [%s]}', "token id 9999"),
+    ("/v1/completions", '{"prompt": "x", "n": %s}', "n=9999"),
+    ("/v1/completions", '{"prompt": "x", "best_of": %s}', "best_of=9999"),
+])
+def test_a_number_of_thousands_of_digits_is_quoted_cut_short(env, path, body, quoted):
+    """Each refusal names the value, cut short: a 4000-digit number echoed whole made a 4 KB
+    error message."""
+    r = env.client.post(path, content=body % DIGITS, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert quoted in message and "(4000 characters)" in message and len(message) < 200, message[:300]
+
+
 def test_a_streamed_echo_with_logprobs_is_encoded_off_the_event_loop(env, monkeypatch):
     """The first chunk of a streamed echo carries the prompt's logprobs (seconds of JSON at a
     long prompt and many choices): encoded in pieces in a worker thread, as whole answers are."""

@@ -199,7 +199,7 @@ def refuse_unsupported(req: _Common) -> None:
                                 f"out", name)
     fmt = (req.response_format or {}).get("type", "text")
     unsupported = [
-        ("n", req.n is not None and not 1 <= req.n <= MAX_N, f"n={req.n} must be in [1, {MAX_N}]"),
+        ("n", req.n is not None and not 1 <= req.n <= MAX_N, f"n={shown(req.n)} must be in [1, {MAX_N}]"),
         ("response_format", fmt != "text",
          f"response_format type {shown(fmt)} is not supported: tpserve has no constrained (JSON or "
          f"grammar) decoding; leave response_format unset or {{\"type\": \"text\"}}"),
@@ -210,7 +210,7 @@ def refuse_unsupported(req: _Common) -> None:
     if isinstance(req, CompletionRequest):
         unsupported += [
             ("best_of", req.best_of not in (None, 1, req.n),
-             f"best_of={req.best_of} is not supported; leave it unset (n choices are returned)"),
+             f"best_of={shown(req.best_of)} is not supported; leave it unset (n choices are returned)"),
             ("suffix", bool(req.suffix), "suffix is not supported: this is not an insertion "
                                          "model; leave it null")]
     if isinstance(req, ChatRequest):

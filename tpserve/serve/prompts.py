@@ -33,7 +33,7 @@ class Prompts:
                                 f"of {max_len}; shorten it", param)
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+            raise ApiError(400, f"token id {shown(bad[0])} is outside the vocabulary [0, {vocab})", param)
         return tokens
 
     async def completion(self, prompt, echo: bool) -> list[tuple[list[int], str]]:

@@ -3,6 +3,7 @@ refusal one sentence naming the field and the fix, which the HTTP layer answers 
 
 from __future__ import annotations
 
+from tpserve.errors import shown
 from tpserve.serve.requests import RequestError
 from tpserve.serve.sample_sync import wire_problem
 from tpserve.serve.sampling_params import SamplingParams
@@ -20,7 +21,7 @@ def check_request(prompt: list[int], params: list[SamplingParams], vocab: int,
         raise RequestError("the prompt is empty; send at least one token")
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        raise RequestError(f"token id {shown(bad[0])} is outside the vocabulary [0, {vocab})")
     if len(prompt) + 1 > max_len:
         raise RequestError(f"the prompt has {len(prompt)} tokens but the context holds "
                            f"{max_len}; shorten the prompt")
@@ -30,7 +31,7 @@ def check_request(prompt: list[int], params: list[SamplingParams], vocab: int,
 
 def _check_params(n: int, params: SamplingParams, vocab: int, max_len: int) -> None:
     if n + params.max_tokens > max_len:
-        raise RequestError(f"prompt of {n} tokens + max_tokens={params.max_tokens} "
+        raise RequestError(f"prompt of {n} tokens + max_tokens={shown(params.max_tokens)} "
                            f"exceeds the context of {max_len}; shorten one of them", "max_tokens")
     if params.prompt_logprobs is not None and n * vocab * 4 > PROMPT_LOGITS_BYTES:
         raise RequestError(f"prompt_logprobs over a prompt of {n} tokens needs its "
@@ -40,7 +41,7 @@ def _check_params(n: int, params: SamplingParams, vocab: int, max_len: int) -> N
     for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
                       ("stop_token_ids", params.stop_token_ids)):
         if ids and max(ids) >= vocab:
-            raise RequestError(f"token id {max(ids)} in {name} is outside the vocabulary "
+            raise RequestError(f"token id {shown(max(ids))} in {name} is outside the vocabulary "
                                f"[0, {vocab})", name)
     problem = wire_problem(params)
     if problem is not None:
