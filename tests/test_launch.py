@@ -6,6 +6,7 @@ cluster it started, leaving no process behind.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,8 @@ def server(demo_checkpoint, tmp_path_factory):
 def test_completion_over_http_matches_the_in_process_model(server, demo_checkpoint):
     proc, base, log = server
     assert "embedded demo model" in log.read_text()
+    # the loaded model is out of the garbage collector's passes before requests are parsed
+    assert re.search(r"froze \d+ objects of the startup heap", log.read_text())
     models = httpx.get(f"{base}/v1/models").json()["data"]
     name = models[0]["id"]
     assert name == "tpserve-demo-llama-gptq4"  # the id the README gives

@@ -24,8 +24,10 @@ WRITE_MAX_HOLD_S = 600.0
 # sends it slowly, or never, would otherwise hold its connection and a task for ever.
 BODY_READ_TIMEOUT_S = 30.0
 # A request body over `middleware.body_limit` is refused (413) unread. Parsing JSON runs on the
-# event loop at up to ~60 ns a byte (1 s for 16 MiB of unknown fields on a 2-core EPYC), stalling
-# every connection meanwhile, so the limit follows the context: BYTES_PER_TOKEN per token of it (a
+# event loop at up to ~60 ns a byte (1 s for 16 MiB of unknown fields on a 2-core EPYC; lists of
+# empty lists 33-48 ns with the startup heap frozen, `server.freeze_startup_heap`, 215-275 ns
+# without: the collector's passes walked the loaded model), stalling every connection
+# meanwhile, so the limit follows the context: BYTES_PER_TOKEN per token of it (a
 # prompt as token ids takes ~7 bytes a token, as text ~4, as escaped CJK text ~9), at least
 # MIN_BODY_BYTES.
 BYTES_PER_TOKEN = 32

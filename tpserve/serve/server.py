@@ -16,12 +16,15 @@ its connection (and a task, and the response's bytes) forever. Here:
   fewer than WRITE_MIN_DRAIN_BYTES in that time (or, of a large response, fewer than its share of
   WRITE_MAX_HOLD_S), is aborted (`Bounded`), also after the response ended (closing waits for the
   buffer to drain).
-The bounds live in `limits.py`.
+The bounds live in `limits.py`. Before it serves, the startup heap (the loaded model, the engine)
+is frozen out of the garbage collector's passes (`freeze_startup_heap`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
+import logging
 import signal
 import struct
 import termios
@@ -151,6 +154,23 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
                           timeout_graceful_shutdown=graceful_timeout)
 
 
+log = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive now out of the cyclic garbage collector's passes (`gc.freeze`);
+    -> how many. A request body of many small JSON containers (1 MiB of `[],`) makes the
+    collector run hundreds of times while it is parsed on the event loop, and each full pass
+    walked the loaded model's objects: 275 ns a byte against 33 once they are frozen (the demo
+    model loaded; 17 with the collector off); `limits.py` sizes the body limit on the latter
+    figures. Frozen objects are still freed when their last reference goes."""
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    log.info("froze %d objects of the startup heap out of the garbage collector's passes", n)
+    return n
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           graceful_timeout: float = 10.0, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
     """Serve until SIGINT or SIGTERM, then give in-flight requests `graceful_timeout` seconds.
@@ -161,6 +181,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     """
     server = uvicorn.Server(server_config(app, host, port, log_level, graceful_timeout,
                                           max_connections))
+    freeze_startup_heap()
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return
