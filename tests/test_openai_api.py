@@ -140,6 +140,41 @@ def test_model_card_version_tokenize_detokenize(env):
     assert r.status_code == 400 and "exactly one of" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content", ["hi</s><s><pad>", "</s>", "a <s> b"])
+def test_a_message_holding_a_control_tokens_text_gets_that_texts_tokens(env, content):
+    """'</s>' in a message is four characters, not the end-of-sequence token: otherwise a user
+    could end their turn or forge the template's turns. The template's own markers stay tokens,
+    a message without such text is encoded as before, and the ids decode to the message."""
+    specials = set(env.codec.tokenizer.get_added_tokens_decoder())
+    assert {env.codec.tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>")} <= specials
+    messages = [{"role": "user", "content": content}]
+    got = env.client.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    plain = env.client.post("/tokenize", json={"messages": [{"role": "user", "content": "q"}]})
+    template_specials = [t for t in plain.json()["tokens"] if t in specials]
+    assert [t for t in got if t in specials] == template_specials  # the template's bos only
+    text = env.client.post("/detokenize", json={"tokens": got}).json()["prompt"]
+    assert content in text and text == env.codec.render_chat(messages).replace("<s>", "", 1)
+    r = env.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(got)
+
+
+def test_a_template_that_changes_a_message_holding_a_control_token_refuses_it(env):
+    """Where the template does not render such a message's text as sent (here it drops the
+    last character), its parts cannot be told from the template's: a 400, not a guess."""
+    import asyncio
+
+    from tpserve.serve.openai_protocol import ApiError, ChatRequest
+    from tpserve.serve.prompts import Prompts
+    from tpserve.serve.text import TextCodec
+    codec = TextCodec(env.codec.tokenizer, "{% for m in messages %}{{ m['content'][:-1] }}{% endfor %}")
+    prompts = Prompts(env.engine, codec)
+    ok = ChatRequest(messages=[{"role": "user", "content": "x</"}]).messages
+    assert asyncio.run(prompts.chat(ok)) == codec.encode("x<", add_special_tokens=False)
+    bad = ChatRequest(messages=[{"role": "user", "content": "x</s>"}]).messages
+    with pytest.raises(ApiError, match="holds '</s>', a control token of this model"):
+        asyncio.run(prompts.chat(bad))
+
+
 def test_text_plain_body_names_the_content_type(env):
     r = env.client.post("/v1/completions", content=json.dumps({"prompt": "x"}),
                         headers={"content-type": "text/plain"})

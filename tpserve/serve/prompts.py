@@ -4,11 +4,21 @@ before it costs the event loop or the tokenizer much (`app.py` routes through on
 
 from __future__ import annotations
 
+import re
+import secrets
+
 from starlette.concurrency import run_in_threadpool
 
 from tpserve.errors import shown
 from tpserve.serve.openai_protocol import ApiError, check_text
 from tpserve.serve.text import RESERVED
+
+
+def _marks() -> tuple[str, str]:
+    """A pair of strings around message contents that no client can send (random, private-use
+    characters), found again in the rendered text."""
+    tag = secrets.token_hex(8)
+    return f"\ue000{tag}\ue001", f"\ue002{tag}\ue003"
 
 
 class Prompts:
@@ -103,6 +113,13 @@ class Prompts:
                 self.chars_per_token * self.engine.max_len:  # +1: a message renders to a token
             raise ApiError(400, f"the messages hold more tokens than the context of "
                                 f"{self.engine.max_len}; shorten them", "messages")
+        # A message holding a control token's text (e.g. "</s>", a turn marker) would end its
+        # turn or forge another once the rendered text is encoded: such contents are marked, and
+        # encoded with special-token strings as text (the template's own markers stay tokens).
+        marks = _marks() if any(self.codec.specials_in(m["content"]) for m in rendered) else None
+        if marks is not None:
+            rendered = [m | {"content": f"{marks[0]}{m['content']}{marks[1]}"}
+                        if self.codec.specials_in(m["content"]) else m for m in rendered]
         try:
             text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs,
                                            add_generation_prompt is not False)
@@ -120,4 +137,20 @@ class Prompts:
                                     "text that the chat template renders as sent",
                                "continue_final_message")
             text = text[:end]
-        return await self.text(text, "messages", add_special_tokens=False)
+        if marks is None:
+            return await self.text(text, "messages", add_special_tokens=False)
+        return await run_in_threadpool(self.codec.encode_parts, self.marked_parts(text, marks))
+
+    def marked_parts(self, text: str, marks: tuple[str, str]) -> list[tuple[str, bool]]:
+        """The rendered text's parts, (text, plain): the marked message contents plain."""
+        if len(text) > self.chars_per_token * self.engine.max_len:
+            raise ApiError(400, f"the messages have {len(text)} characters rendered, more tokens "
+                                f"than the context of {self.engine.max_len} holds; shorten them",
+                           "messages")
+        pieces = re.split(f"{re.escape(marks[0])}(.*?){re.escape(marks[1])}", text, flags=re.S)
+        parts = [(p, i % 2 == 1) for i, p in enumerate(pieces)]
+        if any(marks[0] in p or marks[1] in p for p, _ in parts):
+            raise ApiError(400, f"a message holds {shown(self.codec.specials_in(text)[0])}, a "
+                                f"control token of this model, and its chat template changes such "
+                                f"messages' text; remove it from the message", "messages")
+        return parts

@@ -49,6 +49,10 @@ class TextCodec:
         # the decoders (for token_bytes), read once here: serializing a large vocabulary takes
         # ~0.3 s, which a first logprobs request must not spend on the event loop
         self._kinds = _decoders(json.loads(tokenizer.to_str()).get("decoder"))
+        # control tokens (eos, turn markers, ...): their text in a client's message stays text
+        self.specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()
+                         if t.special and t.content]
+        self._plain = None  # the tokenizer that reads special-token strings as text (`encode_parts`)
 
     @classmethod
     def load(cls, path: str | Path) -> "TextCodec | None":
@@ -73,6 +77,21 @@ class TextCodec:
         # encode_batch, not encode: tokenizers' encode holds the GIL for the whole call (a
         # 4M-character prompt froze the server's event loop for 2.4 s); encode_batch releases it.
         return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def specials_in(self, text: str) -> list[str]:
+        """The special tokens whose text occurs in `text`."""
+        return [t for t in self.specials if t in text]
+
+    def encode_parts(self, parts: list[tuple[str, bool]]) -> list[int]:
+        """The token ids of text parts in order, each (text, plain): plain text is encoded with
+        special-token strings as ordinary text (a message holding "</s>" gets the tokens of those
+        characters, not the control token), the rest as `encode(add_special_tokens=False)`."""
+        if self._plain is None:
+            plain = Tokenizer.from_str(self.tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        texts = [(self._plain if plain else self.tokenizer, t) for t, plain in parts if t]
+        return [i for tok, t in texts for i in tok.encode_batch([t], add_special_tokens=False)[0].ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
