@@ -38,6 +38,11 @@
 #                                   channels in down_proj's group order and in the checkpoint's
 #                                   (TPSERVE_MLP_GROUP_ORDER=0), then the aligned checkpoint, batch
 #                                   1 and 8, the torch int4 peer beside the aligned run
+#   bash bench/gpu_h100.sh fixedsum the decode GEMVs' outputs as fixed-point sums taken by their
+#                                   consumers (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py): graph vs
+#                                   eager tokens and verify with it, then Llama-3-8B shapes tp=1
+#                                   batch 1 and 8 without and with it (the peer in the first run),
+#                                   and the captured step's kernels with it
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -149,4 +154,26 @@ if has sampled; then
     --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 128 --decode-steps 1 8 \
     --temperature 0 0.8 --out "$OUT/decode_sampled_h100.json" > "$OUT/decode_sampled.log" 2>&1
   tail -12 "$OUT/decode_sampled.log"
+fi
+if has fixedsum; then
+  [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
+    --device cuda >/dev/null
+  TPSERVE_FIXED_SUM=1 timeout 200 python3 bench/decode.py --model /tmp/small --tp 1 --backend local \
+    --device cuda --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 \
+    | tee "$OUT/fixedsum_checks.log" | grep -vE "INFO|^ +[0-9]" | tail -6
+  for f in 0 1; do
+    TPSERVE_FIXED_SUM=$f timeout 180 python3 -m tpserve.cli verify --model /tmp/small --tp 1 --backend local \
+      --device cuda --max-tokens 32 --json > "$OUT/verify_fixed$f.json" 2> "$OUT/verify_fixed$f.err"
+    echo "verify TPSERVE_FIXED_SUM=$f: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']), [p['greedy'][:8] for p in r['prompts']][:2])" "$OUT/verify_fixed$f.json" 2>&1 | tail -1)"
+  done
+  l8
+  for f in 0 1; do
+    peer=none; [ $f = 0 ] && peer=torch-int4
+    TPSERVE_FIXED_SUM=$f timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
+      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
+      --gen 128 --decode-steps 8 --out "$OUT/decode_fixed$f.json" > "$OUT/decode_fixed$f.log" 2>&1
+    echo "TPSERVE_FIXED_SUM=$f:"; grep -v INFO "$OUT/decode_fixed$f.log" | tail -4
+  done
+  TPSERVE_FIXED_SUM=1 timeout 150 python3 bench/profile_step.py --model /tmp/l8 --batch 1 --lm-head int8 \
+    > "$OUT/profile_fixed1.log" 2>&1; grep -A10 "^batch" "$OUT/profile_fixed1.log" | cut -c1-150
 fi

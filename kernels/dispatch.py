@@ -93,14 +93,20 @@ def _few_rows(k, x, w, perm, out, config):
     return kernels[k.faster((x.shape[0], perm is not None, x.dtype) + k.shape_key(w), calls)], out
 
 
-def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] -> [..., N]; `perm` (from the loader's act-order sort) reorders x's last dim."""
+def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
+                fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N]; `perm` (from the loader's act-order sort) reorders x's last dim.
+
+    `fixed`: a zeroed int64 [1, N] buffer (`fixed_sum.py`) that the GEMV adds its output into as a
+    fixed-point sum where x is one row on a GPU; the result is then that buffer, for a consumer
+    that takes it. Elsewhere `fixed` is not used."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
     if x.is_cuda and w.bits in (4, 8):
         _announce("GPTQ matmul", f"Triton {w.bits}-bit")
+        out = fixed if fixed is not None and x2.shape[0] == 1 else None
         with _LAUNCH_LOCK:
-            y = gptq_matmul_triton(x2, w, perm)
+            y = gptq_matmul_triton(x2, w, perm, out)
     else:
         x2 = x2 if perm is None else x2.index_select(1, perm)
         dense = gptq_cpu.dense_copy(x2, w)

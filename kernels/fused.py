@@ -34,6 +34,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
 from .pdl import flag as pdl_flag, release  # noqa: E402
 
 
@@ -106,10 +107,12 @@ def _norm_grid(rows: int, n: int, perm, chunk: int):
 
 @triton.jit
 def _row(x_ptr, r_ptr, cols, mask, ADD: tl.constexpr):
-    """x[cols], or x[cols] + r[cols] rounded to the dtype (the residual stream)."""
+    """x[cols], or x[cols] + r[cols] rounded to the dtype (the residual stream); r may be a
+    fixed-point sum (`fixed_sum.py`), taken as it is read."""
     x = tl.load(x_ptr + cols, mask=mask, other=0.0)
     if ADD:
-        x = (x.to(tl.float32) + tl.load(r_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        r = load_value(r_ptr, cols, mask, x.dtype)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x
 
 
@@ -159,10 +162,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: float,
                  offset: float | None = None, use_triton: bool | None = None,
                  perm: torch.Tensor | None = None, chunk: int = PERM_CHUNK):
-    """(h + r, its RMSNorm), both [T, n]: a residual add and the next half's norm in one kernel."""
-    if (not use_triton_for(h, use_triton) or h.dim() != 2 or r.shape != h.shape or r.dtype != h.dtype
-            or h.stride(-1) != 1 or r.stride(-1) != 1
-            or (offset is None and w is not None and w.dtype != h.dtype)):
+    """(h + r, its RMSNorm), both [T, n]: a residual add and the next half's norm in one kernel.
+    r may be a fixed-point sum (int64, `fixed_sum.py`): taken (converted, its buffer zeroed)."""
+    ok = (use_triton_for(h, use_triton) and h.dim() == 2 and r.shape == h.shape
+          and r.dtype in (h.dtype, torch.int64) and h.stride(-1) == 1 and r.stride(-1) == 1
+          and not (offset is None and w is not None and w.dtype != h.dtype))
+    if is_fixed(r) and (perm is not None or not ok):
+        r = take_reference(r, h.dtype)  # (the permuted norm's programs each read the whole row)
+    if not ok:
         return add_rms_norm_reference(h, r, w, eps, offset, perm)
     t, n = h.shape
     total = torch.empty_like(h, memory_format=torch.contiguous_format)
@@ -190,20 +197,26 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, PDL: tl.const
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty  # gate/up may be fixed-point sums (fixed_sum.py)
+    g = load_value(g_ptr + row * stride_g, cols, mask, dtype)
+    u = load_value(u_ptr + row * stride_u, cols, mask, dtype)
     gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + row * n + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype),
+    s = (gf / (1.0 + tl.exp(-gf))).to(dtype)
+    tl.store(out_ptr + row * n + cols, (s.to(tl.float32) * u.to(tl.float32)).to(dtype),
              mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
-    """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection)."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection); both may be
+    fixed-point sums (int64, `fixed_sum.py`, taken), the output then in `dtype`."""
+    dtype = dtype or gate.dtype
     if not use_triton_for(gate, use_triton) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        if is_fixed(gate):
+            gate, up = take_reference(gate, dtype), take_reference(up, dtype)
         return silu_mul_reference(gate, up)
     t, n = gate.shape
-    out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
+    out = torch.empty((t, n), dtype=dtype, device=gate.device)
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),

@@ -32,6 +32,8 @@ import os
 import triton
 import triton.language as tl
 
+from .fixed_sum import ONE as FIXED_ONE
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)  # inside @triton.jit: the asm has no interpreter
 MAGIC = tl.constexpr(8388608.0)  # 2**23
@@ -207,8 +209,11 @@ def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, pid_k, w
             SPLIT_K: tl.constexpr):
     """Store y; with split-K, store it into this split's workspace slice, and the last of the
     SPLIT_K programs (a per-tile ticket) sums the slices in split order and stores the sum: the
-    same bits whatever order the programs ran in."""
-    if SPLIT_K == 1:
+    same bits whatever order the programs ran in. An int64 output is a fixed-point sum
+    (`fixed_sum.py`): each program adds y into it, no ticket."""
+    if out_ptr.dtype.element_ty == tl.int64:
+        tl.atomic_add(out_ptr + offs_out, (y * FIXED_ONE).to(tl.int64), mask=mask, sem="relaxed")
+    elif SPLIT_K == 1:
         tl.store(out_ptr + offs_out, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptr + pid_k * ws_stride + offs_ws, y, mask=mask)  # global stores reach L2

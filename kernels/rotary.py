@@ -22,6 +22,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
 from .fused import use_triton_for  # noqa: E402
 from .pdl import flag as pdl_flag, release  # noqa: E402
 
@@ -36,16 +37,17 @@ def rotary_reference(x, cos, sin):
 
 @triton.jit
 def _rotate(src, dst, cos_row, sin_row, h, d, mask, HALF: tl.constexpr):
-    """dst[h, :] = rotary(src[h, :]) for the heads h (pointer offsets by head: src + h, dst + h)."""
-    x1 = tl.load(src + d, mask=mask, other=0.0)
-    x2 = tl.load(src + d + HALF, mask=mask, other=0.0)
+    """dst[h, :] = rotary(src[h, :]) for the heads h (pointer offsets by head: src + h, dst + h);
+    src may be a fixed-point sum (`fixed_sum.py`), taken as it is read."""
+    dt: tl.constexpr = dst.dtype.element_ty
+    x1 = load_value(src, d, mask, dt)
+    x2 = load_value(src, d + HALF, mask, dt)
     dmask = d < HALF
     c1 = tl.load(cos_row + d, mask=dmask, other=0.0)
     c2 = tl.load(cos_row + d + HALF, mask=dmask, other=0.0)
     s1 = tl.load(sin_row + d, mask=dmask, other=0.0)
     s2 = tl.load(sin_row + d + HALF, mask=dmask, other=0.0)
     # Each product rounded to the dtype, then the sum: torch's three roundings.
-    dt = x1.dtype
     a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(dt)
     b1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt)
     a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt)
@@ -108,7 +110,7 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, 
     else:
         dd = tl.arange(0, 2 * BLOCK_D)[None, :]
         mask = (h < kv_heads) & (dd < 2 * HALF)
-        x = tl.load(v_ptr + t * stride_vt + h * stride_vh + dd, mask=mask)
+        x = load_value(v_ptr + t * stride_vt + h * stride_vh, dd, mask, vc_ptr.dtype.element_ty)
         tl.store(vc_ptr + cache_row + h * stride_ch + dd, x, mask=mask)
 
 
@@ -117,14 +119,21 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
                  slots: torch.Tensor, positions: torch.Tensor, use_triton: bool | None = None):
     """One token per row (a decode step): k_cache[slots, positions] = rotary(k), v_cache[...] = v,
     and rotary(q) returned; one launch instead of four. q (T, heads, hd), k/v (T, kv_heads, hd),
-    caches (slots, max_len, kv_heads, hd), slots/positions int64 (T,)."""
-    ok = (use_triton_for(q, use_triton) and cos.dtype == q.dtype == k_cache.dtype == v.dtype
+    caches (slots, max_len, kv_heads, hd), slots/positions int64 (T,). q, k and v may be
+    fixed-point sums (int64 views of one buffer, `fixed_sum.py`): taken, q's rotary in the
+    cache's dtype."""
+    dtype = k_cache.dtype
+    fixed = is_fixed(q)
+    ok = (use_triton_for(q, use_triton) and cos.dtype == dtype == v_cache.dtype
+          and all(x.dtype == (torch.int64 if fixed else dtype) for x in (q, k, v))
           and all(x.stride(-1) == 1 for x in (q, k, v, cos, sin)) and k_cache.stride() ==
           v_cache.stride() and k_cache.stride(-1) == 1 and cos.stride() == sin.stride())
     if not ok:
+        if fixed:
+            q, k, v = (take_reference(x, dtype) for x in (q, k, v))
         return rotary_store_reference(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
     t, heads, hd = q.shape
-    out = torch.empty((t, heads, hd), dtype=q.dtype, device=q.device)
+    out = torch.empty((t, heads, hd), dtype=dtype, device=q.device)
     if t:
         _rotary_store_kernel[(t, 3)](
             q, k, v, cos, sin, out, k_cache, v_cache, slots, positions, heads, k.shape[1],

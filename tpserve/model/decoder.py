@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tpserve.kernels import fixed_sum
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.graphs import (PREFILL_GRAPH_POSITIONS, PREFILL_GRAPH_TOKENS, DecodeGraphs,
@@ -147,11 +148,22 @@ class RankModel(torch.nn.Module):
         """This rank's partial product of half j (attention for even j, MLP for odd j)."""
         layer = self.layers[j // 2]
         normed, s.normed = s.normed, None  # h's norm, where the residual add computed it
+        fixed = self.takes_fixed(j)
         if j % 2:
-            return layer.mlp_partial(h, normed)
+            return layer.mlp_partial(h, normed, fixed)
         cache, index = self.cache.where[j // 2]
         cos, sin = s.cos_sin[layer.layer_type]
-        return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode, normed)
+        return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode, normed, fixed)
+
+    def takes_fixed(self, j: int) -> bool:
+        """Whether half j's partial may come as a fixed-point sum (`fixed_sum.py`, opt-in): where
+        nothing sums it across ranks and the next half's residual add + RMSNorm (one program per
+        row, no output order) is its only reader, in the step's one captured graph (a graph of
+        segments copies each partial out between them)."""
+        norm = self._next_norm(j)
+        return (fixed_sum.enabled() and self.comm.world_size == 1
+                and getattr(self.comm, "capturable", False) and norm is not None
+                and getattr(norm, "out_perm", None) is None and self.layers[j // 2].plain_residual(j % 2))
 
     def reduce_residual(self, j: int, h: torch.Tensor, part: torch.Tensor, s: StepState):
         """h after half j, from this rank's partial: the all-reduce, then `residual`; where the

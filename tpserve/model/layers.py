@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
+from tpserve.kernels import fixed_sum
 from tpserve.kernels.fused import add_rms_norm, rms_norm, silu_mul
 from tpserve.kernels.rotary import rotary, rotary_store
 from tpserve.model.cache_attention import attention, fresh_attention
@@ -125,9 +126,14 @@ class Attention(torch.nn.Module):
         self.batched_decode = kv_map == [h // self.kv_group for h in range(self.num_heads)]
 
     def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan,
-                decode: DecodeMeta | None = None) -> torch.Tensor:
+                decode: DecodeMeta | None = None, fixed_out: bool = False) -> torch.Tensor:
+        """`fixed_out`: o_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
+        consumer; q/k/v take that form on their own where rotary_store is their only reader."""
         t = x.shape[0]
-        proj = self.qkv_proj(x)
+        fixed = (decode is not None and self.batched_decode and len(self.proj_names) == 3
+                 and self.q_norm is None and self.k_norm is None and self.v_norm is None
+                 and fixed_sum.enabled())
+        proj = self.qkv_proj(x, "qkv" if fixed else None)
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -165,7 +171,7 @@ class Attention(torch.nn.Module):
                 k = rotary(k, cos, sin)
             o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
                           self.softcap, self.kv_group if self.batched_decode else None)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), "o" if fixed_out else None)
 
     def _kv(self, proj, t: int):
         """This step's k (normed, before rope) and v, (T, kv_heads, hd) each."""
@@ -205,9 +211,13 @@ class GatedMLP(torch.nn.Module):
         self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
                                      rows=self.channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(silu_mul(gate, up) if self.act is F.silu else self.act(gate) * up)
+    def forward(self, x: torch.Tensor, fixed_out: bool = False) -> torch.Tensor:
+        """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
+        consumer; gate/up take that form on their own where silu_mul is their reader."""
+        silu = self.act is F.silu
+        gate, up = self.gate_up_proj(x, "gate_up" if silu and fixed_sum.enabled() else None)
+        act = silu_mul(gate, up, dtype=x.dtype) if silu else self.act(gate) * up
+        return self.down_proj(act, "down" if fixed_out else None)
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         gate, up = self.gate_up_proj.dense_parts()
@@ -244,17 +254,23 @@ class DecoderLayer(torch.nn.Module):
             if isinstance(norm, RMSNorm) and norm.out_perm is None and linear is not None:
                 norm.out_perm = linear.take_input_order()
 
-    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode, normed=None):
-        """`normed`: attn_norm(h) where the caller already has it."""
+    def attn_partial(self, h, cos, sin, cache, index: int, plan, decode, normed=None,
+                     fixed_out: bool = False):
+        """`normed`: attn_norm(h) where the caller already has it; `fixed_out`: the partial may
+        be a fixed-point sum (`fixed_sum.py`), which the caller's residual add + norm takes."""
         x = self.attn_norm(h) if normed is None else normed
-        return self.self_attn(x, cos, sin, cache, index, plan, decode)
+        return self.self_attn(x, cos, sin, cache, index, plan, decode, fixed_out)
 
     def attn_residual(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return h + (attn if self.attn_out is None else self.attn_out(attn))
 
-    def mlp_partial(self, h: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
-        dense = self.mlp(self.mlp_norm(h) if normed is None else normed)
-        return dense if self.moe is None else self.moe.partial(h, dense)
+    def mlp_partial(self, h: torch.Tensor, normed: torch.Tensor | None = None,
+                    fixed_out: bool = False) -> torch.Tensor:
+        """`fixed_out`: as `attn_partial` (not with experts: their partial joins the MLP's)."""
+        x = self.mlp_norm(h) if normed is None else normed
+        if self.moe is not None:
+            return self.moe.partial(h, self.mlp(x))
+        return self.mlp(x, fixed_out)
 
     def plain_residual(self, mlp_half: int) -> bool:
         """Whether the half's residual is h + sum alone (no sandwich norm, experts, per-layer

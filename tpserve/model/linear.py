@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.errors import CheckpointError
-from tpserve.kernels import gptq_matmul
+from tpserve.kernels import fixed_sum, gptq_matmul
 from tpserve.model import gptq
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.config import QuantConfig
@@ -118,9 +118,14 @@ class Linear(torch.nn.Module):
         return cls(w, _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank,
                                  dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fixed: str | None = None) -> torch.Tensor:
+        """`fixed`: a role (`fixed_sum.buffer`) whose buffer a one-row GPU GEMV may return its
+        output in, as a fixed-point sum for a consumer that takes it (not with a bias)."""
         if isinstance(self.weight, GPTQWeight):
-            y = gptq_matmul(x, self.weight, self.perm)
+            buf = None
+            if fixed is not None and self.bias is None and x.is_cuda:
+                buf = fixed_sum.buffer(x.device, fixed, self.weight.out_features)
+            y = gptq_matmul(x, self.weight, self.perm, buf)
         else:
             y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
@@ -177,9 +182,10 @@ class MergedLinear(torch.nn.Module):
         return cls(weights, [_read_bias(ckpt, p, bias, whole, cols, in_features, n, 0, dtype)
                              for p, (n, cols) in zip(prefixes, outs)])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, fixed: str | None = None) -> tuple[torch.Tensor, ...]:
+        """`fixed`: as `Linear.forward`, for the joined GEMV only (parts are views of its output)."""
         if self.joined is not None:
-            return self.joined(x).split(self.sizes, dim=-1)
+            return self.joined(x, fixed).split(self.sizes, dim=-1)
         return tuple(p(x) for p in self.parts)
 
     def dense_parts(self) -> list[torch.Tensor]:

@@ -1,0 +1,101 @@
+"""A decode GEMV's output as a fixed-point sum that the next kernel reads (opt-in: TPSERVE_FIXED_SUM=1).
+
+A decode GEMV splits K over SPLIT_K programs per output tile, and the last of them (a ticket) sums
+the fp32 partials in split order and writes the output: after a program's last tile, a release
+fence, an atomic and a load round trip. On one H200 that tail was 0.17 ms of a 2.38 ms batch-1
+step of the 8B shapes (bench/README.md). Here instead each program adds its partial into an int64
+buffer in fixed point (2**-32 units: exact integer sums, so the result does not depend on the order
+the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
+(the residual add + RMSNorm, SiLU-mul, rotary + KV write) converts it while it reads it and leaves
+the buffer zeroed for the next call. A partial is truncated to 2**-32 (far below fp16's resolution
+of any value it can hold); |value| >= 2**31 saturates (fp16 holds at most 65504); NaN becomes 0.
+
+Buffers are per device and role, zero between uses, and keep their address (a captured CUDA graph
+replays with it). The contract for every caller: a buffer handed to a GEMV is read by exactly one
+consumer before the next GEMV of the same role writes it. On CPU tensors nothing here is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit below
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+ENV = "TPSERVE_FIXED_SUM"
+ONE = tl.constexpr(4294967296.0)  # 2**32: one in fixed point
+_buffers: dict = {}
+_retired: list = []  # outgrown buffers: captured graphs may still point at them
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "0") == "1"
+
+
+def buffer(device: torch.device, role: str, n: int) -> torch.Tensor:
+    """A zeroed int64 [1, n] buffer for `role`'s fixed-point outputs on `device`."""
+    key = (torch.device(device), role)
+    buf = _buffers.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _retired.append(buf)
+        buf = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64,
+                          device=device)
+        _buffers[key] = buf
+    return buf[:n].view(1, n)
+
+
+def is_fixed(x: torch.Tensor) -> bool:
+    return x.dtype == torch.int64
+
+
+def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernels' `take` does, in torch: the values in `dtype`, the buffer zeroed."""
+    out = (x.double() * 2.0 ** -32).to(dtype)
+    x.zero_()
+    return out
+
+
+@triton.jit
+def take(ptr, offs, mask):
+    """The fixed-point values at ptr + offs as fp32, zeroed behind (each element read by the
+    program that zeroes it)."""
+    v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32) * (1.0 / ONE)
+    tl.store(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask)
+    return v
+
+
+@triton.jit
+def load_value(ptr, offs, mask, dtype: tl.constexpr):
+    """ptr[offs] in `dtype` (0 where masked): taken from a fixed-point buffer (int64 pointer), or
+    loaded and cast."""
+    if ptr.dtype.element_ty == tl.int64:
+        return take(ptr, offs, mask).to(dtype)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(dtype)
+
+
+if __name__ == "__main__":
+    from .fused import add_rms_norm
+    from .gptq_gemv import INTERPRET_CONFIG, gemv
+    from .gptq_weight import random_weight
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k, n, config = (4096, 4096, None) if dev.type == "cuda" else (512, 256, INTERPRET_CONFIG)
+    torch.manual_seed(0)
+    w = random_weight(k, n, 4, 128, device=dev)
+    for dtype in (torch.float16, torch.float32):
+        x, h = torch.randn(1, k, device=dev, dtype=dtype), torch.randn(1, n, device=dev, dtype=dtype)
+        want = gemv(x, w, config=config)
+        buf = buffer(dev, "self-check", n)
+        gemv(x, w, out=buf, config=config)
+        err = (take_reference(buf, dtype).float() - want.float()).abs().max()
+        gemv(x, w, out=buf, config=config)
+        norm = add_rms_norm(h, buf, None, 1e-6, 0.0, use_triton=True)[1]
+        norm_err = (norm.float() - add_rms_norm(h, want, None, 1e-6, 0.0, use_triton=True)[1]).abs().max()
+        print(f"{dtype}: max |fixed-point sum - GEMV output| {float(err):.2e} (max |y| "
+              f"{float(want.abs().max()):.1f}), after the add + norm {float(norm_err):.2e}; "
+              f"buffer left zeroed: {not bool(buf.any())}")

@@ -1,0 +1,95 @@
+"""A decode GEMV's output as a fixed-point sum taken by the kernel that reads it (`fixed_sum.py`),
+against the same GEMV writing its output and the same consumer reading it, under the Triton
+interpreter (fp16 and fp32, split-K, a shard starting inside a group). Each consumer must leave
+the buffer zeroed: the next GEMV of its role adds into it.
+
+    python -m pytest tests/test_fixed_sum.py -q
+"""
+
+import pytest
+import torch
+
+from tpserve.kernels import fixed_sum
+from tpserve.kernels.fused import add_rms_norm, silu_mul
+from tpserve.kernels.gptq_gemv import gemv
+from tpserve.kernels.gptq_weight import random_weight
+from tpserve.kernels.rotary import rotary_store
+
+CONFIG = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=4)
+TOL = {torch.float16: dict(rtol=1e-3, atol=1e-3), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def _gemv_both(k, n, dtype, role, offset=0):
+    """(the GEMV's output as written, the fixed-point buffer it filled instead)."""
+    torch.manual_seed(k + n)
+    w = random_weight(k, n, 4, 128, offset)
+    x = torch.randn(1, k, dtype=dtype)
+    want = gemv(x, w, config=CONFIG)
+    buf = fixed_sum.buffer(x.device, role, n)
+    got = gemv(x, w, out=buf, config=CONFIG)
+    assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.int64
+    return want, buf
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("offset", [0, 64])
+def test_the_fixed_point_sum_is_the_gemv_output(dtype, offset):
+    want, buf = _gemv_both(512, 96, dtype, "t", offset)
+    assert torch.allclose(fixed_sum.take_reference(buf, dtype).float(), want.float(), **TOL[dtype])
+    assert not buf.any()  # taken: zeroed for the next GEMV
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_residual_add_and_norm_take_a_fixed_point_sum(dtype):
+    want, buf = _gemv_both(512, 200, dtype, "o")
+    h, w = torch.randn(1, 200, dtype=dtype), torch.randn(200, dtype=dtype)
+    total, normed = add_rms_norm(h, buf, w, 1e-6, use_triton=True)
+    total_want, normed_want = add_rms_norm(h, want, w, 1e-6, use_triton=True)
+    assert torch.allclose(total.float(), total_want.float(), **TOL[dtype])
+    assert torch.allclose(normed.float(), normed_want.float(), **TOL[dtype])
+    assert not buf.any()
+    # a norm that writes its row in an act-order order reads the row in several programs: the
+    # sum is taken first (in torch), with the same result
+    want, buf = _gemv_both(512, 200, dtype, "o")
+    perm = torch.randperm(200)
+    got = add_rms_norm(h, buf, w, 1e-6, use_triton=True, perm=perm, chunk=64)[1]
+    assert torch.allclose(got.float(), add_rms_norm(h, want, w, 1e-6, use_triton=True,
+                                                    perm=perm)[1].float(), **TOL[dtype])
+    assert not buf.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_silu_mul_takes_gate_and_up_as_fixed_point_sums(dtype):
+    want, buf = _gemv_both(256, 2 * 160, dtype, "gate_up")
+    got = silu_mul(buf[:, :160], buf[:, 160:], use_triton=True, dtype=dtype)
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), silu_mul(want[:, :160], want[:, 160:], use_triton=True)
+                          .float(), **TOL[dtype])
+    assert not buf.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rotary_store_takes_q_k_v_as_fixed_point_sums(dtype):
+    heads, kv_heads, hd = 4, 2, 16
+    want, buf = _gemv_both(256, (heads + 2 * kv_heads) * hd, dtype, "qkv")
+    cos, sin = torch.randn(1, hd, dtype=dtype), torch.randn(1, hd, dtype=dtype)
+    slots, positions = torch.tensor([1]), torch.tensor([3])
+
+    def run(out):
+        q, k, v = out.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+        caches = [torch.zeros(2, 5, kv_heads, hd, dtype=dtype) for _ in range(2)]
+        q = rotary_store(q.view(1, heads, hd), k.view(1, kv_heads, hd), v.view(1, kv_heads, hd),
+                         cos, sin, *caches, slots, positions, use_triton=True)
+        return q, caches
+    (q, caches), (q_want, caches_want) = run(buf), run(want)
+    assert q.dtype == dtype and torch.allclose(q.float(), q_want.float(), **TOL[dtype])
+    for c, c_want in zip(caches, caches_want):
+        assert torch.allclose(c.float(), c_want.float(), **TOL[dtype])
+    assert not buf.any()
+
+
+def test_buffers_keep_their_address_and_grow():
+    a = fixed_sum.buffer(torch.device("cpu"), "grow", 8)
+    assert fixed_sum.buffer(torch.device("cpu"), "grow", 8).data_ptr() == a.data_ptr()
+    b = fixed_sum.buffer(torch.device("cpu"), "grow", 64)
+    assert b.shape == (1, 64) and not b.any() and b.data_ptr() != a.data_ptr()
