@@ -72,6 +72,15 @@ class RankModel(torch.nn.Module):
                                                   cache.num_slots * self.prefill_positions))
                               if self.device.type == "cuda" and self.batched_decode else [])
         self.graphs = None
+        # Decode GEMVs' outputs as fixed-point sums taken by their readers (opt-in, fixed_sum.py):
+        # with one rank in the process (ranks sharing a GPU in one process interleave their
+        # kernels on its stream, and the buffers are per device) and the step one captured graph
+        self.fixed_sums = (fixed_sum.enabled() and comm.world_size == 1
+                           and bool(getattr(comm, "capturable", False)))
+        for layer in layers:
+            for part in (layer.self_attn, layer.mlp):
+                if hasattr(part, "fixed_sums"):
+                    part.fixed_sums = self.fixed_sums
 
     @property
     def width(self) -> int:
@@ -157,12 +166,10 @@ class RankModel(torch.nn.Module):
 
     def takes_fixed(self, j: int) -> bool:
         """Whether half j's partial may come as a fixed-point sum (`fixed_sum.py`, opt-in): where
-        nothing sums it across ranks and the next half's residual add + RMSNorm (one program per
-        row, no output order) is its only reader, in the step's one captured graph (a graph of
-        segments copies each partial out between them)."""
+        the next half's residual add + RMSNorm (one program per row, no output order) is its
+        only reader."""
         norm = self._next_norm(j)
-        return (fixed_sum.enabled() and self.comm.world_size == 1
-                and getattr(self.comm, "capturable", False) and norm is not None
+        return (self.fixed_sums and norm is not None
                 and getattr(norm, "out_perm", None) is None and self.layers[j // 2].plain_residual(j % 2))
 
     def reduce_residual(self, j: int, h: torch.Tensor, part: torch.Tensor, s: StepState):

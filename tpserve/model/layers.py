@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from tpserve.kernels.attention import decode_attention
-from tpserve.kernels import fixed_sum
 from tpserve.kernels.fused import add_rms_norm, rms_norm, silu_mul
 from tpserve.kernels.rotary import rotary, rotary_store
 from tpserve.model.cache_attention import attention, fresh_attention
@@ -124,15 +123,16 @@ class Attention(torch.nn.Module):
         # kv heads do not line up that way (rare uneven GQA splits) decodes through the loop.
         self.kv_group = self.num_heads // self.num_kv
         self.batched_decode = kv_map == [h // self.kv_group for h in range(self.num_heads)]
+        self.fixed_sums = False  # q/k/v as a fixed-point sum (`RankModel` sets it: fixed_sum.py)
 
     def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan,
                 decode: DecodeMeta | None = None, fixed_out: bool = False) -> torch.Tensor:
         """`fixed_out`: o_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
         consumer; q/k/v take that form on their own where rotary_store is their only reader."""
         t = x.shape[0]
-        fixed = (decode is not None and self.batched_decode and len(self.proj_names) == 3
-                 and self.q_norm is None and self.k_norm is None and self.v_norm is None
-                 and fixed_sum.enabled())
+        fixed = (self.fixed_sums and decode is not None and self.batched_decode
+                 and len(self.proj_names) == 3
+                 and self.q_norm is None and self.k_norm is None and self.v_norm is None)
         proj = self.qkv_proj(x, "qkv" if fixed else None)
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
@@ -210,12 +210,13 @@ class GatedMLP(torch.nn.Module):
                                         [inter, inter], load.cfg.mlp_bias, cols=self.channels)
         self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
                                      rows=self.channels)
+        self.fixed_sums = False  # gate/up as a fixed-point sum (`RankModel` sets it: fixed_sum.py)
 
     def forward(self, x: torch.Tensor, fixed_out: bool = False) -> torch.Tensor:
         """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
         consumer; gate/up take that form on their own where silu_mul is their reader."""
         silu = self.act is F.silu
-        gate, up = self.gate_up_proj(x, "gate_up" if silu and fixed_sum.enabled() else None)
+        gate, up = self.gate_up_proj(x, "gate_up" if silu and self.fixed_sums else None)
         act = silu_mul(gate, up, dtype=x.dtype) if silu else self.act(gate) * up
         return self.down_proj(act, "down" if fixed_out else None)
 
