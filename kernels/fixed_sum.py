@@ -50,6 +50,15 @@ def buffer(device: torch.device, role: str, n: int) -> torch.Tensor:
     return buf[:n].view(1, n)
 
 
+def reset(device: torch.device) -> None:
+    """Zero every buffer on `device`: after a step failed between a GEMV and its reader, the
+    next GEMV of that role would add into what it left."""
+    device = torch.device(device)
+    for buf in [b for (d, _), b in _buffers.items() if d == device] + [
+            b for b in _retired if b.device == device]:
+        buf.zero_()
+
+
 def is_fixed(x: torch.Tensor) -> bool:
     return x.dtype == torch.int64
 

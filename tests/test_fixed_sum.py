@@ -93,3 +93,10 @@ def test_buffers_keep_their_address_and_grow():
     assert fixed_sum.buffer(torch.device("cpu"), "grow", 8).data_ptr() == a.data_ptr()
     b = fixed_sum.buffer(torch.device("cpu"), "grow", 64)
     assert b.shape == (1, 64) and not b.any() and b.data_ptr() != a.data_ptr()
+
+
+def test_reset_zeroes_what_a_failed_step_left():
+    _, buf = _gemv_both(256, 64, torch.float32, "left")
+    assert buf.any()  # a GEMV's sum whose reader never ran
+    fixed_sum.reset(buf.device)
+    assert not buf.any()

@@ -113,10 +113,15 @@ class RankModel(torch.nn.Module):
         """The step as a loop over layer halves, each all-reduce at its call site."""
         state = self.begin(x, plan, decode)
         h = x[:, :self.cfg.hidden_size]
-        for j in range(self.num_halves):
-            h = self.reduce_residual(j, h, self.partial(j, h, state), state)
-            if capture is not None and j % 2:
-                capture.append(h)
+        try:
+            for j in range(self.num_halves):
+                h = self.reduce_residual(j, h, self.partial(j, h, state), state)
+                if capture is not None and j % 2:
+                    capture.append(h)
+        except BaseException:
+            if self.fixed_sums:  # a GEMV's sum may be waiting for a reader that did not run
+                fixed_sum.reset(self.device)
+            raise
         return h
 
     def run_padded(self, x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
