@@ -40,7 +40,8 @@
 #                                   1 and 8, the torch int4 peer beside the aligned run
 #   bash bench/gpu_h100.sh fixedsum the decode GEMVs' outputs as fixed-point sums taken by their
 #                                   consumers (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py): graph vs
-#                                   eager tokens and verify with it, then Llama-3-8B shapes tp=1
+#                                   eager tokens with it, its tokens against the written sums'
+#                                   (bench/fixed_sum_check.py), then Llama-3-8B shapes tp=1
 #                                   batch 1 and 8 without and with it (the peer in the first run),
 #                                   and the captured step's kernels with it
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
@@ -161,11 +162,7 @@ if has fixedsum; then
   TPSERVE_FIXED_SUM=1 timeout 200 python3 bench/decode.py --model /tmp/small --tp 1 --backend local \
     --device cuda --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 \
     | tee "$OUT/fixedsum_checks.log" | grep -vE "INFO|^ +[0-9]" | tail -6
-  for f in 0 1; do
-    TPSERVE_FIXED_SUM=$f timeout 180 python3 -m tpserve.cli verify --model /tmp/small --tp 1 --backend local \
-      --device cuda --max-tokens 32 --json > "$OUT/verify_fixed$f.json" 2> "$OUT/verify_fixed$f.err"
-    echo "verify TPSERVE_FIXED_SUM=$f: exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('passed' if r['passed'] else 'FAILED', max(p['max_rel'] for p in r['prompts']), [p['greedy'][:8] for p in r['prompts']][:2])" "$OUT/verify_fixed$f.json" 2>&1 | tail -1)"
-  done
+  timeout 200 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO | tail -7
   l8
   for f in 0 1; do
     peer=none; [ $f = 0 ] && peer=torch-int4

@@ -1,4 +1,4 @@
-"""A decode GEMV's output as a fixed-point sum that the next kernel reads (opt-in: TPSERVE_FIXED_SUM=1).
+"""A decode GEMV's output as a fixed-point sum that the kernel reading it takes (TPSERVE_FIXED_SUM=1).
 
 A decode GEMV splits K over SPLIT_K programs per output tile, and the last of them (a ticket) sums
 the fp32 partials in split order and writes the output: after a program's last tile, a release
@@ -8,7 +8,8 @@ buffer in fixed point (2**-32 units: exact integer sums, so the result does not 
 the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
 (the residual add + RMSNorm, SiLU-mul, rotary + KV write) converts it while it reads it and leaves
 the buffer zeroed for the next call. A partial is truncated to 2**-32 (far below fp16's resolution
-of any value it can hold); |value| >= 2**31 saturates (fp16 holds at most 65504); NaN becomes 0.
+of any value it can hold) and clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them
+cannot overflow the int64 sum: an output beyond fp16's 65504 (inf, NaN) still reads as inf.
 
 Buffers are per device and role, zero between uses, and keep their address (a captured CUDA graph
 replays with it). The contract for every caller: a buffer handed to a GEMV is read by exactly one
@@ -29,6 +30,7 @@ import triton.language as tl  # noqa: E402
 
 ENV = "TPSERVE_FIXED_SUM"
 ONE = tl.constexpr(4294967296.0)  # 2**32: one in fixed point
+MAX = tl.constexpr(16777216.0)  # 2**24: a partial's bound (32 of them: 2**61 in fixed point)
 _buffers: dict = {}
 _retired: list = []  # outgrown buffers: captured graphs may still point at them
 
@@ -65,6 +67,7 @@ def is_fixed(x: torch.Tensor) -> bool:
 
 def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What the kernels' `take` does, in torch: the values in `dtype`, the buffer zeroed."""
+    assert x.dtype == torch.int64 and dtype.is_floating_point, (x.dtype, dtype)
     out = (x.double() * 2.0 ** -32).to(dtype)
     x.zero_()
     return out
@@ -104,7 +107,8 @@ if __name__ == "__main__":
         err = (take_reference(buf, dtype).float() - want.float()).abs().max()
         gemv(x, w, out=buf, config=config)
         norm = add_rms_norm(h, buf, None, 1e-6, 0.0, use_triton=True)[1]
-        norm_err = (norm.float() - add_rms_norm(h, want, None, 1e-6, 0.0, use_triton=True)[1]).abs().max()
+        norm_want = add_rms_norm(h, want, None, 1e-6, 0.0, use_triton=True)[1]
+        norm_err = (norm.float() - norm_want.float()).abs().max()
         print(f"{dtype}: max |fixed-point sum - GEMV output| {float(err):.2e} (max |y| "
               f"{float(want.abs().max()):.1f}), after the add + norm {float(norm_err):.2e}; "
               f"buffer left zeroed: {not bool(buf.any())}")

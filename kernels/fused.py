@@ -210,6 +210,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = Non
              dtype: torch.dtype | None = None) -> torch.Tensor:
     """gate/up [T, N] (row strides may differ, e.g. halves of one merged projection); both may be
     fixed-point sums (int64, `fixed_sum.py`, taken), the output then in `dtype`."""
+    assert dtype is not None or not is_fixed(gate), "fixed-point gate/up: give the output dtype"
     dtype = dtype or gate.dtype
     if not use_triton_for(gate, use_triton) or gate.dim() != 2 or gate.stride(-1) != 1 or up.stride(-1) != 1:
         if is_fixed(gate):

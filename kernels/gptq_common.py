@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from .fixed_sum import ONE as FIXED_ONE
+from .fixed_sum import MAX as FIXED_MAX, ONE as FIXED_ONE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)  # inside @triton.jit: the asm has no interpreter
@@ -212,6 +212,7 @@ def _finish(y, out_ptr, offs_out, ws_ptr, offs_ws, mask, cnt_ptr, tile, pid_k, w
     same bits whatever order the programs ran in. An int64 output is a fixed-point sum
     (`fixed_sum.py`): each program adds y into it, no ticket."""
     if out_ptr.dtype.element_ty == tl.int64:
+        y = tl.where(y == y, tl.minimum(tl.maximum(y, -FIXED_MAX), FIXED_MAX), FIXED_MAX)
         tl.atomic_add(out_ptr + offs_out, (y * FIXED_ONE).to(tl.int64), mask=mask, sem="relaxed")
     elif SPLIT_K == 1:
         tl.store(out_ptr + offs_out, y.to(out_ptr.dtype.element_ty), mask=mask)

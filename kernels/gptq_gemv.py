@@ -157,6 +157,9 @@ _CONFIGS = [cfg(128, 64, 4), cfg(128, 64, 8), cfg(64, 64, 16), cfg(256, 64, 8, 2
             # small shard shapes are latency-bound, bench/README.md)
             cfg(64, 256, 16), cfg(128, 256, 16, 8)]
 _tuned = tuned(_gemv_kernel, _CONFIGS, KEY + ["H2"])
+# a fixed-point output (`fixed_sum.py`) is added into: tuned apart (its dtype is in the tuner's
+# key anyway), zeroed before each timed call and before the call itself
+_tuned_fixed = tuned(_gemv_kernel, _CONFIGS, KEY + ["H2"], reset_to_zero=["out_ptr"])
 INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 USE_H2 = True  # the fp16x2 path where it applies (a switch for A/B timing)
 
@@ -184,7 +187,7 @@ def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))
     args = gptq_args(x, w, out) | dict(perm_ptr=x if perm is None else perm,
                                        HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2) | pdl_options(x)
-    launch(_gemv_kernel, _tuned, args,
+    launch(_gemv_kernel, _tuned_fixed if out.dtype == torch.int64 else _tuned, args,
            lambda c: (triton.cdiv(w.out_features, c["BLOCK_N"]), c["SPLIT_K"]), config,
            INTERPRET_CONFIG)
     return out

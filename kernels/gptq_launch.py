@@ -71,11 +71,11 @@ KEY = ["N", "K_KEY", "BITS", "GROUP_SIZE", "GROUP_OFFSET", "HAS_GIDX"]
 TUNED: list = []  # (kernel, key) of every tuned GPTQ kernel (a test checks the key's names)
 
 
-def tuned(kernel, configs, key):
+def tuned(kernel, configs, key, reset_to_zero=None):
     """The autotuned kernel, configs pruned to the shard's best group mode (None under the
     interpreter, where fixed configs are used)."""
     TUNED.append((kernel, key))
-    return autotuned(kernel, configs, key, _prune)
+    return autotuned(kernel, configs, key, _prune, reset_to_zero)
 
 
 def launch(kernel, autotuned, args: dict, grid, config: dict | None, default: dict):

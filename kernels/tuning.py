@@ -88,13 +88,16 @@ def faster(key, candidates: dict) -> str:
     return _PICKS[key]
 
 
-def autotuned(kernel, configs, key, prune=None):
-    """The autotuned kernel, or None under the interpreter. `prune`: an early_config_prune."""
+def autotuned(kernel, configs, key, prune=None, reset_to_zero=None):
+    """The autotuned kernel, or None under the interpreter. `prune`: an early_config_prune;
+    `reset_to_zero`: arguments zeroed before each timed call and before the tuned call (outputs
+    that a kernel adds into)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return None
     by = None if prune is None else {"early_config_prune": prune}
     try:
         return triton.autotune(configs, key=key, prune_configs_by=by, do_bench=_bench,
-                               cache_results=True)(kernel)
+                               cache_results=True, reset_to_zero=reset_to_zero)(kernel)
     except TypeError:  # an older triton without do_bench= / cache_results=
-        return triton.autotune(configs, key=key, prune_configs_by=by)(kernel)
+        return triton.autotune(configs, key=key, prune_configs_by=by,
+                               reset_to_zero=reset_to_zero)(kernel)

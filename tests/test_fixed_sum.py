@@ -100,3 +100,21 @@ def test_reset_zeroes_what_a_failed_step_left():
     assert buf.any()  # a GEMV's sum whose reader never ran
     fixed_sum.reset(buf.device)
     assert not buf.any()
+
+
+def test_a_non_finite_output_reads_as_inf_not_as_a_wrapped_sum():
+    """Partials are clamped (NaN to the bound): an int64 sum of up to 32 of them cannot wrap, and
+    what fp16 cannot hold reads as inf, as the written output would be non-finite too."""
+    w = random_weight(512, 64, 4, 128)
+    for bad in (float("nan"), float("inf"), 1e30):
+        x = torch.randn(1, 512)
+        x[0, 7] = bad
+        x = x.half() if bad != 1e30 else x
+        want = gemv(x, w, config=CONFIG).float()  # the written output
+        buf = fixed_sum.buffer(x.device, "bad", 64)
+        gemv(x, w, out=buf, config=CONFIG)
+        got = fixed_sum.take_reference(buf, torch.float16)
+        beyond = ~torch.isfinite(want) | (want.abs() > 65504)
+        assert beyond.sum() > 32 and torch.isinf(got[beyond]).all(), (bad, beyond.sum())
+        assert torch.equal(got[~beyond], want[~beyond].half())
+        assert not buf.any()

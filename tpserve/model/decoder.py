@@ -74,9 +74,11 @@ class RankModel(torch.nn.Module):
         self.graphs = None
         # Decode GEMVs' outputs as fixed-point sums taken by their readers (opt-in, fixed_sum.py):
         # with one rank in the process (ranks sharing a GPU in one process interleave their
-        # kernels on its stream, and the buffers are per device) and the step one captured graph
-        self.fixed_sums = (fixed_sum.enabled() and comm.world_size == 1
-                           and bool(getattr(comm, "capturable", False)))
+        # kernels on its stream) and the step one captured graph; the buffers are this model's
+        # (their roles named after it)
+        self.fixed_sums = None
+        if fixed_sum.enabled() and comm.world_size == 1 and getattr(comm, "capturable", False):
+            self.fixed_sums = f"model{id(self):x}"
         for layer in layers:
             for part in (layer.self_attn, layer.mlp):
                 if hasattr(part, "fixed_sums"):
@@ -119,7 +121,10 @@ class RankModel(torch.nn.Module):
                 if capture is not None and j % 2:
                     capture.append(h)
         except BaseException:
-            if self.fixed_sums:  # a GEMV's sum may be waiting for a reader that did not run
+            # a GEMV's sum may be waiting for a reader that did not run (a failed capture ran
+            # nothing: no reset queued into it)
+            if self.fixed_sums is not None and not (self.device.type == "cuda"
+                                        and torch.cuda.is_current_stream_capturing()):
                 fixed_sum.reset(self.device)
             raise
         return h
@@ -174,8 +179,9 @@ class RankModel(torch.nn.Module):
         the next half's residual add + RMSNorm (one program per row, no output order) is its
         only reader."""
         norm = self._next_norm(j)
-        return (self.fixed_sums and norm is not None
-                and getattr(norm, "out_perm", None) is None and self.layers[j // 2].plain_residual(j % 2))
+        return (self.fixed_sums is not None and norm is not None
+                and getattr(norm, "out_perm", None) is None
+                and self.layers[j // 2].plain_residual(j % 2))
 
     def reduce_residual(self, j: int, h: torch.Tensor, part: torch.Tensor, s: StepState):
         """h after half j, from this rank's partial: the all-reduce, then `residual`; where the

@@ -123,17 +123,17 @@ class Attention(torch.nn.Module):
         # kv heads do not line up that way (rare uneven GQA splits) decodes through the loop.
         self.kv_group = self.num_heads // self.num_kv
         self.batched_decode = kv_map == [h // self.kv_group for h in range(self.num_heads)]
-        self.fixed_sums = False  # q/k/v as a fixed-point sum (`RankModel` sets it: fixed_sum.py)
+        self.fixed_sums = None  # whose fixed-point buffers q/k/v and o use (`RankModel`)
 
     def forward(self, x, cos, sin, cache: KVCache, index: int, plan: StepPlan,
                 decode: DecodeMeta | None = None, fixed_out: bool = False) -> torch.Tensor:
         """`fixed_out`: o_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
         consumer; q/k/v take that form on their own where rotary_store is their only reader."""
         t = x.shape[0]
-        fixed = (self.fixed_sums and decode is not None and self.batched_decode
+        fixed = (self.fixed_sums is not None and decode is not None and self.batched_decode
                  and len(self.proj_names) == 3
                  and self.q_norm is None and self.k_norm is None and self.v_norm is None)
-        proj = self.qkv_proj(x, "qkv" if fixed else None)
+        proj = self.qkv_proj(x, f"{self.fixed_sums}.qkv" if fixed else None)
         q = proj[0].view(t, self.num_heads, self.head_dim)  # (T, heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -171,7 +171,8 @@ class Attention(torch.nn.Module):
                 k = rotary(k, cos, sin)
             o = attention(q, k, v, cache, index, plan, self.kv_map, self.scale, self.window,
                           self.softcap, self.kv_group if self.batched_decode else None)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), "o" if fixed_out else None)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim),
+                           f"{self.fixed_sums}.o" if fixed_out else None)
 
     def _kv(self, proj, t: int):
         """This step's k (normed, before rope) and v, (T, kv_heads, hd) each."""
@@ -210,15 +211,16 @@ class GatedMLP(torch.nn.Module):
                                         [inter, inter], load.cfg.mlp_bias, cols=self.channels)
         self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
                                      rows=self.channels)
-        self.fixed_sums = False  # gate/up as a fixed-point sum (`RankModel` sets it: fixed_sum.py)
+        self.fixed_sums = None  # whose fixed-point buffers gate/up and down use (`RankModel`)
 
     def forward(self, x: torch.Tensor, fixed_out: bool = False) -> torch.Tensor:
         """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
         consumer; gate/up take that form on their own where silu_mul is their reader."""
         silu = self.act is F.silu
-        gate, up = self.gate_up_proj(x, "gate_up" if silu and self.fixed_sums else None)
+        fixed = silu and self.fixed_sums is not None
+        gate, up = self.gate_up_proj(x, f"{self.fixed_sums}.gate_up" if fixed else None)
         act = silu_mul(gate, up, dtype=x.dtype) if silu else self.act(gate) * up
-        return self.down_proj(act, "down" if fixed_out else None)
+        return self.down_proj(act, f"{self.fixed_sums}.down" if fixed_out else None)
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
         gate, up = self.gate_up_proj.dense_parts()
