@@ -43,7 +43,8 @@ class Prompts:
                                 f"of {max_len}; shorten it", param)
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"token id {shown(bad[0])} is outside the vocabulary [0, {vocab})", param)
+            raise ApiError(400, f"token id {shown(bad[0])} is outside the vocabulary [0, {vocab})",
+                           param)
         return tokens
 
     async def completion(self, prompt, echo: bool) -> list[tuple[list[int], str]]:
@@ -116,10 +117,13 @@ class Prompts:
         # A message holding a control token's text (e.g. "</s>", a turn marker) would end its
         # turn or forge another once the rendered text is encoded: such contents are marked, and
         # encoded with special-token strings as text (the template's own markers stay tokens).
-        marks = _marks() if any(self.codec.specials_in(m["content"]) for m in rendered) else None
+        # (searched off the event loop: hundreds of special tokens over megabytes of messages)
+        holds = await run_in_threadpool(
+            lambda: [bool(self.codec.specials_in(m["content"])) for m in rendered])
+        marks = _marks() if any(holds) else None
         if marks is not None:
-            rendered = [m | {"content": f"{marks[0]}{m['content']}{marks[1]}"}
-                        if self.codec.specials_in(m["content"]) else m for m in rendered]
+            rendered = [m | {"content": f"{marks[0]}{m['content']}{marks[1]}"} if has else m
+                        for m, has in zip(rendered, holds)]
         try:
             text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs,
                                            add_generation_prompt is not False)
@@ -139,7 +143,8 @@ class Prompts:
             text = text[:end]
         if marks is None:
             return await self.text(text, "messages", add_special_tokens=False)
-        return await run_in_threadpool(self.codec.encode_parts, self.marked_parts(text, marks))
+        return await run_in_threadpool(
+            lambda: self.codec.encode_parts(self.marked_parts(text, marks)))
 
     def marked_parts(self, text: str, marks: tuple[str, str]) -> list[tuple[str, bool]]:
         """The rendered text's parts, (text, plain): the marked message contents plain."""

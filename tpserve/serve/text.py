@@ -52,7 +52,7 @@ class TextCodec:
         # control tokens (eos, turn markers, ...): their text in a client's message stays text
         self.specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()
                          if t.special and t.content]
-        self._plain = None  # the tokenizer that reads special-token strings as text (`encode_parts`)
+        self._plain = None  # reads special-token strings as text (`encode_parts`)
 
     @classmethod
     def load(cls, path: str | Path) -> "TextCodec | None":
@@ -90,8 +90,12 @@ class TextCodec:
             plain = Tokenizer.from_str(self.tokenizer.to_str())
             plain.encode_special_tokens = True
             self._plain = plain
-        texts = [(self._plain if plain else self.tokenizer, t) for t, plain in parts if t]
-        return [i for tok, t in texts for i in tok.encode_batch([t], add_special_tokens=False)[0].ids]
+        ids = []
+        for text, plain in parts:
+            if text:
+                tok = self._plain if plain else self.tokenizer
+                ids += tok.encode_batch([text], add_special_tokens=False)[0].ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
