@@ -9,6 +9,8 @@ the buffer zeroed: the next GEMV of its role adds into it.
 import pytest
 import torch
 
+import tpserve
+from tpserve.demo import demo_path
 from tpserve.kernels import fixed_sum
 from tpserve.kernels.fused import add_rms_norm, silu_mul
 from tpserve.kernels.gptq_gemv import gemv
@@ -118,3 +120,26 @@ def test_a_non_finite_output_reads_as_inf_not_as_a_wrapped_sum():
         assert beyond.sum() > 32 and torch.isinf(got[beyond]).all(), (bad, beyond.sum())
         assert torch.equal(got[~beyond], want[~beyond].half())
         assert not buf.any()
+
+
+def test_which_halves_hand_over_fixed_point_sums(monkeypatch):
+    """Opt-in, with one rank in the process: every half but the last (whose sum no norm reads)
+    hands its partial over as a fixed-point sum, and the attention / MLP modules name the model's
+    buffers; at tp=2, or without the switch, none does. (The buffers themselves are only used for
+    CUDA tensors: bench/gpu_h100.sh fixedsum runs them.)"""
+    monkeypatch.setenv(fixed_sum.ENV, "1")
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
+    rank = llm.executor.ranks[0]
+    owner, n = rank.fixed_sums, rank.num_halves
+    assert owner is not None and [rank.takes_fixed(j) for j in range(n)] == [True] * (n - 1) + [False]
+    assert all(layer.self_attn.fixed_sums == owner == layer.mlp.fixed_sums for layer in rank.layers)
+    tokens = llm.generate([3, 4, 5], max_tokens=4, ignore_eos=True)
+    llm.close()
+    llm = tpserve.load(demo_path(), tp=2, dtype=torch.float32)
+    assert all(r.fixed_sums is None and not r.takes_fixed(0) for r in llm.executor.ranks)
+    llm.close()
+    monkeypatch.setenv(fixed_sum.ENV, "0")
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
+    assert llm.executor.ranks[0].fixed_sums is None
+    assert llm.generate([3, 4, 5], max_tokens=4, ignore_eos=True) == tokens  # CPU: same path
+    llm.close()
