@@ -25,7 +25,8 @@ def run(model: str, fixed: bool, prompts: list[list[int]], tokens: int, device: 
     llm = tpserve.load(model, tp=1, device=device,
                        dtype=torch.float16 if device == "cuda" else torch.float32)
     assert (llm.executor.ranks[0].fixed_sums is not None) == fixed
-    outs = [[llm.generate(p, max_tokens=tokens, ignore_eos=True) for p in prompts] for _ in range(2)]
+    outs = [[llm.generate(p, max_tokens=tokens, ignore_eos=True) for p in prompts]
+            for _ in range(2)]
     llm.close()
     return outs
 

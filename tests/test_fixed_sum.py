@@ -131,7 +131,8 @@ def test_which_halves_hand_over_fixed_point_sums(monkeypatch):
     llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
     rank = llm.executor.ranks[0]
     owner, n = rank.fixed_sums, rank.num_halves
-    assert owner is not None and [rank.takes_fixed(j) for j in range(n)] == [True] * (n - 1) + [False]
+    assert owner is not None
+    assert [rank.takes_fixed(j) for j in range(n)] == [True] * (n - 1) + [False]
     assert all(layer.self_attn.fixed_sums == owner == layer.mlp.fixed_sums for layer in rank.layers)
     tokens = llm.generate([3, 4, 5], max_tokens=4, ignore_eos=True)
     llm.close()
