@@ -82,8 +82,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, perm_ptr, out_ptr, n, stride_
         if PERM:
             s_mask = mask & (cols // CHUNK == c)  # each program stores its own columns
         tl.store(sum_ptr + row * stride_s + cols, x, mask=s_mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    rstd = _rstd(x, n, eps)
     if PERM:  # the sources again (the same sum, the same rounding), from L1
         xs = _row(x_ptr + row * stride_x, r_ptr + row * stride_r, src, d_mask, ADD)
         tl.store(out_ptr + row * stride_o + dst, _scaled(xs, rstd, w_ptr, src, d_mask, offset, MODE),
@@ -132,11 +131,16 @@ def _scaled(x, rstd, w_ptr, cols, mask, offset, MODE: tl.constexpr):
 
 
 @triton.jit
+def _rstd(x, n, eps):
+    """1 / rms of row x (0 where masked) over its n columns, in fp32."""
+    xf = x.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+
+
+@triton.jit
 def _normalised(x, w_ptr, cols, mask, n, eps, offset, MODE: tl.constexpr):
     """The RMSNorm of row x (0 where masked), scaled by MODE's weight, in x's dtype."""
-    xf = x.to(tl.float32)
-    return _scaled(x, 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps), w_ptr, cols, mask, offset,
-                   MODE)
+    return _scaled(x, _rstd(x, n, eps), w_ptr, cols, mask, offset, MODE)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float | None = None,

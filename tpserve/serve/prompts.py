@@ -68,10 +68,14 @@ class Prompts:
     async def text(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """A text's token ids (encoded off the event loop); the caller has checked the text."""
         self.need_codec(param)
+        self.check_length(text, param)
+        return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
+
+    def check_length(self, text: str, param: str) -> None:
+        """Refuse a text longer than the context could hold, before the tokenizer spends on it."""
         if len(text) > self.chars_per_token * self.engine.max_len:
             raise ApiError(400, f"the {param} has {len(text)} characters, more tokens than the "
                                 f"context of {self.engine.max_len} holds; shorten it", param)
-        return await run_in_threadpool(self.codec.encode, text, add_special_tokens)
 
     async def chat(self, messages, template_kwargs: dict | None = None,
                    add_generation_prompt: bool | None = True,
@@ -148,10 +152,7 @@ class Prompts:
 
     def marked_parts(self, text: str, marks: tuple[str, str]) -> list[tuple[str, bool]]:
         """The rendered text's parts, (text, plain): the marked message contents plain."""
-        if len(text) > self.chars_per_token * self.engine.max_len:
-            raise ApiError(400, f"the messages have {len(text)} characters rendered, more tokens "
-                                f"than the context of {self.engine.max_len} holds; shorten them",
-                           "messages")
+        self.check_length(text, "messages")
         pieces = re.split(f"{re.escape(marks[0])}(.*?){re.escape(marks[1])}", text, flags=re.S)
         parts = [(p, i % 2 == 1) for i, p in enumerate(pieces)]
         if any(marks[0] in p or marks[1] in p for p, _ in parts):
