@@ -1,7 +1,8 @@
 """Greedy tokens with the decode GEMVs' fixed-point sums (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py)
 against the written outputs, the same checkpoint loaded both ways in one process, on a GPU.
 
-    python bench/fixed_sum_check.py --model /tmp/small [--prompts 4] [--tokens 64] [--device cpu]
+    python bench/fixed_sum_check.py --model /tmp/small [--prompts 4] [--tokens 64] [--eager]
+                                    [--device cpu]
 
 The two differ at most by a rounding of a GEMV output (int64 -> fp32 -> fp16 against a fp32 sum
 -> fp16), so tokens may part only where two logits nearly tie: the first step where they part is
@@ -20,10 +21,11 @@ import torch
 import tpserve
 
 
-def run(model: str, fixed: bool, prompts: list[list[int]], tokens: int, device: str):
+def run(model: str, fixed: bool, prompts: list[list[int]], tokens: int, device: str,
+        graphs: bool):
     os.environ["TPSERVE_FIXED_SUM"] = "1" if fixed else "0"
     llm = tpserve.load(model, tp=1, device=device,
-                       dtype=torch.float16 if device == "cuda" else torch.float32)
+                       dtype=torch.float16 if device == "cuda" else torch.float32, cuda_graphs=graphs)
     assert (llm.executor.ranks[0].fixed_sums is not None) == fixed
     outs = [[llm.generate(p, max_tokens=tokens, ignore_eos=True) for p in prompts]
             for _ in range(2)]
@@ -36,13 +38,14 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs: eager decode steps")
     ap.add_argument("--device", default="cuda", help="cpu: a plumbing check (no fixed-point sums)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (8 + 5 * i,), generator=gen).tolist()
                for i in range(args.prompts)]
-    written = run(args.model, False, prompts, args.tokens, args.device)
-    fixed = run(args.model, True, prompts, args.tokens, args.device)
+    written = run(args.model, False, prompts, args.tokens, args.device, not args.eager)
+    fixed = run(args.model, True, prompts, args.tokens, args.device, not args.eager)
     ok = True
     for name, (a, b) in (("written", written), ("fixed-point", fixed)):
         same = a == b

@@ -6,8 +6,9 @@ fence, an atomic and a load round trip. On one H200 that tail was 0.17 ms of a 2
 step of the 8B shapes (bench/README.md). Here instead each program adds its partial into an int64
 buffer in fixed point (2**-32 units: exact integer sums, so the result does not depend on the order
 the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
-(the residual add + RMSNorm, SiLU-mul, rotary + KV write) converts it while it reads it and leaves
-the buffer zeroed for the next call. A partial is truncated to 2**-32 (far below fp16's resolution
+(the residual add + RMSNorm, SiLU-mul, rotary + KV write) takes it with an atomic exchange (the
+value out, zero in) and converts it, leaving the buffer zeroed for the next call. Opt-in: 1.7%
+faster at batch 1 on an H200, the readers' atomics costing most of what the ticket did. A partial is truncated to 2**-32 (far below fp16's resolution
 of any value it can hold) and clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them
 cannot overflow the int64 sum: an output beyond fp16's 65504 (inf, NaN) still reads as inf.
 
@@ -75,11 +76,12 @@ def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @triton.jit
 def take(ptr, offs, mask):
-    """The fixed-point values at ptr + offs as fp32, zeroed behind (each element read by the
-    program that zeroes it)."""
-    v = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32) * (1.0 / ONE)
-    tl.store(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask)
-    return v
+    """The fixed-point values at ptr + offs as fp32, zeroed behind: one atomic exchange each, at
+    L2 where the GEMV's atomic adds landed. (A load then a zero store read stale values on an
+    H200: a consumer's loads disagreed with a torch copy of the buffer made after the same GEMV,
+    and the next GEMV found some elements not zeroed, bench/README.md.)"""
+    v = tl.atomic_xchg(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask, sem="relaxed")
+    return tl.where(mask, v, 0).to(tl.float32) * (1.0 / ONE)
 
 
 @triton.jit
@@ -92,7 +94,7 @@ def load_value(ptr, offs, mask, dtype: tl.constexpr):
 
 
 if __name__ == "__main__":
-    from .fused import add_rms_norm
+    from .fused import add_rms_norm, silu_mul
     from .gptq_gemv import INTERPRET_CONFIG, gemv
     from .gptq_weight import random_weight
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,3 +114,19 @@ if __name__ == "__main__":
         print(f"{dtype}: max |fixed-point sum - GEMV output| {float(err):.2e} (max |y| "
               f"{float(want.abs().max()):.1f}), after the add + norm {float(norm_err):.2e}; "
               f"buffer left zeroed: {not bool(buf.any())}")
+    # GEMV -> consumer, back to back, repeated: every repeat must give the first one's bits (a
+    # consumer's load + zero store did not, on an H200, at the 8B MLP's 4096 x 28672)
+    k, n = (4096, 28672) if dev.type == "cuda" else (256, 512)
+    w = random_weight(k, n, 4, 128, device=dev)
+    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    h = torch.randn(1, n, device=dev, dtype=torch.float16)
+    buf = buffer(dev, "self-check-repeat", n)
+    consumers = {"SiLU-mul": lambda b: silu_mul(b[:, :n // 2], b[:, n // 2:], dtype=x.dtype),
+                 "add + norm": lambda b: add_rms_norm(h, b, None, 1e-6, 0.0, use_triton=True)[0]}
+    for name, consume in consumers.items():
+        outs = []
+        for _ in range(20 if dev.type == "cuda" else 2):
+            gemv(x, w, out=buf, config=config)
+            outs.append(consume(buf))
+        same = all(torch.equal(outs[0], o) for o in outs)
+        print(f"GEMV {k}x{n} -> {name}, {len(outs)} repeats: {'identical' if same else 'DIFFER'}")
