@@ -21,6 +21,23 @@ def _marks() -> tuple[str, str]:
     return f"\ue000{tag}\ue001", f"\ue002{tag}\ue003"
 
 
+def _strings(value) -> list[tuple[str, str]]:
+    """(where, string) for every string inside a JSON value, keys included (no recursion: a
+    body may nest deeply)."""
+    found, todo = [], [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, str):
+            found.append((where, v))
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                found.append((f"{where}.{k}", k))
+                todo.append((f"{where}.{k}", item))
+        elif isinstance(v, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(v))
+    return found
+
+
 class Prompts:
     def __init__(self, engine, codec):
         self.engine, self.codec = engine, codec
@@ -92,6 +109,8 @@ class Prompts:
                                 "generation prompt would close; set add_generation_prompt to "
                                 "false with it", "continue_final_message")
         self.need_codec("messages")
+        if template_kwargs:
+            await run_in_threadpool(self._no_control_tokens, template_kwargs)
         if not messages:
             raise ApiError(400, "'messages' is empty; send at least one message", "messages")
         rendered = []
@@ -149,6 +168,18 @@ class Prompts:
             return await self.text(text, "messages", add_special_tokens=False)
         return await run_in_threadpool(
             lambda: self.codec.encode_parts(self.marked_parts(text, marks)))
+
+    def _no_control_tokens(self, template_kwargs: dict) -> None:
+        """Template variables render as the template's own text, where a control token's text
+        becomes that token (a turn marker forged from a variable): refused, unlike message
+        contents, which are marked and encoded as plain text."""
+        for where, text in _strings(template_kwargs):
+            held = self.codec.specials_in(text)
+            if held:
+                raise ApiError(400, f"chat_template_kwargs at {shown(where)} holds "
+                                    f"{shown(held[0])}, a control token of this model, which the "
+                                    f"template would render as that token; remove it",
+                               "chat_template_kwargs")
 
     def marked_parts(self, text: str, marks: tuple[str, str]) -> list[tuple[str, bool]]:
         """The rendered text's parts, (text, plain): the marked message contents plain."""
