@@ -173,7 +173,10 @@ class Prompts:
         """Template variables render as the template's own text, where a control token's text
         becomes that token (a turn marker forged from a variable): refused, unlike message
         contents, which are marked and encoded as plain text."""
-        for where, text in _strings(template_kwargs):
+        strings = _strings(template_kwargs)
+        if not self.codec.specials_in("\0".join(text for _, text in strings)):
+            return  # (one search over all of them: a body may hold 100000 short strings)
+        for where, text in strings:
             held = self.codec.specials_in(text)
             if held:
                 raise ApiError(400, f"chat_template_kwargs at {shown(where)} holds "
