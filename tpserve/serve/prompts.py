@@ -21,21 +21,32 @@ def _marks() -> tuple[str, str]:
     return f"\ue000{tag}\ue001", f"\ue002{tag}\ue003"
 
 
-def _strings(value) -> list[tuple[str, str]]:
-    """(where, string) for every string inside a JSON value, keys included (no recursion: a
-    body may nest deeply)."""
-    found, todo = [], [("", value)]
+def _strings(value) -> list[tuple[str, tuple | None]]:
+    """(string, where) for every string inside a JSON value, keys included; `where` is a link to
+    its parent's (parent's where, key or index), spelled out by `_path` only where needed (no
+    recursion, and no path copied per item: a body may nest deeply or hold long keys)."""
+    found, todo = [], [(value, None)]
     while todo:
-        where, v = todo.pop()
+        v, where = todo.pop()
         if isinstance(v, str):
-            found.append((where, v))
+            found.append((v, where))
         elif isinstance(v, dict):
             for k, item in v.items():
-                found.append((f"{where}.{k}", k))
-                todo.append((f"{where}.{k}", item))
+                found.append((k, (where, k)))
+                todo.append((item, (where, k)))
         elif isinstance(v, list):
-            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(v))
+            todo.extend((item, (where, i)) for i, item in enumerate(v))
     return found
+
+
+def _path(where: tuple | None) -> str:
+    """A `_strings` link as the JSON path it stands for, e.g. '.a.b[1]'."""
+    parts = []
+    while where is not None:
+        where, key = where
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    path = "".join(reversed(parts))
+    return path if len(path) <= 60 else f"...{path[-57:]}"  # its end names the string
 
 
 class Prompts:
@@ -141,8 +152,7 @@ class Prompts:
         # turn or forge another once the rendered text is encoded: such contents are marked, and
         # encoded with special-token strings as text (the template's own markers stay tokens).
         # (searched off the event loop: hundreds of special tokens over megabytes of messages)
-        holds = await run_in_threadpool(
-            lambda: [bool(self.codec.specials_in(m["content"])) for m in rendered])
+        holds = await run_in_threadpool(self._contents_holding_control_tokens, rendered)
         marks = _marks() if any(holds) else None
         if marks is not None:
             rendered = [m | {"content": f"{marks[0]}{m['content']}{marks[1]}"} if has else m
@@ -169,17 +179,29 @@ class Prompts:
         return await run_in_threadpool(
             lambda: self.codec.encode_parts(self.marked_parts(text, marks)))
 
+    def _contents_holding_control_tokens(self, rendered: list[dict]) -> list[bool]:
+        """Which messages' contents hold a control token's text (to be marked); a role or name
+        holding one is refused: templates print them as their own text."""
+        for i, m in enumerate(rendered):
+            for field in ("role", "name"):
+                held = self.codec.specials_in(m.get(field, ""))
+                if held:
+                    raise ApiError(400, f"messages[{i}].{field} holds {shown(held[0])}, a control "
+                                        f"token of this model, which the chat template would "
+                                        f"render as that token; remove it", "messages")
+        return [bool(self.codec.specials_in(m["content"])) for m in rendered]
+
     def _no_control_tokens(self, template_kwargs: dict) -> None:
         """Template variables render as the template's own text, where a control token's text
         becomes that token (a turn marker forged from a variable): refused, unlike message
         contents, which are marked and encoded as plain text."""
         strings = _strings(template_kwargs)
-        if not self.codec.specials_in("\0".join(text for _, text in strings)):
+        if not self.codec.specials_in("\0".join(text for text, _ in strings)):
             return  # (one search over all of them: a body may hold 100000 short strings)
-        for where, text in strings:
+        for text, where in strings:
             held = self.codec.specials_in(text)
             if held:
-                raise ApiError(400, f"chat_template_kwargs at {shown(where)} holds "
+                raise ApiError(400, f"chat_template_kwargs at '{_path(where)}' holds "
                                     f"{shown(held[0])}, a control token of this model, which the "
                                     f"template would render as that token; remove it",
                                "chat_template_kwargs")
