@@ -9,7 +9,7 @@ import re
 
 import httpx
 import pytest
-from serving import MODEL, Server, served_demo
+from serving import MODEL, Server, served_demo, sse
 
 import tpserve
 from tpserve.serve.engine import Engine
@@ -229,3 +229,18 @@ def test_metrics_latencies_slots_and_finish_reasons(env):
     assert value(after, "tpserve_kv_slot_usage_perc") == 0
     for name in ("tpserve_allreduce_total", "tpserve_rank_failures_total"):
         value(after, name)  # tpserve's own series stay, labelled too
+
+
+def test_sse_escapes_the_characters_line_splitters_break_at(env):
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines() (httpx's and requests'
+    iter_lines): escaped in every data line, so such a client reads whole JSON lines (the
+    helper below reads the stream that way); an echoed prompt holding them comes back whole,
+    also through the encoder of large logprobs chunks."""
+    from tpserve.serve.streams import PIECE, encode
+    prompt = "a\u2028b\x85c\u2029d"
+    chunks = sse(env.client, "/v1/completions", {"model": MODEL, "prompt": prompt, "echo": True,
+                                                 "logprobs": 1, "max_tokens": 2, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks).startswith(prompt)
+    obj = {"choices": [{"logprobs": {"tokens": ["\u2028\x85"] * (PIECE + 1)}}]}
+    text = encode(obj, sse=True).decode()
+    assert text.splitlines() == [text] and json.loads(text) == obj

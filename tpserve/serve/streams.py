@@ -184,8 +184,14 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
     return task.result()
 
 
+# Characters JSON leaves as they are that str.splitlines() (httpx's and requests' iter_lines)
+# takes for line breaks: escaped in SSE, or such a client reads a data line in pieces that are
+# not JSON (SSE itself breaks lines at CR and LF only, and JSON escapes those)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def _many_logprobs(choice: dict) -> bool:
@@ -217,7 +223,7 @@ def stream(pending: Pending, req, prompt_len: int, head: dict, first: list[dict]
                         obj = {**head, "choices": [c]}
                         if _many_logprobs(c):  # an echoed prompt's: seconds of JSON, off the loop
                             yield b"data: "  # the body's bytes go out as they are, not copied
-                            yield await run_in_threadpool(encode, obj)
+                            yield await run_in_threadpool(encode, obj, True)
                             yield b"\n\n"
                         else:
                             yield _sse(obj)
@@ -239,10 +245,12 @@ _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", 
 WALK_DEPTH, PIECE = 4, 1024
 
 
-def encode(obj) -> bytes:
+def encode(obj, sse: bool = False) -> bytes:
+    """obj as JSON bytes; `sse`: with the characters that line splitters break at escaped."""
     out: list[str] = []
     _encode(obj, out, 0)
-    return "".join(out).encode("utf-8")
+    text = "".join(out)
+    return (text.translate(_LINE_BREAKS) if sse else text).encode("utf-8")
 
 
 def _encode(obj, out: list[str], depth: int) -> None:
