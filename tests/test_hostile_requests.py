@@ -209,13 +209,13 @@ def test_a_streamed_echo_with_logprobs_is_encoded_off_the_event_loop(env, monkey
     monkeypatch.setattr(streams, "PIECE", 1)  # the demo's prompts are short: every list is "long"
     on_loop, real = [], streams.encode
 
-    def spy(obj):
+    def spy(*args):
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:
             on_loop.append(False)
-        return real(obj)
+        return real(*args)
     monkeypatch.setattr(streams, "encode", spy)
     body = {"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 2, "ignore_eos": True,
             "temperature": 0}

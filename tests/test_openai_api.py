@@ -61,6 +61,10 @@ BAD = [  # (path, body, message fragment, param)
         "name": "f"}}]}, "tools are not supported", "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"},
      "tool_choice is not supported", "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream_options": {"include_usage": True}},
+     "stream_options applies to streamed requests only", "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}},
+     "stream_options applies to streamed requests only", "stream_options"),
     # Numbers that would break the sampler, and strings the tokenizer cannot take.
     ("/v1/completions", {"prompt": "x", "temperature": float("nan")},
      "temperature=nan is not a finite number", "temperature"),

@@ -155,7 +155,9 @@ def test_api_key(env):
     server = Server(build_app(env.engine, env.codec, MODEL, api_key="sekret"))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"},
+                            {"Authorization": "Basic sekret"}, {"Authorization": "Bearersekret"},
+                            {"Authorization": "Bearer sekret2"}):
                 r = c.get("/v1/models", headers=headers)
                 assert r.status_code == 401, r.text
                 assert "API key" in r.json()["error"]["message"]
@@ -163,6 +165,9 @@ def test_api_key(env):
             r = c.post("/v1/completions", content=b"{", headers={"content-type": "text/plain"})
             assert r.status_code == 401
             ok = {"Authorization": "Bearer sekret"}
+            for scheme in ("bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive
+                r = c.get("/v1/models", headers={"Authorization": f"{scheme} sekret"})
+                assert r.status_code == 200, scheme
             assert c.get("/v1/models", headers=ok).status_code == 200
             r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=ok)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

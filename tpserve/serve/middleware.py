@@ -84,13 +84,15 @@ class ApiKey:
     learns nothing about request validation and spends no tokenizer time."""
 
     def __init__(self, app, key: str, metrics: Metrics):
-        self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
+        self.app, self.expected, self.metrics = app, key.encode(), metrics
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] == "http" and path not in OPEN_PATHS:
             got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            scheme, _, key = got.strip().partition(b" ")  # the scheme is case-insensitive
+            if not (hmac.compare_digest(key.lstrip(b" "), self.expected)
+                    and scheme.lower() == b"bearer"):
                 self.metrics.http_error(401)
                 body = error_body(401, "the API key is missing or wrong; send the header "
                                        "'Authorization: Bearer <key>'", code="invalid_api_key")

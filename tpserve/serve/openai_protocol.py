@@ -206,7 +206,9 @@ def refuse_unsupported(req: _Common) -> None:
         ("tools", bool(req.tools), "tools are not supported: tpserve has no tool-call parser; "
                                    "leave tools unset"),
         ("tool_choice", req.tool_choice not in (None, "none"),
-         "tool_choice is not supported: tpserve has no tool-call parser; leave it unset")]
+         "tool_choice is not supported: tpserve has no tool-call parser; leave it unset"),
+        ("stream_options", req.stream_options is not None and not req.stream,
+         "stream_options applies to streamed requests only; set stream to true or leave it out")]
     if isinstance(req, CompletionRequest):
         unsupported += [
             ("best_of", req.best_of not in (None, 1, req.n),
