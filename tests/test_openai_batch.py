@@ -117,3 +117,18 @@ def test_max_tokens_0_without_echo_is_refused(env):
     r = env.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
     assert r.status_code == 400 and "max_tokens=0 returns nothing without echo" in r.text
     assert r.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_batchs_prompts_wait_as_one_client_request(env, monkeypatch):
+    """Every choice of every prompt of one HTTP request is queued under one group (KV slots are
+    shared out by group, `fair_share.py`), and another request under its own."""
+    groups, real = [], env.engine.submit_many
+
+    def spy(*args, **kwargs):
+        groups.append(args[4] if len(args) > 4 else kwargs.get("group"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(env.engine, "submit_many", spy)
+    complete(env, prompt=PROMPTS[:3], n=2, max_tokens=1)
+    complete(env, prompt=PROMPTS[0], max_tokens=1)
+    assert len(groups) == 4 and groups[0] is not None
+    assert groups[0] is groups[1] is groups[2] and groups[3] is not groups[0]

@@ -113,9 +113,10 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             # prompt's those of a request of its own. The prompt's logprobs (echo) are the same
             # for every choice: choice 0 computes them, the others reuse them.
             choices = [params] + [params.for_choice(i) for i in range(1, n)]
+            group = object()  # every choice of every prompt: one client request's (fair_share.py)
             for g, prompt in enumerate(batch):
                 pending.ids += engine.submit_many(prompt, choices, [pending.callback(g * n + i)
-                                                                    for i in range(n)], True)
+                                                                    for i in range(n)], True, group)
         except (QueueFull, RequestError) as e:
             pending.closed = True  # a batch's prompts queued before this one are withdrawn
             for rid in pending.ids:

@@ -1,16 +1,16 @@
 """The engine: a request queue, continuous batching over KV slots, and token streaming.
 
-One thread runs the step loop. Between steps, waiting requests take free KV slots (their whole
-prompts are prefilled together in the next step, beside the running sequences' decode tokens);
-finished requests leave and free their slots. Each step is one executor call for the running
-requests (`tpserve.serve.batch`): one `LLM.step` followed by the batched sampler, or, where every
-running request decodes greedily (or sampled where the ranks sample: rank 0 holding the head)
-and none waits, a burst of up to `decode_steps` decode steps.
+One thread runs the step loop. Between steps, waiting requests take free KV slots, the fewest-
+holding client request first (`fair_share.py`; whole prompts prefilled together in the next step,
+beside the running decode tokens); finished requests free theirs. Each step is one executor call
+(`tpserve.serve.batch`): one `LLM.step` and the batched sampler, or, where every running request
+decodes greedily (or sampled where the ranks sample: rank 0 holding the head) and none waits, a
+burst of up to `decode_steps` decode steps.
 
 Callers get events through a callback invoked on the engine thread; `tpserve.serve.app` turns them
 into asyncio queues, and queues a request's n choices all or none (`submit_many`). Without the
-thread (`start()` not called), `generate()` drives the same steps in the caller's thread: that is
-`LLM.generate`, so there is one generation loop and one stop logic.
+thread (`start()` not called), `generate()` drives the same steps in the caller's thread (that is
+`LLM.generate`: one generation loop, one stop logic).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from tpserve.serve.request_checks import check_request
 from tpserve.serve.requests import Event, QueueFull, Request, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
 from tpserve.serve.sampling_params import SamplingParams
-from tpserve.serve.shared_prompts import copy_prompt, share_prompt, shared_rows, take_over
+from tpserve.serve.fair_share import heir_may_take_slot, next_admission
+from tpserve.serve.shared_prompts import copy_prompt, share_prompt, take_over
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,8 @@ class Engine:
         self.free_slots = list(range(self.num_slots))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.stats = Stats()
-        self._ids = _REQUEST_IDS
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
+        self.stats, self._ids = Stats(), _REQUEST_IDS
+        self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), False
         self._cancelled: set[int] = set()
         self._thread: threading.Thread | None = None
 
@@ -83,13 +81,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    queue_depth = property(lambda self: len(self.waiting))
+    alive = property(lambda self: self._thread is not None and self._thread.is_alive())
 
     def cancel(self, request_id: int) -> None:
         """Drop a request (its client went away); its KV slot frees before the next step."""
@@ -110,10 +103,13 @@ class Engine:
         return self.submit_many(prompt, [params], [on_event])[0]
 
     def submit_many(self, prompt: list[int], params: list[SamplingParams],
-                    on_events: list[Callable[[Event], None]], checked: bool = False) -> list[int]:
+                    on_events: list[Callable[[Event], None]], checked: bool = False,
+                    group: object = None) -> list[int]:
         """One request per params (the n choices of one prompt), queued all or none: where the
         queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw);
-        `checked`: the caller ran `check` (HTTP, on choice 0: `for_choice` relaxes the others)."""
+        `checked`: the caller ran `check` (HTTP, on choice 0: `for_choice` relaxes the others);
+        `group`: the client request they belong to (`fair_share.py`; default: their own)."""
+        group = object() if group is None else group
         if not checked:
             self.check(prompt, params)
         automata: dict = {}  # one stop string's automaton serves every choice (read-only)
@@ -121,7 +117,7 @@ class Engine:
                  for p in params]
         with self._lock:
             self.check_room(len(params))
-            reqs = [Request(next(self._ids), list(prompt), p, on_event, stop)
+            reqs = [Request(next(self._ids), list(prompt), p, on_event, stop, group=group)
                     for p, on_event, stop in zip(params, on_events, stops)]
             share_prompt(reqs)  # prefilled once (`_admit`, `shared_prompts.py`)
             for req in reqs:
@@ -171,17 +167,17 @@ class Engine:
                 self._cancelled.clear()
             tokens = logit_bytes = 0  # what this step's prefills take: at least one request
             while self.waiting and self.free_slots:
-                req = self.waiting[0]
-                shared = shared_rows(req, new, self.waiting, self.running)
-                if shared is None:
-                    break  # after the step that runs the first choice's prompt
+                pick = next_admission(self.waiting, new, self.running)
+                if pick is None:
+                    break  # later choices, after the step that runs their prompt
+                req, shared = pick
                 tokens += len(req.prompt) - shared
                 if req.params.prompt_logprobs is not None:
                     logit_bytes += len(req.prompt) * self.cfg.vocab_size * 4
                 if new and (tokens > self.max_prefill_tokens or
                             logit_bytes > request_checks.PROMPT_LOGITS_BYTES):
                     break  # the next step takes it
-                self.waiting.popleft()
+                self.waiting.remove(req)
                 req.slot = self.free_slots.pop(0)
                 self.stats.prompt_tokens_shared += copy_prompt(req, shared)
                 new.append(req)
@@ -268,7 +264,8 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         with self._lock:
-            heir = None if reason == "error" else take_over(req, self.waiting)
+            heir = (take_over(req, self.waiting) if reason != "error"
+                    and heir_may_take_slot(req, self.waiting, self.running) else None)
             if heir is None:
                 self.free_slots.append(req.slot)
         if heir is not None:  # a later choice of its prompt runs in its slot

@@ -63,6 +63,9 @@ class Request:
     share: "Request | None" = field(default=None, repr=False, compare=False)
     cached: int = 0
     copy: tuple[int, int, int] | None = field(default=None, compare=False)
+    # The client request it belongs to (every choice of every prompt of one HTTP request): slots
+    # are shared out fairly between groups (`fair_share.py`)
+    group: object = field(default=None, repr=False, compare=False)
 
     @property
     def position(self) -> int:

@@ -24,16 +24,16 @@ def share_prompt(reqs: list[Request]) -> None:
             req.share = reqs[0]
 
 
-def shared_rows(req: Request, new: list[Request], waiting, running: list[Request]) -> int | None:
+def shared_rows(req: Request, unstarted: set[int], running: list[Request]) -> int | None:
     """For a later choice of a prompt (`Request.share`): None while the first choice waits or
-    starts in this step (admit it after); the prompt's KV rows it can copy from the first
-    choice's slot (all but the last) once that one has run its prompt and still holds its
-    slot (or has taken over the slot of one that ended, `take_over`); 0 where it failed or
-    was cancelled (a prefill of its own)."""
+    starts in this step (its id in `unstarted`: admit it after); the prompt's KV rows it can
+    copy from the first choice's slot (all but the last) once that one has run its prompt and
+    still holds its slot (or has taken over the slot of one that ended, `take_over`); 0 where
+    it failed or was cancelled (a prefill of its own)."""
     src = req.share
     if src is None:
         return 0
-    if src in new or src in waiting:
+    if src.id in unstarted:
         return None
     return len(req.prompt) - 1 if (src.output or src.cached) and src in running else 0
 
