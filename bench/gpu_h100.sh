@@ -162,7 +162,8 @@ if has fixedsum; then
   TPSERVE_FIXED_SUM=1 timeout 200 python3 bench/decode.py --model /tmp/small --tp 1 --backend local \
     --device cuda --dtype float16 --check 128 --batch 1 4 --gen 32 --prompt-len 32 2>&1 \
     | tee "$OUT/fixedsum_checks.log" | grep -vE "INFO|^ +[0-9]" | tail -6
-  timeout 200 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO | tail -7
+  timeout 200 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO \
+    | tee "$OUT/fixed_sum_check.log" | tail -7
   l8
   for f in 0 1; do
     peer=none; [ $f = 0 ] && peer=torch-int4
