@@ -155,6 +155,8 @@ from tpserve.cli import _stdout_for_the_result, main  # noqa: E402
     (["--max-num-seqs", "0"], "num_slots (--max-num-seqs)=0 is invalid"),
     (["--decode-steps", "65"], "decode_steps=65 must be an integer in [1, 64] (--decode-steps)"),
     (["--max-prefill-tokens", "0"], "--max-prefill-tokens 0 must be at least 1"),
+    (["--api-key", "sekret "], "the API key (--api-key or TPSERVE_API_KEY) starts or ends with "
+                               "white space"),
 ])
 def test_bad_flags_fail_in_one_sentence_before_ray(demo_checkpoint, argv, sentence):
     if "cuda" in argv and torch.cuda.is_available():

@@ -180,6 +180,14 @@ def test_api_key(env):
         server.close()
 
 
+@pytest.mark.parametrize("key", [" sekret", "sekret ", "sekret\t"])
+def test_an_api_key_no_header_could_carry_is_refused_at_start(env, key):
+    """A header's value loses its outer white space, so such a key would lock every client out."""
+    from tpserve.errors import TpserveError
+    with pytest.raises(TpserveError, match="API key .* starts or ends with white space"):
+        build_app(env.engine, env.codec, MODEL, api_key=key)
+
+
 def test_more_choices_than_the_queue_holds_is_400_not_429(env):
     """n choices wait as n requests: with n above --max-queue a retry could never succeed."""
     engine = Engine(env.llm, tokenizer=env.codec, max_queue=2).start()

@@ -72,7 +72,7 @@ def cmd_launch(args) -> int:
     from tpserve.serve.engine import Engine
     from tpserve.serve.app import build_app
     from tpserve.serve.limits import MAX_BODY_MB
-    from tpserve.serve.middleware import body_limit
+    from tpserve.serve.middleware import ApiKey, body_limit
     from tpserve.serve.server import serve
 
     if getattr(args, "model_tag", None):  # `tpserve serve MODEL`
@@ -87,6 +87,9 @@ def cmd_launch(args) -> int:
     if args.max_body_mb is not None and not 1 <= args.max_body_mb <= MAX_BODY_MB:
         raise TpserveError(f"--max-body-mb {args.max_body_mb} must be in [1, {MAX_BODY_MB}]; "
                            f"leave it out for a limit that follows the context")
+    api_key = args.api_key or os.environ.get("TPSERVE_API_KEY")
+    if api_key:
+        ApiKey.checked(api_key)
     check_port(args.host, args.port)
     path, llm, codec = _load(args)
     if args.verify:
@@ -109,7 +112,7 @@ def cmd_launch(args) -> int:
         limit = (body_limit(engine.max_len) if args.max_body_mb is None
                  else args.max_body_mb << 20)
         app = build_app(engine, codec, name, version=__version__,
-                        api_key=args.api_key or os.environ.get("TPSERVE_API_KEY"),
+                        api_key=api_key,
                         max_body_bytes=limit)
         log.info("request bodies up to %d MiB (--max-body-mb)", limit >> 20)
         log.info("serving %r at http://%s:%d/v1 (tp=%d, backend=%s)", name, args.host, args.port,

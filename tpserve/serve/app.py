@@ -40,7 +40,7 @@ from tpserve.serve.middleware import ApiKey, BodyLimit, body_limit
 from tpserve.serve.openai_protocol import (
     ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, check_text,
     error_body, refuse_unsupported, sampling_params, validation_message)
-from tpserve.serve.requests import RequestError
+from tpserve.serve.requests import Group, RequestError
 from tpserve.serve.streams import Pending, built_off_the_loop, collect, stream
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
     limit = body_limit(engine.max_len) if max_body_bytes is None else max_body_bytes
     app.add_middleware(BodyLimit, limit=limit, metrics=metrics, timeout=body_timeout)
     if api_key:  # outermost: an unauthenticated caller is refused before the body counts
-        app.add_middleware(ApiKey, key=api_key, metrics=metrics)
+        app.add_middleware(ApiKey, key=ApiKey.checked(api_key), metrics=metrics)
 
     def error(status, message, param=None, code=None, headers=None):
         if status != 500:
@@ -113,7 +113,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
             # prompt's those of a request of its own. The prompt's logprobs (echo) are the same
             # for every choice: choice 0 computes them, the others reuse them.
             choices = [params] + [params.for_choice(i) for i in range(1, n)]
-            group = object()  # every choice of every prompt: one client request's (fair_share.py)
+            group = Group()  # every choice of every prompt: one client request's (fair_share.py)
             for g, prompt in enumerate(batch):
                 pending.ids += engine.submit_many(prompt, choices, [pending.callback(g * n + i)
                                                                     for i in range(n)], True, group)

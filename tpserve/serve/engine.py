@@ -26,11 +26,11 @@ from tpserve.errors import TpserveError, client_message
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
 from tpserve.serve import request_checks
 from tpserve.serve.request_checks import check_request
-from tpserve.serve.requests import Event, QueueFull, Request, Stats
+from tpserve.serve.requests import Event, Group, QueueFull, Request, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
 from tpserve.serve.sampling_params import SamplingParams
-from tpserve.serve.fair_share import heir_may_take_slot, next_admission
-from tpserve.serve.shared_prompts import copy_prompt, share_prompt, take_over
+from tpserve.serve.fair_share import hand_over, next_admission
+from tpserve.serve.shared_prompts import copy_prompt, share_prompt
 from tpserve.serve.stop import StopText
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,12 @@ class Engine:
 
     def submit_many(self, prompt: list[int], params: list[SamplingParams],
                     on_events: list[Callable[[Event], None]], checked: bool = False,
-                    group: object = None) -> list[int]:
+                    group: Group | None = None) -> list[int]:
         """One request per params (the n choices of one prompt), queued all or none: where the
         queue has no room for all of them, QueueFull with nothing queued (nothing to withdraw);
         `checked`: the caller ran `check` (HTTP, on choice 0: `for_choice` relaxes the others);
         `group`: the client request they belong to (`fair_share.py`; default: their own)."""
-        group = object() if group is None else group
+        group = Group() if group is None else group
         if not checked:
             self.check(prompt, params)
         automata: dict = {}  # one stop string's automaton serves every choice (read-only)
@@ -178,7 +178,7 @@ class Engine:
                             logit_bytes > request_checks.PROMPT_LOGITS_BYTES):
                     break  # the next step takes it
                 self.waiting.remove(req)
-                req.slot = self.free_slots.pop(0)
+                req.slot, req.group.admitted = self.free_slots.pop(0), req.group.admitted + 1
                 self.stats.prompt_tokens_shared += copy_prompt(req, shared)
                 new.append(req)
         self.running.extend(new)
@@ -264,8 +264,7 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         self.running.remove(req)
         with self._lock:
-            heir = (take_over(req, self.waiting) if reason != "error"
-                    and heir_may_take_slot(req, self.waiting, self.running) else None)
+            heir = None if reason == "error" else hand_over(req, self.waiting, self.running)
             if heir is None:
                 self.free_slots.append(req.slot)
         if heir is not None:  # a later choice of its prompt runs in its slot

@@ -10,6 +10,7 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
+from tpserve.errors import TpserveError
 from tpserve.serve.limits import BODY_READ_TIMEOUT_S, BYTES_PER_TOKEN, MIN_BODY_BYTES
 from tpserve.serve.metrics import Metrics
 from tpserve.serve.openai_protocol import error_body
@@ -84,7 +85,16 @@ class ApiKey:
     learns nothing about request validation and spends no tokenizer time."""
 
     def __init__(self, app, key: str, metrics: Metrics):
-        self.app, self.expected, self.metrics = app, key.encode(), metrics
+        self.app, self.expected, self.metrics = app, self.checked(key).encode(), metrics
+
+    @staticmethod
+    def checked(key: str) -> str:
+        """The key, if a client can send it (called where the app is built: Starlette builds
+        its middleware on the first request)."""
+        if key != key.strip():  # a header's value loses them: no client could match it
+            raise TpserveError("the API key (--api-key or TPSERVE_API_KEY) starts or ends with "
+                               "white space; set it without")
+        return key
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")

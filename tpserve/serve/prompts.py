@@ -182,14 +182,19 @@ class Prompts:
     def _contents_holding_control_tokens(self, rendered: list[dict]) -> list[bool]:
         """Which messages' contents hold a control token's text (to be marked); a role or name
         holding one is refused: templates print them as their own text."""
-        for i, m in enumerate(rendered):
+        labels = "\0".join(m["role"] + "\0" + m.get("name", "") for m in rendered)
+        # (one search over all of them first: a body may hold 100000 messages)
+        for i, m in enumerate(rendered if self.codec.specials_in(labels) else ()):
             for field in ("role", "name"):
                 held = self.codec.specials_in(m.get(field, ""))
                 if held:
                     raise ApiError(400, f"messages[{i}].{field} holds {shown(held[0])}, a control "
                                         f"token of this model, which the chat template would "
                                         f"render as that token; remove it", "messages")
-        return [bool(self.codec.specials_in(m["content"])) for m in rendered]
+        contents = [m["content"] for m in rendered]
+        if not self.codec.specials_in("\0".join(contents)):
+            return [False] * len(contents)
+        return [bool(self.codec.specials_in(c)) for c in contents]
 
     def _no_control_tokens(self, template_kwargs: dict) -> None:
         """Template variables render as the template's own text, where a control token's text

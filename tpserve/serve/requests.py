@@ -45,6 +45,15 @@ class Event:
     prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, when asked
 
 
+class Group:
+    """The choices of one client request (every prompt's n): how many of them have taken a KV
+    slot so far (`fair_share.py` breaks ties between groups with it)."""
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        self.admitted = 0
+
+
 @dataclass
 class Request:
     id: int
@@ -65,7 +74,7 @@ class Request:
     copy: tuple[int, int, int] | None = field(default=None, compare=False)
     # The client request it belongs to (every choice of every prompt of one HTTP request): slots
     # are shared out fairly between groups (`fair_share.py`)
-    group: object = field(default=None, repr=False, compare=False)
+    group: "Group | None" = field(default=None, repr=False, compare=False)
 
     @property
     def position(self) -> int:

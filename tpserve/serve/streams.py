@@ -190,8 +190,15 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def _escape_breaks(text: str) -> str:
+    """(translate() costs ~35 ns a character of non-ASCII text: only where one occurs)"""
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        return text.translate(_LINE_BREAKS)
+    return text
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
+    return f"data: {_escape_breaks(json.dumps(obj, ensure_ascii=False))}\n\n"
 
 
 def _many_logprobs(choice: dict) -> bool:
@@ -250,7 +257,7 @@ def encode(obj, sse: bool = False) -> bytes:
     out: list[str] = []
     _encode(obj, out, 0)
     text = "".join(out)
-    return (text.translate(_LINE_BREAKS) if sse else text).encode("utf-8")
+    return (_escape_breaks(text) if sse else text).encode("utf-8")
 
 
 def _encode(obj, out: list[str], depth: int) -> None:
