@@ -76,10 +76,11 @@ def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @triton.jit
 def take(ptr, offs, mask):
-    """The fixed-point values at ptr + offs as fp32, zeroed behind: one atomic exchange each, at
-    L2 where the GEMV's atomic adds landed. (A load then a zero store read stale values on an
-    H200: a consumer's loads disagreed with a torch copy of the buffer made after the same GEMV,
-    and the next GEMV found some elements not zeroed, bench/README.md.)"""
+    """The fixed-point values at ptr + offs as fp32, zeroed behind: one atomic exchange each
+    (the value out, zero in). A load followed by a store of zeros raced inside the program:
+    Triton gave the int64 load 8 elements per thread and the constant store 2, so threads
+    zeroed elements that others had yet to load (readers' results varied run to run on an
+    H200, bench/README.md)."""
     v = tl.atomic_xchg(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask, sem="relaxed")
     return tl.where(mask, v, 0).to(tl.float32) * (1.0 / ONE)
 
