@@ -1,0 +1,118 @@
+"""The decode path's Triton kernels compiled for an H100/H200 (sm_90) on a machine without a GPU.
+
+CI has no GPU and runs the kernels under TRITON_INTERPRET=1, which executes their Python and
+never compiles them; a kernel that the GPU compiler refuses (an op the interpreter accepts, a
+type error in a branch the interpreter never took) would otherwise show up only on the device.
+Two processes, since the interpreter is chosen when the kernels are imported:
+
+  record   run kernel tests under the interpreter, noting every launch (kernel, argument types,
+           constexpr values, num_warps) into a JSON file
+  compile  read that file, compile each distinct launch for sm_90 with PDL on where the kernel
+           has it (as on an H100), and print per launch what its PTX holds (JSON on stdout)
+
+    python tests/compile_sm90.py record /tmp/launches.json
+    python tests/compile_sm90.py compile /tmp/launches.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+# What runs a decode step: the GEMV (written and fixed-point outputs, fp16x2 and fp32 paths),
+# the norms, SiLU-mul, rotary + KV write (fixed-point inputs too), decode attention, the head.
+SELECTION = [str(TESTS / "test_fixed_sum.py"),
+             f"{TESTS / 'test_fused_kernels.py'}::test_rotary_store_writes_each_rows_cache_entry_and_nothing_else",
+             f"{TESTS / 'test_attention_kernels.py'}::test_decode_kernel_matches_reference",
+             f"{TESTS / 'test_kernels.py'}::test_head_matmul_matches_reference"]
+PER_KERNEL = 4  # distinct argument types per kernel compiled (each takes seconds on 2 cores)
+_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int64": "i64",
+          "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _type(value) -> str | None:
+    """The signature type of a runtime argument (None: it is passed as a constexpr)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return None
+
+
+def record(path: str) -> int:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import pytest
+    from triton.runtime.interpreter import InterpretedFunction
+    launches, run = {}, InterpretedFunction.run
+
+    def noted(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        bound = dict(zip(self.arg_names, args)) | kwargs
+        options = {k: bound.pop(k) for k in ("num_warps", "num_stages") if k in bound}
+        notes = {n: str(a) for n, a in getattr(fn, "__annotations__", {}).items()}
+        sig, consts = {}, {}
+        for name in self.arg_names:
+            value = bound.get(name)
+            kind = None if "constexpr" in notes.get(name, "") else _type(value)
+            if kind is None:
+                consts[name] = value
+            sig[name] = kind or "constexpr"
+        key = json.dumps([fn.__module__, fn.__qualname__, sig, consts, options], sort_keys=True,
+                         default=str)
+        launches.setdefault(key, None)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = noted
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *SELECTION])
+    if code != 0:
+        print(f"the recorded tests failed (exit {code})", file=sys.stderr)
+        return 1
+    Path(path).write_text(json.dumps([json.loads(k) for k in launches]))
+    return 0
+
+
+def compile_all(path: str) -> int:
+    os.environ["TRITON_INTERPRET"] = "0"
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    seen: dict[str, int] = {}
+    out = []
+    for module, name, sig, consts, options in json.loads(Path(path).read_text()):
+        kinds = json.dumps(sig, sort_keys=True)
+        if seen.setdefault(name, 0) >= PER_KERNEL or f"{name}{kinds}" in seen:
+            continue
+        seen[name] += 1
+        seen[f"{name}{kinds}"] = 1
+        kernel = getattr(importlib.import_module(module), name)
+        if "PDL" in consts:
+            consts["PDL"] = True  # as launched on sm_90 (pdl.py)
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": options.get("num_warps", 4)})
+            ptx, error = compiled.asm["ptx"], None
+        except Exception as e:  # reported per launch
+            ptx, error = "", f"{type(e).__name__}: {str(e)[:400]}"
+        out.append({"kernel": name, "sig": sig, "error": error,
+                    "ptx": {w: w in ptx for w in ("griddepcontrol.wait",
+                                                  "griddepcontrol.launch_dependents",
+                                                  "red.global", "add.u64", "atom.global",
+                                                  "exch.b64", "st.global")}})
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1:]
+    sys.exit(record(path) if mode == "record" else compile_all(path))

@@ -1,0 +1,45 @@
+"""The decode path's Triton kernels compile for sm_90 (H100/H200), on this machine without a GPU,
+with the launches the kernel tests make under the interpreter (`compile_sm90.py`): an op or a
+branch that only the GPU compiler refuses fails here, not first on the device. The PTX also
+holds what the design says: PDL's wait in the GEMV and release in the kernels before it, the
+fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' exchanges."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "compile_sm90.py"
+DECODE_PATH = {"_gemv_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rotary_store_kernel",
+               "_decode_kernel", "_head_gemv_kernel"}
+# the inputs through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
+FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
+                "_rotary_store_kernel": "q_ptr"}
+
+
+def _run(*args) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                       env=env, timeout=900, cwd=SCRIPT.parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_the_decode_paths_kernels_compile_for_sm90(tmp_path):
+    launches = tmp_path / "launches.json"
+    _run("record", str(launches))
+    results = json.loads(_run("compile", str(launches)))
+    failed = [(r["kernel"], r["error"]) for r in results if r["error"]]
+    assert not failed, failed
+    assert DECODE_PATH <= {r["kernel"] for r in results}
+    gemvs = [r for r in results if r["kernel"] == "_gemv_kernel"]
+    assert all(r["ptx"]["griddepcontrol.wait"] for r in gemvs)  # PDL: waits before reading x
+    for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_decode_kernel"):
+        assert all(r["ptx"]["griddepcontrol.launch_dependents"] for r in results
+                   if r["kernel"] == name), name
+    fixed = [r for r in gemvs if r["sig"]["out_ptr"] == "*i64"]
+    assert fixed and all(r["ptx"]["red.global"] and r["ptx"]["add.u64"] for r in fixed)
+    for name, arg in FIXED_INPUTS.items():
+        readers = [r for r in results if r["kernel"] == name and r["sig"][arg] == "*i64"]
+        assert readers and all(r["ptx"]["exch.b64"] for r in readers), name
