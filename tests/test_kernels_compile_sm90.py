@@ -1,4 +1,4 @@
-"""The decode path's Triton kernels compile for sm_90 (H100/H200), on this machine without a GPU,
+"""A step's Triton kernels compile for sm_90 (H100/H200), on this machine without a GPU,
 with the launches the kernel tests make under the interpreter (`compile_sm90.py`): an op or a
 branch that only the GPU compiler refuses fails here, not first on the device. The PTX also
 holds what the design says: PDL's wait in the GEMV and release in the kernels before it, the
@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent / "compile_sm90.py"
-DECODE_PATH = {"_gemv_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rotary_store_kernel",
-               "_decode_kernel", "_head_gemv_kernel"}
+STEP_KERNELS = {"_gemv_kernel", "_mm_kernel", "_h2mm_kernel", "_prefill_kernel", "_rms_norm_kernel",
+                "_silu_mul_kernel", "_rotary_store_kernel", "_decode_kernel", "_head_gemv_kernel",
+                "_head_mm_kernel"}
 # the inputs through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
 FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
                 "_rotary_store_kernel": "q_ptr"}
@@ -26,13 +27,13 @@ def _run(*args) -> str:
     return r.stdout
 
 
-def test_the_decode_paths_kernels_compile_for_sm90(tmp_path):
+def test_a_steps_kernels_compile_for_sm90(tmp_path):
     launches = tmp_path / "launches.json"
     _run("record", str(launches))
     results = json.loads(_run("compile", str(launches)))
     failed = [(r["kernel"], r["error"]) for r in results if r["error"]]
     assert not failed, failed
-    assert DECODE_PATH <= {r["kernel"] for r in results}
+    assert STEP_KERNELS <= {r["kernel"] for r in results}
     gemvs = [r for r in results if r["kernel"] == "_gemv_kernel"]
     assert all(r["ptx"]["griddepcontrol.wait"] for r in gemvs)  # PDL: waits before reading x
     for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_decode_kernel"):
