@@ -39,11 +39,13 @@
 #                                   (TPSERVE_MLP_GROUP_ORDER=0), then the aligned checkpoint, batch
 #                                   1 and 8, the torch int4 peer beside the aligned run
 #   bash bench/gpu_h100.sh fixedsum the decode GEMVs' outputs as fixed-point sums taken by their
-#                                   consumers (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py): graph vs
-#                                   eager tokens with it, its tokens against the written sums'
-#                                   (bench/fixed_sum_check.py), then Llama-3-8B shapes tp=1
-#                                   batch 1 and 8 without and with it (the peer in the first run),
-#                                   and the captured step's kernels with it
+#                                   readers (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py) with the
+#                                   barrier take (TPSERVE_FIXED_TAKE=barrier): the kernel
+#                                   self-check's repeats, graph vs eager tokens, its tokens against
+#                                   the written sums' (bench/fixed_sum_check.py), then Llama-3-8B
+#                                   shapes tp=1 batch 1 and 8 with written sums (the peer beside
+#                                   them), the exchange take and the barrier take, and the
+#                                   captured step's kernels with the barrier take
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -157,6 +159,10 @@ if has sampled; then
   tail -12 "$OUT/decode_sampled.log"
 fi
 if has fixedsum; then
+  # The readers' barrier take (TPSERVE_FIXED_TAKE=barrier, kernels/fixed_sum.py) is checked; the
+  # default exchange take was checked the same way (bench/README.md, fourteenth session)
+  export TPSERVE_FIXED_TAKE=barrier
+  timeout 120 python3 -m tpserve.kernels.fixed_sum 2>&1 | grep -v Warn | tee "$OUT/fixed_selfcheck.log"
   [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
     --device cuda >/dev/null
   TPSERVE_FIXED_SUM=1 timeout 200 python3 bench/decode.py --model /tmp/small --tp 1 --backend local \
@@ -165,13 +171,14 @@ if has fixedsum; then
   timeout 200 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO \
     | tee "$OUT/fixed_sum_check.log" | tail -7
   l8
-  for f in 0 1; do
-    peer=none; [ $f = 0 ] && peer=torch-int4
-    TPSERVE_FIXED_SUM=$f timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
-      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
-      --gen 128 --decode-steps 8 --out "$OUT/decode_fixed$f.json" > "$OUT/decode_fixed$f.log" 2>&1
-    echo "TPSERVE_FIXED_SUM=$f:"; grep -v INFO "$OUT/decode_fixed$f.log" | tail -4
+  for arm in written exchange barrier; do  # the peer beside the written sums
+    f=1; peer=none; [ $arm = written ] && f=0 && peer=torch-int4
+    TPSERVE_FIXED_SUM=$f TPSERVE_FIXED_TAKE=$arm timeout 200 python3 bench/decode.py --model /tmp/l8 \
+      --tp 1 --batch 1 8 --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 \
+      --prompt-len 128 --gen 128 --decode-steps 8 --out "$OUT/decode_$arm.json" > "$OUT/decode_$arm.log" 2>&1
+    echo "$arm sums:"; grep -v INFO "$OUT/decode_$arm.log" | tail -4
   done
   TPSERVE_FIXED_SUM=1 timeout 150 python3 bench/profile_step.py --model /tmp/l8 --batch 1 --lm-head int8 \
-    > "$OUT/profile_fixed1.log" 2>&1; grep -A10 "^batch" "$OUT/profile_fixed1.log" | cut -c1-150
+    > "$OUT/profile_fixed_barrier.log" 2>&1; grep -A10 "^batch" "$OUT/profile_fixed_barrier.log" | cut -c1-150
+  unset TPSERVE_FIXED_TAKE
 fi

@@ -74,15 +74,28 @@ def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# How readers take a sum: "exchange" (default), or "barrier" (to measure, bench/README.md).
+TAKE_ENV = "TPSERVE_FIXED_TAKE"
+_BARRIER = tl.constexpr(os.environ.get(TAKE_ENV, "exchange") == "barrier")
+
+
 @triton.jit
 def take(ptr, offs, mask):
     """The fixed-point values at ptr + offs as fp32, zeroed behind: one atomic exchange each
     (the value out, zero in). A load followed by a store of zeros raced inside the program:
     Triton gave the int64 load 8 elements per thread and the constant store 2, so threads
     zeroed elements that others had yet to load (readers' results varied run to run on an
-    H200, bench/README.md)."""
-    v = tl.atomic_xchg(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask, sem="relaxed")
-    return tl.where(mask, v, 0).to(tl.float32) * (1.0 / ONE)
+    H200, bench/README.md). With TPSERVE_FIXED_TAKE=barrier: the load, a barrier (every
+    thread's loads done), then the zero store."""
+    if _BARRIER:
+        v = tl.load(ptr + offs, mask=mask, other=0)
+        tl.debug_barrier()
+        tl.store(ptr + offs, tl.zeros_like(v), mask=mask)
+    else:
+        v = tl.atomic_xchg(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask,
+                           sem="relaxed")
+        v = tl.where(mask, v, 0)
+    return v.to(tl.float32) * (1.0 / ONE)
 
 
 @triton.jit

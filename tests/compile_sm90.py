@@ -11,7 +11,7 @@ Two processes, since the interpreter is chosen when the kernels are imported:
            has it (as on an H100), and print per launch what its PTX holds (JSON on stdout)
 
     python tests/compile_sm90.py record /tmp/launches.json
-    python tests/compile_sm90.py compile /tmp/launches.json
+    python tests/compile_sm90.py compile /tmp/launches.json [fixed-readers]
 """
 
 from __future__ import annotations
@@ -87,7 +87,20 @@ def record(path: str) -> int:
     return 0
 
 
-def compile_all(path: str) -> int:
+def _barrier_between(ptx: str) -> bool:
+    """Whether the first 64-bit store comes after a bar.sync that follows a 64-bit load (the
+    fixed-point readers' barrier take)."""
+    lines = ptx.splitlines()
+    at = lambda what, start: next((i for i, line in enumerate(lines) if i >= start  # noqa: E731
+                                   and what(line)), None)
+    load = at(lambda x: "ld.global" in x and "b64" in x, 0)
+    bar = None if load is None else at(lambda x: "bar.sync" in x, load)
+    store = at(lambda x: "st.global" in x and "b64" in x, 0)
+    return None not in (load, bar, store) and load < bar < store
+
+
+def compile_all(path: str, only: str | None = None) -> int:
+    """`only`: "fixed-readers", the launches that take fixed-point sums (int64 inputs)."""
     os.environ["TRITON_INTERPRET"] = "0"
     import importlib
 
@@ -103,6 +116,11 @@ def compile_all(path: str) -> int:
             continue
         seen[name] += 1
         seen[kind] = 1
+        if only == "fixed-readers" and not (name in ("_rms_norm_kernel", "_silu_mul_kernel",
+                                                      "_rotary_store_kernel")
+                                             and sig.get("r_ptr", sig.get("g_ptr",
+                                                         sig.get("q_ptr"))) == "*i64"):
+            continue
         kernel = getattr(importlib.import_module(module), name)
         if "PDL" in consts:
             consts["PDL"] = True  # as launched on sm_90 (pdl.py)
@@ -117,11 +135,12 @@ def compile_all(path: str) -> int:
                     "ptx": {w: w in ptx for w in ("griddepcontrol.wait",
                                                   "griddepcontrol.launch_dependents",
                                                   "red.global", "add.u64", "atom.global",
-                                                  "exch.b64", "st.global")}})
+                                                  "exch.b64", "st.global")}
+                    | {"barrier between": _barrier_between(ptx)}})
     json.dump(out, sys.stdout)
     return 0
 
 
 if __name__ == "__main__":
-    mode, path = sys.argv[1:]
-    sys.exit(record(path) if mode == "record" else compile_all(path))
+    mode, path, *only = sys.argv[1:]
+    sys.exit(record(path) if mode == "record" else compile_all(path, *only))

@@ -2,7 +2,8 @@
 with the launches the kernel tests make under the interpreter (`compile_sm90.py`): an op or a
 branch that only the GPU compiler refuses fails here, not first on the device. The PTX also
 holds what the design says: PDL's wait in the GEMV and release in the kernels before it, the
-fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' exchanges."""
+fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' exchanges (or,
+with TPSERVE_FIXED_TAKE=barrier, their loads, a barrier, then the zero stores)."""
 
 import json
 import os
@@ -19,8 +20,8 @@ FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
                 "_rotary_store_kernel": "q_ptr"}
 
 
-def _run(*args) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(*args, **env_vars) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                        env=env, timeout=900, cwd=SCRIPT.parent.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -44,3 +45,9 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
     for name, arg in FIXED_INPUTS.items():
         readers = [r for r in results if r["kernel"] == name and r["sig"][arg] == "*i64"]
         assert readers and all(r["ptx"]["exch.b64"] for r in readers), name
+    # the barrier take (TPSERVE_FIXED_TAKE=barrier): loads, bar.sync, then the zero stores
+    barrier = json.loads(_run("compile", str(launches), "fixed-readers",
+                              TPSERVE_FIXED_TAKE="barrier"))
+    assert {r["kernel"] for r in barrier} == set(FIXED_INPUTS)
+    assert all(r["ptx"]["barrier between"] and not r["ptx"]["exch.b64"] and not r["error"]
+               for r in barrier), barrier
