@@ -24,8 +24,7 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 # What runs a step: the GEMV (written and fixed-point outputs, fp16x2 and fp32 paths), the
 # few-row and prefill GEMMs, the norms, SiLU-mul, rotary + KV write (fixed-point inputs too),
-# decode attention, the head. (Not yet: the one-shot all-reduces, whose tests launch them in
-# rank processes.)
+# decode attention, the head; and the one-shot all-reduces (`_one_shot_calls`).
 SELECTION = [str(TESTS / f) for f in (
     "test_fixed_sum.py",
     "test_fused_kernels.py::test_rotary_store_writes_each_rows_cache_entry_and_nothing_else",
@@ -53,6 +52,23 @@ def _type(value) -> str | None:
     if isinstance(value, float):
         return "fp32"
     return None
+
+
+def _one_shot_calls() -> None:
+    """The one-shot all-reduces (plain and fused with the add + norm) of a group of one rank, in
+    this process (their tests run each rank in a process of its own); compiled for two ranks."""
+    import torch
+
+    from tpserve.kernels.allreduce import MAX_BLOCKS, one_shot_add_rms_norm, one_shot_all_reduce
+    for dtype in (torch.float16, torch.float32):
+        x, h = torch.randn(2, 64, dtype=dtype), torch.randn(2, 64, dtype=dtype)
+        buf, flags = torch.zeros(2 * 128, dtype=dtype), torch.zeros(MAX_BLOCKS, dtype=torch.int64)
+        bufs, flag_ptrs = (torch.tensor([t.data_ptr()]) for t in (buf, flags))
+        counters = torch.zeros(MAX_BLOCKS, dtype=torch.int64)
+        one_shot_all_reduce(x.view(-1), torch.empty(128, dtype=dtype), bufs, flag_ptrs, counters,
+                            128, 0, 1)
+        one_shot_add_rms_norm(x, h, torch.ones(64, dtype=dtype), 1e-5, None, bufs, flag_ptrs,
+                              counters, 128, 0, 1)
 
 
 def record(path: str) -> int:
@@ -83,6 +99,7 @@ def record(path: str) -> int:
     if code != 0:
         print(f"the recorded tests failed (exit {code})", file=sys.stderr)
         return 1
+    _one_shot_calls()
     Path(path).write_text(json.dumps([json.loads(k) for k in launches]))
     return 0
 
@@ -124,6 +141,8 @@ def compile_all(path: str, only: str | None = None) -> int:
         kernel = getattr(importlib.import_module(module), name)
         if "PDL" in consts:
             consts["PDL"] = True  # as launched on sm_90 (pdl.py)
+        if consts.get("WORLD") == 1:
+            consts["WORLD"] = 2  # a one-rank group in the recording; two GPUs here
         try:
             compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts),
                                       target=GPUTarget("cuda", 90, 32),

@@ -14,7 +14,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).parent / "compile_sm90.py"
 STEP_KERNELS = {"_gemv_kernel", "_mm_kernel", "_h2mm_kernel", "_prefill_kernel", "_rms_norm_kernel",
                 "_silu_mul_kernel", "_rotary_store_kernel", "_decode_kernel", "_head_gemv_kernel",
-                "_head_mm_kernel"}
+                "_head_mm_kernel", "_one_shot_kernel", "_one_shot_norm_kernel"}
 # the inputs through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
 FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
                 "_rotary_store_kernel": "q_ptr"}
@@ -37,7 +37,8 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
     assert STEP_KERNELS <= {r["kernel"] for r in results}
     gemvs = [r for r in results if r["kernel"] == "_gemv_kernel"]
     assert all(r["ptx"]["griddepcontrol.wait"] for r in gemvs)  # PDL: waits before reading x
-    for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_decode_kernel"):
+    for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_decode_kernel", "_one_shot_kernel",
+                 "_one_shot_norm_kernel"):
         assert all(r["ptx"]["griddepcontrol.launch_dependents"] for r in results
                    if r["kernel"] == name), name
     fixed = [r for r in gemvs if r["sig"]["out_ptr"] == "*i64"]
