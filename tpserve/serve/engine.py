@@ -24,12 +24,12 @@ from typing import Callable
 
 from tpserve.errors import TpserveError, client_message
 from tpserve.serve.batch import burst_len, check_decode_steps, decode_burst, step_batch
+from tpserve.serve.fair_share import hand_over, next_admission
 from tpserve.serve import request_checks
 from tpserve.serve.request_checks import check_request
 from tpserve.serve.requests import Event, Group, QueueFull, Request, Stats
 from tpserve.serve.sampling import SampleRow, TokenLogprob
 from tpserve.serve.sampling_params import SamplingParams
-from tpserve.serve.fair_share import hand_over, next_admission
 from tpserve.serve.shared_prompts import copy_prompt, share_prompt
 from tpserve.serve.stop import StopText
 
