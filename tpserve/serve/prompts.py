@@ -182,32 +182,24 @@ class Prompts:
     def _contents_holding_control_tokens(self, rendered: list[dict]) -> list[bool]:
         """Which messages' contents hold a control token's text (to be marked); a role or name
         holding one is refused: templates print them as their own text."""
-        labels = "\0".join(m["role"] + "\0" + m.get("name", "") for m in rendered)
-        # (one search over all of them first: a body may hold 100000 messages)
-        for i, m in enumerate(rendered if self.codec.specials_in(labels) else ()):
-            for field in ("role", "name"):
-                held = self.codec.specials_in(m.get(field, ""))
-                if held:
-                    raise ApiError(400, f"messages[{i}].{field} holds {shown(held[0])}, a control "
-                                        f"token of this model, which the chat template would "
-                                        f"render as that token; remove it", "messages")
-        contents = [m["content"] for m in rendered]
-        if not self.codec.specials_in("\0".join(contents)):
-            return [False] * len(contents)
-        return [bool(self.codec.specials_in(c)) for c in contents]
+        labels = [(i, f, m[f]) for i, m in enumerate(rendered) for f in ("role", "name") if f in m]
+        for (i, field, _), held in zip(labels, self.codec.first_specials([t for *_, t in labels])):
+            if held is not None:
+                raise ApiError(400, f"messages[{i}].{field} holds {shown(held)}, a control token "
+                                    f"of this model, which the chat template would render as "
+                                    f"that token; remove it", "messages")
+        return [held is not None
+                for held in self.codec.first_specials([m["content"] for m in rendered])]
 
     def _no_control_tokens(self, template_kwargs: dict) -> None:
         """Template variables render as the template's own text, where a control token's text
         becomes that token (a turn marker forged from a variable): refused, unlike message
         contents, which are marked and encoded as plain text."""
         strings = _strings(template_kwargs)
-        if not self.codec.specials_in("\0".join(text for text, _ in strings)):
-            return  # (one search over all of them: a body may hold 100000 short strings)
-        for text, where in strings:
-            held = self.codec.specials_in(text)
-            if held:
+        for (_, where), held in zip(strings, self.codec.first_specials([t for t, _ in strings])):
+            if held is not None:
                 raise ApiError(400, f"chat_template_kwargs at '{_path(where)}' holds "
-                                    f"{shown(held[0])}, a control token of this model, which the "
+                                    f"{shown(held)}, a control token of this model, which the "
                                     f"template would render as that token; remove it",
                                "chat_template_kwargs")
 
