@@ -17,13 +17,19 @@ def run_together(engine, prompts, params, timeout: float = 120) -> list[list[Eve
             if ev.finished:
                 done.release()
         engine.submit(p, sp, on_event)
+    drive(engine, done, len(prompts), timeout)
+    return events
+
+
+def drive(engine, done: threading.Semaphore, n: int, timeout: float = 120) -> None:
+    """Start the engine's loop, wait until `done` is released n times (each request's end),
+    stop the engine."""
     engine.start()
     try:
-        for _ in prompts:
+        for _ in range(n):
             assert done.acquire(timeout=timeout), "a request did not finish"
     finally:
         engine.stop()
-    return events
 
 
 def tokens(events: list[Event]) -> list[int]:

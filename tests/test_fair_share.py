@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tpserve
-from engine_runs import run_together, tokens
+from engine_runs import drive, run_together, tokens
 from tpserve.serve.engine import Engine
 from tpserve.serve.fair_share import hand_over, next_admission
 from tpserve.serve.requests import Group, Request
@@ -92,12 +92,7 @@ def _run(llm, groups: list[tuple[list[list[int]], list[SamplingParams], object]]
                                                 on_event(ev, key) for i in range(len(params))],
                                group=group)
             total += len(params)
-    engine.start()
-    try:
-        for _ in range(total):
-            assert done.acquire(timeout=120), "a request did not finish"
-    finally:
-        engine.stop()
+    drive(engine, done, total)
     assert sorted(engine.free_slots) == list(range(engine.num_slots))
     return got, firsts, engine.stats
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tpserve
-from engine_runs import run_together, tokens
+from engine_runs import drive, run_together, tokens
 from tpserve.serve.engine import Engine
 from tpserve.serve.sampling_params import SamplingParams
 from test_rank_sampling import SMALL
@@ -27,12 +27,7 @@ def _choices(llm, prompt, params) -> tuple[list[list[int]], int]:
         if ev.finished:
             done.release()
     engine.submit_many(prompt, params, [lambda ev, i=i: on_event(ev, i) for i in range(len(params))])
-    engine.start()
-    try:
-        for _ in params:
-            assert done.acquire(timeout=120), "a choice did not finish"
-    finally:
-        engine.stop()
+    drive(engine, done, len(params))
     assert sorted(engine.free_slots) == list(range(engine.num_slots))  # every slot came back
     return [tokens(evs) for evs in events], engine.stats.prompt_tokens_shared
 
@@ -107,11 +102,7 @@ def test_an_echoing_first_choice_still_shares_its_prompt(single):
     for_choice = [lambda ev, i=i: (events[i].append(ev), ev.finished and done.release())
                   for i in range(2)]
     engine.submit_many(PROMPT, params, for_choice)
-    engine.start()
-    try:
-        assert done.acquire(timeout=120) and done.acquire(timeout=120)
-    finally:
-        engine.stop()
+    drive(engine, done, 2)
     assert engine.stats.prompt_tokens_shared == len(PROMPT) - 1
     prompt_lps = [ev.prompt_logprobs for ev in events[0] if ev.prompt_logprobs is not None]
     assert len(prompt_lps) == 1 and len(prompt_lps[0]) == len(PROMPT)
