@@ -8,9 +8,11 @@ buffer in fixed point (2**-32 units: exact integer sums, so the result does not 
 the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
 (the residual add + RMSNorm, SiLU-mul, rotary + KV write) takes it with an atomic exchange (the
 value out, zero in) and converts it, leaving the buffer zeroed for the next call. Opt-in: 1.7%
-faster at batch 1 on an H200, the readers' atomics costing most of what the ticket did. A partial is truncated to 2**-32 (far below fp16's resolution
-of any value it can hold) and clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them
-cannot overflow the int64 sum: an output beyond fp16's 65504 (inf, NaN) still reads as inf.
+faster at batch 1 on an H200, the readers' atomics costing most of what the ticket did.
+
+A partial is truncated to 2**-32 (far below fp16's resolution of any value it can hold) and
+clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them cannot overflow the int64 sum:
+an output beyond fp16's 65504 (inf, NaN) still reads as inf.
 
 Buffers are per device and role, zero between uses, and keep their address (a captured CUDA graph
 replays with it). The contract for every caller: a buffer handed to a GEMV is read by exactly one

@@ -36,6 +36,9 @@ SELECTION = [str(TESTS / f) for f in (
 # code (block sizes aside), at most this many (each takes a second or more on 2 cores)
 PER_KERNEL = 10
 SIZES = ("BLOCK", "SPLIT_K", "GROUP_M", "NUM_SPLITS")
+# the input through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
+FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
+                "_rotary_store_kernel": "q_ptr"}
 _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int64": "i64",
           "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -108,11 +111,12 @@ def _barrier_between(ptx: str) -> bool:
     """Whether the first 64-bit store comes after a bar.sync that follows a 64-bit load (the
     fixed-point readers' barrier take)."""
     lines = ptx.splitlines()
-    at = lambda what, start: next((i for i, line in enumerate(lines) if i >= start  # noqa: E731
-                                   and what(line)), None)
-    load = at(lambda x: "ld.global" in x and "b64" in x, 0)
-    bar = None if load is None else at(lambda x: "bar.sync" in x, load)
-    store = at(lambda x: "st.global" in x and "b64" in x, 0)
+
+    def first(words: tuple[str, ...], start: int = 0) -> int | None:
+        return next((i for i in range(start, len(lines)) if all(w in lines[i] for w in words)),
+                    None)
+    load, store = first(("ld.global", "b64")), first(("st.global", "b64"))
+    bar = None if load is None else first(("bar.sync",), load)
     return None not in (load, bar, store) and load < bar < store
 
 
@@ -133,10 +137,7 @@ def compile_all(path: str, only: str | None = None) -> int:
             continue
         seen[name] += 1
         seen[kind] = 1
-        if only == "fixed-readers" and not (name in ("_rms_norm_kernel", "_silu_mul_kernel",
-                                                      "_rotary_store_kernel")
-                                             and sig.get("r_ptr", sig.get("g_ptr",
-                                                         sig.get("q_ptr"))) == "*i64"):
+        if only == "fixed-readers" and sig.get(FIXED_INPUTS.get(name)) != "*i64":
             continue
         kernel = getattr(importlib.import_module(module), name)
         if "PDL" in consts:

@@ -11,13 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compile_sm90 import FIXED_INPUTS
+
 SCRIPT = Path(__file__).parent / "compile_sm90.py"
 STEP_KERNELS = {"_gemv_kernel", "_mm_kernel", "_h2mm_kernel", "_prefill_kernel", "_rms_norm_kernel",
                 "_silu_mul_kernel", "_rotary_store_kernel", "_decode_kernel", "_head_gemv_kernel",
                 "_head_mm_kernel", "_one_shot_kernel", "_one_shot_norm_kernel"}
-# the inputs through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
-FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
-                "_rotary_store_kernel": "q_ptr"}
 
 
 def _run(*args, **env_vars) -> str:
