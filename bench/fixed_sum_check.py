@@ -1,4 +1,4 @@
-"""Greedy tokens with the decode GEMVs' fixed-point sums (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py)
+"""Greedy tokens with the decode GEMVs' fixed-point sums (default, kernels/fixed_sum.py)
 against the written outputs, the same checkpoint loaded both ways in one process, on a GPU.
 
     python bench/fixed_sum_check.py --model /tmp/small [--prompts 4] [--tokens 64] [--eager]

@@ -39,8 +39,8 @@
 #                                   (TPSERVE_MLP_GROUP_ORDER=0), then the aligned checkpoint, batch
 #                                   1 and 8, the torch int4 peer beside the aligned run
 #   bash bench/gpu_h100.sh fixedsum the decode GEMVs' outputs as fixed-point sums taken by their
-#                                   readers (TPSERVE_FIXED_SUM=1, kernels/fixed_sum.py) with the
-#                                   barrier take (TPSERVE_FIXED_TAKE=barrier): the kernel
+#                                   readers (the default at tp=1, kernels/fixed_sum.py) with the
+#                                   barrier take (the default take): the kernel
 #                                   self-check's repeats, graph vs eager tokens, its tokens against
 #                                   the written sums' (bench/fixed_sum_check.py), then Llama-3-8B
 #                                   shapes tp=1 batch 1 and 8 with written sums (the peer beside
@@ -159,8 +159,8 @@ if has sampled; then
   tail -12 "$OUT/decode_sampled.log"
 fi
 if has fixedsum; then
-  # The readers' barrier take (TPSERVE_FIXED_TAKE=barrier, kernels/fixed_sum.py) is checked; the
-  # default exchange take was checked the same way (bench/README.md, fourteenth session)
+  # The readers' barrier take (the default, kernels/fixed_sum.py) is checked; the exchange take
+  # was checked the same way (bench/README.md, fourteenth session)
   export TPSERVE_FIXED_TAKE=barrier
   timeout 120 python3 -m tpserve.kernels.fixed_sum 2>&1 | grep -v Warn | tee "$OUT/fixed_selfcheck.log"
   [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \

@@ -9,7 +9,7 @@ and prints its error against it when run (`python -m tpserve.kernels.gptq_gemv`)
   gptq_launch   their host side: configs, tuning key, launch, arguments, split-K workspace
   gptq_h2       one qweight word's dot product in fp16x2 (the fast GEMV path)
   gptq_gemv     M = 1;  gptq_decode  2 <= M <= 16;  gptq_prefill  M > 16
-  fixed_sum     a decode GEMV's output as a fixed-point sum that its consumer takes (opt-in)
+  fixed_sum     a decode GEMV's output as a fixed-point sum that its consumer takes
   head_kernels  int8 and Q8_0 vocabulary tables: head matmul and row gather
   tuning        the autotuner setup they share (disk-cached results)
   dispatch      which of them runs (Triton on CUDA, the reference elsewhere)

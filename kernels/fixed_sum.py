@@ -1,4 +1,5 @@
-"""A decode GEMV's output as a fixed-point sum that the kernel reading it takes (TPSERVE_FIXED_SUM=1).
+"""A decode GEMV's output as a fixed-point sum that the kernel reading it takes (on by default;
+TPSERVE_FIXED_SUM=0 turns it off).
 
 A decode GEMV splits K over SPLIT_K programs per output tile, and the last of them (a ticket) sums
 the fp32 partials in split order and writes the output: after a program's last tile, a release
@@ -6,9 +7,9 @@ fence, an atomic and a load round trip. On one H200 that tail was 0.17 ms of a 2
 step of the 8B shapes (bench/README.md). Here instead each program adds its partial into an int64
 buffer in fixed point (2**-32 units: exact integer sums, so the result does not depend on the order
 the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
-(the residual add + RMSNorm, SiLU-mul, rotary + KV write) takes it with an atomic exchange (the
-value out, zero in) and converts it, leaving the buffer zeroed for the next call. Opt-in: 1.7%
-faster at batch 1 on an H200, the readers' atomics costing most of what the ticket did.
+(the residual add + RMSNorm, SiLU-mul, rotary + KV write) takes it (loads it, syncs the program's
+threads, stores zeros) and converts it, leaving the buffer zeroed for the next call. On one H200,
+8B shapes, tp=1: 1.065x the written sums' tok/s at batch 1, the same at batch 8 (bench/README.md).
 
 A partial is truncated to 2**-32 (far below fp16's resolution of any value it can hold) and
 clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them cannot overflow the int64 sum:
@@ -39,7 +40,7 @@ _retired: list = []  # outgrown buffers: captured graphs may still point at them
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def buffer(device: torch.device, role: str, n: int) -> torch.Tensor:
@@ -76,19 +77,19 @@ def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-# How readers take a sum: "exchange" (default), or "barrier" (to measure, bench/README.md).
+# How readers take a sum: "barrier" (default), or "exchange" (slower: bench/README.md).
 TAKE_ENV = "TPSERVE_FIXED_TAKE"
-_BARRIER = tl.constexpr(os.environ.get(TAKE_ENV, "exchange") == "barrier")
+_BARRIER = tl.constexpr(os.environ.get(TAKE_ENV, "barrier") != "exchange")
 
 
 @triton.jit
 def take(ptr, offs, mask):
-    """The fixed-point values at ptr + offs as fp32, zeroed behind: one atomic exchange each
-    (the value out, zero in). A load followed by a store of zeros raced inside the program:
-    Triton gave the int64 load 8 elements per thread and the constant store 2, so threads
-    zeroed elements that others had yet to load (readers' results varied run to run on an
-    H200, bench/README.md). With TPSERVE_FIXED_TAKE=barrier: the load, a barrier (every
-    thread's loads done), then the zero store."""
+    """The fixed-point values at ptr + offs as fp32, zeroed behind: the load, a barrier (every
+    thread's loads performed), then the store of zeros. Without the barrier the two raced
+    inside the program: Triton gave the int64 load 8 elements per thread and the constant store
+    2, so threads zeroed elements that others had yet to load (readers' results varied run to
+    run on an H200, bench/README.md). With TPSERVE_FIXED_TAKE=exchange: one atomic exchange
+    per element (the value out, zero in; correct too, 2.8% slower at batch 1)."""
     if _BARRIER:
         v = tl.load(ptr + offs, mask=mask, other=0)
         tl.debug_barrier()

@@ -123,11 +123,11 @@ def test_a_non_finite_output_reads_as_inf_not_as_a_wrapped_sum():
 
 
 def test_which_halves_hand_over_fixed_point_sums(monkeypatch):
-    """Opt-in, with one rank in the process: every half but the last (whose sum no norm reads)
-    hands its partial over as a fixed-point sum, and the attention / MLP modules name the model's
-    buffers; at tp=2, or without the switch, none does. (The buffers themselves are only used for
+    """By default, with one rank in the process: every half but the last (whose sum no norm
+    reads) hands its partial over as a fixed-point sum, and the attention / MLP modules name the
+    model's buffers; at tp=2, or with TPSERVE_FIXED_SUM=0, none does. (The buffers themselves are only used for
     CUDA tensors: bench/gpu_h100.sh fixedsum runs them.)"""
-    monkeypatch.setenv(fixed_sum.ENV, "1")
+    monkeypatch.delenv(fixed_sum.ENV, raising=False)
     llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
     rank = llm.executor.ranks[0]
     owner, n = rank.fixed_sums, rank.num_halves

@@ -2,8 +2,8 @@
 with the launches the kernel tests make under the interpreter (`compile_sm90.py`): an op or a
 branch that only the GPU compiler refuses fails here, not first on the device. The PTX also
 holds what the design says: PDL's wait in the GEMV and release in the kernels before it, the
-fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' exchanges (or,
-with TPSERVE_FIXED_TAKE=barrier, their loads, a barrier, then the zero stores)."""
+fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' loads, a barrier,
+then the zero stores (or, with TPSERVE_FIXED_TAKE=exchange, their atomic exchanges)."""
 
 import json
 import os
@@ -20,7 +20,8 @@ STEP_KERNELS = {"_gemv_kernel", "_mm_kernel", "_h2mm_kernel", "_prefill_kernel",
 
 
 def _run(*args, **env_vars) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_vars
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TPSERVE_FIXED_TAKE")} | env_vars
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                        env=env, timeout=900, cwd=SCRIPT.parent.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -44,10 +45,10 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
     assert fixed and all(r["ptx"]["red.global"] and r["ptx"]["add.u64"] for r in fixed)
     for name, arg in FIXED_INPUTS.items():
         readers = [r for r in results if r["kernel"] == name and r["sig"][arg] == "*i64"]
-        assert readers and all(r["ptx"]["exch.b64"] for r in readers), name
-    # the barrier take (TPSERVE_FIXED_TAKE=barrier): loads, bar.sync, then the zero stores
-    barrier = json.loads(_run("compile", str(launches), "fixed-readers",
-                              TPSERVE_FIXED_TAKE="barrier"))
-    assert {r["kernel"] for r in barrier} == set(FIXED_INPUTS)
-    assert all(r["ptx"]["barrier between"] and not r["ptx"]["exch.b64"] and not r["error"]
-               for r in barrier), barrier
+        assert readers and all(r["ptx"]["barrier between"] and not r["ptx"]["exch.b64"]
+                               for r in readers), name  # loads, bar.sync, then the zero stores
+    # the exchange take (TPSERVE_FIXED_TAKE=exchange): one atomic exchange per element
+    exchange = json.loads(_run("compile", str(launches), "fixed-readers",
+                               TPSERVE_FIXED_TAKE="exchange"))
+    assert {r["kernel"] for r in exchange} == set(FIXED_INPUTS)
+    assert all(r["ptx"]["exch.b64"] and not r["error"] for r in exchange), exchange

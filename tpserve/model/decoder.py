@@ -72,7 +72,7 @@ class RankModel(torch.nn.Module):
                                                   cache.num_slots * self.prefill_positions))
                               if self.device.type == "cuda" and self.batched_decode else [])
         self.graphs = None
-        # Decode GEMVs' outputs as fixed-point sums taken by their readers (opt-in, fixed_sum.py):
+        # Decode GEMVs' outputs as fixed-point sums taken by their readers (fixed_sum.py; TPSERVE_FIXED_SUM=0: off):
         # with one rank in the process (ranks sharing a GPU in one process interleave their
         # kernels on its stream) and the step one captured graph; the buffers are this model's
         # (their roles named after it)
@@ -175,7 +175,7 @@ class RankModel(torch.nn.Module):
         return layer.attn_partial(h, cos, sin, cache, index, s.plan, s.decode, normed, fixed)
 
     def takes_fixed(self, j: int) -> bool:
-        """Whether half j's partial may come as a fixed-point sum (`fixed_sum.py`, opt-in): where
+        """Whether half j's partial may come as a fixed-point sum (`fixed_sum.py`): where
         the next half's residual add + RMSNorm (one program per row, no output order) is its
         only reader."""
         norm = self._next_norm(j)
