@@ -46,6 +46,13 @@
 #                                   shapes tp=1 batch 1 and 8 with written sums (the peer beside
 #                                   them), the exchange take and the barrier take, and the
 #                                   captured step's kernels with the barrier take
+#   bash bench/gpu_h100.sh rowwarps the kernels that give a decode row one program (norms, rotary +
+#                                   KV write) with 4, 8 and 16 warps (TPSERVE_ROW_WARPS): Llama-3-8B
+#                                   shapes tp=1 batch 1 and 8 (the peer beside 4) and each one's
+#                                   captured-step kernels
+#   bash bench/gpu_h100.sh gemvfixed the M = 1 GEMV with written and fixed-point outputs
+#                                   (bench/kernels.py w4g128 / w4g128_fixed) on the table's shapes,
+#                                   tinygemm and bf16 cuBLAS in the same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -157,6 +164,24 @@ if has sampled; then
     --dtype float16 --peer torch-int4 --lm-head int8 --prompt-len 128 --gen 128 --decode-steps 1 8 \
     --temperature 0 0.8 --out "$OUT/decode_sampled_h100.json" > "$OUT/decode_sampled.log" 2>&1
   tail -12 "$OUT/decode_sampled.log"
+fi
+if has rowwarps; then
+  l8
+  for w in 4 8 16; do
+    peer=none; [ $w = 4 ] && peer=torch-int4
+    TPSERVE_ROW_WARPS=$w timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
+      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
+      --gen 128 --decode-steps 8 --out "$OUT/decode_rowwarps$w.json" > "$OUT/decode_rowwarps$w.log" 2>&1
+    echo "row warps $w:"; grep -v INFO "$OUT/decode_rowwarps$w.log" | tail -4
+    TPSERVE_ROW_WARPS=$w timeout 150 python3 bench/profile_step.py --model /tmp/l8 --batch 1 \
+      --lm-head int8 > "$OUT/profile_rowwarps$w.log" 2>&1
+    grep -E "^batch|_rms_norm|_rotary_store" "$OUT/profile_rowwarps$w.log" | cut -c1-150
+  done
+fi
+if has gemvfixed; then
+  timeout 300 python3 bench/kernels.py --no-head --m 1 --variants w4g128 w4g128_fixed \
+    --out "$OUT/kernels_gemv_fixed.json" 2>&1 | grep -v INFO | tee "$OUT/kernels_gemv_fixed.log" \
+    | grep -E "tinygemm|w4g128" | cut -c1-140
 fi
 if has fixedsum; then
   # The readers' barrier take (the default, kernels/fixed_sum.py) is checked; the exchange take

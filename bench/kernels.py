@@ -40,9 +40,12 @@ GPTQ_M, HEAD_M = (1, 4, 16), (1, 8)
 PREFILL = [((4096, 14336), 64), ((4096, 14336), 512)]  # tl.dot; dequant + cuBLAS
 # w4g128_fp32: the M = 1 GEMV without its fp16x2 path (the A/B of that path, M = 1 only);
 # w4g128_dot: M > 1 through the tl.dot decode kernel only (w4g128 takes the faster of it and the
-# fp16x2 rows kernel, measured on first use, up to M = 4 here; the server offers it at M = 2)
-VARIANTS = ["w4g128", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act", "w4_act_shard",
-            "w8g128"]
+# fp16x2 rows kernel, measured on first use, up to M = 4 here; the server offers it at M = 2);
+# w4g128_fixed: the M = 1 GEMV adding into a fixed-point buffer, no split-K ticket (what a tp=1
+# decode step runs, kernels/fixed_sum.py; its reader's take is not timed here)
+VARIANTS = ["w4g128", "w4g128_fixed", "w4g128_fp32", "w4g128_dot", "w4g128_off64", "w4_act",
+            "w4_act_shard", "w8g128"]
+M1_ONLY = ("w4g128_fp32", "w4g128_fixed")
 # Not in the default table: one few-rows kernel forced at M >= 2 (w4g128 is dispatch's pick)
 FORCED = {"w4g128_per_field": "decode", "w4g128_per_tile": "rows", "w4g128_fp16x2": "h2mm"}
 L2_BYTES = 50e6
@@ -149,6 +152,8 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
             for m in ms:
                 rows.append(dict(kind="gemm", K=k, N=n, M=m, variant="tinygemm int4 g128", us=None))
         for v in VARIANTS:
+            if v == "w4g128_fixed" and dev.type != "cuda":
+                continue  # a Triton-only output form
             first = make_variant(v, k, n, dev)
             ws = [first] + [make_variant(v, k, n, dev) for _ in range(n_copies(first[0].nbytes, smoke) - 1)]
             if dev.type == "cuda":
@@ -156,7 +161,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 gptq_gemv.USE_H2 = v != "w4g128_fp32"
                 dispatch.H2_ROWS = v != "w4g128_dot"
                 dispatch.H2_ROWS_MAX_M = 4  # the A/B at every M the fp16x2 rows kernel runs
-            v_ms = ms[:1] if v == "w4g128_fp32" else [m for m in ms if m > 1 or v != "w4g128_dot"]
+            v_ms = ms[:1] if v in M1_ONLY else [m for m in ms if m > 1 or v != "w4g128_dot"]
             if v in FORCED:
                 v_ms = [m for m in ms if 2 <= m <= (4 if FORCED[v] == "h2mm" else 16)]
             for m in v_ms:
@@ -166,6 +171,8 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                     run = dict(decode=gptq_decode.decode_matmul, rows=gptq_prefill.rows_matmul,
                                h2mm=gptq_h2mm.h2_matmul)[FORCED[v]]
                     fns = [lambda w=w, p=p: run(x, w, p) for w, p in ws]
+                elif v == "w4g128_fixed":  # sums wrap over the timed calls: times are unchanged
+                    fns = [lambda w=w, p=p: _fixed_gemv(x, w, p) for w, p in ws]
                 else:
                     fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
                 t = device_time_us(fns, dev, iters)
@@ -173,7 +180,8 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 if (k, n) == shapes[0]:  # the autotuned configs, against the reference
                     w, p = first
                     ref = gptq_matmul_reference(x.float() if p is None else x.float()[:, p], w)
-                    r["rel_err"] = ((fns[0]().float() - ref).abs().max() / ref.abs().max()).item()
+                    got = _fixed_gemv(x, w, p, fresh=True) if v == "w4g128_fixed" else fns[0]()
+                    r["rel_err"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                 if m == 1:
                     r["eager_us"] = eager_us(fns, dev)
                 rows.append(r)
@@ -216,6 +224,17 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
             print(f"prefill {k}x{n} M={m} {variant}: {t:.1f} us ({t / tb:.2f}x bf16 {tb:.1f} us, "
                   f"{r['tflops']:.0f} TFLOP/s, rel err {r['rel_err']:.1e})", flush=True)
         del wb, ws
+
+
+def _fixed_gemv(x, w, perm, fresh=False):
+    """The one-row GEMV into w's fixed-point buffer; `fresh`: from zero, taken as fp16."""
+    from tpserve.kernels import fixed_sum
+    from tpserve.kernels.gptq_gemv import gemv
+    buf = fixed_sum.buffer(x.device, f"bench{id(w):x}", w.out_features)
+    if fresh:
+        buf.zero_()
+    out = gemv(x, w, perm, out=buf)
+    return fixed_sum.take_reference(out, torch.float16) if fresh else out
 
 
 def bench_head(dev, smoke, iters, rows, copy_bw):

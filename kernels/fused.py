@@ -93,6 +93,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, perm_ptr, out_ptr, n, stride_
 
 
 PERM_CHUNK = 512  # output columns per program of a norm writing in an act-order GEMV's order
+# Warps of the kernels that give a decode row one program (the norms, rotary + KV write): that
+# program is a whole 4096-wide row on one SM, and more warps keep more of its loads in flight
+ROW_WARPS = int(os.environ.get("TPSERVE_ROW_WARPS", "4"))
 
 
 def _norm_grid(rows: int, n: int, perm, chunk: int):
@@ -159,7 +162,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
         _rms_norm_kernel[grid](x2, x2, x2, x2 if w is None else w, x2 if perm is None else perm, out,
                                n, x2.stride(0), 0, 0, out.stride(0), eps, float(offset or 0.0),
                                MODE=mode, ADD=False, PERM=perm is not None, PDL=pdl_flag(x2),
-                               BLOCK=block, CHUNK=chunk, num_warps=4)
+                               BLOCK=block, CHUNK=chunk, num_warps=ROW_WARPS)
     return out.view(shape)
 
 
@@ -184,7 +187,7 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: 
         _rms_norm_kernel[grid](h, r, total, h if w is None else w, h if perm is None else perm, out,
                                n, h.stride(0), r.stride(0), total.stride(0), out.stride(0), eps,
                                float(offset or 0.0), MODE=mode, ADD=True, PERM=perm is not None,
-                               PDL=pdl_flag(h), BLOCK=block, CHUNK=chunk, num_warps=4)
+                               PDL=pdl_flag(h), BLOCK=block, CHUNK=chunk, num_warps=ROW_WARPS)
     return total, out
 
 

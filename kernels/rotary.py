@@ -23,7 +23,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
-from .fused import use_triton_for  # noqa: E402
+from .fused import ROW_WARPS, use_triton_for  # noqa: E402
 from .pdl import flag as pdl_flag, release  # noqa: E402
 
 
@@ -140,7 +140,7 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(max(heads, k.shape[1])),
-            BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
+            BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=ROW_WARPS)
     return out
 
 
