@@ -43,6 +43,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def fits(dtype: torch.dtype) -> bool:
+    """Whether a GEMV with `dtype` activations may return a fixed-point sum: fp16 only, where
+    every output it can hold (|y| <= 65504, and the partials behind it) lies far inside the
+    clamp; bf16 and fp32 outputs can exceed 2**24, so those GEMVs write their sums."""
+    return dtype == torch.float16
+
+
 def buffer(device: torch.device, role: str, n: int) -> torch.Tensor:
     """A zeroed int64 [1, n] buffer for `role`'s fixed-point outputs on `device`."""
     key = (torch.device(device), role)

@@ -144,3 +144,10 @@ def test_which_halves_hand_over_fixed_point_sums(monkeypatch):
     assert llm.executor.ranks[0].fixed_sums is None
     assert llm.generate([3, 4, 5], max_tokens=4, ignore_eos=True) == tokens  # CPU: same path
     llm.close()
+
+
+def test_only_fp16_gemvs_return_fixed_point_sums():
+    """The clamp (+-2**24 per partial) lies far beyond every fp16 output; bf16 and fp32 outputs
+    can exceed it, so their GEMVs write their sums."""
+    assert fixed_sum.fits(torch.float16)
+    assert not fixed_sum.fits(torch.bfloat16) and not fixed_sum.fits(torch.float32)

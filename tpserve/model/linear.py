@@ -120,10 +120,11 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, fixed: str | None = None) -> torch.Tensor:
         """`fixed`: a role (`fixed_sum.buffer`) whose buffer a one-row GPU GEMV may return its
-        output in, as a fixed-point sum for a consumer that takes it (not with a bias)."""
+        output in, as a fixed-point sum for a consumer that takes it (not with a bias; fp16 x
+        only, `fixed_sum.fits`)."""
         if isinstance(self.weight, GPTQWeight):
             buf = None
-            if fixed is not None and self.bias is None and x.is_cuda:
+            if fixed is not None and self.bias is None and x.is_cuda and fixed_sum.fits(x.dtype):
                 buf = fixed_sum.buffer(x.device, fixed, self.weight.out_features)
             y = gptq_matmul(x, self.weight, self.perm, buf)
         else:
