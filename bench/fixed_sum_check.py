@@ -2,7 +2,10 @@
 against the written outputs, the same checkpoint loaded both ways in one process, on a GPU.
 
     python bench/fixed_sum_check.py --model /tmp/small [--prompts 4] [--tokens 64] [--eager]
-                                    [--device cpu]
+                                    [--device cpu] [--tp 2]
+
+--tp 2: Ray ranks on two GPUs of one host, the fixed-point sums then the opt-in of tp > 1
+(TPSERVE_FIXED_SUM=all: the one-shot all-reduce takes the row-parallel GEMVs' sums).
 
 The two differ at most by a rounding of a GEMV output (int64 -> fp32 -> fp16 against a fp32 sum
 -> fp16), so tokens may part only where two logits nearly tie: the first step where they part is
@@ -22,11 +25,17 @@ import tpserve
 
 
 def run(model: str, fixed: bool, prompts: list[list[int]], tokens: int, device: str,
-        graphs: bool):
-    os.environ["TPSERVE_FIXED_SUM"] = "1" if fixed else "0"
-    llm = tpserve.load(model, tp=1, device=device,
-                       dtype=torch.float16 if device == "cuda" else torch.float32, cuda_graphs=graphs)
-    assert (llm.executor.ranks[0].fixed_sums is not None) == fixed
+        graphs: bool, tp: int):
+    """tp > 1: Ray ranks (one a process, the one-shot all-reduce taking the row-parallel
+    sums: TPSERVE_FIXED_SUM=all, which the rank processes inherit)."""
+    os.environ["TPSERVE_FIXED_SUM"] = ("all" if tp > 1 else "1") if fixed else "0"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if tp > 1:
+        llm = tpserve.load(model, tp=tp, backend="ray", device=device, dtype=dtype,
+                           progress=False)
+    else:
+        llm = tpserve.load(model, tp=1, device=device, dtype=dtype, cuda_graphs=graphs)
+        assert (llm.executor.ranks[0].fixed_sums is not None) == fixed
     outs = [[llm.generate(p, max_tokens=tokens, ignore_eos=True) for p in prompts]
             for _ in range(2)]
     llm.close()
@@ -40,12 +49,13 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs: eager decode steps")
     ap.add_argument("--device", default="cuda", help="cpu: a plumbing check (no fixed-point sums)")
+    ap.add_argument("--tp", type=int, default=1, help="> 1: Ray ranks, the opt-in tp > 1 sums")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (8 + 5 * i,), generator=gen).tolist()
                for i in range(args.prompts)]
-    written = run(args.model, False, prompts, args.tokens, args.device, not args.eager)
-    fixed = run(args.model, True, prompts, args.tokens, args.device, not args.eager)
+    written = run(args.model, False, prompts, args.tokens, args.device, not args.eager, args.tp)
+    fixed = run(args.model, True, prompts, args.tokens, args.device, not args.eager, args.tp)
     ok = True
     for name, (a, b) in (("written", written), ("fixed-point", fixed)):
         same = a == b

@@ -38,6 +38,12 @@
 #   sampled  decode_sampled.json: tp 1 and 2 greedy vs sampled (temperature 0.8, top_p 0.95,
 #            seeded), batch 1 and 8, 1 and 8 steps per call: what sampling costs (rank 0 samples,
 #            tpserve/serve/rank_sampling.py, in bursts of 8 steps per call where asked)
+#   fixedsum the decode GEMVs' fixed-point sums at tp=2 over Ray (TPSERVE_FIXED_SUM=all: the
+#            one-shot all-reduce + norm takes the row-parallel ones): greedy tokens against
+#            written sums and repeated (bench/fixed_sum_check.py --tp 2), `tpserve verify` at
+#            tp=2 on the small and 8B-shaped checkpoints, then decode_fixedsum_{1,all}.json: tp=1
+#            and tp=2 with written sums at tp=2 (the peer beside them) and tp=2 with fixed-point
+#            sums, batch 1 and 8, 8 steps per call
 set -u
 . bench/gpu_env.sh
 if has bench; then
@@ -191,4 +197,19 @@ if has sampled; then
     --dtype float16 --lm-head int8 --prompt-len 128 --gen 64 --allreduce cuda --decode-steps 1 8 \
     --temperature 0 0.8 --out "$OUT/decode_sampled.json" > "$OUT/decode_sampled.log" 2>&1
   grep -A17 "^ tp " "$OUT/decode_sampled.log" | grep -v INFO
+fi
+if has fixedsum; then
+  [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
+    --device cuda >/dev/null
+  timeout 240 python3 bench/fixed_sum_check.py --model /tmp/small --tp 2 2>&1 | grep -v INFO \
+    | tee "$OUT/fixed_sum_check_tp2.log" | tail -6
+  l8
+  TPSERVE_FIXED_SUM=all verify_ray 2 small l8
+  for f in 1 all; do  # 1: the default (fixed-point sums at tp=1 only)
+    tps="2"; peer=none; [ $f = 1 ] && tps="1 2" && peer=torch-int4
+    TPSERVE_FIXED_SUM=$f timeout 300 python3 bench/decode.py --model /tmp/l8 --tp $tps --batch 1 8 \
+      --backend ray --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
+      --gen 64 --decode-steps 8 --out "$OUT/decode_fixedsum_$f.json" > "$OUT/decode_fixedsum_$f.log" 2>&1
+    echo "TPSERVE_FIXED_SUM=$f:"; grep -A8 "^ tp " "$OUT/decode_fixedsum_$f.log" | grep -v INFO
+  done
 fi

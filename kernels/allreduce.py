@@ -23,7 +23,9 @@ All ranks must issue the same sequence of calls with the same sizes (the TP step
 `one_shot_add_rms_norm` runs the same exchange one row per program and goes on, in the kernel,
 with the residual add and the next half's RMSNorm (`fused.add_rms_norm`'s arithmetic, bit for
 bit): on a decode step's plain residuals one kernel instead of two. It paces its epochs per row,
-so it needs buffers and flags of its own beside the plain kernel's (`torch_dist._OneShot`).
+so it needs buffers and flags of its own beside the plain kernel's (`torch_dist._OneShot`). Its
+partial may be a GEMV's fixed-point sum (`fixed_sum.py`): taken (converted to h's dtype, the
+buffer zeroed) as the kernel reads it, and exchanged in h's dtype.
 
 `one_shot_all_reduce_reference(parts)` is the sum it must equal (fp32, rank order).
 `python -m tpserve.kernels.allreduce` checks the kernel with one rank (world 1) against it.
@@ -41,6 +43,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .fixed_sum import is_fixed, load_value  # noqa: E402
 from .fused import _normalised  # noqa: E402
 from .pdl import flag as pdl_flag, release  # noqa: E402
 
@@ -102,14 +105,15 @@ def _one_shot_norm_kernel(x_ptr, h_ptr, w_ptr, sum_ptr, out_ptr, bufs_ptr, flags
                           counters_ptr, n, capacity, stride_h, eps, offset,
                           RANK: tl.constexpr, WORLD: tl.constexpr, MODE: tl.constexpr,
                           PDL: tl.constexpr, BLOCK: tl.constexpr):
-    """One row per program: its all-reduce (as above), then `fused.add_rms_norm` of h and it."""
+    """One row per program: its all-reduce (as above), then `fused.add_rms_norm` of h and it;
+    x may be a fixed-point sum (int64), taken in h's dtype."""
     release(PDL)  # the GEMV after it loads its weights while this waits for its peers (pdl.py)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     offs = row * n + cols
     epoch = tl.load(counters_ptr + row) + 1
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = load_value(x_ptr, offs, mask, h_ptr.dtype.element_ty)
     acc = _exchange(x, row, offs, mask, epoch, (epoch % 2) * WORLD * capacity, bufs_ptr,
                     flags_ptr, capacity, RANK, WORLD)
     reduced = acc.to(x.dtype)  # what the all-reduce alone returns
@@ -150,15 +154,18 @@ def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | No
     """`fused.add_rms_norm(h, <x summed over the world>, w, eps, offset)` in one kernel: the same
     (h + sum, its RMSNorm) bits as the one-shot all-reduce followed by that kernel.
 
-    x [T, n] contiguous (T * n <= capacity, T <= MAX_BLOCKS, n <= NORM_MAX_WIDTH), h [T, n] with
-    unit column stride. bufs/flags/counters as for `one_shot_all_reduce`, but their own: a call
-    here paces each row's epoch, a call there each block's, and the two must not share them.
+    x [T, n] contiguous (T * n <= capacity, T <= MAX_BLOCKS, n <= NORM_MAX_WIDTH), in h's dtype or
+    a fixed-point sum (int64, `fixed_sum.py`: taken), h [T, n] with unit column stride; capacity
+    in elements of h's dtype. bufs/flags/counters as for `one_shot_all_reduce`, but their own: a
+    call here paces each row's epoch, a call there each block's, and the two must not share them.
     """
     t, n = x.shape
     if t * n > capacity or t > MAX_BLOCKS or n > NORM_MAX_WIDTH:
         raise ValueError(f"fused all-reduce of {t} x {n} exceeds its capacity {capacity}")
-    assert x.is_contiguous() and h.shape == x.shape and h.stride(1) == 1 and h.dtype == x.dtype
-    total, out = torch.empty_like(x), torch.empty_like(x)
+    assert x.is_contiguous() and h.shape == x.shape and h.stride(1) == 1
+    assert h.dtype == x.dtype or is_fixed(x), (x.dtype, h.dtype)
+    total, out = torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(
+        h, memory_format=torch.contiguous_format)
     mode = 2 if w is None else (0 if offset is None else 1)
     if t:
         _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,

@@ -39,8 +39,11 @@ _buffers: dict = {}
 _retired: list = []  # outgrown buffers: captured graphs may still point at them
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+def enabled(world_size: int = 1) -> bool:
+    """On by default for one rank (TPSERVE_FIXED_SUM=0: off); for tp > 1 (the one-shot
+    all-reduce taking the row-parallel partials) with TPSERVE_FIXED_SUM=all."""
+    mode = os.environ.get(ENV, "1")
+    return mode == "all" if world_size > 1 else mode != "0"
 
 
 def fits(dtype: torch.dtype) -> bool:

@@ -38,7 +38,7 @@ PER_KERNEL = 10
 SIZES = ("BLOCK", "SPLIT_K", "GROUP_M", "NUM_SPLITS")
 # the input through which each reader takes a fixed-point sum (kernels/fixed_sum.py)
 FIXED_INPUTS = {"_rms_norm_kernel": "r_ptr", "_silu_mul_kernel": "g_ptr",
-                "_rotary_store_kernel": "q_ptr"}
+                "_rotary_store_kernel": "q_ptr", "_one_shot_norm_kernel": "x_ptr"}
 _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int64": "i64",
           "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -71,6 +71,9 @@ def _one_shot_calls() -> None:
         one_shot_all_reduce(x.view(-1), torch.empty(128, dtype=dtype), bufs, flag_ptrs, counters,
                             128, 0, 1)
         one_shot_add_rms_norm(x, h, torch.ones(64, dtype=dtype), 1e-5, None, bufs, flag_ptrs,
+                              counters, 128, 0, 1)
+        fixed = (x.double() * 2.0 ** 32).long()  # a row-parallel GEMV's fixed-point sum
+        one_shot_add_rms_norm(fixed, h, torch.ones(64, dtype=dtype), 1e-5, None, bufs, flag_ptrs,
                               counters, 128, 0, 1)
 
 

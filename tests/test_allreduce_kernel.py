@@ -97,6 +97,39 @@ def test_one_shot_add_rms_norm_across_rank_processes(world, dtype, offset):
             assert torch.equal(outs[r][i][1], want[1]), f"rank {r}, call {i}: its norm"
 
 
+def test_one_shot_add_rms_norm_takes_fixed_point_partials():
+    """Row-parallel GEMVs' fixed-point sums (int64, `fixed_sum.py`) as the fused kernel's
+    partials, two rank processes: each rank takes its own (converted to h's dtype, its buffer
+    left zeroed) and every rank gets the bits of the all-reduce of the taken values followed by
+    `fused.add_rms_norm`; a rank with a written partial beside one with a fixed-point sum too."""
+    from tpserve.kernels.fixed_sum import take_reference
+    world, dtype = 2, torch.float16
+    shapes = [(1, 300), (2, 300), (1, 300)]
+    bufs = [torch.zeros(2 * world * CAPACITY, dtype=dtype).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(MAX_BLOCKS * world, dtype=torch.int64).share_memory_()
+             for _ in range(world)]
+    torch.manual_seed(5)
+    values = [[(torch.randn(s) * 4).to(dtype) for s in shapes] for _ in range(world)]
+    parts = [[(v.double() * 2.0 ** 32).long().share_memory_() if r == 0 or i != 1 else
+              v.share_memory_() for i, v in enumerate(row)] for r, row in enumerate(values)]
+    taken = [[take_reference(p.clone(), dtype) if p.dtype == torch.int64 else p for p in row]
+             for row in parts]
+    hs = [torch.randn(s).to(dtype).share_memory_() for s in shapes]
+    w = (torch.rand(300) + 0.5).to(dtype).share_memory_()
+    outs = [[(torch.full(s, float("nan"), dtype=dtype).share_memory_(),
+              torch.full(s, float("nan"), dtype=dtype).share_memory_()) for s in shapes]
+            for _ in range(world)]
+    _run_ranks(_norm_rank, world, bufs, flags, parts, hs, w, None, outs, 0.2)
+    for i in range(len(shapes)):
+        reduced = one_shot_all_reduce_reference([taken[r][i] for r in range(world)])
+        want = add_rms_norm(hs[i], reduced, w, 1e-5, None, use_triton=True)
+        for r in range(world):
+            assert torch.equal(outs[r][i][0], want[0]), f"rank {r}, call {i}: h + sum"
+            assert torch.equal(outs[r][i][1], want[1]), f"rank {r}, call {i}: its norm"
+            if parts[r][i].dtype == torch.int64:
+                assert not parts[r][i].any(), f"rank {r}, call {i}: the sum left in its buffer"
+
+
 def _both_halves_rank(rank, world, bufs, flags, xs, hs, w, outs):
     from tpserve.model.layers import RMSNorm
     from tpserve.runtime.torch_dist import _OneShot
@@ -205,6 +238,10 @@ def test_dist_path_fuses_only_what_its_kernel_takes(monkeypatch):
     want = add_rms_norm(h, x, norm.weight, 1e-5, use_triton=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert path.one_shot.norm_counters[:3].tolist() == [1, 1, 0]
+    fixed = (x.double() * 2.0 ** 32).long()  # a GEMV's fixed-point sum of x (fixed_sum.py)
+    got = path.reduce_add_norm(fixed, h, norm)  # taken in h's dtype, as a partial of h's dtype
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and not fixed.any()
+    assert path.one_shot.norm_counters[:3].tolist() == [2, 2, 0]
     assert path.reduce_add_norm(x.float(), h.float(), norm) is None  # the group's dtype is fp16
     assert path.reduce_add_norm(x, h, RMSNorm(norm.weight.float(), 1e-5)) is None
     wide = torch.randn(1, 16385).half()

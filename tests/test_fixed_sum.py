@@ -151,3 +151,28 @@ def test_only_fp16_gemvs_return_fixed_point_sums():
     can exceed it, so their GEMVs write their sums."""
     assert fixed_sum.fits(torch.float16)
     assert not fixed_sum.fits(torch.bfloat16) and not fixed_sum.fits(torch.float32)
+
+
+def test_where_fixed_point_sums_are_on(monkeypatch):
+    """TPSERVE_FIXED_SUM: unset or 1, one rank only; `all`, also tp > 1 (where the one-shot
+    all-reduce takes the row-parallel sums, `rank_worker._join` turns them on); 0, nowhere.
+    In-process ranks sharing a process (LocalComm) never use them, whatever the switch."""
+    for mode, want in ((None, (True, False)), ("1", (True, False)), ("all", (True, True)),
+                       ("0", (False, False))):
+        if mode is None:
+            monkeypatch.delenv(fixed_sum.ENV, raising=False)
+        else:
+            monkeypatch.setenv(fixed_sum.ENV, mode)
+        assert (fixed_sum.enabled(1), fixed_sum.enabled(2)) == want, mode
+    monkeypatch.setenv(fixed_sum.ENV, "all")
+    llm = tpserve.load(demo_path(), tp=2, dtype=torch.float32)
+    assert all(r.fixed_sums is None for r in llm.executor.ranks)
+    llm.close()
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
+    rank = llm.executor.ranks[0]
+    rank.use_fixed_sums(False)  # e.g. a group set up again without the one-shot path
+    assert all(layer.mlp.fixed_sums is None is layer.self_attn.fixed_sums for layer in rank.layers)
+    rank.use_fixed_sums(True)
+    assert rank.fixed_sums is not None and all(
+        layer.mlp.fixed_sums == rank.fixed_sums for layer in rank.layers)
+    llm.close()

@@ -72,14 +72,18 @@ class RankModel(torch.nn.Module):
                                                   cache.num_slots * self.prefill_positions))
                               if self.device.type == "cuda" and self.batched_decode else [])
         self.graphs = None
-        # Decode GEMVs' outputs as fixed-point sums taken by their readers (fixed_sum.py; TPSERVE_FIXED_SUM=0: off):
-        # with one rank in the process (ranks sharing a GPU in one process interleave their
-        # kernels on its stream) and the step one captured graph; the buffers are this model's
-        # (their roles named after it)
-        self.fixed_sums = None
-        if fixed_sum.enabled() and comm.world_size == 1 and getattr(comm, "capturable", False):
-            self.fixed_sums = f"model{id(self):x}"
-        for layer in layers:
+        self.use_fixed_sums(comm.world_size == 1 and getattr(comm, "capturable", False))
+
+    def use_fixed_sums(self, on: bool) -> None:
+        """Decode GEMVs' outputs as fixed-point sums taken by their readers (`fixed_sum.py`),
+        where `on` and `fixed_sum.enabled` for the group's size: `on` with one rank in the
+        process (ranks sharing a GPU in one process interleave their kernels on its stream), the
+        step one captured graph and, at tp > 1, the one-shot all-reduce taking the row-parallel
+        partials (the rank worker says so once its group is set up). The buffers are this
+        model's (their roles named after it)."""
+        on = on and fixed_sum.enabled(self.comm.world_size)
+        self.fixed_sums = f"model{id(self):x}" if on else None
+        for layer in self.layers:
             for part in (layer.self_attn, layer.mlp):
                 if hasattr(part, "fixed_sums"):
                     part.fixed_sums = self.fixed_sums
@@ -194,6 +198,8 @@ class RankModel(torch.nn.Module):
             if got is not None:
                 h, s.normed = got
                 return h
+        if fixed_sum.is_fixed(part):  # a data path without the fused kernel: take it here
+            part = fixed_sum.take_reference(part, h.dtype)
         return self.residual(j, h, self.comm.all_reduce(part), s)
 
     def residual(self, j: int, h: torch.Tensor, reduced: torch.Tensor, s: StepState):

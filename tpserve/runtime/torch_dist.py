@@ -128,21 +128,23 @@ class DistPath:
 
     def reduce_add_norm(self, x: torch.Tensor, h: torch.Tensor, norm):
         """(h + the sum of x, its RMSNorm by `norm`) in one kernel where the one-shot path takes
-        x (fp16/bf16/fp32 rows of the group's dtype, up to ONE_SHOT_BYTES); else None, and the
-        caller reduces and adds apart. Every rank decides from shapes and dtypes alone, so all
-        ranks take the same kernels in the same order."""
+        x (fp16/bf16/fp32 rows of the group's dtype, or a GEMV's fixed-point sum of such rows, up
+        to ONE_SHOT_BYTES in h's dtype); else None, and the caller reduces and adds apart. Every
+        rank decides from h's shape and dtype alone (whether its x is a fixed-point sum does not
+        count), so all ranks take the same kernels in the same order."""
         from tpserve.kernels.allreduce import MAX_BLOCKS, NORM_MAX_WIDTH
+        from tpserve.kernels.fixed_sum import is_fixed
         one = self.one_shot
         if (one is None or not one.fuse_norm or x.dim() != 2 or not x.is_contiguous() or h.shape != x.shape
-                or h.dtype != x.dtype or h.stride(-1) != 1
-                or x.numel() * x.element_size() > ONE_SHOT_BYTES or x.shape[0] > MAX_BLOCKS
+                or (h.dtype != x.dtype and not is_fixed(x)) or h.stride(-1) != 1
+                or h.numel() * h.element_size() > ONE_SHOT_BYTES or x.shape[0] > MAX_BLOCKS
                 or x.shape[1] > NORM_MAX_WIDTH or norm.out_perm is not None
                 or (norm.offset is None and norm.weight is not None
-                    and norm.weight.dtype != x.dtype)):
+                    and norm.weight.dtype != h.dtype)):
             return None
         if one.dtype is None:
-            one.dtype = x.dtype
-        return one.add_norm(x, h, norm) if x.dtype == one.dtype else None
+            one.dtype = h.dtype
+        return one.add_norm(x, h, norm) if h.dtype == one.dtype else None
 
     def close(self) -> None:
         self.one_shot = None  # its peer mappings go before the group that made them
@@ -222,7 +224,7 @@ class _OneShot:
         from tpserve.kernels.allreduce import one_shot_add_rms_norm
         return one_shot_add_rms_norm(x, h, norm.weight, norm.eps, norm.offset, self.norm_bufs,
                                      self.norm_flags, self.norm_counters,
-                                     ONE_SHOT_BYTES // x.element_size(), self.rank, self.tp)
+                                     ONE_SHOT_BYTES // h.element_size(), self.rank, self.tp)
 
 
 def _all_agree(dist, device: torch.device, why: str | None) -> bool:
