@@ -70,6 +70,9 @@ class _Timer:
     def capture_graphs(self, head=None):
         pass  # a GPU rank captures its model's graphs at setup; this stand-in captures its own
 
+    def use_fixed_sums(self, on: bool):
+        pass  # its partials are plain tensors
+
     def __call__(self, h, plan):
         sync = torch.cuda.synchronize if self.device == "cuda" else _nosync
         results = {}

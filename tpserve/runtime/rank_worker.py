@@ -290,8 +290,9 @@ class RankWorker:
             return
         self.comm.capturable = self.tp == 1 or self.comm.path.capturable
         # fixed-point GEMV sums where the one-shot all-reduce takes the row-parallel ones
-        one_shot = getattr(self.comm.path, "one_shot", None)
-        self.model.use_fixed_sums(self.tp == 1 or one_shot is not None)
+        if self.model is not None:
+            one_shot = getattr(self.comm.path, "one_shot", None)
+            self.model.use_fixed_sums(self.tp == 1 or one_shot is not None)
         if self.device == "cuda" and self.comm.capturable:  # now the whole step is one graph
             self.model.capture_graphs(self.head)
         sock.send_multipart(encode({"op": "ready", "rank": self.rank,
