@@ -7,7 +7,13 @@ M = 1 sweeps the GEMV's configs; 2 <= M <= 4 the tl.dot decode kernel's and the 
 kernel's. Each line: the config, its time per variant (median device time, weights rotated past
 L2, as in bench/kernels.py), and the autotuned call's time last. Act-order shards get more
 columns: x gathered through the permutation before the kernel (+gather, `gptq_launch.GATHER_X`)
-and the fp32 GEMV path (+fp32, `gptq_gemv.USE_H2` off).
+and the fp32 GEMV path (+fp32, `gptq_gemv.USE_H2` off). w4g128_fixed: the GEMV adding into a
+fixed-point buffer (`fixed_sum.py`, what a tp=1 decode step runs; its sums wrap over the timed
+calls, which leaves the times as they are). --extra adds GEMV configs outside the tuner's pool
+(split-K up to 32: without the split-K ticket a deeper split may pay).
+
+    python bench/gemv_configs.py --shapes 4096x6144,4096x4096 --variants w4g128 w4g128_fixed \
+        --m 1 --extra
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ device_time_us, make_variant, n_copies = (bench_kernels.device_time_us, bench_ke
                                           bench_kernels.n_copies)
 
 
+# GEMV configs beyond the tuner's pool (--extra): BLOCK_N, BLOCK_K, SPLIT_K, warps
+EXTRA = [(32, 128, 32, 1), (64, 128, 32, 2), (128, 128, 32, 4), (64, 64, 32, 2), (128, 64, 32, 2),
+         (32, 256, 16, 1), (64, 128, 16, 1), (128, 128, 16, 2), (256, 128, 16, 4)]
+
+
 def _columns(weights, m):
     """(variant, its weights, mode) per column: act-order shards also with x gathered before the
     kernel (+gather) and, at M = 1, through the fp32 GEMV path (+fp32)."""
@@ -42,18 +53,27 @@ def _columns(weights, m):
             yield v, ws, mode
 
 
-def sweep(k, n, m, variants, iters):
+def _fixed_run(x, w, perm, config=None):
+    """The GEMV into w's fixed-point buffer (the w4g128_fixed column)."""
+    from tpserve.kernels import fixed_sum, gptq_gemv
+    buf = fixed_sum.buffer(x.device, f"configs{id(w):x}", w.out_features)
+    return gptq_gemv.gemv(x, w, perm, out=buf, config=config)
+
+
+def sweep(k, n, m, variants, iters, extra=False):
     from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm, gptq_launch
     from tpserve.kernels.gptq_gemv import uses_h2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a plumbing check
     weights = {}
     for v in variants:
-        first = make_variant(v, k, n, dev)
-        weights[v] = [first] + [make_variant(v, k, n, dev)
+        first = make_variant(v.removesuffix("_fixed"), k, n, dev)
+        weights[v] = [first] + [make_variant(v.removesuffix("_fixed"), k, n, dev)
                                 for _ in range(n_copies(first[0].nbytes, False) - 1)]
     x = torch.randn(m, max(w.x_features or w.in_features for ws in weights.values()
                            for w, _ in ws), device=dev).half()
-    kernels = ([("gemv", gptq_gemv.gemv, gptq_gemv._CONFIGS)] if m == 1 else
+    from tpserve.kernels.gptq_launch import cfg as make_cfg
+    more = [make_cfg(bn, bk, sk, warps) for bn, bk, sk, warps in EXTRA] if extra else []
+    kernels = ([("gemv", gptq_gemv.gemv, gptq_gemv._CONFIGS + more)] if m == 1 else
                [("tl.dot", gptq_decode.decode_matmul, gptq_decode._CONFIGS),
                 ("fp16x2", gptq_h2mm.h2_matmul, gptq_h2mm._CONFIGS)])
     rows = []
@@ -74,7 +94,9 @@ def sweep(k, n, m, variants, iters):
                 if name == "fp16x2":
                     cfg.pop("BLOCK_M", None)
 
-                def call(w, p, xs=x[:, :kx]):
+                def call(w, p, xs=x[:, :kx], v=v):
+                    if v.endswith("_fixed"):
+                        return _fixed_run(xs, w, p, config=cfg)
                     return run(xs, w, p, config=cfg)
                 try:
                     row[v + mode] = device_time_us([lambda w=w, p=p: call(w, p) for w, p in ws], dev, iters)
@@ -87,7 +109,8 @@ def sweep(k, n, m, variants, iters):
     tuned = dict(K=k, N=n, M=m, kernel="autotuned", config="-")
     for v, ws in weights.items():
         kx = ws[0][0].x_features or ws[0][0].in_features
-        tuned[v] = device_time_us([lambda w=w, p=p: gptq_matmul(x[:, :kx], w, p) for w, p in ws],
+        fn = _fixed_run if v.endswith("_fixed") else gptq_matmul
+        tuned[v] = device_time_us([lambda w=w, p=p, fn=fn: fn(x[:, :kx], w, p) for w, p in ws],
                                   dev, iters)
     rows.append(tuned)
     print(json.dumps(tuned), flush=True)
@@ -107,13 +130,14 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["w4g128", "w4_act_shard"])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--extra", action="store_true", help="also GEMV configs beyond the tuner's")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
     for s in args.shapes.split(","):
         k, n = map(int, s.split("x"))
         for m in args.m:
-            rows += sweep(k, n, m, args.variants, args.iters)
+            rows += sweep(k, n, m, args.variants, args.iters, args.extra)
             if args.out:
                 json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), open(args.out, "w"),
                           indent=1)

@@ -1,6 +1,7 @@
 """Wire format validation and CurveZMQ admission (real ZMQ sockets, no Ray)."""
 
 import contextlib
+import time
 
 import msgpack
 import pytest
@@ -177,3 +178,20 @@ def test_a_rank_error_keeps_its_text_for_the_log():
                     "message": "the sum of reduction 4 did not arrive within 3s"})))).start()
         with pytest.raises(RankFailure, match="did not arrive within 3s"):
             coord.step(torch.zeros(2, 4), StepPlan([1], [5], [2]))
+
+
+def test_a_step_sent_to_a_rank_whose_connection_closed_fails_naming_it():
+    """A rank process killed between steps: its connection closes, and the coordinator's next
+    send to it (ROUTER_MANDATORY) is a `RankFailure` naming that rank, not a bare ZMQError that
+    the engine could only report as an unexplained step failure."""
+    with _rank0_over_ipc() as (coord, rank):
+        rank.close(0)
+        deadline = time.monotonic() + 10
+        while True:  # the ROUTER forgets the peer once it sees the connection close
+            try:
+                coord.step(torch.zeros(2, 4), StepPlan([1], [3], [2]))
+            except RankFailure as e:
+                if "unreachable" in str(e):
+                    assert "rank 0 is unreachable" in str(e)
+                    break
+            assert time.monotonic() < deadline, "the closed connection was never noticed"

@@ -4,19 +4,19 @@ It is the driver half of the comm interface (`comm.CommDriver`) for rank process
 ranks' hellos it sets up the chosen data path (`setup` -> `ready`): `zmq`, where it carries the
 bytes itself; `shm`, a shared-memory segment it creates (`shm.ShmDriver`); `cuda`/`nccl`/`gloo`,
 a torch.distributed rendezvous it hosts (`torch_dist.DistDriver`; on `cuda` the ranks also map each
-other's receive buffers through it for the one-shot kernel). Per step it sends
-`{op: step, plan}` + h to each rank and waits for rank 0's final hidden rows (`op: result`), or,
-where rank 0 holds the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token
-ids and waits for the argmax (and the fp32 logits, in row chunks where large), or, for a step
-rank 0 samples, `{op: params}` messages with the new requests' sampling parameters, then the step
-with `sample` entries (and `steps: S` for a sampled burst), and waits for the sampled tokens
-(`tpserve.serve.rank_sampling`); on
-the zmq path it meanwhile collects the tp partials of reduction `seq`, sums them
-(`comm.reduce_sum`) and sends the sum back to every rank. On the other paths the result header
-carries the step's reduction count and time. Every receive has a deadline (re-armed while the
-ranks make progress): a rank that stops answering is a `RankFailure`, never a hang, and a failed
-step aborts the data path so no rank stays blocked in it. Messages that fail validation, come
-from an unknown peer, or belong to another step are logged, dropped and counted.
+other's receive buffers through it for the one-shot kernel). Per step it sends `{op: step, plan}`
++ h to each rank and waits for rank 0's final hidden rows (`op: result`), or, where rank 0 holds
+the head (`tpserve.model.rank_head`), `{op: step, ids: true, logits}` + token ids and waits for
+the argmax (and the fp32 logits, in row chunks where large), or, for a step rank 0 samples,
+`{op: params}` messages with the new requests' sampling parameters, then the step with `sample`
+entries (and `steps: S` for a sampled burst), and waits for the sampled tokens
+(`tpserve.serve.rank_sampling`); on the zmq path it meanwhile collects the tp partials of
+reduction `seq`, sums them (`comm.reduce_sum`) and sends the sum back to every rank. On the other
+paths the result header carries the step's reduction count and time. Every receive has a deadline
+(re-armed while the ranks make progress): a rank that stops answering, or whose connection
+closed, is a `RankFailure`, never a hang, and a failed step aborts the data path so no rank stays
+blocked in it. Messages that fail validation, come from an unknown peer, or belong to another
+step are logged, dropped and counted.
 
 Only this job's ranks get in: secret per-rank identities, CurveZMQ over TCP, a private unix socket
 on one host (`tpserve.runtime.admission`).
@@ -24,6 +24,7 @@ on one host (`tpserve.runtime.admission`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -80,6 +81,16 @@ class Coordinator:
             keys.update(server_public=self.keys.server_public, public=pub, secret=sec)
         return keys
 
+    def _send(self, rank: int, frames: list, copy: bool = True) -> None:
+        """Frames to rank `rank`; a rank whose connection is gone is a `RankFailure`."""
+        try:
+            self.sock.send_multipart([self.identities[rank], *frames], copy=copy)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            raise RankFailure(f"rank {rank} is unreachable: its connection to the coordinator "
+                              f"closed (its process exited or was killed)") from None
+
     # ---- receiving -----------------------------------------------------------------------
     def _recv(self, waiting_for: str):
         while True:
@@ -122,9 +133,8 @@ class Coordinator:
                 log.error("dropped %r from rank %s while waiting for hellos", h["op"], h["rank"])
         if self.data is None:
             return  # the zmq star is every rank's default path
-        for r, ident in enumerate(self.identities):
-            self.sock.send_multipart([ident, *encode({"op": "setup", "path": self.path,
-                                                      "comm": self.data.setup(r)})])
+        for r in range(self.tp):
+            self._send(r, encode({"op": "setup", "path": self.path, "comm": self.data.setup(r)}))
         ready = [False] * self.tp
         carries = set()
         while not all(ready):
@@ -156,8 +166,7 @@ class Coordinator:
         steps in one message (`rank_head.decode_ids`) -> [argmax [steps, T]]."""
         if steps > 1:
             if steps > MAX_DECODE_STEPS:
-                raise TpserveError(f"{steps} decode steps in one message exceed "
-                                   f"{MAX_DECODE_STEPS}")
+                raise TpserveError(f"{steps} decode steps in one message exceed {MAX_DECODE_STEPS}")
             out = self._step({"ids": True, "logits": False, "steps": steps}, ids, plan)
             if len(out) != 1 or out[0].dim() != 2 or out[0].dtype != torch.int64:
                 raise RankFailure(f"rank 0 answered {steps} decode steps ({self.step_id}) with "
@@ -182,8 +191,7 @@ class Coordinator:
             raise TpserveError(f"a sampled burst of {steps} decode steps with logits={logits}: "
                                f"at most {MAX_DECODE_STEPS} steps, never with logits")
         for chunk in params:
-            self.sock.send_multipart([self.identities[0], *encode({"op": "params",
-                                                                   "params": chunk})])
+            self._send(0, encode({"op": "params", "params": chunk}))
         flags = {"ids": True, "logits": logits, "sample": entries}
         out = self._step(flags if steps == 1 else {**flags, "steps": steps}, ids, plan)
         if len(out) < 4 + logits or not logits and len(out) != 4:
@@ -197,9 +205,9 @@ class Coordinator:
         self.step_id += 1
         step = self.step_id
         msg = encode({"op": "step", "step": step, "plan": plan.to_wire(), **flags}, [x])
-        for ident in self.identities:
-            self.sock.send_multipart([ident, *msg], copy=False)
         try:
+            for r in range(self.tp):
+                self._send(r, msg, copy=False)
             return self._serve(step, uint(flags, "steps") or 1)
         except RankFailure:
             if self.data is not None:
@@ -250,8 +258,8 @@ class Coordinator:
             self._deadline = time.monotonic() + self.timeout_s  # progress: re-arm the deadline
             if all(p is not None for p in parts):
                 out = encode({"op": "sum", "step": step, "seq": seq}, [reduce_sum(parts)])
-                for ident in self.identities:
-                    self.sock.send_multipart([ident, *out], copy=False)
+                for r in range(self.tp):
+                    self._send(r, out, copy=False)
                 del partials[seq]
                 self.stats.allreduce_count += 1
                 self.stats.allreduce_seconds += time.perf_counter() - started.pop(seq)
@@ -264,11 +272,9 @@ class Coordinator:
         self.abort()  # ranks blocked in a shared-memory wait see it at once
         msg = encode({"op": "stop", "step": self.step_id})
         for ident in self.identities:
-            if ident is not None:
-                try:
+            with contextlib.suppress(zmq.ZMQError):  # a rank already gone
+                if ident is not None:
                     self.sock.send_multipart([ident, *msg])
-                except zmq.ZMQError:
-                    pass
 
     def close(self) -> None:
         self.stop()
