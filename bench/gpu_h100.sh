@@ -53,6 +53,9 @@
 #   bash bench/gpu_h100.sh gemvfixed the M = 1 GEMV with written and fixed-point outputs
 #                                   (bench/kernels.py w4g128 / w4g128_fixed) on the table's shapes,
 #                                   tinygemm and bf16 cuBLAS in the same run
+#   bash bench/gpu_h100.sh gemvsweep every config of the fixed-point M = 1 GEMV on the 8B shapes,
+#                                   with configs beyond the tuner's pool (bench/gemv_configs.py
+#                                   --extra: split-K up to 32), the autotuned call last
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -182,6 +185,11 @@ if has gemvfixed; then
   timeout 300 python3 bench/kernels.py --no-head --m 1 --variants w4g128 w4g128_fixed \
     --out "$OUT/kernels_gemv_fixed.json" 2>&1 | grep -v INFO | tee "$OUT/kernels_gemv_fixed.log" \
     | grep -E "tinygemm|w4g128" | cut -c1-140
+fi
+if has gemvsweep; then
+  timeout 400 python3 bench/gemv_configs.py --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
+    --variants w4g128_fixed --m 1 --extra --out "$OUT/gemv_configs_fixed.json" 2>&1 \
+    | grep -v INFO | tee "$OUT/gemv_configs_fixed.log" | grep "best config"
 fi
 if has fixedsum; then
   # The readers' barrier take (the default, kernels/fixed_sum.py) is checked; the exchange take
