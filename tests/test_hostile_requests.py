@@ -524,6 +524,56 @@ def test_a_large_whole_response_must_drain_in_proportion():
                 got += len(chunk)
 
 
+def test_bytes_pipelined_behind_a_running_request_are_not_read_without_bound(env):
+    """A non-streamed request, then a next request's header that never ends: while the first
+    runs, the server must stop reading the connection (the kernel's buffers fill and the client's
+    sends block) instead of taking in more of it every so often into the parser's buffer, which
+    grew ~0.5 MB/s a connection. (A client that pipelines is heard again once its response is
+    written: the request is cancelled here through the engine, to end the test.)"""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 900, "n": 2, "ignore_eos": True}).encode()
+    with socket.create_connection(env.url.removeprefix("http://").split(":")) as conn:
+        conn.sendall(REQUEST % (len(body), body) + b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        conn.setblocking(False)
+        pad, accepted = b"a" * 65536, []
+        t0 = time.monotonic()
+        while (t := time.monotonic() - t0) < 4.0:
+            try:
+                accepted.append((t, conn.send(pad)))
+            except BlockingIOError:
+                time.sleep(0.02)
+        assert env.engine.running, "the request must still run while the bytes arrive"
+        late = sum(n for t, n in accepted if t > 2.0)  # the kernel's buffers are full by now
+        assert late < 128 << 10, f"the server took in {late} more bytes behind the request"
+        for r in list(env.engine.running) + list(env.engine.waiting):
+            env.engine.cancel(r.id)
+        wait_idle(env.engine)
+
+
+def test_a_client_gone_before_its_whole_answer_cancels_it(env):
+    """A non-streamed request whose client closes the connection mid-way: the server hears the
+    close while the request runs and cancels its choices (their KV slots free at once)."""
+    cancelled = env.engine.stats.requests_cancelled
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 900, "n": 2, "ignore_eos": True}).encode()
+    with socket.create_connection(env.url.removeprefix("http://").split(":")) as conn:
+        conn.sendall(REQUEST % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not env.engine.running:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+    t0 = time.monotonic()
+    wait_idle(env.engine)
+    assert env.engine.stats.requests_cancelled == cancelled + 2
+    assert time.monotonic() - t0 < 10, "the closed connection was heard only at the end"
+
+
+def wait_idle(engine, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while engine.running or engine.waiting:
+        assert time.monotonic() < deadline, "the engine still runs the abandoned requests"
+        time.sleep(0.05)
+    assert sorted(engine.free_slots) == list(range(engine.num_slots))
+
+
 # ---- choices that do not fit the queue -----------------------------------------------------
 def test_choices_are_queued_all_or_none(env):
     engine = Engine(env.llm, max_queue=3)  # never started: it runs no step, queued stays queued

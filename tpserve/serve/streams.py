@@ -149,7 +149,13 @@ class Choice:
     prompt_logprobs: list | None = None
 
 
-DISCONNECT_POLL_S = 0.5
+async def _disconnected(request) -> None:
+    """Returns once the client has gone: one receive() pending for the whole request, as
+    Starlette's streaming responses listen. A receive() per poll would have the server read the
+    connection again each time, and bytes a client pipelines behind its request would pile up
+    in the HTTP parser's buffer without a bound for as long as the request runs."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def collect(pending: Pending, request=None) -> list[Choice]:
@@ -175,12 +181,19 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
     if request is None:
         return await gather()
     task = asyncio.ensure_future(gather())
-    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-        if await request.is_disconnected():
-            task.cancel()  # closes the events: their `finally` cancels the engine's requests
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise ApiError(499, "the client closed the request before it finished")
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()  # closes the events: their `finally` cancels the engine's requests
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(499, "the client closed the request before it finished")
     return task.result()
 
 
