@@ -71,8 +71,9 @@ BAD = [  # (path, body, message fragment, param)
     ("/v1/completions", {"prompt": "x", "top_p": float("nan")}, "top_p=nan is not a finite",
      "top_p"),
     ("/v1/completions", {"prompt": "x", "seed": 2**70}, "seed=1180591620717411303424 must be an "
-                                                        "integer in [0, 2**63 - 1]", "seed"),
-    ("/v1/completions", {"prompt": "x", "seed": -1}, "seed=-1 must be", "seed"),
+                                                        "integer in [-2**63, 2**63 - 1]", "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": -2**63 - 1}, "seed=-9223372036854775809 must be",
+     "seed"),
     ("/v1/completions", {"prompt": "x\ud800"}, "'prompt' holds a lone surrogate (\\ud800)",
      "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udc00"}]},

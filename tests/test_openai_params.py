@@ -86,6 +86,22 @@ def test_logit_bias_min_tokens_and_min_p(env):
     assert out["choices"][0]["text"] == env.codec.decode(env.ref["greedy"][:N])
 
 
+def test_a_stop_token_ends_the_answer_without_its_text(env):
+    """stop_token_ids: the answer stops at the token, which counts in usage and not in the text
+    (as vLLM's, where include_stop_str_in_output is off), streamed or not."""
+    greedy = env.ref["greedy"]
+    i = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i]
+             and env.codec.decode([greedy[i]]))
+    body = {"max_tokens": N + 5, "temperature": 0, "ignore_eos": True,
+            "stop_token_ids": [greedy[i]]}
+    out = complete(env, **body)
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] == i + 1
+    assert out["choices"][0]["text"] == env.codec.decode(greedy[:i])
+    chunks = sse(env.client, "/v1/completions", {"prompt": PROMPT, **body, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == env.codec.decode(greedy[:i])
+
+
 def test_n_choices_differ_and_repeat(env):
     body = {"max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 11, "ignore_eos": True}
     out = complete(env, **body)

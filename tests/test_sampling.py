@@ -162,7 +162,7 @@ def test_hostile_rows_never_fail_the_batch():
     (dict(temperature=float("nan")), "temperature=nan is not a finite number"),
     (dict(temperature=float("-inf")), "temperature=-inf is not a finite number"),
     (dict(top_p=float("nan")), "top_p=nan"),
-    (dict(seed=2**63), "seed=9223372036854775808 must be an integer in [0, 2**63 - 1]"),
+    (dict(seed=2**63), "seed=9223372036854775808 must be an integer in [-2**63, 2**63 - 1]"),
     (dict(seed=True), "seed=True"),
     (dict(logit_bias=((1, float("inf")),)), "logit_bias[1]=inf"),
     (dict(min_tokens=17), "min_tokens=17"),
@@ -173,6 +173,18 @@ def test_params_refuse_what_would_break_a_step(kw, fragment):
     with pytest.raises(TpserveError) as e:
         SamplingParams(**kw)
     assert fragment in str(e.value)
+
+
+def test_a_negative_seed_samples_as_its_residue_mod_2_63():
+    """vLLM takes any 64-bit signed seed (clients send -1); here s < 0 is s mod 2**63, so -1
+    and 2**63 - 1 draw the same tokens, and choice i of n adds i to it as for any seed."""
+    assert SamplingParams(temperature=1.0, seed=-1).seed == 2**63 - 1
+    assert SamplingParams(temperature=1.0, seed=-2**63).seed == 0
+    assert SamplingParams(temperature=1.0, seed=-1).for_choice(1).seed == 0
+    logits = torch.randn(2, 50)
+    rows = lambda s: rows_of([SamplingParams(temperature=1.0, seed=s)] * 2,  # noqa: E731
+                             outputs=[[], []])
+    assert sample(logits, rows(-1))[0] == sample(logits, rows(2**63 - 1))[0]
 
 
 class Chars:

@@ -252,8 +252,9 @@ class Engine:
         elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
             reason = "length"
         text = ""
-        if req.stop_text is not None:
-            text, hit = req.stop_text.update(req.output, reason is not None,
+        if req.stop_text is not None:  # a stop token ends the answer, not its text (as vLLM)
+            shown = req.output[:-1] if reason == "stop" else req.output
+            text, hit = req.stop_text.update(shown, reason is not None,
                                              len(req.output) >= p.min_tokens)
             reason = "stop" if hit else reason
         req.on_event(Event(req.id, [tok], text, reason is not None, reason,

@@ -72,8 +72,10 @@ class SamplingParams:
         _check(_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K,
                f"top_k={shown(self.top_k)} must be an integer in [0, {MAX_TOP_K}] (0 turns it off)")
         _number("min_p", self.min_p, 0, 1)
-        _check(self.seed is None or _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
-               f"seed={shown(self.seed)} must be an integer in [0, 2**63 - 1]")
+        _check(self.seed is None or _is_int(self.seed) and -MAX_SEED - 1 <= self.seed <= MAX_SEED,
+               f"seed={shown(self.seed)} must be an integer in [-2**63, 2**63 - 1]")
+        if self.seed is not None and self.seed < 0:  # vLLM's range (clients send -1); s mod 2**63
+            object.__setattr__(self, "seed", self.seed % (MAX_SEED + 1))
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                f"min_tokens={shown(self.min_tokens)} must be an integer in [0, max_tokens]")
         _number("presence_penalty", self.presence_penalty, -2, 2)
