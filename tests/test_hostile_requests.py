@@ -158,6 +158,22 @@ def test_requests_over_the_logprob_budget_are_refused_before_the_engine(
     assert env.client.post(path, json=small).status_code == 200 and len(submitted) == 1
 
 
+def test_a_chat_without_max_tokens_gets_as_many_tokens_as_its_logprobs_allow(env, monkeypatch):
+    """No max_tokens means the rest of the context; with logprobs, at most the tokens that keep
+    n x tokens x (top_logprobs + 1) within the budget (not a 400 for a context longer than the
+    budget covers, however short the answer would be)."""
+    monkeypatch.setattr(logprobs, "MAX_LOGPROB_ENTRIES", 1000)  # the demo's context is short
+    body = {"messages": CHAT, "logprobs": True, "top_logprobs": 4, "n": 2, "ignore_eos": True}
+    r = env.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 2 * 100  # 1000 // (2 x 5) each
+    assert all(c["finish_reason"] == "length" and len(c["logprobs"]["content"]) == 100
+               for c in out["choices"])
+    r = env.client.post("/v1/chat/completions", json={**body, "max_tokens": 101})
+    assert r.status_code == 400 and "x 101 max_tokens x" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 1}),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "n": 2}),

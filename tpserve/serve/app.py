@@ -33,7 +33,7 @@ from tpserve.errors import client_message
 from tpserve.serve.engine import QueueFull
 from tpserve.serve.limits import BODY_READ_TIMEOUT_S
 from tpserve.serve.logprobs import (BatchChoices, CompletionChoices, TokenTexts, chat_logprobs,
-                                    check_logprob_budget)
+                                    check_logprob_budget, logprob_tokens)
 from tpserve.serve.metrics import CONTENT_TYPE, Metrics
 from tpserve.serve.prompts import Prompts
 from tpserve.serve.middleware import ApiKey, BodyLimit, body_limit
@@ -172,12 +172,13 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         refuse_unsupported(req)
         prompt = await prompts.chat(req.messages, req.chat_template_kwargs,
                                     req.add_generation_prompt, req.continue_final_message)
-        # No max_tokens: the rest of the context, as in vLLM.
+        k, n = (req.top_logprobs or 0) if req.logprobs else None, req.n or 1
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens)
                            if m is not None), None)
-        if max_tokens is None:
-            max_tokens = max(1, engine.max_len - len(prompt))
-        k, n = (req.top_logprobs or 0) if req.logprobs else None, req.n or 1
+        if max_tokens is None:  # the rest of the context, as in vLLM; with logprobs, within the
+            max_tokens = engine.max_len - len(prompt)  # budget (n is checked further on)
+            allowed = logprob_tokens(max(1, n) if isinstance(n, int) else 1, k)
+            max_tokens = max(1, max_tokens if allowed is None else min(max_tokens, allowed))
         tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None
                         else "max_tokens")
         try:

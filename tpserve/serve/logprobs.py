@@ -19,6 +19,12 @@ from tpserve.serve.sampling import TokenLogprob
 MAX_LOGPROB_ENTRIES = 1 << 22
 
 
+def logprob_tokens(n: int, k: int | None) -> int | None:
+    """Tokens per choice that n choices with k logprobs each may generate within
+    MAX_LOGPROB_ENTRIES (None: no logprobs, no bound): what a chat without max_tokens gets."""
+    return None if k is None else MAX_LOGPROB_ENTRIES // (n * (k + 1))
+
+
 def check_logprob_budget(n: int, echoed: int, max_tokens: int, k: int | None,
                          param: str = "logprobs", tokens_param: str = "max_tokens") -> None:
     """Refuse (400) a request whose logprobs would pass MAX_LOGPROB_ENTRIES, before it runs:
