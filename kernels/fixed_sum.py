@@ -42,14 +42,19 @@ _retired: list = []  # outgrown buffers: captured graphs may still point at them
 def enabled(world_size: int = 1) -> bool:
     """On by default for one rank (TPSERVE_FIXED_SUM=0: off); for tp > 1 (the one-shot
     all-reduce taking the row-parallel partials) with TPSERVE_FIXED_SUM=all."""
-    mode = os.environ.get(ENV, "1")
+    mode = os.environ.get(ENV, "1").strip().lower()
+    if mode not in ("0", "1", "all"):
+        raise ValueError(f"{ENV}={mode!r}: use 1 (the default: one rank), all (tp > 1 too) or 0 "
+                         f"(off)")
     return mode == "all" if world_size > 1 else mode != "0"
 
 
 def fits(dtype: torch.dtype) -> bool:
-    """Whether a GEMV with `dtype` activations may return a fixed-point sum: fp16 only, where
-    every output it can hold (|y| <= 65504, and the partials behind it) lies far inside the
-    clamp; bf16 and fp32 outputs can exceed 2**24, so those GEMVs write their sums."""
+    """Whether a GEMV with `dtype` activations may return a fixed-point sum: fp16 only, whose
+    outputs (|y| <= 65504) lie far inside the +-2**24 clamp; bf16 and fp32 outputs can exceed
+    it, so those GEMVs write their sums. (A split-K partial is clamped on its own: two partials
+    beyond 2**24 that cancel would lose the difference; with fp16 activations of normed rows
+    and 4/8-bit weights no partial comes near.)"""
     return dtype == torch.float16
 
 

@@ -164,6 +164,9 @@ def test_where_fixed_point_sums_are_on(monkeypatch):
         else:
             monkeypatch.setenv(fixed_sum.ENV, mode)
         assert (fixed_sum.enabled(1), fixed_sum.enabled(2)) == want, mode
+    monkeypatch.setenv(fixed_sum.ENV, "off")
+    with pytest.raises(ValueError, match="TPSERVE_FIXED_SUM='off': use 1"):
+        fixed_sum.enabled(1)
     monkeypatch.setenv(fixed_sum.ENV, "all")
     llm = tpserve.load(demo_path(), tp=2, dtype=torch.float32)
     assert all(r.fixed_sums is None for r in llm.executor.ranks)
@@ -175,4 +178,27 @@ def test_where_fixed_point_sums_are_on(monkeypatch):
     rank.use_fixed_sums(True)
     assert rank.fixed_sums is not None and all(
         layer.mlp.fixed_sums == rank.fixed_sums for layer in rank.layers)
+    llm.close()
+
+
+def test_with_one_rank_the_residual_norm_takes_the_sum_itself(monkeypatch):
+    """At tp=1 a fixed-point o/down partial goes to the residual add + norm kernel, which takes
+    it: the decoder must not take it in torch first (four more kernels a half: the fallback is
+    for tp > 1 data paths without the fused all-reduce)."""
+    from tpserve.model.decoder import StepState
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
+    rank = llm.executor.ranks[0]
+    hidden = llm.cfg.hidden_size
+    h, part = torch.randn(1, hidden), torch.randn(1, hidden)
+    want = rank.layers[0].mlp_norm.after_add(h, part)
+    fixed = (part.double() * 2.0 ** 32).long()
+
+    def refuse(*args):
+        raise AssertionError("the decoder took the fixed-point sum in torch")
+    monkeypatch.setattr(fixed_sum, "take_reference", refuse)
+    state = StepState({}, None, None, None)
+    got = rank.reduce_residual(0, h, fixed, state)
+    assert torch.allclose(got, want[0], atol=1e-6) and torch.allclose(state.normed, want[1],
+                                                                       atol=1e-5)
+    assert not fixed.any()  # taken by the norm
     llm.close()

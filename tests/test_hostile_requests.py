@@ -172,6 +172,9 @@ def test_a_chat_without_max_tokens_gets_as_many_tokens_as_its_logprobs_allow(env
                for c in out["choices"])
     r = env.client.post("/v1/chat/completions", json={**body, "max_tokens": 101})
     assert r.status_code == 400 and "x 101 max_tokens x" in r.json()["error"]["message"], r.text
+    for bad in ({"top_logprobs": -1}, {"n": 0}):  # refused by their own checks, not a 500
+        r = env.client.post("/v1/chat/completions", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] in bad, r.text
 
 
 @pytest.mark.parametrize("path,body", [

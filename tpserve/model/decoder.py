@@ -198,8 +198,8 @@ class RankModel(torch.nn.Module):
             if got is not None:
                 h, s.normed = got
                 return h
-        if fixed_sum.is_fixed(part):  # a data path without the fused kernel: take it here
-            part = fixed_sum.take_reference(part, h.dtype)
+        if fixed_sum.is_fixed(part) and self.comm.world_size > 1:  # a data path without the
+            part = fixed_sum.take_reference(part, h.dtype)  # fused kernel (one rank: the norm's)
         return self.residual(j, h, self.comm.all_reduce(part), s)
 
     def residual(self, j: int, h: torch.Tensor, reduced: torch.Tensor, s: StepState):

@@ -177,7 +177,7 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
                            if m is not None), None)
         if max_tokens is None:  # the rest of the context, as in vLLM; with logprobs, within the
             max_tokens = engine.max_len - len(prompt)  # budget (n is checked further on)
-            allowed = logprob_tokens(max(1, n) if isinstance(n, int) else 1, k)
+            allowed = logprob_tokens(n, k)
             max_tokens = max(1, max_tokens if allowed is None else min(max_tokens, allowed))
         tokens_param = ("max_completion_tokens" if req.max_completion_tokens is not None
                         else "max_tokens")

@@ -22,7 +22,9 @@ MAX_LOGPROB_ENTRIES = 1 << 22
 def logprob_tokens(n: int, k: int | None) -> int | None:
     """Tokens per choice that n choices with k logprobs each may generate within
     MAX_LOGPROB_ENTRIES (None: no logprobs, no bound): what a chat without max_tokens gets."""
-    return None if k is None else MAX_LOGPROB_ENTRIES // (n * (k + 1))
+    if k is None or not (isinstance(k, int) and k >= 0 and isinstance(n, int) and n >= 1):
+        return None  # (no bound here: the parameters' own checks refuse a bad k or n)
+    return MAX_LOGPROB_ENTRIES // (n * (k + 1))
 
 
 def check_logprob_budget(n: int, echoed: int, max_tokens: int, k: int | None,

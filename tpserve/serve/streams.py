@@ -189,6 +189,9 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
         raise
     finally:
         gone.cancel()
+    if gone.done() and not gone.cancelled() and gone.exception() is not None:
+        task.cancel()
+        raise gone.exception()  # not a disconnect: the server's own failure, logged as one
     if not task.done():
         task.cancel()  # closes the events: their `finally` cancels the engine's requests
         with contextlib.suppress(asyncio.CancelledError):
