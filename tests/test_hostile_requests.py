@@ -304,9 +304,11 @@ def served(config: uvicorn.Config, sndbuf: int | None = None):
 
 
 def read_until(conn: socket.socket, end: bytes) -> bytes:
+    """What the server sends up to and including `end`, and whatever came with it in the same
+    segment (a body may arrive with its headers)."""
     conn.settimeout(10)
     out = b""
-    while not out.endswith(end):
+    while end not in out:
         chunk = conn.recv(65536)
         assert chunk, f"the server closed the connection after {out[-300:]!r}"
         out += chunk
