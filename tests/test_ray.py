@@ -76,3 +76,21 @@ def test_cpu_ranks_share_the_cores_left_to_them(ray_llm, monkeypatch):
         monkeypatch.setenv(RESERVED_ENV, bad)
         with pytest.raises(TpserveError, match=f"{RESERVED_ENV}='{bad}' is not a count of cores"):
             reserved_cores()
+
+
+def test_ranks_run_the_drivers_tpserve_and_a_rank_with_other_code_is_refused(ray_llm):
+    """Every rank reports a hash of the tpserve source it imported (`code_fingerprint`), equal to
+    the driver's here; a rank whose code differs (Ray puts the launch folder on the ranks' path,
+    where another checkout shadows the installed tpserve) is refused with both folders named."""
+    from tpserve.errors import TpserveError
+    from tpserve.runtime.ray_placement import check_nodes, code_fingerprint
+    nodes = ray_llm.executor.nodes
+    assert all(tuple(n["code"]) == code_fingerprint() for n in nodes)
+    check_nodes([], nodes, FIXTURES / "llama_g128_sym", "cpu")  # the real ones pass
+    other = [{**nodes[0], "code": ("0" * 16, "/tmp/launch/tpserve")}, *nodes[1:]]
+    with pytest.raises(TpserveError, match="runs the tpserve in /tmp/launch/tpserve, which "
+                                           "differs from the driver's"):
+        check_nodes([], other, FIXTURES / "llama_g128_sym", "cpu")
+    older = [{k: v for k, v in nodes[0].items() if k != "code"}]  # a tpserve without the hash
+    with pytest.raises(TpserveError, match="runs the tpserve in a tpserve too old to say where"):
+        check_nodes([], older, FIXTURES / "llama_g128_sym", "cpu")

@@ -26,7 +26,7 @@ from tpserve.model.decoder import RankModel, build_rank_model
 from tpserve.model.shard_plan import ShardPlan
 from tpserve.runtime.comm import RankComm
 from tpserve.runtime.profiling import StepProfiler
-from tpserve.runtime.ray_placement import share_threads
+from tpserve.runtime.ray_placement import code_fingerprint, share_threads
 from tpserve.runtime.wire import WireError, chunk_rows, decode, encode, plan_from_wire, uint
 from tpserve.serve.rank_sampling import RankSampler
 
@@ -107,7 +107,7 @@ class RankWorker:
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
                 "pid": os.getpid(), "path_ok": (Path(self.path) / "config.json").is_file(),
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "code": code_fingerprint(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def see_gpus(self, visible: list[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -23,8 +24,8 @@ from tpserve.errors import TpserveError
 from tpserve.model.kv_cache import StepPlan
 from tpserve.model.rank_head import HEAD_AT, malformed, malformed_logits
 from tpserve.serve.sample_sync import SampleSync
-from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, ensure_ray, load_ranks,
-                                           rank_order, reserve, start_ranks)
+from tpserve.runtime.ray_placement import (PLACEMENTS, check_nodes, code_fingerprint, ensure_ray,
+                                           load_ranks, rank_order, reserve, start_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,17 @@ class RayExecutor:
         start_ranks(self.actors, self.pg, order, tag, str(self.path),
                     str(self.dtype).replace("torch.", ""), device, self.num_slots, self.max_len,
                     self.timeout_s)
-        self.nodes = ray.get([a.node_info.remote() for a in self.actors])
+        try:
+            self.nodes = ray.get([a.node_info.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            if not re.search(r"RankWorker\.__init__\(\) (got an unexpected|missing|takes)", str(e)):
+                raise
+            raise TpserveError(  # its RankWorker takes other arguments: another tpserve
+                f"a rank process could not start tpserve's RankWorker "
+                f"({str(e).strip().splitlines()[-1]}); "
+                f"it imported another tpserve than the driver's in {code_fingerprint()[1]}: launch "
+                f"from a folder that holds no other tpserve checkout (Ray puts the launch folder "
+                f"on the ranks' Python path)") from None
         check_nodes(self.actors, self.nodes, self.path, device)
         driver_node = ray.get_runtime_context().get_node_id()
         local = all(i["node_id"] == driver_node for i in self.nodes)

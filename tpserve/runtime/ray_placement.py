@@ -4,15 +4,20 @@ and load their shards.
 Without an address tpserve starts a private local cluster (the executor stops it on close); with
 `address` (or RAY_ADDRESS, as inside a Ray Job) it joins that cluster. Ranks are ordered by node id
 so neighbours share a node. Before any shard loads, each node is checked for what its ranks need:
-the checkpoint readable there and, on GPUs, every GPU of the node's ranks visible to each of them.
+the checkpoint readable there, the driver's tpserve (Ray puts the launch folder on the ranks' Python
+path, where another tpserve checkout would shadow the installed one) and, on GPUs, every GPU of the
+node's ranks visible to each of them.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,11 +119,37 @@ def start_ranks(actors: list, pg, order: list[int], tag: str, path: str, dtype: 
                  cpu_share=(here[nodes[b]], reserved) if device == "cpu" else None))
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> tuple[str, str]:
+    """(a hash of tpserve's source files, the folder tpserve was imported from): the driver and
+    every rank must run the same code (`check_nodes`), wherever each has it installed."""
+    import tpserve
+    from tpserve import kernels
+    top, ker = Path(tpserve.__file__).parent, Path(kernels.__file__).parent
+    h = hashlib.sha256()
+    for root in (top, ker):  # kernels/ on its own, whether or not it lies inside tpserve/
+        for f in sorted(root.rglob("*.py")):
+            rel = f.relative_to(root)
+            if root is top and rel.parts[0] == "kernels":
+                continue
+            h.update(rel.as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16], str(top)
+
+
 def check_nodes(actors: list, nodes: list[dict], path, device: str) -> None:
-    """Refuse a node where the checkpoint is not readable; on GPUs, show each rank its node's
-    ranks' GPUs. `nodes`: each actor's `node_info()`."""
+    """Refuse a node where the checkpoint is not readable or the rank runs another tpserve than
+    the driver; on GPUs, show each rank its node's ranks' GPUs. `nodes`: each actor's
+    `node_info()`."""
     import ray
+    mine = code_fingerprint()
     for info in nodes:
+        code = tuple(info.get("code") or ("", "a tpserve too old to say where it lies"))
+        if code[0] != mine[0]:
+            raise TpserveError(f"rank {info['rank']} on node {info['node_id']} ({info['ip']}) runs "
+                               f"the tpserve in {code[1]}, which differs from the driver's in "
+                               f"{mine[1]}; launch from a folder that holds no other tpserve "
+                               f"checkout (Ray puts the launch folder on the ranks' Python path) "
+                               f"and install the same tpserve on every node")
         if not info["path_ok"]:
             raise TpserveError(f"model path {path} is not readable on node "
                                f"{info['node_id']} ({info['ip']}) holding rank {info['rank']}; "
