@@ -151,9 +151,8 @@ class Choice:
 
 async def _disconnected(request) -> None:
     """Returns once the client has gone: one receive() pending for the whole request, as
-    Starlette's streaming responses listen. A receive() per poll would have the server read the
-    connection again each time, and bytes a client pipelines behind its request would pile up
-    in the HTTP parser's buffer without a bound for as long as the request runs."""
+    Starlette's streams listen (a receive() per poll read the connection again each time, and
+    bytes pipelined behind the request piled up in the HTTP parser's buffer without bound)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
@@ -189,13 +188,11 @@ async def collect(pending: Pending, request=None) -> list[Choice]:
         raise
     finally:
         gone.cancel()
-    if gone.done() and not gone.cancelled() and gone.exception() is not None:
-        task.cancel()
-        raise gone.exception()  # not a disconnect: the server's own failure, logged as one
-    if not task.done():
+    if not task.done():  # the listener ended first
         task.cancel()  # closes the events: their `finally` cancels the engine's requests
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        gone.result()  # an error while listening is the server's own, not a disconnect
         raise ApiError(499, "the client closed the request before it finished")
     return task.result()
 
