@@ -78,19 +78,25 @@ def test_one_shot_add_rms_norm_across_rank_processes(world, dtype, offset):
     the same bits on every rank as the all-reduce followed by `fused.add_rms_norm`."""
     torch.manual_seed(world)
     shapes = [(3, 300), (1, 300), (4, 300), (2, 300)]  # rows x width; each row's epochs advance
-    bufs = [torch.zeros(2 * world * CAPACITY, dtype=dtype).share_memory_() for _ in range(world)]
-    flags = [torch.zeros(MAX_BLOCKS * world, dtype=torch.int64).share_memory_()
-             for _ in range(world)]
     parts = [[(torch.randn(s) * 4).to(dtype).share_memory_() for s in shapes] for _ in range(world)]
     wide = [torch.randn(t, n + 44).to(dtype).share_memory_() for t, n in shapes]
     hs = [x[:, :n] for x, (_, n) in zip(wide, shapes)]  # the residual stream: a strided view
+    _check_fused_ranks(world, dtype, parts, parts, hs, offset)
+
+
+def _check_fused_ranks(world, dtype, parts, taken, hs, offset):
+    """Run `one_shot_add_rms_norm` on `parts` in world rank processes; every rank must hold the
+    bits of `fused.add_rms_norm` of h and the sum of `taken` (the partials as values)."""
+    bufs = [torch.zeros(2 * world * CAPACITY, dtype=dtype).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(MAX_BLOCKS * world, dtype=torch.int64).share_memory_()
+             for _ in range(world)]
     w = (torch.rand(300) + 0.5).to(dtype).share_memory_()
-    outs = [[(torch.full(s, float("nan"), dtype=dtype).share_memory_(),
-              torch.full(s, float("nan"), dtype=dtype).share_memory_()) for s in shapes]
+    outs = [[(torch.full(h.shape, float("nan"), dtype=dtype).share_memory_(),
+              torch.full(h.shape, float("nan"), dtype=dtype).share_memory_()) for h in hs]
             for _ in range(world)]
     _run_ranks(_norm_rank, world, bufs, flags, parts, hs, w, offset, outs, 0.2)
-    for i in range(len(shapes)):
-        reduced = one_shot_all_reduce_reference([parts[r][i] for r in range(world)])
+    for i in range(len(hs)):
+        reduced = one_shot_all_reduce_reference([taken[r][i] for r in range(world)])
         want = add_rms_norm(hs[i], reduced, w, 1e-5, offset, use_triton=True)
         for r in range(world):
             assert torch.equal(outs[r][i][0], want[0]), f"rank {r}, call {i}: h + sum"
@@ -105,9 +111,6 @@ def test_one_shot_add_rms_norm_takes_fixed_point_partials():
     from tpserve.kernels.fixed_sum import take_reference
     world, dtype = 2, torch.float16
     shapes = [(1, 300), (2, 300), (1, 300)]
-    bufs = [torch.zeros(2 * world * CAPACITY, dtype=dtype).share_memory_() for _ in range(world)]
-    flags = [torch.zeros(MAX_BLOCKS * world, dtype=torch.int64).share_memory_()
-             for _ in range(world)]
     torch.manual_seed(5)
     values = [[(torch.randn(s) * 4).to(dtype) for s in shapes] for _ in range(world)]
     parts = [[(v.double() * 2.0 ** 32).long().share_memory_() if r == 0 or i != 1 else
@@ -115,19 +118,11 @@ def test_one_shot_add_rms_norm_takes_fixed_point_partials():
     taken = [[take_reference(p.clone(), dtype) if p.dtype == torch.int64 else p for p in row]
              for row in parts]
     hs = [torch.randn(s).to(dtype).share_memory_() for s in shapes]
-    w = (torch.rand(300) + 0.5).to(dtype).share_memory_()
-    outs = [[(torch.full(s, float("nan"), dtype=dtype).share_memory_(),
-              torch.full(s, float("nan"), dtype=dtype).share_memory_()) for s in shapes]
-            for _ in range(world)]
-    _run_ranks(_norm_rank, world, bufs, flags, parts, hs, w, None, outs, 0.2)
-    for i in range(len(shapes)):
-        reduced = one_shot_all_reduce_reference([taken[r][i] for r in range(world)])
-        want = add_rms_norm(hs[i], reduced, w, 1e-5, None, use_triton=True)
-        for r in range(world):
-            assert torch.equal(outs[r][i][0], want[0]), f"rank {r}, call {i}: h + sum"
-            assert torch.equal(outs[r][i][1], want[1]), f"rank {r}, call {i}: its norm"
-            if parts[r][i].dtype == torch.int64:
-                assert not parts[r][i].any(), f"rank {r}, call {i}: the sum left in its buffer"
+    _check_fused_ranks(world, dtype, parts, taken, hs, None)
+    for r, row in enumerate(parts):
+        for i, p in enumerate(row):
+            if p.dtype == torch.int64:
+                assert not p.any(), f"rank {r}, call {i}: the sum left in its buffer"
 
 
 def _both_halves_rank(rank, world, bufs, flags, xs, hs, w, outs):
