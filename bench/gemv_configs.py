@@ -35,6 +35,7 @@ bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)  # bench/kernels.py (the repo's kernels/ takes the name)
 device_time_us, make_variant, n_copies = (bench_kernels.device_time_us, bench_kernels.make_variant,
                                           bench_kernels.n_copies)
+_fixed_run = bench_kernels.fixed_gemv  # the GEMV into a fixed-point buffer (w4g128_fixed)
 
 
 # GEMV configs beyond the tuner's pool (--extra): BLOCK_N, BLOCK_K, SPLIT_K, warps
@@ -51,13 +52,6 @@ def _columns(weights, m):
             modes += ["+gather"] + (["+fp32", "+fp32+gather"] if m == 1 else [])
         for mode in modes:
             yield v, ws, mode
-
-
-def _fixed_run(x, w, perm, config=None):
-    """The GEMV into w's fixed-point buffer (the w4g128_fixed column)."""
-    from tpserve.kernels import fixed_sum, gptq_gemv
-    buf = fixed_sum.buffer(x.device, f"configs{id(w):x}", w.out_features)
-    return gptq_gemv.gemv(x, w, perm, out=buf, config=config)
 
 
 def sweep(k, n, m, variants, iters, extra=False):

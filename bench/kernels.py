@@ -172,7 +172,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                                h2mm=gptq_h2mm.h2_matmul)[FORCED[v]]
                     fns = [lambda w=w, p=p: run(x, w, p) for w, p in ws]
                 elif v == "w4g128_fixed":  # sums wrap over the timed calls: times are unchanged
-                    fns = [lambda w=w, p=p: _fixed_gemv(x, w, p) for w, p in ws]
+                    fns = [lambda w=w, p=p: fixed_gemv(x, w, p) for w, p in ws]
                 else:
                     fns = [lambda w=w, p=p: gptq_matmul(x, w, p) for w, p in ws]
                 t = device_time_us(fns, dev, iters)
@@ -180,7 +180,7 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
                 if (k, n) == shapes[0]:  # the autotuned configs, against the reference
                     w, p = first
                     ref = gptq_matmul_reference(x.float() if p is None else x.float()[:, p], w)
-                    got = _fixed_gemv(x, w, p, fresh=True) if v == "w4g128_fixed" else fns[0]()
+                    got = fixed_gemv(x, w, p, fresh=True) if v == "w4g128_fixed" else fns[0]()
                     r["rel_err"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                 if m == 1:
                     r["eager_us"] = eager_us(fns, dev)
@@ -226,14 +226,14 @@ def bench_gptq(dev, smoke, iters, rows, copy_bw, saved=lambda: None):
         del wb, ws
 
 
-def _fixed_gemv(x, w, perm, fresh=False):
+def fixed_gemv(x, w, perm, fresh=False, config=None):
     """The one-row GEMV into w's fixed-point buffer; `fresh`: from zero, taken as fp16."""
     from tpserve.kernels import fixed_sum
     from tpserve.kernels.gptq_gemv import gemv
     buf = fixed_sum.buffer(x.device, f"bench{id(w):x}", w.out_features)
     if fresh:
         buf.zero_()
-    out = gemv(x, w, perm, out=buf)
+    out = gemv(x, w, perm, out=buf, config=config)
     return fixed_sum.take_reference(out, torch.float16) if fresh else out
 
 
