@@ -56,6 +56,9 @@
 #   bash bench/gpu_h100.sh gemvsweep every config of the fixed-point M = 1 GEMV on the 8B shapes,
 #                                   with configs beyond the tuner's pool (bench/gemv_configs.py
 #                                   --extra: split-K up to 32), the autotuned call last
+#   bash bench/gpu_h100.sh headsweep every config of the int8 lm_head GEMV (M = 1, 4096 x 128256),
+#                                   with and without evict-first loads (bench/head_configs.py),
+#                                   the dense fp16 head and the autotuned call in the same run
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -190,6 +193,10 @@ if has gemvsweep; then
   timeout 400 python3 bench/gemv_configs.py --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
     --variants w4g128_fixed --m 1 --extra --out "$OUT/gemv_configs_fixed.json" 2>&1 \
     | grep -v INFO | tee "$OUT/gemv_configs_fixed.log" | grep "best config"
+fi
+if has headsweep; then
+  timeout 300 python3 bench/head_configs.py --out "$OUT/head_configs.json" 2>&1 | grep -v INFO \
+    | tee "$OUT/head_configs.log" | tail -4
 fi
 if has fixedsum; then
   # The readers' barrier take (the default, kernels/fixed_sum.py) is checked; the exchange take

@@ -30,6 +30,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .pdl import options as pdl_options, release, wait  # noqa: E402
 from .tuning import autotuned  # noqa: E402
 
 
@@ -113,7 +114,10 @@ def _int8_to_f32(q):
 
 @triton.jit
 def _head_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, V, H, stride_qv, stride_sv,
-                      Q8_0: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      Q8_0: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    release(PDL)
+    wait(PDL)  # x is the final norm's output
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
     row = offs_v.to(tl.int64) * stride_qv  # V * H may pass 2**31
@@ -140,7 +144,12 @@ def _head_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, V, H, stride_qv, stride_sv,
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask = v_mask[:, None] & (offs_h < H)[None, :]
-            w = _int8_to_f32(tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0))
+            if EVICT:  # the table is read once a step: its lines need not stay in L2
+                q = tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0,
+                            eviction_policy="evict_first")
+            else:
+                q = tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0)
+            w = _int8_to_f32(q)
             xv = tl.load(x_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
             acc += w * xv[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
@@ -209,6 +218,7 @@ _gemv_tuned = autotuned(_head_gemv_kernel, [_cfg(32, 256), _cfg(64, 256), _cfg(1
 _mm_tuned = autotuned(_head_mm_kernel, [_cfg(64, 128, bm=16), _cfg(128, 64, bm=16),
                                      _cfg(64, 256, 4, 3, bm=16), _cfg(128, 128, 8, 3, bm=16),
                                      _cfg(128, 64, 4, 3, bm=64)], ["M_KEY", "V", "H", "Q8_0"])
+EVICT = os.environ.get("TPSERVE_HEAD_EVICT", "0") == "1"  # evict_first on the table's loads (A/B)
 INTERPRET_CONFIGS = {"gemv": dict(BLOCK_V=16, BLOCK_H=64),
                      "mm": dict(BLOCK_M=16, BLOCK_V=16, BLOCK_H=64)}  # BLOCK_H: a multiple of 32
 
@@ -228,7 +238,7 @@ def head_matmul_triton(fmt: HeadFormat, x, q, scales, out=None, config=None) -> 
         kernel, tuned, kind = _head_gemv_kernel, _gemv_tuned, "gemv"
         x = x.contiguous()
         args = dict(x_ptr=x, q_ptr=q, s_ptr=scales, out_ptr=out, V=v, H=h, stride_qv=q.stride(0),
-                    stride_sv=s_stride, Q8_0=q8_0)
+                    stride_sv=s_stride, Q8_0=q8_0, EVICT=EVICT) | pdl_options(x)
 
         def grid(c):
             return (triton.cdiv(v, c["BLOCK_V"]),)
