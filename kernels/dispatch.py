@@ -123,16 +123,17 @@ def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None
     return y.view(*shape[:-1], w.out_features)
 
 
-def head_matmul(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor,
-                scales: torch.Tensor) -> torch.Tensor:
-    """x [..., H] @ W.T for an int8 or Q8_0 head weight W [V, H] -> [..., V] in x.dtype."""
+def head_matmul(fmt: HeadFormat, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., H] @ W.T for an int8 or Q8_0 head weight W [V, H] -> [..., V] in `out_dtype`
+    (x.dtype by default; fp32: on a GPU stored by the kernel from its fp32 sums)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.is_cuda:
         _announce(f"{fmt} head", "Triton")
-        y = hk.head_matmul_triton(fmt, x2, q, scales)
+        y = hk.head_matmul_triton(fmt, x2, q, scales, out_dtype=out_dtype)
     else:
         _announce(f"{fmt} head", f"torch reference on {x.device.type}")
-        y = hk.head_matmul_reference(fmt, x2, q, scales)
+        y = hk.head_matmul_reference(fmt, x2, q, scales).to(out_dtype or x.dtype)
     return y.view(*x.shape[:-1], q.shape[0])
 
 

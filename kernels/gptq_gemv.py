@@ -155,7 +155,10 @@ _CONFIGS = [cfg(128, 64, 4), cfg(128, 64, 8), cfg(64, 64, 16), cfg(256, 64, 8, 2
             cfg(256, 128, 8), cfg(512, 64, 4, 4), cfg(256, 64, 4, 2),
             # a split's rows in one tile at K = 4096 (all of its words in flight at once: the
             # small shard shapes are latency-bound, bench/README.md)
-            cfg(64, 256, 16), cfg(128, 256, 16, 8)]
+            cfg(64, 256, 16), cfg(128, 256, 16, 8),
+            # one warp per 64 columns: merged q/k/v (4096 x 6144) 10.2 us vs 11.2 with the pool's
+            # best on an H200 (fixed-point outputs, bench/gemv_configs.py --extra)
+            cfg(64, 128, 16, 1)]
 _tuned = tuned(_gemv_kernel, _CONFIGS, KEY + ["H2"])
 # a fixed-point output (`fixed_sum.py`) is added into: tuned apart (its dtype is in the tuner's
 # key anyway), zeroed before each timed call and before the call itself

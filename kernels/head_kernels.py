@@ -144,12 +144,8 @@ def _head_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, V, H, stride_qv, stride_sv,
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask = v_mask[:, None] & (offs_h < H)[None, :]
-            if EVICT:  # the table is read once a step: its lines need not stay in L2
-                q = tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0,
-                            eviction_policy="evict_first")
-            else:
-                q = tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0)
-            w = _int8_to_f32(q)
+            w = _int8_to_f32(tl.load(q_ptr + row[:, None] + offs_h[None, :], mask=mask, other=0,
+                                     eviction_policy=EVICT))  # read once a step
             xv = tl.load(x_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
             acc += w * xv[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
@@ -213,26 +209,33 @@ def _cfg(bv, bh, warps=4, stages=2, bm=None):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-_gemv_tuned = autotuned(_head_gemv_kernel, [_cfg(32, 256), _cfg(64, 256), _cfg(16, 512), _cfg(64, 128),
-                                         _cfg(32, 512, 8), _cfg(128, 128, 8)], ["V", "H", "Q8_0"])
+# 16 x 256 on 4 warps read the 8B head's table (4096 x 128256) at 92% of copy on an H200, the
+# earlier pool's pick (32 x 256) at 86% (bench/head_configs.py, bench/README.md)
+_gemv_tuned = autotuned(_head_gemv_kernel, [_cfg(*c) for c in [
+    (16, 256), (16, 512, 8), (32, 256), (32, 256, 8), (64, 256), (16, 512), (64, 128),
+    (32, 512, 8), (128, 128, 8)]], ["V", "H", "Q8_0"])
 _mm_tuned = autotuned(_head_mm_kernel, [_cfg(64, 128, bm=16), _cfg(128, 64, bm=16),
                                      _cfg(64, 256, 4, 3, bm=16), _cfg(128, 128, 8, 3, bm=16),
                                      _cfg(128, 64, 4, 3, bm=64)], ["M_KEY", "V", "H", "Q8_0"])
-EVICT = os.environ.get("TPSERVE_HEAD_EVICT", "0") == "1"  # evict_first on the table's loads (A/B)
+# the int8 table's loads evict first: 0.5-1 us of ~135 on an H200; TPSERVE_HEAD_EVICT=0: off
+EVICT = "" if os.environ.get("TPSERVE_HEAD_EVICT", "1") == "0" else "evict_first"
 INTERPRET_CONFIGS = {"gemv": dict(BLOCK_V=16, BLOCK_H=64),
                      "mm": dict(BLOCK_M=16, BLOCK_V=16, BLOCK_H=64)}  # BLOCK_H: a multiple of 32
 
 
-def head_matmul_triton(fmt: HeadFormat, x, q, scales, out=None, config=None) -> torch.Tensor:
-    """x [M, H] (fp16/bf16/fp32) @ the int8 or Q8_0 table (q int8 [V, H], scales).T -> [M, V]."""
+def head_matmul_triton(fmt: HeadFormat, x, q, scales, out=None, config=None,
+                       out_dtype=None) -> torch.Tensor:
+    """x [M, H] (fp16/bf16/fp32) @ the int8 or Q8_0 table (q int8 [V, H], scales).T -> [M, V] in
+    `out_dtype` (x.dtype or fp32: logits stored from the fp32 accumulators, without a rounding to
+    x.dtype and a conversion kernel after it)."""
     q8_0 = fmt == HeadFormat.Q8_0
     assert not q8_0 or (q.shape[1] % Q8_BLOCK == 0 and scales.shape[1] == q.shape[1] // Q8_BLOCK)
     m, h = x.shape
     v = q.shape[0]
     assert q.shape[1] == h and q.stride(1) == 1 and scales.shape[0] == v, (x.shape, q.shape)
     if out is None:
-        out = torch.empty(m, v, dtype=x.dtype, device=x.device)
-    assert out.shape == (m, v) and out.stride(1) == 1 and out.dtype == x.dtype
+        out = torch.empty(m, v, dtype=out_dtype or x.dtype, device=x.device)
+    assert out.shape == (m, v) and out.stride(1) == 1 and out.dtype in (x.dtype, torch.float32)
     s_stride = scales.stride(0)
     if m == 1:
         kernel, tuned, kind = _head_gemv_kernel, _gemv_tuned, "gemv"

@@ -349,6 +349,10 @@ def test_head_matmul_matches_reference(fmt, m, dtype):
     ref = _naive(x, q, s)
     _close(hk.head_matmul_triton(FORMATS[fmt], x, q, s, out=_poisoned(m, v, dtype)), ref, dtype)
     _close(hk.head_matmul_reference(FORMATS[fmt], x, q, s), ref, dtype)
+    # fp32 logits stored from the kernel's fp32 sums (the server's head): the fp32 tolerance
+    out32 = hk.head_matmul_triton(FORMATS[fmt], x, q, s, out=_poisoned(m, v, torch.float32))
+    assert out32.dtype == torch.float32
+    _close(out32, ref, torch.float32)
     public = int8_matmul if fmt == "int8" else q8_0_matmul
     assert public(x.view(1, m, h), q, s).shape == (1, m, v)
 

@@ -84,7 +84,7 @@ class Table:
         elif self.mode is HeadFormat.GPTQ:
             y = gptq_matmul(x, self.packed)
         else:
-            y = head_matmul(self.mode, x, self.q, self.scales)
+            y = head_matmul(self.mode, x, self.q, self.scales, out_dtype=torch.float32)
         return y.float()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
