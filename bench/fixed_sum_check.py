@@ -4,8 +4,8 @@ against the written outputs, the same checkpoint loaded both ways in one process
     python bench/fixed_sum_check.py --model /tmp/small [--prompts 4] [--tokens 64] [--eager]
                                     [--device cpu] [--tp 2]
 
---tp 2: Ray ranks on two GPUs of one host, the fixed-point sums then the opt-in of tp > 1
-(TPSERVE_FIXED_SUM=all: the one-shot all-reduce takes the row-parallel GEMVs' sums).
+--tp 2: Ray ranks on two GPUs of one host (the one-shot all-reduce takes the row-parallel GEMVs'
+fixed-point sums).
 
 The two differ at most by a rounding of a GEMV output (int64 -> fp32 -> fp16 against a fp32 sum
 -> fp16), so tokens may part only where two logits nearly tie: the first step where they part is
@@ -27,8 +27,8 @@ import tpserve
 def run(model: str, fixed: bool, prompts: list[list[int]], tokens: int, device: str,
         graphs: bool, tp: int):
     """tp > 1: Ray ranks (one a process, the one-shot all-reduce taking the row-parallel
-    sums: TPSERVE_FIXED_SUM=all, which the rank processes inherit)."""
-    os.environ["TPSERVE_FIXED_SUM"] = ("all" if tp > 1 else "1") if fixed else "0"
+    sums; the rank processes inherit TPSERVE_FIXED_SUM)."""
+    os.environ["TPSERVE_FIXED_SUM"] = "all" if fixed else "0"
     dtype = torch.float16 if device == "cuda" else torch.float32
     if tp > 1:
         llm = tpserve.load(model, tp=tp, backend="ray", device=device, dtype=dtype,

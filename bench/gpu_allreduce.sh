@@ -205,7 +205,7 @@ if has fixedsum; then
     | tee "$OUT/fixed_sum_check_tp2.log" | tail -6
   l8
   TPSERVE_FIXED_SUM=all verify_ray 2 small l8
-  for f in 1 all; do  # 1: the default (fixed-point sums at tp=1 only)
+  for f in 1 all; do  # 1: fixed-point sums at tp=1 only (tp=2 writes its sums); all: the default
     tps="2"; peer=none; [ $f = 1 ] && tps="1 2" && peer=torch-int4
     TPSERVE_FIXED_SUM=$f timeout 300 python3 bench/decode.py --model /tmp/l8 --tp $tps --batch 1 8 \
       --backend ray --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \

@@ -1,5 +1,5 @@
 """A decode GEMV's output as a fixed-point sum that the kernel reading it takes (on by default;
-TPSERVE_FIXED_SUM=0 turns it off).
+TPSERVE_FIXED_SUM=0 turns it off, =1 keeps it to one rank).
 
 A decode GEMV splits K over SPLIT_K programs per output tile, and the last of them (a ticket) sums
 the fp32 partials in split order and writes the output: after a program's last tile, a release
@@ -9,7 +9,8 @@ buffer in fixed point (2**-32 units: exact integer sums, so the result does not 
 the programs ran in, as with the ticket) and the kernel ends; the kernel that consumes the output
 (the residual add + RMSNorm, SiLU-mul, rotary + KV write) takes it (loads it, syncs the program's
 threads, stores zeros) and converts it, leaving the buffer zeroed for the next call. On one H200,
-8B shapes, tp=1: 1.065x the written sums' tok/s at batch 1, the same at batch 8 (bench/README.md).
+8B shapes, tp=1: 1.065x the written sums' tok/s at batch 1, the same at batch 8; at tp=2 (Ray
+ranks, the one-shot all-reduce + norm taking the row-parallel sums) 1.055x (bench/README.md).
 
 A partial is truncated to 2**-32 (far below fp16's resolution of any value it can hold) and
 clamped to +-MAX = 2**24, NaN to +MAX, so that MAX_SPLIT_K of them cannot overflow the int64 sum:
@@ -40,12 +41,13 @@ _retired: list = []  # outgrown buffers: captured graphs may still point at them
 
 
 def enabled(world_size: int = 1) -> bool:
-    """On by default for one rank (TPSERVE_FIXED_SUM=0: off); for tp > 1 (the one-shot
-    all-reduce taking the row-parallel partials) with TPSERVE_FIXED_SUM=all."""
-    mode = os.environ.get(ENV, "1").strip().lower()
+    """On by default: for one rank, and for tp > 1 where the one-shot all-reduce takes the
+    row-parallel partials (2x H200: 1.055x the written sums' tok/s at batch 1, the same at batch
+    8, bench/README.md). TPSERVE_FIXED_SUM=1: one rank only; 0: off."""
+    mode = os.environ.get(ENV, "all").strip().lower()
     if mode not in ("0", "1", "all"):
-        raise ValueError(f"{ENV}={mode!r}: use 1 (the default: one rank), all (tp > 1 too) or 0 "
-                         f"(off)")
+        raise ValueError(f"{ENV}={mode!r}: use all (the default: every group size), 1 (one rank "
+                         f"only) or 0 (off)")
     return mode == "all" if world_size > 1 else mode != "0"
 
 

@@ -154,10 +154,11 @@ def test_only_fp16_gemvs_return_fixed_point_sums():
 
 
 def test_where_fixed_point_sums_are_on(monkeypatch):
-    """TPSERVE_FIXED_SUM: unset or 1, one rank only; `all`, also tp > 1 (where the one-shot
-    all-reduce takes the row-parallel sums, `rank_worker._join` turns them on); 0, nowhere.
-    In-process ranks sharing a process (LocalComm) never use them, whatever the switch."""
-    for mode, want in ((None, (True, False)), ("1", (True, False)), ("all", (True, True)),
+    """TPSERVE_FIXED_SUM: unset or `all`, every group size (at tp > 1 where the one-shot
+    all-reduce takes the row-parallel sums, `rank_worker._join` turns them on); 1, one rank
+    only; 0, nowhere. In-process ranks sharing a process (LocalComm) never use them, whatever
+    the switch."""
+    for mode, want in ((None, (True, True)), ("1", (True, False)), ("all", (True, True)),
                        ("0", (False, False))):
         if mode is None:
             monkeypatch.delenv(fixed_sum.ENV, raising=False)
@@ -165,7 +166,7 @@ def test_where_fixed_point_sums_are_on(monkeypatch):
             monkeypatch.setenv(fixed_sum.ENV, mode)
         assert (fixed_sum.enabled(1), fixed_sum.enabled(2)) == want, mode
     monkeypatch.setenv(fixed_sum.ENV, "off")
-    with pytest.raises(ValueError, match="TPSERVE_FIXED_SUM='off': use 1"):
+    with pytest.raises(ValueError, match="TPSERVE_FIXED_SUM='off': use all"):
         fixed_sum.enabled(1)
     monkeypatch.setenv(fixed_sum.ENV, "all")
     llm = tpserve.load(demo_path(), tp=2, dtype=torch.float32)
