@@ -45,7 +45,7 @@ import triton.language as tl  # noqa: E402
 
 from .fixed_sum import is_fixed, load_value  # noqa: E402
 from .fused import _normalised  # noqa: E402
-from .pdl import flag as pdl_flag, release  # noqa: E402
+from .pdl import release, step_options, wait  # noqa: E402
 
 BLOCK = 2048  # elements a program pushes and sums; 4 KB of fp16
 MAX_BLOCKS = 512  # flags per rank: capacity / BLOCK must stay below it
@@ -89,6 +89,7 @@ def _one_shot_kernel(x_ptr, out_ptr, bufs_ptr, flags_ptr, counters_ptr, n, capac
                      RANK: tl.constexpr, WORLD: tl.constexpr, PDL: tl.constexpr,
                      BLOCK: tl.constexpr):
     release(PDL)  # the GEMV after it loads its weights while this waits for its peers (pdl.py)
+    wait(PDL)  # x comes from the kernel before it
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -108,6 +109,7 @@ def _one_shot_norm_kernel(x_ptr, h_ptr, w_ptr, sum_ptr, out_ptr, bufs_ptr, flags
     """One row per program: its all-reduce (as above), then `fused.add_rms_norm` of h and it;
     x may be a fixed-point sum (int64), taken in h's dtype."""
     release(PDL)  # the GEMV after it loads its weights while this waits for its peers (pdl.py)
+    wait(PDL)  # x comes from the kernel before it
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -139,9 +141,8 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
         raise ValueError(f"one-shot all-reduce of {n} elements exceeds its capacity {capacity}")
     if n:
         _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, bufs, flags, counters, n, capacity,
-                                                   RANK=rank, WORLD=world, PDL=pdl_flag(x),
-                                                   BLOCK=BLOCK,
-                                                   num_warps=4)
+                                                   RANK=rank, WORLD=world, BLOCK=BLOCK,
+                                                   num_warps=4, **step_options(x))
     return out
 
 
@@ -170,8 +171,9 @@ def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | No
     if t:
         _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,
                                     n, capacity, h.stride(0), float(eps), float(offset or 0.0),
-                                    RANK=rank, WORLD=world, MODE=mode, PDL=pdl_flag(x),
-                                    BLOCK=triton.next_power_of_2(n), num_warps=4)
+                                    RANK=rank, WORLD=world, MODE=mode,
+                                    BLOCK=triton.next_power_of_2(n), num_warps=4,
+                                    **step_options(x))
     return total, out
 
 

@@ -31,7 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .gptq_launch import workspace  # noqa: E402
-from .pdl import flag as pdl_flag, release  # noqa: E402
+from .pdl import release, step_options, wait  # noqa: E402
 from .prefill_attention import masked_scores  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -84,6 +84,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    PRECISION: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
     release(PDL)  # the output projection's GEMV may load its weights now (pdl.py)
+    wait(PDL)  # q and the cache come from the kernel before it
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     n = tl.load(lens_ptr + b).to(tl.int32)
@@ -233,8 +234,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lens, kv_group, scale, w
         one_keys // block_n,
         GROUP=kv_group, HEAD_DIM=d, BLOCK_G=max(_GROUP_TILE, triton.next_power_of_2(kv_group)),
         BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=precision, PDL=pdl_flag(q),
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps)
+        HAS_SOFTCAP=softcap is not None, PRECISION=precision,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps, **step_options(q))
     return out
 
 

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
-from .pdl import flag as pdl_flag, release  # noqa: E402
+from .pdl import release, step_options, wait  # noqa: E402
 
 
 def use_triton_for(x: torch.Tensor, use_triton: bool | None) -> bool:
@@ -69,6 +69,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, perm_ptr, out_ptr, n, stride_
     over n / CHUNK programs: one program gathering a 4096-wide row took 6.9 us against 2.1 for
     the plain norm, bench/README.md); without PERM one program writes the row."""
     release(PDL)  # the GEMV after it may load its weights now (pdl.py)
+    wait(PDL)  # launched with PDL: the kernel before it has completed
     row, c = tl.program_id(0), tl.program_id(1)
     if PERM:  # this program's output columns and their sources, loaded before the row arrives
         dst = c * CHUNK + tl.arange(0, CHUNK)
@@ -162,8 +163,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, offset: float 
         grid, block, chunk = _norm_grid(x2.shape[0], n, perm, chunk)
         _rms_norm_kernel[grid](x2, x2, x2, x2 if w is None else w, x2 if perm is None else perm, out,
                                n, x2.stride(0), 0, 0, out.stride(0), eps, float(offset or 0.0),
-                               MODE=mode, ADD=False, PERM=perm is not None, PDL=pdl_flag(x2),
-                               BLOCK=block, CHUNK=chunk, num_warps=ROW_WARPS)
+                               MODE=mode, ADD=False, PERM=perm is not None, BLOCK=block,
+                               CHUNK=chunk, num_warps=ROW_WARPS, **step_options(x2))
     return out.view(shape)
 
 
@@ -188,7 +189,7 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor | None, eps: 
         _rms_norm_kernel[grid](h, r, total, h if w is None else w, h if perm is None else perm, out,
                                n, h.stride(0), r.stride(0), total.stride(0), out.stride(0), eps,
                                float(offset or 0.0), MODE=mode, ADD=True, PERM=perm is not None,
-                               PDL=pdl_flag(h), BLOCK=block, CHUNK=chunk, num_warps=ROW_WARPS)
+                               BLOCK=block, CHUNK=chunk, num_warps=ROW_WARPS, **step_options(h))
     return total, out
 
 
@@ -202,6 +203,7 @@ def silu_mul_reference(gate, up):
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, PDL: tl.constexpr,
                      BLOCK: tl.constexpr):
     release(PDL)  # the down projection's GEMV may load its weights now (pdl.py)
+    wait(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -229,8 +231,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = Non
     block = 1024
     if t:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),
-                                                     up.stride(0), PDL=pdl_flag(gate), BLOCK=block,
-                                                     num_warps=4)
+                                                     up.stride(0), BLOCK=block, num_warps=4,
+                                                     **step_options(gate))
     return out
 
 

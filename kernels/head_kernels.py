@@ -30,7 +30,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .pdl import options as pdl_options, release, wait  # noqa: E402
+from .pdl import release, step_options, wait  # noqa: E402
 from .tuning import autotuned  # noqa: E402
 
 
@@ -241,7 +241,7 @@ def head_matmul_triton(fmt: HeadFormat, x, q, scales, out=None, config=None,
         kernel, tuned, kind = _head_gemv_kernel, _gemv_tuned, "gemv"
         x = x.contiguous()
         args = dict(x_ptr=x, q_ptr=q, s_ptr=scales, out_ptr=out, V=v, H=h, stride_qv=q.stride(0),
-                    stride_sv=s_stride, Q8_0=q8_0, EVICT=EVICT) | pdl_options(x)
+                    stride_sv=s_stride, Q8_0=q8_0, EVICT=EVICT) | step_options(x)
 
         def grid(c):
             return (triton.cdiv(v, c["BLOCK_V"]),)

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL; Hopper and later) for the decode step's GEMVs.
+"""Programmatic dependent launch (PDL; Hopper and later) for the decode step's kernels.
 
 A decode step is ~300 short kernels, and without PDL each starts only once the kernel before it
 has finished and its writes are flushed: the GEMV's first weight loads (~1 us from DRAM) wait
@@ -10,10 +10,12 @@ is launched with PDL (`options`) and runs in two parts:
   2. `wait`: block until the kernel before it has completed and its writes are visible, then
      read x, use the split-K workspace, write the output.
 
-The kernels that come before a GEMV (RMSNorm, residual add + RMSNorm, the one-shot all-reduces,
-decode attention, SiLU-mul, the GEMVs) call `release` first thing, which lets the kernel after
-them start early; for a kernel launched without PDL it does nothing. Captured CUDA graphs keep
-these edges.
+The step's other kernels (RMSNorm, residual add + RMSNorm, rotary + KV write, decode attention,
+SiLU-mul, the one-shot all-reduces, the quantized head) are launched with PDL too
+(`step_options`) and `wait` first thing: they read nothing before it, but their programs are
+resident and past their launch when the kernel before them ends. Every one of these kernels
+calls `release` first thing, which lets the kernel after it start early; for a kernel launched
+without PDL `release` and `wait` do nothing. Captured CUDA graphs keep these edges.
 
 The rule for a kernel launched with PDL: before `wait` it reads only weights (nothing a kernel
 of the step writes) and writes nothing. After `wait` everything before it has completed: a
@@ -21,7 +23,8 @@ kernel completes only after its own `wait` returned, so completion follows the s
 
 Off (`options` gives PDL=False, and the kernels compile without the instructions) under
 TRITON_INTERPRET=1, before sm90, on a Triton without griddepcontrol, and with TPSERVE_PDL=0
-(for A/B timing: `bench/gpu_quick.sh` runs both).
+(for A/B timing: `bench/gpu_quick.sh` runs both); TPSERVE_PDL=gemv launches only the GEMVs with
+PDL (the A/B of `step_options`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def options(x) -> dict:
     option only where on: a Triton without PDL does not know it)."""
     on = x.is_cuda and enabled(x.device.index)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def step_options(x) -> dict:
+    """Launch arguments for the step's other kernels that `wait` (norms, rotary + KV write, decode
+    attention, SiLU-mul, the one-shot all-reduces, the head): launched with PDL as the GEMVs are,
+    so that each is resident when the kernel before it ends; TPSERVE_PDL=gemv launches only the
+    GEMVs so (the A/B)."""
+    if os.environ.get(ENV, "1") == "gemv":
+        return {"PDL": flag(x)}  # release only; `wait` is then a no-op
+    return options(x)
 
 
 def flag(x) -> bool:

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
 from .fused import ROW_WARPS, use_triton_for  # noqa: E402
-from .pdl import flag as pdl_flag, release  # noqa: E402
+from .pdl import release, step_options, wait  # noqa: E402
 
 
 # ---- rotary ------------------------------------------------------------------------------------
@@ -93,8 +93,10 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, 
                          pos_ptr, q_heads, kv_heads, stride_qt, stride_qh, stride_kt, stride_kh,
                          stride_vt, stride_vh, stride_ct, stride_ot, stride_oh, stride_cs,
                          stride_cp, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (t, 0): q rotated into qo; (t, 1): k rotated into its cache row; (t, 2): v copied."""
+    release(PDL)  # the decode attention may start (pdl.py)
+    wait(PDL)
     t, part = tl.program_id(0), tl.program_id(1)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
@@ -140,7 +142,7 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(max(heads, k.shape[1])),
-            BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=ROW_WARPS)
+            BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=ROW_WARPS, **step_options(q))
     return out
 
 

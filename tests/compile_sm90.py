@@ -123,6 +123,16 @@ def _barrier_between(ptx: str) -> bool:
     return None not in (load, bar, store) and load < bar < store
 
 
+def _waits_first(ptx: str) -> bool:
+    """Whether griddepcontrol.wait comes before every global load, store and atomic (a kernel
+    launched with PDL that reads nothing another kernel writes before it waits)."""
+    ops = [ln.strip() for ln in ptx.splitlines()]
+    wait = next((i for i, o in enumerate(ops) if o.startswith("griddepcontrol.wait")), None)
+    return wait is not None and not any(
+        ("ld.global" in o or "st.global" in o or "atom." in o or "red." in o)
+        and not o.startswith("//") for o in ops[:wait])
+
+
 def compile_all(path: str, only: str | None = None) -> int:
     """`only`: "fixed-readers", the launches that take fixed-point sums (int64 inputs)."""
     os.environ["TRITON_INTERPRET"] = "0"
@@ -159,7 +169,7 @@ def compile_all(path: str, only: str | None = None) -> int:
                                                   "griddepcontrol.launch_dependents",
                                                   "red.global", "add.u64", "atom.global",
                                                   "exch.b64", "st.global")}
-                    | {"barrier between": _barrier_between(ptx)}})
+                    | {"barrier between": _barrier_between(ptx), "waits first": _waits_first(ptx)}})
     json.dump(out, sys.stdout)
     return 0
 

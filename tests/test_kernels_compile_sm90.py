@@ -1,7 +1,8 @@
 """A step's Triton kernels compile for sm_90 (H100/H200), on this machine without a GPU,
 with the launches the kernel tests make under the interpreter (`compile_sm90.py`): an op or a
 branch that only the GPU compiler refuses fails here, not first on the device. The PTX also
-holds what the design says: PDL's wait in the GEMV and release in the kernels before it, the
+holds what the design says: PDL's wait in the GEMV, release and a wait before any memory access in
+the step's other kernels, the
 fixed-point GEMV's integer reduction (`red.global.add.u64`), and its readers' loads, a barrier,
 then the zero stores (or, with TPSERVE_FIXED_TAKE=exchange, their atomic exchanges)."""
 
@@ -37,10 +38,14 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
     assert STEP_KERNELS <= {r["kernel"] for r in results}
     gemvs = [r for r in results if r["kernel"] == "_gemv_kernel"]
     assert all(r["ptx"]["griddepcontrol.wait"] for r in gemvs)  # PDL: waits before reading x
-    for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_decode_kernel", "_one_shot_kernel",
-                 "_one_shot_norm_kernel"):
-        assert all(r["ptx"]["griddepcontrol.launch_dependents"] for r in results
-                   if r["kernel"] == name), name
+    assert not any(r["ptx"]["waits first"] for r in gemvs)  # ... having loaded weights before
+    # the step's other kernels, launched with PDL too (pdl.step_options): release, and wait
+    # before any global memory access
+    for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_rotary_store_kernel", "_decode_kernel",
+                 "_one_shot_kernel", "_one_shot_norm_kernel", "_head_gemv_kernel"):
+        compiled = [r for r in results if r["kernel"] == name]
+        assert compiled and all(r["ptx"]["griddepcontrol.launch_dependents"]
+                                and r["ptx"]["waits first"] for r in compiled), name
     fixed = [r for r in gemvs if r["sig"]["out_ptr"] == "*i64"]
     assert fixed and all(r["ptx"]["red.global"] and r["ptx"]["add.u64"] for r in fixed)
     for name, arg in FIXED_INPUTS.items():
