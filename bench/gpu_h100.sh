@@ -59,6 +59,15 @@
 #   bash bench/gpu_h100.sh headsweep every config of the int8 lm_head GEMV (M = 1, 4096 x 128256),
 #                                   with and without evict-first loads (bench/head_configs.py),
 #                                   the dense fp16 head and the autotuned call in the same run
+#   bash bench/gpu_h100.sh pdlall   every kernel of the decode step launched with PDL (the default) against
+#                                   only the GEMVs (TPSERVE_PDL=gemv): Llama-3-8B shapes tp=1,
+#                                   int8 head, batch 1 and 8, 8 steps per call, the peer beside
+#                                   the first; then the default's captured-step kernels (batch 1)
+#   bash bench/gpu_h100.sh gated    down projections reading silu(gate) * up from the gate/up GEMV's
+#                                   fixed-point sum (the default, TPSERVE_GATED_SUM): greedy tokens
+#                                   against written sums (bench/fixed_sum_check.py), then Llama-3-8B
+#                                   shapes tp=1, int8 head, batch 1 and 8, with the SiLU-mul kernel
+#                                   (TPSERVE_GATED_SUM=0, the peer beside it) and without
 #   bash bench/gpu_h100.sh all      (stages combine: bash bench/gpu_h100.sh checks profile)
 set -u
 . bench/gpu_env.sh
@@ -193,6 +202,32 @@ if has gemvsweep; then
   timeout 400 python3 bench/gemv_configs.py --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
     --variants w4g128_fixed --m 1 --extra --out "$OUT/gemv_configs_fixed.json" 2>&1 \
     | grep -v INFO | tee "$OUT/gemv_configs_fixed.log" | grep "best config"
+fi
+if has gated; then
+  [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
+    --device cuda >/dev/null
+  timeout 150 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO \
+    | tee "$OUT/fixed_sum_check_gated.log" | tail -6
+  l8
+  for arm in 0 1; do
+    peer=none; [ $arm = 0 ] && peer=torch-int4
+    TPSERVE_GATED_SUM=$arm timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
+      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
+      --gen 128 --decode-steps 8 --out "$OUT/decode_gated_$arm.json" > "$OUT/decode_gated_$arm.log" 2>&1
+    echo "TPSERVE_GATED_SUM=$arm:"; grep -A5 "^ tp " "$OUT/decode_gated_$arm.log" | grep -v INFO
+  done
+fi
+if has pdlall; then
+  l8
+  for arm in gemv 1; do
+    peer=none; [ $arm = gemv ] && peer=torch-int4
+    TPSERVE_PDL=$arm timeout 200 python3 bench/decode.py --model /tmp/l8 --tp 1 --batch 1 8 \
+      --backend local --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
+      --gen 128 --decode-steps 8 --out "$OUT/decode_pdl_$arm.json" > "$OUT/decode_pdl_$arm.log" 2>&1
+    echo "TPSERVE_PDL=$arm:"; grep -A5 "^ tp " "$OUT/decode_pdl_$arm.log" | grep -v INFO
+  done
+  timeout 150 python3 bench/profile_step.py --model /tmp/l8 --batch 1 --lm-head int8 \
+    > "$OUT/profile_pdl_all.log" 2>&1; grep -A12 "kernels a step" "$OUT/profile_pdl_all.log" | cut -c1-130
 fi
 if has headsweep; then
   timeout 300 python3 bench/head_configs.py --out "$OUT/head_configs.json" 2>&1 | grep -v INFO \

@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from . import gptq_cpu, head_kernels as hk
+from . import fixed_sum, gptq_cpu, head_kernels as hk
 from .gptq_weight import GPTQWeight, gptq_matmul_cpu
 from .head_kernels import HeadFormat
 
@@ -64,13 +64,16 @@ def _kernels():
 
 
 def gptq_matmul_triton(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits)."""
+                       out: torch.Tensor | None = None, config: dict | None = None,
+                       clear: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w -> out [M, N] through the Triton kernel for M (4 and 8 bits); M = 1 also
+    takes a gate/up sum as x and a buffer to clear (`gptq_gemv.gemv`)."""
     k = _triton or _kernels()
     m = x.shape[0]
     if m == 1:
-        run = k.gemv
-    elif m <= 16:
+        return k.gemv(x, w, perm, out, config, clear)
+    assert clear is None and x.dtype != torch.int64, "a gate/up sum is read by one-row GEMVs only"
+    if m <= 16:
         run, out = _few_rows(k, x, w, perm, out, config)
     else:
         run = k.prefill
@@ -94,20 +97,26 @@ def _few_rows(k, x, w, perm, out, config):
 
 
 def gptq_matmul(x: torch.Tensor, w: GPTQWeight, perm: torch.Tensor | None = None,
-                fixed: torch.Tensor | None = None) -> torch.Tensor:
+                fixed: torch.Tensor | None = None, clear: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """x [..., K] -> [..., N]; `perm` (from the loader's act-order sort) reorders x's last dim.
 
     `fixed`: a zeroed int64 [1, N] buffer (`fixed_sum.py`) that the GEMV adds its output into as a
     fixed-point sum where x is one row on a GPU; the result is then that buffer, for a consumer
-    that takes it. Elsewhere `fixed` is not used."""
+    that takes it. Elsewhere `fixed` is not used. x int64 [1, 2K]: a fixed-point gate/up sum,
+    read as silu(gate) * up; `clear`: an int64 buffer zeroed by the one-row GEMV (`GatedMLP`)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # (M, K)
     if x.is_cuda and w.bits in (4, 8):
         _announce("GPTQ matmul", f"Triton {w.bits}-bit")
         out = fixed if fixed is not None and x2.shape[0] == 1 else None
         with _LAUNCH_LOCK:
-            y = gptq_matmul_triton(x2, w, perm, out)
+            y = gptq_matmul_triton(x2, w, perm, out, clear=clear)
     else:
+        if x2.dtype == torch.int64:  # a gate/up sum (the torch form of what the GEMV reads)
+            x2 = fixed_sum.gated_reference(x2)
+        if clear is not None:
+            clear.zero_()
         x2 = x2 if perm is None else x2.index_select(1, perm)
         dense = gptq_cpu.dense_copy(x2, w)
         if dense is not None:

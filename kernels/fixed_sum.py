@@ -51,6 +51,18 @@ def enabled(world_size: int = 1) -> bool:
     return mode == "all" if world_size > 1 else mode != "0"
 
 
+GATED_ENV = "TPSERVE_GATED_SUM"
+
+
+def gated_enabled() -> bool:
+    """Whether down projections read silu(gate) * up from the gate/up GEMV's fixed-point sum
+    where fixed-point sums are on (`gated`; TPSERVE_GATED_SUM=0: the SiLU-mul kernel takes it)."""
+    mode = os.environ.get(GATED_ENV, "1").strip()
+    if mode not in ("0", "1"):
+        raise ValueError(f"{GATED_ENV}={mode!r}: use 1 (the default) or 0 (off)")
+    return mode == "1"
+
+
 def fits(dtype: torch.dtype) -> bool:
     """Whether a GEMV with `dtype` activations may return a fixed-point sum: fp16 only, whose
     outputs (|y| <= 65504) lie far inside the +-2**24 clamp; bf16 and fp32 outputs can exceed
@@ -125,6 +137,39 @@ def load_value(ptr, offs, mask, dtype: tl.constexpr):
     if ptr.dtype.element_ty == tl.int64:
         return take(ptr, offs, mask).to(dtype)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(dtype)
+
+
+@triton.jit
+def gated(ptr, rows, K):
+    """silu(gate) * up at `rows` from a fixed-point gate/up sum [gate (K) | up (K)], with
+    `fused.silu_mul`'s roundings (the two read as fp16, silu rounded, the product rounded): what
+    a down projection's GEMV reads instead of the SiLU-mul kernel's output. Read, not taken: the
+    programs of the reading GEMV share each row, so the next gate/up GEMV clears the buffer
+    (`clear`, `GatedMLP`). Rows past K read 0."""
+    g = tl.load(ptr + rows, mask=rows < K, other=0)
+    u = tl.load(ptr + K + rows, mask=rows < K, other=0)
+    gf = (g.to(tl.float32) * (1.0 / ONE)).to(tl.float16).to(tl.float32)
+    uf = (u.to(tl.float32) * (1.0 / ONE)).to(tl.float16).to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(tl.float16)
+    return (s.to(tl.float32) * uf).to(tl.float16)
+
+
+@triton.jit
+def clear(ptr, n, pid, programs, BLOCK: tl.constexpr = 256):
+    """Program `pid` of `programs` zeroes its share of ptr[0:n] (an int64 buffer)."""
+    per = tl.cdiv(n, programs)
+    lo = pid * per
+    for i in range(0, per, BLOCK):
+        offs = lo + i + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.zeros([BLOCK], tl.int64), mask=(offs < lo + per) & (offs < n))
+
+
+def gated_reference(buf: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """What `gated` reads from a [T, 2K] fixed-point gate/up buffer, in torch (buf untouched)."""
+    k = buf.shape[-1] // 2
+    g, u = ((buf[..., :k].double() * 2.0 ** -32).to(dtype), (buf[..., k:].double() * 2.0 ** -32)
+            .to(dtype))
+    return (torch.nn.functional.silu(g.float()).to(dtype).float() * u.float()).to(dtype)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from .fixed_sum import MAX as FIXED_MAX, ONE as FIXED_ONE
+from .fixed_sum import MAX as FIXED_MAX, ONE as FIXED_ONE, gated
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)  # inside @triton.jit: the asm has no interpreter
@@ -164,8 +164,13 @@ def _rows_sz(s_ptr, qz_ptr, gidx_ptr, rows, r_mask, offs_n, n_mask, stride_s, st
 @triton.jit
 def _load_rows(x_ptr, perm_ptr, rows, K, stride_xk, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
     """x[rows] (x[perm[rows]] for act-order) in x's dtype; rows past K read 0 (EVEN_K: there are
-    none, and the unmasked loads save an instruction or three per x value)."""
-    if EVEN_K:
+    none, and the unmasked loads save an instruction or three per x value). An int64 x is a
+    fixed-point gate/up sum [gate | up] (one row, M = 1 GEMV): silu(gate) * up, fp16."""
+    if x_ptr.dtype.element_ty == tl.int64:  # (else-branches: int64 loads would not type-check)
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + rows, mask=rows < K, other=0)
+        return gated(x_ptr, rows, K)
+    elif EVEN_K:
         if HAS_PERM:
             rows = tl.load(perm_ptr + rows)
         return tl.load(x_ptr + rows * stride_xk)

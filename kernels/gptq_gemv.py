@@ -31,6 +31,7 @@ from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
+from .fixed_sum import clear  # noqa: E402
 from .pdl import options as pdl_options, release, wait  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -84,11 +85,11 @@ def _gemv_rows(acc, qw, hi, offs_w, x_ptr, perm_ptr, qz_ptr, s_ptr, gidx_ptr, of
 
 @triton.jit
 def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 N, K, G, K_KEY, stride_xk, stride_qw, stride_qz, stride_s,
+                 clr_ptr, N, K, G, K_KEY, CLR_N, stride_xk, stride_qw, stride_qz, stride_s,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_OFFSET: tl.constexpr,
                  HAS_GIDX: tl.constexpr, HAS_PERM: tl.constexpr, MODE: tl.constexpr,
-                 EVEN_K: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr, CLEAR: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
     release(PDL)
@@ -98,6 +99,8 @@ def _gemv_kernel(x_ptr, perm_ptr, qw_ptr, qz_ptr, s_ptr, gidx_ptr, out_ptr, ws_p
     k_lo, k_hi, w_hi, offs_w, nxt = _split(pid_k, K, qw_ptr, offs_n, n_mask, stride_qw,
                                            SPLIT_K, BLOCK_K, P)
     wait(PDL)  # the first tile of weights is loaded; x and the workspace come from other kernels
+    if CLEAR:  # a buffer the kernels before this one have read (`gemv`'s clear)
+        clear(clr_ptr, CLR_N, pid_k * tl.num_programs(0) + pid_n, tl.num_programs(0) * SPLIT_K)
     acc = tl.zeros([KW, BLOCK_N], tl.float32)
     corr = tl.zeros([BLOCK_N], tl.float32)  # -sum_k z * s * x of two-group tiles
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -167,7 +170,7 @@ INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 USE_H2 = True  # the fp16x2 path where it applies (a switch for A/B timing)
 
 
-def uses_h2(dtype: torch.dtype, w) -> bool:
+def uses_h2(dtype: torch.dtype, w) -> bool:  # dtype: x's, fp16 for a gate/up sum (int64)
     """Whether the fp16x2 path applies: fp16 x, group boundaries between words (g_idx shards:
     only where the loader padded each group's rows to whole words)."""
     p = 32 // w.bits
@@ -177,19 +180,25 @@ def uses_h2(dtype: torch.dtype, w) -> bool:
 
 
 def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
+         config: dict | None = None, clear: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (fp16, bf16 or fp32) @ the 4/8-bit GPTQWeight w -> out [1, N] in x.dtype.
 
     `perm` (act-order, from the loader's sort): use x[:, perm], gathered as the kernel reads it.
     `config` fixes the block sizes (tests); by default they are autotuned per shape and shard.
+    x int64 [1, 2K]: a fixed-point gate/up sum, read as silu(gate) * up in fp16 (`fixed_sum.gated`:
+    the SiLU-mul kernel's output, without that kernel). `clear`: an int64 buffer that the kernel's
+    programs zero once the kernel before it has completed (the previous gate/up sum, `GatedMLP`).
     """
     out = new_out(x, w, out)
     x, perm = through_perm(x, perm)
     assert x.shape[0] == 1, x.shape
-    h2 = uses_h2(x.dtype, w)
+    h2 = uses_h2(torch.float16 if x.dtype == torch.int64 else x.dtype, w)
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))
     args = gptq_args(x, w, out) | dict(perm_ptr=x if perm is None else perm,
-                                       HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2) | pdl_options(x)
+                                       HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2,
+                                       CLEAR=clear is not None,
+                                       clr_ptr=out if clear is None else clear,
+                                       CLR_N=0 if clear is None else clear.numel()) | pdl_options(x)
     launch(_gemv_kernel, _tuned_fixed if out.dtype == torch.int64 else _tuned, args,
            lambda c: (triton.cdiv(w.out_features, c["BLOCK_N"]), c["SPLIT_K"]), config,
            INTERPRET_CONFIG)

@@ -164,7 +164,7 @@ def compile_all(path: str, only: str | None = None) -> int:
             ptx, error = compiled.asm["ptx"], None
         except Exception as e:  # reported per launch
             ptx, error = "", f"{type(e).__name__}: {str(e)[:400]}"
-        out.append({"kernel": name, "sig": sig, "error": error,
+        out.append({"kernel": name, "sig": sig, "consts": consts, "error": error,
                     "ptx": {w: w in ptx for w in ("griddepcontrol.wait",
                                                   "griddepcontrol.launch_dependents",
                                                   "red.global", "add.u64", "atom.global",

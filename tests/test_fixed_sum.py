@@ -16,6 +16,7 @@ from tpserve.kernels.fused import add_rms_norm, silu_mul
 from tpserve.kernels.gptq_gemv import gemv
 from tpserve.kernels.gptq_weight import random_weight
 from tpserve.kernels.rotary import rotary_store
+from tpserve.model.decoder import gated_roles, reads_gated
 
 CONFIG = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=4)
 TOL = {torch.float16: dict(rtol=1e-3, atol=1e-3), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -203,3 +204,73 @@ def test_with_one_rank_the_residual_norm_takes_the_sum_itself(monkeypatch):
                                                                        atol=1e-5)
     assert not fixed.any()  # taken by the norm
     llm.close()
+
+
+@pytest.mark.parametrize("offset", [0, 64])
+@pytest.mark.parametrize("perm", [False, True])
+def test_the_down_gemv_reads_silu_mul_from_the_gate_up_sum(offset, perm):
+    """A down projection's GEMV given the fixed-point gate/up sum (int64 [1, 2K]) computes
+    silu(gate) * up itself (`fixed_sum.gated`): the bits of the SiLU-mul kernel taking the same
+    sum, then the GEMV; the sum is read, not taken, and `clear` zeroes another buffer."""
+    k, n = 256, 96
+    torch.manual_seed(offset + perm)
+    gate_up = random_weight(128, 2 * k, 4, 128)
+    down = random_weight(k, n, 4, 128, offset)
+    p = torch.randperm(k) if perm else None
+    x = torch.randn(1, 128, dtype=torch.float16)
+    buf = fixed_sum.buffer(x.device, "gate_up-test", 2 * k)
+    gemv(x, gate_up, out=buf, config=CONFIG)
+    kept = buf.clone()
+    act = silu_mul(buf[:, :k], buf[:, k:], use_triton=True, dtype=torch.float16)  # takes it
+    want = gemv(act, down, p, config=CONFIG)
+    assert torch.equal(fixed_sum.gated_reference(kept), act)  # the torch reference of `gated`
+    buf.copy_(kept)
+    other = fixed_sum.buffer(x.device, "gate_up-other", 3 * k)
+    other.fill_(7)
+    got = gemv(buf, down, p, config=CONFIG, clear=other)
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert torch.equal(buf, kept) and not other.any()
+    # into a fixed-point output too (the down projection's sum for the next residual add + norm)
+    out = fixed_sum.buffer(x.device, "down-test", n)
+    gemv(buf, down, p, out=out, config=CONFIG)
+    assert torch.allclose(fixed_sum.take_reference(out, torch.float16).float(), want.float(),
+                          **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("n", range(7))
+def test_gate_up_sums_alternate_buffers_cleared_by_the_next_gate_up(n):
+    """`decoder.gated_roles`: gate/up GEMV i clears the buffer GEMV i - 1 wrote (cyclically: a
+    step's first clears the step before's last), and never writes the buffer it clears or one
+    that is not clear (consecutive GEMVs, cyclically, use different buffers); one MLP has no
+    such assignment."""
+    roles = gated_roles(n, "m")
+    if n < 2:
+        assert roles == []
+        return
+    assert len(roles) == n and len({w for w, _ in roles}) == (3 if n % 2 else 2)
+    for i, (write, clear) in enumerate(roles):
+        assert clear == roles[i - 1][0] and write != clear
+
+
+def test_the_gated_mlps_of_a_model(monkeypatch):
+    """With fixed-point sums on, every SiLU-gated GPTQ MLP of the demo model reads silu(gate) *
+    up from its gate/up sum (roles assigned in layer order); TPSERVE_GATED_SUM=0 keeps the
+    SiLU-mul kernel; an unknown value is refused in one sentence."""
+    monkeypatch.delenv(fixed_sum.GATED_ENV, raising=False)
+    llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
+    try:
+        rank = llm.executor.ranks[0]
+        mlps = [layer.mlp for layer in rank.layers]
+        assert rank.fixed_sums is not None and all(reads_gated(m) for m in mlps)
+        assert [m.gated_roles for m in mlps] == gated_roles(len(mlps), rank.fixed_sums)
+        monkeypatch.setenv(fixed_sum.GATED_ENV, "0")
+        rank.use_fixed_sums(True)
+        assert all(m.gated_roles is None for m in mlps) and rank.fixed_sums is not None
+        monkeypatch.setenv(fixed_sum.GATED_ENV, "yes")
+        with pytest.raises(ValueError, match="TPSERVE_GATED_SUM='yes': use 1"):
+            rank.use_fixed_sums(True)
+        monkeypatch.setenv(fixed_sum.GATED_ENV, "1")
+        rank.use_fixed_sums(False)
+        assert all(m.gated_roles is None for m in mlps) and rank.fixed_sums is None
+    finally:
+        llm.close()

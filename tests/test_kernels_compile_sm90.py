@@ -46,6 +46,9 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
         compiled = [r for r in results if r["kernel"] == name]
         assert compiled and all(r["ptx"]["griddepcontrol.launch_dependents"]
                                 and r["ptx"]["waits first"] for r in compiled), name
+    # the down projection reading silu(gate) * up from a gate/up sum, and a GEMV clearing one
+    assert any(r["sig"]["x_ptr"] == "*i64" for r in gemvs)
+    assert any(r["consts"]["CLEAR"] and r["ptx"]["st.global"] for r in gemvs)
     fixed = [r for r in gemvs if r["sig"]["out_ptr"] == "*i64"]
     assert fixed and all(r["ptx"]["red.global"] and r["ptx"]["add.u64"] for r in fixed)
     for name, arg in FIXED_INPUTS.items():

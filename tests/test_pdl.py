@@ -27,10 +27,10 @@ from triton.compiler import ASTSource
 from tpserve.kernels import gptq_decode, gptq_gemv, gptq_h2mm
 
 PTRS = dict(x_ptr="*fp16", perm_ptr="*i32", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16",
-            gidx_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32")
+            gidx_ptr="*i32", out_ptr="*fp16", ws_ptr="*fp32", cnt_ptr="*i32", clr_ptr="*i64")
 COMMON = dict(BITS=4, GROUP_SIZE=128, GROUP_OFFSET=0, HAS_GIDX=False, HAS_PERM=False, MODE=0,
               EVEN_K=True, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4)
-KERNELS = {"gemv": (gptq_gemv._gemv_kernel, dict(H2=True)),
+KERNELS = {"gemv": (gptq_gemv._gemv_kernel, dict(H2=True, CLEAR=False)),
            "decode": (gptq_decode._mm_kernel, dict(WORD_GROUPS=False, DOT_PRECISION="tf32",
                                                    BLOCK_M=16)),
            "h2mm": (gptq_h2mm._h2mm_kernel, dict(BLOCK_M=2))}

@@ -87,6 +87,12 @@ class RankModel(torch.nn.Module):
             for part in (layer.self_attn, layer.mlp):
                 if hasattr(part, "fixed_sums"):
                     part.fixed_sums = self.fixed_sums
+                if hasattr(part, "gated_roles"):
+                    part.gated_roles = None
+        gated = [layer.mlp for layer in self.layers if on and reads_gated(layer.mlp)]
+        if gated and fixed_sum.gated_enabled():
+            for mlp, roles in zip(gated, gated_roles(len(gated), self.fixed_sums)):
+                mlp.gated_roles = roles
 
     @property
     def width(self) -> int:
@@ -231,6 +237,35 @@ class RankModel(torch.nn.Module):
                          self.not_capturable)
                 return
             self.graphs = DecodeGraphs(self, self.buckets, head)
+
+
+def reads_gated(mlp) -> bool:
+    """Whether `mlp`'s down projection can read silu(gate) * up from its gate/up GEMV's
+    fixed-point sum (`fixed_sum.gated`): a SiLU-gated MLP of 4/8-bit GPTQ linears without biases,
+    gate/up one GEMV of two equal parts, down's rows unpadded."""
+    from tpserve.kernels import GPTQWeight
+    gate_up, down = getattr(getattr(mlp, "gate_up_proj", None), "joined", None), getattr(
+        mlp, "down_proj", None)
+    if getattr(mlp, "act", None) is not torch.nn.functional.silu or gate_up is None or down is None:
+        return False
+    w, d = gate_up.weight, down.weight
+    return (isinstance(w, GPTQWeight) and isinstance(d, GPTQWeight) and w.bits in (4, 8)
+            and d.bits in (4, 8) and gate_up.bias is None and down.bias is None
+            and d.x_features in (None, d.in_features) and w.out_features == 2 * d.in_features)
+
+
+def gated_roles(n: int, prefix: str) -> list[tuple[str, str]]:
+    """(the buffer role gate/up GEMV i adds into, the role it clears) for the n gate/up GEMVs a
+    step runs in order, every step alike. Down projection i reads buffer i (many programs share
+    each row, so none can take it), and the next gate/up GEMV clears it once that down GEMV has
+    completed: gate/up GEMV i clears the buffer of i - 1 (the last one's, cyclically: the step
+    before's) and needs its own clear, so consecutive GEMVs (cyclically) use different buffers:
+    0, 1, 0, 1, ..., and a third for the last where n is odd. n = 1 has no such assignment: []."""
+    if n < 2:
+        return []
+    colors = [i % 2 for i in range(n - 1)] + [2 if n % 2 else 1]
+    return [(f"{prefix}.gate_up{colors[i]}", f"{prefix}.gate_up{colors[i - 1]}")
+            for i in range(n)]
 
 
 def build_rank_model(path, cfg, quant, plan, comm, dtype: torch.dtype, device="cpu",

@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from tpserve.kernels import fixed_sum
 from tpserve.kernels.attention import decode_attention
 from tpserve.kernels.fused import add_rms_norm, rms_norm, silu_mul
 from tpserve.kernels.rotary import rotary, rotary_store
@@ -212,19 +213,22 @@ class GatedMLP(torch.nn.Module):
         self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
                                      rows=self.channels)
         self.fixed_sums = None  # whose fixed-point buffers gate/up and down use (`RankModel`)
+        self.gated_roles = None  # (gate/up's buffer, the one it clears): `RankModel.use_fixed_sums`
 
     def forward(self, x: torch.Tensor, fixed_out: bool = False) -> torch.Tensor:
         """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
-        consumer; gate/up take that form on their own where silu_mul is their reader."""
-        silu = self.act is F.silu
-        fixed = silu and self.fixed_sums is not None
+        consumer; gate/up take that form on their own for silu_mul, or (`gated_roles`, one fp16
+        GPU row) for down_proj's GEMV, which reads silu(gate) * up from it."""
+        out = f"{self.fixed_sums}.down" if fixed_out else None
+        if self.gated_roles and x.is_cuda and x.shape[0] == 1 and fixed_sum.fits(x.dtype):
+            return self.down_proj(self.gate_up_proj.joined(x, *self.gated_roles), out)
+        fixed = (silu := self.act is F.silu) and self.fixed_sums is not None
         gate, up = self.gate_up_proj(x, f"{self.fixed_sums}.gate_up" if fixed else None)
         act = silu_mul(gate, up, dtype=x.dtype) if silu else self.act(gate) * up
-        return self.down_proj(act, f"{self.fixed_sums}.down" if fixed_out else None)
+        return self.down_proj(act, out)
 
     def linears(self) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
-        gate, up = self.gate_up_proj.dense_parts()
-        p = self.prefix
+        (gate, up), p = self.gate_up_proj.dense_parts(), self.prefix
         return {f"{p}.gate_proj": (self.gate_up_proj, gate), f"{p}.up_proj": (self.gate_up_proj, up),
                 f"{p}.down_proj": (self.down_proj, self.down_proj.dense())}
 

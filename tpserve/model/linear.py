@@ -118,15 +118,19 @@ class Linear(torch.nn.Module):
         return cls(w, _read_bias(ckpt, prefix, bias, rows, cols, in_features, out_features, rank,
                                  dtype))
 
-    def forward(self, x: torch.Tensor, fixed: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fixed: str | None = None,
+                clear: str | None = None) -> torch.Tensor:
         """`fixed`: a role (`fixed_sum.buffer`) whose buffer a one-row GPU GEMV may return its
         output in, as a fixed-point sum for a consumer that takes it (not with a bias; fp16 x
-        only, `fixed_sum.fits`)."""
+        only, `fixed_sum.fits`). x may be a fixed-point gate/up sum (int64 [1, 2K], read as
+        silu(gate) * up); `clear`: the role of a buffer [1, N] the one-row GEMV zeroes."""
         if isinstance(self.weight, GPTQWeight):
-            buf = None
-            if fixed is not None and self.bias is None and x.is_cuda and fixed_sum.fits(x.dtype):
-                buf = fixed_sum.buffer(x.device, fixed, self.weight.out_features)
-            y = gptq_matmul(x, self.weight, self.perm, buf)
+            buf, n = None, self.weight.out_features
+            act = torch.float16 if fixed_sum.is_fixed(x) else x.dtype
+            if fixed is not None and self.bias is None and x.is_cuda and fixed_sum.fits(act):
+                buf = fixed_sum.buffer(x.device, fixed, n)
+            y = gptq_matmul(x, self.weight, self.perm, buf,
+                            None if clear is None else fixed_sum.buffer(x.device, clear, n))
         else:
             y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
