@@ -54,13 +54,15 @@ def enabled(world_size: int = 1) -> bool:
 GATED_ENV = "TPSERVE_GATED_SUM"
 
 
-def gated_enabled() -> bool:
+def gated_enabled(world_size: int = 1) -> bool:
     """Whether down projections read silu(gate) * up from the gate/up GEMV's fixed-point sum
-    where fixed-point sums are on (`gated`; TPSERVE_GATED_SUM=0: the SiLU-mul kernel takes it)."""
-    mode = os.environ.get(GATED_ENV, "1").strip()
-    if mode not in ("0", "1"):
-        raise ValueError(f"{GATED_ENV}={mode!r}: use 1 (the default) or 0 (off)")
-    return mode == "1"
+    where fixed-point sums are on (`gated`): by default for one rank; TPSERVE_GATED_SUM=all at
+    tp > 1 too (not yet run on GPUs there); 0: the SiLU-mul kernel takes the sum."""
+    mode = os.environ.get(GATED_ENV, "1").strip().lower()
+    if mode not in ("0", "1", "all"):
+        raise ValueError(f"{GATED_ENV}={mode!r}: use 1 (the default: one rank), all (tp > 1 "
+                         f"too) or 0 (off)")
+    return mode == "all" if world_size > 1 else mode != "0"
 
 
 def fits(dtype: torch.dtype) -> bool:

@@ -269,6 +269,9 @@ def test_the_gated_mlps_of_a_model(monkeypatch):
         monkeypatch.setenv(fixed_sum.GATED_ENV, "yes")
         with pytest.raises(ValueError, match="TPSERVE_GATED_SUM='yes': use 1"):
             rank.use_fixed_sums(True)
+        for mode, want in (("1", (True, False)), ("all", (True, True)), ("0", (False, False))):
+            monkeypatch.setenv(fixed_sum.GATED_ENV, mode)
+            assert (fixed_sum.gated_enabled(1), fixed_sum.gated_enabled(2)) == want, mode
         monkeypatch.setenv(fixed_sum.GATED_ENV, "1")
         rank.use_fixed_sums(False)
         assert all(m.gated_roles is None for m in mlps) and rank.fixed_sums is None

@@ -90,7 +90,7 @@ class RankModel(torch.nn.Module):
                 if hasattr(part, "gated_roles"):
                     part.gated_roles = None
         gated = [layer.mlp for layer in self.layers if on and reads_gated(layer.mlp)]
-        if gated and fixed_sum.gated_enabled():
+        if gated and fixed_sum.gated_enabled(self.comm.world_size):
             for mlp, roles in zip(gated, gated_roles(len(gated), self.fixed_sums)):
                 mlp.gated_roles = roles
 
