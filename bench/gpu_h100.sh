@@ -64,7 +64,7 @@
 #                                   int8 head, batch 1 and 8, 8 steps per call, the peer beside
 #                                   the first; then the default's captured-step kernels (batch 1)
 #   bash bench/gpu_h100.sh gated    down projections reading silu(gate) * up from the gate/up GEMV's
-#                                   fixed-point sum (the default, TPSERVE_GATED_SUM): greedy tokens
+#                                   fixed-point sum (TPSERVE_GATED_SUM=1, opt-in): greedy tokens
 #                                   against written sums (bench/fixed_sum_check.py), then Llama-3-8B
 #                                   shapes tp=1, int8 head, batch 1 and 8, with the SiLU-mul kernel
 #                                   (TPSERVE_GATED_SUM=0, the peer beside it) and without
@@ -206,8 +206,8 @@ fi
 if has gated; then
   [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
     --device cuda >/dev/null
-  timeout 150 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 | grep -v INFO \
-    | tee "$OUT/fixed_sum_check_gated.log" | tail -6
+  TPSERVE_GATED_SUM=1 timeout 150 python3 bench/fixed_sum_check.py --model /tmp/small 2>&1 \
+    | grep -v INFO | tee "$OUT/fixed_sum_check_gated.log" | tail -6
   l8
   for arm in 0 1; do
     peer=none; [ $arm = 0 ] && peer=torch-int4

@@ -253,10 +253,10 @@ def test_gate_up_sums_alternate_buffers_cleared_by_the_next_gate_up(n):
 
 
 def test_the_gated_mlps_of_a_model(monkeypatch):
-    """With fixed-point sums on, every SiLU-gated GPTQ MLP of the demo model reads silu(gate) *
-    up from its gate/up sum (roles assigned in layer order); TPSERVE_GATED_SUM=0 keeps the
-    SiLU-mul kernel; an unknown value is refused in one sentence."""
-    monkeypatch.delenv(fixed_sum.GATED_ENV, raising=False)
+    """With fixed-point sums on and TPSERVE_GATED_SUM=1, every SiLU-gated GPTQ MLP of the demo
+    model reads silu(gate) * up from its gate/up sum (roles assigned in layer order); 0 (the
+    default) keeps the SiLU-mul kernel; an unknown value is refused in one sentence."""
+    monkeypatch.setenv(fixed_sum.GATED_ENV, "1")
     llm = tpserve.load(demo_path(), tp=1, dtype=torch.float32)
     try:
         rank = llm.executor.ranks[0]
@@ -269,6 +269,8 @@ def test_the_gated_mlps_of_a_model(monkeypatch):
         monkeypatch.setenv(fixed_sum.GATED_ENV, "yes")
         with pytest.raises(ValueError, match="TPSERVE_GATED_SUM='yes': use 1"):
             rank.use_fixed_sums(True)
+        monkeypatch.delenv(fixed_sum.GATED_ENV)
+        assert not fixed_sum.gated_enabled(1)  # the default
         for mode, want in (("1", (True, False)), ("all", (True, True)), ("0", (False, False))):
             monkeypatch.setenv(fixed_sum.GATED_ENV, mode)
             assert (fixed_sum.gated_enabled(1), fixed_sum.gated_enabled(2)) == want, mode
