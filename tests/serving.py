@@ -73,3 +73,15 @@ def sse(client, path, body):
         data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
     return [json.loads(d) for d in data[:-1]]
+
+
+def lines_up(choice: dict, codec) -> None:
+    """A /v1/completions choice's logprobs place every token in its text: each text_offset lies
+    in order within the text, and a token named by its text (not "bytes:\\xNN", a part of a
+    character; not a control token, which generated text leaves out) stands there."""
+    text, lp = choice["text"], choice["logprobs"]
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets), offsets
+    for token, offset in zip(lp["tokens"], offsets):
+        if not token.startswith("bytes:") and token not in codec.specials:
+            assert text[offset:offset + len(token)] == token, (token, offset, text)

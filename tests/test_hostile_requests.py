@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from serving import MODEL, Server, served_demo, sse
+from serving import MODEL, Server, lines_up, served_demo, sse
 
 import tpserve
 from tpserve.demo import demo_path
@@ -70,8 +70,7 @@ def test_prompt_logprobs_are_computed_once_per_request(env, prompt_logprob_calls
         lp = c["logprobs"]
         assert c["text"].startswith(PROMPT) and len(lp["tokens"]) == n_prompt + 3
         assert {key: v[:n_prompt] for key, v in lp.items()} == shared
-        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i]))
-                                     for i in range(len(lp["tokens"]))]
+        lines_up(c, env.codec)
     # The same as one choice's own (a prefill batched with others sums in another order).
     assert (shared["tokens"], shared["text_offset"]) == (echoed["tokens"], echoed["text_offset"])
     assert shared["token_logprobs"][1:] == pytest.approx(echoed["token_logprobs"][1:], abs=1e-4)

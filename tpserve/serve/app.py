@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpserve.errors import client_message
+from tpserve.errors import client_message, shown
 from tpserve.serve.engine import QueueFull
 from tpserve.serve.limits import BODY_READ_TIMEOUT_S
 from tpserve.serve.logprobs import (BatchChoices, CompletionChoices, TokenTexts, chat_logprobs,
@@ -145,6 +145,10 @@ def build_app(engine, codec, model_name: str, api_key: str | None = None,
         if req.max_tokens == 0 and not echo:
             raise ApiError(400, "max_tokens=0 returns nothing without echo; send max_tokens >= 1, "
                                 "or echo=true to score the prompt", "max_tokens")
+        if scoring and req.min_tokens:  # (the one step scoring runs is not shown)
+            raise ApiError(400, f"min_tokens={shown(req.min_tokens)} asks for tokens that "
+                                f"max_tokens=0 (scoring the prompt) never generates; send "
+                                f"min_tokens 0", "min_tokens")
         batch = await prompts.completion(req.prompt, echo)  # [(token ids, echo text)]
         params = sampling_params(req, 1 if scoring else 16 if req.max_tokens is None
                                  else req.max_tokens, k, k if echo and k is not None else None)

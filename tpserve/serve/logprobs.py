@@ -9,6 +9,8 @@ response with 20 logprobs per token names the same vocabulary entries many times
 
 from __future__ import annotations
 
+import codecs
+
 from tpserve.errors import shown
 from tpserve.serve.openai_protocol import ApiError
 from tpserve.serve.requests import Event
@@ -48,7 +50,7 @@ class TokenTexts:
     """A token's text (its id where there is no tokenizer), decoded once per response."""
 
     def __init__(self, codec):
-        self.codec, self.texts, self.utf8 = codec, {}, {}
+        self.codec, self.texts, self.utf8, self.control = codec, {}, {}, {}
 
     def __call__(self, token: int) -> str:
         text = self.texts.get(token)
@@ -65,18 +67,58 @@ class TokenTexts:
                                           else self.codec.token_bytes(token))
         return out
 
+    def in_text(self, token: int) -> bool:
+        """Whether the token's text shows in a choice's text: not a control token (a BOS the
+        tokenizer added to the prompt, the EOS that ended the answer), which decoding skips."""
+        shown = self.control.get(token)
+        if shown is None:
+            shown = self.control[token] = self.codec is None or self.codec.decode([token]) != ""
+        return shown
 
-def completion_logprobs(lps: list[TokenLogprob], texts: TokenTexts, offset: int) -> dict:
-    """/v1/completions: parallel lists; `offset` is where the first token's text starts."""
+    def name(self, token: int) -> str:
+        """The token as /v1/completions names it: its text, or where its bytes are part of a
+        character (its text alone would be U+FFFD, shared by every such token) "bytes:\\xNN..",
+        as OpenAI's legacy API writes them."""
+        raw = bytes(self.bytes(token))
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self(token)
+
+
+class TextOffsets:
+    """Where each token of a choice starts in its text: the characters completed before it (a
+    token that begins inside a character starts where that character does). A control token
+    takes no room in generated text (decoding skips it); in an echoed prompt (`text`) it does
+    where its text stands there (token ids echoed with it), not where the tokenizer added it."""
+
+    def __init__(self, texts: TokenTexts, start: int = 0, text: str | None = None):
+        self.texts, self.chars, self.text = texts, start, text
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token: int) -> int:
+        at = self.chars
+        if self.texts.in_text(token):
+            raw, held = bytes(self.texts.bytes(token)), self.utf8.getstate()[0]
+            if held and (held + raw).decode("utf-8", "replace").startswith("\ufffd"):
+                at += 1  # the held bytes are no character's: their U+FFFD comes before this
+            self.chars += len(self.utf8.decode(raw))
+        elif self.text is not None and self.text.startswith(self.texts(token), at):
+            self.chars += len(self.texts(token))
+        return at
+
+
+def completion_logprobs(lps: list[TokenLogprob], texts: TokenTexts,
+                        offsets: TextOffsets) -> dict:
+    """/v1/completions: parallel lists; `offsets` places each token in the choice's text."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for lp in lps:
-        text = texts(lp.token)
-        out["tokens"].append(text)
+        out["tokens"].append(texts.name(lp.token))
         out["token_logprobs"].append(lp.logprob)
         out["top_logprobs"].append(None if lp.logprob is None else {  # echo's first token: None
-            texts(t): v for t, v in [(lp.token, lp.logprob), *lp.top]})
-        out["text_offset"].append(offset)
-        offset += len(text)
+            **{texts.name(t): v for t, v in lp.top}, texts.name(lp.token): lp.logprob})
+        out["text_offset"].append(offsets.next(lp.token))
     return out
 
 
@@ -99,13 +141,12 @@ class CompletionChoices:
         self.texts, self.prompt_text, self.echo, self.k = TokenTexts(codec), prompt_text, echo, k
         self.output = output
         self.echoed: dict | None = None  # the prompt's logprobs, shared by every choice
-        self.echoed_chars = 0  # where the first generated token's text starts
-        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.offsets: dict[int, TextOffsets] = {}  # choice -> where its next token starts
         self.held: list[tuple] = []  # streamed events that came before choice 0's first
 
     def _echo(self, prompt_lps: list[TokenLogprob] | None) -> None:
-        self.echoed = completion_logprobs(prompt_lps or [], self.texts, 0)
-        self.echoed_chars = sum(map(len, self.echoed["tokens"]))
+        self.echoed = completion_logprobs(prompt_lps or [], self.texts,
+                                          TextOffsets(self.texts, 0, self.prompt_text))
 
     def choice(self, i: int, text: str, lps: list | None, reason: str | None, first: bool):
         """Choice i, or one streamed chunk of it: `text` and `lps` are its new tokens'."""
@@ -114,9 +155,9 @@ class CompletionChoices:
         echo = self.echo and first
         out = None
         if self.k is not None:
-            start = self.echoed_chars if echo else self.offsets.get(i, 0)
-            out = completion_logprobs(lps or [], self.texts, start)
-            self.offsets[i] = start + sum(map(len, out["tokens"]))
+            if i not in self.offsets:  # generated text starts after the echoed prompt's
+                self.offsets[i] = TextOffsets(self.texts, len(self.prompt_text) if self.echo else 0)
+            out = completion_logprobs(lps or [], self.texts, self.offsets[i])
             if echo:  # new lists over the shared items: each choice's own tokens follow
                 out = {key: self.echoed[key] + out[key] for key in out}
         return {"index": i, "text": self.prompt_text + text if echo else text, "logprobs": out,

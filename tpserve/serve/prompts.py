@@ -157,6 +157,13 @@ class Prompts:
         if marks is not None:
             rendered = [m | {"content": f"{marks[0]}{m['content']}{marks[1]}"} if has else m
                         for m, has in zip(rendered, holds)]
+        if continue_final:  # where the last message's text ends: a mark after it (the same
+            # text may also stand after it, in the template's own markers)
+            if rendered[-1]["role"] != "assistant":
+                raise ApiError(400, "continue_final_message needs a last assistant message",
+                               "continue_final_message")
+            end_mark = _marks()[0]
+            rendered[-1] = rendered[-1] | {"content": rendered[-1]["content"] + end_mark}
         try:
             text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs,
                                            add_generation_prompt is not False)
@@ -167,13 +174,11 @@ class Prompts:
         if template_kwargs:  # the messages' text is checked above; only these may add more
             check_text(text, "chat_template_kwargs")
         if continue_final:
-            last = rendered[-1]["content"]
-            end = text.rfind(last) + len(last) if last else -1
-            if rendered[-1]["role"] != "assistant" or not last or end < len(last):
+            if text.count(end_mark) != 1:
                 raise ApiError(400, "continue_final_message needs a last assistant message with "
                                     "text that the chat template renders as sent",
                                "continue_final_message")
-            text = text[:end]
+            text = text[:text.index(end_mark)]
         if marks is None:
             return await self.text(text, "messages", add_special_tokens=False)
         return await run_in_threadpool(
