@@ -581,6 +581,13 @@ def test_completion_logprobs_name_parts_of_characters_by_their_bytes(env):
         if top is not None:
             assert top[token] == logprob and "\ufffd" not in top, (token, logprob, top)
     lines_up(choice, env.codec)
+    # streamed, a character split across chunks keeps its offsets
+    chunks = sse(env.client, "/v1/completions", {"prompt": "éé!", "max_tokens": 12,
+                                                 "temperature": 0, "ignore_eos": True,
+                                                 "echo": True, "logprobs": 5, "stream": True})
+    got = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0].get("logprobs")]
+    for key in ("tokens", "text_offset"):
+        assert [x for part in got for x in part[key]] == lp[key], key
 
 
 def test_scoring_a_prompt_asks_for_no_min_tokens(env):
