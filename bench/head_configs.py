@@ -70,7 +70,8 @@ def main():
 
         def call(q, s, bv=bv, bh=bh, warps=warps, stages=stages, evict=evict, grid=grid):
             hk._head_gemv_kernel[grid](x, q, s, out, v, h, q.stride(0), s.stride(0), Q8_0=False,
-                                       PDL=False, EVICT=evict, BLOCK_V=bv, BLOCK_H=bh,
+                                       PDL=False, EVICT="evict_first" if evict else "",
+                                       BLOCK_V=bv, BLOCK_H=bh,
                                        num_warps=warps, num_stages=stages)
         call(*tables[0])
         err = (out.float() - want.float()).abs().max().item()

@@ -190,7 +190,8 @@ def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor
     programs zero once the kernel before it has completed (the previous gate/up sum, `GatedMLP`).
     """
     out = new_out(x, w, out)
-    x, perm = through_perm(x, perm)
+    if x.dtype != torch.int64:  # (a gate/up sum is read through perm by the kernel)
+        x, perm = through_perm(x, perm)
     assert x.shape[0] == 1, x.shape
     h2 = uses_h2(torch.float16 if x.dtype == torch.int64 else x.dtype, w)
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))

@@ -11,7 +11,7 @@ import torch
 
 import tpserve
 from tpserve.demo import demo_path
-from tpserve.kernels import fixed_sum
+from tpserve.kernels import fixed_sum, gptq_launch
 from tpserve.kernels.fused import add_rms_norm, silu_mul
 from tpserve.kernels.gptq_gemv import gemv
 from tpserve.kernels.gptq_weight import random_weight
@@ -208,7 +208,7 @@ def test_with_one_rank_the_residual_norm_takes_the_sum_itself(monkeypatch):
 
 @pytest.mark.parametrize("offset", [0, 64])
 @pytest.mark.parametrize("perm", [False, True])
-def test_the_down_gemv_reads_silu_mul_from_the_gate_up_sum(offset, perm):
+def test_the_down_gemv_reads_silu_mul_from_the_gate_up_sum(offset, perm, monkeypatch):
     """A down projection's GEMV given the fixed-point gate/up sum (int64 [1, 2K]) computes
     silu(gate) * up itself (`fixed_sum.gated`): the bits of the SiLU-mul kernel taking the same
     sum, then the GEMV; the sum is read, not taken, and `clear` zeroes another buffer."""
@@ -230,6 +230,9 @@ def test_the_down_gemv_reads_silu_mul_from_the_gate_up_sum(offset, perm):
     got = gemv(buf, down, p, config=CONFIG, clear=other)
     assert got.dtype == torch.float16 and torch.equal(got, want)
     assert torch.equal(buf, kept) and not other.any()
+    monkeypatch.setattr(gptq_launch, "GATHER_X", True)  # (the A/B switch: x gathered in torch)
+    assert torch.equal(gemv(buf, down, p, config=CONFIG), want)  # the sum is read through perm
+    monkeypatch.setattr(gptq_launch, "GATHER_X", False)
     # into a fixed-point output too (the down projection's sum for the next residual add + norm)
     out = fixed_sum.buffer(x.device, "down-test", n)
     gemv(buf, down, p, out=out, config=CONFIG)

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import time
+import types
 
 import httpx
 import pytest
@@ -599,3 +600,47 @@ def test_scoring_a_prompt_asks_for_no_min_tokens(env):
         assert r.status_code == 400 and "max_tokens=0" in r.text, r.text
         assert r.json()["error"]["param"] == "min_tokens"
     assert env.client.post("/v1/completions", json={**body, "min_tokens": 0}).status_code == 200
+
+
+def test_continue_final_message_keeps_trailing_whitespace_as_the_template_renders_it(env):
+    """The last message's trailing whitespace ends the prompt where the template keeps it (the
+    demo's), and not where the template trims the content (as Llama-3's does): the prompt is
+    then the template's own rendering up to the message's end."""
+    from tpserve.serve.prompts import Prompts
+    from tpserve.serve.text import TextCodec
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is \n"}]
+    body = {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True}
+    text = env.codec.decode(env.client.post("/tokenize", json=body).json()["tokens"],
+                            skip_special_tokens=False)
+    assert text.endswith("<|assistant|>The answer is \n"), text
+    trimming = TextCodec(env.codec.tokenizer, env.codec.chat_template.replace(
+        "{{ m['content'] }}", "{{ m['content'] | trim }}"), env.codec.bos_token)
+    prompts = Prompts(types.SimpleNamespace(max_len=4096), trimming)
+    request = ChatRequest.model_validate(body)
+    ids = asyncio.run(prompts.chat(request.messages, None, False, True))
+    assert trimming.decode(ids, skip_special_tokens=False).endswith("<|assistant|>The answer is")
+
+
+@pytest.mark.parametrize("tokens, text, offsets", [
+    ([b"\xe4", b"\xb8", b"\xad", b"!"], "中!", [0, 0, 0, 1]),  # a 3-byte character in 3 tokens
+    ([b"a\xe4", b"\xb8", b"\xad!"], "a中!", [0, 1, 1]),
+    ([b"x", b"\xf0\x9f", b"\x98", b"\x80a"], "x😀a", [0, 1, 1, 1]),  # 4 bytes
+    ([b"\xe4", b"!"], "\ufffd!", [0, 1]),  # no character: its U+FFFD, then "!"
+    ([b"\xe4", b"\xe4\xb8\xad"], "\ufffd中", [0, 1]),
+    ([b"\xef\xbf", b"\xbd", b"z"], "\ufffdz", [0, 0, 1]),  # a U+FFFD sent as bytes
+])
+def test_text_offsets_place_tokens_that_split_characters(tokens, text, offsets):
+    """`TextOffsets`: a token starting inside a character points at that character, bytes that
+    form no character count as the U+FFFD the text shows, before the token that shows it."""
+    from tpserve.serve.logprobs import TextOffsets
+
+    class Texts:  # each token is its own bytes
+        def bytes(self, token):
+            return list(token)
+
+        def in_text(self, token):
+            return True
+
+    assert b"".join(tokens).decode("utf-8", "replace") == text
+    places = TextOffsets(Texts())
+    assert [places.next(t) for t in tokens] == offsets

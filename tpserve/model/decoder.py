@@ -90,7 +90,9 @@ class RankModel(torch.nn.Module):
                 if hasattr(part, "gated_roles"):
                     part.gated_roles = None
         gated = [layer.mlp for layer in self.layers if on and reads_gated(layer.mlp)]
-        if gated and fixed_sum.gated_enabled(self.comm.world_size):
+        widths = {mlp.gate_up_proj.joined.weight.out_features for mlp in gated}
+        # (a gate/up GEMV clears as much of the previous one's buffer as it writes of its own)
+        if len(widths) == 1 and fixed_sum.gated_enabled(self.comm.world_size):
             for mlp, roles in zip(gated, gated_roles(len(gated), self.fixed_sums)):
                 mlp.gated_roles = roles
 

@@ -212,15 +212,15 @@ class GatedMLP(torch.nn.Module):
                                         [inter, inter], load.cfg.mlp_bias, cols=self.channels)
         self.down_proj = load.linear(layer, f"{prefix}.down_proj", inter, hidden, load.cfg.mlp_bias,
                                      rows=self.channels)
-        self.fixed_sums = None  # whose fixed-point buffers gate/up and down use (`RankModel`)
-        self.gated_roles = None  # (gate/up's buffer, the one it clears): `RankModel.use_fixed_sums`
+        # whose fixed-point buffers gate/up and down use; (gate/up's, the one it clears): RankModel
+        self.fixed_sums = self.gated_roles = None
 
     def forward(self, x: torch.Tensor, fixed_out: bool = False) -> torch.Tensor:
-        """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`) for the caller's
-        consumer; gate/up take that form on their own for silu_mul, or (`gated_roles`, one fp16
-        GPU row) for down_proj's GEMV, which reads silu(gate) * up from it."""
+        """`fixed_out`: down_proj may return a fixed-point sum (`fixed_sum.py`); gate/up do for
+        silu_mul, or (`gated_roles`: one fp16 GPU row, no hooks) for down_proj's GEMV to read."""
         out = f"{self.fixed_sums}.down" if fixed_out else None
-        if self.gated_roles and x.is_cuda and x.shape[0] == 1 and fixed_sum.fits(x.dtype):
+        if self.gated_roles and x.is_cuda and x.shape[0] == 1 and fixed_sum.fits(x.dtype) and not (
+                self.gate_up_proj._forward_pre_hooks or self.down_proj._forward_pre_hooks):
             return self.down_proj(self.gate_up_proj.joined(x, *self.gated_roles), out)
         fixed = (silu := self.act is F.silu) and self.fixed_sums is not None
         gate, up = self.gate_up_proj(x, f"{self.fixed_sums}.gate_up" if fixed else None)

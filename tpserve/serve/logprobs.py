@@ -101,8 +101,11 @@ class TextOffsets:
         at = self.chars
         if self.texts.in_text(token):
             raw, held = bytes(self.texts.bytes(token)), self.utf8.getstate()[0]
-            if held and (held + raw).decode("utf-8", "replace").startswith("\ufffd"):
-                at += 1  # the held bytes are no character's: their U+FFFD comes before this
+            if held and raw:  # bytes of a character begun before: does this token's first
+                probe = codecs.getincrementaldecoder("utf-8")(errors="replace")  # byte end it,
+                probe.setstate((held, 0))  # go on with it, or show it was none (U+FFFD first)?
+                shown = len(probe.decode(raw[:1]))
+                at += max(shown - (0 if probe.getstate()[0] else 1), 0)
             self.chars += len(self.utf8.decode(raw))
         elif self.text is not None and self.text.startswith(self.texts(token), at):
             self.chars += len(self.texts(token))

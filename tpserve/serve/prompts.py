@@ -162,8 +162,10 @@ class Prompts:
             if rendered[-1]["role"] != "assistant":
                 raise ApiError(400, "continue_final_message needs a last assistant message",
                                "continue_final_message")
-            end_mark = _marks()[0]
-            rendered[-1] = rendered[-1] | {"content": rendered[-1]["content"] + end_mark}
+            end_mark, last = _marks()[0], rendered[-1]["content"]
+            kept = last.rstrip()  # the mark before trailing whitespace: a template may trim it
+            trailing = last[len(kept):]
+            rendered[-1] = rendered[-1] | {"content": kept + end_mark + trailing}
         try:
             text = await run_in_threadpool(self.codec.render_chat, rendered, template_kwargs,
                                            add_generation_prompt is not False)
@@ -178,7 +180,8 @@ class Prompts:
                 raise ApiError(400, "continue_final_message needs a last assistant message with "
                                     "text that the chat template renders as sent",
                                "continue_final_message")
-            text = text[:text.index(end_mark)]
+            at = text.index(end_mark)  # the trailing whitespace where the template kept it
+            text = text[:at] + (trailing if text.startswith(trailing, at + len(end_mark)) else "")
         if marks is None:
             return await self.text(text, "messages", add_special_tokens=False)
         return await run_in_threadpool(
