@@ -6,6 +6,10 @@
 #     --platform manylinux2014_x86_64 -d .whl fastapi starlette uvicorn h11 click anyio sniffio \
 #     prometheus-client annotated-doc annotated-types typing-inspection typing-extensions \
 #     opentelemetry-api importlib-metadata zipp pydantic==2.13.4 pydantic-core==2.46.4
+# The device tool brings back at most 8 files, and nothing of a command killed at its limit: run
+# the stages under a timeout shorter than the call's and pack $OUT after them, e.g.
+#   timeout 540 bash bench/gpu_h100.sh checks gated; cd $OUT && tar czf /tmp/r.tgz * \
+#     && rm -rf $OUT/* && mv /tmp/r.tgz $OUT/
 #   bash bench/gpu_h100.sh checks   kernel parity, captured prefill steps vs the eager step, graph
 #                                   vs eager tokens, verify at tp 1/2 over the in-process and Ray
 #                                   backends (small checkpoints)
