@@ -11,9 +11,10 @@ is launched with PDL (`options`) and runs in two parts:
      read x, use the split-K workspace, write the output.
 
 The step's other kernels (RMSNorm, residual add + RMSNorm, rotary + KV write, decode attention,
-SiLU-mul, the one-shot all-reduces, the quantized head) are launched with PDL too
-(`step_options`) and `wait` first thing: they read nothing before it, but their programs are
-resident and past their launch when the kernel before them ends. Every one of these kernels
+SiLU-mul, the quantized head) are launched with PDL too (`step_options`) and `wait` first thing:
+they read nothing before it, but their programs are resident and past their launch when the
+kernel before them ends. (The one-shot all-reduces `wait` too, but are launched as usual until
+that is run across GPUs.) Every one of these kernels
 calls `release` first thing, which lets the kernel after it start early; for a kernel launched
 without PDL `release` and `wait` do nothing. Captured CUDA graphs keep these edges.
 
@@ -64,7 +65,7 @@ def options(x) -> dict:
 
 def step_options(x) -> dict:
     """Launch arguments for the step's other kernels that `wait` (norms, rotary + KV write, decode
-    attention, SiLU-mul, the one-shot all-reduces, the head): launched with PDL as the GEMVs are,
+    attention, SiLU-mul, the head): launched with PDL as the GEMVs are,
     so that each is resident when the kernel before it ends; TPSERVE_PDL=gemv launches only the
     GEMVs so (the A/B)."""
     if os.environ.get(ENV, "1") == "gemv":

@@ -39,8 +39,8 @@ def test_a_steps_kernels_compile_for_sm90(tmp_path):
     gemvs = [r for r in results if r["kernel"] == "_gemv_kernel"]
     assert all(r["ptx"]["griddepcontrol.wait"] for r in gemvs)  # PDL: waits before reading x
     assert not any(r["ptx"]["waits first"] for r in gemvs)  # ... having loaded weights before
-    # the step's other kernels, launched with PDL too (pdl.step_options): release, and wait
-    # before any global memory access
+    # the step's other kernels, launched with PDL too (pdl.step_options; the one-shot
+    # all-reduces not yet): release, and wait before any global memory access
     for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_rotary_store_kernel", "_decode_kernel",
                  "_one_shot_kernel", "_one_shot_norm_kernel", "_head_gemv_kernel"):
         compiled = [r for r in results if r["kernel"] == name]
