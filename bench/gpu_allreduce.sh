@@ -44,6 +44,9 @@
 #            tp=2 on the small and 8B-shaped checkpoints, then decode_fixedsum_{1,all}.json: tp=1
 #            and tp=2 with written sums at tp=2 (the peer beside them) and tp=2 with fixed-point
 #            sums, batch 1 and 8, 8 steps per call
+#   pdlar    the one-shot all-reduces launched with PDL (TPSERVE_PDL_ALLREDUCE=1, opt-in): `tpserve
+#            verify` at tp=2 over Ray with it on the small and 8B-shaped checkpoints, then
+#            decode_pdlar_{0,1}.json: tp=2 batch 1 and 8, 8 steps per call, without and with it
 set -u
 . bench/gpu_env.sh
 if has bench; then
@@ -211,5 +214,18 @@ if has fixedsum; then
       --backend ray --device cuda --dtype float16 --peer $peer --lm-head int8 --prompt-len 128 \
       --gen 64 --decode-steps 8 --out "$OUT/decode_fixedsum_$f.json" > "$OUT/decode_fixedsum_$f.log" 2>&1
     echo "TPSERVE_FIXED_SUM=$f:"; grep -A8 "^ tp " "$OUT/decode_fixedsum_$f.log" | grep -v INFO
+  done
+fi
+if has pdlar; then
+  [ -e /tmp/small/config.json ] || python3 bench/make_checkpoint.py --preset small --out /tmp/small \
+    --device cuda >/dev/null
+  l8
+  TPSERVE_PDL_ALLREDUCE=1 verify_ray 2 small l8
+  for arm in 0 1; do
+    TPSERVE_PDL_ALLREDUCE=$arm timeout 300 python3 bench/decode.py --model /tmp/l8 --tp 2 \
+      --batch 1 8 --backend ray --device cuda --dtype float16 --peer none --lm-head int8 \
+      --prompt-len 128 --gen 64 --decode-steps 8 --out "$OUT/decode_pdlar_$arm.json" \
+      > "$OUT/decode_pdlar_$arm.log" 2>&1
+    echo "TPSERVE_PDL_ALLREDUCE=$arm:"; grep -A4 "^ tp " "$OUT/decode_pdlar_$arm.log" | grep -v INFO
   done
 fi

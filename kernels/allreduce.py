@@ -45,7 +45,7 @@ import triton.language as tl  # noqa: E402
 
 from .fixed_sum import is_fixed, load_value  # noqa: E402
 from .fused import _normalised  # noqa: E402
-from .pdl import flag as pdl_flag, release, wait  # noqa: E402
+from .pdl import flag as pdl_flag, release, step_options, wait  # noqa: E402
 
 BLOCK = 2048  # elements a program pushes and sums; 4 KB of fp16
 MAX_BLOCKS = 512  # flags per rank: capacity / BLOCK must stay below it
@@ -142,17 +142,19 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, bufs: torch.Tensor,
     if n:
         _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, bufs, flags, counters, n, capacity,
                                                    RANK=rank, WORLD=world, BLOCK=BLOCK,
-                                                   num_warps=4, PDL=_pdl(x))
+                                                   num_warps=4, **_pdl(x))
     return out
 
 
 NORM_MAX_WIDTH = 16384  # widest row the fused kernel takes (one program per row)
 
 
-def _pdl(x) -> bool:
+def _pdl(x) -> dict:
     """The kernels release the GEMV after them (pdl.py) but are launched as usual: a PDL launch
-    (`pdl.step_options`, with which their `wait` would hold them) is not yet run across GPUs."""
-    return pdl_flag(x)
+    (`pdl.step_options`, with which their `wait` holds them) is not yet run across GPUs; opt-in
+    with TPSERVE_PDL_ALLREDUCE=1 (`bash bench/gpu_allreduce.sh pdlar` checks and times it)."""
+    return step_options(x) if os.environ.get("TPSERVE_PDL_ALLREDUCE") == "1" else {
+        "PDL": pdl_flag(x)}
 
 
 def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, eps: float,
@@ -178,7 +180,7 @@ def one_shot_add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | No
         _one_shot_norm_kernel[(t,)](x, h, x if w is None else w, total, out, bufs, flags, counters,
                                     n, capacity, h.stride(0), float(eps), float(offset or 0.0),
                                     RANK=rank, WORLD=world, MODE=mode,
-                                    BLOCK=triton.next_power_of_2(n), num_warps=4, PDL=_pdl(x))
+                                    BLOCK=triton.next_power_of_2(n), num_warps=4, **_pdl(x))
     return total, out
 
 
