@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +67,7 @@ def main():
     want = hk.dequant_matmul(hk.HeadFormat.INT8, x.float(), *tables[0]).half()
     out = torch.empty(1, v, device=dev, dtype=torch.float16)
     for (bv, bh, warps, stages), evict in itertools.product(list(configs()), (False, True)):
-        grid = (triton_cdiv(v, bv),)
+        grid = (triton.cdiv(v, bv),)
 
         def call(q, s, bv=bv, bh=bh, warps=warps, stages=stages, evict=evict, grid=grid):
             hk._head_gemv_kernel[grid](x, q, s, out, v, h, q.stride(0), s.stride(0), Q8_0=False,
@@ -90,10 +91,6 @@ def main():
     if args.out:
         json.dump(dict(gpu=torch.cuda.get_device_name(), copy_tb_s=copy_bw / 1e12, H=h, V=v,
                        rows=rows), open(args.out, "w"), indent=1)
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 if __name__ == "__main__":

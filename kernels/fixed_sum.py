@@ -102,10 +102,19 @@ def is_fixed(x: torch.Tensor) -> bool:
     return x.dtype == torch.int64
 
 
+def reads_as(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMV reads x in: fp16 for a fixed-point gate/up sum (`gated`), else x's."""
+    return torch.float16 if is_fixed(x) else x.dtype
+
+
+def _values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    assert x.dtype == torch.int64 and dtype.is_floating_point, (x.dtype, dtype)
+    return (x.double() * 2.0 ** -32).to(dtype)
+
+
 def take_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What the kernels' `take` does, in torch: the values in `dtype`, the buffer zeroed."""
-    assert x.dtype == torch.int64 and dtype.is_floating_point, (x.dtype, dtype)
-    out = (x.double() * 2.0 ** -32).to(dtype)
+    out = _values(x, dtype)
     x.zero_()
     return out
 
@@ -131,7 +140,22 @@ def take(ptr, offs, mask):
         v = tl.atomic_xchg(ptr + offs, tl.zeros_like(offs).to(tl.int64), mask=mask,
                            sem="relaxed")
         v = tl.where(mask, v, 0)
+    return _value(v)
+
+
+@triton.jit
+def _value(v):
+    """Fixed-point int64 -> fp32."""
     return v.to(tl.float32) * (1.0 / ONE)
+
+
+@triton.jit
+def silu_times(g, u, dtype: tl.constexpr):
+    """silu(g) * u in `dtype`, g and u in `dtype`: silu rounded to it, then the product (as
+    torch rounds them); the SiLU-mul kernel's and `gated`'s."""
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -150,12 +174,9 @@ def gated(ptr, rows, K):
     a down projection's GEMV reads instead of the SiLU-mul kernel's output. Read, not taken: the
     programs of the reading GEMV share each row, so the next gate/up GEMV clears the buffer
     (`clear`, `GatedMLP`). Rows past K read 0."""
-    g = tl.load(ptr + rows, mask=rows < K, other=0)
-    u = tl.load(ptr + K + rows, mask=rows < K, other=0)
-    gf = (g.to(tl.float32) * (1.0 / ONE)).to(tl.float16).to(tl.float32)
-    uf = (u.to(tl.float32) * (1.0 / ONE)).to(tl.float16).to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(tl.float16)
-    return (s.to(tl.float32) * uf).to(tl.float16)
+    g = _value(tl.load(ptr + rows, mask=rows < K, other=0)).to(tl.float16)
+    u = _value(tl.load(ptr + K + rows, mask=rows < K, other=0)).to(tl.float16)
+    return silu_times(g, u, tl.float16)
 
 
 @triton.jit
@@ -171,9 +192,7 @@ def clear(ptr, n, pid, programs, BLOCK: tl.constexpr = 256):
 def gated_reference(buf: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """What `gated` reads from a [T, 2K] fixed-point gate/up buffer, in torch (buf untouched)."""
     k = buf.shape[-1] // 2
-    g, u = ((buf[..., :k].double() * 2.0 ** -32).to(dtype), (buf[..., k:].double() * 2.0 ** -32)
-            .to(dtype))
-    return (torch.nn.functional.silu(g.float()).to(dtype).float() * u.float()).to(dtype)
+    return torch.nn.functional.silu(_values(buf[..., :k], dtype)) * _values(buf[..., k:], dtype)
 
 
 if __name__ == "__main__":

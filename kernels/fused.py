@@ -34,7 +34,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .fixed_sum import is_fixed, load_value, take_reference  # noqa: E402
+from .fixed_sum import is_fixed, load_value, silu_times, take_reference  # noqa: E402
 from .pdl import release, step_options, wait  # noqa: E402
 
 
@@ -210,10 +210,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, PDL: tl.const
     dtype: tl.constexpr = out_ptr.dtype.element_ty  # gate/up may be fixed-point sums (fixed_sum.py)
     g = load_value(g_ptr + row * stride_g, cols, mask, dtype)
     u = load_value(u_ptr + row * stride_u, cols, mask, dtype)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(dtype)
-    tl.store(out_ptr + row * n + cols, (s.to(tl.float32) * u.to(tl.float32)).to(dtype),
-             mask=mask)
+    tl.store(out_ptr + row * n + cols, silu_times(g, u, dtype), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool | None = None,

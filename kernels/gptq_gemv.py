@@ -31,7 +31,7 @@ from .gptq_common import (MAGIC, _finish, _group_sz, _in_second, _lane, _load_x,
 from .gptq_launch import (KEY, cfg, gptq_args, launch, new_out, through_perm, tuned,  # noqa: E402
                           workspace)
 from .gptq_h2 import _h2_dot  # noqa: E402
-from .fixed_sum import clear  # noqa: E402
+from .fixed_sum import clear, is_fixed, reads_as  # noqa: E402
 from .pdl import options as pdl_options, release, wait  # noqa: E402
 from .gptq_weight import self_check  # noqa: E402
 
@@ -170,7 +170,7 @@ INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 USE_H2 = True  # the fp16x2 path where it applies (a switch for A/B timing)
 
 
-def uses_h2(dtype: torch.dtype, w) -> bool:  # dtype: x's, fp16 for a gate/up sum (int64)
+def uses_h2(dtype: torch.dtype, w) -> bool:  # dtype: as x is read (`fixed_sum.reads_as`)
     """Whether the fp16x2 path applies: fp16 x, group boundaries between words (g_idx shards:
     only where the loader padded each group's rows to whole words)."""
     p = 32 // w.bits
@@ -190,10 +190,10 @@ def gemv(x: torch.Tensor, w, perm: torch.Tensor | None = None, out: torch.Tensor
     programs zero once the kernel before it has completed (the previous gate/up sum, `GatedMLP`).
     """
     out = new_out(x, w, out)
-    if x.dtype != torch.int64:  # (a gate/up sum is read through perm by the kernel)
+    if not is_fixed(x):  # (a gate/up sum is read through perm by the kernel)
         x, perm = through_perm(x, perm)
     assert x.shape[0] == 1, x.shape
-    h2 = uses_h2(torch.float16 if x.dtype == torch.int64 else x.dtype, w)
+    h2 = uses_h2(reads_as(x), w)
     ws, cnt = workspace(x.device, w.out_features, triton.cdiv(w.out_features, 16))
     args = gptq_args(x, w, out) | dict(perm_ptr=x if perm is None else perm,
                                        HAS_PERM=perm is not None, ws_ptr=ws, cnt_ptr=cnt, H2=h2,

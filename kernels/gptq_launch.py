@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .fixed_sum import is_fixed, reads_as
 from .gptq_common import mode_of
 from .tuning import autotuned
 
@@ -114,10 +115,10 @@ def new_out(x: torch.Tensor, w, out: torch.Tensor | None) -> torch.Tensor:
         raise ValueError(f"the Triton GPTQ kernels handle bits 4 and 8, not {w.bits}; "
                          f"use gptq_matmul, which falls back to the torch reference")
     m, k = x.shape
-    gated = x.dtype == torch.int64  # a fixed-point gate/up sum [gate | up] (fixed_sum.gated)
+    gated = is_fixed(x)  # a fixed-point gate/up sum [gate | up] (fixed_sum.gated)
     assert k == (2 * w.in_features if gated else w.x_features or w.in_features), (
         x.shape, x.dtype, w.in_features, w.x_features)
-    dtype = torch.float16 if gated else x.dtype
+    dtype = reads_as(x)
     if out is None:
         out = torch.empty(m, w.out_features, dtype=dtype, device=x.device)
     assert out.shape == (m, w.out_features) and out.stride(1) == 1 and out.dtype in (

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpserve.kernels import fixed_sum
+from tpserve.kernels import GPTQWeight, fixed_sum
 from tpserve.model import gemma, llama
 from tpserve.model.checkpoint import Checkpoint
 from tpserve.model.graphs import (PREFILL_GRAPH_POSITIONS, PREFILL_GRAPH_TOKENS, DecodeGraphs,
@@ -245,7 +245,6 @@ def reads_gated(mlp) -> bool:
     """Whether `mlp`'s down projection can read silu(gate) * up from its gate/up GEMV's
     fixed-point sum (`fixed_sum.gated`): a SiLU-gated MLP of 4/8-bit GPTQ linears without biases,
     gate/up one GEMV of two equal parts, down's rows unpadded."""
-    from tpserve.kernels import GPTQWeight
     gate_up, down = getattr(getattr(mlp, "gate_up_proj", None), "joined", None), getattr(
         mlp, "down_proj", None)
     if getattr(mlp, "act", None) is not torch.nn.functional.silu or gate_up is None or down is None:

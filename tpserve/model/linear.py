@@ -126,8 +126,8 @@ class Linear(torch.nn.Module):
         silu(gate) * up); `clear`: the role of a buffer [1, N] the one-row GEMV zeroes."""
         if isinstance(self.weight, GPTQWeight):
             buf, n = None, self.weight.out_features
-            act = torch.float16 if fixed_sum.is_fixed(x) else x.dtype
-            if fixed is not None and self.bias is None and x.is_cuda and fixed_sum.fits(act):
+            if (fixed is not None and self.bias is None and x.is_cuda
+                    and fixed_sum.fits(fixed_sum.reads_as(x))):
                 buf = fixed_sum.buffer(x.device, fixed, n)
             y = gptq_matmul(x, self.weight, self.perm, buf,
                             None if clear is None else fixed_sum.buffer(x.device, clear, n))

@@ -50,7 +50,7 @@ class TokenTexts:
     """A token's text (its id where there is no tokenizer), decoded once per response."""
 
     def __init__(self, codec):
-        self.codec, self.texts, self.utf8, self.control = codec, {}, {}, {}
+        self.codec, self.texts, self.utf8, self.control, self.names = codec, {}, {}, {}, {}
 
     def __call__(self, token: int) -> str:
         text = self.texts.get(token)
@@ -79,12 +79,16 @@ class TokenTexts:
         """The token as /v1/completions names it: its text, or where its bytes are part of a
         character (its text alone would be U+FFFD, shared by every such token) "bytes:\\xNN..",
         as OpenAI's legacy API writes them."""
-        raw = bytes(self.bytes(token))
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        return self(token)
+        name = self.names.get(token)
+        if name is None:
+            raw = bytes(self.bytes(token))
+            try:
+                raw.decode("utf-8")
+                name = self(token)
+            except UnicodeDecodeError:
+                name = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self.names[token] = name
+        return name
 
 
 class TextOffsets:
